@@ -1,0 +1,37 @@
+# make demo: install into .venv, build the tiny checkpoint, run flux-sharded on it on the CPU.
+# make test: install into .venv, run the test suite.
+PYTHON ?= python3
+VENV ?= .venv
+BIN ?= $(VENV)/bin
+STAMP ?= $(VENV)/.installed
+# The CPU build of torch that CI uses; users with GPUs: make install TORCH_SPEC='torch==2.13.0' from their CUDA index,
+# or simply `pip install -e .` into an environment that already has torch.
+TORCH_SPEC ?= torch==2.13.0
+TINY ?= .cache/tiny-flux
+DEMO_OUT ?= demo-out
+
+.PHONY: install tiny demo test bench-quick clean
+
+install: $(STAMP)
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test]"
+	touch $@
+
+tiny: $(TINY)/model_index.json
+
+$(TINY)/model_index.json: $(STAMP)
+	$(BIN)/python -m flux_sharded.tiny $(TINY)
+
+demo: $(STAMP) $(TINY)/model_index.json
+	rm -rf $(DEMO_OUT)
+	$(BIN)/flux-sharded --model $(TINY) --prompt "a photo of a dog" --max-memory cpu=4GB \
+		--steps 4 --height 256 --width 256 --out $(DEMO_OUT) --report $(DEMO_OUT)/report.json
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) .cache $(DEMO_OUT)

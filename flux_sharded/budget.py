@@ -1,0 +1,120 @@
+"""Per-device memory budget: `"0=16GB,1=16GB,cpu=64GB"` <-> `{0: bytes, 1: bytes, "cpu": bytes}`.
+
+The dict is exactly what diffusers/accelerate take as `max_memory`: GPU indices as ints, "cpu" and
+"disk" as strings, sizes as ints (bytes). Sizes are parsed here rather than by accelerate because
+accelerate reads a lowercase "gb" as gigabits; we accept units case-insensitively.
+"""
+
+from __future__ import annotations
+
+import re
+
+from .errors import BudgetError
+
+UNITS = {
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+UNITS_HELP = "B, KB, MB, GB, TB or KiB, MiB, GiB, TiB"
+EXAMPLE = "e.g. 0=16GB,1=16GB"
+
+# Memory we leave untouched on each GPU when no budget is given: the CUDA context, cuBLAS
+# workspaces and allocator fragmentation take a few hundred MB that no weight map accounts for.
+DEFAULT_GPU_RESERVE_BYTES = 1 * 2**30
+# Fraction of the currently available RAM given to the CPU when no budget is given: the rest is
+# left to the OS, the page cache that backs safetensors' mmap, and the handoff tensors.
+DEFAULT_CPU_FRACTION = 0.8
+
+Budget = dict  # {int | "cpu" | "disk": bytes}
+
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
+
+
+def parse_size(text: str, key: str = "") -> int:
+    """'16GB' -> 16_000_000_000; '1.5GiB' -> 1610612736. Raises BudgetError naming `text`."""
+    where = f"--max-memory: {key}={text}" if key else f"--max-memory: '{text}'"
+    match = _SIZE.match(text)
+    if not match:
+        raise BudgetError(f"{where} is not a size; use a positive number with a unit ({UNITS_HELP}), {EXAMPLE}")
+    number, unit = match.groups()
+    if not unit:
+        raise BudgetError(f"{where} has no unit; use {UNITS_HELP} ({EXAMPLE})")
+    if unit.upper() not in UNITS:
+        raise BudgetError(f"{where}: '{unit}' is an unknown unit; use {UNITS_HELP} ({EXAMPLE})")
+    size = int(float(number) * UNITS[unit.upper()])
+    if size <= 0:
+        raise BudgetError(f"{where}: the size must be positive ({EXAMPLE})")
+    return size
+
+
+def parse_budget(spec: str, gpu_count: int) -> Budget:
+    """Parse a `--max-memory` spec against a machine with `gpu_count` visible GPUs."""
+    if not spec or not spec.strip():
+        raise BudgetError(f"--max-memory is empty; give KEY=SIZE entries separated by commas ({EXAMPLE})")
+    budget: Budget = {}
+    for entry in spec.split(","):
+        entry = entry.strip()
+        if not entry:
+            raise BudgetError(f"--max-memory '{spec}' has an empty entry; remove the extra comma ({EXAMPLE})")
+        if entry.count("=") != 1:
+            raise BudgetError(f"--max-memory: '{entry}' is not KEY=SIZE ({EXAMPLE})")
+        raw_key, size_text = (part.strip() for part in entry.split("="))
+        key = _parse_key(raw_key, gpu_count)
+        if key in budget:
+            raise BudgetError(f"--max-memory: '{raw_key}' is given twice; give each device once ({EXAMPLE})")
+        budget[key] = parse_size(size_text, raw_key)
+    if not any(key != "disk" for key in budget):
+        raise BudgetError(f"--max-memory '{spec}' budgets no device to compute on; add a GPU or cpu entry ({EXAMPLE})")
+    return budget
+
+
+def _parse_key(raw_key: str, gpu_count: int) -> int | str:
+    if raw_key.lower() in ("cpu", "disk"):
+        return raw_key.lower()
+    if raw_key.isdigit():
+        index = int(raw_key)
+        if index >= gpu_count:
+            have = f"GPUs 0..{gpu_count - 1}" if gpu_count else "no GPU"
+            fix = "use one of those indices" if gpu_count else "budget the CPU instead (e.g. cpu=32GB)"
+            raise BudgetError(f"--max-memory: GPU {index} does not exist; this machine has {have}; {fix}")
+        return index
+    raise BudgetError(
+        f"--max-memory: '{raw_key}' is an unknown device; use a GPU index (0, 1, ...), cpu or disk ({EXAMPLE})"
+    )
+
+
+def default_budget() -> Budget:
+    """Every visible GPU's free memory less DEFAULT_GPU_RESERVE_BYTES, plus a share of the free RAM."""
+    import psutil
+    import torch
+
+    budget: Budget = {}
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            free, _total = torch.cuda.mem_get_info(index)
+            budget[index] = max(free - DEFAULT_GPU_RESERVE_BYTES, 0)
+    budget["cpu"] = int(psutil.virtual_memory().available * DEFAULT_CPU_FRACTION)
+    return budget
+
+
+def format_bytes(size: int) -> str:
+    """Bytes in the unit a user reads a GPU's size in (GB = 10**9, like the budget's GB)."""
+    for unit, factor in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
+        if abs(size) >= factor:
+            return f"{size / factor:.2f} {unit}"
+    return f"{size} B"
+
+
+def budget_to_json(budget: Budget) -> dict[str, int]:
+    return {str(key): int(value) for key, value in budget.items()}
+
+
+def format_budget(budget: Budget) -> str:
+    return ", ".join(f"{key}={format_bytes(value)}" for key, value in budget.items())

@@ -1,0 +1,114 @@
+"""Find a FLUX.1 checkpoint (local diffusers folder or Hugging Face hub id) and read its configs.
+
+Reads only JSON configs, never weights. The latent geometry (VAE scale factor, packing multiple,
+default size) comes from the checkpoint's own VAE config, as FluxPipeline computes it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import CheckpointError
+
+DEFAULT_MODEL = "black-forest-labs/FLUX.1-dev"
+# Hub ids whose configs ship inside the package (for planning without a download).
+SHIPPED_CONFIGS = {
+    "black-forest-labs/FLUX.1-dev": "FLUX.1-dev",
+    "black-forest-labs/FLUX.1-schnell": "FLUX.1-schnell",
+}
+# Components FluxPipeline needs, with the file that proves each is there.
+REQUIRED_FILES = {
+    "scheduler": "scheduler/scheduler_config.json",
+    "text_encoder": "text_encoder/config.json",
+    "text_encoder_2": "text_encoder_2/config.json",
+    "transformer": "transformer/config.json",
+    "vae": "vae/config.json",
+}
+# Files a run needs from the hub: configs, tokenizers and safetensors weights (no pickles).
+HUB_PATTERNS = ["*.json", "*.txt", "*.model", "*.safetensors"]
+# FluxPipeline.default_sample_size: the default height and width are this many latent pixels.
+DEFAULT_SAMPLE_SIZE = 128
+
+
+def shipped_config_dir(name: str) -> Path:
+    return Path(__file__).parent / "configs" / name
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    model: str  # as the user gave it: a hub id or a folder
+    path: Path  # the local folder
+    transformer_config: dict
+    vae_config: dict
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae_config["block_out_channels"]) - 1)
+
+    @property
+    def size_multiple(self) -> int:
+        """Height and width must be multiples of this: the VAE factor times the 2x2 latent packing."""
+        return self.vae_scale_factor * 2
+
+    @property
+    def default_size(self) -> int:
+        return DEFAULT_SAMPLE_SIZE * self.vae_scale_factor
+
+
+def resolve_checkpoint(model: str) -> Checkpoint:
+    """A local folder as is; otherwise a hub id through the normal Hugging Face cache."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return read_checkpoint(model, path)
+    if _looks_like_path(model):
+        raise CheckpointError(f"--model: folder '{model}' does not exist; give a FLUX.1 diffusers folder or a hub id")
+    return read_checkpoint(model, _download(model))
+
+
+def _looks_like_path(model: str) -> bool:
+    return model.startswith((".", "/", "~")) or model.count("/") != 1 or os.sep + os.sep in model
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+    except Exception as error:  # the hub raises many types; each means "not available here"
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(
+            f"--model: '{repo_id}' is not a local folder and could not be fetched from the Hugging Face hub "
+            f"({reason}); download it first (`hf download {repo_id}`, after accepting its license and "
+            f"`hf auth login`) or give a local diffusers folder"
+        ) from None
+
+
+def read_checkpoint(model: str, path: Path) -> Checkpoint:
+    missing = [name for name, file in REQUIRED_FILES.items() if not (path / file).is_file()]
+    if not (path / "model_index.json").is_file() or missing:
+        what = ", ".join(missing) if missing else "model_index.json"
+        raise CheckpointError(
+            f"--model: '{model}' is not a FLUX.1 diffusers checkpoint (missing {what}); "
+            f"give a folder saved by FluxPipeline.save_pretrained or a hub id such as {DEFAULT_MODEL}"
+        )
+    index = _read_json(path / "model_index.json", model)
+    if "Flux" not in str(index.get("_class_name", "")):
+        raise CheckpointError(
+            f"--model: '{model}' holds a {index.get('_class_name')}, not a FluxPipeline; give a FLUX.1 checkpoint"
+        )
+    return Checkpoint(
+        model=model,
+        path=path,
+        transformer_config=_read_json(path / REQUIRED_FILES["transformer"], model),
+        vae_config=_read_json(path / REQUIRED_FILES["vae"], model),
+    )
+
+
+def _read_json(file: Path, model: str) -> dict:
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"--model: '{model}': cannot read {file.name} ({error}); the checkpoint is damaged")

@@ -1,0 +1,29 @@
+"""The project's exceptions. Library code raises these; only cli.py turns them into `Error: ...` lines."""
+
+
+class FluxShardedError(Exception):
+    """A mistake the user can fix; its message names the bad value and the fix."""
+
+    exit_code = 2
+
+
+class BudgetError(FluxShardedError):
+    """A `--max-memory` spec that cannot be parsed or does not match this machine."""
+
+
+class SettingsError(FluxShardedError):
+    """A generation setting (size, steps, prompt, output folder, ...) that cannot be used."""
+
+
+class CheckpointError(FluxShardedError):
+    """A model path or hub id that is missing or is not a FLUX.1 diffusers checkpoint."""
+
+
+class PlanError(FluxShardedError):
+    """A stage whose components cannot be placed within the budget."""
+
+
+class StageOutOfMemory(FluxShardedError):
+    """A device ran out of memory inside a stage, although the plan said it fits."""
+
+    exit_code = 3

@@ -1,0 +1,105 @@
+"""The typed object that carries tensors and settings from one stage to the next.
+
+encode fills `prompt_embeds`, `pooled_prompt_embeds` and `text_ids`; denoise fills `latents`;
+decode reads `latents` and returns images (which are not part of the handoff). Between stages the
+runner keeps the handoff on the CPU, and each stage moves it to its own execution device with
+`to()`. `save()`/`load()` write it as one safetensors file plus a JSON file of the settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Everything that decides the pixels, besides the weights. JSON-serialisable."""
+
+    model: str
+    prompts: tuple[str, ...]
+    seeds: tuple[int, ...]  # one per image, in prompt order
+    steps: int
+    guidance: float
+    height: int
+    width: int
+    max_sequence_length: int
+    dtype: str  # a key of DTYPES
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "GenerationSettings":
+        data = dict(data, prompts=tuple(data["prompts"]), seeds=tuple(data["seeds"]))
+        return cls(**data)
+
+
+TENSOR_FIELDS = ("prompt_embeds", "pooled_prompt_embeds", "text_ids", "latents")
+
+
+@dataclass
+class Handoff:
+    """Tensors of one run, batch dimension B = number of images, in prompt order."""
+
+    settings: GenerationSettings
+    prompt_embeds: torch.Tensor | None = None  # (B, max_sequence_length, joint_attention_dim), T5 output
+    pooled_prompt_embeds: torch.Tensor | None = None  # (B, pooled_projection_dim), CLIP pooled output
+    text_ids: torch.Tensor | None = None  # (max_sequence_length, 3), zeros: positions of the text tokens
+    latents: torch.Tensor | None = None  # (B, (H/2f)*(W/2f), 4*latent_channels), packed; f = VAE scale factor
+    finished_stages: tuple[str, ...] = field(default_factory=tuple)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in TENSOR_FIELDS if getattr(self, name) is not None}
+
+    def to(self, device: torch.device | str) -> "Handoff":
+        return dataclasses.replace(self, **{name: t.to(device) for name, t in self.tensors().items()})
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write `<path>.safetensors` and `<path>.json`, each atomically (temporary name, fsync, rename)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        tensors = {name: t.detach().to("cpu").contiguous() for name, t in self.tensors().items()}
+        meta = {"settings": self.settings.to_json(), "finished_stages": list(self.finished_stages)}
+        _atomic_write(path.with_suffix(".safetensors"), lambda tmp: save_file(tensors, tmp))
+        _atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Handoff":
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        meta = json.loads(path.with_suffix(".json").read_text())
+        tensors = load_file(path.with_suffix(".safetensors"))
+        return cls(
+            settings=GenerationSettings.from_json(meta["settings"]),
+            finished_stages=tuple(meta["finished_stages"]),
+            **tensors,
+        )
+
+
+def _atomic_write(target: Path, write) -> None:
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        write(str(tmp))
+        with open(tmp, "rb+") as written:
+            os.fsync(written.fileno())
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

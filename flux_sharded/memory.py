@@ -1,0 +1,88 @@
+"""Freeing memory between stages and measuring each stage's peak on every device.
+
+CUDA: the caching allocator's peak (`torch.cuda.max_memory_allocated`) per device, reset when a
+stage starts. CPU: the process's peak resident set size during the stage. Linux lets us reset the
+kernel's own high-water mark (VmHWM, via /proc/self/clear_refs) so the peak is exact; where that is
+not allowed, a sampling thread reads the RSS every SAMPLE_SECONDS and its maximum is reported.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+from dataclasses import dataclass, field
+
+import psutil
+import torch
+
+# How often the fallback sampler reads the RSS. 10 ms catches any peak that lasts as long as one
+# layer of a tiny model; a real FLUX stage's peaks last seconds.
+SAMPLE_SECONDS = 0.01
+
+
+def flush() -> None:
+    """Collect garbage and return every GPU's cached blocks to the driver, then reset peak stats."""
+    gc.collect()
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            with torch.cuda.device(index):
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(index)
+
+
+def _read_status_kb(name: str) -> int | None:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(name + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _reset_rss_high_water_mark() -> bool:
+    """Ask Linux to reset VmHWM to the current RSS; False where the kernel or sandbox refuses."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        return False
+    hwm, rss = _read_status_kb("VmHWM"), _read_status_kb("VmRSS")
+    # Allow a page or two of growth between the two reads.
+    return hwm is not None and rss is not None and hwm <= rss + 64 * 1024
+
+
+@dataclass
+class PeakMemory:
+    """Context manager: `peak_bytes` maps "cpu" and each GPU index (as str) to the stage's peak."""
+
+    gpu_indices: list[int] = field(default_factory=list)
+    peak_bytes: dict[str, int] = field(default_factory=dict)
+
+    def __enter__(self) -> "PeakMemory":
+        self._process = psutil.Process()
+        self._exact = _reset_rss_high_water_mark()
+        self._sampled = self._process.memory_info().rss
+        self._stop = threading.Event()
+        self._sampler = threading.Thread(target=self._sample, daemon=True)
+        self._sampler.start()
+        for index in self.gpu_indices:
+            torch.cuda.synchronize(index)
+            torch.cuda.reset_peak_memory_stats(index)
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(SAMPLE_SECONDS):
+            self._sampled = max(self._sampled, self._process.memory_info().rss)
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._sampler.join()
+        cpu_peak = max(self._sampled, self._process.memory_info().rss)
+        if self._exact:
+            cpu_peak = max(cpu_peak, _read_status_kb("VmHWM") or 0)
+        self.peak_bytes = {"cpu": cpu_peak}
+        for index in self.gpu_indices:
+            torch.cuda.synchronize(index)
+            self.peak_bytes[str(index)] = torch.cuda.max_memory_allocated(index)

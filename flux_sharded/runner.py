@@ -1,0 +1,134 @@
+"""The only place that sequences the stages: check -> plan -> (load -> run -> release -> flush) x 3.
+
+The handoff lives on the CPU between stages; each stage's component is dropped and memory flushed
+before the next stage loads, so a device holds at most one stage's weights at a time.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .budget import Budget, budget_to_json, format_budget, format_bytes
+from .checkpoint import Checkpoint
+from .errors import SettingsError, StageOutOfMemory
+from .handoff import GenerationSettings, Handoff
+from .images import image_paths, save_png
+from .memory import PeakMemory, flush
+from .plan import RunPlan, plan_run
+from .report import RunReport, StageReport
+from .stages import STAGES, decode
+
+MAX_SEQUENCE_LENGTH_LIMIT = 512  # FluxPipeline refuses more: T5 was trained on 512 tokens
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    checkpoint: Checkpoint
+    settings: GenerationSettings
+    budget: Budget
+    out_dir: Path
+
+
+def check_request(request: RunRequest) -> list[Path]:
+    """Every check that needs no weights; returns the image paths the run will write."""
+    settings, multiple = request.settings, request.checkpoint.size_multiple
+    if not settings.prompts:
+        raise SettingsError("no prompt given; pass --prompt TEXT (repeatable)")
+    if any(not prompt.strip() for prompt in settings.prompts):
+        raise SettingsError("--prompt: an empty prompt cannot be generated; give some text")
+    for name, value in (("--height", settings.height), ("--width", settings.width)):
+        if value < multiple or value % multiple:
+            raise SettingsError(
+                f"{name} {value} is not a positive multiple of {multiple} (the VAE's scale factor "
+                f"{request.checkpoint.vae_scale_factor} x 2 for latent packing); "
+                f"try {max(multiple, round(value / multiple) * multiple)}"
+            )
+    if settings.steps < 1:
+        raise SettingsError(f"--steps {settings.steps}: at least 1 step is needed")
+    if settings.guidance < 0:
+        raise SettingsError(f"--guidance {settings.guidance}: the guidance scale cannot be negative")
+    if not 1 <= settings.max_sequence_length <= MAX_SEQUENCE_LENGTH_LIMIT:
+        raise SettingsError(
+            f"--max-sequence-length {settings.max_sequence_length}: use 1 to {MAX_SEQUENCE_LENGTH_LIMIT} tokens"
+        )
+    _check_out_dir(request.out_dir)
+    paths = image_paths(request.out_dir, settings.prompts, settings.seeds)
+    existing = [path for path in paths if path.exists()]
+    if existing:
+        raise SettingsError(f"--out: {existing[0]} already exists; choose another --out folder or move it away")
+    return paths
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SettingsError(f"--out: '{out_dir}' is a file, not a folder; give a folder")
+    parent = out_dir if out_dir.exists() else next(p for p in out_dir.absolute().parents if p.exists())
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise SettingsError(f"--out: '{out_dir}' is not writable; choose a folder you can write to")
+
+
+def execute(request: RunRequest, log: Callable[[str], None] = lambda message: None) -> RunReport:
+    paths = check_request(request)
+    plan = plan_run(request.budget)
+    return _execute_plan(request, plan, paths, log)
+
+
+def _execute_plan(request: RunRequest, plan: RunPlan, paths: list[Path], log) -> RunReport:
+    settings = request.settings
+    report = RunReport(budget=budget_to_json(request.budget))
+    handoff = Handoff(settings=settings)
+    images = None
+    log(f"budget: {format_budget(request.budget)}")
+    for stage in STAGES:
+        stage_plan = plan.stage(stage.NAME)
+        log(f"{stage.NAME}: loading {', '.join(stage.COMPONENTS)}")
+        with PeakMemory(gpu_indices=plan.gpu_indices) as peak:
+            try:
+                started = time.perf_counter()
+                loaded = stage.load(request.checkpoint, stage_plan, settings.torch_dtype)
+                loaded_at = time.perf_counter()
+                device_map = stage.device_map(loaded)
+                output = stage.run(loaded, handoff)
+                finished = time.perf_counter()
+            except torch.OutOfMemoryError as error:
+                raise StageOutOfMemory(
+                    f"{stage.NAME}: out of memory ({str(error).splitlines()[0]}) under --max-memory "
+                    f"{format_budget(request.budget)}; lower the budget on that device or add cpu=... for offload"
+                ) from None
+            finally:
+                loaded = None  # the only reference: the component is freed here, before the next stage
+        flush()
+        report.stages.append(
+            StageReport(stage.NAME, loaded_at - started, finished - loaded_at, peak.peak_bytes, device_map)
+        )
+        log(f"{stage.NAME}: done in {finished - started:.1f} s, peak " + ", ".join(
+            f"{device}={format_bytes(size)}" for device, size in peak.peak_bytes.items()))
+        if stage is decode:
+            images = output
+        else:
+            handoff = output
+    request.out_dir.mkdir(parents=True, exist_ok=True)
+    for image, path, prompt, seed in zip(images, paths, settings.prompts, settings.seeds):
+        save_png(image, path, _png_metadata(settings, prompt, seed, request.budget))
+        report.images.append(str(path))
+    return report
+
+
+def _png_metadata(settings: GenerationSettings, prompt: str, seed: int, budget: Budget) -> dict[str, str]:
+    return {
+        "prompt": prompt,
+        "seed": str(seed),
+        "steps": str(settings.steps),
+        "guidance": str(settings.guidance),
+        "size": f"{settings.width}x{settings.height}",
+        "model": settings.model,
+        "dtype": settings.dtype,
+        "max_memory": format_budget(budget),
+        "software": "flux-sharded",
+    }

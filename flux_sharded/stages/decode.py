@@ -1,0 +1,46 @@
+"""Decode: packed latents -> images.
+
+Loads: the VAE alone, on the single device the plan chose (the one with the largest budget).
+Reads from the handoff: latents and settings (size). Returns PIL images in prompt order. The
+unpacking, un-scaling/shifting and post-processing are FluxPipeline's own. Memory: the VAE's
+weights (168 MB in bf16 for FLUX.1) plus decoder activations, which grow with H*W and dominate.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKL, FluxPipeline
+from diffusers.image_processor import VaeImageProcessor
+
+from ..handoff import Handoff
+
+NAME = "decode"
+COMPONENTS = ("vae",)
+
+
+def load(checkpoint, stage_plan, dtype: torch.dtype) -> AutoencoderKL:
+    return AutoencoderKL.from_pretrained(
+        checkpoint.path, subfolder="vae", device_map=stage_plan.device_map, dtype=dtype
+    )
+
+
+def run(vae: AutoencoderKL, handoff: Handoff, on_image_done=None) -> list:
+    settings = handoff.settings
+    vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    image_processor = VaeImageProcessor(vae_scale_factor=vae_scale_factor * 2)
+    images = []
+    with torch.inference_mode():
+        for index in range(handoff.latents.shape[0]):
+            latents = FluxPipeline._unpack_latents(
+                handoff.latents[index : index + 1], settings.height, settings.width, vae_scale_factor
+            )
+            latents = (latents / vae.config.scaling_factor) + vae.config.shift_factor
+            decoded = vae.decode(latents.to(vae.device), return_dict=False)[0]
+            images.extend(image_processor.postprocess(decoded, output_type="pil"))
+            if on_image_done:
+                on_image_done()
+    return images
+
+
+def device_map(vae: AutoencoderKL) -> dict[str, str]:
+    return {"": str(vae.device)}

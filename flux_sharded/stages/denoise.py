@@ -1,0 +1,73 @@
+"""Denoise: text embeddings -> packed latents.
+
+Loads: the transformer alone, with the plan's device map ("auto": accelerate splits it block-wise
+across the GPUs under max_memory) and the scheduler. Runs FluxPipeline's own denoising loop (with
+no text encoders and no VAE) so that the numbers are exactly the one-piece pipeline's.
+Reads from the handoff: prompt_embeds, pooled_prompt_embeds, settings (seeds, steps, guidance,
+size). Writes: latents. Memory: the transformer's weights (FLUX.1 in bf16: 23.8 GB) plus the
+activations of one forward pass over (H/16)*(W/16) image tokens and 512 text tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+from ..handoff import Handoff
+
+NAME = "denoise"
+COMPONENTS = ("transformer", "scheduler")
+
+
+def load(checkpoint, stage_plan, dtype: torch.dtype) -> FluxPipeline:
+    transformer = FluxTransformer2DModel.from_pretrained(
+        checkpoint.path,
+        subfolder="transformer",
+        device_map=stage_plan.device_map,
+        max_memory=stage_plan.max_memory,
+        dtype=dtype,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(checkpoint.path, subfolder="scheduler")
+    pipeline = FluxPipeline(
+        scheduler=scheduler,
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        transformer=transformer,
+    )
+    # Without a VAE, FluxPipeline assumes a scale factor of 8; take the checkpoint's own.
+    pipeline.vae_scale_factor = checkpoint.vae_scale_factor
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def run(pipeline: FluxPipeline, handoff: Handoff, on_image_done=None) -> Handoff:
+    """Denoise each image with its own CPU generator seeded with its seed, as FluxPipeline would."""
+    settings = handoff.settings
+    latents = []
+    with torch.inference_mode():
+        for index, seed in enumerate(settings.seeds):
+            result = pipeline(
+                prompt_embeds=handoff.prompt_embeds[index : index + 1],
+                pooled_prompt_embeds=handoff.pooled_prompt_embeds[index : index + 1],
+                num_inference_steps=settings.steps,
+                guidance_scale=settings.guidance,
+                height=settings.height,
+                width=settings.width,
+                max_sequence_length=settings.max_sequence_length,
+                generator=torch.Generator("cpu").manual_seed(seed),
+                output_type="latent",
+            )
+            latents.append(result.images.to("cpu"))
+            if on_image_done:
+                on_image_done()
+    return dataclasses.replace(handoff, latents=torch.cat(latents), finished_stages=handoff.finished_stages + (NAME,))
+
+
+def device_map(pipeline: FluxPipeline) -> dict[str, str]:
+    placed = getattr(pipeline.transformer, "hf_device_map", None) or {"": pipeline.transformer.device}
+    return {module: str(device) for module, device in placed.items()}

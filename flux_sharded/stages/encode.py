@@ -1,0 +1,62 @@
+"""Encode: prompts -> text embeddings.
+
+Loads: the CLIP-L and T5-XXL text encoders and both tokenizers (and the scheduler config, which
+FluxPipeline always reads), nothing else, through FluxPipeline.from_pretrained with the plan's
+pipeline-level device map ("balanced": whole encoders placed on the GPUs) and max_memory.
+Reads from the handoff: settings.prompts. Writes: prompt_embeds (T5), pooled_prompt_embeds (CLIP
+pooled), text_ids. Memory: the encoders' weights (FLUX.1 in bf16: T5 9.52 GB, CLIP 246 MB) plus
+activations of a 512-token T5 forward pass, small next to the weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from diffusers import FluxPipeline
+
+from ..handoff import Handoff
+
+NAME = "encode"
+COMPONENTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+
+
+def load(checkpoint, stage_plan, dtype: torch.dtype) -> FluxPipeline:
+    return FluxPipeline.from_pretrained(
+        checkpoint.path,
+        transformer=None,
+        vae=None,
+        device_map=stage_plan.device_map,
+        max_memory=stage_plan.max_memory,
+        dtype=dtype,
+    )
+
+
+def run(pipeline: FluxPipeline, handoff: Handoff, on_image_done=None) -> Handoff:
+    """Encode each image's prompt; one prompt at a time, so that results never depend on batching."""
+    settings = handoff.settings
+    prompt_embeds, pooled, text_ids = [], [], None
+    with torch.inference_mode():
+        for prompt in settings.prompts:
+            embeds, pooled_embeds, text_ids = pipeline.encode_prompt(
+                prompt=prompt,
+                prompt_2=None,
+                num_images_per_prompt=1,
+                max_sequence_length=settings.max_sequence_length,
+            )
+            prompt_embeds.append(embeds.to("cpu"))
+            pooled.append(pooled_embeds.to("cpu"))
+            if on_image_done:
+                on_image_done()
+    return dataclasses.replace(
+        handoff,
+        prompt_embeds=torch.cat(prompt_embeds),
+        pooled_prompt_embeds=torch.cat(pooled),
+        text_ids=text_ids.to("cpu"),
+        finished_stages=handoff.finished_stages + (NAME,),
+    )
+
+
+def device_map(pipeline: FluxPipeline) -> dict[str, str]:
+    placed = pipeline.hf_device_map or {}
+    return {name: str(placed.get(name, getattr(pipeline, name).device)) for name in ("text_encoder", "text_encoder_2")}

@@ -1,0 +1,54 @@
+"""Tiny random FLUX.1 checkpoints, built offline once per test session, and the one-piece reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from flux_sharded.tiny import build_tiny_checkpoint
+
+# Small enough for a CPU, large enough that a wrong latent layout changes the pixels.
+STEPS = 3
+SIZE = 64
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """VAE scale factor 8, like FLUX.1."""
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-f8", vae_scale_factor=8, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_f2(tmp_path_factory) -> Path:
+    """VAE scale factor 2: catches any code that assumes FLUX.1's 8."""
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-f2", vae_scale_factor=2, seed=1)
+
+
+def one_piece_pixels(checkpoint: Path, prompt: str, seed: int, steps: int, height: int, width: int,
+                     dtype: torch.dtype = torch.float32, guidance: float = 3.5) -> np.ndarray:
+    """diffusers' FluxPipeline, whole, on the CPU: the reference every staged image must equal."""
+    from diffusers import FluxPipeline
+
+    pipeline = FluxPipeline.from_pretrained(checkpoint, dtype=dtype)
+    pipeline.set_progress_bar_config(disable=True)
+    image = pipeline(
+        prompt,
+        height=height,
+        width=width,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        generator=torch.Generator("cpu").manual_seed(seed),
+    ).images[0]
+    return np.asarray(image)
+
+
+def assert_same_pixels(actual: np.ndarray, expected: np.ndarray) -> None:
+    assert actual.shape == expected.shape, f"shape {actual.shape} != {expected.shape}"
+    difference = np.abs(actual.astype(np.int16) - expected.astype(np.int16))
+    assert difference.max() == 0, (
+        f"pixels differ: max {difference.max()}, mean {difference.mean():.4f}, "
+        f"{(difference > 0).mean():.2%} of values"
+    )
