@@ -38,7 +38,7 @@ class BudgetType(click.ParamType):
             self.fail(str(error).removeprefix("--max-memory: "), param, ctx)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command("flux-sharded", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--prompt", "prompts", multiple=True, metavar="TEXT", help="Text to draw; repeat for several images.")
 @click.option(
     "--max-memory",
@@ -106,8 +106,8 @@ def _run(prompts, max_memory, model, out_dir, seed, steps, guidance, height, wid
         seeds=tuple(seed + index for index in range(len(prompts))),
         steps=steps,
         guidance=guidance,
-        height=height or checkpoint.default_size,
-        width=width or checkpoint.default_size,
+        height=checkpoint.default_size if height is None else height,
+        width=checkpoint.default_size if width is None else width,
         max_sequence_length=max_sequence_length,
         dtype=dtype,
     )
@@ -132,12 +132,6 @@ def _quiet_libraries() -> None:
 
 
 def _check_report_path(path: Path) -> None:
-    import os
+    from .files import check_writable_folder
 
-    from .errors import SettingsError
-
-    parent = path.absolute().parent
-    if path.is_dir():
-        raise SettingsError(f"--report: '{path}' is a folder; give a file name such as report.json")
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise SettingsError(f"--report: cannot write in '{parent}'; give a file in an existing writable folder")
+    check_writable_folder(path.absolute().parent, "--report")

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from .files import atomic_write
+
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -76,8 +78,8 @@ class Handoff:
         path = Path(path)
         tensors = {name: t.detach().to("cpu").contiguous() for name, t in self.tensors().items()}
         meta = {"settings": self.settings.to_json(), "finished_stages": list(self.finished_stages)}
-        _atomic_write(path.with_suffix(".safetensors"), lambda tmp: save_file(tensors, tmp))
-        _atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+        atomic_write(path.with_suffix(".safetensors"), lambda tmp: save_file(tensors, tmp))
+        atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Handoff":
@@ -91,15 +93,3 @@ class Handoff:
             finished_stages=tuple(meta["finished_stages"]),
             **tensors,
         )
-
-
-def _atomic_write(target: Path, write) -> None:
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
-        write(str(tmp))
-        with open(tmp, "rb+") as written:
-            os.fsync(written.fileno())
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

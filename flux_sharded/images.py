@@ -7,12 +7,13 @@ folder, and two images of one run never share a name.
 
 from __future__ import annotations
 
-import os
 import re
 import unicodedata
 from pathlib import Path
 
 from PIL.PngImagePlugin import PngInfo
+
+from .files import atomic_write
 
 SLUG_MAX_CHARS = 48  # keeps names well under every filesystem's 255-byte limit
 
@@ -28,17 +29,7 @@ def image_paths(out_dir: Path, prompts, seeds) -> list[Path]:
 
 
 def save_png(image, path: Path, metadata: dict[str, str]) -> None:
-    """Write through a temporary name in the same folder, fsync, then rename: never half a PNG."""
     info = PngInfo()
     for key, value in metadata.items():
         info.add_text(key, value)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as file:
-            image.save(file, format="PNG", pnginfo=info)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))

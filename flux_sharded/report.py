@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .budget import format_bytes
+from .files import atomic_write
 
 
 @dataclass
@@ -35,9 +36,7 @@ class RunReport:
         return dataclasses.asdict(self)
 
     def write(self, path: Path) -> None:
-        from .handoff import _atomic_write
-
-        _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(self.to_json(), indent=2) + "\n"))
+        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(self.to_json(), indent=2) + "\n"))
 
     def table(self) -> str:
         """One row per stage and device: seconds, peak and budget, aligned for a terminal."""

@@ -6,7 +6,6 @@ before the next stage loads, so a device holds at most one stage's weights at a 
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 from .budget import Budget, budget_to_json, format_budget, format_bytes
 from .checkpoint import Checkpoint
 from .errors import SettingsError, StageOutOfMemory
+from .files import check_writable_folder
 from .handoff import GenerationSettings, Handoff
 from .images import image_paths, save_png
 from .memory import PeakMemory, flush
@@ -57,20 +57,12 @@ def check_request(request: RunRequest) -> list[Path]:
         raise SettingsError(
             f"--max-sequence-length {settings.max_sequence_length}: use 1 to {MAX_SEQUENCE_LENGTH_LIMIT} tokens"
         )
-    _check_out_dir(request.out_dir)
+    check_writable_folder(request.out_dir, "--out")
     paths = image_paths(request.out_dir, settings.prompts, settings.seeds)
     existing = [path for path in paths if path.exists()]
     if existing:
         raise SettingsError(f"--out: {existing[0]} already exists; choose another --out folder or move it away")
     return paths
-
-
-def _check_out_dir(out_dir: Path) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise SettingsError(f"--out: '{out_dir}' is a file, not a folder; give a folder")
-    parent = out_dir if out_dir.exists() else next(p for p in out_dir.absolute().parents if p.exists())
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise SettingsError(f"--out: '{out_dir}' is not writable; choose a folder you can write to")
 
 
 def execute(request: RunRequest, log: Callable[[str], None] = lambda message: None) -> RunReport:

@@ -187,6 +187,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vae-scale-factor", type=int, default=8, help="VAE downsampling: 1, 2, 4, 8, ...")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and tokenizer corpus")
     args = parser.parse_args(argv)
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.disable_progress_bar()
     path = build_tiny_checkpoint(args.out_dir, args.vae_scale_factor, args.seed)
     print(f"tiny FLUX.1 checkpoint written to {path}")
     return 0

@@ -1,0 +1,43 @@
+"""Safe file output: writability probes that leave no trace, and atomic writes."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from .errors import SettingsError
+
+
+def check_writable_folder(folder: Path, option: str) -> None:
+    """Prove `folder` can take files by writing one, then undo everything the probe created."""
+    if folder.exists() and not folder.is_dir():
+        raise SettingsError(f"{option}: '{folder}' is a file, not a folder; give a folder")
+    target = folder.absolute()
+    created = [path for path in (target, *target.parents) if not path.exists()]  # deepest first
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(prefix=".flux-sharded-probe-", dir=target)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        raise SettingsError(f"{option}: cannot write in '{folder}' ({error.strerror}); choose a folder you can write to")
+    finally:
+        for path in created:
+            if path.is_dir():
+                path.rmdir()
+
+
+def atomic_write(target: Path, write: Callable[[str], None]) -> None:
+    """`write(tmp_path)` to a temporary name beside `target`, fsync, rename: never half a file."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        write(str(tmp))
+        with open(tmp, "rb+") as written:
+            os.fsync(written.fileno())
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

@@ -1,0 +1,68 @@
+"""--max-memory parsing: exact bytes for good specs, one clear message for each kind of bad one."""
+
+from __future__ import annotations
+
+import pytest
+
+from flux_sharded.budget import format_bytes, parse_budget, parse_size
+from flux_sharded.errors import BudgetError
+
+
+@pytest.mark.parametrize(
+    "spec, gpus, expected",
+    [
+        ("0=16GB,1=16GB", 2, {0: 16 * 10**9, 1: 16 * 10**9}),
+        ("0=16gb, 1 = 24GiB", 2, {0: 16 * 10**9, 1: 24 * 2**30}),
+        ("cpu=64GB", 0, {"cpu": 64 * 10**9}),
+        ("CPU=1.5GiB", 0, {"cpu": int(1.5 * 2**30)}),
+        ("0=500MB,cpu=2TB,disk=1TiB", 1, {0: 500 * 10**6, "cpu": 2 * 10**12, "disk": 2**40}),
+        ("0=1024B", 1, {0: 1024}),
+        ("0=2KB,1=2KiB", 2, {0: 2000, 1: 2048}),
+        ("1=8MiB,0=4mib", 2, {1: 8 * 2**20, 0: 4 * 2**20}),
+    ],
+)
+def test_good_specs(spec, gpus, expected):
+    budget = parse_budget(spec, gpus)
+    assert budget == expected
+    assert list(budget) == list(expected)  # the user's order is kept
+
+
+@pytest.mark.parametrize(
+    "spec, gpus, message",
+    [
+        ("", 2, "--max-memory is empty"),
+        ("0=16GB,,1=16GB", 2, "has an empty entry"),
+        ("0=16GB,", 2, "has an empty entry"),
+        ("0", 2, "'0' is not KEY=SIZE"),
+        ("0=1=2GB", 2, "is not KEY=SIZE"),
+        ("gpu0=16GB", 2, "'gpu0' is an unknown device"),
+        ("-1=16GB", 2, "'-1' is an unknown device"),
+        ("0=16GB,0=8GB", 2, "'0' is given twice"),
+        ("cpu=1GB,CPU=2GB", 0, "'CPU' is given twice"),
+        ("0=16XB", 2, "'XB' is an unknown unit"),
+        ("0=16", 2, "0=16 has no unit"),
+        ("0=0GB", 2, "the size must be positive"),
+        ("0=-4GB", 2, "0=-4GB is not a size"),
+        ("0=GB", 2, "0=GB is not a size"),
+        ("0=0.0000001B", 2, "the size must be positive"),
+        ("2=16GB", 2, "GPU 2 does not exist; this machine has GPUs 0..1"),
+        ("0=16GB", 0, "GPU 0 does not exist; this machine has no GPU"),
+        ("disk=100GB", 0, "budgets no device to compute on"),
+    ],
+)
+def test_bad_specs(spec, gpus, message):
+    with pytest.raises(BudgetError) as raised:
+        parse_budget(spec, gpus)
+    assert message in str(raised.value)
+    assert "e.g." in str(raised.value) or "use" in str(raised.value) or "add" in str(raised.value)
+
+
+def test_units_are_case_insensitive_and_decimal_vs_binary():
+    assert parse_size("1gb") == parse_size("1GB") == 10**9
+    assert parse_size("1gib") == parse_size("1GiB") == 2**30
+    assert parse_size("1e3MB") == 10**9
+
+
+@pytest.mark.parametrize("size, text", [(16 * 10**9, "16.00 GB"), (246 * 10**6, "246.00 MB"), (512, "512 B")])
+def test_format_bytes(size, text):
+    assert format_bytes(size) == text

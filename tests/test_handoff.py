@@ -1,0 +1,39 @@
+"""The handoff: moves between devices, and survives a round trip through safetensors + JSON."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from flux_sharded.handoff import GenerationSettings, Handoff
+
+SETTINGS = GenerationSettings("some/model", ("a dog", "a cat"), (4, 5), 28, 3.5, 1024, 768, 512, "bfloat16")
+
+
+def test_round_trip_keeps_every_tensor_and_setting(tmp_path):
+    torch.manual_seed(0)
+    handoff = Handoff(
+        SETTINGS,
+        prompt_embeds=torch.randn(2, 512, 8, dtype=torch.bfloat16),
+        pooled_prompt_embeds=torch.randn(2, 4, dtype=torch.bfloat16),
+        text_ids=torch.zeros(512, 3, dtype=torch.bfloat16),
+        finished_stages=("encode",),
+    )
+    handoff.save(tmp_path / "encode")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["encode.json", "encode.safetensors"]
+    loaded = Handoff.load(tmp_path / "encode")
+    assert loaded.settings == SETTINGS
+    assert loaded.finished_stages == ("encode",)
+    assert loaded.latents is None
+    for name, tensor in handoff.tensors().items():
+        assert torch.equal(loaded.tensors()[name], tensor) and loaded.tensors()[name].dtype == tensor.dtype
+    assert json.loads((tmp_path / "encode.json").read_text())["settings"]["prompts"] == ["a dog", "a cat"]
+
+
+def test_to_moves_tensors_and_keeps_settings():
+    handoff = Handoff(SETTINGS, latents=torch.ones(2, 3, 4))
+    moved = handoff.to("meta")
+    assert moved.latents.device.type == "meta" and handoff.latents.device.type == "cpu"
+    assert moved.settings is SETTINGS
+    assert handoff.nbytes() == 2 * 3 * 4 * 4

@@ -1,0 +1,103 @@
+"""Each stage reads only its own component's files, and frees it before the next stage loads."""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import shutil
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+
+from flux_sharded import runner
+from flux_sharded.checkpoint import resolve_checkpoint
+from flux_sharded.handoff import GenerationSettings, Handoff
+from flux_sharded.plan import plan_run
+from flux_sharded.stages import decode, denoise, encode
+
+BUDGET = {"cpu": 4 * 10**9}
+# The folders each stage may read; every other component's folder is deleted before it runs.
+STAGE_FOLDERS = {
+    "encode": {"text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"},
+    "denoise": {"transformer", "scheduler"},
+    "decode": {"vae"},
+}
+
+
+def settings_for(checkpoint: Path) -> GenerationSettings:
+    return GenerationSettings(str(checkpoint), ("a photo of a dog", "a cat"), (5, 6), 2, 3.5, 32, 48, 64, "float32")
+
+
+def only(checkpoint: Path, stage_name: str, tmp_path: Path):
+    """The checkpoint, its configs read as the runner reads them, but pointing at a copy of the folder
+    that holds only model_index.json and the stage's own component folders."""
+    copy = tmp_path / f"only-{stage_name}"
+    shutil.copytree(checkpoint, copy)
+    for folder in copy.iterdir():
+        if folder.is_dir() and folder.name not in STAGE_FOLDERS[stage_name]:
+            shutil.rmtree(folder)
+    return dataclasses.replace(resolve_checkpoint(str(checkpoint)), path=copy)
+
+
+def run_stage(stage, checkpoint, handoff: Handoff):
+    loaded = stage.load(checkpoint, plan_run(BUDGET).stage(stage.NAME), torch.float32)
+    return stage.run(loaded, handoff)
+
+
+def test_each_stage_reads_only_its_own_components(tiny_checkpoint, tmp_path):
+    settings = settings_for(tiny_checkpoint)
+    whole = resolve_checkpoint(str(tiny_checkpoint))
+
+    # The control: a stage whose own folder is missing cannot run.
+    with pytest.raises(OSError):
+        run_stage(denoise, only(tiny_checkpoint, "decode", tmp_path / "control"), Handoff(settings))
+
+    encoded = run_stage(encode, only(tiny_checkpoint, "encode", tmp_path), Handoff(settings))
+    for name, tensor in run_stage(encode, whole, Handoff(settings)).tensors().items():
+        assert torch.equal(encoded.tensors()[name], tensor), name
+    assert encoded.prompt_embeds.shape == (2, 64, 32)
+    assert encoded.pooled_prompt_embeds.shape == (2, 32)
+    assert encoded.text_ids.shape == (64, 3)
+
+    denoised = run_stage(denoise, only(tiny_checkpoint, "denoise", tmp_path), encoded)
+    # 32x48 pixels / VAE factor 8 / 2x2 packing = 2x3 tokens of 4 latent channels x 4
+    assert denoised.latents.shape == (2, 6, 16)
+    assert torch.equal(denoised.latents, run_stage(denoise, whole, encoded).latents)
+
+    images = run_stage(decode, only(tiny_checkpoint, "decode", tmp_path), denoised)
+    assert [image.size for image in images] == [(48, 32), (48, 32)]
+
+
+def test_components_are_freed_before_the_next_stage_loads(tiny_checkpoint, tmp_path, monkeypatch):
+    """Wrap each stage's load: record a weak reference to what it loaded, and when the next stage
+    starts loading, check that the previous stage's component is already gone."""
+    alive_at_next_load = {}
+    previous: list[tuple[str, weakref.ref]] = []
+
+    def watch(stage, component_of):
+        real_load = stage.load
+
+        def load(*args, **kwargs):
+            gc.collect()
+            for name, ref in previous:
+                alive_at_next_load[name] = ref() is not None
+            loaded = real_load(*args, **kwargs)
+            previous.append((stage.NAME, weakref.ref(component_of(loaded))))
+            return loaded
+
+        monkeypatch.setattr(stage, "load", load)
+
+    watch(encode, lambda pipeline: pipeline.text_encoder_2)
+    watch(denoise, lambda pipeline: pipeline.transformer)
+    watch(decode, lambda vae: vae)
+
+    checkpoint = resolve_checkpoint(str(tiny_checkpoint))
+    request = runner.RunRequest(checkpoint, settings_for(tiny_checkpoint), BUDGET, tmp_path / "out")
+    report = runner.execute(request)
+    gc.collect()
+    assert alive_at_next_load == {"encode": False, "denoise": False}
+    assert all(ref() is None for _, ref in previous), "a component outlived the run"
+    assert [stage.name for stage in report.stages] == ["encode", "denoise", "decode"]
+    assert len(report.images) == 2
