@@ -54,8 +54,9 @@ def parse_size(text: str, key: str = "") -> int:
     return size
 
 
-def parse_budget(spec: str, gpu_count: int) -> Budget:
-    """Parse a `--max-memory` spec against a machine with `gpu_count` visible GPUs."""
+def parse_budget(spec: str, gpu_count: int | None) -> Budget:
+    """Parse a `--max-memory` spec against a machine with `gpu_count` visible GPUs (None: any
+    GPU index is accepted, for planning a machine other than this one; see check_gpus)."""
     if not spec or not spec.strip():
         raise BudgetError(f"--max-memory is empty; give KEY=SIZE entries separated by commas ({EXAMPLE})")
     budget: Budget = {}
@@ -75,19 +76,26 @@ def parse_budget(spec: str, gpu_count: int) -> Budget:
     return budget
 
 
-def _parse_key(raw_key: str, gpu_count: int) -> int | str:
+def _parse_key(raw_key: str, gpu_count: int | None) -> int | str:
     if raw_key.lower() in ("cpu", "disk"):
         return raw_key.lower()
     if raw_key.isdigit():
         index = int(raw_key)
-        if index >= gpu_count:
-            have = f"GPUs 0..{gpu_count - 1}" if gpu_count else "no GPU"
-            fix = "use one of those indices" if gpu_count else "budget the CPU instead (e.g. cpu=32GB)"
-            raise BudgetError(f"--max-memory: GPU {index} does not exist; this machine has {have}; {fix}")
+        if gpu_count is not None:
+            check_gpus({index: 1}, gpu_count)
         return index
     raise BudgetError(
         f"--max-memory: '{raw_key}' is an unknown device; use a GPU index (0, 1, ...), cpu or disk ({EXAMPLE})"
     )
+
+
+def check_gpus(budget: Budget, gpu_count: int) -> None:
+    """Refuse GPU indices this machine does not have."""
+    for index in (key for key in budget if isinstance(key, int)):
+        if index >= gpu_count:
+            have = f"GPUs 0..{gpu_count - 1}" if gpu_count else "no GPU"
+            fix = "use one of those indices" if gpu_count else "budget the CPU instead (e.g. cpu=32GB)"
+            raise BudgetError(f"--max-memory: GPU {index} does not exist; this machine has {have}; {fix}")
 
 
 def default_budget() -> Budget:
@@ -110,6 +118,14 @@ def format_bytes(size: int) -> str:
         if abs(size) >= factor:
             return f"{size / factor:.2f} {unit}"
     return f"{size} B"
+
+
+def device_key(device) -> str:
+    """A device as the budget names it: 0, "cuda:0", torch.device("cuda", 0) -> "0"; "cpu", "disk" as is."""
+    if isinstance(device, int):
+        return str(device)
+    text = str(device)
+    return text.split(":", 1)[1] if text.startswith("cuda:") else text
 
 
 def budget_to_json(budget: Budget) -> dict[str, int]:

@@ -58,25 +58,46 @@ class Checkpoint:
         return DEFAULT_SAMPLE_SIZE * self.vae_scale_factor
 
 
-def resolve_checkpoint(model: str) -> Checkpoint:
-    """A local folder as is; otherwise a hub id through the normal Hugging Face cache."""
+def resolve_checkpoint(model: str, need_weights: bool = True) -> Checkpoint:
+    """A local folder as is; otherwise a hub id through the normal Hugging Face cache.
+
+    With need_weights=False only configs are needed (planning): the cache, then the configs shipped
+    in this package for FLUX.1-dev and -schnell, then a download of the JSON files alone.
+    """
     path = Path(model).expanduser()
     if path.is_dir():
         return read_checkpoint(model, path)
     if _looks_like_path(model):
         raise CheckpointError(f"--model: folder '{model}' does not exist; give a FLUX.1 diffusers folder or a hub id")
-    return read_checkpoint(model, _download(model))
+    if need_weights:
+        return read_checkpoint(model, _download(model, HUB_PATTERNS))
+    cached = _cached_configs(model)
+    if cached is not None:
+        return read_checkpoint(model, cached)
+    if model in SHIPPED_CONFIGS:
+        return read_checkpoint(model, shipped_config_dir(SHIPPED_CONFIGS[model]))
+    return read_checkpoint(model, _download(model, ["*.json"]))
 
 
 def _looks_like_path(model: str) -> bool:
     return model.startswith((".", "/", "~")) or model.count("/") != 1 or os.sep + os.sep in model
 
 
-def _download(repo_id: str) -> Path:
+def _cached_configs(repo_id: str) -> Path | None:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+        folder = Path(snapshot_download(repo_id, allow_patterns=["*.json"], local_files_only=True))
+    except Exception:  # not cached (the exception types vary across huggingface_hub versions)
+        return None
+    return folder if all((folder / file).is_file() for file in REQUIRED_FILES.values()) else None
+
+
+def _download(repo_id: str, patterns: list[str]) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as error:  # the hub raises many types; each means "not available here"
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(

@@ -33,7 +33,7 @@ class BudgetType(click.ParamType):
         if isinstance(value, dict):
             return value
         try:
-            return parse_budget(value, _gpu_count())
+            return parse_budget(value, gpu_count=None)  # GPU indices are checked once we know it is no dry-run
         except BudgetError as error:
             self.fail(str(error).removeprefix("--max-memory: "), param, ctx)
 
@@ -69,37 +69,46 @@ class BudgetType(click.ParamType):
     "--report", "report_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
     help="Also write the per-stage report as JSON to this file.",
 )
+@click.option(
+    "--offload-folder", type=click.Path(path_type=Path, file_okay=False), default=None,
+    help="Folder for weights budgeted to disk (needed with a disk=SIZE entry).",
+)
+@click.option(
+    "--dry-run", is_flag=True,
+    help="Plan every stage from the configs alone (no weight is read) and show bytes per device; exit 0 if all fit.",
+)
 @click.version_option(__version__, "--version")
 def main(prompts, max_memory, model, out_dir, seed, steps, guidance, height, width, max_sequence_length, dtype,
-         report_path):
+         report_path, offload_folder, dry_run):
     """Run FLUX.1 text-to-image in three stages (encode, denoise, decode), each loading only its
     own component under a per-device memory budget, and report every stage's peak memory.
 
     Example: flux-sharded --prompt "a photo of a dog" --max-memory 0=16GB,1=16GB
     """
     try:
-        report = _run(prompts, max_memory, model, out_dir, seed, steps, guidance, height, width,
-                      max_sequence_length, dtype, report_path)
+        _run(prompts, max_memory, model, out_dir, seed, steps, guidance, height, width, max_sequence_length, dtype,
+             report_path, offload_folder, dry_run)
     except FluxShardedError as error:
         click.echo(f"Error: {error}", err=True)
         sys.exit(error.exit_code)
-    click.echo(report.table())
-    for path in report.images:
-        click.echo(f"wrote {path}")
 
 
 def _run(prompts, max_memory, model, out_dir, seed, steps, guidance, height, width, max_sequence_length, dtype,
-         report_path):
+         report_path, offload_folder, dry_run):
     _quiet_libraries()
+    from . import runner
+    from .budget import check_gpus, format_budget
     from .checkpoint import resolve_checkpoint
     from .handoff import GenerationSettings
-    from .runner import RunRequest, check_request, execute
 
     if not prompts:
         raise FluxShardedError('no prompt given; pass --prompt "a photo of a dog" (repeatable)')
     if report_path is not None:
         _check_report_path(report_path)
-    checkpoint = resolve_checkpoint(model)
+    budget = max_memory or default_budget()
+    if not dry_run:
+        check_gpus(budget, _gpu_count())
+    checkpoint = resolve_checkpoint(model, need_weights=False)
     settings = GenerationSettings(
         model=model,
         prompts=tuple(prompts),
@@ -111,12 +120,23 @@ def _run(prompts, max_memory, model, out_dir, seed, steps, guidance, height, wid
         max_sequence_length=max_sequence_length,
         dtype=dtype,
     )
-    request = RunRequest(checkpoint, settings, max_memory or default_budget(), out_dir)
-    check_request(request)
-    report = execute(request, log=lambda message: click.echo(message, err=True))
+    request = runner.RunRequest(checkpoint, settings, budget, out_dir, offload_folder)
+    if dry_run:
+        missing = [key for key in budget if isinstance(key, int) and key >= _gpu_count()]
+        if missing:
+            click.echo(f"note: planning for GPU(s) {', '.join(map(str, missing))}, which this machine does not have",
+                       err=True)
+        report, refusal = runner.dry_run(request)
+        click.echo(f"plan for {settings.width}x{settings.height}, {dtype}, --max-memory {format_budget(budget)}")
+    else:
+        report, refusal = runner.execute(request, log=lambda message: click.echo(message, err=True)), None
     if report_path is not None:
         report.write(report_path)
-    return report
+    click.echo(report.table())
+    for path in report.images:
+        click.echo(f"wrote {path}")
+    if refusal is not None:
+        raise refusal
 
 
 def _quiet_libraries() -> None:

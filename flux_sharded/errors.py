@@ -20,7 +20,11 @@ class CheckpointError(FluxShardedError):
 
 
 class PlanError(FluxShardedError):
-    """A stage whose components cannot be placed within the budget."""
+    """A stage whose components cannot be placed within the budget; carries every stage's plan."""
+
+    def __init__(self, message: str, stages: tuple = ()):
+        super().__init__(message)
+        self.stages = stages
 
 
 class StageOutOfMemory(FluxShardedError):

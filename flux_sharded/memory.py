@@ -86,3 +86,63 @@ class PeakMemory:
         for index in self.gpu_indices:
             torch.cuda.synchronize(index)
             self.peak_bytes[str(index)] = torch.cuda.max_memory_allocated(index)
+
+
+class TensorBytesTracker:
+    """Exact bytes of the tensors created inside the `with` block and still alive; keeps the peak.
+
+    A device-independent stand-in for `torch.cuda.max_memory_allocated` without the allocator's
+    rounding, used to check the activation formulas on the CPU. Tensors that exist before the
+    block (weights, inputs: pass them as `existing`) are not counted, nor are views of them.
+    """
+
+    def __init__(self, existing=()):
+        self._existing = {tensor.untyped_storage().data_ptr() for tensor in existing}
+        self._references: dict[int, int] = {}
+        self._sizes: dict[int, int] = {}
+        self.current_bytes = 0
+        self.peak_bytes = 0
+
+    def __enter__(self) -> "TensorBytesTracker":
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        tracker = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                output = func(*args, **(kwargs or {}))
+                tracker._record(output)
+                return output
+
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._mode.__exit__(*exc_info)
+
+    def _record(self, output) -> None:
+        import weakref
+
+        from torch.utils._pytree import tree_flatten
+
+        for tensor in tree_flatten(output)[0]:
+            if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
+                continue
+            storage = tensor.untyped_storage()
+            key = storage.data_ptr()
+            if key in self._existing or storage.nbytes() == 0:
+                continue
+            if key not in self._references:
+                self._references[key] = 0
+                self._sizes[key] = storage.nbytes()
+                self.current_bytes += storage.nbytes()
+                self.peak_bytes = max(self.peak_bytes, self.current_bytes)
+            self._references[key] += 1
+            weakref.finalize(tensor, self._release, key)
+
+    def _release(self, key: int) -> None:
+        self._references[key] -= 1
+        if self._references[key] == 0:
+            del self._references[key]
+            self.current_bytes -= self._sizes.pop(key)

@@ -1,33 +1,119 @@
-"""Who goes where: one StagePlan per stage, computed before any weight is read.
+"""Who goes where, and how many bytes each device will hold, decided before any weight is read.
 
-The runner executes exactly these objects: each stage's `device_map` and `max_memory` are what
-its `from_pretrained` receives. encode places whole text encoders with diffusers' pipeline-level
-"balanced" strategy, denoise lets accelerate split the transformer block-wise ("auto"), and decode
-puts the VAE on the device with the largest budget.
+Each stage's components are built on the meta device from their configs (components.py), their
+weights counted exactly and their activations estimated (activations.py). Then:
+
+- encode: whole text encoders are placed with diffusers' own "balanced" pipeline strategy
+  (`_assign_components_to_devices`: largest component on the GPU with the most memory, and so
+  on), fed with weights + activations; a component that fits no GPU runs on the CPU, as
+  diffusers does, if the budget has room there.
+- denoise: the transformer is split block-wise with accelerate, exactly as diffusers'
+  `device_map="auto"` does (`get_balanced_memory` + `infer_auto_device_map`, no transformer block
+  ever split), under each GPU's budget less the activation estimate, so that on every device
+  weights + activations <= budget. Blocks that fit no GPU are offloaded to "cpu" (then "disk")
+  only if the budget names them.
+- decode: the whole VAE goes to the GPU with the largest budget that holds weights + decode
+  activations, else to the CPU.
+
+The runner loads with exactly these device maps; nothing is computed a second time.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
 
-from .budget import Budget
+import torch
+
+from . import activations
+from .budget import Budget, format_bytes
+from .components import empty_component, module_sizes, no_split_modules, special_dtypes
+from .errors import PlanError
+
+Device = int | str  # GPU index, "cpu" or "disk"
+STAGE_COMPONENTS = {"encode": ("text_encoder", "text_encoder_2"), "denoise": ("transformer",), "decode": ("vae",)}
+# Granularity of the "smallest budget that fits" search in refusal messages.
+SUGGESTION_STEP_BYTES = 100 * 10**6
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    """What the plan depends on besides the budget: the configs and the generation geometry."""
+
+    config_root: Path
+    dtype: torch.dtype
+    height: int
+    width: int
+    max_sequence_length: int
+    vae_scale_factor: int
+    batch_size: int = 1
+
+
+@dataclass(frozen=True)
+class ComponentPlan:
+    name: str  # "text_encoder", "text_encoder_2", "transformer" or "vae"
+    device_map: dict[str, Device]  # module -> device, given to from_pretrained ("" = the whole component)
+    weight_bytes: dict[Device, int]
+    activation_bytes: dict[Device, int]  # the estimated activation peak, on each device that computes
+
+    @property
+    def execution_device(self) -> Device:
+        return next(iter(self.activation_bytes))
 
 
 @dataclass(frozen=True)
 class StagePlan:
     name: str  # "encode" | "denoise" | "decode"
-    device_map: str | dict  # given to from_pretrained as device_map
-    max_memory: Budget  # given to from_pretrained as max_memory
+    components: tuple[ComponentPlan, ...]
+    budget: Budget
+
+    def component(self, name: str) -> ComponentPlan:
+        return next(component for component in self.components if component.name == name)
 
     @property
-    def gpu_indices(self) -> list[int]:
-        return sorted(key for key in self.max_memory if isinstance(key, int))
+    def weight_bytes(self) -> dict[Device, int]:
+        total: dict[Device, int] = {}
+        for component in self.components:
+            for device, size in component.weight_bytes.items():
+                total[device] = total.get(device, 0) + size
+        return _ordered(total)
+
+    @property
+    def activation_bytes(self) -> dict[Device, int]:
+        """Per device, the largest activation peak: a stage's components run one after another."""
+        peak: dict[Device, int] = {}
+        for component in self.components:
+            for device, size in component.activation_bytes.items():
+                peak[device] = max(peak.get(device, 0), size)
+        return _ordered(peak)
+
+    @property
+    def planned_bytes(self) -> dict[Device, int]:
+        devices = set(self.weight_bytes) | set(self.activation_bytes)
+        return _ordered({d: self.weight_bytes.get(d, 0) + self.activation_bytes.get(d, 0) for d in devices})
+
+    @property
+    def overflow(self) -> dict[Device, int]:
+        """Devices whose planned bytes exceed the budget (or are not in it at all), by how much."""
+        return {
+            device: planned - self.budget.get(device, 0)
+            for device, planned in self.planned_bytes.items()
+            if planned > self.budget.get(device, 0)
+        }
+
+    @property
+    def fits(self) -> bool:
+        return not self.overflow
 
 
 @dataclass(frozen=True)
 class RunPlan:
     budget: Budget
     stages: tuple[StagePlan, ...]
+    inputs: PlanInputs = field(repr=False)
 
     def stage(self, name: str) -> StagePlan:
         return next(stage for stage in self.stages if stage.name == name)
@@ -37,26 +123,247 @@ class RunPlan:
         return sorted(key for key in self.budget if isinstance(key, int))
 
 
-def decode_device(budget: Budget) -> str:
-    """The GPU with the largest budget (lowest index on ties); the CPU when no GPU is budgeted."""
-    gpus = [key for key in budget if isinstance(key, int)]
-    if not gpus:
-        return "cpu"
-    return f"cuda:{max(gpus, key=lambda index: (budget[index], -index))}"
+def _ordered(per_device: dict[Device, int]) -> dict[Device, int]:
+    """GPUs by index, then cpu, then disk."""
+    gpus = sorted(key for key in per_device if isinstance(key, int))
+    return {key: per_device[key] for key in [*gpus, *(k for k in ("cpu", "disk") if k in per_device)]}
 
 
-def plan_run(budget: Budget) -> RunPlan:
-    device = decode_device(budget)
-    decode_memory = {_key(device): budget[_key(device)]}
-    return RunPlan(
-        budget=budget,
-        stages=(
-            StagePlan("encode", device_map="balanced", max_memory=dict(budget)),
-            StagePlan("denoise", device_map="auto", max_memory=dict(budget)),
-            StagePlan("decode", device_map={"": device}, max_memory=decode_memory),
-        ),
+def _gpus(budget: Budget) -> list[int]:
+    return sorted(key for key in budget if isinstance(key, int))
+
+
+@contextlib.contextmanager
+def _quiet_accelerate():
+    """accelerate warns about every GPU index this machine lacks; a dry-run may plan for such GPUs."""
+    logger = logging.getLogger("accelerate.utils.modeling")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+class _Components:
+    """Meta models and their sizes, built once per plan (and reused by the refusal search)."""
+
+    names = tuple(name for stage in STAGE_COMPONENTS.values() for name in stage)
+
+    def __init__(self, inputs: PlanInputs):
+        self.inputs = inputs
+        self._models: dict[str, torch.nn.Module] = {}
+        self._sizes: dict[str, dict[str, int]] = {}
+
+    def model(self, name: str) -> torch.nn.Module:
+        if name not in self._models:
+            self._models[name] = empty_component(self.inputs.config_root, name)
+        return self._models[name]
+
+    def sizes(self, name: str) -> dict[str, int]:
+        if name not in self._sizes:
+            self._sizes[name] = module_sizes(self.model(name), self.inputs.dtype)
+        return self._sizes[name]
+
+    def activation_bytes(self, name: str) -> int:
+        inputs, config = self.inputs, self.model(name).config
+        config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        dtype_bytes = torch.finfo(inputs.dtype).bits // 8
+        if name == "transformer":
+            one = activations.transformer_activation_bytes(
+                config, inputs.height, inputs.width, inputs.vae_scale_factor, inputs.max_sequence_length, dtype_bytes
+            )
+        elif name == "vae":
+            one = activations.vae_decode_activation_bytes(config, inputs.height, inputs.width, dtype_bytes)
+        else:
+            length = inputs.max_sequence_length if name == "text_encoder_2" else config["max_position_embeddings"]
+            one = activations.text_encoder_activation_bytes(config, length, dtype_bytes)
+        return one * inputs.batch_size
+
+
+def plan_run(inputs: PlanInputs, budget: Budget) -> RunPlan:
+    """Plan every stage; raises PlanError (naming each stage that does not fit, and the ways out)."""
+    components = _Components(inputs)
+    stages = _plan_all(components, budget)
+    if not all(stage.fits for stage in stages):
+        raise PlanError(_refusal(stages, components, budget), stages)
+    return RunPlan(budget=dict(budget), stages=stages, inputs=inputs)
+
+
+def _plan_all(components: "_Components", budget: Budget) -> tuple[StagePlan, ...]:
+    with _quiet_accelerate():
+        return tuple(PLANNERS[name](components, budget) for name in STAGE_COMPONENTS)
+
+
+def plan_encode(components: _Components, budget: Budget) -> StagePlan:
+    from diffusers.pipelines.pipeline_loading_utils import _assign_components_to_devices
+
+    names = STAGE_COMPONENTS["encode"]
+    needs = {name: components.sizes(name)[""] + components.activation_bytes(name) for name in names}
+    gpus = {index: budget[index] for index in sorted(_gpus(budget), key=lambda i: (-budget[i], i))}
+    if gpus:
+        # diffusers' "balanced" strategy, largest component first; its fallback device is "cpu".
+        ordered = dict(sorted(needs.items(), key=lambda item: item[1], reverse=True))
+        assignment = {
+            name: device
+            for device, placed in _assign_components_to_devices(ordered, gpus).items()
+            for name in placed
+        }
+    else:
+        assignment = dict.fromkeys(names, "cpu")
+    planned = tuple(
+        ComponentPlan(
+            name=name,
+            device_map={"": assignment[name]},
+            weight_bytes={assignment[name]: components.sizes(name)[""]},
+            activation_bytes={assignment[name]: components.activation_bytes(name)},
+        )
+        for name in names
+    )
+    return StagePlan("encode", planned, dict(budget))
+
+
+def auto_device_map(model: torch.nn.Module, max_memory: Budget, dtype: torch.dtype) -> dict[str, Device]:
+    """diffusers' `device_map="auto"` (models/model_loading_utils.py `_determine_device_map`):
+    balance the memory over the GPUs, then let accelerate place whole no-split blocks. "disk" is
+    left out of the balancing step, which cannot parse it (accelerate 1.15), and added back."""
+    from accelerate.utils import get_balanced_memory, infer_auto_device_map
+
+    no_split = no_split_modules(model)
+    special = special_dtypes(model, dtype)
+    balanced = get_balanced_memory(
+        model,
+        max_memory={key: value for key, value in max_memory.items() if key != "disk"},
+        no_split_module_classes=no_split,
+        dtype=dtype,
+        special_dtypes=special,
+    )
+    if "disk" in max_memory:
+        balanced["disk"] = max_memory["disk"]
+    return infer_auto_device_map(
+        model, max_memory=balanced, no_split_module_classes=no_split, dtype=dtype, special_dtypes=special
     )
 
 
-def _key(device: str) -> int | str:
-    return "cpu" if device == "cpu" else int(device.split(":")[1])
+def plan_denoise(components: _Components, budget: Budget) -> StagePlan:
+    model, sizes = components.model("transformer"), components.sizes("transformer")
+    activation = components.activation_bytes("transformer")
+    gpus = _gpus(budget)
+    # Activations are computed on the GPUs when there are any (offloaded blocks run there too).
+    computing = gpus or ["cpu"]
+    for_weights = {key: value - activation if key in computing else value for key, value in budget.items()}
+    for_weights = {key: value for key, value in for_weights.items() if value > 0}
+    if not for_weights:
+        device_map: dict[str, Device] = {"": computing[0]}
+    else:
+        device_map = auto_device_map(model, for_weights, components.inputs.dtype)
+    weight_bytes: dict[Device, int] = {}
+    for module, device in device_map.items():
+        weight_bytes[device] = weight_bytes.get(device, 0) + sizes.get(module, 0)
+    used = [device for device in computing if device in weight_bytes] or computing[:1]
+    plan = ComponentPlan(
+        name="transformer",
+        device_map=device_map,
+        weight_bytes=_ordered(weight_bytes),
+        activation_bytes={device: activation for device in used},
+    )
+    return StagePlan("denoise", (plan,), dict(budget))
+
+
+def plan_decode(components: _Components, budget: Budget) -> StagePlan:
+    need_weights = components.sizes("vae")[""]
+    activation = components.activation_bytes("vae")
+    candidates = sorted(_gpus(budget), key=lambda index: (-budget[index], index))
+    if "cpu" in budget:
+        candidates.append("cpu")
+    fitting = [device for device in candidates if need_weights + activation <= budget[device]]
+    device = (fitting or candidates or ["cpu"])[0]
+    plan = ComponentPlan(
+        name="vae",
+        device_map={"": device},
+        weight_bytes={device: need_weights},
+        activation_bytes={device: activation},
+    )
+    return StagePlan("decode", (plan,), dict(budget))
+
+
+PLANNERS = {"encode": plan_encode, "denoise": plan_denoise, "decode": plan_decode}
+
+
+def _refusal(stages: tuple[StagePlan, ...], components: _Components, budget: Budget) -> str:
+    inputs = components.inputs
+    problems = []
+    for stage in stages:
+        if stage.fits:
+            continue
+        lacking = ", ".join(
+            f"{device} needs {format_bytes(stage.planned_bytes[device])} but has {format_bytes(budget[device])}"
+            if device in budget
+            else f"{format_bytes(stage.planned_bytes[device])} finds no room on {', '.join(map(str, budget))}"
+            for device in stage.overflow
+        )
+        problems.append(
+            f"{stage.name} ({', '.join(c.name for c in stage.components)}: "
+            f"{format_bytes(sum(stage.weight_bytes.values()))} of weights + "
+            f"{format_bytes(max(stage.activation_bytes.values()))} of activations) does not fit: {lacking}"
+        )
+    ways = []
+    smallest = _smallest_fitting(components, budget)
+    if smallest is not None:
+        ways.append(f"--max-memory {_format_spec(smallest)}")
+    cpu = _cpu_needed(components, budget) if _gpus(budget) else None
+    if cpu is not None and cpu > budget.get("cpu", 0):
+        ways.append(f"cpu={_round_up_gb(cpu)}GB in --max-memory, to offload what misses the GPUs to RAM (slower)")
+    if inputs.dtype == torch.float32:
+        ways.append("--dtype bfloat16 (half the bytes)")
+    if not ways:
+        ways.append("a smaller --height/--width or --max-sequence-length")
+    return f"{'; '.join(problems)} (at {inputs.width}x{inputs.height}, {_dtype_name(inputs.dtype)}). Ways out: {'; or '.join(ways)}"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _fits_with(components: _Components, budget: Budget) -> bool:
+    return all(stage.fits for stage in _plan_all(components, budget))
+
+
+def _smallest_fitting(components: _Components, budget: Budget) -> Budget | None:
+    """The same devices with one equal size for every GPU (or for the CPU, when no GPU is budgeted),
+    the smallest that lets every stage fit, in steps of SUGGESTION_STEP_BYTES; None if none does."""
+    scaled = _gpus(budget) or ["cpu"]
+    everything = sum(components.sizes(name)[""] + components.activation_bytes(name) for name in components.names)
+
+    def with_size(size: int) -> Budget:
+        return {key: (size if key in scaled else value) for key, value in budget.items()}
+
+    if not _fits_with(components, with_size(2 * everything)):
+        return None
+    low, high = 0, math.ceil(2 * everything / SUGGESTION_STEP_BYTES)
+    while high - low > 1:
+        middle = (low + high) // 2
+        if _fits_with(components, with_size(middle * SUGGESTION_STEP_BYTES)):
+            high = middle
+        else:
+            low = middle
+    return with_size(high * SUGGESTION_STEP_BYTES)
+
+
+def _cpu_needed(components: _Components, budget: Budget) -> int | None:
+    """RAM the run would use if the CPU had room for everything that misses the GPUs."""
+    stages = _plan_all(components, dict(budget, cpu=10**15))
+    if not all(stage.fits for stage in stages):
+        return None
+    return max(stage.planned_bytes.get("cpu", 0) for stage in stages)
+
+
+def _round_up_gb(size: int) -> int:
+    return max(1, math.ceil(size / 10**9))
+
+
+def _format_spec(budget: Budget) -> str:
+    def size(value: int) -> str:
+        return f"{value / 10**9:.1f}GB" if value >= 10**9 else f"{math.ceil(value / 10**6)}MB"
+
+    return ",".join(f"{key}={size(value)}" for key, value in budget.items())

@@ -1,8 +1,12 @@
-"""What each stage cost: load and run seconds, peak bytes per device, the device map it used.
+"""What each stage planned and what it cost: bytes per device, seconds, the device map it used.
 
-JSON schema (device keys as strings):
+JSON schema (device keys as strings: "0", "1", "cpu", "disk"):
     {"budget": {"0": bytes, ...},
-     "stages": [{"name", "load_seconds", "run_seconds", "peak_bytes": {"0": int, "cpu": int}, "device_map": {...}}],
+     "stages": [{"name": "encode" | "denoise" | "decode",
+                 "load_seconds": float, "run_seconds": float,        # null in a dry-run
+                 "peak_bytes": {"0": int, "cpu": int},               # measured; null in a dry-run
+                 "weight_bytes": {"0": int}, "planned_bytes": {"0": int},   # planned: weights + activations
+                 "device_map": {component: {module: device}}}],
      "images": [paths, in prompt order]}
 """
 
@@ -13,17 +17,31 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .budget import format_bytes
+from .budget import device_key, format_bytes
 from .files import atomic_write
 
 
 @dataclass
 class StageReport:
     name: str
-    load_seconds: float
-    run_seconds: float
-    peak_bytes: dict[str, int]  # device ("0", "1", "cpu") -> bytes
-    device_map: dict[str, str]  # module -> device, as loaded
+    device_map: dict[str, dict[str, str]]  # component -> module -> device
+    weight_bytes: dict[str, int]  # planned weights per device
+    planned_bytes: dict[str, int]  # planned weights + activations per device
+    load_seconds: float | None = None
+    run_seconds: float | None = None
+    peak_bytes: dict[str, int] | None = None  # measured per device
+
+    @classmethod
+    def from_plan(cls, stage_plan) -> "StageReport":
+        return cls(
+            name=stage_plan.name,
+            device_map={
+                component.name: {module: device_key(device) for module, device in component.device_map.items()}
+                for component in stage_plan.components
+            },
+            weight_bytes={device_key(d): size for d, size in stage_plan.weight_bytes.items()},
+            planned_bytes={device_key(d): size for d, size in stage_plan.planned_bytes.items()},
+        )
 
 
 @dataclass
@@ -39,21 +57,35 @@ class RunReport:
         atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(self.to_json(), indent=2) + "\n"))
 
     def table(self) -> str:
-        """One row per stage and device: seconds, peak and budget, aligned for a terminal."""
-        header = ("stage", "device", "load s", "run s", "peak", "budget")
+        """One row per stage and device, aligned for a terminal. A dry-run has no measured columns."""
+        measured = any(stage.peak_bytes is not None for stage in self.stages)
+        header = ["stage", "device", "weights", "activations", "planned", "budget", "headroom"]
+        if measured:
+            header += ["peak", "load s", "run s"]
         rows = [header]
         for stage in self.stages:
-            for position, (device, peak) in enumerate(stage.peak_bytes.items()):
+            devices = list(stage.planned_bytes)
+            devices += [device for device in stage.peak_bytes or {} if device not in devices]
+            for position, device in enumerate(devices):
+                planned = stage.planned_bytes.get(device)
+                weights = stage.weight_bytes.get(device, 0)
                 budget = self.budget.get(device)
-                rows.append(
-                    (
-                        stage.name if position == 0 else "",
-                        device,
+                row = [
+                    stage.name if position == 0 else "",
+                    device,
+                    format_bytes(weights) if planned is not None else "-",
+                    format_bytes(planned - weights) if planned is not None else "-",
+                    format_bytes(planned) if planned is not None else "-",
+                    format_bytes(budget) if budget is not None else "none",
+                    format_bytes(budget - planned) if budget is not None and planned is not None else "-",
+                ]
+                if measured:
+                    peak = (stage.peak_bytes or {}).get(device)
+                    row += [
+                        format_bytes(peak) if peak is not None else "-",
                         f"{stage.load_seconds:.2f}" if position == 0 else "",
                         f"{stage.run_seconds:.2f}" if position == 0 else "",
-                        format_bytes(peak),
-                        format_bytes(budget) if budget is not None else "-",
-                    )
-                )
+                    ]
+                rows.append(row)
         widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
         return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)

@@ -1,7 +1,9 @@
 """The only place that sequences the stages: check -> plan -> (load -> run -> release -> flush) x 3.
 
-The handoff lives on the CPU between stages; each stage's component is dropped and memory flushed
-before the next stage loads, so a device holds at most one stage's weights at a time.
+Every check that needs no weights runs first; then the plan (plan.py) decides each stage's device
+maps from configs alone, and the stages load with exactly those maps. The handoff lives on the CPU
+between stages; each stage's component is dropped and memory flushed before the next stage loads,
+so a device holds at most one stage's weights at a time.
 """
 
 from __future__ import annotations
@@ -14,13 +16,13 @@ from typing import Callable
 import torch
 
 from .budget import Budget, budget_to_json, format_budget, format_bytes
-from .checkpoint import Checkpoint
-from .errors import SettingsError, StageOutOfMemory
+from .checkpoint import Checkpoint, resolve_checkpoint
+from .errors import PlanError, SettingsError, StageOutOfMemory
 from .files import check_writable_folder
 from .handoff import GenerationSettings, Handoff
 from .images import image_paths, save_png
 from .memory import PeakMemory, flush
-from .plan import RunPlan, plan_run
+from .plan import PlanInputs, RunPlan, plan_run
 from .report import RunReport, StageReport
 from .stages import STAGES, decode
 
@@ -29,14 +31,15 @@ MAX_SEQUENCE_LENGTH_LIMIT = 512  # FluxPipeline refuses more: T5 was trained on 
 
 @dataclass(frozen=True)
 class RunRequest:
-    checkpoint: Checkpoint
+    checkpoint: Checkpoint  # its configs at least; the weights are fetched only after planning
     settings: GenerationSettings
     budget: Budget
     out_dir: Path
+    offload_folder: Path | None = None  # where accelerate puts weights budgeted to "disk"
 
 
-def check_request(request: RunRequest) -> list[Path]:
-    """Every check that needs no weights; returns the image paths the run will write."""
+def check_settings(request: RunRequest) -> None:
+    """Every check of the settings and budget that needs no weights and writes nothing."""
     settings, multiple = request.settings, request.checkpoint.size_multiple
     if not settings.prompts:
         raise SettingsError("no prompt given; pass --prompt TEXT (repeatable)")
@@ -57,21 +60,56 @@ def check_request(request: RunRequest) -> list[Path]:
         raise SettingsError(
             f"--max-sequence-length {settings.max_sequence_length}: use 1 to {MAX_SEQUENCE_LENGTH_LIMIT} tokens"
         )
+    if "disk" in request.budget and request.offload_folder is None:
+        raise SettingsError("--max-memory has a disk entry but no --offload-folder; give a folder for the offloaded weights")
+
+
+def check_request(request: RunRequest) -> list[Path]:
+    """check_settings, then the output folder; returns the image paths the run will write."""
+    check_settings(request)
     check_writable_folder(request.out_dir, "--out")
-    paths = image_paths(request.out_dir, settings.prompts, settings.seeds)
+    if request.offload_folder is not None:
+        check_writable_folder(request.offload_folder, "--offload-folder")
+    paths = image_paths(request.out_dir, request.settings.prompts, request.settings.seeds)
     existing = [path for path in paths if path.exists()]
     if existing:
         raise SettingsError(f"--out: {existing[0]} already exists; choose another --out folder or move it away")
     return paths
 
 
+def plan_inputs(request: RunRequest) -> PlanInputs:
+    settings = request.settings
+    return PlanInputs(
+        config_root=request.checkpoint.path,
+        dtype=settings.torch_dtype,
+        height=settings.height,
+        width=settings.width,
+        max_sequence_length=settings.max_sequence_length,
+        vae_scale_factor=request.checkpoint.vae_scale_factor,
+    )
+
+
+def dry_run(request: RunRequest) -> tuple[RunReport, PlanError | None]:
+    """Every stage's plan as a report without measurements, and the refusal if a stage does not fit."""
+    check_settings(request)
+    refusal = None
+    try:
+        stages = plan_run(plan_inputs(request), request.budget).stages
+    except PlanError as error:
+        stages, refusal = error.stages, error
+    report = RunReport(budget=budget_to_json(request.budget))
+    report.stages = [StageReport.from_plan(stage) for stage in stages]
+    return report, refusal
+
+
 def execute(request: RunRequest, log: Callable[[str], None] = lambda message: None) -> RunReport:
     paths = check_request(request)
-    plan = plan_run(request.budget)
-    return _execute_plan(request, plan, paths, log)
+    plan = plan_run(plan_inputs(request), request.budget)
+    checkpoint = resolve_checkpoint(request.checkpoint.model, need_weights=True)
+    return _execute_plan(request, checkpoint, plan, paths, log)
 
 
-def _execute_plan(request: RunRequest, plan: RunPlan, paths: list[Path], log) -> RunReport:
+def _execute_plan(request: RunRequest, checkpoint: Checkpoint, plan: RunPlan, paths: list[Path], log) -> RunReport:
     settings = request.settings
     report = RunReport(budget=budget_to_json(request.budget))
     handoff = Handoff(settings=settings)
@@ -79,26 +117,29 @@ def _execute_plan(request: RunRequest, plan: RunPlan, paths: list[Path], log) ->
     log(f"budget: {format_budget(request.budget)}")
     for stage in STAGES:
         stage_plan = plan.stage(stage.NAME)
+        stage_report = StageReport.from_plan(stage_plan)
         log(f"{stage.NAME}: loading {', '.join(stage.COMPONENTS)}")
         with PeakMemory(gpu_indices=plan.gpu_indices) as peak:
             try:
                 started = time.perf_counter()
-                loaded = stage.load(request.checkpoint, stage_plan, settings.torch_dtype)
+                loaded = stage.load(checkpoint, stage_plan, settings.torch_dtype, request.offload_folder)
                 loaded_at = time.perf_counter()
-                device_map = stage.device_map(loaded)
+                stage_report.device_map = stage.device_map(loaded)
                 output = stage.run(loaded, handoff)
                 finished = time.perf_counter()
             except torch.OutOfMemoryError as error:
                 raise StageOutOfMemory(
                     f"{stage.NAME}: out of memory ({str(error).splitlines()[0]}) under --max-memory "
-                    f"{format_budget(request.budget)}; lower the budget on that device or add cpu=... for offload"
+                    f"{format_budget(request.budget)}; the plan was "
+                    + ", ".join(f"{device}={format_bytes(size)}" for device, size in stage_plan.planned_bytes.items())
+                    + "; lower the budget on that device (leaving more room for activations) or add cpu=... for offload"
                 ) from None
             finally:
                 loaded = None  # the only reference: the component is freed here, before the next stage
         flush()
-        report.stages.append(
-            StageReport(stage.NAME, loaded_at - started, finished - loaded_at, peak.peak_bytes, device_map)
-        )
+        stage_report.load_seconds, stage_report.run_seconds = loaded_at - started, finished - loaded_at
+        stage_report.peak_bytes = peak.peak_bytes
+        report.stages.append(stage_report)
         log(f"{stage.NAME}: done in {finished - started:.1f} s, peak " + ", ".join(
             f"{device}={format_bytes(size)}" for device, size in peak.peak_bytes.items()))
         if stage is decode:

@@ -42,7 +42,12 @@ def only(checkpoint: Path, stage_name: str, tmp_path: Path):
 
 
 def run_stage(stage, checkpoint, handoff: Handoff):
-    loaded = stage.load(checkpoint, plan_run(BUDGET).stage(stage.NAME), torch.float32)
+    """Plan from the whole checkpoint's configs (as the runner does before loading), then load the
+    stage from `checkpoint`, which may hold only the stage's own folders."""
+    whole = resolve_checkpoint(handoff.settings.model)
+    request = runner.RunRequest(whole, handoff.settings, BUDGET, Path("unused"))
+    stage_plan = plan_run(runner.plan_inputs(request), BUDGET).stage(stage.NAME)
+    loaded = stage.load(checkpoint, stage_plan, torch.float32)
     return stage.run(loaded, handoff)
 
 

@@ -12,20 +12,22 @@ import torch
 from diffusers import AutoencoderKL, FluxPipeline
 from diffusers.image_processor import VaeImageProcessor
 
+from ..budget import device_key
 from ..handoff import Handoff
 
 NAME = "decode"
 COMPONENTS = ("vae",)
 
 
-def load(checkpoint, stage_plan, dtype: torch.dtype) -> AutoencoderKL:
+def load(checkpoint, stage_plan, dtype: torch.dtype, offload_folder=None) -> AutoencoderKL:
     return AutoencoderKL.from_pretrained(
-        checkpoint.path, subfolder="vae", device_map=stage_plan.device_map, dtype=dtype
+        checkpoint.path, subfolder="vae", device_map=dict(stage_plan.component("vae").device_map), dtype=dtype
     )
 
 
 def run(vae: AutoencoderKL, handoff: Handoff, on_image_done=None) -> list:
     settings = handoff.settings
+    handoff = handoff.to(vae.device)
     vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
     image_processor = VaeImageProcessor(vae_scale_factor=vae_scale_factor * 2)
     images = []
@@ -35,12 +37,12 @@ def run(vae: AutoencoderKL, handoff: Handoff, on_image_done=None) -> list:
                 handoff.latents[index : index + 1], settings.height, settings.width, vae_scale_factor
             )
             latents = (latents / vae.config.scaling_factor) + vae.config.shift_factor
-            decoded = vae.decode(latents.to(vae.device), return_dict=False)[0]
+            decoded = vae.decode(latents, return_dict=False)[0]
             images.extend(image_processor.postprocess(decoded, output_type="pil"))
             if on_image_done:
                 on_image_done()
     return images
 
 
-def device_map(vae: AutoencoderKL) -> dict[str, str]:
-    return {"": str(vae.device)}
+def device_map(vae: AutoencoderKL) -> dict[str, dict[str, str]]:
+    return {"vae": {"": device_key(vae.device)}}

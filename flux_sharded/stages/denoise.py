@@ -1,7 +1,8 @@
 """Denoise: text embeddings -> packed latents.
 
-Loads: the transformer alone, with the plan's device map ("auto": accelerate splits it block-wise
-across the GPUs under max_memory) and the scheduler. Runs FluxPipeline's own denoising loop (with
+Loads: the transformer alone, with the plan's device map (diffusers' "auto" strategy computed in
+plan.py: whole blocks spread over the GPUs, the rest offloaded to the CPU or disk if budgeted),
+and the scheduler. Runs FluxPipeline's own denoising loop (with
 no text encoders and no VAE) so that the numbers are exactly the one-piece pipeline's.
 Reads from the handoff: prompt_embeds, pooled_prompt_embeds, settings (seeds, steps, guidance,
 size). Writes: latents. Memory: the transformer's weights (FLUX.1 in bf16: 23.8 GB) plus the
@@ -15,18 +16,19 @@ import dataclasses
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
+from ..budget import device_key
 from ..handoff import Handoff
 
 NAME = "denoise"
 COMPONENTS = ("transformer", "scheduler")
 
 
-def load(checkpoint, stage_plan, dtype: torch.dtype) -> FluxPipeline:
+def load(checkpoint, stage_plan, dtype: torch.dtype, offload_folder=None) -> FluxPipeline:
     transformer = FluxTransformer2DModel.from_pretrained(
         checkpoint.path,
         subfolder="transformer",
-        device_map=stage_plan.device_map,
-        max_memory=stage_plan.max_memory,
+        device_map=dict(stage_plan.component("transformer").device_map),
+        offload_folder=offload_folder,
         dtype=dtype,
     )
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(checkpoint.path, subfolder="scheduler")
@@ -48,6 +50,7 @@ def load(checkpoint, stage_plan, dtype: torch.dtype) -> FluxPipeline:
 def run(pipeline: FluxPipeline, handoff: Handoff, on_image_done=None) -> Handoff:
     """Denoise each image with its own CPU generator seeded with its seed, as FluxPipeline would."""
     settings = handoff.settings
+    handoff = handoff.to(pipeline._execution_device)
     latents = []
     with torch.inference_mode():
         for index, seed in enumerate(settings.seeds):
@@ -68,6 +71,7 @@ def run(pipeline: FluxPipeline, handoff: Handoff, on_image_done=None) -> Handoff
     return dataclasses.replace(handoff, latents=torch.cat(latents), finished_stages=handoff.finished_stages + (NAME,))
 
 
-def device_map(pipeline: FluxPipeline) -> dict[str, str]:
+def device_map(pipeline: FluxPipeline) -> dict[str, dict[str, str]]:
     placed = getattr(pipeline.transformer, "hf_device_map", None) or {"": pipeline.transformer.device}
-    return {module: str(device) for module, device in placed.items()}
+    return {"transformer": {module: device_key(device) for module, device in placed.items()}}
+

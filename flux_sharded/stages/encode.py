@@ -1,8 +1,8 @@
 """Encode: prompts -> text embeddings.
 
-Loads: the CLIP-L and T5-XXL text encoders and both tokenizers (and the scheduler config, which
-FluxPipeline always reads), nothing else, through FluxPipeline.from_pretrained with the plan's
-pipeline-level device map ("balanced": whole encoders placed on the GPUs) and max_memory.
+Loads: the CLIP-L and T5-XXL text encoders, each whole on the device the plan gave it (diffusers'
+"balanced" pipeline strategy, computed in plan.py), then FluxPipeline.from_pretrained with those
+two and no transformer or VAE, which adds both tokenizers and the scheduler config.
 Reads from the handoff: settings.prompts. Writes: prompt_embeds (T5), pooled_prompt_embeds (CLIP
 pooled), text_ids. Memory: the encoders' weights (FLUX.1 in bf16: T5 9.52 GB, CLIP 246 MB) plus
 activations of a 512-token T5 forward pass, small next to the weights.
@@ -15,21 +15,28 @@ import dataclasses
 import torch
 from diffusers import FluxPipeline
 
+from ..components import COMPONENT_CLASSES
+from ..budget import device_key
 from ..handoff import Handoff
 
 NAME = "encode"
 COMPONENTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 
 
-def load(checkpoint, stage_plan, dtype: torch.dtype) -> FluxPipeline:
-    return FluxPipeline.from_pretrained(
-        checkpoint.path,
-        transformer=None,
-        vae=None,
-        device_map=stage_plan.device_map,
-        max_memory=stage_plan.max_memory,
-        dtype=dtype,
-    )
+def load(checkpoint, stage_plan, dtype: torch.dtype, offload_folder=None) -> FluxPipeline:
+    encoders = {
+        name: _model_class(name).from_pretrained(
+            checkpoint.path, subfolder=name, device_map=stage_plan.component(name).device_map, dtype=dtype
+        )
+        for name in ("text_encoder", "text_encoder_2")
+    }
+    return FluxPipeline.from_pretrained(checkpoint.path, transformer=None, vae=None, dtype=dtype, **encoders)
+
+
+def _model_class(name: str):
+    import transformers
+
+    return getattr(transformers, COMPONENT_CLASSES[name][1])
 
 
 def run(pipeline: FluxPipeline, handoff: Handoff, on_image_done=None) -> Handoff:
@@ -57,6 +64,6 @@ def run(pipeline: FluxPipeline, handoff: Handoff, on_image_done=None) -> Handoff
     )
 
 
-def device_map(pipeline: FluxPipeline) -> dict[str, str]:
-    placed = pipeline.hf_device_map or {}
-    return {name: str(placed.get(name, getattr(pipeline, name).device)) for name in ("text_encoder", "text_encoder_2")}
+def device_map(pipeline: FluxPipeline) -> dict[str, dict[str, str]]:
+    return {name: {"": device_key(getattr(pipeline, name).device)} for name in ("text_encoder", "text_encoder_2")}
+

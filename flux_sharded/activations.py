@@ -1,0 +1,72 @@
+"""Estimated peak activation bytes of each component's forward pass, for one image.
+
+Weights are counted exactly by `components.module_sizes`; activations are not in any config, so
+these formulas count the tensors alive at each forward pass's peak. Every formula was checked on
+the CPU against `memory.TensorBytesTracker` (exact bytes of the tensors a forward pass creates)
+on tiny and larger random checkpoints: tests/test_activations.py keeps each within
+[measured, 1.6 x measured]. Symbols: b = bytes per element of the dtype, S = tokens, D = width.
+"""
+
+from __future__ import annotations
+
+# CUDA's caching allocator rounds every block up and fragments; kernels take workspaces (cuBLAS,
+# cuDNN, attention). The tracker sees none of that, so each estimate gets this margin. It is a
+# judgement until it is measured on a GPU (benchmarks/RESULTS.md records that comparison).
+ACTIVATION_MARGIN = 1.15
+FLOAT32_BYTES = 4
+
+
+def _with_margin(nbytes: float) -> int:
+    return int(nbytes * ACTIVATION_MARGIN)
+
+
+def image_tokens(height: int, width: int, vae_scale_factor: int) -> int:
+    """Packed latent tokens: the VAE divides each side by its factor, then 2x2 patches are packed."""
+    return (height // (2 * vae_scale_factor)) * (width // (2 * vae_scale_factor))
+
+
+def transformer_activation_bytes(config: dict, height: int, width: int, vae_scale_factor: int,
+                                 sequence_length: int, dtype_bytes: int) -> int:
+    """FluxTransformer2DModel forward, peak inside a single-stream block, plus the loop's tensors.
+
+    With S = image + text tokens and D = heads x head_dim, the single block holds at its peak
+    about 13 S x D tensors in the model dtype (norm output; MLP hidden and its GELU, 4 D each;
+    q, k, v and the rotary-embedded q, k; attention output; the 5 D concatenation) and 10 bytes
+    per S x D of float32 temporaries (q/k RMS norms upcast, rotary tables). Measured ratio peak /
+    (S x D x b): 15.3 in float32, 17.5 in bfloat16; the formula gives 15.5 and 18.
+    The denoising loop adds the latents, the noise prediction and the stepped latents
+    (3 x image tokens x in_channels) and the T5 embeddings (text tokens x joint_attention_dim).
+    """
+    tokens_image = image_tokens(height, width, vae_scale_factor)
+    tokens = tokens_image + sequence_length
+    width_model = config["num_attention_heads"] * config["attention_head_dim"]
+    block = tokens * width_model * (13 * dtype_bytes + 10)
+    loop = (3 * tokens_image * config["in_channels"] + sequence_length * config["joint_attention_dim"]) * dtype_bytes
+    return _with_margin(block + loop)
+
+
+def text_encoder_activation_bytes(config: dict, sequence_length: int, dtype_bytes: int) -> int:
+    """CLIP or T5 encoder forward: the larger of its attention and feed-forward phases.
+
+    Attention: the scores (heads x S x S) in the model dtype plus two float32 copies (T5 takes
+    the softmax in float32), and q, k, v and the hidden states (4 S x d). Feed-forward: the
+    hidden states and three d_ff-wide tensors (T5's gated GELU: wi_0, wi_1 and their product).
+    """
+    heads = config.get("num_heads") or config["num_attention_heads"]
+    width = config.get("d_model") or config["hidden_size"]
+    feed_forward = config.get("d_ff") or config["intermediate_size"]
+    attention = heads * sequence_length**2 * (dtype_bytes + 2 * FLOAT32_BYTES) + 4 * sequence_length * width * dtype_bytes
+    mlp = sequence_length * (width + 3 * feed_forward) * dtype_bytes
+    return _with_margin(max(attention, mlp))
+
+
+def vae_decode_activation_bytes(config: dict, height: int, width: int, dtype_bytes: int) -> int:
+    """AutoencoderKL.decode: the last up block, at full resolution, dominates.
+
+    Its first ResNet receives the previous block's output upsampled to H x W (C1 channels) and
+    holds four C0-wide tensors (GroupNorm output, SiLU, conv output, the shortcut sum), C0 and
+    C1 being block_out_channels[0] and [1]. Measured on three VAEs: exactly H x W x b x (C1 + 4 C0).
+    """
+    channels = config["block_out_channels"]
+    widest_input = channels[1] if len(channels) > 1 else channels[0]
+    return _with_margin(height * width * dtype_bytes * (widest_input + 4 * channels[0]))
