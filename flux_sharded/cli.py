@@ -130,13 +130,13 @@ def _run(prompts, max_memory, model, out_dir, seed, steps, guidance, height, wid
         click.echo(f"plan for {settings.width}x{settings.height}, {dtype}, --max-memory {format_budget(budget)}")
     else:
         report, refusal = runner.execute(request, log=lambda message: click.echo(message, err=True)), None
+    click.echo(report.table())
+    if refusal is not None:
+        raise refusal  # a refused budget writes nothing, not even the report
     if report_path is not None:
         report.write(report_path)
-    click.echo(report.table())
     for path in report.images:
         click.echo(f"wrote {path}")
-    if refusal is not None:
-        raise refusal
 
 
 def _quiet_libraries() -> None:

@@ -1,12 +1,13 @@
-"""Build a complete tiny random FLUX.1 checkpoint offline, in the diffusers folder layout.
+"""Build a complete small random FLUX.1 checkpoint offline, in the diffusers folder layout.
 
-    python -m flux_sharded.tiny DIR [--vae-scale-factor 8] [--seed 0]
+    python -m flux_sharded.tiny DIR [--preset tiny|small|mini] [--vae-scale-factor 8] [--seed 0]
 
-Every component has the real classes and configs' shape of FLUX.1-dev, scaled down to a few
-hundred kilobytes: transformer (2 double + 2 single blocks), CLIP and T5 text encoders, a VAE whose
-downsampling factor is 2 ** (number of blocks - 1), the FLUX.1-dev scheduler, and tokenizers
-trained on the spot (a BPE for CLIP with `tokenizers`, a unigram model for T5 with
-`sentencepiece`). Weights are random but seeded, so the same seed writes the same tensors.
+Every component has the real classes of FLUX.1-dev, with its configs scaled down: transformer,
+CLIP and T5 text encoders, a VAE whose downsampling factor is 2 ** (number of blocks - 1), the
+FLUX.1-dev scheduler, and tokenizers trained on the spot (a BPE for CLIP with `tokenizers`, a
+unigram model for T5 with `sentencepiece`). Weights are random but seeded, so the same seed
+writes the same tensors. Presets: "tiny" (under 1 MB, for tests), "small" (a few MB, wide enough
+for activation measurements), "mini" (FLUX.1-dev's proportions at about 1.3 GB, for benchmarks).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import random
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 WORDS = (
@@ -28,10 +30,38 @@ WORDS = (
     "watercolor oil sketch cinematic lighting detailed sharp soft warm cold light shadow"
 ).split()
 
-# Dimensions shared by the components so that their outputs fit each other's inputs.
-TEXT_DIM = 32  # T5 d_model == transformer joint_attention_dim
-POOLED_DIM = 32  # CLIP hidden size == transformer pooled_projection_dim
-LATENT_CHANNELS = 4  # VAE latent channels; the transformer sees 4x that after 2x2 packing
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The dimensions of one preset. T5's d_model is the transformer's joint_attention_dim, CLIP's
+    hidden size its pooled_projection_dim, and it sees 4 x the VAE's latent channels (2x2 packing)."""
+
+    t5_width: int
+    t5_feed_forward: int
+    t5_heads: int
+    t5_layers: int
+    clip_width: int
+    clip_feed_forward: int
+    clip_heads: int
+    clip_layers: int
+    heads: int
+    head_dim: int
+    double_blocks: int
+    single_blocks: int
+    latent_channels: int
+    vae_channels: tuple[int, int]  # block_out_channels[0] and the rest
+    vae_layers_per_block: int
+    vae_groups: int
+
+
+PRESETS = {
+    "tiny": Shape(32, 37, 4, 2, 32, 37, 4, 2, 2, 16, 2, 2, 4, (8, 8), 1, 4),
+    "small": Shape(128, 320, 4, 2, 64, 128, 4, 2, 4, 32, 1, 2, 16, (16, 32), 1, 8),
+    # FLUX.1-dev divided by 4 in width and depth (heads 24 -> 6, blocks 19/38 -> 5/10), T5 and
+    # CLIP likewise; the VAE at FLUX.1's own channel widths / 2.
+    "mini": Shape(1024, 2560, 16, 6, 192, 768, 3, 3, 6, 128, 5, 10, 16, (64, 256), 2, 32),
+}
 
 
 def _corpus(seed: int) -> list[str]:
@@ -80,7 +110,7 @@ def _t5_tokenizer(corpus: list[str]):
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
 
 
-def build_tiny_checkpoint(out_dir: str | Path, vae_scale_factor: int = 8, seed: int = 0) -> Path:
+def build_tiny_checkpoint(out_dir: str | Path, vae_scale_factor: int = 8, seed: int = 0, preset: str = "tiny") -> Path:
     """Write the checkpoint to `out_dir` (atomically: built beside it, then renamed) and return it."""
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
@@ -91,6 +121,7 @@ def build_tiny_checkpoint(out_dir: str | Path, vae_scale_factor: int = 8, seed: 
     if vae_scale_factor < 1 or 2 ** round(math.log2(vae_scale_factor)) != vae_scale_factor:
         raise ValueError(f"vae_scale_factor must be a power of two, got {vae_scale_factor}")
     vae_blocks = round(math.log2(vae_scale_factor)) + 1
+    shape = PRESETS[preset]
 
     corpus = _corpus(seed)
     tokenizer = _clip_tokenizer(corpus)
@@ -100,12 +131,12 @@ def build_tiny_checkpoint(out_dir: str | Path, vae_scale_factor: int = 8, seed: 
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
-            hidden_size=POOLED_DIM,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
+            hidden_size=shape.clip_width,
+            intermediate_size=shape.clip_feed_forward,
+            num_hidden_layers=shape.clip_layers,
+            num_attention_heads=shape.clip_heads,
             max_position_embeddings=77,
-            projection_dim=POOLED_DIM,
+            projection_dim=shape.clip_width,
             hidden_act="quick_gelu",
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
@@ -115,12 +146,12 @@ def build_tiny_checkpoint(out_dir: str | Path, vae_scale_factor: int = 8, seed: 
     text_encoder_2 = T5EncoderModel(
         T5Config(
             vocab_size=len(tokenizer_2),
-            d_model=TEXT_DIM,
-            d_kv=8,
-            d_ff=37,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
+            d_model=shape.t5_width,
+            d_kv=shape.t5_width // shape.t5_heads,
+            d_ff=shape.t5_feed_forward,
+            num_layers=shape.t5_layers,
+            num_heads=shape.t5_heads,
+            relative_attention_num_buckets=32,
             feed_forward_proj="gated-gelu",
             dense_act_fn="gelu_new",
             is_gated_act=True,
@@ -129,27 +160,30 @@ def build_tiny_checkpoint(out_dir: str | Path, vae_scale_factor: int = 8, seed: 
             decoder_start_token_id=0,
         )
     )
+    # FLUX.1 splits the rotary dimensions of a 128-wide head as 16 + 56 + 56.
+    rope_first = shape.head_dim // 8 if shape.head_dim >= 64 else shape.head_dim // 4
+    rope_rest = (shape.head_dim - rope_first) // 2
     transformer = FluxTransformer2DModel(
         patch_size=1,
-        in_channels=4 * LATENT_CHANNELS,
-        num_layers=2,
-        num_single_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=TEXT_DIM,
-        pooled_projection_dim=POOLED_DIM,
+        in_channels=4 * shape.latent_channels,
+        num_layers=shape.double_blocks,
+        num_single_layers=shape.single_blocks,
+        attention_head_dim=shape.head_dim,
+        num_attention_heads=shape.heads,
+        joint_attention_dim=shape.t5_width,
+        pooled_projection_dim=shape.clip_width,
         guidance_embeds=True,
-        axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim, as 16+56+56 = 128 in FLUX.1
+        axes_dims_rope=(rope_first, rope_rest, shape.head_dim - rope_first - rope_rest),
     )
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * vae_blocks,
         up_block_types=("UpDecoderBlock2D",) * vae_blocks,
-        block_out_channels=(8,) * vae_blocks,
-        layers_per_block=1,
-        latent_channels=LATENT_CHANNELS,
-        norm_num_groups=4,
+        block_out_channels=(shape.vae_channels[0],) + (shape.vae_channels[1],) * (vae_blocks - 1),
+        layers_per_block=shape.vae_layers_per_block,
+        latent_channels=shape.latent_channels,
+        norm_num_groups=shape.vae_groups,
         sample_size=32,
         use_quant_conv=False,
         use_post_quant_conv=False,
@@ -186,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", help="folder to write (replaced if it exists)")
     parser.add_argument("--vae-scale-factor", type=int, default=8, help="VAE downsampling: 1, 2, 4, 8, ...")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and tokenizer corpus")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="dimensions (default: tiny)")
     args = parser.parse_args(argv)
     import diffusers.utils.logging
     import transformers.utils.logging
@@ -193,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     diffusers.utils.logging.disable_progress_bar()
-    path = build_tiny_checkpoint(args.out_dir, args.vae_scale_factor, args.seed)
+    path = build_tiny_checkpoint(args.out_dir, args.vae_scale_factor, args.seed, args.preset)
     print(f"tiny FLUX.1 checkpoint written to {path}")
     return 0
 

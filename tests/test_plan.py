@@ -1,0 +1,192 @@
+"""The planner: byte-exact placements on small modules, and the real FLUX.1 configs on meta."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from flux_sharded.checkpoint import shipped_config_dir
+from flux_sharded.components import empty_component, module_sizes
+from flux_sharded.errors import PlanError
+from flux_sharded.plan import PlanInputs, auto_device_map, plan_run
+
+GB = 10**9
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)  # 2 x (64 + 8) x 4 bytes = 576 bytes
+
+
+class Toy(nn.Module):
+    """embed 128 bytes, four 576-byte blocks, head 64 bytes: 2496 bytes in float32."""
+
+    _no_split_modules = ["Block"]
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(4, 8, bias=False)
+        self.blocks = nn.ModuleList(Block() for _ in range(4))
+        self.head = nn.Linear(8, 2, bias=False)
+
+
+def test_toy_sizes_are_what_the_cases_below_assume():
+    sizes = module_sizes(Toy(), torch.float32)
+    assert (sizes[""], sizes["embed"], sizes["blocks.0"], sizes["head"]) == (2496, 128, 576, 64)
+    assert module_sizes(Toy(), torch.bfloat16)[""] == 1248
+
+
+@pytest.mark.parametrize(
+    "budget, expected",
+    [
+        # everything fits one device: one entry for the whole model
+        ({0: 10_000}, {"": 0}),
+        ({"cpu": 3_000}, {"": "cpu"}),
+        # two GPUs: balanced, then accelerate keeps room for the largest block on each GPU for
+        # offloaded layers, so what misses goes to disk even though it is not budgeted
+        ({0: 1_500, 1: 1_500}, {"embed": 0, "blocks.0": 0, "blocks.1": 1, "blocks.2": 1, "blocks.3": "disk", "head": "disk"}),
+        # balanced share: 2496 / 2 + 1.25 x 576 = 1968 bytes for GPU 0; a third block would leave
+        # less than one block (576) of room there, so it goes to GPU 1
+        ({0: 2_000, 1: 2_000}, {"embed": 0, "blocks.0": 0, "blocks.1": 0, "blocks.2": 1, "blocks.3": 1, "head": 1}),
+        # with RAM budgeted, the rest is offloaded to the CPU
+        ({0: 800, 1: 800, "cpu": 10_000},
+         {"embed": 0, "blocks.0": 1, "blocks.1": "cpu", "blocks.2": "cpu", "blocks.3": "cpu", "head": "cpu"}),
+        # disk is used after the CPU; "disk" is also accepted (diffusers' own recipe fails on it)
+        ({0: 700, "cpu": 1_000, "disk": 5_000}, {"embed": "cpu", "blocks": "disk", "head": "disk"}),
+    ],
+)
+def test_byte_exact_device_maps_on_a_small_module(budget, expected):
+    device_map = auto_device_map(Toy(), budget, torch.float32)
+    assert dict(device_map) == expected
+    for module in device_map:  # a block is never split
+        assert module.count(".") <= 1
+
+
+def inputs(name: str, dtype=torch.bfloat16, size=1024, sequence=512) -> PlanInputs:
+    return PlanInputs(shipped_config_dir(name), dtype, size, size, sequence, vae_scale_factor=8)
+
+
+@pytest.mark.parametrize(
+    "component, published",
+    [("transformer", 23.8 * GB), ("text_encoder_2", 9.52 * GB), ("text_encoder", 246 * 10**6), ("vae", 168 * 10**6)],
+)
+@pytest.mark.parametrize("model", ["FLUX.1-dev", "FLUX.1-schnell"])
+def test_weight_bytes_match_the_published_bf16_sizes(model, component, published):
+    size = module_sizes(empty_component(shipped_config_dir(model), component), torch.bfloat16)[""]
+    assert abs(size - published) / published < 0.02, f"{component}: {size} vs {published}"
+
+
+def test_t5_shared_embedding_is_counted_once():
+    t5 = empty_component(shipped_config_dir("FLUX.1-dev"), "text_encoder_2")
+    assert t5.shared.weight is t5.encoder.embed_tokens.weight
+    embedding = 32128 * 4096 * 2
+    unique = sum(p.numel() for p in t5.parameters()) * 2  # parameters() yields a shared tensor once
+    assert module_sizes(t5, torch.bfloat16)[""] == unique
+    assert unique + embedding != module_sizes(t5, torch.bfloat16)[""]
+
+
+def test_float16_keeps_t5_feed_forward_output_in_float32():
+    t5 = empty_component(shipped_config_dir("FLUX.1-dev"), "text_encoder_2")
+    wo = 24 * 10240 * 4096  # 24 blocks' DenseReluDense.wo
+    assert module_sizes(t5, torch.float16)[""] - module_sizes(t5, torch.bfloat16)[""] == wo * 2
+
+
+def check_within_budget(plan, budget):
+    for stage in plan.stages:
+        for device, planned in stage.planned_bytes.items():
+            assert device in budget, f"{stage.name} uses {device}, which is not budgeted"
+            assert planned <= budget[device], f"{stage.name} on {device}: {planned} > {budget[device]}"
+            if device != "disk":
+                assert stage.weight_bytes.get(device, 0) + stage.activation_bytes.get(device, 0) == planned
+
+
+def transformer_blocks_whole(plan):
+    for module in plan.stage("denoise").component("transformer").device_map:
+        parts = module.split(".")
+        assert module == "" or len(parts) == 1 or (len(parts) == 2 and parts[1].isdigit()), module
+
+
+@pytest.mark.parametrize("model", ["FLUX.1-dev", "FLUX.1-schnell"])
+def test_two_16gb_gpus_share_the_transformer(model):
+    budget = {0: 16 * GB, 1: 16 * GB}
+    plan = plan_run(inputs(model), budget)
+    check_within_budget(plan, budget)
+    transformer_blocks_whole(plan)
+    denoise = plan.stage("denoise")
+    assert set(denoise.weight_bytes) == {0, 1}
+    assert sum(denoise.weight_bytes.values()) == module_sizes(
+        empty_component(shipped_config_dir(model), "transformer"), torch.bfloat16)[""]
+    assert denoise.activation_bytes[0] > 100 * 10**6  # a 1024x1024 forward pass is not free
+    encode = plan.stage("encode")
+    assert {c.name: c.device_map for c in encode.components} == {"text_encoder": {"": 1}, "text_encoder_2": {"": 0}}
+
+
+@pytest.mark.parametrize("model", ["FLUX.1-dev", "FLUX.1-schnell"])
+def test_two_24gb_gpus(model):
+    budget = {0: 24 * GB, 1: 24 * GB}
+    plan = plan_run(inputs(model), budget)
+    check_within_budget(plan, budget)
+    transformer_blocks_whole(plan)
+
+
+@pytest.mark.parametrize("model", ["FLUX.1-dev", "FLUX.1-schnell"])
+def test_one_40gb_gpu_holds_everything_whole(model):
+    budget = {0: 40 * GB}
+    plan = plan_run(inputs(model), budget)
+    check_within_budget(plan, budget)
+    for stage in plan.stages:
+        assert set(stage.planned_bytes) == {0}
+        for component in stage.components:
+            assert dict(component.device_map) == {"": 0}
+
+
+@pytest.mark.parametrize("model", ["FLUX.1-dev", "FLUX.1-schnell"])
+def test_two_8gb_gpus_are_refused_with_ways_out(model):
+    with pytest.raises(PlanError) as refused:
+        plan_run(inputs(model), {0: 8 * GB, 1: 8 * GB})
+    message = str(refused.value)
+    assert "encode (text_encoder, text_encoder_2: 9.77 GB of weights" in message
+    assert re.search(r"denoise \(transformer: 23\.[78]\d GB of weights", message), message
+    assert "finds no room on 0, 1" in message
+    assert "Ways out: --max-memory 0=" in message and "cpu=" in message
+    # the suggested budget is the smallest that fits, to the suggestion step
+    suggested = float(message.split("--max-memory 0=")[1].split("GB")[0]) * GB
+    plan_run(inputs(model), {0: int(suggested), 1: int(suggested)})
+    with pytest.raises(PlanError):
+        plan_run(inputs(model), {0: int(suggested - 0.1 * GB), 1: int(suggested - 0.1 * GB)})
+    assert refused.value.stages and not all(stage.fits for stage in refused.value.stages)
+
+
+@pytest.mark.parametrize("model", ["FLUX.1-dev", "FLUX.1-schnell"])
+def test_two_8gb_gpus_with_ram_offload_the_rest(model):
+    budget = {0: 8 * GB, 1: 8 * GB, "cpu": 64 * GB}
+    plan = plan_run(inputs(model), budget)
+    check_within_budget(plan, budget)
+    transformer_blocks_whole(plan)
+    denoise = plan.stage("denoise")
+    assert denoise.weight_bytes["cpu"] > 5 * GB and denoise.weight_bytes[0] > 4 * GB and denoise.weight_bytes[1] > 4 * GB
+    assert "cpu" not in denoise.activation_bytes  # offloaded blocks run on a GPU
+    assert plan.stage("encode").component("text_encoder_2").device_map == {"": "cpu"}
+
+
+def test_refusal_suggests_bfloat16_for_float32():
+    with pytest.raises(PlanError, match=r"--dtype bfloat16 \(half the bytes\)"):
+        plan_run(inputs("FLUX.1-dev", dtype=torch.float32), {0: 24 * GB})
+
+
+def test_larger_images_need_more_activation_room():
+    small = plan_run(inputs("FLUX.1-dev", size=512), {0: 40 * GB})
+    large = plan_run(inputs("FLUX.1-dev", size=1536), {0: 40 * GB})
+    for stage in ("denoise", "decode"):
+        assert large.stage(stage).activation_bytes[0] > 2 * small.stage(stage).activation_bytes[0]
+    assert large.stage("encode").activation_bytes == small.stage("encode").activation_bytes
+
+
+def test_cpu_only_budget_plans_everything_on_the_cpu():
+    plan = plan_run(inputs("FLUX.1-schnell", sequence=256), {"cpu": 64 * GB})
+    for stage in plan.stages:
+        assert set(stage.planned_bytes) == {"cpu"}
