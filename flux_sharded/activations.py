@@ -50,19 +50,20 @@ def transformer_activation_bytes(config: dict, height: int, width: int, vae_scal
 def text_encoder_activation_bytes(config: dict, sequence_length: int, dtype_bytes: int) -> int:
     """CLIP or T5 encoder forward: the larger of its attention and feed-forward phases.
 
-    Attention: the scores (heads x S x S) in the model dtype plus two float32 copies (T5 takes
-    the softmax in float32), two S x S int64 tensors (T5's relative-position buckets), and q, k, v
-    and the hidden states (4 S x d). Feed-forward: the hidden states and three d_ff-wide tensors
-    (T5's gated GELU: wi_0, wi_1 and their product). Before the margin the estimate is 1.10-1.26 x
-    the measured peak on T5s of width 32 and 128 at 128-512 tokens; for T5-XXL (64 heads) the
-    scores are almost all of it.
+    Attention: the scores, the scores plus T5's relative-position bias and their softmax (3 x heads
+    x S x S in the model dtype), T5's relative-position bucket computation (up to 4 S x S int64
+    tensors), and q, k, v and the hidden states (4 S x d). The bucket tensors and the scores do not
+    always coexist, so this sum is an upper bound: 1.1-1.6 x the measured peak before the margin on
+    T5s of width 32 to 1024 at 128-512 tokens. For T5-XXL at 512 tokens it is 0.13 GB, next to
+    9.5 GB of weights. Feed-forward: the hidden states and three d_ff-wide tensors (T5's gated
+    GELU: wi_0, wi_1 and their product).
     """
     heads = config.get("num_heads") or config["num_attention_heads"]
     width = config.get("d_model") or config["hidden_size"]
     feed_forward = config.get("d_ff") or config["intermediate_size"]
     attention = (
-        heads * sequence_length**2 * (dtype_bytes + 2 * FLOAT32_BYTES)
-        + 2 * sequence_length**2 * INT64_BYTES
+        3 * heads * sequence_length**2 * dtype_bytes
+        + 4 * sequence_length**2 * INT64_BYTES
         + 4 * sequence_length * width * dtype_bytes
     )
     mlp = sequence_length * (width + 3 * feed_forward) * dtype_bytes
@@ -72,10 +73,13 @@ def text_encoder_activation_bytes(config: dict, sequence_length: int, dtype_byte
 def vae_decode_activation_bytes(config: dict, height: int, width: int, dtype_bytes: int) -> int:
     """AutoencoderKL.decode: the last up block, at full resolution, dominates.
 
-    Its first ResNet receives the previous block's output upsampled to H x W (C1 channels) and
-    holds four C0-wide tensors (GroupNorm output, SiLU, conv output, the shortcut sum), C0 and
-    C1 being block_out_channels[0] and [1]. Measured on three VAEs: exactly H x W x b x (C1 + 4 C0).
+    Its first ResNet receives the previous block's output upsampled to H x W, with C1 =
+    block_out_channels[1] channels, and turns it into C0 = block_out_channels[0]. At its peak it
+    holds either the input, its GroupNorm and its SiLU (3 C1), or the input and four C0-wide
+    tensors (C1 + 4 C0), whichever is larger. Measured on five VAEs (C0, C1 from 8, 8 to 64, 256):
+    exactly H x W x b x max(3 C1, C1 + 4 C0). FLUX.1 (128, 256): 768 bytes per pixel in bf16... x b.
     """
     channels = config["block_out_channels"]
-    widest_input = channels[1] if len(channels) > 1 else channels[0]
-    return _with_margin(height * width * dtype_bytes * (widest_input + 4 * channels[0]))
+    first = channels[0]
+    upsampled = channels[1] if len(channels) > 1 else channels[0]
+    return _with_margin(height * width * dtype_bytes * max(3 * upsampled, upsampled + 4 * first))

@@ -57,7 +57,7 @@ class Shape:
 
 PRESETS = {
     "tiny": Shape(32, 37, 4, 2, 32, 37, 4, 2, 2, 16, 2, 2, 4, (8, 8), 1, 4),
-    "small": Shape(128, 320, 4, 2, 64, 128, 4, 2, 4, 32, 1, 2, 16, (16, 32), 1, 8),
+    "small": Shape(128, 320, 4, 2, 64, 128, 4, 2, 4, 32, 1, 2, 16, (16, 48), 1, 8),
     # FLUX.1-dev divided by 4 in width and depth (heads 24 -> 6, blocks 19/38 -> 5/10), T5 and
     # CLIP likewise; the VAE at FLUX.1's own channel widths / 2.
     "mini": Shape(1024, 2560, 16, 6, 192, 768, 3, 3, 6, 128, 5, 10, 16, (64, 256), 2, 32),

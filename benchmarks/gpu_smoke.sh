@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# GPU check for the staged runner and the planner, one command, a few minutes on one H100/H200:
+#   1. the tiny checkpoint on cuda:0 under --max-memory 0=2GB (the report is printed);
+#   2. the "mini" checkpoint (FLUX.1-dev's proportions, 1.2 GB) at 512 and 1024 pixels under
+#      0=16GB: planned vs CUDA-allocator peaks per stage (benchmarks/report_table.py).
+# Run from the repository root on the GPU machine:  bash benchmarks/gpu_smoke.sh
+# Packages the machine lacks (diffusers; transformers 5) travel as wheels in .whl/ (see the
+# device tool's README); they are installed into /tmp/site when present.
+set -euo pipefail
+OUT=${OUT:-/tmp/flux-sharded-gpu}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+  export PYTHONPATH="/tmp/site:$PWD"
+fi
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+python3 -c "import torch; print('device:', torch.cuda.get_device_name(0), 'torch', torch.__version__)"
+
+python3 -m flux_sharded.tiny /tmp/tiny
+python3 -m flux_sharded --model /tmp/tiny --prompt "a photo of a dog" --max-memory 0=2GB \
+  --steps 4 --height 256 --width 256 --out "$OUT/tiny" --report "$OUT/tiny-0-2GB.json"
+
+python3 -m flux_sharded.tiny /tmp/mini --preset mini
+for size in 512 1024; do
+  python3 -m flux_sharded --model /tmp/mini --prompt "a photo of a dog" --max-memory 0=16GB \
+    --steps 4 --height $size --width $size --out "$OUT/mini-$size" --report "$OUT/mini-$size.json"
+done
+python3 benchmarks/report_table.py "$OUT"/*.json | tee "$OUT/table.md"

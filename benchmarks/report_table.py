@@ -1,0 +1,33 @@
+"""Planned vs measured bytes per stage and device, from flux-sharded --report files, as Markdown.
+
+    python benchmarks/report_table.py REPORT.json [REPORT.json ...]
+
+For a GPU, "measured" is the CUDA allocator's peak during the stage (weights included), so
+measured - weights is the activation peak the planner estimated.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def main(paths: list[str]) -> None:
+    print("| report | stage | device | weights | planned activations | measured peak | measured - weights | planned / measured |")
+    print("|---|---|---|---|---|---|---|---|")
+    for path in paths:
+        report = json.loads(Path(path).read_text())
+        for stage in report["stages"]:
+            for device, planned in stage["planned_bytes"].items():
+                weights = stage["weight_bytes"].get(device, 0)
+                peak = (stage.get("peak_bytes") or {}).get(device)
+                measured = "-" if peak is None else f"{peak / 1e6:.1f} MB"
+                activation = "-" if peak is None else f"{(peak - weights) / 1e6:.1f} MB"
+                ratio = "-" if not peak else f"{planned / peak:.2f}"
+                print(f"| {Path(path).name} | {stage['name']} | {device} | {weights / 1e6:.1f} MB | "
+                      f"{(planned - weights) / 1e6:.1f} MB | {measured} | {activation} | {ratio} |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
