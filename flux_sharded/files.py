@@ -10,8 +10,9 @@ from typing import Callable
 from .errors import SettingsError
 
 
-def check_writable_folder(folder: Path, option: str) -> None:
-    """Prove `folder` can take files by writing one, then undo everything the probe created."""
+def check_writable_folder(folder: Path, option: str, keep_created_folders: bool = False) -> None:
+    """Prove `folder` can take files by writing one, then undo everything the probe created (but
+    the folders, with keep_created_folders: several processes probe the same folder at once)."""
     if folder.exists() and not folder.is_dir():
         raise SettingsError(f"{option}: '{folder}' is a file, not a folder; give a folder")
     target = folder.absolute()
@@ -24,7 +25,7 @@ def check_writable_folder(folder: Path, option: str) -> None:
     except OSError as error:
         raise SettingsError(f"{option}: cannot write in '{folder}' ({error.strerror}); choose a folder you can write to")
     finally:
-        for path in created:
+        for path in [] if keep_created_folders else created:
             if path.is_dir():
                 path.rmdir()
 

@@ -34,17 +34,38 @@ class GenerationSettings:
     width: int
     max_sequence_length: int
     dtype: str  # a key of DTYPES
+    indices: tuple[int, ...] = ()  # each image's index over the whole run (several processes); () = 0, 1, ...
+    batch_size: int = 1  # images per forward pass
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    @property
+    def image_indices(self) -> tuple[int, ...]:
+        return self.indices or tuple(range(len(self.prompts)))
+
+    def batches(self) -> list[range]:
+        """Positions of the images, batch_size at a time."""
+        count = len(self.prompts)
+        return [range(start, min(start + self.batch_size, count)) for start in range(0, count, self.batch_size)]
+
+    def subset(self, positions: list[int]) -> "GenerationSettings":
+        """The settings of some of the images (one process's share), keeping their global indices."""
+        return dataclasses.replace(
+            self,
+            prompts=tuple(self.prompts[p] for p in positions),
+            seeds=tuple(self.seeds[p] for p in positions),
+            indices=tuple(self.image_indices[p] for p in positions),
+        )
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_json(cls, data: dict) -> "GenerationSettings":
-        data = dict(data, prompts=tuple(data["prompts"]), seeds=tuple(data["seeds"]))
+        data = dict(data, prompts=tuple(data["prompts"]), seeds=tuple(data["seeds"]),
+                    indices=tuple(data.get("indices", ())))
         return cls(**data)
 
 

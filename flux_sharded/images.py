@@ -24,8 +24,8 @@ def slugify(prompt: str) -> str:
     return slug[:SLUG_MAX_CHARS].rstrip("-") or "image"
 
 
-def image_paths(out_dir: Path, prompts, seeds) -> list[Path]:
-    return [out_dir / f"{index:04d}-{seed}-{slugify(prompt)}.png" for index, (prompt, seed) in enumerate(zip(prompts, seeds))]
+def image_paths(out_dir: Path, indices, prompts, seeds) -> list[Path]:
+    return [out_dir / f"{index:04d}-{seed}-{slugify(prompt)}.png" for index, prompt, seed in zip(indices, prompts, seeds)]
 
 
 def save_png(image, path: Path, metadata: dict[str, str]) -> None:

@@ -2,8 +2,10 @@
 
 JSON schema (device keys as strings: "0", "1", "cpu", "disk"):
     {"budget": {"0": bytes, ...},
-     "stages": [{"name": "encode" | "denoise" | "decode",
+     "stages": [{"name": "encode" | "denoise" | "decode", "process": int (rank, 0 for one process),
+                 "images": int,                                      # images this stage made
                  "load_seconds": float, "run_seconds": float,        # null in a dry-run
+                 "handoff_bytes": int,                               # what it passed on, kept in RAM
                  "peak_bytes": {"0": int, "cpu": int},               # measured; null in a dry-run
                  "weight_bytes": {"0": int}, "planned_bytes": {"0": int},   # planned: weights + activations
                  "device_map": {component: {module: device}}}],
@@ -30,6 +32,9 @@ class StageReport:
     load_seconds: float | None = None
     run_seconds: float | None = None
     peak_bytes: dict[str, int] | None = None  # measured per device
+    handoff_bytes: int | None = None  # the handoff this stage passed on, in CPU memory
+    process: int = 0  # rank under several processes
+    images: int = 0  # how many images this stage processed
 
     @classmethod
     def from_plan(cls, stage_plan) -> "StageReport":
@@ -59,7 +64,9 @@ class RunReport:
     def table(self) -> str:
         """One row per stage and device, aligned for a terminal. A dry-run has no measured columns."""
         measured = any(stage.peak_bytes is not None for stage in self.stages)
-        header = ["stage", "device", "weights", "activations", "planned", "budget", "headroom"]
+        several = len({stage.process for stage in self.stages}) > 1
+        header = (["process"] if several else []) + ["stage", "device", "weights", "activations", "planned",
+                                                      "budget", "headroom"]
         if measured:
             header += ["peak", "load s", "run s"]
         rows = [header]
@@ -70,7 +77,7 @@ class RunReport:
                 planned = stage.planned_bytes.get(device)
                 weights = stage.weight_bytes.get(device, 0)
                 budget = self.budget.get(device)
-                row = [
+                row = ([str(stage.process) if position == 0 else ""] if several else []) + [
                     stage.name if position == 0 else "",
                     device,
                     format_bytes(weights) if planned is not None else "-",

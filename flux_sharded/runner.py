@@ -8,15 +8,18 @@ so a device holds at most one stage's weights at a time.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
+from tqdm.auto import tqdm
 
 from .budget import Budget, budget_to_json, format_budget, format_bytes
 from .checkpoint import Checkpoint, resolve_checkpoint
+from .distributed import Process, gather, share, wait_for_everyone
 from .errors import PlanError, SettingsError, StageOutOfMemory
 from .files import check_writable_folder
 from .handoff import GenerationSettings, Handoff
@@ -26,6 +29,7 @@ from .plan import PlanInputs, RunPlan, plan_run
 from .report import RunReport, StageReport
 from .stages import STAGES, decode
 
+SINGLE_PROCESS = Process(index=0, count=1, local_index=0)
 MAX_SEQUENCE_LENGTH_LIMIT = 512  # FluxPipeline refuses more: T5 was trained on 512 tokens
 
 
@@ -64,13 +68,14 @@ def check_settings(request: RunRequest) -> None:
         raise SettingsError("--max-memory has a disk entry but no --offload-folder; give a folder for the offloaded weights")
 
 
-def check_request(request: RunRequest) -> list[Path]:
-    """check_settings, then the output folder; returns the image paths the run will write."""
+def check_request(request: RunRequest, keep_created_folders: bool = False) -> list[Path]:
+    """check_settings, then the output folders; returns the image paths of the whole run."""
     check_settings(request)
-    check_writable_folder(request.out_dir, "--out")
+    check_writable_folder(request.out_dir, "--out", keep_created_folders)
     if request.offload_folder is not None:
-        check_writable_folder(request.offload_folder, "--offload-folder")
-    paths = image_paths(request.out_dir, request.settings.prompts, request.settings.seeds)
+        check_writable_folder(request.offload_folder, "--offload-folder", keep_created_folders)
+    settings = request.settings
+    paths = image_paths(request.out_dir, settings.image_indices, settings.prompts, settings.seeds)
     existing = [path for path in paths if path.exists()]
     if existing:
         raise SettingsError(f"--out: {existing[0]} already exists; choose another --out folder or move it away")
@@ -86,6 +91,7 @@ def plan_inputs(request: RunRequest) -> PlanInputs:
         width=settings.width,
         max_sequence_length=settings.max_sequence_length,
         vae_scale_factor=request.checkpoint.vae_scale_factor,
+        batch_size=settings.batch_size,
     )
 
 
@@ -102,30 +108,51 @@ def dry_run(request: RunRequest) -> tuple[RunReport, PlanError | None]:
     return report, refusal
 
 
-def execute(request: RunRequest, log: Callable[[str], None] = lambda message: None) -> RunReport:
-    paths = check_request(request)
+def execute(request: RunRequest, log: Callable[[str], None] = lambda message: None,
+            process: Process = SINGLE_PROCESS) -> RunReport | None:
+    """Run this process's share of the images; the main process returns the whole run's report."""
+    paths = check_request(request, keep_created_folders=process.several)
     plan = plan_run(plan_inputs(request), request.budget)
-    checkpoint = resolve_checkpoint(request.checkpoint.model, need_weights=True)
-    return _execute_plan(request, checkpoint, plan, paths, log)
+    if process.is_main:  # one download (if any) into the shared cache, then the others read it
+        checkpoint = resolve_checkpoint(request.checkpoint.model, need_weights=True)
+    wait_for_everyone(process)
+    if not process.is_main:
+        checkpoint = resolve_checkpoint(request.checkpoint.model, need_weights=True)
+    positions = share(process, len(request.settings.prompts))
+    mine = dataclasses.replace(request, settings=request.settings.subset(positions))
+    report = RunReport(budget=budget_to_json(request.budget))
+    if positions:
+        report = _execute_plan(mine, checkpoint, plan, [paths[p] for p in positions], log, process)
+    reports = gather(process, report)
+    if not process.is_main:
+        return None
+    report.stages = [stage for each in reports for stage in each.stages]
+    report.images = [image for each in reports for image in each.images]  # shares are contiguous, in order
+    return report
 
 
-def _execute_plan(request: RunRequest, checkpoint: Checkpoint, plan: RunPlan, paths: list[Path], log) -> RunReport:
+def _execute_plan(request: RunRequest, checkpoint: Checkpoint, plan: RunPlan, paths: list[Path], log,
+                  process: Process) -> RunReport:
     settings = request.settings
     report = RunReport(budget=budget_to_json(request.budget))
     handoff = Handoff(settings=settings)
     images = None
-    log(f"budget: {format_budget(request.budget)}")
+    if process.is_main:
+        log(f"budget: {format_budget(request.budget)}; {len(settings.prompts)} image(s)"
+            + (f" on this process, {process.count} processes" if process.several else ""))
     for stage in STAGES:
         stage_plan = plan.stage(stage.NAME)
         stage_report = StageReport.from_plan(stage_plan)
-        log(f"{stage.NAME}: loading {', '.join(stage.COMPONENTS)}")
+        stage_report.process, stage_report.images = process.index, len(settings.prompts)
+        progress = tqdm(total=len(settings.prompts), desc=f"{stage.NAME} ({', '.join(stage.COMPONENTS)})",
+                        unit="image", disable=not process.is_main, leave=True)
         with PeakMemory(gpu_indices=plan.gpu_indices) as peak:
             try:
                 started = time.perf_counter()
                 loaded = stage.load(checkpoint, stage_plan, settings.torch_dtype, request.offload_folder)
                 loaded_at = time.perf_counter()
                 stage_report.device_map = stage.device_map(loaded)
-                output = stage.run(loaded, handoff)
+                output = stage.run(loaded, handoff, progress.update)
                 finished = time.perf_counter()
             except torch.OutOfMemoryError as error:
                 raise StageOutOfMemory(
@@ -136,16 +163,16 @@ def _execute_plan(request: RunRequest, checkpoint: Checkpoint, plan: RunPlan, pa
                 ) from None
             finally:
                 loaded = None  # the only reference: the component is freed here, before the next stage
+                progress.close()
         flush()
         stage_report.load_seconds, stage_report.run_seconds = loaded_at - started, finished - loaded_at
         stage_report.peak_bytes = peak.peak_bytes
-        report.stages.append(stage_report)
-        log(f"{stage.NAME}: done in {finished - started:.1f} s, peak " + ", ".join(
-            f"{device}={format_bytes(size)}" for device, size in peak.peak_bytes.items()))
         if stage is decode:
             images = output
         else:
             handoff = output
+            stage_report.handoff_bytes = handoff.nbytes()
+        report.stages.append(stage_report)
     request.out_dir.mkdir(parents=True, exist_ok=True)
     for image, path, prompt, seed in zip(images, paths, settings.prompts, settings.seeds):
         save_png(image, path, _png_metadata(settings, prompt, seed, request.budget))

@@ -190,7 +190,7 @@ def test_existing_image_is_never_overwritten(tiny_checkpoint, tmp_path):
 def test_successful_run_prints_table_and_paths(tiny_checkpoint, tmp_path):
     result = invoke(tiny_args(tiny_checkpoint, tmp_path))
     assert result.exit_code == 0, result.output
-    lines = result.output.splitlines()
+    lines = result.stdout.splitlines()
     table_start = next(i for i, line in enumerate(lines) if line.startswith("stage "))
     assert [line.split()[0] for line in lines[table_start + 1 : table_start + 4]] == ["encode", "denoise", "decode"]
     assert lines[-1] == f"wrote {tmp_path / '0000-0-a-dog.png'}"

@@ -104,7 +104,7 @@ def test_a_run_executes_the_plan_it_made_once(tiny_checkpoint, tmp_path, monkeyp
         assert stage["planned_bytes"]["cpu"] == planned.planned_bytes["cpu"]
         assert stage["weight_bytes"]["cpu"] == planned.weight_bytes["cpu"]
         assert stage["peak_bytes"]["cpu"] > stage["weight_bytes"]["cpu"]  # measured: the whole process
-    header = next(line for line in result.output.splitlines() if line.startswith("stage"))
+    header = next(line for line in result.stdout.splitlines() if line.startswith("stage"))
     assert header.split() == ["stage", "device", "weights", "activations", "planned", "budget", "headroom", "peak",
                               "load", "s", "run", "s"]
 

@@ -32,15 +32,15 @@ def run(vae: AutoencoderKL, handoff: Handoff, on_image_done=None) -> list:
     image_processor = VaeImageProcessor(vae_scale_factor=vae_scale_factor * 2)
     images = []
     with torch.inference_mode():
-        for index in range(handoff.latents.shape[0]):
+        for batch in settings.batches():
             latents = FluxPipeline._unpack_latents(
-                handoff.latents[index : index + 1], settings.height, settings.width, vae_scale_factor
+                handoff.latents[batch.start : batch.stop], settings.height, settings.width, vae_scale_factor
             )
             latents = (latents / vae.config.scaling_factor) + vae.config.shift_factor
             decoded = vae.decode(latents, return_dict=False)[0]
             images.extend(image_processor.postprocess(decoded, output_type="pil"))
             if on_image_done:
-                on_image_done()
+                on_image_done(len(batch))
     return images
 
 

@@ -48,27 +48,29 @@ def load(checkpoint, stage_plan, dtype: torch.dtype, offload_folder=None) -> Flu
 
 
 def run(pipeline: FluxPipeline, handoff: Handoff, on_image_done=None) -> Handoff:
-    """Denoise each image with its own CPU generator seeded with its seed, as FluxPipeline would."""
+    """Denoise batch_size images per pass, each with its own CPU generator seeded with its seed,
+    as FluxPipeline does for a list of generators."""
     settings = handoff.settings
     handoff = handoff.to(pipeline._execution_device)
     latents = []
     with torch.inference_mode():
-        for index, seed in enumerate(settings.seeds):
+        for batch in settings.batches():
             result = pipeline(
-                prompt_embeds=handoff.prompt_embeds[index : index + 1],
-                pooled_prompt_embeds=handoff.pooled_prompt_embeds[index : index + 1],
+                prompt_embeds=handoff.prompt_embeds[batch.start : batch.stop],
+                pooled_prompt_embeds=handoff.pooled_prompt_embeds[batch.start : batch.stop],
                 num_inference_steps=settings.steps,
                 guidance_scale=settings.guidance,
                 height=settings.height,
                 width=settings.width,
                 max_sequence_length=settings.max_sequence_length,
-                generator=torch.Generator("cpu").manual_seed(seed),
+                generator=[torch.Generator("cpu").manual_seed(settings.seeds[p]) for p in batch],
                 output_type="latent",
             )
             latents.append(result.images.to("cpu"))
             if on_image_done:
-                on_image_done()
-    return dataclasses.replace(handoff, latents=torch.cat(latents), finished_stages=handoff.finished_stages + (NAME,))
+                on_image_done(len(batch))
+    return dataclasses.replace(handoff.to("cpu"), latents=torch.cat(latents),
+                               finished_stages=handoff.finished_stages + (NAME,))
 
 
 def device_map(pipeline: FluxPipeline) -> dict[str, dict[str, str]]:

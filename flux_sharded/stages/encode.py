@@ -40,25 +40,27 @@ def _model_class(name: str):
 
 
 def run(pipeline: FluxPipeline, handoff: Handoff, on_image_done=None) -> Handoff:
-    """Encode each image's prompt; one prompt at a time, so that results never depend on batching."""
+    """Encode each distinct prompt once, batch_size prompts per forward pass; rows per image."""
     settings = handoff.settings
-    prompt_embeds, pooled, text_ids = [], [], None
+    distinct = list(dict.fromkeys(settings.prompts))
+    embeds, pooled, text_ids = {}, {}, None
     with torch.inference_mode():
-        for prompt in settings.prompts:
-            embeds, pooled_embeds, text_ids = pipeline.encode_prompt(
-                prompt=prompt,
+        for start in range(0, len(distinct), settings.batch_size):
+            batch = distinct[start : start + settings.batch_size]
+            batch_embeds, batch_pooled, text_ids = pipeline.encode_prompt(
+                prompt=batch,
                 prompt_2=None,
                 num_images_per_prompt=1,
                 max_sequence_length=settings.max_sequence_length,
             )
-            prompt_embeds.append(embeds.to("cpu"))
-            pooled.append(pooled_embeds.to("cpu"))
+            for row, prompt in enumerate(batch):
+                embeds[prompt], pooled[prompt] = batch_embeds[row].to("cpu"), batch_pooled[row].to("cpu")
             if on_image_done:
-                on_image_done()
+                on_image_done(sum(settings.prompts.count(prompt) for prompt in batch))
     return dataclasses.replace(
         handoff,
-        prompt_embeds=torch.cat(prompt_embeds),
-        pooled_prompt_embeds=torch.cat(pooled),
+        prompt_embeds=torch.stack([embeds[prompt] for prompt in settings.prompts]),
+        pooled_prompt_embeds=torch.stack([pooled[prompt] for prompt in settings.prompts]),
         text_ids=text_ids.to("cpu"),
         finished_stages=handoff.finished_stages + (NAME,),
     )

@@ -1,0 +1,81 @@
+"""Several processes, on one machine or many, under `accelerate launch` or `torchrun`.
+
+Each process runs the three stages on its share of the images (accelerate's
+`PartialState.split_between_processes`, contiguous, in order), then every process's report is
+gathered on the main process, which writes one report. Processes exchange only small Python
+objects, so coordination always uses the gloo backend (`PartialState(cpu=True)`), on CPU and
+GPU machines alike; the GPUs a process computes on are chosen by `--gpus-per-process`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Process:
+    index: int  # rank over every process of every machine
+    count: int
+    local_index: int  # rank on this machine
+
+    @property
+    def is_main(self) -> bool:
+        return self.index == 0
+
+    @property
+    def several(self) -> bool:
+        return self.count > 1
+
+
+def launched_processes() -> int:
+    """How many processes the launcher started (1 without a launcher)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def restrict_gpus(gpus_per_process: int) -> list[str]:
+    """Make local process r see only GPUs rK .. rK+K-1 of those visible to the launcher, so that the
+    budget's keys 0..K-1 mean those. Must run before CUDA is initialised in this process."""
+    local_index = int(os.environ.get("LOCAL_RANK", "0"))
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    pool = [entry.strip() for entry in visible.split(",")] if visible else None
+    first = local_index * gpus_per_process
+    chosen = (pool[first : first + gpus_per_process] if pool is not None
+              else [str(first + offset) for offset in range(gpus_per_process)])
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(chosen)
+    return chosen
+
+
+def current_process() -> Process:
+    if launched_processes() == 1:
+        return Process(index=0, count=1, local_index=0)
+    from accelerate import PartialState
+
+    state = PartialState(cpu=True)
+    return Process(index=state.process_index, count=state.num_processes, local_index=state.local_process_index)
+
+
+def share(process: Process, count: int) -> list[int]:
+    """The positions (0..count-1) of the images this process makes."""
+    if not process.several:
+        return list(range(count))
+    from accelerate import PartialState
+
+    with PartialState().split_between_processes(list(range(count))) as mine:
+        return list(mine)
+
+
+def gather(process: Process, item):
+    """Every process's `item`, in process order, on every process."""
+    if not process.several:
+        return [item]
+    from accelerate.utils import gather_object
+
+    return gather_object([item])
+
+
+def wait_for_everyone(process: Process) -> None:
+    if process.several:
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()

@@ -1,0 +1,107 @@
+"""Many prompts per run: each component loaded once, seeds by global index, batches, processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from flux_sharded.cli import main
+from flux_sharded.stages import STAGES
+
+from .conftest import assert_same_pixels, one_piece_pixels
+
+PROMPTS = ["a photo of a dog", "a red car under the sky", "watercolor portrait of a cat", "night city street",
+           "bird flying over a river"]
+COMMON = ["--max-memory", "cpu=2GB", "--steps", "2", "--height", "32", "--width", "32", "--dtype", "float32"]
+
+
+def run(checkpoint, out: Path, *extra):
+    result = CliRunner().invoke(main, ["--model", str(checkpoint), *COMMON, "--out", str(out),
+                                       "--report", str(out / "report.json"), *extra])
+    assert result.exit_code == 0, result.output
+    return json.loads((out / "report.json").read_text())
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def test_each_component_loads_once_for_many_prompts_and_seeds_follow_the_index(tiny_checkpoint, tmp_path, monkeypatch):
+    loads = {stage.NAME: 0 for stage in STAGES}
+    for stage in STAGES:
+        def load(*args, _real=stage.load, _name=stage.NAME, **kwargs):
+            loads[_name] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(stage, "load", load)
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text('{"prompt": "a red car under the sky"}\n{"prompt": "night city street", "seed": 99}\n')
+    report = run(tiny_checkpoint, tmp_path / "out", "--prompt", PROMPTS[0], "--prompts-file", str(prompts_file),
+                 "--num-images-per-prompt", "2", "--seed", "5")
+    assert loads == {"encode": 1, "denoise": 1, "decode": 1}
+    names = [Path(path).name for path in report["images"]]
+    assert names == [
+        "0000-5-a-photo-of-a-dog.png", "0001-6-a-photo-of-a-dog.png",
+        "0002-7-a-red-car-under-the-sky.png", "0003-8-a-red-car-under-the-sky.png",
+        "0004-99-night-city-street.png", "0005-100-night-city-street.png",
+    ]
+    # each image is the single-prompt one-piece image of its seed
+    for path, prompt, seed in [(report["images"][1], PROMPTS[0], 6), (report["images"][5], "night city street", 100)]:
+        assert_same_pixels(pixels(path), one_piece_pixels(tiny_checkpoint, prompt, seed, 2, 32, 32))
+    assert [stage["images"] for stage in report["stages"]] == [6, 6, 6]
+    encode, denoise = report["stages"][0], report["stages"][1]
+    # the handoff kept in RAM between stages: 6 images of T5 (512 x 32) and CLIP (32) float32 embeddings, ...
+    assert encode["handoff_bytes"] == 6 * (512 * 32 + 32) * 4 + 512 * 3 * 4
+    assert denoise["handoff_bytes"] == encode["handoff_bytes"] + 6 * 4 * 16 * 4  # ... plus 2x2 tokens x 16 latents
+
+
+def test_a_batch_of_four_equals_four_single_runs(tiny_checkpoint, tmp_path):
+    """Batching changes only float rounding (matrix kernels block differently for other shapes):
+    at most one level in a few pixel values, never a different image."""
+    args = [arg for prompt in PROMPTS[:4] for arg in ("--prompt", prompt)]
+    batched = run(tiny_checkpoint, tmp_path / "batched", *args, "--batch-size", "4")
+    single = run(tiny_checkpoint, tmp_path / "single", *args)
+    assert [Path(p).name for p in batched["images"]] == [Path(p).name for p in single["images"]]
+    for batched_path, single_path in zip(batched["images"], single["images"]):
+        difference = np.abs(pixels(batched_path).astype(int) - pixels(single_path).astype(int))
+        assert difference.max() <= 1, f"max {difference.max()}, mean {difference.mean():.5f}"
+        assert (difference > 0).mean() < 0.01, f"{(difference > 0).mean():.2%} of values differ"
+
+
+LAUNCHERS = {
+    "torchrun": ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"],
+    # accelerate's torchrun-based launcher; on a machine without GPUs it must be asked for by name
+    "accelerate": ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2", "--num_machines=1",
+                   "--mixed_precision=no", "--dynamo_backend=no", "--main_process_port=0"],
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_two_processes_equal_one_process(tiny_checkpoint, tmp_path, launcher):
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("\n".join(PROMPTS) + "\n")
+    one = run(tiny_checkpoint, tmp_path / "one", "--prompts-file", str(prompts_file))
+    result = subprocess.run(
+        [sys.executable, *LAUNCHERS[launcher], "-m", "flux_sharded",
+         "--model", str(tiny_checkpoint), *COMMON, "--prompts-file", str(prompts_file), "--out", str(tmp_path / "two"),
+         "--report", str(tmp_path / "two" / "report.json")],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    two = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert [Path(p).name for p in two["images"]] == [Path(p).name for p in one["images"]]
+    assert len(two["images"]) == 5
+    for path_two, path_one in zip(two["images"], one["images"]):
+        assert_same_pixels(pixels(path_two), pixels(path_one))
+    assert [(stage["process"], stage["name"], stage["images"]) for stage in two["stages"]] == [
+        (0, "encode", 3), (0, "denoise", 3), (0, "decode", 3), (1, "encode", 2), (1, "denoise", 2), (1, "decode", 2)
+    ]
+    assert result.stdout.count("wrote ") == 5  # the main process alone prints the table and the paths
