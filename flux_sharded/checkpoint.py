@@ -133,3 +133,55 @@ def _read_json(file: Path, model: str) -> dict:
         return json.loads(file.read_text())
     except (OSError, ValueError) as error:
         raise CheckpointError(f"--model: '{model}': cannot read {file.name} ({error}); the checkpoint is damaged")
+
+
+WEIGHT_COMPONENTS = ("text_encoder", "text_encoder_2", "transformer", "vae")
+
+
+def check_weight_files(checkpoint: Checkpoint) -> None:
+    """Before any stage: every component has safetensors weights, and each file is whole.
+
+    Reads only each file's header (8 bytes of length, then JSON): the declared tensors must end
+    exactly where the file ends, so a truncated download fails here in milliseconds rather than
+    minutes later inside a stage. Pickle (.bin) weights are refused: they can run code when loaded.
+    """
+    for component in WEIGHT_COMPONENTS:
+        folder = checkpoint.path / component
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+            if pickles:
+                raise CheckpointError(
+                    f"--model: '{checkpoint.model}': {component} has only pickle weights ({', '.join(pickles)}); "
+                    "flux-sharded loads safetensors only, since pickles can run code: convert them "
+                    "(e.g. load and save_pretrained(safe_serialization=True)) or use a safetensors checkpoint"
+                )
+            raise CheckpointError(
+                f"--model: '{checkpoint.model}': {component} has no weights (no .safetensors file in {folder}); "
+                "the download is incomplete: fetch the checkpoint again"
+            )
+        for file in files:
+            _check_safetensors(file, checkpoint.model)
+
+
+def _check_safetensors(file: Path, model: str) -> None:
+    size = file.stat().st_size
+    problem = None
+    try:
+        with open(file, "rb") as handle:
+            head = handle.read(8)
+            header_length = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if header_length < 2 or 8 + header_length > size:
+                problem = f"its header claims {header_length} bytes but the file has {size}"
+            else:
+                header = json.loads(handle.read(header_length))
+                ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+                expected = 8 + header_length + max(ends, default=0)
+                if expected != size:
+                    problem = f"its tensors need {expected} bytes but the file has {size}"
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as error:
+        problem = f"its header cannot be read ({type(error).__name__})"
+    if problem:
+        raise CheckpointError(
+            f"--model: '{model}': {file} is truncated or corrupt ({problem}); download that file again"
+        )

@@ -21,7 +21,8 @@ COMPONENTS = ("vae",)
 
 def load(checkpoint, stage_plan, dtype: torch.dtype, offload_folder=None) -> AutoencoderKL:
     return AutoencoderKL.from_pretrained(
-        checkpoint.path, subfolder="vae", device_map=dict(stage_plan.component("vae").device_map), dtype=dtype
+        checkpoint.path, subfolder="vae", device_map=dict(stage_plan.component("vae").device_map), dtype=dtype,
+        use_safetensors=True,
     )
 
 

@@ -30,6 +30,7 @@ def load(checkpoint, stage_plan, dtype: torch.dtype, offload_folder=None) -> Flu
         device_map=dict(stage_plan.component("transformer").device_map),
         offload_folder=offload_folder,
         dtype=dtype,
+        use_safetensors=True,
     )
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(checkpoint.path, subfolder="scheduler")
     pipeline = FluxPipeline(

@@ -26,7 +26,8 @@ COMPONENTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 def load(checkpoint, stage_plan, dtype: torch.dtype, offload_folder=None) -> FluxPipeline:
     encoders = {
         name: _model_class(name).from_pretrained(
-            checkpoint.path, subfolder=name, device_map=stage_plan.component(name).device_map, dtype=dtype
+            checkpoint.path, subfolder=name, device_map=stage_plan.component(name).device_map, dtype=dtype,
+            use_safetensors=True,
         )
         for name in ("text_encoder", "text_encoder_2")
     }
