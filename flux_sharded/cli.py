@@ -6,16 +6,22 @@ import sys
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from . import __version__
 from .budget import EXAMPLE, UNITS_HELP, Budget, default_budget, parse_budget
 from .checkpoint import DEFAULT_MODEL
-from .errors import BudgetError, FluxShardedError, StageOutOfMemory
+from .errors import BudgetError, FluxShardedError, SettingsError, StageOutOfMemory
 
 # FluxPipeline.__call__'s own defaults, so that a bare run matches diffusers.
 DEFAULT_STEPS = 28
 DEFAULT_GUIDANCE = 3.5
 DEFAULT_MAX_SEQUENCE_LENGTH = 512
+EXIT_INTERRUPTED = 130  # the shell's code for a process stopped by Ctrl-C
+# Options that decide the pixels: on --resume they come from the run folder, and one given on the
+# command line must agree with it.
+SAVED_OPTIONS = ("prompts", "prompts_file", "num_images_per_prompt", "seed", "model", "steps", "guidance", "height",
+                 "width", "max_sequence_length", "dtype", "batch_size", "out_dir", "run_dir")
 
 
 def _gpu_count() -> int:
@@ -25,7 +31,8 @@ def _gpu_count() -> int:
 
 
 class BudgetType(click.ParamType):
-    """`0=16GB,1=16GB,cpu=64GB` -> {0: bytes, 1: bytes, "cpu": bytes}, checked against this machine's GPUs."""
+    """`0=16GB,1=16GB,cpu=64GB` -> {0: bytes, 1: bytes, "cpu": bytes}; GPU indices are checked
+    against this machine later, except in a dry-run, which may plan for another machine."""
 
     name = "SPEC"
 
@@ -33,7 +40,7 @@ class BudgetType(click.ParamType):
         if isinstance(value, dict):
             return value
         try:
-            return parse_budget(value, gpu_count=None)  # GPU indices are checked once we know it is no dry-run
+            return parse_budget(value, gpu_count=None)
         except BudgetError as error:
             self.fail(str(error).removeprefix("--max-memory: "), param, ctx)
 
@@ -76,6 +83,15 @@ class BudgetType(click.ParamType):
     help="Also write the per-stage report as JSON to this file.",
 )
 @click.option(
+    "--run-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+    help="Folder for the stage checkpoints. Default: OUT/.flux-sharded/run-<hash of the settings>.",
+)
+@click.option(
+    "--resume", "resume_dir", type=click.Path(path_type=Path), default=None,
+    help="Continue the run saved in this run folder from its last finished stage.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace images that already exist in --out.")
+@click.option(
     "--offload-folder", type=click.Path(path_type=Path, file_okay=False), default=None,
     help="Folder for weights budgeted to disk (needed with a disk=SIZE entry).",
 )
@@ -89,31 +105,22 @@ class BudgetType(click.ParamType):
     help="Plan every stage from the configs alone (no weight is read) and show bytes per device; exit 0 if all fit.",
 )
 @click.version_option(__version__, "--version")
-def main(prompts, prompts_file, num_images_per_prompt, batch_size, max_memory, model, out_dir, seed, steps, guidance,
-         height, width, max_sequence_length, dtype, report_path, offload_folder, gpus_per_process, dry_run):
+@click.pass_context
+def main(ctx: click.Context, **options):
     """Run FLUX.1 text-to-image in three stages (encode, denoise, decode), each loading only its
     own component under a per-device memory budget, and report every stage's peak memory.
 
     Example: flux-sharded --prompt "a photo of a dog" --max-memory 0=16GB,1=16GB
     """
-    from .distributed import launched_processes, restrict_gpus
+    from .distributed import current_process, launched_processes, restrict_gpus
 
     if launched_processes() > 1:
-        restrict_gpus(gpus_per_process or 1)  # before anything initialises CUDA in this process
-    process = None
+        restrict_gpus(options["gpus_per_process"] or 1)  # before anything initialises CUDA in this process
+    process, request = None, None
     try:
-        if gpus_per_process is not None and gpus_per_process < 1:
-            raise FluxShardedError(f"--gpus-per-process {gpus_per_process}: give at least 1")
-        lines = _prompt_lines(prompts, prompts_file)
-        if num_images_per_prompt < 1:
-            raise FluxShardedError(f"--num-images-per-prompt {num_images_per_prompt}: give at least 1")
-        if batch_size < 1:
-            raise FluxShardedError(f"--batch-size {batch_size}: give at least 1")
-        from .distributed import current_process
-
-        process = None if dry_run else current_process()
-        _run(lines, num_images_per_prompt, batch_size, max_memory, model, out_dir, seed, steps, guidance, height,
-             width, max_sequence_length, dtype, report_path, offload_folder, dry_run, process)
+        request = _request(ctx, options)
+        process = None if options["dry_run"] else current_process()
+        _run(request, options, process)
     except FluxShardedError as error:
         # Under several processes every process meets the same input error: the main one says it,
         # except for an error of its own stage (out of memory), which every process reports.
@@ -121,6 +128,84 @@ def main(prompts, prompts_file, num_images_per_prompt, batch_size, max_memory, m
             prefix = f"[process {process.index}] " if process is not None and process.several else ""
             click.echo(f"Error: {prefix}{error}", err=True)
         sys.exit(error.exit_code)
+    except KeyboardInterrupt:
+        if request is not None and (process is None or process.is_main) and not options["dry_run"]:
+            click.echo(f"\nInterrupted. Continue with: {request.resume_command}", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+
+
+def _request(ctx: click.Context, options: dict):
+    """Validate the options that need no model, resolve the configs, build the runner's request."""
+    _quiet_libraries()
+    from . import runner
+    from .checkpoint import resolve_checkpoint
+    from .handoff import GenerationSettings
+    from .prompts import expand
+    from .rundir import read_run
+
+    for name in ("num_images_per_prompt", "batch_size", "gpus_per_process"):
+        if options[name] is not None and options[name] < 1:
+            raise SettingsError(f"--{name.replace('_', '-')} {options[name]}: give at least 1")
+    if options["report_path"] is not None:
+        _check_report_path(options["report_path"])
+    given = [name for name in SAVED_OPTIONS if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE]
+
+    if options["resume_dir"] is not None:
+        if options["dry_run"]:
+            raise SettingsError("--resume and --dry-run cannot go together; dry-run a new run's options instead")
+        saved = read_run(options["resume_dir"])
+        checkpoint = resolve_checkpoint(saved.settings.model, need_weights=False)
+        settings = saved.settings
+        if given:
+            _check_agrees(given, options, saved, checkpoint)
+        return runner.RunRequest(
+            checkpoint, settings, options["max_memory"] or saved.budget, saved.out_dir,
+            options["offload_folder"] or saved.offload_folder, run_dir=options["resume_dir"], resume=True,
+            overwrite=options["overwrite"],
+        )
+
+    lines = _prompt_lines(options["prompts"], options["prompts_file"])
+    checkpoint = resolve_checkpoint(options["model"], need_weights=False)
+    prompts, seeds = expand(lines, options["seed"], options["num_images_per_prompt"])
+    settings = GenerationSettings(
+        model=options["model"],
+        prompts=prompts,
+        seeds=seeds,
+        steps=options["steps"],
+        guidance=options["guidance"],
+        height=checkpoint.default_size if options["height"] is None else options["height"],
+        width=checkpoint.default_size if options["width"] is None else options["width"],
+        max_sequence_length=options["max_sequence_length"],
+        dtype=options["dtype"],
+        batch_size=options["batch_size"],
+    )
+    return runner.RunRequest(
+        checkpoint, settings, options["max_memory"] or default_budget(), options["out_dir"],
+        options["offload_folder"], run_dir=options["run_dir"], overwrite=options["overwrite"],
+    )
+
+
+def _check_agrees(given: list[str], options: dict, saved, checkpoint) -> None:
+    """On --resume, an option that decides the pixels may be repeated but not changed."""
+    from .prompts import expand
+
+    settings = saved.settings
+    if {"prompts", "prompts_file", "num_images_per_prompt", "seed"} & set(given):
+        lines = _prompt_lines(options["prompts"], options["prompts_file"])
+        if expand(lines, options["seed"], options["num_images_per_prompt"]) != (settings.prompts, settings.seeds):
+            raise SettingsError("--resume: the prompts or seeds given differ from the saved run's; drop them to "
+                                "continue it, or start a new run")
+    saved_values = {
+        "model": settings.model, "steps": settings.steps, "guidance": settings.guidance, "height": settings.height,
+        "width": settings.width, "max_sequence_length": settings.max_sequence_length, "dtype": settings.dtype,
+        "batch_size": settings.batch_size, "out_dir": saved.out_dir.absolute(),
+    }
+    for name, value in saved_values.items():
+        if name in given:
+            mine = options[name].absolute() if isinstance(options[name], Path) else options[name]
+            if mine != value:
+                raise SettingsError(f"--resume: --{name.replace('_', '-')} {options[name]} conflicts with the saved "
+                                    f"run's {value}; drop it to continue the run, or start a new run")
 
 
 def _prompt_lines(prompts, prompts_file):
@@ -130,47 +215,24 @@ def _prompt_lines(prompts, prompts_file):
     if prompts_file is not None:
         lines += read_prompts_file(prompts_file)
     if not lines:
-        raise FluxShardedError('no prompt given; pass --prompt "a photo of a dog" (repeatable) or --prompts-file FILE')
+        raise SettingsError('no prompt given; pass --prompt "a photo of a dog" (repeatable) or --prompts-file FILE')
     return lines
 
 
-def _run(lines, num_images_per_prompt, batch_size, max_memory, model, out_dir, seed, steps, guidance, height, width,
-         max_sequence_length, dtype, report_path, offload_folder, dry_run, process):
-    _quiet_libraries()
+def _run(request, options: dict, process) -> None:
     from . import runner
     from .budget import check_gpus, format_budget
-    from .checkpoint import resolve_checkpoint
-    from .handoff import GenerationSettings
-    from .prompts import expand
 
-    if report_path is not None:
-        _check_report_path(report_path)
-    budget = max_memory or default_budget()
-    if not dry_run:
-        check_gpus(budget, _gpu_count())
-    checkpoint = resolve_checkpoint(model, need_weights=False)
-    prompts, seeds = expand(lines, seed, num_images_per_prompt)
-    settings = GenerationSettings(
-        model=model,
-        prompts=prompts,
-        seeds=seeds,
-        steps=steps,
-        guidance=guidance,
-        height=checkpoint.default_size if height is None else height,
-        width=checkpoint.default_size if width is None else width,
-        max_sequence_length=max_sequence_length,
-        dtype=dtype,
-        batch_size=batch_size,
-    )
-    request = runner.RunRequest(checkpoint, settings, budget, out_dir, offload_folder)
-    if dry_run:
+    settings, budget = request.settings, request.budget
+    if options["dry_run"]:
         missing = [key for key in budget if isinstance(key, int) and key >= _gpu_count()]
         if missing:
             click.echo(f"note: planning for GPU(s) {', '.join(map(str, missing))}, which this machine does not have",
                        err=True)
         report, refusal = runner.dry_run(request)
-        click.echo(f"plan for {settings.width}x{settings.height}, {dtype}, --max-memory {format_budget(budget)}")
+        click.echo(f"plan for {settings.width}x{settings.height}, {settings.dtype}, --max-memory {format_budget(budget)}")
     else:
+        check_gpus(budget, _gpu_count())
         report = runner.execute(request, log=lambda message: click.echo(message, err=True), process=process)
         refusal = None
         if report is None:  # not the main process: the main one reports for everyone
@@ -178,8 +240,8 @@ def _run(lines, num_images_per_prompt, batch_size, max_memory, model, out_dir, s
     click.echo(report.table())
     if refusal is not None:
         raise refusal  # a refused budget writes nothing, not even the report
-    if report_path is not None:
-        report.write(report_path)
+    if options["report_path"] is not None:
+        report.write(options["report_path"])
     for path in report.images:
         click.echo(f"wrote {path}")
 
@@ -197,6 +259,8 @@ def _quiet_libraries() -> None:
 
 
 def _check_report_path(path: Path) -> None:
+    from .distributed import launched_processes
     from .files import check_writable_folder
 
-    check_writable_folder(path.absolute().parent, "--report")
+    # Several processes probe at once: none may remove a folder another one is probing.
+    check_writable_folder(path.absolute().parent, "--report", keep_created_folders=launched_processes() > 1)

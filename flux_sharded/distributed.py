@@ -79,3 +79,16 @@ def wait_for_everyone(process: Process) -> None:
         from accelerate import PartialState
 
         PartialState().wait_for_everyone()
+
+
+def finish(process: Process) -> None:
+    """Wait for every process, then close the process group: a process that exits while its peer
+    still holds the gloo connection can be aborted (SIGABRT) during interpreter shutdown."""
+    if process.several:
+        import torch.distributed
+
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

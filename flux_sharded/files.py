@@ -26,8 +26,10 @@ def check_writable_folder(folder: Path, option: str, keep_created_folders: bool 
         raise SettingsError(f"{option}: cannot write in '{folder}' ({error.strerror}); choose a folder you can write to")
     finally:
         for path in [] if keep_created_folders else created:
-            if path.is_dir():
+            try:
                 path.rmdir()
+            except OSError:  # gone already, or someone else's files arrived in it
+                pass
 
 
 def atomic_write(target: Path, write: Callable[[str], None]) -> None:

@@ -89,6 +89,11 @@ class Handoff:
     def to(self, device: torch.device | str) -> "Handoff":
         return dataclasses.replace(self, **{name: t.to(device) for name, t in self.tensors().items()})
 
+    def select(self, positions: list[int]) -> "Handoff":
+        """The handoff of some of the images (batch rows); text_ids is shared by all."""
+        rows = {name: tensor[positions] for name, tensor in self.tensors().items() if name != "text_ids"}
+        return dataclasses.replace(self, settings=self.settings.subset(positions), **rows)
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 

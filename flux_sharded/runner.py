@@ -9,6 +9,7 @@ so a device holds at most one stage's weights at a time.
 from __future__ import annotations
 
 import dataclasses
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +19,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .budget import Budget, budget_to_json, format_budget, format_bytes
-from .checkpoint import Checkpoint, resolve_checkpoint
-from .distributed import Process, gather, share, wait_for_everyone
+from .checkpoint import Checkpoint, check_weight_files, resolve_checkpoint
+from .distributed import Process, finish, gather, share, wait_for_everyone
 from .errors import PlanError, SettingsError, StageOutOfMemory
 from .files import check_writable_folder
 from .handoff import GenerationSettings, Handoff
@@ -27,6 +28,7 @@ from .images import image_paths, save_png
 from .memory import PeakMemory, flush
 from .plan import PlanInputs, RunPlan, plan_run
 from .report import RunReport, StageReport
+from .rundir import RUN_FILE, SavedRun, clear_run, default_run_dir, handoff_path, last_handoff, write_run
 from .stages import STAGES, decode
 
 SINGLE_PROCESS = Process(index=0, count=1, local_index=0)
@@ -40,6 +42,17 @@ class RunRequest:
     budget: Budget
     out_dir: Path
     offload_folder: Path | None = None  # where accelerate puts weights budgeted to "disk"
+    run_dir: Path | None = None  # stage checkpoints; None: rundir.default_run_dir
+    resume: bool = False  # continue the run saved in run_dir
+    overwrite: bool = False  # replace existing images
+
+    @property
+    def run_folder(self) -> Path:
+        return self.run_dir or default_run_dir(self.out_dir, self.settings)
+
+    @property
+    def resume_command(self) -> str:
+        return f"flux-sharded --resume {shlex.quote(str(self.run_folder))}"
 
 
 def check_settings(request: RunRequest) -> None:
@@ -72,13 +85,21 @@ def check_request(request: RunRequest, keep_created_folders: bool = False) -> li
     """check_settings, then the output folders; returns the image paths of the whole run."""
     check_settings(request)
     check_writable_folder(request.out_dir, "--out", keep_created_folders)
+    check_writable_folder(request.run_folder, "--run-dir", keep_created_folders)
     if request.offload_folder is not None:
         check_writable_folder(request.offload_folder, "--offload-folder", keep_created_folders)
     settings = request.settings
     paths = image_paths(request.out_dir, settings.image_indices, settings.prompts, settings.seeds)
     existing = [path for path in paths if path.exists()]
-    if existing:
-        raise SettingsError(f"--out: {existing[0]} already exists; choose another --out folder or move it away")
+    if existing and not (request.resume or request.overwrite):
+        raise SettingsError(
+            f"--out: {existing[0]} already exists; choose another --out folder, move it away, or pass --overwrite"
+        )
+    if not (request.resume or request.overwrite) and (request.run_folder / RUN_FILE).exists():
+        raise SettingsError(
+            f"--run-dir: {request.run_folder} already holds a run; continue it with `{request.resume_command}`, "
+            "start it again with --overwrite, or give another --run-dir"
+        )
     return paths
 
 
@@ -115,6 +136,11 @@ def execute(request: RunRequest, log: Callable[[str], None] = lambda message: No
     plan = plan_run(plan_inputs(request), request.budget)
     if process.is_main:  # one download (if any) into the shared cache, then the others read it
         checkpoint = resolve_checkpoint(request.checkpoint.model, need_weights=True)
+        check_weight_files(checkpoint)
+        if not request.resume:
+            clear_run(request.run_folder)  # an earlier run's handoffs must not be resumed into this one
+            write_run(request.run_folder, SavedRun(request.settings, request.budget, request.out_dir,
+                                                   request.offload_folder, process.count))
     wait_for_everyone(process)
     if not process.is_main:
         checkpoint = resolve_checkpoint(request.checkpoint.model, need_weights=True)
@@ -124,6 +150,7 @@ def execute(request: RunRequest, log: Callable[[str], None] = lambda message: No
     if positions:
         report = _execute_plan(mine, checkpoint, plan, [paths[p] for p in positions], log, process)
     reports = gather(process, report)
+    finish(process)
     if not process.is_main:
         return None
     report.stages = [stage for each in reports for stage in each.stages]
@@ -136,48 +163,83 @@ def _execute_plan(request: RunRequest, checkpoint: Checkpoint, plan: RunPlan, pa
     settings = request.settings
     report = RunReport(budget=budget_to_json(request.budget))
     handoff = Handoff(settings=settings)
-    images = None
+    if request.resume:
+        handoff = last_handoff(request.run_folder, process.index, process.count) or handoff
+        if handoff.settings != settings:
+            raise SettingsError(f"--resume: {request.run_folder} holds another share of the images; resume with the "
+                                "same number of processes as the run had")
+    saved = None
     if process.is_main:
         log(f"budget: {format_budget(request.budget)}; {len(settings.prompts)} image(s)"
-            + (f" on this process, {process.count} processes" if process.several else ""))
+            + (f" on this process, {process.count} processes" if process.several else "")
+            + f"; run folder {request.run_folder}")
     for stage in STAGES:
-        stage_plan = plan.stage(stage.NAME)
-        stage_report = StageReport.from_plan(stage_plan)
-        stage_report.process, stage_report.images = process.index, len(settings.prompts)
-        progress = tqdm(total=len(settings.prompts), desc=f"{stage.NAME} ({', '.join(stage.COMPONENTS)})",
-                        unit="image", disable=not process.is_main, leave=True)
-        with PeakMemory(gpu_indices=plan.gpu_indices) as peak:
-            try:
-                started = time.perf_counter()
-                loaded = stage.load(checkpoint, stage_plan, settings.torch_dtype, request.offload_folder)
-                loaded_at = time.perf_counter()
-                stage_report.device_map = stage.device_map(loaded)
-                output = stage.run(loaded, handoff, progress.update)
-                finished = time.perf_counter()
-            except torch.OutOfMemoryError as error:
-                raise StageOutOfMemory(
-                    f"{stage.NAME}: out of memory ({str(error).splitlines()[0]}) under --max-memory "
-                    f"{format_budget(request.budget)}; the plan was "
-                    + ", ".join(f"{device}={format_bytes(size)}" for device, size in stage_plan.planned_bytes.items())
-                    + "; lower the budget on that device (leaving more room for activations) or add cpu=... for offload"
-                ) from None
-            finally:
-                loaded = None  # the only reference: the component is freed here, before the next stage
-                progress.close()
-        flush()
-        stage_report.load_seconds, stage_report.run_seconds = loaded_at - started, finished - loaded_at
-        stage_report.peak_bytes = peak.peak_bytes
+        if stage.NAME in handoff.finished_stages:
+            log(f"{stage.NAME}: finished earlier, its handoff is in {request.run_folder}")
+            continue
+        todo = handoff
+        if stage is decode:  # on a resumed run, only the images not yet written
+            missing = [position for position, path in enumerate(paths) if not path.exists() or not request.resume]
+            if not missing:
+                log("decode: every image was written earlier")
+                break
+            todo = handoff.select(missing)
+            paths = [paths[position] for position in missing]
+        stage_report = _run_stage(stage, request, checkpoint, plan.stage(stage.NAME), todo, process, saved)
+        report.stages.append(stage_report.report)
         if stage is decode:
-            images = output
+            for image, path, prompt, seed in zip(stage_report.output, paths, todo.settings.prompts, todo.settings.seeds):
+                save_png(image, path, _png_metadata(settings, prompt, seed, request.budget))
+                report.images.append(str(path))
         else:
-            handoff = output
-            stage_report.handoff_bytes = handoff.nbytes()
-        report.stages.append(stage_report)
-    request.out_dir.mkdir(parents=True, exist_ok=True)
-    for image, path, prompt, seed in zip(images, paths, settings.prompts, settings.seeds):
-        save_png(image, path, _png_metadata(settings, prompt, seed, request.budget))
-        report.images.append(str(path))
+            handoff = stage_report.output
+            saved = handoff_path(request.run_folder, stage.NAME, process.index, process.count)
+            handoff.save(saved)
+            stage_report.report.handoff_bytes = handoff.nbytes()
     return report
+
+
+@dataclass
+class _StageResult:
+    report: StageReport
+    output: object  # the next handoff, or decode's images
+
+
+def _run_stage(stage, request: RunRequest, checkpoint: Checkpoint, stage_plan, handoff: Handoff, process: Process,
+               saved: Path | None) -> _StageResult:
+    settings = handoff.settings
+    stage_report = StageReport.from_plan(stage_plan)
+    stage_report.process, stage_report.images = process.index, len(settings.prompts)
+    progress = tqdm(total=len(settings.prompts), desc=f"{stage.NAME} ({', '.join(stage.COMPONENTS)})",
+                    unit="image", disable=not process.is_main)
+    with PeakMemory(gpu_indices=sorted(key for key in request.budget if isinstance(key, int))) as peak:
+        try:
+            started = time.perf_counter()
+            loaded = stage.load(checkpoint, stage_plan, settings.torch_dtype, request.offload_folder)
+            loaded_at = time.perf_counter()
+            stage_report.device_map = stage.device_map(loaded)
+            output = stage.run(loaded, handoff, progress.update)
+            finished = time.perf_counter()
+        except torch.OutOfMemoryError as error:
+            raise StageOutOfMemory(_out_of_memory_message(stage.NAME, error, request, stage_plan, saved)) from None
+        finally:
+            loaded = None  # the only reference: the component is freed here, before the next stage
+            progress.close()
+    flush()
+    stage_report.load_seconds, stage_report.run_seconds = loaded_at - started, finished - loaded_at
+    stage_report.peak_bytes = peak.peak_bytes
+    return _StageResult(stage_report, output)
+
+
+def _out_of_memory_message(stage: str, error: Exception, request: RunRequest, stage_plan, saved: Path | None) -> str:
+    detail = str(error).strip().splitlines()[0] if str(error).strip() else "out of memory"
+    planned = ", ".join(f"{device}={format_bytes(size)}" for device, size in stage_plan.planned_bytes.items())
+    kept = f"{saved}.safetensors holds the work before it" if saved else "nothing to keep yet"
+    return (
+        f"{stage} ran out of memory ({detail}) under --max-memory {format_budget(request.budget)}; "
+        f"the plan was {planned}; {kept}. Lower the budget of that device (more room for activations) or add "
+        f"cpu=... for offload, then continue with: {request.resume_command} --max-memory ..."
+    )
 
 
 def _png_metadata(settings: GenerationSettings, prompt: str, seed: int, budget: Budget) -> dict[str, str]:
