@@ -145,7 +145,8 @@ def execute(request: RunRequest, log: Callable[[str], None] = lambda message: No
     if not process.is_main:
         checkpoint = resolve_checkpoint(request.checkpoint.model, need_weights=True)
     positions = share(process, len(request.settings.prompts))
-    mine = dataclasses.replace(request, settings=request.settings.subset(positions))
+    # This process's share; the run folder stays the whole run's (its default hashes the settings).
+    mine = dataclasses.replace(request, settings=request.settings.subset(positions), run_dir=request.run_folder)
     report = RunReport(budget=budget_to_json(request.budget))
     if positions:
         report = _execute_plan(mine, checkpoint, plan, [paths[p] for p in positions], log, process)

@@ -81,6 +81,10 @@ ERROR_CASES = [
     ("--prompt", "   ", "an empty prompt cannot be generated"),
     ("--dtype", "int8", "'int8' is not one of 'bfloat16', 'float16', 'float32'"),
     ("--steps", "many", "'many' is not a valid integer"),
+    ("--prompts-file", "/nonexistent/prompts.txt", "--prompts-file '/nonexistent/prompts.txt' does not exist"),
+    ("--batch-size", "0", "--batch-size 0: give at least 1"),
+    ("--num-images-per-prompt", "0", "--num-images-per-prompt 0: give at least 1"),
+    ("--max-memory", "cpu=2GB,disk=10GB", "--max-memory has a disk entry but no --offload-folder"),
 ]
 
 
@@ -94,6 +98,16 @@ def test_user_mistakes_give_one_error_line_and_write_nothing(tiny_checkpoint, tm
     assert result.exception is None or isinstance(result.exception, SystemExit)
     assert "Traceback" not in result.output
     assert not out.exists()
+
+
+def test_empty_prompts_file(tiny_checkpoint, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing but a comment\n\n")
+    result = invoke(["--model", str(tiny_checkpoint), "--prompts-file", str(empty), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    (line,) = error_lines(result.output)
+    assert "holds no prompt" in line
+    assert not (tmp_path / "out").exists()
 
 
 def test_missing_prompt(tiny_checkpoint, tmp_path):

@@ -1,0 +1,265 @@
+"""Nothing lost: stage checkpoints, resume after a failure or a kill, safe names, bad weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from flux_sharded.cli import main
+from flux_sharded.images import SLUG_MAX_CHARS, slugify
+from flux_sharded.stages import STAGES, denoise
+
+from .conftest import assert_same_pixels
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMON = ["--max-memory", "cpu=2GB", "--steps", "2", "--height", "32", "--width", "32", "--dtype", "float32"]
+
+
+def invoke(args):
+    return CliRunner().invoke(main, args)
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def error_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("Error: ")]
+
+
+def reference_images(checkpoint, tmp_path, prompts, *extra) -> list[Path]:
+    out = tmp_path / "reference"
+    args = ["--model", str(checkpoint), *COMMON, "--out", str(out), *extra]
+    for prompt in prompts:
+        args += ["--prompt", prompt]
+    result = invoke(args)
+    assert result.exit_code == 0, result.output
+    return sorted(out.glob("*.png"))
+
+
+def test_out_of_memory_in_denoise_then_resume_gives_the_same_images(tiny_checkpoint, tmp_path, monkeypatch):
+    prompts = ["a photo of a dog", "a red car"]
+    expected = reference_images(tiny_checkpoint, tmp_path, prompts)
+    out = tmp_path / "out"
+    args = ["--model", str(tiny_checkpoint), *COMMON, "--out", str(out), "--prompt", prompts[0], "--prompt", prompts[1]]
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(denoise, "run", out_of_memory)
+        failed = invoke(args)
+    assert failed.exit_code == 3, failed.output
+    (line,) = error_lines(failed.output)
+    run_dir = next((out / ".flux-sharded").iterdir())
+    assert "denoise ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB)" in line
+    assert "under --max-memory cpu=2.00 GB; the plan was cpu=" in line
+    assert f"{run_dir / 'encode'}.safetensors holds the work before it" in line
+    assert f"continue with: flux-sharded --resume {run_dir}" in line
+    assert not list(out.glob("*.png"))
+
+    loads = []
+    for stage in STAGES:
+        monkeypatch.setattr(stage, "load", lambda *a, _real=stage.load, _name=stage.NAME, **k: loads.append(_name)
+                            or _real(*a, **k))
+    resumed = invoke(["--resume", str(run_dir), "--max-memory", "cpu=3GB"])
+    assert resumed.exit_code == 0, resumed.output
+    assert loads == ["denoise", "decode"]  # encode's work was kept
+    images = sorted(out.glob("*.png"))
+    assert [p.name for p in images] == [p.name for p in expected]
+    for image, reference in zip(images, expected):
+        assert_same_pixels(pixels(image), pixels(reference))
+    again = invoke(["--resume", str(run_dir)])  # a finished run: nothing left to do, nothing rewritten
+    assert again.exit_code == 0 and "every image was written earlier" in again.output
+
+
+def test_a_killed_run_resumes_to_identical_images(tiny_checkpoint, tmp_path):
+    """SIGKILL while denoising (long: many steps), then --resume in a new process."""
+    prompts = ["a photo of a dog", "a red car", "night city street"]
+    slow = [*COMMON[:2], "--steps", "400", *COMMON[4:]]
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "flux_sharded", "--model", str(tiny_checkpoint), *slow, "--out", str(out)]
+    for prompt in prompts:
+        command += ["--prompt", prompt]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.glob(".flux-sharded/run-*/encode.json")):
+            assert process.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, "encode never finished"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    assert not list(out.glob("*.png")), "the kill came too late to test anything"
+    (run_dir,) = out.glob(".flux-sharded/run-*")
+    assert not [p for p in run_dir.iterdir() if ".tmp-" in p.name or p.name.startswith("denoise")]
+
+    resumed = subprocess.run([sys.executable, "-m", "flux_sharded", "--resume", str(run_dir)], cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "encode: finished earlier" in resumed.stderr
+    expected = reference_images(tiny_checkpoint, tmp_path, prompts, "--steps", "400")
+    images = sorted(out.glob("*.png"))
+    assert [p.name for p in images] == [p.name for p in expected]
+    for image, reference in zip(images, expected):
+        assert_same_pixels(pixels(image), pixels(reference))
+
+
+def test_interrupt_prints_the_resume_command(tiny_checkpoint, tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(denoise, "run", interrupted)
+    result = invoke(["--model", str(tiny_checkpoint), *COMMON, "--out", str(tmp_path), "--prompt", "a dog"])
+    assert result.exit_code == 130
+    run_dir = next((tmp_path / ".flux-sharded").iterdir())
+    assert f"Interrupted. Continue with: flux-sharded --resume {run_dir}" in result.output
+    assert (run_dir / "encode.safetensors").exists() and (run_dir / "run.json").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--steps", "3"], "--resume: --steps 3 conflicts with the saved run's 2"),
+        (["--height", "64"], "--resume: --height 64 conflicts with the saved run's 32"),
+        (["--prompt", "another"], "the prompts or seeds given differ from the saved run's"),
+        (["--dry-run"], "--resume and --dry-run cannot go together"),
+    ],
+)
+def test_resume_refuses_changed_settings(tiny_checkpoint, tmp_path, extra, message):
+    first = invoke(["--model", str(tiny_checkpoint), *COMMON, "--out", str(tmp_path), "--prompt", "a dog"])
+    assert first.exit_code == 0, first.output
+    run_dir = next((tmp_path / ".flux-sharded").iterdir())
+    result = invoke(["--resume", str(run_dir), *extra])
+    assert result.exit_code == 2
+    (line,) = error_lines(result.output)
+    assert message in line
+    same = invoke(["--resume", str(run_dir), "--steps", "2", "--prompt", "a dog"])  # repeating is fine
+    assert same.exit_code == 0, same.output
+
+
+def test_same_command_twice_needs_resume_or_overwrite(tiny_checkpoint, tmp_path):
+    args = ["--model", str(tiny_checkpoint), *COMMON, "--out", str(tmp_path), "--prompt", "a dog"]
+    assert invoke(args).exit_code == 0
+    (image,) = tmp_path.glob("*.png")
+    image.unlink()
+    again = invoke(args)
+    assert again.exit_code == 2
+    assert "already holds a run; continue it with `flux-sharded --resume" in again.output
+    image.write_bytes(b"not a png")
+    overwritten = invoke([*args, "--overwrite"])
+    assert overwritten.exit_code == 0, overwritten.output
+    assert Image.open(image).size == (32, 32)
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    ["../../etc/passwd", "/absolute/path", "a\x00nul and \x07bell", "..", "x" * 5000, "日本語のプロンプト", "CON", "a/b\\c:d*e?f"],
+)
+def test_no_prompt_can_name_a_file_outside_out(prompt):
+    slug = slugify(prompt)
+    assert slug and len(slug) <= SLUG_MAX_CHARS
+    assert set(slug) <= set("abcdefghijklmnopqrstuvwxyz0123456789-")
+    assert ".." not in slug and "/" not in slug
+
+
+def test_hostile_prompts_from_a_file_stay_inside_out(tiny_checkpoint, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    hostile = ["../../escape", "/etc/passwd", "nul\u0000inside", "y" * 3000]
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in hostile))
+    out = tmp_path / "out"
+    result = invoke(["--model", str(tiny_checkpoint), *COMMON, "--steps", "1", "--out", str(out),
+                     "--prompts-file", str(prompts)])
+    assert result.exit_code == 0, result.output
+    written = sorted(p for p in tmp_path.rglob("*.png"))
+    assert all(p.parent == out for p in written)
+    assert [p.name for p in written] == [
+        "0000-0-escape.png", "0001-1-etc-passwd.png", "0002-2-nul-inside.png", f"0003-3-{'y' * SLUG_MAX_CHARS}.png"
+    ]
+
+
+def test_png_metadata_records_the_settings(tiny_checkpoint, tmp_path):
+    result = invoke(["--model", str(tiny_checkpoint), *COMMON, "--out", str(tmp_path), "--prompt", "a dog",
+                     "--seed", "7", "--guidance", "2.5"])
+    assert result.exit_code == 0, result.output
+    (image,) = tmp_path.glob("*.png")
+    text = Image.open(image).text
+    assert {key: text[key] for key in ("prompt", "seed", "steps", "guidance", "size", "dtype", "max_memory")} == {
+        "prompt": "a dog", "seed": "7", "steps": "2", "guidance": "2.5", "size": "32x32", "dtype": "float32",
+        "max_memory": "cpu=2.00 GB",
+    }
+    assert text["model"] == str(tiny_checkpoint)
+
+
+def damaged(checkpoint: Path, tmp_path: Path, how: str) -> Path:
+    copy = tmp_path / f"damaged-{how}"
+    shutil.copytree(checkpoint, copy)
+    weights = copy / "transformer" / "diffusion_pytorch_model.safetensors"
+    data = weights.read_bytes()
+    if how == "truncated":
+        weights.write_bytes(data[: len(data) - 100])
+    elif how == "garbage-header":
+        weights.write_bytes(b"\xff" * 8 + data[8:])
+    elif how == "pickle-only":
+        weights.unlink()
+        torch.save({"x": torch.zeros(1)}, copy / "transformer" / "diffusion_pytorch_model.bin")
+    elif how == "no-weights":
+        weights.unlink()
+    return copy
+
+
+@pytest.mark.parametrize(
+    "how, message",
+    [
+        ("truncated", "diffusion_pytorch_model.safetensors is truncated or corrupt (its tensors need"),
+        ("garbage-header", "diffusion_pytorch_model.safetensors is truncated or corrupt (its header claims"),
+        ("pickle-only", "transformer has only pickle weights (diffusion_pytorch_model.bin)"),
+        ("no-weights", "transformer has no weights"),
+    ],
+)
+def test_bad_weight_files_fail_before_the_first_stage(tiny_checkpoint, tmp_path, monkeypatch, how, message):
+    loads = []
+    for stage in STAGES:
+        monkeypatch.setattr(stage, "load", lambda *a, _name=stage.NAME, **k: loads.append(_name))
+    out = tmp_path / "out"
+    result = invoke(["--model", str(damaged(tiny_checkpoint, tmp_path, how)), *COMMON, "--out", str(out),
+                     "--prompt", "a dog"])
+    assert result.exit_code == 2, result.output
+    (line,) = error_lines(result.output)
+    assert message in line
+    assert loads == []
+    assert not list(out.glob("*.png"))
+
+
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        ("missing", "is not a folder; give the run folder a run printed"),
+        ("empty", "is not a flux-sharded run folder (no run.json)"),
+        ("garbage", "run.json cannot be read"),
+    ],
+)
+def test_resume_of_something_that_is_not_a_run(tmp_path, setup, message):
+    folder = tmp_path / "run"
+    if setup != "missing":
+        folder.mkdir()
+    if setup == "garbage":
+        (folder / "run.json").write_text("{not json")
+    result = invoke(["--resume", str(folder)])
+    assert result.exit_code == 2
+    (line,) = error_lines(result.output)
+    assert message in line
