@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 TINY ?= .cache/tiny-flux
 DEMO_OUT ?= demo-out
 
-.PHONY: install tiny demo test bench-quick clean
+.PHONY: install tiny demo test bench-quick bench-charts clean
 
 install: $(STAMP)
 
@@ -32,6 +32,16 @@ demo: $(STAMP) $(TINY)/model_index.json
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# CPU benchmark, staged vs one-piece, on the tiny and mini checkpoints (under 3 minutes here);
+# its last line is one JSON object.
+bench-quick: $(STAMP)
+	$(BIN)/python benchmarks/bench.py --scenarios tiny mini --work .cache/bench
+
+# The same, drawing benchmarks/charts/*.png (installs matplotlib, the optional bench extra).
+bench-charts: $(STAMP)
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[bench]"
+	$(BIN)/python benchmarks/bench.py --scenarios tiny mini --work .cache/bench --charts benchmarks/charts
 
 clean:
 	rm -rf $(VENV) .cache $(DEMO_OUT)

@@ -261,11 +261,17 @@ def plan_denoise(components: _Components, budget: Budget) -> StagePlan:
     for module, device in device_map.items():
         weight_bytes[device] = weight_bytes.get(device, 0) + sizes.get(module, 0)
     used = [device for device in computing if device in weight_bytes] or computing[:1]
+    activation_bytes = {device: activation for device in used}
+    offloaded = [sizes.get(module, 0) for module, device in device_map.items() if device in ("cpu", "disk")]
+    if gpus and offloaded:
+        # accelerate copies each offloaded block onto the main GPU while it runs: one block's room
+        # (which infer_auto_device_map kept free) is in use there on top of the activations.
+        activation_bytes[used[0]] += max(offloaded)
     plan = ComponentPlan(
         name="transformer",
         device_map=device_map,
         weight_bytes=_ordered(weight_bytes),
-        activation_bytes={device: activation for device in used},
+        activation_bytes=activation_bytes,
     )
     return StagePlan("denoise", (plan,), dict(budget))
 

@@ -7,7 +7,9 @@ CLIP and T5 text encoders, a VAE whose downsampling factor is 2 ** (number of bl
 FLUX.1-dev scheduler, and tokenizers trained on the spot (a BPE for CLIP with `tokenizers`, a
 unigram model for T5 with `sentencepiece`). Weights are random but seeded, so the same seed
 writes the same tensors. Presets: "tiny" (under 1 MB, for tests), "small" (a few MB, wide enough
-for activation measurements), "mini" (FLUX.1-dev's proportions at about 1.3 GB, for benchmarks).
+for activation measurements), "mini" (FLUX.1-dev's proportions at about 1.2 GB, for benchmarks),
+and "flux-dev" / "flux-schnell": the real architectures from the configs shipped in this package,
+with random weights (33 GB in bf16: build them on a GPU machine, `--device cuda --dtype bfloat16`).
 """
 
 from __future__ import annotations
@@ -110,8 +112,14 @@ def _t5_tokenizer(corpus: list[str]):
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
 
 
-def build_tiny_checkpoint(out_dir: str | Path, vae_scale_factor: int = 8, seed: int = 0, preset: str = "tiny") -> Path:
+REAL_SHAPES = {"flux-dev": "FLUX.1-dev", "flux-schnell": "FLUX.1-schnell"}
+
+
+def build_tiny_checkpoint(out_dir: str | Path, vae_scale_factor: int = 8, seed: int = 0, preset: str = "tiny",
+                          device: str = "cpu", dtype: str = "float32") -> Path:
     """Write the checkpoint to `out_dir` (atomically: built beside it, then renamed) and return it."""
+    if preset in REAL_SHAPES:
+        return _build_real_shape(Path(out_dir), REAL_SHAPES[preset], seed, device, dtype)
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
@@ -201,7 +209,42 @@ def build_tiny_checkpoint(out_dir: str | Path, vae_scale_factor: int = 8, seed: 
         transformer=transformer,
     )
 
-    out_dir = Path(out_dir)
+    return _save(pipeline.to(getattr(torch, dtype)), Path(out_dir))
+
+
+def _build_real_shape(out_dir: Path, name: str, seed: int, device: str, dtype: str) -> Path:
+    """The real FLUX.1 architecture from the shipped configs, random weights, our small tokenizers
+    (their ids fit the real vocabularies)."""
+    import torch
+    import transformers
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    from .checkpoint import shipped_config_dir
+
+    configs = shipped_config_dir(name)
+    corpus = _corpus(seed)
+    torch.manual_seed(seed)
+    torch_dtype = getattr(torch, dtype)
+    with torch.device(device):
+        encoders = {
+            folder: getattr(transformers, cls)(transformers.AutoConfig.from_pretrained(configs / folder))
+            for folder, cls in (("text_encoder", "CLIPTextModel"), ("text_encoder_2", "T5EncoderModel"))
+        }
+        transformer = FluxTransformer2DModel.from_config(FluxTransformer2DModel.load_config(configs / "transformer"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(configs / "vae"))
+    pipeline = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(configs / "scheduler"),
+        vae=vae.to(torch_dtype),
+        text_encoder=encoders["text_encoder"].to(torch_dtype),
+        tokenizer=_clip_tokenizer(corpus),
+        text_encoder_2=encoders["text_encoder_2"].to(torch_dtype),
+        tokenizer_2=_t5_tokenizer(corpus),
+        transformer=transformer.to(torch_dtype),
+    )
+    return _save(pipeline, out_dir)
+
+
+def _save(pipeline, out_dir: Path) -> Path:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
@@ -220,7 +263,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", help="folder to write (replaced if it exists)")
     parser.add_argument("--vae-scale-factor", type=int, default=8, help="VAE downsampling: 1, 2, 4, 8, ...")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and tokenizer corpus")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="dimensions (default: tiny)")
+    parser.add_argument("--preset", choices=sorted([*PRESETS, *REAL_SHAPES]), default="tiny",
+                        help="dimensions (default: tiny)")
+    parser.add_argument("--device", default="cpu", help="where to create the weights (real shapes only: cuda)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="dtype of the saved weights (the hub's FLUX.1 files are bfloat16)")
     args = parser.parse_args(argv)
     import diffusers.utils.logging
     import transformers.utils.logging
@@ -228,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     diffusers.utils.logging.disable_progress_bar()
-    path = build_tiny_checkpoint(args.out_dir, args.vae_scale_factor, args.seed, args.preset)
+    path = build_tiny_checkpoint(args.out_dir, args.vae_scale_factor, args.seed, args.preset, args.device, args.dtype)
     print(f"tiny FLUX.1 checkpoint written to {path}")
     return 0
 

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# One command on one H100/H200 (under 8 minutes): the real FLUX.1-dev architecture with random
+# weights, built on the device (never downloaded), run staged by flux-sharded under a 16 GB card
+# emulated by the budget (0=16GB,cpu=100GB) and under 0=40GB, and diffusers' own ways at
+# 1024x1024: one piece on the GPU, enable_model_cpu_offload(), block-level group offloading with
+# streams. Prints one table of peak per stage vs budget and seconds per image.
+#
+# Run from the repository root on the GPU machine:  bash benchmarks/gpu_check.sh
+# diffusers (and transformers 5, tokenizers, huggingface_hub) travel as wheels in .whl/:
+# on the CPU machine, `bash benchmarks/gpu_wheels.sh` fetches them.
+set -euo pipefail
+OUT=${OUT:-/tmp/flux-sharded-gpu}
+STEPS=${STEPS:-4}
+SIZE=${SIZE:-1024}
+CKPT=${CKPT:-/tmp/flux-dev-shape}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+  export PYTHONPATH="/tmp/site:$PWD"
+fi
+python3 -c "import torch; print('device:', torch.cuda.get_device_name(0), '| torch', torch.__version__)"
+
+start=$(date +%s)
+[ -f "$CKPT/model_index.json" ] || python3 -m flux_sharded.tiny "$CKPT" --preset flux-dev --device cuda --dtype bfloat16
+echo "checkpoint ready after $(( $(date +%s) - start )) s"
+
+for budget in 0=16GB,cpu=100GB 0=40GB; do
+  name="staged-${budget//[=,]/_}"
+  python3 -m flux_sharded --model "$CKPT" --prompt "a photo of a dog" --max-memory "$budget" --steps "$STEPS" \
+    --height "$SIZE" --width "$SIZE" --out "$OUT/$name" --overwrite --report "$OUT/$name.json"
+done
+for mode in whole model-offload group-offload; do
+  python3 benchmarks/one_piece.py "$CKPT" --mode "$mode" --device cuda --size "$SIZE" --steps "$STEPS" \
+    --out-json "$OUT/one-piece-$mode.json"
+done
+python3 benchmarks/gpu_table.py "$OUT" | tee "$OUT/table.md"
+echo "total $(( $(date +%s) - start )) s"
