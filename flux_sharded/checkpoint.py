@@ -132,7 +132,7 @@ def _read_json(file: Path, model: str) -> dict:
     try:
         return json.loads(file.read_text())
     except (OSError, ValueError) as error:
-        raise CheckpointError(f"--model: '{model}': cannot read {file.name} ({error}); the checkpoint is damaged")
+        raise CheckpointError(f"--model: '{model}': cannot read {file.name} ({error}); the checkpoint is damaged") from None
 
 
 WEIGHT_COMPONENTS = ("text_encoder", "text_encoder_2", "transformer", "vae")

@@ -23,7 +23,9 @@ def check_writable_folder(folder: Path, option: str, keep_created_folders: bool 
         os.close(handle)
         os.unlink(probe)
     except OSError as error:
-        raise SettingsError(f"{option}: cannot write in '{folder}' ({error.strerror}); choose a folder you can write to")
+        raise SettingsError(
+            f"{option}: cannot write in '{folder}' ({error.strerror}); choose a folder you can write to"
+        ) from None
     finally:
         for path in [] if keep_created_folders else created:
             try:

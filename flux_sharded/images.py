@@ -25,7 +25,7 @@ def slugify(prompt: str) -> str:
 
 
 def image_paths(out_dir: Path, indices, prompts, seeds) -> list[Path]:
-    return [out_dir / f"{index:04d}-{seed}-{slugify(prompt)}.png" for index, prompt, seed in zip(indices, prompts, seeds)]
+    return [out_dir / f"{index:04d}-{seed}-{slugify(prompt)}.png" for index, prompt, seed in zip(indices, prompts, seeds, strict=True)]
 
 
 def save_png(image, path: Path, metadata: dict[str, str]) -> None:

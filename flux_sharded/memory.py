@@ -4,6 +4,8 @@ CUDA: the caching allocator's peak (`torch.cuda.max_memory_allocated`) per devic
 stage starts. CPU: the process's peak resident set size during the stage. Linux lets us reset the
 kernel's own high-water mark (VmHWM, via /proc/self/clear_refs) so the peak is exact; where that is
 not allowed, a sampling thread reads the RSS every SAMPLE_SECONDS and its maximum is reported.
+A side effect: after a run, the process's own ru_maxrss (what `time -v` shows) covers only the
+last stage; the report holds every stage's peak.
 """
 
 from __future__ import annotations

@@ -189,7 +189,7 @@ def _execute_plan(request: RunRequest, checkpoint: Checkpoint, plan: RunPlan, pa
         stage_report = _run_stage(stage, request, checkpoint, plan.stage(stage.NAME), todo, process, saved)
         report.stages.append(stage_report.report)
         if stage is decode:
-            for image, path, prompt, seed in zip(stage_report.output, paths, todo.settings.prompts, todo.settings.seeds):
+            for image, path, prompt, seed in zip(stage_report.output, paths, todo.settings.prompts, todo.settings.seeds, strict=True):
                 save_png(image, path, _png_metadata(settings, prompt, seed, request.budget))
                 report.images.append(str(path))
         else:
