@@ -9,6 +9,7 @@ so a device holds at most one stage's weights at a time.
 from __future__ import annotations
 
 import dataclasses
+import re
 import shlex
 import time
 from dataclasses import dataclass
@@ -233,11 +234,14 @@ def _run_stage(stage, request: RunRequest, checkpoint: Checkpoint, stage_plan, h
 
 
 def _out_of_memory_message(stage: str, error: Exception, request: RunRequest, stage_plan, saved: Path | None) -> str:
-    detail = str(error).strip().splitlines()[0] if str(error).strip() else "out of memory"
+    text = str(error).strip()
+    detail = text.splitlines()[0] if text else "out of memory"
+    gpu = re.search(r"GPU (\d+)", text)  # PyTorch names the device: "... GPU 0 has a total capacity of ..."
+    where = f" on GPU {gpu.group(1)}" if gpu else ""
     planned = ", ".join(f"{device}={format_bytes(size)}" for device, size in stage_plan.planned_bytes.items())
     kept = f"{saved}.safetensors holds the work before it" if saved else "nothing to keep yet"
     return (
-        f"{stage} ran out of memory ({detail}) under --max-memory {format_budget(request.budget)}; "
+        f"{stage} ran out of memory{where} ({detail}) under --max-memory {format_budget(request.budget)}; "
         f"the plan was {planned}; {kept}. Lower the budget of that device (more room for activations) or add "
         f"cpu=... for offload, then continue with: {request.resume_command} --max-memory ..."
     )

@@ -55,7 +55,7 @@ def test_out_of_memory_in_denoise_then_resume_gives_the_same_images(tiny_checkpo
     args = ["--model", str(tiny_checkpoint), *COMMON, "--out", str(out), "--prompt", prompts[0], "--prompt", prompts[1]]
 
     def out_of_memory(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 15.6 GiB")
 
     with monkeypatch.context() as patch:
         patch.setattr(denoise, "run", out_of_memory)
@@ -63,7 +63,7 @@ def test_out_of_memory_in_denoise_then_resume_gives_the_same_images(tiny_checkpo
     assert failed.exit_code == 3, failed.output
     (line,) = error_lines(failed.output)
     run_dir = next((out / ".flux-sharded").iterdir())
-    assert "denoise ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB)" in line
+    assert "denoise ran out of memory on GPU 0 (CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has" in line
     assert "under --max-memory cpu=2.00 GB; the plan was cpu=" in line
     assert f"{run_dir / 'encode'}.safetensors holds the work before it" in line
     assert f"continue with: flux-sharded --resume {run_dir}" in line
