@@ -11,6 +11,7 @@ activations of a 512-token T5 forward pass, small next to the weights.
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 
 import torch
 from diffusers import FluxPipeline
@@ -43,7 +44,8 @@ def _model_class(name: str):
 def run(pipeline: FluxPipeline, handoff: Handoff, on_image_done=None) -> Handoff:
     """Encode each distinct prompt once, batch_size prompts per forward pass; rows per image."""
     settings = handoff.settings
-    distinct = list(dict.fromkeys(settings.prompts))
+    images_of = Counter(settings.prompts)
+    distinct = list(images_of)  # first-seen order
     embeds, pooled, text_ids = {}, {}, None
     with torch.inference_mode():
         for start in range(0, len(distinct), settings.batch_size):
@@ -57,7 +59,7 @@ def run(pipeline: FluxPipeline, handoff: Handoff, on_image_done=None) -> Handoff
             for row, prompt in enumerate(batch):
                 embeds[prompt], pooled[prompt] = batch_embeds[row].to("cpu"), batch_pooled[row].to("cpu")
             if on_image_done:
-                on_image_done(sum(settings.prompts.count(prompt) for prompt in batch))
+                on_image_done(sum(images_of[prompt] for prompt in batch))
     return dataclasses.replace(
         handoff,
         prompt_embeds=torch.stack([embeds[prompt] for prompt in settings.prompts]),
