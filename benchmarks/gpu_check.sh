@@ -6,7 +6,7 @@
 # streams. Prints one table of peak per stage vs budget and seconds per image.
 #
 # Run from the repository root on the GPU machine:  bash benchmarks/gpu_check.sh
-# diffusers (and transformers 5, tokenizers, huggingface_hub) travel as wheels in .whl/:
+# diffusers (and transformers 5.24, tokenizers, regex) travel as wheels in .whl/:
 # on the CPU machine, `bash benchmarks/gpu_wheels.sh` fetches them.
 set -euo pipefail
 OUT=${OUT:-/tmp/flux-sharded-gpu}
