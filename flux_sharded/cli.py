@@ -11,7 +11,7 @@ from click.core import ParameterSource
 from . import __version__
 from .budget import EXAMPLE, UNITS_HELP, Budget, default_budget, parse_budget
 from .checkpoint import DEFAULT_MODEL
-from .errors import BudgetError, FluxShardedError, SettingsError, StageOutOfMemory
+from .errors import BudgetError, FluxShardedError, SettingsError
 
 # FluxPipeline.__call__'s own defaults, so that a bare run matches diffusers.
 DEFAULT_STEPS = 28
@@ -122,11 +122,9 @@ def main(ctx: click.Context, **options):
         process = None if options["dry_run"] else current_process()
         _run(request, options, process)
     except FluxShardedError as error:
-        # Under several processes every process meets the same input error: the main one says it,
-        # except for an error of its own stage (out of memory), which every process reports.
-        if process is None or process.is_main or isinstance(error, StageOutOfMemory):
-            prefix = f"[process {process.index}] " if process is not None and process.several else ""
-            click.echo(f"Error: {prefix}{error}", err=True)
+        # Under several processes each one says what stopped it (the launcher then stops the rest).
+        prefix = f"[process {process.index}] " if process is not None and process.several else ""
+        click.echo(f"Error: {prefix}{error}", err=True)
         sys.exit(error.exit_code)
     except KeyboardInterrupt:
         if request is not None and (process is None or process.is_main) and not options["dry_run"]:

@@ -105,3 +105,17 @@ def test_two_processes_equal_one_process(tiny_checkpoint, tmp_path, launcher):
         (0, "encode", 3), (0, "denoise", 3), (0, "decode", 3), (1, "encode", 2), (1, "denoise", 2), (1, "decode", 2)
     ]
     assert result.stdout.count("wrote ") == 5  # the main process alone prints the table and the paths
+
+
+def test_a_user_error_under_torchrun_stops_every_process_with_its_message(tiny_checkpoint, tmp_path):
+    result = subprocess.run(
+        [sys.executable, *LAUNCHERS["torchrun"], "-m", "flux_sharded", "--model", str(tiny_checkpoint), *COMMON,
+         "--steps", "0", "--prompt", "a dog", "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode != 0
+    for rank in (0, 1):
+        assert f"Error: [process {rank}] --steps 0: at least 1 step is needed" in result.stderr
+    # torchrun prints its own report of the failed workers; no frame of ours is in it
+    assert "flux_sharded/" not in result.stderr.replace("-m flux_sharded", "")
+    assert not (tmp_path / "out").exists()
