@@ -9,7 +9,17 @@ import click
 from click.core import ParameterSource
 
 from . import __version__
-from .budget import EXAMPLE, UNITS_HELP, Budget, default_budget, parse_budget
+from .activations import ACTIVATION_MARGIN
+from .budget import (
+    DEFAULT_CPU_FRACTION,
+    DEFAULT_GPU_RESERVE_BYTES,
+    EXAMPLE,
+    UNITS_HELP,
+    Budget,
+    default_budget,
+    format_budget,
+    parse_budget,
+)
 from .checkpoint import DEFAULT_MODEL
 from .errors import BudgetError, FluxShardedError, SettingsError
 
@@ -177,8 +187,13 @@ def _request(ctx: click.Context, options: dict):
         dtype=options["dtype"],
         batch_size=options["batch_size"],
     )
+    budget = options["max_memory"]
+    if budget is None:
+        budget = default_budget()
+        click.echo(f"note: no --max-memory given: using {format_budget(budget)} (each GPU's free memory less "
+                   f"{DEFAULT_GPU_RESERVE_BYTES / 2**30:.0f} GiB, {DEFAULT_CPU_FRACTION:.0%} of the free RAM)", err=True)
     return runner.RunRequest(
-        checkpoint, settings, options["max_memory"] or default_budget(), options["out_dir"],
+        checkpoint, settings, budget, options["out_dir"],
         options["offload_folder"], run_dir=options["run_dir"], overwrite=options["overwrite"],
     )
 
@@ -219,7 +234,7 @@ def _prompt_lines(prompts, prompts_file):
 
 def _run(request, options: dict, process) -> None:
     from . import runner
-    from .budget import check_gpus, format_budget
+    from .budget import check_gpus
 
     settings, budget = request.settings, request.budget
     if options["dry_run"]:
@@ -228,7 +243,8 @@ def _run(request, options: dict, process) -> None:
             click.echo(f"note: planning for GPU(s) {', '.join(map(str, missing))}, which this machine does not have",
                        err=True)
         report, refusal = runner.dry_run(request)
-        click.echo(f"plan for {settings.width}x{settings.height}, {settings.dtype}, --max-memory {format_budget(budget)}")
+        click.echo(f"plan for {settings.width}x{settings.height}, {settings.dtype}, --max-memory {format_budget(budget)}; "
+                   f"activations are estimates with a {ACTIVATION_MARGIN - 1:.0%} margin (flux_sharded/activations.py)")
     else:
         check_gpus(budget, _gpu_count())
         report = runner.execute(request, log=lambda message: click.echo(message, err=True), process=process)
