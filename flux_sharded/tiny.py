@@ -225,13 +225,20 @@ def _build_real_shape(out_dir: Path, name: str, seed: int, device: str, dtype: s
     corpus = _corpus(seed)
     torch.manual_seed(seed)
     torch_dtype = getattr(torch, dtype)
-    with torch.device(device):
-        encoders = {
-            folder: getattr(transformers, cls)(transformers.AutoConfig.from_pretrained(configs / folder))
-            for folder, cls in (("text_encoder", "CLIPTextModel"), ("text_encoder_2", "T5EncoderModel"))
-        }
-        transformer = FluxTransformer2DModel.from_config(FluxTransformer2DModel.load_config(configs / "transformer"))
-        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(configs / "vae"))
+    # Created directly in the target dtype on the target device: FLUX.1-dev in float32 (67 GB) would
+    # not fit an 80 GB GPU next to the rest.
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch_dtype)
+    try:
+        with torch.device(device):
+            encoders = {
+                folder: getattr(transformers, cls)(transformers.AutoConfig.from_pretrained(configs / folder))
+                for folder, cls in (("text_encoder", "CLIPTextModel"), ("text_encoder_2", "T5EncoderModel"))
+            }
+            transformer = FluxTransformer2DModel.from_config(FluxTransformer2DModel.load_config(configs / "transformer"))
+            vae = AutoencoderKL.from_config(AutoencoderKL.load_config(configs / "vae"))
+    finally:
+        torch.set_default_dtype(default_dtype)
     pipeline = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(configs / "scheduler"),
         vae=vae.to(torch_dtype),

@@ -1,0 +1,27 @@
+"""The checkpoint builder: presets that load, and the real shapes (built here on meta only)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flux_sharded import tiny
+from flux_sharded.checkpoint import resolve_checkpoint
+
+
+@pytest.mark.parametrize("preset, published_billions", [("flux-dev", 11.90), ("flux-schnell", 11.89)])
+def test_real_shapes_have_the_published_parameter_counts(monkeypatch, tmp_path, preset, published_billions):
+    built = {}
+    monkeypatch.setattr(tiny, "_save", lambda pipeline, out: built.update(pipeline.components))
+    tiny.build_tiny_checkpoint(tmp_path / preset, preset=preset, device="meta", dtype="bfloat16")
+    count = lambda name: sum(p.numel() for p in built[name].parameters()) / 1e9  # noqa: E731
+    assert abs(count("transformer") - published_billions) < 0.01
+    assert abs(count("text_encoder_2") - 4.76) < 0.01
+    assert all(next(built[name].parameters()).dtype == torch.bfloat16
+               for name in ("transformer", "text_encoder", "text_encoder_2", "vae"))
+    assert torch.get_default_dtype() == torch.float32  # restored
+
+
+def test_tiny_checkpoint_reads_back_as_flux(tiny_checkpoint, tiny_checkpoint_f2):
+    assert resolve_checkpoint(str(tiny_checkpoint)).vae_scale_factor == 8
+    assert resolve_checkpoint(str(tiny_checkpoint_f2)).size_multiple == 4
