@@ -208,3 +208,27 @@ def test_successful_run_prints_table_and_paths(tiny_checkpoint, tmp_path):
     table_start = next(i for i, line in enumerate(lines) if line.startswith("stage "))
     assert [line.split()[0] for line in lines[table_start + 1 : table_start + 4]] == ["encode", "denoise", "decode"]
     assert lines[-1] == f"wrote {tmp_path / '0000-0-a-dog.png'}"
+
+
+def fake_hub_cache(hf_home: Path, repo_id: str, checkpoint: Path) -> None:
+    """The Hugging Face cache layout, as `hf download` leaves it, holding `checkpoint`."""
+    import shutil
+
+    revision = "0" * 40
+    repo = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(checkpoint, repo / "snapshots" / revision)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+
+
+def test_a_hub_id_runs_from_the_hugging_face_cache_offline(tiny_checkpoint, tmp_path):
+    fake_hub_cache(tmp_path / "hf", "someone/tiny-flux", tiny_checkpoint)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    base = [sys.executable, "-m", "flux_sharded", "--model", "someone/tiny-flux", "--prompt", "a dog",
+            "--max-memory", "cpu=1GB", "--height", "32", "--width", "32", "--steps", "1"]
+    planned = subprocess.run([*base, "--dry-run"], capture_output=True, text=True, env=env, timeout=120)
+    assert planned.returncode == 0, planned.stderr
+    assert "encode   cpu" in planned.stdout
+    ran = subprocess.run([*base, "--out", str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=120)
+    assert ran.returncode == 0, ran.stderr
+    assert (tmp_path / "out" / "0000-0-a-dog.png").exists()
