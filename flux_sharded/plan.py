@@ -59,10 +59,6 @@ class ComponentPlan:
     weight_bytes: dict[Device, int]
     activation_bytes: dict[Device, int]  # the estimated activation peak, on each device that computes
 
-    @property
-    def execution_device(self) -> Device:
-        return next(iter(self.activation_bytes))
-
 
 @dataclass(frozen=True)
 class StagePlan:
@@ -117,10 +113,6 @@ class RunPlan:
 
     def stage(self, name: str) -> StagePlan:
         return next(stage for stage in self.stages if stage.name == name)
-
-    @property
-    def gpu_indices(self) -> list[int]:
-        return sorted(key for key in self.budget if isinstance(key, int))
 
 
 def _ordered(per_device: dict[Device, int]) -> dict[Device, int]:
