@@ -181,23 +181,23 @@ def _execute_plan(request: RunRequest, checkpoint: Checkpoint, plan: RunPlan, pa
             continue
         todo = handoff
         if stage is decode:  # on a resumed run, only the images not yet written
-            missing = [position for position, path in enumerate(paths) if not path.exists() or not request.resume]
+            missing = [position for position, path in enumerate(paths) if not (request.resume and path.exists())]
             if not missing:
                 log("decode: every image was written earlier")
                 break
             todo = handoff.select(missing)
-            paths = [paths[position] for position in missing]
         stage_report = _run_stage(stage, request, checkpoint, plan.stage(stage.NAME), todo, process, saved)
         report.stages.append(stage_report.report)
         if stage is decode:
-            for image, path, prompt, seed in zip(stage_report.output, paths, todo.settings.prompts, todo.settings.seeds, strict=True):
-                save_png(image, path, _png_metadata(settings, prompt, seed, request.budget))
-                report.images.append(str(path))
+            for image, position in zip(stage_report.output, missing, strict=True):
+                prompt, seed = settings.prompts[position], settings.seeds[position]
+                save_png(image, paths[position], _png_metadata(settings, prompt, seed, request.budget))
         else:
             handoff = stage_report.output
             saved = handoff_path(request.run_folder, stage.NAME, process.index, process.count)
             handoff.save(saved)
             stage_report.report.handoff_bytes = handoff.nbytes()
+    report.images = [str(path) for path in paths]  # written now or, on a resumed run, earlier
     return report
 
 

@@ -80,8 +80,11 @@ def test_out_of_memory_in_denoise_then_resume_gives_the_same_images(tiny_checkpo
     assert [p.name for p in images] == [p.name for p in expected]
     for image, reference in zip(images, expected):
         assert_same_pixels(pixels(image), pixels(reference))
+    assert resumed.stdout.count("wrote ") == 2
     again = invoke(["--resume", str(run_dir)])  # a finished run: nothing left to do, nothing rewritten
     assert again.exit_code == 0 and "every image was written earlier" in again.output
+    assert [line.split()[-1] for line in again.stdout.splitlines() if line.startswith("wrote ")] == [
+        str(image) for image in images]
 
 
 def test_a_killed_run_resumes_to_identical_images(tiny_checkpoint, tmp_path):
