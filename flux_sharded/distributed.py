@@ -17,7 +17,6 @@ from dataclasses import dataclass
 class Process:
     index: int  # rank over every process of every machine
     count: int
-    local_index: int  # rank on this machine
 
     @property
     def is_main(self) -> bool:
@@ -48,11 +47,11 @@ def restrict_gpus(gpus_per_process: int) -> list[str]:
 
 def current_process() -> Process:
     if launched_processes() == 1:
-        return Process(index=0, count=1, local_index=0)
+        return Process(index=0, count=1)
     from accelerate import PartialState
 
     state = PartialState(cpu=True)
-    return Process(index=state.process_index, count=state.num_processes, local_index=state.local_process_index)
+    return Process(index=state.process_index, count=state.num_processes)
 
 
 def share(process: Process, count: int) -> list[int]:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -109,7 +109,6 @@ class StagePlan:
 class RunPlan:
     budget: Budget
     stages: tuple[StagePlan, ...]
-    inputs: PlanInputs = field(repr=False)
 
     def stage(self, name: str) -> StagePlan:
         return next(stage for stage in self.stages if stage.name == name)
@@ -179,7 +178,7 @@ def plan_run(inputs: PlanInputs, budget: Budget) -> RunPlan:
     stages = _plan_all(components, budget)
     if not all(stage.fits for stage in stages):
         raise PlanError(_refusal(stages, components, budget), stages)
-    return RunPlan(budget=dict(budget), stages=stages, inputs=inputs)
+    return RunPlan(budget=dict(budget), stages=stages)
 
 
 def _plan_all(components: "_Components", budget: Budget) -> tuple[StagePlan, ...]:

@@ -32,7 +32,7 @@ from .report import RunReport, StageReport
 from .rundir import RUN_FILE, SavedRun, clear_run, default_run_dir, handoff_path, last_handoff, write_run
 from .stages import STAGES, decode
 
-SINGLE_PROCESS = Process(index=0, count=1, local_index=0)
+SINGLE_PROCESS = Process(index=0, count=1)
 MAX_SEQUENCE_LENGTH_LIMIT = 512  # FluxPipeline refuses more: T5 was trained on 512 tokens
 
 
