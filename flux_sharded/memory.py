@@ -2,10 +2,12 @@
 
 CUDA: the caching allocator's peak (`torch.cuda.max_memory_allocated`) per device, reset when a
 stage starts. CPU: the process's peak resident set size during the stage. Linux lets us reset the
-kernel's own high-water mark (VmHWM, via /proc/self/clear_refs) so the peak is exact; where that is
-not allowed, a sampling thread reads the RSS every SAMPLE_SECONDS and its maximum is reported.
-A side effect: after a run, the process's own ru_maxrss (what `time -v` shows) covers only the
-last stage; the report holds every stage's peak.
+kernel's own high-water mark (VmHWM, via /proc/self/clear_refs) so the peak is exact. Where the
+reset is refused or does not take (seen now and then right after a large free), the peak is still
+exact whenever the stage sets a new lifetime high-water mark, which is the usual case for a stage
+that loads weights; otherwise a sampling thread reads the RSS every SAMPLE_SECONDS and its maximum
+is reported. A side effect: after a run, the process's own ru_maxrss (what `time -v` shows) covers
+only the last stage; the report holds every stage's peak.
 """
 
 from __future__ import annotations
@@ -43,16 +45,26 @@ def _read_status_kb(name: str) -> int | None:
     return None
 
 
+# The kernel's RSS counters are per-CPU and only approximately summed when read, so VmHWM and VmRSS
+# can disagree by a little even right after a reset; 1 MiB is far above that and far below any
+# stage's peak.
+RESET_TOLERANCE_BYTES = 2**20
+
+
 def _reset_rss_high_water_mark() -> bool:
     """Ask Linux to reset VmHWM to the current RSS; False where the kernel or sandbox refuses."""
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-    except OSError:
-        return False
-    hwm, rss = _read_status_kb("VmHWM"), _read_status_kb("VmRSS")
-    # Allow a page or two of growth between the two reads.
-    return hwm is not None and rss is not None and hwm <= rss + 64 * 1024
+    for _attempt in range(3):
+        try:
+            with open("/proc/self/clear_refs", "w") as clear_refs:
+                clear_refs.write("5")
+        except OSError:
+            return False
+        hwm, rss = _read_status_kb("VmHWM"), _read_status_kb("VmRSS")
+        if hwm is None or rss is None:
+            return False
+        if hwm <= rss + RESET_TOLERANCE_BYTES:
+            return True
+    return False
 
 
 @dataclass
@@ -65,6 +77,9 @@ class PeakMemory:
     def __enter__(self) -> "PeakMemory":
         self._process = psutil.Process()
         self._exact = _reset_rss_high_water_mark()
+        # Without a reset, VmHWM is the lifetime peak so far: if it grows during the stage, the
+        # stage set the new peak and VmHWM at the end is exactly the stage's peak.
+        self._hwm_at_start = _read_status_kb("VmHWM")
         self._sampled = self._process.memory_info().rss
         self._stop = threading.Event()
         self._sampler = threading.Thread(target=self._sample, daemon=True)
@@ -82,8 +97,10 @@ class PeakMemory:
         self._stop.set()
         self._sampler.join()
         cpu_peak = max(self._sampled, self._process.memory_info().rss)
-        if self._exact:
-            cpu_peak = max(cpu_peak, _read_status_kb("VmHWM") or 0)
+        hwm = _read_status_kb("VmHWM")
+        new_record = hwm is not None and self._hwm_at_start is not None and hwm > self._hwm_at_start
+        if hwm is not None and (self._exact or new_record):
+            cpu_peak = max(cpu_peak, hwm)
         self.peak_bytes = {"cpu": cpu_peak}
         for index in self.gpu_indices:
             torch.cuda.synchronize(index)
