@@ -35,8 +35,10 @@ from .errors import PlanError
 
 Device = int | str  # GPU index, "cpu" or "disk"
 STAGE_COMPONENTS = {"encode": ("text_encoder", "text_encoder_2"), "denoise": ("transformer",), "decode": ("vae",)}
-# Granularity of the "smallest budget that fits" search in refusal messages.
-SUGGESTION_STEP_BYTES = 100 * 10**6
+# The "smallest budget that fits" in a refusal message is searched to about three significant
+# figures of the run's total size (100 MB steps for FLUX.1-dev's 34 GB, 10 KB for a tiny test
+# checkpoint): finer would promise a precision the activation estimates do not have.
+SUGGESTION_SIGNIFICANT_DIGITS = 3
 
 
 @dataclass(frozen=True)
@@ -328,23 +330,29 @@ def _fits_with(components: _Components, budget: Budget) -> bool:
 
 def _smallest_fitting(components: _Components, budget: Budget) -> Budget | None:
     """The same devices with one equal size for every GPU (or for the CPU, when no GPU is budgeted),
-    the smallest that lets every stage fit, in steps of SUGGESTION_STEP_BYTES; None if none does."""
+    the smallest that lets every stage fit, in steps of _suggestion_step; None if none does."""
     scaled = _gpus(budget) or ["cpu"]
     everything = sum(components.sizes(name)[""] + components.activation_bytes(name) for name in components.names)
+    step = _suggestion_step(everything)
 
     def with_size(size: int) -> Budget:
         return {key: (size if key in scaled else value) for key, value in budget.items()}
 
     if not _fits_with(components, with_size(2 * everything)):
         return None
-    low, high = 0, math.ceil(2 * everything / SUGGESTION_STEP_BYTES)
+    low, high = 0, math.ceil(2 * everything / step)
     while high - low > 1:
         middle = (low + high) // 2
-        if _fits_with(components, with_size(middle * SUGGESTION_STEP_BYTES)):
+        if _fits_with(components, with_size(middle * step)):
             high = middle
         else:
             low = middle
-    return with_size(high * SUGGESTION_STEP_BYTES)
+    return with_size(high * step)
+
+
+def _suggestion_step(everything: int) -> int:
+    """A power of ten, SUGGESTION_SIGNIFICANT_DIGITS below the run's total size, at least 1 KB."""
+    return 10 ** max(3, len(str(max(everything, 1))) - SUGGESTION_SIGNIFICANT_DIGITS)
 
 
 def _cpu_needed(components: _Components, budget: Budget) -> int | None:
@@ -361,6 +369,12 @@ def _round_up_gb(size: int) -> int:
 
 def _format_spec(budget: Budget) -> str:
     def size(value: int) -> str:
-        return f"{value / 10**9:.1f}GB" if value >= 10**9 else f"{math.ceil(value / 10**6)}MB"
+        """Rounded up, never down, so that the printed budget still fits."""
+        if value >= 10**9:
+            return f"{math.ceil(value / 10**8) / 10:.1f}GB"
+        for unit, scale in (("MB", 10**6), ("KB", 10**3)):
+            if value >= scale:
+                return f"{math.ceil(value * 10 / scale) / 10:g}{unit}"
+        return f"{value}B"
 
     return ",".join(f"{key}={size(value)}" for key, value in budget.items())

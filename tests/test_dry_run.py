@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+from decimal import Decimal
 from pathlib import Path
 
 from click.testing import CliRunner
 
 from flux_sharded import plan as plan_module
 from flux_sharded import runner
+from flux_sharded.budget import parse_size
 from flux_sharded.cli import main
 from flux_sharded.stages import STAGES
 
@@ -71,6 +74,22 @@ def test_refusal_comes_before_any_weight_file_is_read(tiny_checkpoint, tmp_path)
     assert "Error: encode (text_encoder, text_encoder_2:" in result.output
     assert "Ways out: --max-memory cpu=" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_the_suggested_budget_is_the_smallest_that_fits_at_the_checkpoints_scale(tiny_checkpoint, tmp_path):
+    """A tiny checkpoint needs a few MB: the suggestion is in steps fitting that scale (not a
+    100 MB floor), it fits, and one step less (one unit of its last printed digit) does not."""
+    args = ["--model", str(tiny_checkpoint), "--prompt", "a dog", "--height", "32", "--width", "32",
+            "--dtype", "float32", "--dry-run", "--out", str(tmp_path / "out")]
+    refused = invoke([*args, "--max-memory", "cpu=100KB"])
+    assert refused.exit_code == 2, refused.output
+    suggested = re.search(r"Ways out: --max-memory cpu=([\d.]+)(KB|MB);", refused.output)
+    assert suggested, refused.output
+    number, unit = Decimal(suggested.group(1)), suggested.group(2)
+    assert parse_size(f"{number}{unit}") < 100 * 10**6
+    one_step_less = number - Decimal(1).scaleb(number.as_tuple().exponent)
+    assert invoke([*args, "--max-memory", f"cpu={number}{unit}"]).exit_code == 0
+    assert invoke([*args, "--max-memory", f"cpu={one_step_less}{unit}"]).exit_code == 2
 
 
 def test_a_run_executes_the_plan_it_made_once(tiny_checkpoint, tmp_path, monkeypatch):
