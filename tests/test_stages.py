@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from flux_sharded import plan as plan_module
 from flux_sharded import runner
 from flux_sharded.checkpoint import resolve_checkpoint
 from flux_sharded.handoff import GenerationSettings, Handoff
@@ -106,3 +107,37 @@ def test_components_are_freed_before_the_next_stage_loads(tiny_checkpoint, tmp_p
     assert all(ref() is None for _, ref in previous), "a component outlived the run"
     assert [stage.name for stage in report.stages] == ["encode", "denoise", "decode"]
     assert len(report.images) == 2
+
+
+def test_denoise_with_blocks_offloaded_to_disk_equals_the_in_memory_run(tiny_checkpoint, tmp_path):
+    """A budget whose CPU share holds two thirds of the transformer: the plan sends the rest to
+    disk, the stage loads with that device map and an offload folder, and the latents do not change.
+
+    The in-memory reference has its weights copied into fresh (64-byte aligned) memory: weights
+    mapped straight from a safetensors file can sit at any byte offset, and the CPU's matrix
+    kernels then round differently in the last bit, while accelerate's disk offload reads them
+    back into aligned memory.
+    """
+    whole = resolve_checkpoint(str(tiny_checkpoint))
+    settings = settings_for(tiny_checkpoint)
+    encoded = run_stage(encode, whole, Handoff(settings))
+    request = runner.RunRequest(whole, settings, BUDGET, Path("unused"))
+    in_memory = denoise.load(whole, plan_run(runner.plan_inputs(request), BUDGET).stage("denoise"), torch.float32)
+    for parameter in in_memory.transformer.parameters():
+        parameter.data = parameter.data.clone()
+    expected = denoise.run(in_memory, encoded).latents
+    del in_memory
+
+    components = plan_module._Components(runner.plan_inputs(request))
+    transformer_bytes = components.sizes("transformer")[""]
+    budget = {"cpu": components.activation_bytes("transformer") + transformer_bytes * 2 // 3, "disk": 10**9}
+    stage_plan = plan_module.plan_denoise(components, budget)
+    assert stage_plan.fits
+    assert 0 < stage_plan.weight_bytes["disk"] < transformer_bytes
+
+    pipeline = denoise.load(whole, stage_plan, torch.float32, offload_folder=tmp_path / "offload")
+    assert "disk" in set(denoise.device_map(pipeline)["transformer"].values())
+    assert any((tmp_path / "offload").iterdir())
+    offloaded = denoise.run(pipeline, encoded).latents
+    difference = (offloaded - expected).abs()
+    assert torch.equal(offloaded, expected), f"max {difference.max()}, mean {difference.mean()}"
