@@ -141,3 +141,44 @@ def test_denoise_with_blocks_offloaded_to_disk_equals_the_in_memory_run(tiny_che
     offloaded = denoise.run(pipeline, encoded).latents
     difference = (offloaded - expected).abs()
     assert torch.equal(offloaded, expected), f"max {difference.max()}, mean {difference.mean()}"
+
+
+def test_a_run_offloading_to_disk_uses_a_fresh_folder_per_stage_and_removes_it(tiny_checkpoint, tmp_path,
+                                                                               monkeypatch):
+    """The runner gives accelerate a new folder inside --offload-folder for a stage with weights on
+    disk, and removes it when the stage ends; the user's folder and its files are left as found.
+    (The tiny checkpoint's encode needs more room than its transformer, so no single budget sends
+    only denoise to disk: the denoise plan is swapped for one computed with a tighter budget.)"""
+    whole = resolve_checkpoint(str(tiny_checkpoint))
+    budget = {**BUDGET, "disk": 10**9}
+    offload = tmp_path / "offload"
+    offload.mkdir()
+    (offload / "mine.txt").write_text("the user's own file")
+    request = runner.RunRequest(whole, settings_for(tiny_checkpoint), budget, tmp_path / "out", offload_folder=offload)
+    components = plan_module._Components(runner.plan_inputs(request))
+    tight = {"cpu": components.activation_bytes("transformer") + components.sizes("transformer")[""] * 2 // 3,
+             "disk": 10**9}
+    real_plan_run = runner.plan_run
+
+    def plan_with_denoise_on_disk(inputs, budget):
+        plan = real_plan_run(inputs, budget)
+        on_disk = plan_module.plan_denoise(plan_module._Components(inputs), tight)
+        return dataclasses.replace(plan, stages=tuple(on_disk if s.name == "denoise" else s for s in plan.stages))
+
+    folders_at_load = {}
+    real_load = denoise.load
+
+    def load(checkpoint, stage_plan, dtype, offload_folder=None):
+        folders_at_load["denoise"] = (offload_folder, offload_folder.is_dir())
+        return real_load(checkpoint, stage_plan, dtype, offload_folder)
+
+    monkeypatch.setattr(runner, "plan_run", plan_with_denoise_on_disk)
+    monkeypatch.setattr(denoise, "load", load)
+    report = runner.execute(request)
+
+    folder, existed = folders_at_load["denoise"]
+    assert folder.parent == offload and existed
+    denoise_report = next(stage for stage in report.stages if stage.name == "denoise")
+    assert "disk" in denoise_report.device_map["transformer"].values()
+    assert sorted(path.name for path in offload.iterdir()) == ["mine.txt"]
+    assert len(report.images) == 2 and all(Path(image).is_file() for image in report.images)
