@@ -17,10 +17,17 @@ from dataclasses import dataclass
 class Process:
     index: int  # rank over every process of every machine
     count: int
+    local_index: int = 0  # rank among the processes of this machine
 
     @property
     def is_main(self) -> bool:
         return self.index == 0
+
+    @property
+    def is_local_main(self) -> bool:
+        """The first process of its machine: it prepares what lives on this machine's disks (the
+        downloaded weights, the run folder), which other machines may not share."""
+        return self.local_index == 0
 
     @property
     def several(self) -> bool:
@@ -51,7 +58,7 @@ def current_process() -> Process:
     from accelerate import PartialState
 
     state = PartialState(cpu=True)
-    return Process(index=state.process_index, count=state.num_processes)
+    return Process(index=state.process_index, count=state.num_processes, local_index=state.local_process_index)
 
 
 def share(process: Process, count: int) -> list[int]:

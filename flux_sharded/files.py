@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -37,7 +38,8 @@ def check_writable_folder(folder: Path, option: str, keep_created_folders: bool 
 def atomic_write(target: Path, write: Callable[[str], None]) -> None:
     """`write(tmp_path)` to a temporary name beside `target`, fsync, rename: never half a file."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    # pid and a random part: processes of several machines may write into one shared folder
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     try:
         write(str(tmp))
         with open(tmp, "rb+") as written:

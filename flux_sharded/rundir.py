@@ -6,7 +6,8 @@
 
 Every file is written atomically (temporary name, fsync, rename), so a process killed at any
 moment, SIGKILL included, leaves a folder `--resume` can continue from. Under several processes
-each process writes its own handoffs (`encode-process-1-of-2.safetensors`, ...).
+each process writes its own handoffs (`encode-process-1-of-2.safetensors`, ...), and the first
+process of each machine writes run.json, so that a machine whose disks are its own can resume.
 The default folder is `OUT/.flux-sharded/run-<hash of the settings>`: the same command finds
 the same folder, on every process of a launch.
 """
@@ -59,7 +60,7 @@ def clear_run(run_dir: Path) -> None:
     for stage in SAVED_STAGES:
         for path in run_dir.glob(f"{stage}*"):
             if path.suffix in (".safetensors", ".json"):
-                path.unlink()
+                path.unlink(missing_ok=True)  # machines sharing the folder clear it at the same time
     (run_dir / RUN_FILE).unlink(missing_ok=True)
 
 

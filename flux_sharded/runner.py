@@ -139,7 +139,9 @@ def execute(request: RunRequest, log: Callable[[str], None] = lambda message: No
     """Run this process's share of the images; the main process returns the whole run's report."""
     paths = check_request(request, keep_created_folders=process.several)
     plan = plan_run(plan_inputs(request), request.budget)
-    if process.is_main:  # one download (if any) into the shared cache, then the others read it
+    # One process per machine downloads (if needed) into that machine's cache and prepares its run
+    # folder (other machines may not share its disks); then the others read them.
+    if process.is_local_main:
         checkpoint = resolve_checkpoint(request.checkpoint.model, need_weights=True)
         check_weight_files(checkpoint)
         if not request.resume:
@@ -147,7 +149,7 @@ def execute(request: RunRequest, log: Callable[[str], None] = lambda message: No
             write_run(request.run_folder, SavedRun(request.settings, request.budget, request.out_dir,
                                                    request.offload_folder, process.count))
     wait_for_everyone(process)
-    if not process.is_main:
+    if not process.is_local_main:
         checkpoint = resolve_checkpoint(request.checkpoint.model, need_weights=True)
     positions = share(process, len(request.settings.prompts))
     # This process's share; the run folder stays the whole run's (its default hashes the settings).

@@ -119,3 +119,59 @@ def test_a_user_error_under_torchrun_stops_every_process_with_its_message(tiny_c
     # torchrun prints its own report of the failed workers; no frame of ours is in it
     assert "flux_sharded/" not in result.stderr.replace("-m flux_sharded", "")
     assert not (tmp_path / "out").exists()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _launch_two_machines(tmp_path: Path, args: list[str]) -> None:
+    """torchrun on two "machines" of one process each: two launchers meeting at a rendezvous on this
+    host, each in its own working folder, so that a relative --out lands on each one's own disk."""
+    port = _free_port()
+    launchers = []
+    for machine in (0, 1):
+        (tmp_path / f"machine{machine}").mkdir(exist_ok=True)
+        launchers.append(subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={machine}",
+             "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "flux_sharded", *args],
+            cwd=tmp_path / f"machine{machine}", stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        ))
+    outputs = [launcher.communicate(timeout=300)[0] for launcher in launchers]
+    for machine, launcher in enumerate(launchers):
+        assert launcher.returncode == 0, f"machine {machine}:\n{outputs[machine]}"
+
+
+def test_two_machines_with_their_own_disks_run_and_resume(tiny_checkpoint, tmp_path):
+    """Multi-node torchrun: each machine writes its share of the images and its own run folder
+    (run.json included), so that either can resume; the images equal the one-process run's."""
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("\n".join(PROMPTS[:3]) + "\n")
+    one = run(tiny_checkpoint, tmp_path / "one", "--prompts-file", str(prompts_file))
+    args = ["--model", str(tiny_checkpoint), *COMMON, "--prompts-file", str(prompts_file), "--out", "out",
+            "--report", "report.json"]
+    _launch_two_machines(tmp_path, args)
+
+    shares = {machine: sorted((tmp_path / f"machine{machine}" / "out").glob("*.png")) for machine in (0, 1)}
+    assert [path.name for path in shares[0] + shares[1]] == [Path(path).name for path in one["images"]]
+    assert len(shares[0]) == 2 and len(shares[1]) == 1
+    for path, expected in zip(shares[0] + shares[1], one["images"], strict=True):
+        assert_same_pixels(pixels(path), pixels(expected))
+    report = json.loads((tmp_path / "machine0" / "report.json").read_text())
+    assert report["images"] == [f"out/{path.name}" for path in shares[0] + shares[1]]  # as each machine names them
+    run_folders = {machine: list((tmp_path / f"machine{machine}" / "out" / ".flux-sharded").iterdir())
+                   for machine in (0, 1)}
+    assert all(len(folders) == 1 and (folders[0] / "run.json").is_file() for folders in run_folders.values())
+
+    # The second machine loses its image: resuming both redoes only that one, from its own run folder.
+    lost = shares[1][0]
+    lost.unlink()
+    relative_run_folder = run_folders[1][0].relative_to(tmp_path / "machine1")
+    assert relative_run_folder == run_folders[0][0].relative_to(tmp_path / "machine0")
+    _launch_two_machines(tmp_path, ["--resume", str(relative_run_folder)])
+    assert_same_pixels(pixels(lost), pixels(one["images"][2]))
