@@ -59,6 +59,7 @@ def test_peak_memory_is_exact_for_a_new_record_when_the_reset_fails(monkeypatch)
     The block is freed within microseconds, too fast for the 10 ms sampler to rely on.
     """
     monkeypatch.setattr(memory, "_reset_rss_high_water_mark", lambda: False)
+    flush()  # what garbage collection frees, it frees now, not between these reads and the allocation
     hwm, rss = memory._read_status_kb("VmHWM"), memory._read_status_kb("VmRSS")
     assert hwm is not None and rss is not None
     size = hwm - rss + 50 * 2**20  # enough to pass the lifetime peak by about 50 MiB
