@@ -32,22 +32,27 @@ def test_tracker_keeps_a_storage_alive_while_a_view_holds_it():
 
 
 def _allocate_and_measure(size_bytes: int) -> tuple[int, int, int]:
-    """Allocate and free `size_bytes` inside a PeakMemory; the RSS before, while alive, and the peak."""
+    """Map, touch and unmap `size_bytes` of fresh anonymous memory inside a PeakMemory; the RSS
+    before, while it is mapped, and the peak. A fresh mapping, not a tensor: malloc may serve a
+    tensor from pages an earlier test freed but kept resident, and then the RSS hardly grows."""
+    import mmap
+
     import psutil
 
     flush()
     with PeakMemory() as peak:
         before = psutil.Process().memory_info().rss
-        block = torch.ones(size_bytes // 4)  # every page touched
+        block = mmap.mmap(-1, size_bytes)
+        torch.frombuffer(block, dtype=torch.uint8).fill_(1)  # every page touched
         alive = psutil.Process().memory_info().rss
-        del block
+        block.close()
     assert set(peak.peak_bytes) == {"cpu"}
     return before, alive, peak.peak_bytes["cpu"]
 
 
 def test_peak_memory_sees_a_large_cpu_allocation():
     before, alive, peak = _allocate_and_measure(50 * 2**20)
-    assert alive >= before + 45 * 2**20, "the premise: a fresh 50 MiB block is resident"
+    assert alive >= before + 45 * 2**20, "the premise: a fresh 50 MiB mapping is resident"
     # The peak covers the moment the block was alive (the kernel's counters are approximate to
     # well under RESET_TOLERANCE_BYTES).
     assert peak >= alive - RESET_TOLERANCE_BYTES
