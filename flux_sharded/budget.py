@@ -7,6 +7,7 @@ accelerate reads a lowercase "gb" as gigabits; we accept units case-insensitivel
 
 from __future__ import annotations
 
+import math
 import re
 
 from .errors import BudgetError
@@ -118,6 +119,17 @@ def format_bytes(size: int) -> str:
         if abs(size) >= factor:
             return f"{size / factor:.2f} {unit}"
     return f"{size} B"
+
+
+def spec_size(size: int, round_up: bool) -> str:
+    """A size as a --max-memory value ("12.3GB", "760KB": no space, so it can be pasted), to a tenth
+    of its unit, rounded up (a need) or down (what is available)."""
+    rounding = math.ceil if round_up else math.floor
+    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
+        if size >= scale:
+            number = rounding(size * 10 / scale) / 10
+            return f"{number:.1f}GB" if unit == "GB" else f"{number:g}{unit}"
+    return f"{size}B"
 
 
 def device_key(device) -> str:

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from . import activations
-from .budget import Budget, format_bytes
+from .budget import DEFAULT_GPU_RESERVE_BYTES, Budget, format_bytes, spec_size
 from .components import empty_component, module_sizes, no_split_modules, special_dtypes
 from .errors import PlanError
 
@@ -368,13 +368,33 @@ def _round_up_gb(size: int) -> int:
 
 
 def _format_spec(budget: Budget) -> str:
-    def size(value: int) -> str:
-        """Rounded up, never down, so that the printed budget still fits."""
-        if value >= 10**9:
-            return f"{math.ceil(value / 10**8) / 10:.1f}GB"
-        for unit, scale in (("MB", 10**6), ("KB", 10**3)):
-            if value >= scale:
-                return f"{math.ceil(value * 10 / scale) / 10:g}{unit}"
-        return f"{value}B"
+    return ",".join(f"{key}={spec_size(value, round_up=True)}" for key, value in budget.items())
 
-    return ",".join(f"{key}={size(value)}" for key, value in budget.items())
+
+def check_free_gpu_memory(plan: RunPlan, free_bytes: dict[int, int]) -> list[str]:
+    """The plan against what each GPU has free right now (another process may hold part of it).
+
+    A budget is the user's word, but the card decides: a GPU whose free memory is below the most
+    any stage plans there is refused before any weight loads, with the budget that would do; one
+    that keeps less than DEFAULT_GPU_RESERVE_BYTES beyond the plan (cuBLAS workspaces, allocator
+    fragmentation: the plan counts allocated bytes only) gets a note. Returns the notes.
+    """
+    notes = []
+    for index, free in sorted(free_bytes.items()):
+        stage, planned = max(((stage.name, stage.planned_bytes.get(index, 0)) for stage in plan.stages),
+                             key=lambda named: named[1])
+        safe = max(free - DEFAULT_GPU_RESERVE_BYTES, 0)
+        if planned > free:
+            raise PlanError(
+                f"GPU {index} has {format_bytes(free)} free now, but {stage} plans {format_bytes(planned)} there "
+                f"under --max-memory {index}={format_bytes(plan.budget[index])}; free the GPU (is another process "
+                f"using it?) or lower the budget to {index}={spec_size(safe, round_up=False)} (its free memory less "
+                f"{DEFAULT_GPU_RESERVE_BYTES / 2**30:.0f} GiB)"
+            )
+        if planned > safe:
+            notes.append(
+                f"note: {stage} plans {format_bytes(planned)} on GPU {index}, which has {format_bytes(free)} free: less "
+                f"than {DEFAULT_GPU_RESERVE_BYTES / 2**30:.0f} GiB is left for cuBLAS workspaces and allocator "
+                f"fragmentation; if it runs out of memory, budget {index}={spec_size(safe, round_up=False)} or less"
+            )
+    return notes

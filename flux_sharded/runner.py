@@ -31,7 +31,7 @@ from .files import check_writable_folder
 from .handoff import GenerationSettings, Handoff
 from .images import image_paths, save_png
 from .memory import PeakMemory, flush
-from .plan import PlanInputs, RunPlan, plan_run
+from .plan import PlanInputs, RunPlan, check_free_gpu_memory, plan_run
 from .report import RunReport, StageReport
 from .rundir import RUN_FILE, SavedRun, clear_run, default_run_dir, handoff_path, last_handoff, write_run
 from .stages import STAGES, decode
@@ -139,6 +139,8 @@ def execute(request: RunRequest, log: Callable[[str], None] = lambda message: No
     """Run this process's share of the images; the main process returns the whole run's report."""
     paths = check_request(request, keep_created_folders=process.several)
     plan = plan_run(plan_inputs(request), request.budget)
+    for note in check_free_gpu_memory(plan, free_gpu_bytes(request.budget)):
+        log(note)
     # One process per machine downloads (if needed) into that machine's cache and prepares its run
     # folder (other machines may not share its disks); then the others read them.
     if process.is_local_main:
@@ -205,6 +207,12 @@ def _execute_plan(request: RunRequest, checkpoint: Checkpoint, plan: RunPlan, pa
             stage_report.report.handoff_bytes = handoff.nbytes()
     report.images = [str(path) for path in paths]  # written now or, on a resumed run, earlier
     return report
+
+
+def free_gpu_bytes(budget: Budget) -> dict[int, int]:
+    """Free memory now on each GPU the budget names (this creates the CUDA context on each)."""
+    gpus = sorted(key for key in budget if isinstance(key, int))
+    return {index: torch.cuda.mem_get_info(index)[0] for index in gpus} if gpus else {}
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from flux_sharded.budget import format_bytes, parse_budget, parse_size
+from flux_sharded.budget import format_bytes, parse_budget, parse_size, spec_size
 from flux_sharded.errors import BudgetError
 
 
@@ -66,3 +66,21 @@ def test_units_are_case_insensitive_and_decimal_vs_binary():
 @pytest.mark.parametrize("size, text", [(16 * 10**9, "16.00 GB"), (246 * 10**6, "246.00 MB"), (512, "512 B")])
 def test_format_bytes(size, text):
     assert format_bytes(size) == text
+
+
+@pytest.mark.parametrize(
+    "size, round_up, text",
+    [
+        (12_749_000_000, True, "12.8GB"),
+        (12_749_000_000, False, "12.7GB"),
+        (13 * 10**9, True, "13.0GB"),
+        (758_120, True, "758.2KB"),
+        (760_000, False, "760KB"),
+        (24_590_000, True, "24.6MB"),
+        (999, True, "999B"),
+    ],
+)
+def test_spec_size_is_pasteable_and_rounds_the_safe_way(size, round_up, text):
+    assert spec_size(size, round_up) == text
+    parsed = parse_budget(f"cpu={text}", 0)["cpu"]
+    assert parsed >= size if round_up else parsed <= size

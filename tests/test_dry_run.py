@@ -11,12 +11,16 @@ import sys
 from decimal import Decimal
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from flux_sharded import plan as plan_module
 from flux_sharded import runner
 from flux_sharded.budget import parse_size
+from flux_sharded.checkpoint import resolve_checkpoint
 from flux_sharded.cli import main
+from flux_sharded.errors import PlanError
+from flux_sharded.handoff import GenerationSettings
 from flux_sharded.stages import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,4 +137,17 @@ def test_disk_budget_needs_an_offload_folder(tiny_checkpoint, tmp_path):
                      "--height", "32", "--width", "32", "--out", str(tmp_path / "out")])
     assert result.exit_code == 2
     assert "Error: --max-memory has a disk entry but no --offload-folder" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_gpu_without_the_planned_free_memory_is_refused_before_anything_is_written(tiny_checkpoint, tmp_path,
+                                                                                       monkeypatch):
+    """The run checks the plan against each budgeted GPU's free memory (faked here: this machine
+    has no GPU) right after planning, before the run folder or any image is written."""
+    monkeypatch.setattr(runner, "free_gpu_bytes", lambda budget: {0: 1000})
+    checkpoint = resolve_checkpoint(str(tiny_checkpoint))
+    settings = GenerationSettings(str(tiny_checkpoint), ("a dog",), (0,), 1, 3.5, 32, 32, 16, "float32")
+    request = runner.RunRequest(checkpoint, settings, {0: 10**9, "cpu": 10**9}, tmp_path / "out")
+    with pytest.raises(PlanError, match=r"^GPU 0 has 1.00 KB free now, but \w+ plans .* there under --max-memory 0="):
+        runner.execute(request)
     assert not (tmp_path / "out").exists()

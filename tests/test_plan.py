@@ -11,7 +11,7 @@ from torch import nn
 from flux_sharded.checkpoint import shipped_config_dir
 from flux_sharded.components import empty_component, module_sizes
 from flux_sharded.errors import PlanError
-from flux_sharded.plan import PlanInputs, auto_device_map, plan_run
+from flux_sharded.plan import PlanInputs, auto_device_map, check_free_gpu_memory, plan_run
 
 GB = 10**9
 
@@ -190,3 +190,23 @@ def test_cpu_only_budget_plans_everything_on_the_cpu():
     plan = plan_run(inputs("FLUX.1-schnell", sequence=256), {"cpu": 64 * GB})
     for stage in plan.stages:
         assert set(stage.planned_bytes) == {"cpu"}
+
+
+def test_the_plan_is_checked_against_each_gpus_free_memory():
+    """0=16GB,1=16GB plans at most 12.24 GB (denoise) on GPU 0 and 12.75 GB on GPU 1."""
+    plan = plan_run(inputs("FLUX.1-dev"), {0: 16 * GB, 1: 16 * GB})
+    most = {index: max(stage.planned_bytes.get(index, 0) for stage in plan.stages) for index in (0, 1)}
+    assert check_free_gpu_memory(plan, {0: 16 * GB, 1: 16 * GB}) == []
+
+    # GPU 1 has the plan's bytes free, but not 1 GiB more: a note, naming the stage and a safe budget.
+    (note,) = check_free_gpu_memory(plan, {0: 16 * GB, 1: most[1] + 2**29})
+    assert note.startswith("note: denoise plans 12.75 GB on GPU 1, which has 13.29 GB free")
+    assert "budget 1=12.2GB or less" in note
+
+    # Another process holds part of GPU 0: refused before anything loads, with the budget that would do.
+    with pytest.raises(PlanError) as refused:
+        check_free_gpu_memory(plan, {0: most[0] - 1, 1: 16 * GB})
+    message = str(refused.value)
+    assert message.startswith("GPU 0 has 12.24 GB free now, but denoise plans 12.24 GB there under --max-memory "
+                              "0=16.00 GB")
+    assert "lower the budget to 0=11.1GB (its free memory less 1 GiB)" in message
