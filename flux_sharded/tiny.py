@@ -281,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    # diffusers warns on every model.to(dtype), even with no float32 module to keep ("[]")
+    diffusers.utils.logging.set_verbosity_error()
     diffusers.utils.logging.disable_progress_bar()
     path = build_tiny_checkpoint(args.out_dir, args.vae_scale_factor, args.seed, args.preset, args.device, args.dtype)
     print(f"tiny FLUX.1 checkpoint written to {path}")
