@@ -77,7 +77,8 @@ def vae_decode_activation_bytes(config: dict, height: int, width: int, dtype_byt
     block_out_channels[1] channels, and turns it into C0 = block_out_channels[0]. At its peak it
     holds either the input, its GroupNorm and its SiLU (3 C1), or the input and four C0-wide
     tensors (C1 + 4 C0), whichever is larger. Measured on five VAEs (C0, C1 from 8, 8 to 64, 256):
-    exactly H x W x b x max(3 C1, C1 + 4 C0). FLUX.1 (128, 256): 768 bytes per pixel in bf16... x b.
+    exactly H x W x b x max(3 C1, C1 + 4 C0). FLUX.1 (128, 256): 768 x b bytes per pixel, so 1.61 GB at
+    1024x1024 in bf16 before the margin.
     """
     channels = config["block_out_channels"]
     first = channels[0]
