@@ -21,7 +21,7 @@ from .budget import (
     parse_budget,
 )
 from .checkpoint import DEFAULT_MODEL
-from .errors import BudgetError, FluxShardedError, SettingsError
+from .errors import BudgetError, FluxShardedError, OutputError, SettingsError
 
 # FluxPipeline.__call__'s own defaults, so that a bare run matches diffusers.
 DEFAULT_STEPS = 28
@@ -255,7 +255,11 @@ def _run(request, options: dict, process) -> None:
     if refusal is not None:
         raise refusal  # a refused budget writes nothing, not even the report
     if options["report_path"] is not None:
-        report.write(options["report_path"])
+        try:
+            report.write(options["report_path"])
+        except OSError as error:
+            raise OutputError(f"--report: could not write {options['report_path']} ({error.strerror or error}); "
+                              "the images are written (the table above is the report)") from None
     for path in report.images:
         click.echo(f"wrote {path}")
 

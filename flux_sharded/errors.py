@@ -31,3 +31,9 @@ class StageOutOfMemory(FluxShardedError):
     """A device ran out of memory inside a stage, although the plan said it fits."""
 
     exit_code = 3
+
+
+class OutputError(FluxShardedError):
+    """An image or a stage checkpoint could not be written (a full disk, a folder gone or locked)."""
+
+    exit_code = 4

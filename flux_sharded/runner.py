@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from .budget import Budget, budget_to_json, format_budget, format_bytes
 from .checkpoint import Checkpoint, check_weight_files, resolve_checkpoint
 from .distributed import Process, finish, gather, share, wait_for_everyone
-from .errors import PlanError, SettingsError, StageOutOfMemory
+from .errors import OutputError, PlanError, SettingsError, StageOutOfMemory
 from .files import check_writable_folder
 from .handoff import GenerationSettings, Handoff
 from .images import image_paths, save_png
@@ -178,7 +178,9 @@ def _execute_plan(request: RunRequest, checkpoint: Checkpoint, plan: RunPlan, pa
         if handoff.settings != settings:
             raise SettingsError(f"--resume: {request.run_folder} holds another share of the images; resume with the "
                                 "same number of processes as the run had")
-    saved = None
+    # The latest stage checkpoint on disk, named in messages when a later step fails.
+    saved = (handoff_path(request.run_folder, handoff.finished_stages[-1], process.index, process.count)
+             if handoff.finished_stages else None)
     if process.is_main:
         log(f"budget: {format_budget(request.budget)}; {len(settings.prompts)} image(s)"
             + (f" on this process, {process.count} processes" if process.several else "")
@@ -199,11 +201,14 @@ def _execute_plan(request: RunRequest, checkpoint: Checkpoint, plan: RunPlan, pa
         if stage is decode:
             for image, position in zip(stage_report.output, missing, strict=True):
                 prompt, seed = settings.prompts[position], settings.seeds[position]
-                save_png(image, paths[position], _png_metadata(settings, prompt, seed, request.budget))
+                with _writing(paths[position], request, saved):
+                    save_png(image, paths[position], _png_metadata(settings, prompt, seed, request.budget))
         else:
             handoff = stage_report.output
-            saved = handoff_path(request.run_folder, stage.NAME, process.index, process.count)
-            handoff.save(saved)
+            target = handoff_path(request.run_folder, stage.NAME, process.index, process.count)
+            with _writing(target.with_suffix(".safetensors"), request, saved):
+                handoff.save(target)
+            saved = target
             stage_report.report.handoff_bytes = handoff.nbytes()
     report.images = [str(path) for path in paths]  # written now or, on a resumed run, earlier
     return report
@@ -264,6 +269,19 @@ def _stage_offload_folder(offload_folder: Path | None, stage_plan, process: Proc
         yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _writing(path: Path, request: RunRequest, saved: Path | None) -> Iterator[None]:
+    """Turn a failed write (atomic: nothing half-written is left) into one message with the way on."""
+    try:
+        yield
+    except OSError as error:
+        kept = f"{saved}.safetensors holds the work before it" if saved else "nothing was kept"
+        raise OutputError(
+            f"could not write {path} ({error.strerror or error}); {kept}. Free some space or fix the folder, then "
+            f"continue with: {request.resume_command}"
+        ) from None
 
 
 def _out_of_memory_message(stage: str, error: Exception, request: RunRequest, stage_plan, saved: Path | None) -> str:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -16,9 +18,11 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
+from flux_sharded import runner
 from flux_sharded.cli import main
+from flux_sharded.files import atomic_write
 from flux_sharded.images import SLUG_MAX_CHARS, slugify
-from flux_sharded.stages import STAGES, denoise
+from flux_sharded.stages import STAGES, decode, denoise
 
 from .conftest import assert_same_pixels
 
@@ -85,6 +89,51 @@ def test_out_of_memory_in_denoise_then_resume_gives_the_same_images(tiny_checkpo
     assert again.exit_code == 0 and "every image was written earlier" in again.output
     assert [line.split()[-1] for line in again.stdout.splitlines() if line.startswith("wrote ")] == [
         str(image) for image in images]
+
+
+def test_a_full_disk_while_writing_an_image_then_resume(tiny_checkpoint, tmp_path, monkeypatch):
+    """The second PNG cannot be written: one Error line with the way on (exit 4), no partial file;
+    after space is freed, --resume decodes only that image, from the denoise checkpoint."""
+    prompts = ["a photo of a dog", "a red car"]
+    expected = reference_images(tiny_checkpoint, tmp_path, prompts)
+    out = tmp_path / "out"
+    args = ["--model", str(tiny_checkpoint), *COMMON, "--out", str(out), "--prompt", prompts[0], "--prompt", prompts[1]]
+    real_save_png = runner.save_png
+    written = []
+
+    def disk_full_at_the_second_image(image, path, metadata):
+        if written:  # what a full disk does to an atomic write: part of the temporary file, then ENOSPC
+            atomic_write(path, _write_part_then_run_out_of_space)
+        real_save_png(image, path, metadata)
+        written.append(path)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(runner, "save_png", disk_full_at_the_second_image)
+        failed = invoke(args)
+    assert failed.exit_code == 4, failed.output
+    (line,) = error_lines(failed.output)
+    run_dir = next((out / ".flux-sharded").iterdir())
+    assert line.startswith(f"Error: could not write {out / expected[1].name} (No space left on device); ")
+    assert f"{run_dir / 'denoise'}.safetensors holds the work before it" in line
+    assert line.endswith(f"continue with: flux-sharded --resume {run_dir}")
+    assert "Traceback" not in failed.output
+    assert sorted(path.name for path in out.iterdir()) == [".flux-sharded", expected[0].name]  # no partial file
+
+    loads = []
+    monkeypatch.setattr(decode, "load", lambda *a, **k: loads.append("decode") or real_decode_load(*a, **k))
+    resumed = invoke(["--resume", str(run_dir)])
+    assert resumed.exit_code == 0, resumed.output
+    assert loads == ["decode"]
+    for image, reference in zip(sorted(out.glob("*.png")), expected, strict=True):
+        assert_same_pixels(pixels(image), pixels(reference))
+
+
+def _write_part_then_run_out_of_space(tmp: str) -> None:
+    Path(tmp).write_bytes(b"\x89PNG, the first bytes")
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+real_decode_load = decode.load
 
 
 def test_a_killed_run_resumes_to_identical_images(tiny_checkpoint, tmp_path):
