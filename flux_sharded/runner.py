@@ -196,6 +196,12 @@ def _execute_plan(request: RunRequest, checkpoint: Checkpoint, plan: RunPlan, pa
                 log("decode: every image was written earlier")
                 break
             todo = handoff.select(missing)
+            hint = ("float16 overflows where bfloat16, with float32's range, does not: use --dtype bfloat16"
+                    if settings.dtype == "float16" else "are the checkpoint's weights sound?")
+            for position in missing:
+                if not torch.isfinite(handoff.latents[position]).all():
+                    log(f"note: the latents of {paths[position].name} hold NaN or infinite values, so the image will "
+                        f"be black; {hint}")
         stage_report = _run_stage(stage, request, checkpoint, plan.stage(stage.NAME), todo, process, saved)
         report.stages.append(stage_report.report)
         if stage is decode:

@@ -314,3 +314,28 @@ def test_resume_of_something_that_is_not_a_run(tmp_path, setup, message):
     assert result.exit_code == 2
     (line,) = error_lines(result.output)
     assert message in line
+
+
+def test_non_finite_latents_are_named_before_decode(tiny_checkpoint, tmp_path, monkeypatch):
+    """A float16 overflow in the denoiser gives NaN latents and a black image: say so, and the fix."""
+    real_run = denoise.run
+
+    def overflowing(pipeline, handoff, on_image_done=None):
+        result = real_run(pipeline, handoff, on_image_done)
+        result.latents[1] = float("nan")
+        return result
+
+    monkeypatch.setattr(denoise, "run", overflowing)
+    out = tmp_path / "out"
+    result = invoke(["--model", str(tiny_checkpoint), *with_dtype(COMMON, "float16"), "--out", str(out),
+                     "--prompt", "a dog", "--prompt", "a cat"])
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.output.splitlines() if line.startswith("note: the latents of")]
+    assert notes == ["note: the latents of 0001-1-a-cat.png hold NaN or infinite values, so the image will be black; "
+                     "float16 overflows where bfloat16, with float32's range, does not: use --dtype bfloat16"]
+
+
+def with_dtype(args, dtype):
+    args = list(args)
+    args[args.index("--dtype") + 1] = dtype
+    return args
