@@ -107,8 +107,8 @@ class BudgetType(click.ParamType):
 )
 @click.option(
     "--gpus-per-process", type=int, default=None,
-    help="Under accelerate launch / torchrun: local process r uses local GPUs rK..rK+K-1 (budget keys 0..K-1). "
-    "Default 1.",
+    help="Local process r uses local GPUs rK..rK+K-1 (budget keys 0..K-1); without a launcher, GPUs 0..K-1. "
+    "Default: 1 under accelerate launch / torchrun, all GPUs alone.",
 )
 @click.option(
     "--dry-run", is_flag=True,
@@ -124,8 +124,10 @@ def main(ctx: click.Context, **options):
     """
     from .distributed import current_process, launched_processes, restrict_gpus
 
-    if launched_processes() > 1:
-        restrict_gpus(options["gpus_per_process"] or 1)  # before anything initialises CUDA in this process
+    # Before anything initialises CUDA in this process. Without a launcher the one process is local
+    # process 0: --gpus-per-process K then means GPUs 0..K-1 (not silently ignored).
+    if launched_processes() > 1 or options["gpus_per_process"] is not None:
+        restrict_gpus(options["gpus_per_process"] or 1)
     process, request = None, None
     try:
         request = _request(ctx, options)

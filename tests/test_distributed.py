@@ -35,3 +35,21 @@ def test_without_a_launcher_there_is_one_process(monkeypatch):
     assert launched_processes() == 1
     monkeypatch.setenv("WORLD_SIZE", "4")
     assert launched_processes() == 4
+
+
+def test_gpus_per_process_without_a_launcher_means_the_first_k_gpus(monkeypatch, tiny_checkpoint, tmp_path):
+    from click.testing import CliRunner
+
+    from flux_sharded.cli import main
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,4,5")
+    args = ["--model", str(tiny_checkpoint), "--prompt", "a dog", "--max-memory", "cpu=1GB", "--height", "32",
+            "--width", "32", "--dry-run", "--out", str(tmp_path / "out")]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    import os
+
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "3,4,5"  # not asked for: left alone
+    assert CliRunner().invoke(main, [*args, "--gpus-per-process", "2"]).exit_code == 0
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "3,4"
