@@ -8,6 +8,7 @@ accelerate reads a lowercase "gb" as gigabits; we accept units case-insensitivel
 from __future__ import annotations
 
 import math
+import os
 import re
 
 from .errors import BudgetError
@@ -96,7 +97,9 @@ def check_gpus(budget: Budget, gpu_count: int) -> None:
         if index >= gpu_count:
             have = f"GPUs 0..{gpu_count - 1}" if gpu_count else "no GPU"
             fix = "use one of those indices" if gpu_count else "budget the CPU instead (e.g. cpu=32GB)"
-            raise BudgetError(f"--max-memory: GPU {index} does not exist; this machine has {have}; {fix}")
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")  # set by the user, a launcher or --gpus-per-process
+            where = f"this machine has {have}" if visible is None else f"this process sees {have} (CUDA_VISIBLE_DEVICES={visible})"
+            raise BudgetError(f"--max-memory: GPU {index} does not exist; {where}; {fix}")
 
 
 def default_budget() -> Budget:

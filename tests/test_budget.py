@@ -50,7 +50,8 @@ def test_good_specs(spec, gpus, expected):
         ("disk=100GB", 0, "budgets no device to compute on"),
     ],
 )
-def test_bad_specs(spec, gpus, message):
+def test_bad_specs(spec, gpus, message, monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     with pytest.raises(BudgetError) as raised:
         parse_budget(spec, gpus)
     assert message in str(raised.value)
@@ -84,3 +85,9 @@ def test_spec_size_is_pasteable_and_rounds_the_safe_way(size, round_up, text):
     assert spec_size(size, round_up) == text
     parsed = parse_budget(f"cpu={text}", 0)["cpu"]
     assert parsed >= size if round_up else parsed <= size
+
+
+def test_a_missing_gpu_names_the_visible_devices_when_they_are_restricted(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "6,7")
+    with pytest.raises(BudgetError, match=r"GPU 2 does not exist; this process sees GPUs 0\.\.1 \(CUDA_VISIBLE_DEVICES=6,7\)"):
+        parse_budget("2=16GB", 2)

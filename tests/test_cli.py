@@ -89,7 +89,9 @@ ERROR_CASES = [
 
 
 @pytest.mark.parametrize("option, value, message", ERROR_CASES)
-def test_user_mistakes_give_one_error_line_and_write_nothing(tiny_checkpoint, tmp_path, option, value, message):
+def test_user_mistakes_give_one_error_line_and_write_nothing(tiny_checkpoint, tmp_path, option, value, message,
+                                                            monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     out = tmp_path / "out"
     result = invoke(with_option(tiny_args(tiny_checkpoint, out), option, value))
     assert result.exit_code == 2, result.output
