@@ -37,6 +37,7 @@ from .rundir import RUN_FILE, SavedRun, clear_run, default_run_dir, handoff_path
 from .stages import STAGES, decode
 
 SINGLE_PROCESS = Process(index=0, count=1)
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # torch.Generator.manual_seed's range (int64 or uint64)
 MAX_SEQUENCE_LENGTH_LIMIT = 512  # FluxPipeline refuses more: T5 was trained on 512 tokens
 
 
@@ -67,6 +68,13 @@ def check_settings(request: RunRequest) -> None:
         raise SettingsError("no prompt given; pass --prompt TEXT (repeatable)")
     if any(not prompt.strip() for prompt in settings.prompts):
         raise SettingsError("--prompt: an empty prompt cannot be generated; give some text")
+    for index, seed in enumerate(settings.seeds):
+        if not SEED_MIN <= seed <= SEED_MAX:
+            raise SettingsError(
+                f"--seed: image {index} would use seed {seed}, outside {SEED_MIN}..{SEED_MAX} (what "
+                "torch.Generator.manual_seed takes); image k uses --seed + k, or its JSON line's seed plus its "
+                "number: give a smaller seed"
+            )
     for name, value in (("--height", settings.height), ("--width", settings.width)):
         if value < multiple or value % multiple:
             raise SettingsError(

@@ -84,6 +84,8 @@ ERROR_CASES = [
     ("--prompts-file", "/nonexistent/prompts.txt", "--prompts-file '/nonexistent/prompts.txt' does not exist"),
     ("--batch-size", "0", "--batch-size 0: give at least 1"),
     ("--num-images-per-prompt", "0", "--num-images-per-prompt 0: give at least 1"),
+    ("--seed", str(2**64), f"--seed: image 0 would use seed {2**64}, outside"),
+    ("--seed", str(-(2**63) - 1), "outside -9223372036854775808..18446744073709551615"),
     ("--max-memory", "cpu=2GB,disk=10GB", "--max-memory has a disk entry but no --offload-folder"),
 ]
 
