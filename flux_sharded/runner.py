@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import re
 import shlex
 import shutil
@@ -84,8 +85,8 @@ def check_settings(request: RunRequest) -> None:
             )
     if settings.steps < 1:
         raise SettingsError(f"--steps {settings.steps}: at least 1 step is needed")
-    if settings.guidance < 0:
-        raise SettingsError(f"--guidance {settings.guidance}: the guidance scale cannot be negative")
+    if not settings.guidance >= 0 or math.isinf(settings.guidance):  # also refuses nan
+        raise SettingsError(f"--guidance {settings.guidance}: give a finite guidance scale of 0 or more (default 3.5)")
     if not 1 <= settings.max_sequence_length <= MAX_SEQUENCE_LENGTH_LIMIT:
         raise SettingsError(
             f"--max-sequence-length {settings.max_sequence_length}: use 1 to {MAX_SEQUENCE_LENGTH_LIMIT} tokens"
