@@ -279,6 +279,7 @@ def _stage_offload_folder(offload_folder: Path | None, stage_plan, process: Proc
     if offload_folder is None or not on_disk:
         yield offload_folder
         return
+    offload_folder.mkdir(parents=True, exist_ok=True)  # the run's checks probe it but leave no new folder
     folder = Path(tempfile.mkdtemp(prefix=f".flux-sharded-{stage_plan.name}-{process.index}-", dir=offload_folder))
     try:
         yield folder

@@ -143,17 +143,19 @@ def test_denoise_with_blocks_offloaded_to_disk_equals_the_in_memory_run(tiny_che
     assert torch.equal(offloaded, expected), f"max {difference.max()}, mean {difference.mean()}"
 
 
+@pytest.mark.parametrize("existing", [True, False], ids=["existing-folder", "new-folder"])
 def test_a_run_offloading_to_disk_uses_a_fresh_folder_per_stage_and_removes_it(tiny_checkpoint, tmp_path,
-                                                                               monkeypatch):
+                                                                               monkeypatch, existing):
     """The runner gives accelerate a new folder inside --offload-folder for a stage with weights on
     disk, and removes it when the stage ends; the user's folder and its files are left as found.
     (The tiny checkpoint's encode needs more room than its transformer, so no single budget sends
     only denoise to disk: the denoise plan is swapped for one computed with a tighter budget.)"""
     whole = resolve_checkpoint(str(tiny_checkpoint))
     budget = {**BUDGET, "disk": 10**9}
-    offload = tmp_path / "offload"
-    offload.mkdir()
-    (offload / "mine.txt").write_text("the user's own file")
+    offload = tmp_path / "offload" / "weights"
+    if existing:
+        offload.mkdir(parents=True)
+        (offload / "mine.txt").write_text("the user's own file")
     request = runner.RunRequest(whole, settings_for(tiny_checkpoint), budget, tmp_path / "out", offload_folder=offload)
     components = plan_module._Components(runner.plan_inputs(request))
     tight = {"cpu": components.activation_bytes("transformer") + components.sizes("transformer")[""] * 2 // 3,
@@ -180,5 +182,5 @@ def test_a_run_offloading_to_disk_uses_a_fresh_folder_per_stage_and_removes_it(t
     assert folder.parent == offload and existed
     denoise_report = next(stage for stage in report.stages if stage.name == "denoise")
     assert "disk" in denoise_report.device_map["transformer"].values()
-    assert sorted(path.name for path in offload.iterdir()) == ["mine.txt"]
+    assert sorted(path.name for path in offload.iterdir()) == (["mine.txt"] if existing else [])
     assert len(report.images) == 2 and all(Path(image).is_file() for image in report.images)
