@@ -135,6 +135,14 @@ def spec_size(size: int, round_up: bool) -> str:
     return f"{size}B"
 
 
+def exact_spec_size(size: int) -> str:
+    """A size as a --max-memory value in the largest unit that divides it exactly ("2GiB", "1500MB")."""
+    for unit in ("TB", "TIB", "GB", "GIB", "MB", "MIB", "KB", "KIB"):
+        if size % UNITS[unit] == 0:
+            return f"{size // UNITS[unit]}{unit.replace('I', 'i')}"
+    return f"{size}B"
+
+
 def device_key(device) -> str:
     """A device as the budget names it: 0, "cuda:0", torch.device("cuda", 0) -> "0"; "cpu", "disk" as is."""
     if isinstance(device, int):

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from . import activations
-from .budget import DEFAULT_GPU_RESERVE_BYTES, Budget, format_bytes, spec_size
+from .budget import DEFAULT_GPU_RESERVE_BYTES, Budget, exact_spec_size, format_bytes, spec_size
 from .components import empty_component, module_sizes, no_split_modules, special_dtypes
 from .errors import PlanError
 
@@ -309,7 +309,7 @@ def _refusal(stages: tuple[StagePlan, ...], components: _Components, budget: Bud
     ways = []
     smallest = _smallest_fitting(components, budget)
     if smallest is not None:
-        ways.append(f"--max-memory {_format_spec(smallest)}")
+        ways.append(f"--max-memory {_format_spec(smallest, budget)}")
     cpu = _cpu_needed(components, budget) if _gpus(budget) else None
     if cpu is not None and cpu > budget.get("cpu", 0):
         ways.append(f"cpu={_round_up_gb(cpu)}GB in --max-memory, to offload what misses the GPUs to RAM (slower)")
@@ -367,8 +367,12 @@ def _round_up_gb(size: int) -> int:
     return max(1, math.ceil(size / 10**9))
 
 
-def _format_spec(budget: Budget) -> str:
-    return ",".join(f"{key}={spec_size(value, round_up=True)}" for key, value in budget.items())
+def _format_spec(suggested: Budget, given: Budget) -> str:
+    """The suggested budget; the entries it keeps from the user's are written exactly as sizes."""
+    return ",".join(
+        f"{key}={exact_spec_size(value) if value == given.get(key) else spec_size(value, round_up=True)}"
+        for key, value in suggested.items()
+    )
 
 
 def check_free_gpu_memory(plan: RunPlan, free_bytes: dict[int, int]) -> list[str]:

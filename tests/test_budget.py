@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from flux_sharded.budget import format_bytes, parse_budget, parse_size, spec_size
+from flux_sharded.budget import exact_spec_size, format_bytes, parse_budget, parse_size, spec_size
 from flux_sharded.errors import BudgetError
 
 
@@ -91,3 +91,10 @@ def test_a_missing_gpu_names_the_visible_devices_when_they_are_restricted(monkey
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "6,7")
     with pytest.raises(BudgetError, match=r"GPU 2 does not exist; this process sees GPUs 0\.\.1 \(CUDA_VISIBLE_DEVICES=6,7\)"):
         parse_budget("2=16GB", 2)
+
+
+@pytest.mark.parametrize("size, text", [(2 * 10**9, "2GB"), (2**31, "2GiB"), (1500 * 10**6, "1500MB"),
+                                        (3 * 2**20, "3MiB"), (123, "123B")])
+def test_exact_spec_size_round_trips(size, text):
+    assert exact_spec_size(size) == text
+    assert parse_size(text) == size

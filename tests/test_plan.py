@@ -210,3 +210,9 @@ def test_the_plan_is_checked_against_each_gpus_free_memory():
     assert message.startswith("GPU 0 has 12.24 GB free now, but denoise plans 12.24 GB there under --max-memory "
                               "0=16.00 GB")
     assert "lower the budget to 0=11.1GB (its free memory less 1 GiB)" in message
+
+
+def test_a_suggestion_keeps_the_users_other_entries_exactly():
+    with pytest.raises(PlanError) as refused:
+        plan_run(inputs("FLUX.1-dev"), {0: 8 * GB, 1: 8 * GB, "cpu": 2**31})
+    assert re.search(r"Ways out: --max-memory 0=\d+\.\dGB,1=\d+\.\dGB,cpu=2GiB;", str(refused.value)), str(refused.value)
