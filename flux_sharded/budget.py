@@ -98,7 +98,8 @@ def check_gpus(budget: Budget, gpu_count: int) -> None:
             have = f"GPUs 0..{gpu_count - 1}" if gpu_count else "no GPU"
             fix = "use one of those indices" if gpu_count else "budget the CPU instead (e.g. cpu=32GB)"
             visible = os.environ.get("CUDA_VISIBLE_DEVICES")  # set by the user, a launcher or --gpus-per-process
-            where = f"this machine has {have}" if visible is None else f"this process sees {have} (CUDA_VISIBLE_DEVICES={visible})"
+            where = (f"this machine has {have}" if visible is None
+                     else f"this process sees {have} (CUDA_VISIBLE_DEVICES={visible})")
             raise BudgetError(f"--max-memory: GPU {index} does not exist; {where}; {fix}")
 
 
