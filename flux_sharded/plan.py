@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -375,8 +376,10 @@ def _format_spec(suggested: Budget, given: Budget) -> str:
     )
 
 
-def check_free_gpu_memory(plan: RunPlan, free_bytes: dict[int, int]) -> list[str]:
-    """The plan against what each GPU has free right now (another process may hold part of it).
+def check_free_gpu_memory(plan: RunPlan, free_bytes: dict[int, int], stages: Collection[str] | None = None
+                          ) -> list[str]:
+    """The plan of `stages` (default: all; a resumed run skips the finished ones) against what each
+    GPU has free right now (another process may hold part of it).
 
     A budget is the user's word, but the card decides: a GPU whose free memory is below the most
     any stage plans there is refused before any weight loads, with the budget that would do; one
@@ -385,7 +388,10 @@ def check_free_gpu_memory(plan: RunPlan, free_bytes: dict[int, int]) -> list[str
     """
     notes = []
     for index, free in sorted(free_bytes.items()):
-        stage, planned = max(((stage.name, stage.planned_bytes.get(index, 0)) for stage in plan.stages),
+        running = [stage for stage in plan.stages if stages is None or stage.name in stages]
+        if not running:
+            continue
+        stage, planned = max(((stage.name, stage.planned_bytes.get(index, 0)) for stage in running),
                              key=lambda named: named[1])
         safe = max(free - DEFAULT_GPU_RESERVE_BYTES, 0)
         if planned > free:

@@ -148,7 +148,9 @@ def execute(request: RunRequest, log: Callable[[str], None] = lambda message: No
     """Run this process's share of the images; the main process returns the whole run's report."""
     paths = check_request(request, keep_created_folders=process.several)
     plan = plan_run(plan_inputs(request), request.budget)
-    for note in check_free_gpu_memory(plan, free_gpu_bytes(request.budget)):
+    resumed = last_handoff(request.run_folder, process.index, process.count) if request.resume else None
+    to_run = [stage.NAME for stage in STAGES if resumed is None or stage.NAME not in resumed.finished_stages]
+    for note in check_free_gpu_memory(plan, free_gpu_bytes(request.budget), to_run):
         log(note)
     # One process per machine downloads (if needed) into that machine's cache and prepares its run
     # folder (other machines may not share its disks); then the others read them.
@@ -167,7 +169,7 @@ def execute(request: RunRequest, log: Callable[[str], None] = lambda message: No
     mine = dataclasses.replace(request, settings=request.settings.subset(positions), run_dir=request.run_folder)
     report = RunReport(budget=budget_to_json(request.budget))
     if positions:
-        report = _execute_plan(mine, checkpoint, plan, [paths[p] for p in positions], log, process)
+        report = _execute_plan(mine, checkpoint, plan, [paths[p] for p in positions], log, process, resumed)
     reports = gather(process, report)
     finish(process)
     if not process.is_main:
@@ -178,15 +180,13 @@ def execute(request: RunRequest, log: Callable[[str], None] = lambda message: No
 
 
 def _execute_plan(request: RunRequest, checkpoint: Checkpoint, plan: RunPlan, paths: list[Path], log,
-                  process: Process) -> RunReport:
+                  process: Process, resumed: Handoff | None) -> RunReport:
     settings = request.settings
     report = RunReport(budget=budget_to_json(request.budget))
-    handoff = Handoff(settings=settings)
-    if request.resume:
-        handoff = last_handoff(request.run_folder, process.index, process.count) or handoff
-        if handoff.settings != settings:
-            raise SettingsError(f"--resume: {request.run_folder} holds another share of the images; resume with the "
-                                "same number of processes as the run had")
+    handoff = resumed if resumed is not None else Handoff(settings=settings)
+    if handoff.settings != settings:
+        raise SettingsError(f"--resume: {request.run_folder} holds another share of the images; resume with the "
+                            "same number of processes as the run had")
     # The latest stage checkpoint on disk, named in messages when a later step fails.
     saved = (handoff_path(request.run_folder, handoff.finished_stages[-1], process.index, process.count)
              if handoff.finished_stages else None)

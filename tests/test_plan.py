@@ -216,3 +216,12 @@ def test_a_suggestion_keeps_the_users_other_entries_exactly():
     with pytest.raises(PlanError) as refused:
         plan_run(inputs("FLUX.1-dev"), {0: 8 * GB, 1: 8 * GB, "cpu": 2**31})
     assert re.search(r"Ways out: --max-memory 0=\d+\.\dGB,1=\d+\.\dGB,cpu=2GiB;", str(refused.value)), str(refused.value)
+
+
+def test_the_free_memory_check_covers_only_the_stages_that_will_run():
+    """A resumed run whose encode and denoise are done needs room for decode only."""
+    plan = plan_run(inputs("FLUX.1-dev"), {0: 16 * GB, 1: 16 * GB})
+    free = {0: 4 * GB, 1: 16 * GB}
+    with pytest.raises(PlanError, match="^GPU 0 has 4.00 GB free now, but denoise plans"):
+        check_free_gpu_memory(plan, free)
+    assert check_free_gpu_memory(plan, free, ["decode"]) == []  # 2.02 GB, with 1 GiB to spare
