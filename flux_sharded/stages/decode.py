@@ -29,14 +29,14 @@ def load(checkpoint, stage_plan, dtype: torch.dtype, offload_folder=None) -> Aut
 
 def run(vae: AutoencoderKL, handoff: Handoff, on_image_done=None) -> list:
     settings = handoff.settings
-    handoff = handoff.to(vae.device)
     vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
     image_processor = VaeImageProcessor(vae_scale_factor=vae_scale_factor * 2)
     images = []
     with torch.inference_mode():
         for batch in settings.batches():
-            latents = FluxPipeline._unpack_latents(
-                handoff.latents[batch.start : batch.stop], settings.height, settings.width, vae_scale_factor
+            latents = FluxPipeline._unpack_latents(  # one batch on the VAE's device at a time
+                handoff.latents[batch.start : batch.stop].to(vae.device), settings.height, settings.width,
+                vae_scale_factor,
             )
             latents = (latents / vae.config.scaling_factor) + vae.config.shift_factor
             decoded = vae.decode(latents, return_dict=False)[0]

@@ -52,13 +52,14 @@ def run(pipeline: FluxPipeline, handoff: Handoff, on_image_done=None) -> Handoff
     """Denoise batch_size images per pass, each with its own CPU generator seeded with its seed,
     as FluxPipeline does for a list of generators."""
     settings = handoff.settings
-    handoff = handoff.to(pipeline._execution_device)
+    device = pipeline._execution_device
     latents = []
     with torch.inference_mode():
         for batch in settings.batches():
+            # One batch's embeddings on the GPU at a time: the rest of the run's wait in RAM.
             result = pipeline(
-                prompt_embeds=handoff.prompt_embeds[batch.start : batch.stop],
-                pooled_prompt_embeds=handoff.pooled_prompt_embeds[batch.start : batch.stop],
+                prompt_embeds=handoff.prompt_embeds[batch.start : batch.stop].to(device),
+                pooled_prompt_embeds=handoff.pooled_prompt_embeds[batch.start : batch.stop].to(device),
                 num_inference_steps=settings.steps,
                 guidance_scale=settings.guidance,
                 height=settings.height,
@@ -70,7 +71,7 @@ def run(pipeline: FluxPipeline, handoff: Handoff, on_image_done=None) -> Handoff
             latents.append(result.images.to("cpu"))
             if on_image_done:
                 on_image_done(len(batch))
-    return dataclasses.replace(handoff.to("cpu"), latents=torch.cat(latents),
+    return dataclasses.replace(handoff, latents=torch.cat(latents),
                                finished_stages=handoff.finished_stages + (NAME,))
 
 
