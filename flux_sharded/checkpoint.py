@@ -27,8 +27,14 @@ REQUIRED_FILES = {
     "transformer": "transformer/config.json",
     "vae": "vae/config.json",
 }
-# Files a run needs from the hub: configs, tokenizers and safetensors weights (no pickles).
-HUB_PATTERNS = ["*.json", "*.txt", "*.model", "*.safetensors"]
+# Files a run needs from the hub: configs, tokenizers and safetensors weights (no pickles), inside
+# the pipeline's own folders only. A bare "*.safetensors" would also match the original-format
+# files at the root of black-forest-labs/FLUX.1-dev (flux1-dev.safetensors, 23.8 GB, and
+# ae.safetensors), which the diffusers layout does not use.
+PIPELINE_FOLDERS = ("scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "transformer", "vae")
+HUB_PATTERNS = ["model_index.json"] + [
+    f"{folder}/*.{extension}" for folder in PIPELINE_FOLDERS for extension in ("json", "txt", "model", "safetensors")
+]
 # FluxPipeline.default_sample_size: the default height and width are this many latent pixels.
 DEFAULT_SAMPLE_SIZE = 128
 
