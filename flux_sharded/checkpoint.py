@@ -166,8 +166,26 @@ def check_weight_files(checkpoint: Checkpoint) -> None:
                 f"--model: '{checkpoint.model}': {component} has no weights (no .safetensors file in {folder}); "
                 "the download is incomplete: fetch the checkpoint again"
             )
+        for index in folder.glob("*.safetensors.index.json"):
+            _check_shards_present(index, checkpoint.model)
         for file in files:
             _check_safetensors(file, checkpoint.model)
+
+
+def _check_shards_present(index: Path, model: str) -> None:
+    """A sharded component lists its shards in an index; a shard never downloaded has no file at all."""
+    try:
+        shards = set(json.loads(index.read_text())["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise CheckpointError(
+            f"--model: '{model}': {index} cannot be read ({type(error).__name__}); download that file again"
+        ) from None
+    missing = sorted(shard for shard in shards if not (index.parent / shard).is_file())
+    if missing:
+        raise CheckpointError(
+            f"--model: '{model}': {index.parent.name} lacks {', '.join(missing)} (listed in {index.name}); "
+            "the download is incomplete: fetch the checkpoint again"
+        )
 
 
 def _check_safetensors(file: Path, model: str) -> None:

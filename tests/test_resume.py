@@ -17,6 +17,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
+from safetensors import safe_open
 
 from flux_sharded import runner
 from flux_sharded.cli import main
@@ -270,6 +271,14 @@ def damaged(checkpoint: Path, tmp_path: Path, how: str) -> Path:
         torch.save({"x": torch.zeros(1)}, copy / "transformer" / "diffusion_pytorch_model.bin")
     elif how == "no-weights":
         weights.unlink()
+    elif how == "missing-shard":  # a sharded component whose second shard never arrived
+        first = weights.rename(weights.with_name("diffusion_pytorch_model-00001-of-00002.safetensors"))
+        with safe_open(first, "pt") as shard:
+            names = list(shard.keys())
+        weight_map = {name: f"diffusion_pytorch_model-0000{1 + position % 2}-of-00002.safetensors"
+                      for position, name in enumerate(names)}
+        (weights.parent / "diffusion_pytorch_model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": weight_map}))
     return copy
 
 
@@ -280,6 +289,8 @@ def damaged(checkpoint: Path, tmp_path: Path, how: str) -> Path:
         ("garbage-header", "diffusion_pytorch_model.safetensors is truncated or corrupt (its header claims"),
         ("pickle-only", "transformer has only pickle weights (diffusion_pytorch_model.bin)"),
         ("no-weights", "transformer has no weights"),
+        ("missing-shard", "transformer lacks diffusion_pytorch_model-00002-of-00002.safetensors (listed in "
+                          "diffusion_pytorch_model.safetensors.index.json)"),
     ],
 )
 def test_bad_weight_files_fail_before_the_first_stage(tiny_checkpoint, tmp_path, monkeypatch, how, message):
