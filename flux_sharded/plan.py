@@ -408,3 +408,20 @@ def check_free_gpu_memory(plan: RunPlan, free_bytes: dict[int, int], stages: Col
                 f"fragmentation; if it runs out of memory, budget {index}={spec_size(safe, round_up=False)} or less"
             )
     return notes
+
+
+def check_free_cpu_memory(plan: RunPlan, available_bytes: int, stages: Collection[str] | None = None) -> list[str]:
+    """A note when some stage plans more RAM than is available now: unlike a GPU, RAM can page to
+    swap or hand file-backed weight pages back to the disk, so this warns rather than refuses."""
+    running = [stage for stage in plan.stages if stages is None or stage.name in stages]
+    if not running:
+        return []
+    stage, planned = max(((stage.name, stage.planned_bytes.get("cpu", 0)) for stage in running),
+                         key=lambda named: named[1])
+    if planned <= available_bytes:
+        return []
+    return [
+        f"note: {stage} plans {format_bytes(planned)} in RAM, but {format_bytes(available_bytes)} is available now; "
+        f"the run may swap, or be killed by the system: budget cpu={spec_size(available_bytes, round_up=False)} or "
+        "less, or free some memory"
+    ]

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import psutil
 import torch
 from tqdm.auto import tqdm
 
@@ -32,7 +33,7 @@ from .files import check_writable_folder
 from .handoff import GenerationSettings, Handoff
 from .images import image_paths, save_png
 from .memory import PeakMemory, flush
-from .plan import PlanInputs, RunPlan, check_free_gpu_memory, plan_run
+from .plan import PlanInputs, RunPlan, check_free_cpu_memory, check_free_gpu_memory, plan_run
 from .report import RunReport, StageReport
 from .rundir import RUN_FILE, SavedRun, clear_run, default_run_dir, handoff_path, last_handoff, write_run
 from .stages import STAGES, decode
@@ -151,6 +152,8 @@ def execute(request: RunRequest, log: Callable[[str], None] = lambda message: No
     resumed = last_handoff(request.run_folder, process.index, process.count) if request.resume else None
     to_run = [stage.NAME for stage in STAGES if resumed is None or stage.NAME not in resumed.finished_stages]
     for note in check_free_gpu_memory(plan, free_gpu_bytes(request.budget), to_run):
+        log(note)
+    for note in check_free_cpu_memory(plan, psutil.virtual_memory().available, to_run):
         log(note)
     # One process per machine downloads (if needed) into that machine's cache and prepares its run
     # folder (other machines may not share its disks); then the others read them.

@@ -151,3 +151,14 @@ def test_a_gpu_without_the_planned_free_memory_is_refused_before_anything_is_wri
     with pytest.raises(PlanError, match=r"^GPU 0 has 1.00 KB free now, but \w+ plans .* there under --max-memory 0="):
         runner.execute(request)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_run_notes_a_plan_above_the_available_ram(tiny_checkpoint, tmp_path, monkeypatch):
+    class Scarce:
+        available = 1000
+
+    monkeypatch.setattr(runner.psutil, "virtual_memory", lambda: Scarce())
+    result = invoke(["--model", str(tiny_checkpoint), "--prompt", "a dog", "--max-memory", "cpu=1GB", "--steps", "1",
+                     "--height", "32", "--width", "32", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "in RAM, but 1.00 KB is available now; the run may swap" in result.output

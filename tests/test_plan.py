@@ -11,7 +11,7 @@ from torch import nn
 from flux_sharded.checkpoint import shipped_config_dir
 from flux_sharded.components import empty_component, module_sizes
 from flux_sharded.errors import PlanError
-from flux_sharded.plan import PlanInputs, auto_device_map, check_free_gpu_memory, plan_run
+from flux_sharded.plan import PlanInputs, auto_device_map, check_free_cpu_memory, check_free_gpu_memory, plan_run
 
 GB = 10**9
 
@@ -225,3 +225,13 @@ def test_the_free_memory_check_covers_only_the_stages_that_will_run():
     with pytest.raises(PlanError, match="^GPU 0 has 4.00 GB free now, but denoise plans"):
         check_free_gpu_memory(plan, free)
     assert check_free_gpu_memory(plan, free, ["decode"]) == []  # 2.02 GB, with 1 GiB to spare
+
+
+def test_a_plan_above_the_available_ram_gets_a_note():
+    plan = plan_run(inputs("FLUX.1-dev"), {0: 8 * GB, 1: 8 * GB, "cpu": 64 * GB})
+    most = max(stage.planned_bytes.get("cpu", 0) for stage in plan.stages)
+    assert check_free_cpu_memory(plan, most) == []
+    (note,) = check_free_cpu_memory(plan, 4 * GB)
+    assert note.startswith("note: denoise plans ") and "in RAM, but 4.00 GB is available now" in note
+    assert "budget cpu=4.0GB or less" in note
+    assert check_free_cpu_memory(plan, 4 * GB, ["decode"]) == []  # decode is all on a GPU
