@@ -9,18 +9,7 @@
 # diffusers (and transformers 5.24, tokenizers, regex) travel as wheels in .whl/:
 # on the CPU machine, `bash benchmarks/gpu_wheels.sh` fetches them.
 set -uo pipefail
-# A step that fails is reported and the others still run: device time is scarce, and one broken
-# step must not cost the figures of the rest. The script exits non-zero if any step failed.
-failed=()
-step() {
-  local name=$1; shift
-  echo "== $name"
-  "$@" || { echo "!! $name failed (exit $?)"; failed+=("$name"); }
-}
-finish() {
-  if [ ${#failed[@]} -gt 0 ]; then echo "FAILED steps: ${failed[*]}"; exit 1; fi
-  echo "all steps passed"
-}
+source "$(dirname "$0")/gpu_steps.sh"
 OUT=${OUT:-/tmp/flux-sharded-gpu}
 STEPS=${STEPS:-4}
 SIZE=${SIZE:-1024}

@@ -7,18 +7,7 @@
 # Packages the machine lacks (diffusers; transformers 5) travel as wheels in .whl/ (see the
 # device tool's README); they are installed into /tmp/site when present.
 set -uo pipefail
-# A step that fails is reported and the others still run: device time is scarce, and one broken
-# step must not cost the figures of the rest. The script exits non-zero if any step failed.
-failed=()
-step() {
-  local name=$1; shift
-  echo "== $name"
-  "$@" || { echo "!! $name failed (exit $?)"; failed+=("$name"); }
-}
-finish() {
-  if [ ${#failed[@]} -gt 0 ]; then echo "FAILED steps: ${failed[*]}"; exit 1; fi
-  echo "all steps passed"
-}
+source "$(dirname "$0")/gpu_steps.sh"
 OUT=${OUT:-/tmp/flux-sharded-gpu}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD"
