@@ -388,11 +388,7 @@ def check_free_gpu_memory(plan: RunPlan, free_bytes: dict[int, int], stages: Col
     """
     notes = []
     for index, free in sorted(free_bytes.items()):
-        running = [stage for stage in plan.stages if stages is None or stage.name in stages]
-        if not running:
-            continue
-        stage, planned = max(((stage.name, stage.planned_bytes.get(index, 0)) for stage in running),
-                             key=lambda named: named[1])
+        stage, planned = _most_planned(plan, index, stages)
         safe = max(free - DEFAULT_GPU_RESERVE_BYTES, 0)
         if planned > free:
             raise PlanError(
@@ -413,11 +409,7 @@ def check_free_gpu_memory(plan: RunPlan, free_bytes: dict[int, int], stages: Col
 def check_free_cpu_memory(plan: RunPlan, available_bytes: int, stages: Collection[str] | None = None) -> list[str]:
     """A note when some stage plans more RAM than is available now: unlike a GPU, RAM can page to
     swap or hand file-backed weight pages back to the disk, so this warns rather than refuses."""
-    running = [stage for stage in plan.stages if stages is None or stage.name in stages]
-    if not running:
-        return []
-    stage, planned = max(((stage.name, stage.planned_bytes.get("cpu", 0)) for stage in running),
-                         key=lambda named: named[1])
+    stage, planned = _most_planned(plan, "cpu", stages)
     if planned <= available_bytes:
         return []
     return [
@@ -425,3 +417,10 @@ def check_free_cpu_memory(plan: RunPlan, available_bytes: int, stages: Collectio
         f"the run may swap, or be killed by the system: budget cpu={spec_size(available_bytes, round_up=False)} or "
         "less, or free some memory"
     ]
+
+
+def _most_planned(plan: RunPlan, device: Device, stages: Collection[str] | None) -> tuple[str, int]:
+    """The stage (of `stages`, default all) that plans the most on `device`, and how much."""
+    running = [stage for stage in plan.stages if stages is None or stage.name in stages]
+    return max(((stage.name, stage.planned_bytes.get(device, 0)) for stage in running), key=lambda named: named[1],
+               default=("no stage", 0))
