@@ -121,7 +121,7 @@ def test_a_full_disk_while_writing_an_image_then_resume(tiny_checkpoint, tmp_pat
     assert sorted(path.name for path in out.iterdir()) == [".flux-sharded", expected[0].name]  # no partial file
 
     loads = []
-    monkeypatch.setattr(decode, "load", lambda *a, **k: loads.append("decode") or real_decode_load(*a, **k))
+    monkeypatch.setattr(decode, "load", lambda *a, _real=decode.load, **k: loads.append("decode") or _real(*a, **k))
     resumed = invoke(["--resume", str(run_dir)])
     assert resumed.exit_code == 0, resumed.output
     assert loads == ["decode"]
@@ -133,8 +133,6 @@ def _write_part_then_run_out_of_space(tmp: str) -> None:
     Path(tmp).write_bytes(b"\x89PNG, the first bytes")
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-
-real_decode_load = decode.load
 
 
 def test_a_killed_run_resumes_to_identical_images(tiny_checkpoint, tmp_path):

@@ -52,14 +52,14 @@ def run(pipeline: FluxPipeline, handoff: Handoff, on_image_done=None) -> Handoff
     """Denoise batch_size images per pass, each with its own CPU generator seeded with its seed,
     as FluxPipeline does for a list of generators."""
     settings = handoff.settings
-    device = pipeline._execution_device
     latents = []
     with torch.inference_mode():
         for batch in settings.batches():
-            # One batch's embeddings on the GPU at a time: the rest of the run's wait in RAM.
+            # One batch's rows on the GPU at a time: the rest of the run's wait in RAM.
+            rows = handoff.select(list(batch)).to(pipeline._execution_device)
             result = pipeline(
-                prompt_embeds=handoff.prompt_embeds[batch.start : batch.stop].to(device),
-                pooled_prompt_embeds=handoff.pooled_prompt_embeds[batch.start : batch.stop].to(device),
+                prompt_embeds=rows.prompt_embeds,
+                pooled_prompt_embeds=rows.pooled_prompt_embeds,
                 num_inference_steps=settings.steps,
                 guidance_scale=settings.guidance,
                 height=settings.height,
