@@ -77,13 +77,15 @@ def check_settings(request: RunRequest) -> None:
                 "torch.Generator.manual_seed takes); image k uses --seed + k, or its JSON line's seed plus its "
                 "number: give a smaller seed"
             )
-    for name, value in (("--height", settings.height), ("--width", settings.width)):
-        if value < multiple or value % multiple:
-            raise SettingsError(
-                f"{name} {value} is not a positive multiple of {multiple} (the VAE's scale factor "
-                f"{request.checkpoint.vae_scale_factor} x 2 for latent packing); "
-                f"try {max(multiple, round(value / multiple) * multiple)}"
-            )
+    wrong = [(name, value) for name, value in (("--height", settings.height), ("--width", settings.width))
+             if value < multiple or value % multiple]
+    if wrong:  # both named at once, so that a second run does not fail on the other one
+        raise SettingsError(
+            f"{' and '.join(f'{name} {value}' for name, value in wrong)} "
+            f"{'is not a positive multiple' if len(wrong) == 1 else 'are not positive multiples'} of {multiple} "
+            f"(the VAE's scale factor {request.checkpoint.vae_scale_factor} x 2 for latent packing); try "
+            + " ".join(f"{name} {max(multiple, round(value / multiple) * multiple)}" for name, value in wrong)
+        )
     if settings.steps < 1:
         raise SettingsError(f"--steps {settings.steps}: at least 1 step is needed")
     if not settings.guidance >= 0 or math.isinf(settings.guidance):  # also refuses nan
