@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,9 +30,18 @@ FORMAT = 1
 SAVED_STAGES = ("encode", "denoise")  # decode's output is the images themselves
 
 
+RUNS_FOLDER = ".flux-sharded"  # inside --out: the default run folders
+
+
 def default_run_dir(out_dir: Path, settings: GenerationSettings) -> Path:
     digest = hashlib.sha256(json.dumps(settings.to_json(), sort_keys=True).encode()).hexdigest()[:12]
-    return out_dir / ".flux-sharded" / f"run-{digest}"
+    return out_dir / RUNS_FOLDER / f"run-{digest}"
+
+
+def _runs_inside(folder: Path) -> list[Path]:
+    """The run folders in an output folder (or in its .flux-sharded), for a --resume given OUT."""
+    return sorted(run.parent for pattern in (f"{RUNS_FOLDER}/run-*/{RUN_FILE}", f"run-*/{RUN_FILE}")
+                  for run in folder.glob(pattern))
 
 
 @dataclass(frozen=True)
@@ -80,6 +90,13 @@ def read_run(run_dir: Path) -> SavedRun:
             processes=int(data["processes"]),
         )
     except FileNotFoundError:
+        runs = _runs_inside(run_dir)
+        if len(runs) == 1:
+            raise SettingsError(f"{where} is an output folder, not a run folder; continue the run inside it with "
+                                f"`flux-sharded --resume {shlex.quote(str(runs[0]))}`") from None
+        if runs:
+            raise SettingsError(f"{where} is an output folder, not a run folder; it holds {len(runs)} runs: "
+                                f"{', '.join(map(str, runs))}; give one of them to --resume") from None
         raise SettingsError(f"{where} is not a flux-sharded run folder (no {RUN_FILE}); give the folder a run printed") from None
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise SettingsError(f"{where}: {RUN_FILE} cannot be read ({error}); the folder is damaged: start a new run") from None
