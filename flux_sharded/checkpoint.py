@@ -6,6 +6,7 @@ default size) comes from the checkpoint's own VAE config, as FluxPipeline comput
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from dataclasses import dataclass
@@ -74,7 +75,10 @@ def resolve_checkpoint(model: str, need_weights: bool = True) -> Checkpoint:
     if path.is_dir():
         return read_checkpoint(model, path)
     if _looks_like_path(model):
-        raise CheckpointError(f"--model: folder '{model}' does not exist; give a FLUX.1 diffusers folder or a hub id")
+        raise CheckpointError(
+            f"--model: folder '{model}' does not exist; give a FLUX.1 diffusers folder or a hub id; "
+            f"{_known_models(model)}"
+        )
     if need_weights:
         return read_checkpoint(model, _download(model, HUB_PATTERNS))
     cached = _cached_configs(model)
@@ -100,17 +104,44 @@ def _cached_configs(repo_id: str) -> Path | None:
 
 
 def _download(repo_id: str, patterns: list[str]) -> Path:
+    """Fetch `patterns` of `repo_id`; the hub's errors become one message each: a gated repository,
+    one that does not exist, and a hub that cannot be reached are three different fixes."""
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
-    except Exception as error:  # the hub raises many types; each means "not available here"
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    except GatedRepoError:
         raise CheckpointError(
-            f"--model: '{repo_id}' is not a local folder and could not be fetched from the Hugging Face hub "
-            f"({reason}); download it first (`hf download {repo_id}`, after accepting its license and "
-            f"`hf auth login`) or give a local diffusers folder"
+            f"--model: '{repo_id}' is gated on the Hugging Face hub: accept its license at "
+            f"https://huggingface.co/{repo_id} and log in with `hf auth login` (flux-sharded then fetches only "
+            "the pipeline's folders itself)"
         ) from None
+    except RepositoryNotFoundError:
+        raise CheckpointError(
+            f"--model: '{repo_id}' is not a model on the Hugging Face hub (or is private and you are not logged "
+            f"in); {_known_models(repo_id)}"
+        ) from None
+    except Exception as error:  # no connection, HF_HUB_OFFLINE, a proxy, a server error: the hub is not reachable
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+            reason = "HF_HUB_OFFLINE is set and it is not in the Hugging Face cache"
+        raise CheckpointError(
+            f"--model: '{repo_id}' is not a local folder and the Hugging Face hub could not be reached ({reason}); "
+            f"check the connection and try again, or give a local diffusers folder; {_known_models(repo_id)}"
+        ) from None
+
+
+def _known_models(model: str) -> str:
+    """The FLUX.1 checkpoints whose configs ship with flux-sharded, and the one `model` looks like a
+    misspelling of (difflib, on the whole id and on the name after the slash, case-insensitive)."""
+    names = {known.lower(): known for known in SHIPPED_CONFIGS}
+    names |= {known.split("/")[-1].lower(): known for known in SHIPPED_CONFIGS}
+    typed = model.strip().rstrip("/").lower()
+    near = (difflib.get_close_matches(typed, names, n=1, cutoff=0.75)
+            or difflib.get_close_matches(typed.split("/")[-1], names, n=1, cutoff=0.75))
+    known = f"the FLUX.1 checkpoints flux-sharded knows are {' and '.join(SHIPPED_CONFIGS)}"
+    return f"did you mean {names[near[0]]}? ({known})" if near and names[near[0]] != model else known
 
 
 def read_checkpoint(model: str, path: Path) -> Checkpoint:

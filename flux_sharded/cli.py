@@ -145,13 +145,11 @@ def main(ctx: click.Context, **options):
 
 
 def _request(ctx: click.Context, options: dict):
-    """Validate the options that need no model, resolve the configs, build the runner's request."""
-    _quiet_libraries()
-    from . import runner
+    """Validate the options that need no model, resolve the configs, build the runner's request.
+
+    The cheap checks (numbers, paths, the model's folder) run before torch, diffusers and
+    transformers are imported (seconds), so that a typo is refused at once."""
     from .checkpoint import resolve_checkpoint
-    from .handoff import GenerationSettings
-    from .prompts import expand
-    from .rundir import read_run
 
     for name in ("num_images_per_prompt", "batch_size", "gpus_per_process"):
         if options[name] is not None and options[name] < 1:
@@ -163,11 +161,16 @@ def _request(ctx: click.Context, options: dict):
     if options["resume_dir"] is not None:
         if options["dry_run"]:
             raise SettingsError("--resume and --dry-run cannot go together; dry-run a new run's options instead")
+        from .rundir import read_run
+
         saved = read_run(options["resume_dir"])
         checkpoint = resolve_checkpoint(saved.settings.model, need_weights=False)
         settings = saved.settings
         if given:
             _check_agrees(given, options, saved, checkpoint)
+        _quiet_libraries()
+        from . import runner
+
         return runner.RunRequest(
             checkpoint, settings, options["max_memory"] or saved.budget, saved.out_dir,
             options["offload_folder"] or saved.offload_folder, run_dir=options["resume_dir"], resume=True,
@@ -176,6 +179,11 @@ def _request(ctx: click.Context, options: dict):
 
     lines = _prompt_lines(options["prompts"], options["prompts_file"])
     checkpoint = resolve_checkpoint(options["model"], need_weights=False)
+    _quiet_libraries()
+    from . import runner
+    from .handoff import GenerationSettings
+    from .prompts import expand
+
     prompts, seeds = expand(lines, options["seed"], options["num_images_per_prompt"])
     settings = GenerationSettings(
         model=options["model"],

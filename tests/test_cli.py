@@ -149,8 +149,8 @@ def test_model_neither_local_nor_in_the_hub_cache(tmp_path):
     )
     assert result.returncode == 2
     (line,) = error_lines(result.stderr)
-    assert "'no-such-user/no-such-model' is not a local folder and could not be fetched" in line
-    assert "hf download no-such-user/no-such-model" in line
+    assert "'no-such-user/no-such-model' is not a local folder and the Hugging Face hub could not be reached" in line
+    assert "hf download" not in line
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
 

@@ -1,0 +1,153 @@
+"""What a new user meets in the first runs: each mistake refused at once, naming the value and the fix."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from flux_sharded.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+KNOWN = "the FLUX.1 checkpoints flux-sharded knows are black-forest-labs/FLUX.1-dev and black-forest-labs/FLUX.1-schnell"
+
+
+def invoke(args):
+    return CliRunner().invoke(main, args, terminal_width=100)
+
+
+def error_line(result) -> str:
+    lines = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    assert len(lines) == 1, result.output
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def test_a_missing_model_folder_is_refused_before_torch_is_imported(tmp_path):
+    """The check that costs nothing runs before the imports that cost seconds."""
+    script = (
+        "import sys\n"
+        "from flux_sharded.cli import main\n"
+        "try:\n"
+        "    main(['--model', './nonexistent', '--prompt', 'a dog'], standalone_mode=False)\n"
+        "except SystemExit as stop:\n"
+        "    print('exit code', stop.code)\n"
+        "print('heavy imports:', sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert "exit code 2" in result.stdout, result.stdout + result.stderr
+    assert "Error: --model: folder './nonexistent' does not exist" in result.stderr
+    assert "heavy imports: []" in result.stdout
+
+
+def _hub_error(kind: str) -> Exception:
+    import httpx2
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    response = httpx2.Response(401 if kind == "gated" else 404,
+                               request=httpx2.Request("GET", "https://huggingface.co/api/models/x"))
+    return {
+        "gated": lambda: GatedRepoError("401 Client Error: access to model x is restricted", response=response),
+        "missing": lambda: RepositoryNotFoundError("404 Client Error: Repository Not Found", response=response),
+        "unreachable": lambda: LocalEntryNotFoundError("Got: ConnectError: [Errno -2] Name or service not known"),
+    }[kind]()
+
+
+MODEL_CASES = [
+    # (--model, what the hub answers, message fragments)
+    ("./nonexistent", None, ["--model: folder './nonexistent' does not exist", KNOWN]),
+    ("FLUX.1-dev", None, ["folder 'FLUX.1-dev' does not exist", "did you mean black-forest-labs/FLUX.1-dev?"]),
+    ("flux-schnell", None, ["did you mean black-forest-labs/FLUX.1-schnell?"]),
+    ("black-forest-labs/FLUX.1-dve", "missing",
+     ["'black-forest-labs/FLUX.1-dve' is not a model on the Hugging Face hub", "did you mean black-forest-labs/FLUX.1-dev?",
+      KNOWN]),
+    ("no-such-user/no-such-model", "missing", ["'no-such-user/no-such-model' is not a model on the Hugging Face hub", KNOWN]),
+    ("black-forest-labs/FLUX.1-dve", "unreachable",
+     ["the Hugging Face hub could not be reached (Got: ConnectError", "check the connection",
+      "did you mean black-forest-labs/FLUX.1-dev?"]),
+    ("someone/gated-flux", "gated", ["'someone/gated-flux' is gated", "https://huggingface.co/someone/gated-flux",
+                                     "hf auth login"]),
+]
+
+
+@pytest.mark.parametrize("model, hub, fragments", MODEL_CASES)
+def test_model_messages_tell_a_typo_from_a_network_failure(tmp_path, monkeypatch, model, hub, fragments):
+    import huggingface_hub
+
+    def hub_answers(*args, **kwargs):  # the network boundary: the hub's own exception types
+        raise _hub_error(hub or "unreachable")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub_answers)
+    result = invoke(["--model", model, "--prompt", "a dog", "--max-memory", "cpu=1GB", "--dry-run",
+                     "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    line = error_line(result)
+    for fragment in fragments:
+        assert fragment in line
+    assert "hf download" not in line  # a plain download would fetch the 23.8 GB root file too
+    assert not (tmp_path / "out").exists()
+
+
+def test_offline_hub_id_says_hf_hub_offline(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "flux_sharded", "--model", "no-such-user/no-such-model", "--prompt", "a dog",
+         "--max-memory", "cpu=1GB", "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")},
+    )
+    assert result.returncode == 2
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
+    assert "could not be reached (HF_HUB_OFFLINE is set and it is not in the Hugging Face cache)" in line
+    assert "hf download" not in line
+    assert not (tmp_path / "out").exists()
+
+
+SIZE_CASES = [
+    # (height, width, message)
+    ("50", "64", "--height 50 is not a positive multiple of 16 (the VAE's scale factor 8 x 2 for latent packing); "
+                 "try --height 48"),
+    ("64", "8", "--width 8 is not a positive multiple of 16"),
+    ("50", "70", "--height 50 and --width 70 are not positive multiples of 16 (the VAE's scale factor 8 x 2 for "
+                 "latent packing); try --height 48 --width 64"),
+]
+
+
+@pytest.mark.parametrize("height, width, message", SIZE_CASES)
+def test_every_wrong_size_is_named_at_once(tiny_checkpoint, tmp_path, height, width, message):
+    result = invoke(["--model", str(tiny_checkpoint), "--prompt", "a dog", "--max-memory", "cpu=1GB",
+                     "--height", height, "--width", width, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert message in error_line(result)
+    assert not (tmp_path / "out").exists()
+
+
+def _fake_run(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "run.json").write_text("{}")
+    return folder
+
+
+@pytest.mark.parametrize(
+    "runs, given, message",
+    [
+        (["out/.flux-sharded/run-aaa"], "out",
+         "is an output folder, not a run folder; continue the run inside it with "
+         "`flux-sharded --resume {tmp}/out/.flux-sharded/run-aaa`"),
+        (["out/.flux-sharded/run-aaa"], "out/.flux-sharded",
+         "continue the run inside it with `flux-sharded --resume {tmp}/out/.flux-sharded/run-aaa`"),
+        (["out/.flux-sharded/run-aaa", "out/.flux-sharded/run-bbb"], "out",
+         "it holds 2 runs: {tmp}/out/.flux-sharded/run-aaa, {tmp}/out/.flux-sharded/run-bbb; give one of them"),
+        ([], "out", "is not a flux-sharded run folder (no run.json)"),
+    ],
+)
+def test_resume_given_the_output_folder_names_the_run_inside(tmp_path, runs, given, message):
+    (tmp_path / "out").mkdir()
+    for run in runs:
+        _fake_run(tmp_path / run)
+    result = invoke(["--resume", str(tmp_path / given)])
+    assert result.exit_code == 2, result.output
+    assert message.format(tmp=tmp_path) in error_line(result)
