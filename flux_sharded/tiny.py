@@ -251,11 +251,33 @@ def _build_real_shape(out_dir: Path, name: str, seed: int, device: str, dtype: s
     return _save(pipeline, out_dir)
 
 
+# Written into every checkpoint this module builds: only a folder holding it may be replaced.
+MARKER = ".flux-sharded-tiny"
+
+
+class NotOurFolder(Exception):
+    """The target folder holds something this builder did not write."""
+
+
+def check_replaceable(out_dir: Path) -> None:
+    """A folder may be (re)built if it is absent, empty, or a checkpoint this module built."""
+    if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
+        raise NotOurFolder(f"{out_dir} is not a folder; give a new or empty folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MARKER).is_file():
+        raise NotOurFolder(
+            f"{out_dir} is not empty and is not a checkpoint this builder made (no {MARKER} in it); "
+            "give a new or empty folder, or remove that folder yourself"
+        )
+
+
 def _save(pipeline, out_dir: Path) -> Path:
+    check_replaceable(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         pipeline.save_pretrained(staging, safe_serialization=True)
+        (staging / MARKER).write_text("built by python -m flux_sharded.tiny: this folder may be replaced by it\n")
+        check_replaceable(out_dir)  # again: the build took a while
         if out_dir.exists():
             shutil.rmtree(out_dir)
         staging.rename(out_dir)
@@ -267,7 +289,7 @@ def _save(pipeline, out_dir: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flux_sharded.tiny", description=__doc__.split("\n\n")[0])
-    parser.add_argument("out_dir", help="folder to write (replaced if it exists)")
+    parser.add_argument("out_dir", help="folder to write (a new or empty one, or a checkpoint built here earlier)")
     parser.add_argument("--vae-scale-factor", type=int, default=8, help="VAE downsampling: 1, 2, 4, 8, ...")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and tokenizer corpus")
     parser.add_argument("--preset", choices=sorted([*PRESETS, *REAL_SHAPES]), default="tiny",
@@ -276,6 +298,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                         help="dtype of the saved weights (the hub's FLUX.1 files are bfloat16)")
     args = parser.parse_args(argv)
+    try:
+        check_replaceable(Path(args.out_dir))
+    except NotOurFolder as error:
+        print(f"Error: {error}", file=sys.stderr)
+        return 2
     import diffusers.utils.logging
     import transformers.utils.logging
 

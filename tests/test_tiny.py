@@ -25,3 +25,18 @@ def test_real_shapes_have_the_published_parameter_counts(monkeypatch, tmp_path, 
 def test_tiny_checkpoint_reads_back_as_flux(tiny_checkpoint, tiny_checkpoint_f2):
     assert resolve_checkpoint(str(tiny_checkpoint)).vae_scale_factor == 8
     assert resolve_checkpoint(str(tiny_checkpoint_f2)).size_multiple == 4
+
+
+def test_the_builder_refuses_a_folder_it_did_not_build(tmp_path, capsys):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "thesis.txt").write_text("years of work")
+    assert tiny.main([str(folder)]) == 2
+    assert f"Error: {folder} is not empty and is not a checkpoint this builder made" in capsys.readouterr().err
+    assert [path.name for path in folder.iterdir()] == ["thesis.txt"]
+
+
+def test_the_builder_may_replace_its_own_build(tiny_checkpoint, tmp_path):
+    assert (tiny_checkpoint / tiny.MARKER).is_file()
+    tiny.check_replaceable(tiny_checkpoint)  # raises NotOurFolder otherwise
+    tiny.check_replaceable(tmp_path / "new")
