@@ -152,24 +152,10 @@ def read_checkpoint(model: str, path: Path) -> Checkpoint:
             f"--model: '{model}' is not a FLUX.1 diffusers checkpoint (missing {what}); "
             f"give a folder saved by FluxPipeline.save_pretrained or a hub id such as {DEFAULT_MODEL}"
         )
-    index = _read_json(path / "model_index.json", model)
-    if "Flux" not in str(index.get("_class_name", "")):
-        raise CheckpointError(
-            f"--model: '{model}' holds a {index.get('_class_name')}, not a FluxPipeline; give a FLUX.1 checkpoint"
-        )
-    return Checkpoint(
-        model=model,
-        path=path,
-        transformer_config=_read_json(path / REQUIRED_FILES["transformer"], model),
-        vae_config=_read_json(path / REQUIRED_FILES["vae"], model),
-    )
+    from .validate import check_checkpoint_configs
 
-
-def _read_json(file: Path, model: str) -> dict:
-    try:
-        return json.loads(file.read_text())
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"--model: '{model}': cannot read {file.name} ({error}); the checkpoint is damaged") from None
+    transformer_config, vae_config = check_checkpoint_configs(model, path)
+    return Checkpoint(model=model, path=path, transformer_config=transformer_config, vae_config=vae_config)
 
 
 WEIGHT_COMPONENTS = ("text_encoder", "text_encoder_2", "transformer", "vae")

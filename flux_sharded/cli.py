@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import traceback
 from pathlib import Path
 
 import click
@@ -28,6 +30,7 @@ DEFAULT_STEPS = 28
 DEFAULT_GUIDANCE = 3.5
 DEFAULT_MAX_SEQUENCE_LENGTH = 512
 EXIT_INTERRUPTED = 130  # the shell's code for a process stopped by Ctrl-C
+DEBUG_VARIABLE = "FLUX_SHARDED_DEBUG"  # =1: an error also prints the traceback of its cause
 # Options that decide the pixels: on --resume they come from the run folder, and one given on the
 # command line must agree with it.
 SAVED_OPTIONS = ("prompts", "prompts_file", "num_images_per_prompt", "seed", "model", "steps", "guidance", "height",
@@ -136,6 +139,8 @@ def main(ctx: click.Context, **options):
     except FluxShardedError as error:
         # Under several processes each one says what stopped it (the launcher then stops the rest).
         prefix = f"[process {process.index}] " if process is not None and process.several else ""
+        if os.environ.get(DEBUG_VARIABLE) == "1":
+            traceback.print_exception(error.__cause__ or error.__context__ or error)
         click.echo(f"Error: {prefix}{error}", err=True)
         sys.exit(error.exit_code)
     except KeyboardInterrupt:
@@ -257,6 +262,8 @@ def _run(request, options: dict, process) -> None:
                    f"activations are estimates with a {ACTIVATION_MARGIN - 1:.0%} margin (flux_sharded/activations.py)")
     else:
         check_gpus(budget, _gpu_count())
+        if options["report_path"] is not None:
+            runner.check_report_path(request, options["report_path"])
         report = runner.execute(request, log=lambda message: click.echo(message, err=True), process=process)
         refusal = None
         if report is None:  # not the main process: the main one reports for everyone

@@ -37,3 +37,10 @@ class OutputError(FluxShardedError):
     """An image or a stage checkpoint could not be written (a full disk, a folder gone or locked)."""
 
     exit_code = 4
+
+
+class StageError(FluxShardedError):
+    """A stage failed for a reason that is neither the user's input nor memory nor a write (a bug,
+    a library failure); the message names the stage and the cause, and the way to continue."""
+
+    exit_code = 1

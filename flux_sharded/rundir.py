@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
 from .budget import Budget, budget_to_json
-from .errors import SettingsError
+from .errors import OutputError, SettingsError
 from .files import atomic_write
 from .handoff import GenerationSettings, Handoff
+from .validate import JsonFields, check_handoff_tensors, expected_tensors, saved_run_fields, settings_fields
 
 RUN_FILE = "run.json"
 FORMAT = 1
@@ -51,6 +53,7 @@ class SavedRun:
     out_dir: Path
     offload_folder: Path | None
     processes: int
+    weights: dict | None = None  # checkpoint.weights_fingerprint of the weights the run used
 
 
 def write_run(run_dir: Path, saved: SavedRun) -> None:
@@ -61,34 +64,72 @@ def write_run(run_dir: Path, saved: SavedRun) -> None:
         "out_dir": str(saved.out_dir.absolute()),
         "offload_folder": str(saved.offload_folder.absolute()) if saved.offload_folder else None,
         "processes": saved.processes,
+        "weights": saved.weights,
     }
-    atomic_write(run_dir / RUN_FILE, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
+    path = run_dir / RUN_FILE
+    try:
+        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
+    except OSError as error:
+        raise OutputError(f"could not write {path} ({error.strerror or error}); nothing was run yet: free some "
+                          "space or fix the folder, then run the same command again") from None
 
 
-def clear_run(run_dir: Path) -> None:
-    """Remove the files of an earlier run (ours only: run.json and the stages' handoffs)."""
+def our_files(run_dir: Path, processes: int) -> list[Path]:
+    """Every file a run of `processes` processes writes in its run folder, by exact name."""
+    names = [RUN_FILE]
     for stage in SAVED_STAGES:
-        for path in run_dir.glob(f"{stage}*"):
-            if path.suffix in (".safetensors", ".json"):
-                path.unlink(missing_ok=True)  # machines sharing the folder clear it at the same time
-    (run_dir / RUN_FILE).unlink(missing_ok=True)
+        for index in range(processes):
+            stem = handoff_path(run_dir, stage, index, processes).name
+            names += [f"{stem}.safetensors", f"{stem}.json"]
+    return [run_dir / name for name in names]
+
+
+def clear_run(run_dir: Path, processes: int) -> None:
+    """Remove the files of an earlier run, ours only and by exact name (the earlier run may have had
+    another number of processes: its run.json says how many)."""
+    counts = {processes}
+    try:
+        counts.add(read_run(run_dir).processes)
+    except SettingsError:  # no run.json, or a damaged one: the names of this run's process count
+        pass
+    for count in counts:
+        for path in our_files(run_dir, count):
+            path.unlink(missing_ok=True)  # machines sharing the folder clear it at the same time
+
+
+def remove_stale_temporaries(folder: Path, names: list[str]) -> list[Path]:
+    """Remove `.NAME.tmp-PID-XXXX` files that files.atomic_write left for one of `names` when its
+    process was killed mid-write; a process of this machine still alive keeps its own. Returns them."""
+    wanted = {f".{name}.tmp-" for name in names}
+    removed = []
+    for path in folder.glob(".*.tmp-*") if folder.is_dir() else ():
+        prefix, _, rest = path.name.rpartition(".tmp-")
+        pid = rest.split("-")[0]
+        if f"{prefix}.tmp-" in wanted and pid.isdigit() and not _alive(int(pid)):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def read_run(run_dir: Path) -> SavedRun:
+    """run.json, every field checked (validate.saved_run_fields); raises SettingsError naming the field."""
     where = f"--resume '{run_dir}'"
     if not run_dir.is_dir():
         raise SettingsError(f"{where} is not a folder; give the run folder a run printed (it holds {RUN_FILE})")
     try:
-        data = json.loads((run_dir / RUN_FILE).read_text())
-        if data.get("format") != FORMAT:
-            raise ValueError(f"format {data.get('format')}")
-        return SavedRun(
-            settings=GenerationSettings.from_json(data["settings"]),
-            budget={int(key) if key.isdigit() else key: int(value) for key, value in data["max_memory"].items()},
-            out_dir=Path(data["out_dir"]),
-            offload_folder=Path(data["offload_folder"]) if data.get("offload_folder") else None,
-            processes=int(data["processes"]),
-        )
+        data = json.loads((run_dir / RUN_FILE).read_text(encoding="utf-8"))
     except FileNotFoundError:
         runs = _runs_inside(run_dir)
         if len(runs) == 1:
@@ -98,8 +139,18 @@ def read_run(run_dir: Path) -> SavedRun:
             raise SettingsError(f"{where} is an output folder, not a run folder; it holds {len(runs)} runs: "
                                 f"{', '.join(map(str, runs))}; give one of them to --resume") from None
         raise SettingsError(f"{where} is not a flux-sharded run folder (no {RUN_FILE}); give the folder a run printed") from None
-    except (OSError, ValueError, KeyError, TypeError) as error:
+    except (OSError, ValueError) as error:
         raise SettingsError(f"{where}: {RUN_FILE} cannot be read ({error}); the folder is damaged: start a new run") from None
+    fields = saved_run_fields(data, f"{where}: {RUN_FILE}",
+                              "the file was edited or damaged: start a new run (or restore the file)", FORMAT)
+    return SavedRun(
+        settings=GenerationSettings(**fields["settings"]),
+        budget=fields["budget"],
+        out_dir=fields["out_dir"],
+        offload_folder=fields["offload_folder"],
+        processes=fields["processes"],
+        weights=fields["weights"],
+    )
 
 
 def handoff_path(run_dir: Path, stage: str, process_index: int, process_count: int) -> Path:
@@ -108,10 +159,45 @@ def handoff_path(run_dir: Path, stage: str, process_index: int, process_count: i
     return run_dir / name
 
 
-def last_handoff(run_dir: Path, process_index: int, process_count: int) -> Handoff | None:
-    """The handoff of the latest finished stage this process saved, if any."""
-    for stage in reversed(SAVED_STAGES):
+def last_handoff(run_dir: Path, process_index: int, process_count: int, settings: GenerationSettings,
+                 transformer_config: dict, vae_scale_factor: int) -> Handoff | None:
+    """The handoff of the latest finished stage this process saved, if any, checked against the
+    run's `settings` (this process's share) and the model's configs; raises SettingsError naming
+    the damaged file and which files to delete to redo that stage."""
+    for position in reversed(range(len(SAVED_STAGES))):
+        stage = SAVED_STAGES[position]
         path = handoff_path(run_dir, stage, process_index, process_count)
-        if path.with_suffix(".json").exists() and path.with_suffix(".safetensors").exists():
-            return Handoff.load(path)
+        tensors_file, meta_file = path.with_suffix(".safetensors"), path.with_suffix(".json")
+        if not (tensors_file.exists() or meta_file.exists()):
+            continue
+        redo = f"{'the start' if position == 0 else SAVED_STAGES[position - 1]}"
+        fix = (f"delete {tensors_file.name} and {meta_file.name} in {run_dir} to redo {stage} from {redo}, "
+               "then resume again")
+        for file in (tensors_file, meta_file):
+            if not file.is_file():
+                raise SettingsError(f"--resume: {file} is missing or not a file; {fix}")
+        try:
+            meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise SettingsError(f"--resume: {meta_file} cannot be read ({error}); {fix}") from None
+        meta_fields = JsonFields(meta, f"--resume: {meta_file}", fix)
+        saved_settings = GenerationSettings(**settings_fields(meta_fields.object("settings"), meta_fields.where, fix))
+        finished = meta_fields.list_of("finished_stages", lambda s: isinstance(s, str), "stage names")
+        if tuple(finished) != SAVED_STAGES[: position + 1]:
+            meta_fields.fail(f"is {finished}, not {list(SAVED_STAGES[: position + 1])}", "finished_stages")
+        if saved_settings != settings:
+            raise SettingsError(
+                f"--resume: {meta_file} belongs to other settings or another share of the images than this "
+                f"process's (resume with the same number of processes as the run had); {fix}"
+            )
+        try:
+            from safetensors.torch import load_file
+
+            tensors = load_file(tensors_file)
+        except Exception as error:  # safetensors raises its own SafetensorError, OSError, ...
+            reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+            raise SettingsError(f"--resume: {tensors_file} cannot be read ({reason}); {fix}") from None
+        expected = expected_tensors(stage, settings, transformer_config, vae_scale_factor)
+        check_handoff_tensors(tensors, expected, settings.torch_dtype, f"--resume: {tensors_file}", fix)
+        return Handoff(settings=saved_settings, finished_stages=tuple(finished), **tensors)
     return None

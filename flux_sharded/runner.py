@@ -28,15 +28,33 @@ from tqdm.auto import tqdm
 from .budget import Budget, budget_to_json, format_budget, format_bytes
 from .checkpoint import Checkpoint, check_weight_files, resolve_checkpoint
 from .distributed import Process, finish, gather, share, wait_for_everyone
-from .errors import OutputError, PlanError, SettingsError, StageOutOfMemory
+from .errors import FluxShardedError, OutputError, PlanError, SettingsError, StageError, StageOutOfMemory
 from .files import check_writable_folder
 from .handoff import GenerationSettings, Handoff
 from .images import image_paths, save_png
 from .memory import PeakMemory, flush
 from .plan import PlanInputs, RunPlan, check_free_cpu_memory, check_free_gpu_memory, plan_run
 from .report import RunReport, StageReport
-from .rundir import RUN_FILE, SavedRun, clear_run, default_run_dir, handoff_path, last_handoff, write_run
+from .rundir import (
+    RUN_FILE,
+    SavedRun,
+    clear_run,
+    default_run_dir,
+    handoff_path,
+    last_handoff,
+    our_files,
+    read_run,
+    remove_stale_temporaries,
+    write_run,
+)
 from .stages import STAGES, decode
+from .validate import (
+    check_prompts,
+    check_same_weights,
+    check_tokenizers,
+    fingerprint_digest,
+    weights_fingerprint,
+)
 
 SINGLE_PROCESS = Process(index=0, count=1)
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # torch.Generator.manual_seed's range (int64 or uint64)
@@ -68,6 +86,7 @@ def check_settings(request: RunRequest) -> None:
     settings, multiple = request.settings, request.checkpoint.size_multiple
     if not settings.prompts:
         raise SettingsError("no prompt given; pass --prompt TEXT (repeatable)")
+    check_prompts(settings.prompts)
     if any(not prompt.strip() for prompt in settings.prompts):
         raise SettingsError("--prompt: an empty prompt cannot be generated; give some text")
     for index, seed in enumerate(settings.seeds):
@@ -101,6 +120,11 @@ def check_settings(request: RunRequest) -> None:
 def check_request(request: RunRequest, keep_created_folders: bool = False) -> list[Path]:
     """check_settings, then the output folders; returns the image paths of the whole run."""
     check_settings(request)
+    if request.resume and not request.out_dir.is_dir():  # run.json's out_dir is absolute (rundir.read_run)
+        raise SettingsError(
+            f"--resume: the run's image folder {request.out_dir} (run.json 'out_dir') does not exist; create it "
+            f"(mkdir -p {shlex.quote(str(request.out_dir))}) if the images belong there, or start a new run with --out"
+        )
     check_writable_folder(request.out_dir, "--out", keep_created_folders)
     check_writable_folder(request.run_folder, "--run-dir", keep_created_folders)
     if request.offload_folder is not None:
@@ -118,6 +142,18 @@ def check_request(request: RunRequest, keep_created_folders: bool = False) -> li
             "start it again with --overwrite, or give another --run-dir"
         )
     return paths
+
+
+def check_report_path(request: RunRequest, report_path: Path) -> None:
+    """--report may not replace one of the run's images nor land in its run folder."""
+    report = report_path.absolute()
+    settings = request.settings
+    images = image_paths(request.out_dir.absolute(), settings.image_indices, settings.prompts, settings.seeds)
+    if report in images:
+        raise SettingsError(f"--report {report_path} is one of this run's images; give another file, e.g. report.json")
+    if request.run_folder.absolute() in report.parents:
+        raise SettingsError(f"--report {report_path} is inside the run folder {request.run_folder}, which holds the "
+                            "run's own files; give a file outside it")
 
 
 def plan_inputs(request: RunRequest) -> PlanInputs:
@@ -151,30 +187,52 @@ def execute(request: RunRequest, log: Callable[[str], None] = lambda message: No
     """Run this process's share of the images; the main process returns the whole run's report."""
     paths = check_request(request, keep_created_folders=process.several)
     plan = plan_run(plan_inputs(request), request.budget)
-    resumed = last_handoff(request.run_folder, process.index, process.count) if request.resume else None
+    positions = share(process, len(request.settings.prompts))
+    saved_run = read_run(request.run_folder) if request.resume else None
+    if saved_run is not None and saved_run.processes != process.count:
+        raise SettingsError(
+            f"--resume: the run in {request.run_folder} had {saved_run.processes} process(es), this one "
+            f"{process.count}: its checkpoints hold other shares of the images; resume it with "
+            f"{saved_run.processes} process(es)"
+        )
+    resumed = None
+    if saved_run is not None:
+        resumed = last_handoff(request.run_folder, process.index, process.count, request.settings.subset(positions),
+                               request.checkpoint.transformer_config, request.checkpoint.vae_scale_factor)
     to_run = [stage.NAME for stage in STAGES if resumed is None or stage.NAME not in resumed.finished_stages]
     for note in check_free_gpu_memory(plan, free_gpu_bytes(request.budget), to_run):
         log(note)
     for note in check_free_cpu_memory(plan, psutil.virtual_memory().available, to_run):
         log(note)
+    if request.checkpoint.transformer_config.get("guidance_embeds") is False and process.is_main:
+        log(f"note: {request.checkpoint.model}'s transformer has no guidance embedding (guidance_embeds false, as "
+            f"FLUX.1-schnell): --guidance {request.settings.guidance} has no effect")
     # One process per machine downloads (if needed) into that machine's cache and prepares its run
-    # folder (other machines may not share its disks); then the others read them.
+    # folder (other machines may not share its disks); then the others read them. Everything
+    # checkable is checked before run.json is written.
     if process.is_local_main:
         checkpoint = resolve_checkpoint(request.checkpoint.model, need_weights=True)
         check_weight_files(checkpoint)
+        check_tokenizers(checkpoint.model, checkpoint.path)
+        fingerprint = weights_fingerprint(checkpoint.path)
+        if saved_run is not None:
+            check_same_weights(saved_run.weights, fingerprint, checkpoint.model, request.run_folder)
+        remove_stale_temporaries(request.run_folder, [path.name for path in our_files(request.run_folder, process.count)])
+        remove_stale_temporaries(request.out_dir, [path.name for path in paths])
         if not request.resume:
-            clear_run(request.run_folder)  # an earlier run's handoffs must not be resumed into this one
+            clear_run(request.run_folder, process.count)  # an earlier run's handoffs must not be resumed into this one
             write_run(request.run_folder, SavedRun(request.settings, request.budget, request.out_dir,
-                                                   request.offload_folder, process.count))
+                                                   request.offload_folder, process.count, fingerprint))
     wait_for_everyone(process)
     if not process.is_local_main:
         checkpoint = resolve_checkpoint(request.checkpoint.model, need_weights=True)
-    positions = share(process, len(request.settings.prompts))
+        fingerprint = weights_fingerprint(checkpoint.path)
     # This process's share; the run folder stays the whole run's (its default hashes the settings).
     mine = dataclasses.replace(request, settings=request.settings.subset(positions), run_dir=request.run_folder)
     report = RunReport(budget=budget_to_json(request.budget))
     if positions:
-        report = _execute_plan(mine, checkpoint, plan, [paths[p] for p in positions], log, process, resumed)
+        report = _execute_plan(mine, checkpoint, plan, [paths[p] for p in positions], log, process, resumed,
+                               fingerprint_digest(fingerprint))
     reports = gather(process, report)
     finish(process)
     if not process.is_main:
@@ -185,7 +243,7 @@ def execute(request: RunRequest, log: Callable[[str], None] = lambda message: No
 
 
 def _execute_plan(request: RunRequest, checkpoint: Checkpoint, plan: RunPlan, paths: list[Path], log,
-                  process: Process, resumed: Handoff | None) -> RunReport:
+                  process: Process, resumed: Handoff | None, weights: str) -> RunReport:
     settings = request.settings
     report = RunReport(budget=budget_to_json(request.budget))
     handoff = resumed if resumed is not None else Handoff(settings=settings)
@@ -222,7 +280,8 @@ def _execute_plan(request: RunRequest, checkpoint: Checkpoint, plan: RunPlan, pa
             for image, position in zip(stage_report.output, missing, strict=True):
                 prompt, seed = settings.prompts[position], settings.seeds[position]
                 with _writing(paths[position], request, saved):
-                    save_png(image, paths[position], _png_metadata(settings, prompt, seed, request.budget))
+                    save_png(image, paths[position], _png_metadata(settings, prompt, seed, request.budget, weights,
+                                                                   checkpoint.transformer_config))
         else:
             handoff = stage_report.output
             target = handoff_path(request.run_folder, stage.NAME, process.index, process.count)
@@ -264,8 +323,16 @@ def _run_stage(stage, request: RunRequest, checkpoint: Checkpoint, stage_plan, h
             stage_report.device_map = stage.device_map(loaded)
             output = stage.run(loaded, handoff, progress.update)
             finished = time.perf_counter()
-        except torch.OutOfMemoryError as error:
-            raise StageOutOfMemory(_out_of_memory_message(stage.NAME, error, request, stage_plan, saved)) from None
+        except FluxShardedError:
+            raise
+        except (torch.OutOfMemoryError, MemoryError) as error:
+            raise StageOutOfMemory(_out_of_memory_message(stage.NAME, error, request, stage_plan, saved)) from error
+        except RuntimeError as error:
+            if not _is_out_of_memory(error):
+                raise StageError(_failure_message(stage.NAME, error, request, saved)) from error
+            raise StageOutOfMemory(_out_of_memory_message(stage.NAME, error, request, stage_plan, saved)) from error
+        except Exception as error:  # a bug or a library's failure: say which stage, keep the work before it
+            raise StageError(_failure_message(stage.NAME, error, request, saved)) from error
         finally:
             loaded = None  # the only reference: the component is freed here, before the next stage
             progress.close()
@@ -297,12 +364,33 @@ def _writing(path: Path, request: RunRequest, saved: Path | None) -> Iterator[No
     """Turn a failed write (atomic: nothing half-written is left) into one message with the way on."""
     try:
         yield
-    except OSError as error:
+    except Exception as error:  # OSError, safetensors' SafetensorError on a full disk, PIL's own: a write failed
         kept = f"{saved}.safetensors holds the work before it" if saved else "nothing was kept"
+        reason = getattr(error, "strerror", None) or _first_line(error)
         raise OutputError(
-            f"could not write {path} ({error.strerror or error}); {kept}. Free some space or fix the folder, then "
+            f"could not write {path} ({reason}); {kept}. Free some space or fix the folder, then "
             f"continue with: {request.resume_command}"
-        ) from None
+        ) from error
+
+
+# PyTorch's CPU allocator raises a plain RuntimeError ("DefaultCPUAllocator: can't allocate memory"),
+# as do some CUDA paths (cuBLAS, cuDNN) with "out of memory" in the text.
+OUT_OF_MEMORY_TEXTS = ("can't allocate memory", "out of memory")
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    return any(text in str(error).lower() for text in OUT_OF_MEMORY_TEXTS)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:300]}" if text else type(error).__name__
+
+
+def _failure_message(stage: str, error: BaseException, request: RunRequest, saved: Path | None) -> str:
+    kept = f"{saved}.safetensors holds the work before it" if saved else "nothing was kept"
+    return (f"{stage} failed ({_first_line(error)}); {kept}. FLUX_SHARDED_DEBUG=1 shows the traceback; once the "
+            f"cause is fixed, continue with: {request.resume_command}")
 
 
 def _out_of_memory_message(stage: str, error: Exception, request: RunRequest, stage_plan, saved: Path | None) -> str:
@@ -319,14 +407,20 @@ def _out_of_memory_message(stage: str, error: Exception, request: RunRequest, st
     )
 
 
-def _png_metadata(settings: GenerationSettings, prompt: str, seed: int, budget: Budget) -> dict[str, str]:
+def _png_metadata(settings: GenerationSettings, prompt: str, seed: int, budget: Budget, weights: str,
+                  transformer_config: dict) -> dict[str, str]:
+    """Every setting that decides the pixels, and the weights (validate.fingerprint_digest)."""
+    guided = transformer_config.get("guidance_embeds", True)
     return {
         "prompt": prompt,
         "seed": str(seed),
         "steps": str(settings.steps),
-        "guidance": str(settings.guidance),
+        "guidance": str(settings.guidance) if guided else "none (the transformer has no guidance embedding)",
         "size": f"{settings.width}x{settings.height}",
+        "max_sequence_length": str(settings.max_sequence_length),
+        "batch_size": str(settings.batch_size),
         "model": settings.model,
+        "weights": weights,
         "dtype": settings.dtype,
         "max_memory": format_budget(budget),
         "software": "flux-sharded",

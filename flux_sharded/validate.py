@@ -1,0 +1,405 @@
+"""The one place that checks state read from disk before anything uses it.
+
+Everything here reads JSON, tokenizer files or safetensors headers, never builds a model: a
+damaged or hostile file is refused with one message naming the file, the field and the way out,
+before the run writes anything (run.json included).
+
+    checkpoint configs   model_index.json, each component's config.json: types, sane ranges, and
+                         the dimensions the components share (T5 width = the transformer's
+                         joint_attention_dim, ...); a config with 100000 layers is refused before
+                         anything is built from it on the meta device
+    tokenizers           present and loadable, with a vocabulary that fits its text encoder
+    prompts              encodable as UTF-8 (a shell may pass undecodable bytes through)
+    run.json             every field's type and range (`saved_run_fields`)
+    stage checkpoints    readable, the tensor names, shapes and dtypes the settings and the
+                         model's configs imply, the settings and finished stages they belong to
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError, SettingsError
+
+# Generous ceilings, far above every FLUX.1 variant (19 double and 38 single blocks, width 3072,
+# T5 with 24 layers of width 4096 and 32128 tokens), yet small enough that building the component
+# on the meta device stays cheap: a config past them is damaged or hostile, not a bigger FLUX.
+MAX_LAYERS = 256
+MAX_WIDTH = 65536
+MAX_VOCAB = 1_000_000
+MAX_VAE_BLOCKS = 6  # a scale factor of 2**5 = 32; FLUX.1's VAE has 4 blocks (factor 8)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
+
+
+class JsonFields:
+    """Checks fields of one JSON object; every failure names the file, the field and the fix."""
+
+    def __init__(self, data, where: str, fix: str, error=SettingsError, prefix: str = ""):
+        self.where, self.fix, self.error, self.prefix = where, fix, error, prefix
+        if not isinstance(data, dict):
+            self.fail(f"holds a {type(data).__name__}, not a JSON object")
+        self.data = data
+
+    def fail(self, problem: str, field: str | None = None):
+        named = f" field '{self.prefix}{field}'" if field is not None else ""
+        raise self.error(f"{self.where}{named} {problem}; {self.fix}")
+
+    def _value(self, field: str, optional: bool):
+        if field not in self.data:
+            if optional:
+                return None
+            self.fail("is missing", field)
+        return self.data[field]
+
+    def integer(self, field: str, low: int | None = None, high: int | None = None, optional=False):
+        value = self._value(field, optional)
+        if value is None and optional:
+            return None
+        if not _is_int(value):
+            self.fail(f"is {json.dumps(value)}, not a whole number", field)
+        if (low is not None and value < low) or (high is not None and value > high):
+            self.fail(f"is {value}, outside {low if low is not None else '...'}..{high if high is not None else '...'}",
+                      field)
+        return value
+
+    def number(self, field: str, low: float | None = None, optional=False):
+        value = self._value(field, optional)
+        if value is None and optional:
+            return None
+        if not _is_number(value) or (low is not None and value < low):
+            self.fail(f"is {json.dumps(value)}, not a finite number" + (f" >= {low}" if low is not None else ""), field)
+        return value
+
+    def string(self, field: str, optional=False, choices=None):
+        value = self._value(field, optional)
+        if value is None and optional:
+            return None
+        if not isinstance(value, str) or (choices is not None and value not in choices):
+            allowed = f" (one of {', '.join(choices)})" if choices else ""
+            self.fail(f"is {json.dumps(value)}, not a text{allowed}", field)
+        return value
+
+    def boolean(self, field: str, optional=False):
+        value = self._value(field, optional)
+        if value is None and optional:
+            return None
+        if not isinstance(value, bool):
+            self.fail(f"is {json.dumps(value)}, not true or false", field)
+        return value
+
+    def list_of(self, field: str, check, what: str, low_length: int = 0, high_length: int | None = None,
+                optional=False):
+        value = self._value(field, optional)
+        if value is None and optional:
+            return None
+        if not isinstance(value, list) or not all(check(item) for item in value):
+            self.fail(f"is {json.dumps(value)[:80]}, not a list of {what}", field)
+        if len(value) < low_length or (high_length is not None and len(value) > high_length):
+            self.fail(f"has {len(value)} entries, not {low_length}..{high_length if high_length else '...'}", field)
+        return value
+
+    def object(self, field: str, optional=False):
+        value = self._value(field, optional)
+        if value is None and optional:
+            return None
+        if not isinstance(value, dict):
+            self.fail(f"is {json.dumps(value)[:80]}, not a JSON object", field)
+        return value
+
+
+# ---------------------------------------------------------------- checkpoint configs
+
+
+def _read_config(path: Path, model: str):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise CheckpointError(
+            f"--model: '{model}': cannot read {path.parent.name}/{path.name} ({error}); the checkpoint is damaged: "
+            "fetch that file again"
+        ) from None
+
+
+def check_checkpoint_configs(model: str, path: Path) -> tuple[dict, dict]:
+    """model_index.json and every component's config.json, within sane bounds and consistent with
+    each other. Returns (transformer config, VAE config). Raises CheckpointError."""
+    fix = "the checkpoint is damaged or not FLUX.1: fetch that file again or give another --model"
+
+    def fields(data, file: str) -> JsonFields:
+        return JsonFields(data, f"--model: '{model}': {file}", fix, CheckpointError)
+
+    index = fields(_read_config(path / "model_index.json", model), "model_index.json")
+    if "Flux" not in str(index.data.get("_class_name", "")):
+        raise CheckpointError(
+            f"--model: '{model}' holds a {index.data.get('_class_name')}, not a FluxPipeline; give a FLUX.1 checkpoint"
+        )
+    configs = {name: _read_config(path / name / "config.json", model)
+               for name in ("transformer", "vae", "text_encoder", "text_encoder_2")}
+    transformer = fields(configs["transformer"], "transformer/config.json")
+    for name in ("num_layers", "num_single_layers"):
+        transformer.integer(name, 0, MAX_LAYERS)
+    heads = transformer.integer("num_attention_heads", 1, MAX_WIDTH)
+    head_dim = transformer.integer("attention_head_dim", 1, MAX_WIDTH)
+    if heads * head_dim > MAX_WIDTH:
+        transformer.fail(f"times num_attention_heads is {heads * head_dim}, over {MAX_WIDTH}", "attention_head_dim")
+    in_channels = transformer.integer("in_channels", 4, MAX_WIDTH)
+    if in_channels % 4:
+        transformer.fail(f"is {in_channels}, not a multiple of 4 (2x2 latent packing)", "in_channels")
+    transformer.integer("patch_size", 1, 1, optional=True)
+    joint = transformer.integer("joint_attention_dim", 1, MAX_WIDTH)
+    pooled = transformer.integer("pooled_projection_dim", 1, MAX_WIDTH)
+    transformer.boolean("guidance_embeds", optional=True)
+    rope = transformer.list_of("axes_dims_rope", _is_int, "whole numbers", 3, 3, optional=True)
+    if rope is not None and sum(rope) != head_dim:
+        transformer.fail(f"sums to {sum(rope)}, not attention_head_dim {head_dim}", "axes_dims_rope")
+
+    vae = fields(configs["vae"], "vae/config.json")
+    vae.list_of("block_out_channels", lambda c: _is_int(c) and 1 <= c <= MAX_WIDTH, "whole numbers 1..65536",
+                1, MAX_VAE_BLOCKS)
+    latent_channels = vae.integer("latent_channels", 1, MAX_WIDTH)
+    vae.integer("layers_per_block", 1, MAX_LAYERS, optional=True)
+    vae.number("scaling_factor")
+    if vae.data.get("shift_factor") is not None:
+        vae.number("shift_factor")
+    if 4 * latent_channels != in_channels:
+        vae.fail(f"is {latent_channels}, but the transformer takes in_channels {in_channels} = 4 x latent_channels",
+                 "latent_channels")
+
+    clip = fields(configs["text_encoder"], "text_encoder/config.json")
+    clip_width = clip.integer("hidden_size", 1, MAX_WIDTH)
+    clip.integer("num_hidden_layers", 1, MAX_LAYERS)
+    clip.integer("intermediate_size", 1, 4 * MAX_WIDTH)
+    clip.integer("vocab_size", 1, MAX_VOCAB)
+    clip.integer("max_position_embeddings", 1, MAX_WIDTH)
+    if clip_width != pooled:
+        clip.fail(f"is {clip_width}, but the transformer's pooled_projection_dim is {pooled}", "hidden_size")
+    t5 = fields(configs["text_encoder_2"], "text_encoder_2/config.json")
+    t5_width = t5.integer("d_model", 1, MAX_WIDTH)
+    t5.integer("num_layers", 1, MAX_LAYERS)
+    t5.integer("d_ff", 1, 4 * MAX_WIDTH)
+    t5.integer("vocab_size", 1, MAX_VOCAB)
+    t5.integer("num_heads", 1, MAX_WIDTH)
+    t5.integer("d_kv", 1, MAX_WIDTH)
+    if t5_width != joint:
+        t5.fail(f"is {t5_width}, but the transformer's joint_attention_dim is {joint}", "d_model")
+    return configs["transformer"], configs["vae"]
+
+
+# ---------------------------------------------------------------- tokenizers
+
+# (folder, text encoder folder, the files one of which must be there for the tokenizer to be whole)
+TOKENIZERS = (
+    ("tokenizer", "text_encoder", (("vocab.json", "merges.txt"), ("tokenizer.json",))),
+    ("tokenizer_2", "text_encoder_2", (("tokenizer.json",), ("spiece.model",))),
+)
+# A whole tokenizer knows far more tokens than its special ones (<pad>, </s>, <unk>, ...);
+# transformers builds a tokenizer of the special tokens alone when its vocabulary file is missing.
+MIN_TOKENIZER_VOCAB = 16
+
+
+def check_tokenizers(model: str, path: Path) -> None:
+    """Both tokenizers have their vocabulary files, load, and give ids their text encoder has."""
+    from transformers import AutoTokenizer
+
+    for folder, encoder, alternatives in TOKENIZERS:
+        where = f"--model: '{model}': {folder}"
+        fix = f"the checkpoint is incomplete: fetch its {folder} folder again"
+        if not any(all((path / folder / file).is_file() for file in files) for files in alternatives):
+            wanted = " or ".join(" and ".join(files) for files in alternatives)
+            raise CheckpointError(f"{where} lacks {wanted}; {fix}")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path / folder)
+        except Exception as error:  # tokenizers and transformers raise many types; each means "damaged"
+            reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+            raise CheckpointError(f"{where} cannot be loaded ({reason}); {fix}") from None
+        vocab = _read_config(path / encoder / "config.json", model)["vocab_size"]
+        if not MIN_TOKENIZER_VOCAB <= len(tokenizer) <= vocab:
+            raise CheckpointError(
+                f"{where} has {len(tokenizer)} tokens, not {MIN_TOKENIZER_VOCAB}..{vocab} (the vocab_size of "
+                f"{encoder}/config.json); {fix}"
+            )
+
+
+# ---------------------------------------------------------------- prompts
+
+
+def check_prompts(prompts) -> None:
+    """Every prompt is text UTF-8 can encode (a shell passes undecodable bytes as lone surrogates)."""
+    for index, prompt in enumerate(prompts):
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise SettingsError(
+                f"--prompt: prompt {index} ({prompt.encode('utf-8', 'replace')[:40]!r}...) holds bytes that are not "
+                f"UTF-8 at character {error.start}; give the prompt as UTF-8 text"
+            ) from None
+
+
+# ---------------------------------------------------------------- run.json and stage checkpoints
+
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # torch.Generator.manual_seed's range (int64 or uint64)
+
+
+def settings_fields(data, where: str, fix: str, prefix: str = "settings.") -> dict:
+    """A GenerationSettings' JSON, checked: the keyword arguments to build it."""
+    from .handoff import DTYPES
+
+    settings = JsonFields(data, where, fix, prefix=prefix)
+    prompts = settings.list_of("prompts", lambda p: isinstance(p, str) and p.strip() != "", "non-empty texts", 1)
+    seeds = settings.list_of("seeds", lambda s: _is_int(s) and SEED_MIN <= s <= SEED_MAX,
+                             f"whole numbers {SEED_MIN}..{SEED_MAX}", len(prompts), len(prompts))
+    indices = settings.list_of("indices", lambda i: _is_int(i) and i >= 0, "whole numbers >= 0", optional=True) or []
+    if indices and len(indices) != len(prompts):
+        settings.fail(f"has {len(indices)} entries for {len(prompts)} prompts", "indices")
+    known = {"model", "prompts", "seeds", "steps", "guidance", "height", "width", "max_sequence_length", "dtype",
+             "indices", "batch_size"}
+    unknown = sorted(set(settings.data) - known)
+    if unknown:
+        settings.fail("is not a setting this version knows", unknown[0])
+    return dict(
+        model=settings.string("model"),
+        prompts=tuple(prompts),
+        seeds=tuple(seeds),
+        steps=settings.integer("steps", 1, 100_000),
+        guidance=float(settings.number("guidance", 0)),
+        height=settings.integer("height", 1, 2**20),
+        width=settings.integer("width", 1, 2**20),
+        max_sequence_length=settings.integer("max_sequence_length", 1, 512),
+        dtype=settings.string("dtype", choices=tuple(DTYPES)),
+        indices=tuple(indices),
+        batch_size=settings.integer("batch_size", 1, 2**20, optional=True) or 1,
+    )
+
+
+def saved_run_fields(data, where: str, fix: str, format_version: int) -> dict:
+    """run.json, checked: settings, budget, folders and process count (see rundir.write_run)."""
+    run = JsonFields(data, where, fix)
+    run.integer("format", format_version, format_version)
+    settings = settings_fields(run.object("settings"), where, fix)
+    budget = {}
+    for key, size in run.object("max_memory").items():
+        if not (key.isdigit() or key in ("cpu", "disk")) or not _is_int(size) or size <= 0:
+            run.fail(f"has {key!r}: {json.dumps(size)}; keys are GPU indices, cpu or disk, sizes positive bytes",
+                     "max_memory")
+        budget[int(key) if key.isdigit() else key] = size
+    if not budget:
+        run.fail("is empty; it needs at least one device", "max_memory")
+    out_dir = run.string("out_dir")
+    if not Path(out_dir).is_absolute():
+        run.fail(f"is {out_dir!r}, not an absolute path (a run folder records where its images go)", "out_dir")
+    offload_folder = run._value("offload_folder", optional=True)
+    if offload_folder is not None:
+        run.string("offload_folder")
+        if not Path(offload_folder).is_absolute():
+            run.fail(f"is {offload_folder!r}, not an absolute path", "offload_folder")
+    weights = run.object("weights", optional=True)
+    return dict(
+        settings=settings,
+        budget=budget,
+        out_dir=Path(out_dir),
+        offload_folder=Path(offload_folder) if offload_folder else None,
+        processes=run.integer("processes", 1, 100_000),
+        weights=weights,
+    )
+
+
+def expected_tensors(stage: str, settings, transformer_config: dict, vae_scale_factor: int) -> dict[str, tuple]:
+    """Name -> shape of every tensor a stage checkpoint holds, from the settings and the configs."""
+    count, tokens = len(settings.prompts), settings.max_sequence_length
+    shapes = {
+        "prompt_embeds": (count, tokens, transformer_config["joint_attention_dim"]),
+        "pooled_prompt_embeds": (count, transformer_config["pooled_projection_dim"]),
+        "text_ids": (tokens, 3),
+    }
+    if stage == "denoise":
+        patches = (settings.height // (2 * vae_scale_factor)) * (settings.width // (2 * vae_scale_factor))
+        shapes["latents"] = (count, patches, transformer_config["in_channels"])
+    return shapes
+
+
+def check_handoff_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, tuple], dtype: torch.dtype,
+                          where: str, fix: str) -> None:
+    """The tensors a stage checkpoint must hold, no more, each of the expected shape and dtype."""
+    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or extra:
+        what = (f"lacks {', '.join(missing)}" if missing else "") + (" and " if missing and extra else "") + (
+            f"holds unexpected {', '.join(extra)}" if extra else "")
+        raise SettingsError(f"{where} {what}; {fix}")
+    for name, shape in expected.items():
+        tensor = tensors[name]
+        if tuple(tensor.shape) != shape:
+            raise SettingsError(f"{where}: {name} has shape {tuple(tensor.shape)}, not {shape} (from the run's "
+                                f"settings and the model's configs); {fix}")
+        if tensor.dtype != dtype:
+            raise SettingsError(f"{where}: {name} is {str(tensor.dtype).removeprefix('torch.')}, not the run's "
+                                f"{str(dtype).removeprefix('torch.')}; {fix}")
+
+
+# ---------------------------------------------------------------- the weights a run used
+
+FINGERPRINT_FOLDERS = ("scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "transformer", "vae")
+FINGERPRINT_SUFFIXES = (".json", ".txt", ".model", ".safetensors")
+FINGERPRINT_SAMPLE_BYTES = 64 * 1024
+
+
+def weights_fingerprint(path: Path) -> dict:
+    """What decides the pixels in a checkpoint folder, per component: each file's name, size and
+    sha256; for a .safetensors file, of its header (every tensor's name, dtype, shape and byte
+    range) and the first and last FINGERPRINT_SAMPLE_BYTES of its data, which a re-seeded rebuild
+    of the same shapes changes (hashing all the weights would take minutes, this milliseconds);
+    plus the hub revision when the folder is a hub snapshot."""
+    import hashlib
+
+    fingerprint = {}
+    for folder in FINGERPRINT_FOLDERS:
+        files = {}
+        for file in sorted((path / folder).iterdir()) if (path / folder).is_dir() else ():
+            if file.suffix not in FINGERPRINT_SUFFIXES or not file.is_file():
+                continue
+            with open(file, "rb") as handle:
+                if file.suffix == ".safetensors":
+                    head = handle.read(8)
+                    data = head + handle.read(int.from_bytes(head, "little")) if len(head) == 8 else head
+                    data += handle.read(FINGERPRINT_SAMPLE_BYTES)
+                    handle.seek(max(handle.tell(), file.stat().st_size - FINGERPRINT_SAMPLE_BYTES))
+                    data += handle.read()
+                else:
+                    data = handle.read()
+            files[file.name] = {"bytes": file.stat().st_size, "sha256": hashlib.sha256(data).hexdigest()}
+        fingerprint[folder] = files
+    resolved = path.resolve()
+    if resolved.parent.name == "snapshots":  # the Hugging Face cache: snapshots/<commit hash>
+        fingerprint["revision"] = resolved.name
+    return fingerprint
+
+
+def fingerprint_digest(fingerprint: dict) -> str:
+    """A short name of a fingerprint, for the PNG metadata."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_same_weights(saved: dict | None, current: dict, model: str, run_dir: Path) -> None:
+    """A resume must use the weights that made the run's checkpoints; refuse naming the component."""
+    if saved is None:  # a run folder written before fingerprints were recorded
+        return
+    for component in sorted(set(saved) | set(current)):
+        if saved.get(component) != current.get(component):
+            what = "hub revision" if component == "revision" else f"{component} files"
+            raise SettingsError(
+                f"--resume: the {what} of --model '{model}' differ from those the run in {run_dir} used (run.json "
+                "'weights'); mixing them would give images neither weights make: restore those weights, or start a "
+                "new run with these"
+            )

@@ -1,0 +1,503 @@
+"""Faults and bad inputs, as a hostile or unlucky user meets them: one table, one assertion recipe.
+
+Every case asserts the exit code, exactly one `Error:` line naming the problem, no traceback, the
+user's own files (in the output folder and in the run folder) byte for byte untouched, nothing
+written before the refusal (a new run leaves no run.json), and, where the error names a way out,
+that following it gives the run's images, pixel-identical to an undisturbed run's.
+
+Runs share two session-built folders (a finished run, and the tiny checkpoint) and copy them per
+case, so each case costs one CLI call, plus one resume where the case is resumable.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+import safetensors.torch as safetensors_torch
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from flux_sharded import rundir
+from flux_sharded.cli import main
+from flux_sharded.stages import decode, denoise
+
+from .conftest import assert_same_pixels
+
+COMMON = ["--max-memory", "cpu=2GB", "--steps", "1", "--height", "32", "--width", "32", "--dtype", "float32"]
+PROMPTS = ("a dog", "a cat")
+# The user's own files, beside and inside the run's folders: no case may touch them. Their names
+# start like the tool's own (the run folder's used to be cleared by pattern).
+USER_FILES = {"out": ("notes.txt", "0000-mine.png"), "run": ("encode-notes.json", "denoise.txt", "run.json.bak")}
+
+
+def invoke(args):
+    return CliRunner().invoke(main, args)
+
+
+def prompt_args():
+    return [argument for prompt in PROMPTS for argument in ("--prompt", prompt)]
+
+
+@pytest.fixture(scope="session")
+def finished_run(tiny_checkpoint, tmp_path_factory) -> Path:
+    """An output folder after a whole run of PROMPTS (its images, run folder and both checkpoints)."""
+    out = tmp_path_factory.mktemp("finished") / "out"
+    result = invoke(["--model", str(tiny_checkpoint), *COMMON, "--out", str(out), *prompt_args()])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@dataclass
+class Workspace:
+    checkpoint: Path  # a copy, free to damage
+    out: Path
+    run_dir: Path
+    reference: list[Path]  # the undisturbed run's images
+    user_files: dict[Path, bytes] = field(default_factory=dict)
+
+    def resume(self):
+        return invoke(["--resume", str(self.run_dir)])
+
+    def new_run(self, *extra):
+        return invoke(["--model", str(self.checkpoint), *COMMON, "--out", str(self.out), *prompt_args(), *extra])
+
+
+@pytest.fixture
+def workspace(tiny_checkpoint, finished_run, tmp_path) -> Workspace:
+    """The finished run copied, its images removed (a run stopped before decode), run.json pointing
+    at the copies; a copy of the checkpoint; the user's files beside and inside."""
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(tiny_checkpoint, checkpoint)
+    out = tmp_path / "out"
+    shutil.copytree(finished_run, out)
+    reference_dir = tmp_path / "reference"
+    reference_dir.mkdir()
+    for image in out.glob("*.png"):
+        image.rename(reference_dir / image.name)
+    (run_dir,) = (out / ".flux-sharded").iterdir()
+    edit_json(run_dir / "run.json", lambda data: data.update(out_dir=str(out)))
+    for handoff in run_dir.glob("*.json"):  # each checkpoint names its model: point them at the copy
+        if handoff.name != "run.json":
+            edit_json(handoff, lambda data: data["settings"].update(model=str(checkpoint)))
+    edit_json(run_dir / "run.json", lambda data: data["settings"].update(model=str(checkpoint)))
+    space = Workspace(checkpoint, out, run_dir, sorted(reference_dir.glob("*.png")))
+    for where, names in USER_FILES.items():
+        for name in names:
+            path = (out if where == "out" else run_dir) / name
+            path.write_bytes(f"the user's own {name}".encode())
+            space.user_files[path] = path.read_bytes()
+    return space
+
+
+def edit_json(path: Path, change: Callable[[dict], object]) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+# ---------------------------------------------------------------- how each case damages things
+
+
+def run_json(change):
+    return lambda space: edit_json(space.run_dir / "run.json", change)
+
+
+def setting(name, value):
+    return run_json(lambda data: data["settings"].__setitem__(name, value))
+
+
+def dropped_setting(name):
+    return run_json(lambda data: data["settings"].pop(name))
+
+
+def top(name, value):
+    return run_json(lambda data: data.__setitem__(name, value))
+
+
+def write_file(relative: str, content: bytes):
+    def damage(space):
+        (space.run_dir / relative).write_bytes(content)
+    return damage
+
+
+def truncated(relative: str, keep: float = 0.5):
+    def damage(space):
+        path = space.run_dir / relative
+        data = path.read_bytes()
+        path.write_bytes(data[: int(len(data) * keep)])
+    return damage
+
+
+def tensors(stage: str, change: Callable[[dict], object]):
+    def damage(space):
+        path = space.run_dir / f"{stage}.safetensors"
+        loaded = load_file(path)
+        change(loaded)
+        save_file(loaded, path)
+    return damage
+
+
+def only_encode(damage=None):
+    """The run stopped after encode (denoise's checkpoint gone), then `damage`."""
+    def setup(space):
+        for suffix in (".safetensors", ".json"):
+            (space.run_dir / f"denoise{suffix}").unlink()
+        if damage:
+            damage(space)
+    return setup
+
+
+def config(component: str, change: Callable[[dict], object], file: str = "config.json"):
+    def damage(space):
+        edit_json(space.checkpoint / component / file, change)
+    return damage
+
+
+def model_file(relative: str, content: bytes | None):
+    def damage(space):
+        path = space.checkpoint / relative
+        path.unlink()
+        if content is not None:
+            path.write_bytes(content)
+    return damage
+
+
+def symlink_to_nowhere(relative: str):
+    def damage(space):
+        path = space.checkpoint / relative
+        path.unlink()
+        path.symlink_to(space.checkpoint / "nowhere.json")
+    return damage
+
+
+def replaced_model_weights(space):
+    """The checkpoint rebuilt with other random weights of the same shapes."""
+    path = space.checkpoint / "transformer" / "diffusion_pytorch_model.safetensors"
+    loaded = load_file(path)
+    save_file({name: tensor + 1 for name, tensor in loaded.items()}, path, metadata={"format": "pt"})
+
+
+def delete(*names):
+    def fix(space):
+        for name in names:
+            (space.run_dir / name).unlink()
+    return fix
+
+
+DENOISE_FILES = ("denoise.safetensors", "denoise.json")
+ENCODE_FILES = ("encode.safetensors", "encode.json")
+RUN_JSON = "--resume '{run_dir}': run.json field "
+
+
+@dataclass(frozen=True)
+class Case:
+    damage: Callable[[Workspace], object]
+    message: str  # in the one Error line; {run_dir} and {checkpoint} are filled in
+    new_run: bool = False  # a new run (refused before run.json), else a --resume of the workspace
+    exit_code: int = 2
+    fix: Callable[[Workspace], object] | None = None  # the way out the message names, then resume
+    extra: tuple[str, ...] = ()
+
+
+CASES = {
+    # run.json: each field of the wrong type, out of range, or missing
+    "steps-a-string": Case(setting("steps", "2"), RUN_JSON + "'settings.steps' is \"2\", not a whole number"),
+    "steps-zero": Case(setting("steps", 0), RUN_JSON + "'settings.steps' is 0, outside 1..100000"),
+    "steps-missing": Case(dropped_setting("steps"), RUN_JSON + "'settings.steps' is missing"),
+    "prompts-not-a-list": Case(setting("prompts", "a dog"), RUN_JSON + "'settings.prompts' is \"a dog\", not a list"),
+    "prompt-empty": Case(setting("prompts", ["a dog", " "]), "'settings.prompts' is [\"a dog\", \" \"], not a list"),
+    "seeds-too-few": Case(setting("seeds", [0]), RUN_JSON + "'settings.seeds' has 1 entries, not 2..2"),
+    "seed-out-of-range": Case(setting("seeds", [0, 2**70]), RUN_JSON + "'settings.seeds' is [0, 1180591620717411303424]"),
+    "guidance-negative": Case(setting("guidance", -1), RUN_JSON + "'settings.guidance' is -1, not a finite number >= 0"),
+    "guidance-a-string": Case(setting("guidance", "nan"), RUN_JSON + "'settings.guidance' is \"nan\""),
+    "height-a-float": Case(setting("height", 32.0), RUN_JSON + "'settings.height' is 32.0, not a whole number"),
+    "width-missing": Case(dropped_setting("width"), RUN_JSON + "'settings.width' is missing"),
+    "dtype-unknown": Case(setting("dtype", "float64"), RUN_JSON + "'settings.dtype' is \"float64\", not a text (one of"),
+    "max-sequence-length-too-long": Case(setting("max_sequence_length", 4096),
+                                         RUN_JSON + "'settings.max_sequence_length' is 4096, outside 1..512"),
+    "batch-size-zero": Case(setting("batch_size", 0), RUN_JSON + "'settings.batch_size' is 0, outside 1..1048576"),
+    "indices-wrong-length": Case(setting("indices", [0]), RUN_JSON + "'settings.indices' has 1 entries for 2 prompts"),
+    "settings-unknown-field": Case(setting("sampler", "euler"), RUN_JSON + "'settings.sampler' is not a setting"),
+    "model-not-text": Case(setting("model", 7), RUN_JSON + "'settings.model' is 7, not a text"),
+    "format-other": Case(top("format", 2), RUN_JSON + "'format' is 2, outside 1..1"),
+    "processes-a-string": Case(top("processes", "1"), RUN_JSON + "'processes' is \"1\", not a whole number"),
+    "max-memory-bad-key": Case(top("max_memory", {"gpu0": 10}), RUN_JSON + "'max_memory' has 'gpu0': 10"),
+    "max-memory-empty": Case(top("max_memory", {}), RUN_JSON + "'max_memory' is empty"),
+    "out-dir-relative": Case(top("out_dir", "out"), RUN_JSON + "'out_dir' is 'out', not an absolute path"),
+    "out-dir-gone": Case(top("out_dir", "/nonexistent/flux-sharded-out"),
+                         "the run's image folder /nonexistent/flux-sharded-out (run.json 'out_dir') does not exist"),
+    "run-json-a-list": Case(write_file("run.json", b"[]"), "--resume '{run_dir}': run.json holds a list, not a JSON"),
+    "run-json-truncated": Case(truncated("run.json"), "run.json cannot be read"),
+    "weights-changed": Case(replaced_model_weights, "--resume: the transformer files of --model '{checkpoint}' differ "
+                            "from those the run in {run_dir} used"),
+    # the stage checkpoints: truncated, swapped, wrong shape or dtype, extra or missing tensors
+    "denoise-truncated": Case(truncated("denoise.safetensors"), "--resume: {run_dir}/denoise.safetensors cannot be "
+                              "read", fix=delete(*DENOISE_FILES)),
+    "denoise-garbage": Case(write_file("denoise.safetensors", b"\xff" * 64), "denoise.safetensors cannot be read",
+                            fix=delete(*DENOISE_FILES)),
+    "denoise-is-encode": Case(lambda space: shutil.copy(space.run_dir / "encode.safetensors",
+                                                        space.run_dir / "denoise.safetensors"),
+                              "denoise.safetensors lacks latents; delete denoise.safetensors and denoise.json in "
+                              "{run_dir} to redo denoise from encode", fix=delete(*DENOISE_FILES)),
+    "latents-wrong-shape": Case(tensors("denoise", lambda t: t.update(latents=t["latents"][:, :2].contiguous())),
+                                "latents has shape (2, 2, 16), not (2, 4, 16)", fix=delete(*DENOISE_FILES)),
+    "latents-wrong-dtype": Case(tensors("denoise", lambda t: t.update(latents=t["latents"].half())),
+                                "latents is float16, not the run's float32", fix=delete(*DENOISE_FILES)),
+    "latents-missing": Case(tensors("denoise", lambda t: t.pop("latents")), "denoise.safetensors lacks latents",
+                            fix=delete(*DENOISE_FILES)),
+    "denoise-extra-tensor": Case(tensors("denoise", lambda t: t.update(noise=torch.zeros(1))),
+                                 "denoise.safetensors holds unexpected noise", fix=delete(*DENOISE_FILES)),
+    "denoise-json-garbage": Case(write_file("denoise.json", b"{"), "denoise.json cannot be read",
+                                 fix=delete(*DENOISE_FILES)),
+    "denoise-json-missing": Case(delete("denoise.json"), "denoise.json is missing or not a file",
+                                 fix=delete("denoise.safetensors")),
+    "denoise-json-other-seed": Case(lambda space: edit_json(space.run_dir / "denoise.json",
+                                                            lambda data: data["settings"].update(seeds=[5, 6])),
+                                    "denoise.json belongs to other settings", fix=delete(*DENOISE_FILES)),
+    "denoise-json-stages": Case(lambda space: edit_json(space.run_dir / "denoise.json",
+                                                        lambda data: data.update(finished_stages=["denoise"])),
+                                "field 'finished_stages' is ['denoise'], not ['encode', 'denoise']",
+                                fix=delete(*DENOISE_FILES)),
+    "prompt-embeds-cut-to-10-tokens": Case(
+        only_encode(tensors("encode", lambda t: t.update(prompt_embeds=t["prompt_embeds"][:, :10].contiguous()))),
+        "prompt_embeds has shape (2, 10, 32), not (2, 512, 32)", fix=delete(*ENCODE_FILES)),
+    "pooled-wrong-dtype": Case(only_encode(tensors("encode", lambda t: t.update(
+        pooled_prompt_embeds=t["pooled_prompt_embeds"].bfloat16()))), "pooled_prompt_embeds is bfloat16",
+        fix=delete(*ENCODE_FILES)),
+    "encode-truncated": Case(only_encode(truncated("encode.safetensors", 0.9)), "encode.safetensors cannot be read",
+                             fix=delete(*ENCODE_FILES)),
+    # broken checkpoint folders: refused before run.json is written
+    "model-index-a-list": Case(lambda space: (space.checkpoint / "model_index.json").write_text("[]"),
+                               "--model: '{checkpoint}': model_index.json holds a list, not a JSON object",
+                               new_run=True),
+    "transformer-100000-layers": Case(config("transformer", lambda c: c.update(num_layers=100000)),
+                                      "transformer/config.json field 'num_layers' is 100000, outside 0..256",
+                                      new_run=True),
+    "vae-without-block-out-channels": Case(config("vae", lambda c: c.pop("block_out_channels")),
+                                           "vae/config.json field 'block_out_channels' is missing", new_run=True),
+    "transformer-in-channels-text": Case(config("transformer", lambda c: c.update(in_channels="64")),
+                                         "'in_channels' is \"64\", not a whole number", new_run=True),
+    "t5-width-mismatch": Case(config("text_encoder_2", lambda c: c.update(d_model=64)),
+                              "text_encoder_2/config.json field 'd_model' is 64, but the transformer's "
+                              "joint_attention_dim is 32", new_run=True),
+    "vae-config-not-json": Case(model_file("vae/config.json", b"{oops"), "cannot read vae/config.json", new_run=True),
+    "transformer-config-dangling-symlink": Case(symlink_to_nowhere("transformer/config.json"),
+                                                "not a FLUX.1 diffusers checkpoint (missing transformer)",
+                                                new_run=True),
+    "t5-tokenizer-deleted": Case(model_file("tokenizer_2/tokenizer.json", None),
+                                 "tokenizer_2 lacks tokenizer.json or spiece.model", new_run=True),
+    "clip-tokenizer-garbage": Case(model_file("tokenizer/tokenizer.json", b"{not json"),
+                                   "tokenizer cannot be loaded", new_run=True),
+    # bad inputs
+    "prompt-not-utf8": Case(lambda space: None, "--prompt: prompt 2 (b'caf?"
+                            , new_run=True, extra=("--prompt", "caf\udce9")),
+    "report-is-an-image": Case(lambda space: None, "is one of this run's images", new_run=True,
+                               extra=("--overwrite", "--report", "{out}/0001-1-a-cat.png")),
+    "report-in-run-folder": Case(lambda space: None, "is inside the run folder", new_run=True,
+                                 extra=("--overwrite", "--run-dir", "{out}/run", "--report", "{out}/run/report.json")),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_fault(workspace, name):
+    case = CASES[name]
+    case.damage(workspace)
+    fill = lambda text: text.format(run_dir=workspace.run_dir, checkpoint=workspace.checkpoint,  # noqa: E731
+                                    out=workspace.out)
+    before = run_folder_files(workspace)
+    result = workspace.new_run(*map(fill, case.extra)) if case.new_run else workspace.resume()
+    assert result.exit_code == case.exit_code, result.output
+    assert "Traceback" not in result.output
+    (line,) = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    assert fill(case.message) in line
+    assert not list(workspace.out.glob("0*-a-*.png")), "an image was written"
+    assert run_folder_files(workspace) == before, "the refusal changed the run folder"
+    assert list(workspace.out.rglob("run.json")) == [workspace.run_dir / "run.json"], "a new run was started"
+    assert_user_files_untouched(workspace)
+    if case.fix is not None:
+        case.fix(workspace)
+        resumed = workspace.resume()
+        assert resumed.exit_code == 0, resumed.output
+        assert_reference_images(workspace)
+
+
+def run_folder_files(space: Workspace) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in space.run_dir.iterdir()}
+
+
+def assert_user_files_untouched(space: Workspace) -> None:
+    for path, content in space.user_files.items():
+        assert path.read_bytes() == content, f"{path} was changed"
+
+
+def assert_reference_images(space: Workspace) -> None:
+    images = sorted(space.out.glob("0*-a-*.png"))
+    assert [image.name for image in images] == [image.name for image in space.reference]
+    for image, reference in zip(images, space.reference):
+        assert_same_pixels(np.asarray(Image.open(image)), np.asarray(Image.open(reference)))
+
+
+# ---------------------------------------------------------------- failures while running
+
+
+def cpu_out_of_memory(*args, **kwargs):
+    raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 68719476736 bytes.")
+
+
+def a_bug(*args, **kwargs):
+    raise ValueError("something the stage did not expect")
+
+
+def safetensors_disk_full(tensors, filename, metadata=None):
+    from safetensors import SafetensorError
+
+    Path(filename).write_bytes(b"part of the tensors")
+    raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space '
+                          'left on device" })')
+
+
+def run_json_disk_full(target, write):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@dataclass(frozen=True)
+class Failure:
+    target: object
+    attribute: str
+    replacement: Callable
+    exit_code: int
+    message: str
+    then: str  # "resume" (the run continues from its checkpoint) or "rerun" (the same command again)
+
+
+FAILURES = {
+    "cpu-out-of-memory-in-denoise": Failure(
+        denoise, "run", cpu_out_of_memory, 3, "denoise ran out of memory (DefaultCPUAllocator: can't allocate "
+        "memory: you tried to allocate 68719476736 bytes.) under --max-memory cpu=2.00 GB", "resume"),
+    "python-memory-error-in-decode": Failure(decode, "run", lambda *a, **k: (_ for _ in ()).throw(MemoryError()),
+                                             3, "decode ran out of memory", "resume"),
+    "a-bug-in-decode": Failure(decode, "run", a_bug, 1, "decode failed (ValueError: something the stage did not "
+                               "expect); {run_dir}/denoise.safetensors holds the work before it", "resume"),
+    "disk-full-writing-a-checkpoint": Failure(
+        safetensors_torch, "save_file", safetensors_disk_full, 4,
+        "could not write {run_dir}/encode.safetensors (SafetensorError: Error while serializing", "resume"),
+    "disk-full-writing-run-json": Failure(rundir, "atomic_write", run_json_disk_full, 4,
+                                          "could not write {run_dir}/run.json (No space left on device); nothing was "
+                                          "run yet", "rerun"),
+}
+
+
+@pytest.mark.parametrize("name", list(FAILURES))
+def test_failure_while_running(tiny_checkpoint, finished_run, tmp_path, monkeypatch, name):
+    failure = FAILURES[name]
+    out = tmp_path / "out"
+    run_dir = out / "run"
+    args = ["--model", str(tiny_checkpoint), *COMMON, "--out", str(out), "--run-dir", str(run_dir), *prompt_args()]
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with monkeypatch.context() as patch:
+        patch.setattr(failure.target, failure.attribute, failure.replacement)
+        result = invoke(args)
+    assert result.exit_code == failure.exit_code, result.output
+    assert "Traceback" not in result.output
+    (line,) = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    assert failure.message.format(run_dir=run_dir) in line
+    assert not [path for path in out.rglob("*") if ".tmp-" in path.name], "a temporary file was left"
+    assert (out / "notes.txt").read_text() == "mine"
+    if failure.then == "resume":
+        assert f"continue with: flux-sharded --resume {run_dir}" in line
+    again = invoke(["--resume", str(run_dir)] if failure.then == "resume" else args)
+    assert again.exit_code == 0, again.output
+    expected = sorted(finished_run.glob("*.png"))
+    images = sorted(out.glob("*.png"))
+    assert [image.name for image in images] == [image.name for image in expected]
+    for image, reference in zip(images, expected):
+        assert_same_pixels(np.asarray(Image.open(image)), np.asarray(Image.open(reference)))
+
+
+def test_debug_variable_shows_the_traceback(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setattr(decode, "run", a_bug)
+    monkeypatch.setenv("FLUX_SHARDED_DEBUG", "1")
+    result = invoke(["--model", str(tiny_checkpoint), *COMMON, "--out", str(tmp_path), *prompt_args()])
+    assert result.exit_code == 1
+    assert "Traceback" in result.output and "ValueError: something the stage did not expect" in result.output
+    assert len([line for line in result.output.splitlines() if line.startswith("Error: ")]) == 1
+
+
+# ---------------------------------------------------------------- files the tool may touch
+
+
+def test_a_new_run_deletes_only_its_own_files_by_name(tiny_checkpoint, tmp_path):
+    """Starting again with --overwrite replaces the earlier run's files, and only those."""
+    out, run_dir = tmp_path / "out", tmp_path / "run"
+    args = ["--model", str(tiny_checkpoint), *COMMON, "--out", str(out), "--run-dir", str(run_dir), "--prompt", "a dog"]
+    assert invoke(args).exit_code == 0
+    mine = {name: f"the user's {name}".encode() for name in USER_FILES["run"] + ("denoise-process-0-of-2.txt",)}
+    for name, content in mine.items():
+        (run_dir / name).write_bytes(content)
+    again = invoke([*args, "--overwrite"])
+    assert again.exit_code == 0, again.output
+    assert {name: (run_dir / name).read_bytes() for name in mine} == mine
+    assert {path.name for path in run_dir.iterdir()} - set(mine) == {
+        "run.json", "encode.safetensors", "encode.json", "denoise.safetensors", "denoise.json"}
+
+
+def dead_pid() -> int:
+    import subprocess
+    import sys
+
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(child.stdout)
+
+
+def test_the_next_resume_removes_stale_temporary_files_of_its_own(workspace):
+    pid = dead_pid()
+    ours = [workspace.run_dir / f".denoise.safetensors.tmp-{pid}-0a1b2c3d",
+            workspace.run_dir / f".run.json.tmp-{pid}-0a1b2c3d",
+            workspace.out / f".{workspace.reference[0].name}.tmp-{pid}-0a1b2c3d"]
+    theirs = [workspace.run_dir / f".notes.txt.tmp-{pid}-0a1b2c3d", workspace.out / f".thesis.tex.tmp-{pid}-00"]
+    for path in ours + theirs:
+        path.write_bytes(b"half a file")
+    result = workspace.resume()
+    assert result.exit_code == 0, result.output
+    assert not [path for path in ours if path.exists()]
+    assert all(path.read_bytes() == b"half a file" for path in theirs)
+    assert_user_files_untouched(workspace)
+    assert_reference_images(workspace)
+
+
+def test_png_records_every_setting_that_decides_the_pixels(workspace):
+    result = workspace.resume()
+    assert result.exit_code == 0, result.output
+    text = Image.open(sorted(workspace.out.glob("0*-a-*.png"))[0]).text
+    assert text["max_sequence_length"] == "512"
+    assert text["batch_size"] == "1"
+    assert len(text["weights"]) == 16
+    assert text["weights"] == Image.open(workspace.reference[0]).text["weights"]  # the same weights
+
+
+def test_a_checkpoint_without_guidance_embeds_says_guidance_is_ignored(workspace):
+    edit_json(workspace.checkpoint / "transformer" / "config.json", lambda c: c.update(guidance_embeds=False))
+    for stage in ("encode", "denoise"):
+        for suffix in (".safetensors", ".json"):
+            (workspace.run_dir / f"{stage}{suffix}").unlink()
+    # the denoiser now has no guidance embedding: its weights differ, a new run is needed
+    weights = workspace.checkpoint / "transformer" / "diffusion_pytorch_model.safetensors"
+    loaded = load_file(weights)
+    save_file({name: t for name, t in loaded.items() if not name.startswith("time_text_embed.guidance_embedder")},
+              weights)
+    result = workspace.new_run("--guidance", "7")
+    assert result.exit_code == 0, result.output
+    assert "--guidance 7.0 has no effect" in result.output
+    image = sorted(workspace.out.glob("0*-a-*.png"))[0]
+    assert Image.open(image).text["guidance"] == "none (the transformer has no guidance embedding)"
