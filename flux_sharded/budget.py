@@ -34,13 +34,44 @@ DEFAULT_GPU_RESERVE_BYTES = 1 * 2**30
 # left to the OS, the page cache that backs safetensors' mmap, and the handoff tensors.
 DEFAULT_CPU_FRACTION = 0.8
 
-Budget = dict  # {int | "cpu" | "disk": bytes}
+# What a card's maker calls "24 GB" is 24 GiB (25.77 GB): GPU memory is counted in powers of two.
+BINARY_TWIN = {"KB": "KIB", "MB": "MIB", "GB": "GIB", "TB": "TIB"}
+
+
+class Budget(dict):
+    """{int | "cpu" | "disk": bytes}, plus `units`: the unit each entry was written in ("GB",
+    "GIB", ...; empty for a budget nobody wrote), so that a suggestion answers in the same unit."""
+
+    def __init__(self, *args, units: dict | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.units = dict(units or {})
+
+    def copy(self) -> "Budget":
+        return Budget(self, units=self.units)
+
+    def binary(self, key) -> bool:
+        """Whether `key` was written in KiB/MiB/GiB/TiB; a key not written follows an entry of its
+        kind (GPU or not), then any entry."""
+        same_kind = [unit for other, unit in self.units.items() if isinstance(other, int) == isinstance(key, int)]
+        unit = self.units.get(key) or next(iter(same_kind + list(self.units.values())), "")
+        return unit.endswith("IB")
+
+
+def written_binary(budget: dict, key) -> bool:
+    """Whether a suggestion for `key` should be in KiB/MiB/GiB/TiB: the unit the user wrote it in
+    (a plain dict, or a budget read from run.json, has none: GB)."""
+    return budget.binary(key) if isinstance(budget, Budget) else False
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
 
 
 def parse_size(text: str, key: str = "") -> int:
     """'16GB' -> 16_000_000_000; '1.5GiB' -> 1610612736. Raises BudgetError naming `text`."""
+    return _parse_size(text, key)[0]
+
+
+def _parse_size(text: str, key: str = "") -> tuple[int, str]:
+    """The size in bytes and its unit, upper-case ("GB", "GIB")."""
     where = f"--max-memory: {key}={text}" if key else f"--max-memory: '{text}'"
     match = _SIZE.match(text)
     if not match:
@@ -53,7 +84,7 @@ def parse_size(text: str, key: str = "") -> int:
     size = int(float(number) * UNITS[unit.upper()])
     if size <= 0:
         raise BudgetError(f"{where}: the size must be positive ({EXAMPLE})")
-    return size
+    return size, unit.upper()
 
 
 def parse_budget(spec: str, gpu_count: int | None) -> Budget:
@@ -61,7 +92,7 @@ def parse_budget(spec: str, gpu_count: int | None) -> Budget:
     GPU index is accepted, for planning a machine other than this one; see check_gpus)."""
     if not spec or not spec.strip():
         raise BudgetError(f"--max-memory is empty; give KEY=SIZE entries separated by commas ({EXAMPLE})")
-    budget: Budget = {}
+    budget = Budget()
     for entry in spec.split(","):
         entry = entry.strip()
         if not entry:
@@ -72,7 +103,7 @@ def parse_budget(spec: str, gpu_count: int | None) -> Budget:
         key = _parse_key(raw_key, gpu_count)
         if key in budget:
             raise BudgetError(f"--max-memory: '{raw_key}' is given twice; give each device once ({EXAMPLE})")
-        budget[key] = parse_size(size_text, raw_key)
+        budget[key], budget.units[key] = _parse_size(size_text, raw_key)
     if not any(key != "disk" for key in budget):
         raise BudgetError(f"--max-memory '{spec}' budgets no device to compute on; add a GPU or cpu entry ({EXAMPLE})")
     return budget
@@ -108,7 +139,7 @@ def default_budget() -> Budget:
     import psutil
     import torch
 
-    budget: Budget = {}
+    budget = Budget()
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):
             free, _total = torch.cuda.mem_get_info(index)
@@ -125,14 +156,16 @@ def format_bytes(size: int) -> str:
     return f"{size} B"
 
 
-def spec_size(size: int, round_up: bool) -> str:
-    """A size as a --max-memory value ("12.3GB", "760KB": no space, so it can be pasted), to a tenth
-    of its unit, rounded up (a need) or down (what is available)."""
+def spec_size(size: int, round_up: bool, binary: bool = False) -> str:
+    """A size as a --max-memory value ("12.3GB", "760KB", or with binary "11.5GiB": no space, so it
+    can be pasted), to a tenth of its unit, rounded up (a need) or down (what is available)."""
     rounding = math.ceil if round_up else math.floor
-    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
-        if size >= scale:
-            number = rounding(size * 10 / scale) / 10
-            return f"{number:.1f}GB" if unit == "GB" else f"{number:g}{unit}"
+    for unit in ("GB", "MB", "KB"):
+        unit = BINARY_TWIN[unit] if binary else unit
+        if size >= UNITS[unit]:
+            number = rounding(size * 10 / UNITS[unit]) / 10
+            text = f"{number:.1f}" if unit in ("GB", "GIB") else f"{number:g}"
+            return text + unit.replace("I", "i")
     return f"{size}B"
 
 

@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 
 from . import activations
-from .budget import DEFAULT_GPU_RESERVE_BYTES, Budget, exact_spec_size, format_bytes, spec_size
+from .budget import (BINARY_TWIN, DEFAULT_GPU_RESERVE_BYTES, UNITS, Budget, exact_spec_size, format_bytes,
+                     spec_size, written_binary)
 from .components import empty_component, module_sizes, no_split_modules, special_dtypes
 from .errors import PlanError
 
@@ -181,7 +182,7 @@ def plan_run(inputs: PlanInputs, budget: Budget) -> RunPlan:
     stages = _plan_all(components, budget)
     if not all(stage.fits for stage in stages):
         raise PlanError(_refusal(stages, components, budget), stages)
-    return RunPlan(budget=dict(budget), stages=stages)
+    return RunPlan(budget=budget.copy(), stages=stages)  # a Budget's copy keeps the units it was written in
 
 
 def _plan_all(components: "_Components", budget: Budget) -> tuple[StagePlan, ...]:
@@ -308,17 +309,42 @@ def _refusal(stages: tuple[StagePlan, ...], components: _Components, budget: Bud
             f"{format_bytes(max(stage.activation_bytes.values()))} of activations) does not fit: {lacking}"
         )
     ways = []
+    binary_budget, card_sizes = _as_card_sizes(budget)
+    if binary_budget is not None and _fits_with(components, binary_budget):
+        ways.append(f"--max-memory {_format_spec(binary_budget, binary_budget)} if that is your card ({card_sizes})")
+        card_sizes = None  # said
     smallest = _smallest_fitting(components, budget)
     if smallest is not None:
         ways.append(f"--max-memory {_format_spec(smallest, budget)}")
     cpu = _cpu_needed(components, budget) if _gpus(budget) else None
     if cpu is not None and cpu > budget.get("cpu", 0):
-        ways.append(f"cpu={_round_up_gb(cpu)}GB in --max-memory, to offload what misses the GPUs to RAM (slower)")
+        ways.append(f"cpu={spec_size(cpu, round_up=True, binary=written_binary(budget, 'cpu'))} in --max-memory, "
+                    "to offload what misses the GPUs to RAM (slower)")
     if inputs.dtype == torch.float32:
         ways.append("--dtype bfloat16 (half the bytes)")
     if not ways:
         ways.append("a smaller --height/--width or --max-sequence-length")
-    return f"{'; '.join(problems)} (at {inputs.width}x{inputs.height}, {_dtype_name(inputs.dtype)}). Ways out: {'; or '.join(ways)}"
+    note = f" ({card_sizes[0].upper()}{card_sizes[1:]}: budget it in GiB to use all of it.)" if card_sizes else ""
+    return (f"{'; '.join(problems)} (at {inputs.width}x{inputs.height}, {_dtype_name(inputs.dtype)}). "
+            f"Ways out: {'; or '.join(ways)}{note}")
+
+
+def _as_card_sizes(budget: Budget) -> tuple[Budget | None, str | None]:
+    """The budget with each GPU entry written in decimal units (0=24GB) read as the card maker
+    means it (0=24GiB: a card sold as "24 GB" holds 24 GiB = 25.77 GB), and that sentence;
+    (None, None) when no GPU entry was written in KB/MB/GB/TB."""
+    units = getattr(budget, "units", {})
+    decimal = [key for key in _gpus(budget) if units.get(key) in BINARY_TWIN]
+    if not decimal:
+        return None, None
+    card = Budget(budget, units=units)
+    for key in decimal:
+        card[key] = round(budget[key] / UNITS[units[key]] * UNITS[BINARY_TWIN[units[key]]])
+        card.units[key] = BINARY_TWIN[units[key]]
+    first = decimal[0]
+    number, unit = f"{budget[first] / UNITS[units[first]]:g}", units[first]
+    return card, (f"a card sold as \"{number} {unit}\" holds {number} {BINARY_TWIN[unit].replace('I', 'i')} = "
+                  f"{format_bytes(card[first])}, since GPU memory is counted in binary units")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -364,14 +390,12 @@ def _cpu_needed(components: _Components, budget: Budget) -> int | None:
     return max(stage.planned_bytes.get("cpu", 0) for stage in stages)
 
 
-def _round_up_gb(size: int) -> int:
-    return max(1, math.ceil(size / 10**9))
-
-
 def _format_spec(suggested: Budget, given: Budget) -> str:
-    """The suggested budget; the entries it keeps from the user's are written exactly as sizes."""
+    """The suggested budget; the entries it keeps from the user's are written exactly as sizes, the
+    others rounded up in the unit the user wrote (GiB stays GiB)."""
     return ",".join(
-        f"{key}={exact_spec_size(value) if value == given.get(key) else spec_size(value, round_up=True)}"
+        f"{key}={exact_spec_size(value)}" if value == given.get(key)
+        else f"{key}={spec_size(value, round_up=True, binary=written_binary(given, key))}"
         for key, value in suggested.items()
     )
 
@@ -390,18 +414,19 @@ def check_free_gpu_memory(plan: RunPlan, free_bytes: dict[int, int], stages: Col
     for index, free in sorted(free_bytes.items()):
         stage, planned = _most_planned(plan, index, stages)
         safe = max(free - DEFAULT_GPU_RESERVE_BYTES, 0)
+        safe_spec = f"{index}={spec_size(safe, round_up=False, binary=written_binary(plan.budget, index))}"
         if planned > free:
             raise PlanError(
                 f"GPU {index} has {format_bytes(free)} free now, but {stage} plans {format_bytes(planned)} there "
                 f"under --max-memory {index}={format_bytes(plan.budget[index])}; free the GPU (is another process "
-                f"using it?) or lower the budget to {index}={spec_size(safe, round_up=False)} (its free memory less "
+                f"using it?) or lower the budget to {safe_spec} (its free memory less "
                 f"{DEFAULT_GPU_RESERVE_BYTES / 2**30:.0f} GiB)"
             )
         if planned > safe:
             notes.append(
                 f"note: {stage} plans {format_bytes(planned)} on GPU {index}, which has {format_bytes(free)} free: less "
                 f"than {DEFAULT_GPU_RESERVE_BYTES / 2**30:.0f} GiB is left for cuBLAS workspaces and allocator "
-                f"fragmentation; if it runs out of memory, budget {index}={spec_size(safe, round_up=False)} or less"
+                f"fragmentation; if it runs out of memory, budget {safe_spec} or less"
             )
     return notes
 
@@ -412,9 +437,10 @@ def check_free_cpu_memory(plan: RunPlan, available_bytes: int, stages: Collectio
     stage, planned = _most_planned(plan, "cpu", stages)
     if planned <= available_bytes:
         return []
+    available = spec_size(available_bytes, round_up=False, binary=written_binary(plan.budget, "cpu"))
     return [
         f"note: {stage} plans {format_bytes(planned)} in RAM, but {format_bytes(available_bytes)} is available now; "
-        f"the run may swap, or be killed by the system: budget cpu={spec_size(available_bytes, round_up=False)} or "
+        f"the run may swap, or be killed by the system: budget cpu={available} or "
         "less, or free some memory"
     ]
 

@@ -70,19 +70,24 @@ def test_format_bytes(size, text):
 
 
 @pytest.mark.parametrize(
-    "size, round_up, text",
+    "size, round_up, binary, text",
     [
-        (12_749_000_000, True, "12.8GB"),
-        (12_749_000_000, False, "12.7GB"),
-        (13 * 10**9, True, "13.0GB"),
-        (758_120, True, "758.2KB"),
-        (760_000, False, "760KB"),
-        (24_590_000, True, "24.6MB"),
-        (999, True, "999B"),
+        (12_749_000_000, True, False, "12.8GB"),
+        (12_749_000_000, False, False, "12.7GB"),
+        (13 * 10**9, True, False, "13.0GB"),
+        (758_120, True, False, "758.2KB"),
+        (760_000, False, False, "760KB"),
+        (24_590_000, True, False, "24.6MB"),
+        (999, True, False, "999B"),
+        (12_749_000_000, True, True, "11.9GiB"),
+        (12_749_000_000, False, True, "11.8GiB"),
+        (24 * 2**30, True, True, "24.0GiB"),
+        (3 * 2**20 + 1, True, True, "3.1MiB"),
+        (2000, False, True, "1.9KiB"),
     ],
 )
-def test_spec_size_is_pasteable_and_rounds_the_safe_way(size, round_up, text):
-    assert spec_size(size, round_up) == text
+def test_spec_size_is_pasteable_and_rounds_the_safe_way(size, round_up, binary, text):
+    assert spec_size(size, round_up, binary) == text
     parsed = parse_budget(f"cpu={text}", 0)["cpu"]
     assert parsed >= size if round_up else parsed <= size
 
@@ -98,3 +103,10 @@ def test_a_missing_gpu_names_the_visible_devices_when_they_are_restricted(monkey
 def test_exact_spec_size_round_trips(size, text):
     assert exact_spec_size(size) == text
     assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("spec, key, binary", [("0=24GiB", 0, True), ("0=24GB", 0, False), ("0=24GiB,cpu=8GB", "cpu", False),
+                                               ("0=24GiB", 1, True), ("0=24GiB", "cpu", True), ("cpu=1500MiB", "cpu", True)])
+def test_a_budget_remembers_the_unit_each_entry_was_written_in(spec, key, binary):
+    """So that a suggestion answers in that unit; a key not written follows one of its kind, then any."""
+    assert parse_budget(spec, None).binary(key) is binary

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -151,3 +152,32 @@ def test_resume_given_the_output_folder_names_the_run_inside(tmp_path, runs, giv
     result = invoke(["--resume", str(tmp_path / given)])
     assert result.exit_code == 2, result.output
     assert message.format(tmp=tmp_path) in error_line(result)
+
+
+UNIT_CASES = [
+    # (--max-memory for FLUX.1-dev at 1024x1024 in bf16, exit code, message fragments)
+    ("0=24GB", 2, ['Ways out: --max-memory 0=24GiB if that is your card (a card sold as "24 GB" holds 24 GiB = '
+                   "25.77 GB, since GPU memory is counted in binary units); or --max-memory 0=24.4GB;"]),
+    ("0=24GiB", 0, []),  # what the refusal above says: the whole card fits
+    ("0=16GiB", 2, ["Ways out: --max-memory 0=22.8GiB; or cpu=7.2GiB in --max-memory"]),
+    ("0=8GB,1=8GB", 2, ["Ways out: --max-memory 0=13.0GB,1=13.0GB; or cpu=10.3GB",
+                        '(A card sold as "8 GB" holds 8 GiB = 8.59 GB, since GPU memory is counted in binary units: '
+                        "budget it in GiB to use all of it.)"]),
+]
+
+
+@pytest.mark.parametrize("budget, exit_code, fragments", UNIT_CASES)
+def test_refusals_answer_in_the_unit_written_and_say_cards_are_sold_in_gib(tmp_path, budget, exit_code, fragments):
+    result = invoke(["--prompt", "a dog", "--max-memory", budget, "--dry-run", "--out", str(tmp_path / "out")])
+    assert result.exit_code == exit_code, result.output
+    if exit_code:
+        line = error_line(result)
+        for fragment in fragments:
+            assert fragment in line
+
+
+def test_a_suggestion_in_gib_fits(tmp_path):
+    refused = invoke(["--prompt", "a dog", "--max-memory", "0=16GiB", "--dry-run"])
+    suggested = re.search(r"Ways out: --max-memory (0=[\d.]+GiB);", refused.output)
+    assert suggested, refused.output
+    assert invoke(["--prompt", "a dog", "--max-memory", suggested.group(1), "--dry-run"]).exit_code == 0
