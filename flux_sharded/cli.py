@@ -205,8 +205,10 @@ def _request(ctx: click.Context, options: dict):
     budget = options["max_memory"]
     if budget is None:
         budget = default_budget()
-        click.echo(f"note: no --max-memory given: using {format_budget(budget)} (each GPU's free memory less "
-                   f"{DEFAULT_GPU_RESERVE_BYTES / 2**30:.0f} GiB, {DEFAULT_CPU_FRACTION:.0%} of the free RAM)", err=True)
+        gpus = (f"each GPU's free memory less {DEFAULT_GPU_RESERVE_BYTES / 2**30:.0f} GiB, "
+                if any(isinstance(key, int) for key in budget) else "")
+        click.echo(f"note: no --max-memory given: using {format_budget(budget)} ({gpus}{DEFAULT_CPU_FRACTION:.0%} of "
+                   "the free RAM)", err=True)
     return runner.RunRequest(
         checkpoint, settings, budget, options["out_dir"],
         options["offload_folder"], run_dir=options["run_dir"], overwrite=options["overwrite"],
@@ -257,9 +259,13 @@ def _run(request, options: dict, process) -> None:
         if missing:
             click.echo(f"note: planning for GPU(s) {', '.join(map(str, missing))}, which this machine does not have",
                        err=True)
+        if "disk" in budget and request.offload_folder is None:
+            click.echo("note: a run with this disk entry will need --offload-folder DIR, for the weights it puts on "
+                       "disk", err=True)
         report, refusal = runner.dry_run(request)
-        click.echo(f"plan for {settings.width}x{settings.height}, {settings.dtype}, --max-memory {format_budget(budget)}; "
-                   f"activations are estimates with a {ACTIVATION_MARGIN - 1:.0%} margin (flux_sharded/activations.py)")
+        click.echo(f"plan for {settings.width}x{settings.height}, batch size {settings.batch_size}, {settings.dtype}, "
+                   f"--max-memory {format_budget(budget)}; activations are estimates with a "
+                   f"{ACTIVATION_MARGIN - 1:.0%} margin (flux_sharded/activations.py)")
     else:
         check_gpus(budget, _gpu_count())
         if options["report_path"] is not None:

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from . import activations
-from .budget import (BINARY_TWIN, DEFAULT_GPU_RESERVE_BYTES, UNITS, Budget, exact_spec_size, format_bytes,
+from .budget import (BINARY_TWIN, DEFAULT_CPU_FRACTION, DEFAULT_GPU_RESERVE_BYTES, UNITS, Budget, exact_spec_size, format_bytes,
                      spec_size, written_binary)
 from .components import empty_component, module_sizes, no_split_modules, special_dtypes
 from .errors import PlanError
@@ -320,12 +320,20 @@ def _refusal(stages: tuple[StagePlan, ...], components: _Components, budget: Bud
     if cpu is not None and cpu > budget.get("cpu", 0):
         ways.append(f"cpu={spec_size(cpu, round_up=True, binary=written_binary(budget, 'cpu'))} in --max-memory, "
                     "to offload what misses the GPUs to RAM (slower)")
+    ram = _available_ram_bytes()
+    cpu_suggested = cpu if cpu is not None else (smallest or {}).get("cpu") if not _gpus(budget) else None
+    if "disk" not in budget and (cpu_suggested is None or cpu_suggested > ram):
+        on_disk = _with_disk(components, budget, ram)
+        if on_disk is not None:
+            ways.append(f"--max-memory {_format_spec(on_disk, budget)} --offload-folder DIR, as this machine has "
+                        f"{format_bytes(ram)} of RAM available (weights on disk are read back at every step: much slower)")
     if inputs.dtype == torch.float32:
         ways.append("--dtype bfloat16 (half the bytes)")
     if not ways:
         ways.append("a smaller --height/--width or --max-sequence-length")
     note = f" ({card_sizes[0].upper()}{card_sizes[1:]}: budget it in GiB to use all of it.)" if card_sizes else ""
-    return (f"{'; '.join(problems)} (at {inputs.width}x{inputs.height}, {_dtype_name(inputs.dtype)}). "
+    return (f"{'; '.join(problems)} (at {inputs.width}x{inputs.height}, batch size {inputs.batch_size}, "
+            f"{_dtype_name(inputs.dtype)}). "
             f"Ways out: {'; or '.join(ways)}{note}")
 
 
@@ -388,6 +396,25 @@ def _cpu_needed(components: _Components, budget: Budget) -> int | None:
     if not all(stage.fits for stage in stages):
         return None
     return max(stage.planned_bytes.get("cpu", 0) for stage in stages)
+
+
+def _available_ram_bytes() -> int:
+    """RAM this machine has available now (what the default budget takes its cpu share of)."""
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def _with_disk(components: _Components, budget: Budget, ram: int) -> Budget | None:
+    """The budget with the rest on disk: the user's cpu entry (or, as the default budget takes,
+    DEFAULT_CPU_FRACTION of the available RAM) and the smallest disk= that lets every stage fit;
+    None if none does."""
+    cpu = budget.get("cpu") or int(ram * DEFAULT_CPU_FRACTION)
+    stages = _plan_all(components, dict(budget, cpu=cpu, disk=10**15))
+    if not all(stage.fits for stage in stages):
+        return None
+    disk = max(stage.planned_bytes.get("disk", 0) for stage in stages)
+    return dict(budget, cpu=cpu, disk=disk) if disk else None
 
 
 def _format_spec(suggested: Budget, given: Budget) -> str:

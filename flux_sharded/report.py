@@ -79,7 +79,8 @@ class RunReport:
                 budget = self.budget.get(device)
                 row = ([str(stage.process) if position == 0 else ""] if several else []) + [
                     stage.name if position == 0 else "",
-                    device,
+                    # accelerate puts what fits nowhere on "disk"; unbudgeted, that is a refusal's shortfall
+                    device if device != "disk" or budget is not None else "no room",
                     format_bytes(weights) if planned is not None else "-",
                     format_bytes(planned - weights) if planned is not None else "-",
                     format_bytes(planned) if planned is not None else "-",

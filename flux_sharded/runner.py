@@ -113,8 +113,6 @@ def check_settings(request: RunRequest) -> None:
         raise SettingsError(
             f"--max-sequence-length {settings.max_sequence_length}: use 1 to {MAX_SEQUENCE_LENGTH_LIMIT} tokens"
         )
-    if "disk" in request.budget and request.offload_folder is None:
-        raise SettingsError("--max-memory has a disk entry but no --offload-folder; give a folder for the offloaded weights")
 
 
 def check_request(request: RunRequest, keep_created_folders: bool = False) -> list[Path]:
@@ -125,6 +123,8 @@ def check_request(request: RunRequest, keep_created_folders: bool = False) -> li
             f"--resume: the run's image folder {request.out_dir} (run.json 'out_dir') does not exist; create it "
             f"(mkdir -p {shlex.quote(str(request.out_dir))}) if the images belong there, or start a new run with --out"
         )
+    if "disk" in request.budget and request.offload_folder is None:  # a dry-run writes nothing: it needs none
+        raise SettingsError("--max-memory has a disk entry but no --offload-folder; give a folder for the offloaded weights")
     check_writable_folder(request.out_dir, "--out", keep_created_folders)
     check_writable_folder(request.run_folder, "--run-dir", keep_created_folders)
     if request.offload_folder is not None:

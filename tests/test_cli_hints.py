@@ -181,3 +181,61 @@ def test_a_suggestion_in_gib_fits(tmp_path):
     suggested = re.search(r"Ways out: --max-memory (0=[\d.]+GiB);", refused.output)
     assert suggested, refused.output
     assert invoke(["--prompt", "a dog", "--max-memory", suggested.group(1), "--dry-run"]).exit_code == 0
+
+
+def tiny_dry_run(checkpoint, *extra):
+    return ["--model", str(checkpoint), "--prompt", "a dog", "--height", "32", "--width", "32", "--dtype", "float32",
+            "--dry-run", *extra]
+
+
+class _Memory:
+    def __init__(self, available: int):
+        self.available = self.total = available
+
+
+def test_the_default_budget_note_of_a_machine_without_gpu_speaks_of_ram_only(tiny_checkpoint, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the hardware boundary: no GPU, on any machine
+    result = invoke(tiny_dry_run(tiny_checkpoint))
+    assert result.exit_code == 0, result.output
+    (note,) = [line for line in result.output.splitlines() if line.startswith("note: no --max-memory given")]
+    assert re.fullmatch(r"note: no --max-memory given: using cpu=[\d.]+ [KMG]?B \(80% of the free RAM\)", note), note
+
+
+def test_a_refusal_beyond_this_machines_ram_offers_disk_and_that_offer_fits(monkeypatch):
+    """FLUX.1-dev on a CPU machine with 16 GB of RAM available: cpu=24.4GB is no way out there."""
+    import psutil
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: _Memory(16 * 10**9))
+    args = ["--prompt", "a dog", "--dry-run", "--max-memory"]
+    refused = invoke([*args, "cpu=15GB"])
+    assert refused.exit_code == 2, refused.output
+    line = error_line(refused)
+    offer = re.search(r"; or --max-memory (cpu=15GB,disk=[\d.]+GB) --offload-folder DIR, as this machine has "
+                      r"16\.00 GB of RAM available \(weights on disk are read back at every step: much slower\)", line)
+    assert offer, line
+    # A dry-run writes nothing, so it needs no --offload-folder (it says a run will).
+    accepted = invoke([*args, offer.group(1)])
+    assert accepted.exit_code == 0, accepted.output
+    assert "note: a run with this disk entry will need --offload-folder DIR" in accepted.output
+    assert re.search(r"^\s+disk\s", accepted.output, re.M)  # budgeted now: a disk row
+
+
+def test_a_refusal_within_this_machines_ram_does_not_talk_of_disk(monkeypatch):
+    import psutil
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: _Memory(64 * 10**9))
+    refused = invoke(["--prompt", "a dog", "--dry-run", "--max-memory", "cpu=15GB"])
+    assert refused.exit_code == 2, refused.output
+    assert "Ways out: --max-memory cpu=24.4GB" in error_line(refused)
+    assert "disk" not in refused.output  # nobody budgeted it: the table's row for the shortfall says so
+    assert re.search(r"^\s+no room\s+9\.95 GB\s.*\snone\s", refused.output, re.M), refused.output
+
+
+def test_the_plan_header_and_refusal_name_the_batch_size(tiny_checkpoint):
+    planned = invoke(tiny_dry_run(tiny_checkpoint, "--max-memory", "cpu=1GB", "--batch-size", "2"))
+    assert planned.exit_code == 0, planned.output
+    assert "plan for 32x32, batch size 2, float32, --max-memory cpu=1.00 GB;" in planned.output
+    refused = invoke(tiny_dry_run(tiny_checkpoint, "--max-memory", "cpu=100KB", "--batch-size", "2"))
+    assert "(at 32x32, batch size 2, float32)" in error_line(refused)

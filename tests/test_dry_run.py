@@ -40,7 +40,8 @@ def test_dry_run_of_flux_dev_works_offline_from_the_shipped_configs(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "note: planning for GPU(s) 0, 1, which this machine does not have" in result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].startswith("plan for 1024x1024, bfloat16, --max-memory 0=16.00 GB, 1=16.00 GB; activations are")
+    assert lines[0].startswith("plan for 1024x1024, batch size 1, bfloat16, --max-memory 0=16.00 GB, 1=16.00 GB; "
+                               "activations are")
     assert lines[1].split() == ["stage", "device", "weights", "activations", "planned", "budget", "headroom"]
     assert lines[2].split()[:4] == ["encode", "0", "9.52", "GB"]
     report = json.loads((tmp_path / "plan.json").read_text())
@@ -62,7 +63,8 @@ def test_refused_dry_run_shows_the_plan_and_one_error(tmp_path):
     error_lines = [line for line in result.output.splitlines() if line.startswith("Error: ")]
     assert len(error_lines) == 1
     assert "does not fit" in error_lines[0] and "Ways out: --max-memory 0=" in error_lines[0]
-    assert "disk" in result.output  # the table shows where the rest would have gone
+    # the table shows what found no room, under that name: the budget has no disk
+    assert re.search(r"^\s+no room\s", result.output, re.M) and "disk" not in result.output
     assert not (tmp_path / "plan.json").exists()
 
 
