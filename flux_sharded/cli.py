@@ -270,7 +270,10 @@ def _run(request, options: dict, process) -> None:
         check_gpus(budget, _gpu_count())
         if options["report_path"] is not None:
             runner.check_report_path(request, options["report_path"])
-        report = runner.execute(request, log=lambda message: click.echo(message, err=True), process=process)
+        from .progress import library_logs_above_bars
+
+        with library_logs_above_bars():
+            report = runner.execute(request, log=lambda message: click.echo(message, err=True), process=process)
         refusal = None
         if report is None:  # not the main process: the main one reports for everyone
             return

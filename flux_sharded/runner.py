@@ -23,7 +23,6 @@ from typing import Callable
 
 import psutil
 import torch
-from tqdm.auto import tqdm
 
 from .budget import Budget, budget_to_json, format_budget, format_bytes
 from .checkpoint import Checkpoint, check_weight_files, resolve_checkpoint
@@ -34,6 +33,7 @@ from .handoff import GenerationSettings, Handoff
 from .images import image_paths, save_png
 from .memory import PeakMemory, flush
 from .plan import PlanInputs, RunPlan, check_free_cpu_memory, check_free_gpu_memory, plan_run
+from .progress import stage_bar
 from .report import RunReport, StageReport
 from .rundir import (
     RUN_FILE,
@@ -289,7 +289,9 @@ def _execute_plan(request: RunRequest, checkpoint: Checkpoint, plan: RunPlan, pa
                 handoff.save(target)
             saved = target
             stage_report.report.handoff_bytes = handoff.nbytes()
-    report.images = [str(path) for path in paths]  # written now or, on a resumed run, earlier
+    # Absolute, as on a resumed run (run.json keeps the absolute --out): the same image is named the
+    # same way however the run was started, and the report still finds it read from elsewhere.
+    report.images = [str(path.absolute()) for path in paths]  # written now or, on a resumed run, earlier
     return report
 
 
@@ -310,8 +312,7 @@ def _run_stage(stage, request: RunRequest, checkpoint: Checkpoint, stage_plan, h
     settings = handoff.settings
     stage_report = StageReport.from_plan(stage_plan)
     stage_report.process, stage_report.images = process.index, len(settings.prompts)
-    progress = tqdm(total=len(settings.prompts), desc=f"{stage.NAME} ({', '.join(stage.COMPONENTS)})",
-                    unit="image", disable=not process.is_main)
+    progress = stage_bar(stage.NAME, len(settings.prompts), shown=process.is_main)
     with (
         _stage_offload_folder(request.offload_folder, stage_plan, process) as offload_folder,
         PeakMemory(gpu_indices=sorted(key for key in request.budget if isinstance(key, int))) as peak,

@@ -239,3 +239,40 @@ def test_the_plan_header_and_refusal_name_the_batch_size(tiny_checkpoint):
     assert "plan for 32x32, batch size 2, float32, --max-memory cpu=1.00 GB;" in planned.output
     refused = invoke(tiny_dry_run(tiny_checkpoint, "--max-memory", "cpu=100KB", "--batch-size", "2"))
     assert "(at 32x32, batch size 2, float32)" in error_line(refused)
+
+
+def tiny_run(checkpoint, out, *extra):
+    return ["--model", str(checkpoint), "--max-memory", "cpu=2GB", "--steps", "1", "--height", "32", "--width", "32",
+            "--out", str(out), *extra]
+
+
+def test_bars_are_named_by_stage_and_a_long_prompt_is_noted_once_on_its_own_line(tiny_checkpoint, tmp_path):
+    """Two 7 kB prompts, each cut by CLIP (77 tokens) and by T5 (16 here): diffusers warns four
+    times with the whole cut text; the user reads one short note, above the bar, not on its line."""
+    long_prompt = "a photo of a dog " * 400
+    result = invoke(tiny_run(tiny_checkpoint, tmp_path / "out", "--prompt", long_prompt, "--prompt", "x " + long_prompt,
+                             "--max-sequence-length", "16"))
+    assert result.exit_code == 0, result.output
+    segments = [segment for line in result.output.splitlines() for segment in line.split("\r")]
+    bar_labels = {match.group(1) for segment in segments if (match := re.match(r"(.+?): +\d+%\|", segment))}
+    assert bar_labels == {"encode", "denoise", "decode"}
+    notes = [segment for segment in segments if "longer than a text encoder reads" in segment]
+    assert len(notes) == 1, notes
+    assert notes[0].startswith("note: a prompt is longer than a text encoder reads (CLIP can only handle sequences "
+                               "up to 77 tokens); the text after that, starting 'a photo of a dog")
+    assert len(notes[0]) < 300
+    assert "truncated" not in result.output
+    assert len(result.output) < 5000  # not the cut text, twice per prompt
+
+
+def test_wrote_names_the_same_absolute_path_on_a_first_run_and_on_resume(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    first = invoke(tiny_run(tiny_checkpoint, "out", "--prompt", "a dog"))  # a relative --out
+    assert first.exit_code == 0, first.output
+    wrote = [line for line in first.output.splitlines() if line.startswith("wrote ")]
+    assert wrote == [f"wrote {tmp_path / 'out' / '0000-0-a-dog.png'}"]
+    (tmp_path / "out" / "0000-0-a-dog.png").unlink()
+    (run,) = (tmp_path / "out" / ".flux-sharded").iterdir()
+    resumed = invoke(["--resume", str(run.relative_to(tmp_path))])
+    assert resumed.exit_code == 0, resumed.output
+    assert [line for line in resumed.output.splitlines() if line.startswith("wrote ")] == wrote

@@ -1,0 +1,75 @@
+"""One progress bar per stage, and the libraries' warnings printed above it, not onto its line.
+
+diffusers and transformers log through their own stderr handlers, which know nothing of a bar
+being drawn: a warning lands in the middle of the bar's line. While a stage's bar is up, their
+records go through `tqdm.write` instead (which clears the bar, prints the line, redraws it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from collections.abc import Iterator
+
+from tqdm.auto import tqdm
+
+LIBRARY_LOGGERS = ("diffusers", "transformers", "accelerate")
+# FluxPipeline.encode_prompt warns, for every batch and each text encoder, with the whole text it
+# cut off (a 1 MB prompt: 2 MB of warnings). Said once per run, short.
+TRUNCATION_LOGGER = "diffusers.pipelines.flux.pipeline_flux"
+TRUNCATION_PREFIX = "The following part of your input was truncated because "
+PREVIEW_CHARACTERS = 60
+
+
+class _AboveTheBars(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # a logging handler never raises (logging.Handler.handleError's contract)
+            self.handleError(record)
+
+
+class _TruncationSaidOnce(logging.Filter):
+    def __init__(self):
+        super().__init__()
+        self.said = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if not text.startswith(TRUNCATION_PREFIX):
+            return True
+        if self.said:
+            return False
+        self.said = True
+        reason, _, removed = text.removeprefix(TRUNCATION_PREFIX).partition(" tokens: ")
+        removed = removed.strip("[]'\" ")
+        preview = removed[:PREVIEW_CHARACTERS] + ("..." if len(removed) > PREVIEW_CHARACTERS else "")
+        record.msg = (f"note: a prompt is longer than a text encoder reads ({' '.join(reason.split())} tokens); "
+                      f"the text after that, starting '{preview}', does not shape the image (said once per run)")
+        record.args = ()
+        return True
+
+
+@contextlib.contextmanager
+def library_logs_above_bars() -> Iterator[None]:
+    """Route the libraries' log records through tqdm.write, and say a prompt's truncation once."""
+    loggers = [logging.getLogger(name) for name in LIBRARY_LOGGERS]
+    saved = [(logger, logger.handlers[:], logger.propagate) for logger in loggers]
+    handler = _AboveTheBars()
+    truncation, once = logging.getLogger(TRUNCATION_LOGGER), _TruncationSaidOnce()
+    truncation.addFilter(once)
+    try:
+        for logger in loggers:
+            logger.handlers = [handler]
+            logger.propagate = False  # printed once, here, not again by the root logger
+        yield
+    finally:
+        truncation.removeFilter(once)
+        for logger, handlers, propagate in saved:
+            logger.handlers, logger.propagate = handlers, propagate
+
+
+def stage_bar(name: str, images: int, shown: bool) -> tqdm:
+    """The stage's bar: its name only, so that a 100-column terminal leaves the bar its room."""
+    return tqdm(total=images, desc=name, unit="image", disable=not shown)
