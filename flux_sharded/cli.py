@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -125,7 +126,7 @@ def main(ctx: click.Context, **options):
 
     Example: flux-sharded --prompt "a photo of a dog" --max-memory 0=16GB,1=16GB
     """
-    from .distributed import current_process, launched_processes, restrict_gpus
+    from .distributed import check_launcher, current_process, launched_processes, restrict_gpus
 
     # Before anything initialises CUDA in this process. Without a launcher the one process is local
     # process 0: --gpus-per-process K then means GPUs 0..K-1 (not silently ignored).
@@ -133,6 +134,7 @@ def main(ctx: click.Context, **options):
         restrict_gpus(options["gpus_per_process"] or 1)
     process, request = None, None
     try:
+        check_launcher()
         request = _request(ctx, options)
         process = None if options["dry_run"] else current_process()
         _run(request, options, process)
@@ -144,6 +146,9 @@ def main(ctx: click.Context, **options):
         click.echo(f"Error: {prefix}{error}", err=True)
         sys.exit(error.exit_code)
     except KeyboardInterrupt:
+        # A launcher passes the terminal's Ctrl-C on once more (torchrun sends SIGINT to its workers
+        # when it gets its own): a second one must not break this message with a traceback.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         if request is not None and (process is None or process.is_main) and not options["dry_run"]:
             click.echo(f"\nInterrupted. Continue with: {request.resume_command}", err=True)
         sys.exit(EXIT_INTERRUPTED)

@@ -39,6 +39,46 @@ def launched_processes() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def check_launcher() -> None:
+    """Refuse `accelerate launch --num_processes N` (N > 1) that started one process: without
+    --multi_gpu (or a config saying so) accelerate uses its one-process launcher, which sets its
+    ACCELERATE_* variables but no WORLD_SIZE, and drops --num_processes without a word. Only the
+    launcher's own command line still says what was asked, so it is read from the parent process."""
+    if launched_processes() > 1 or "ACCELERATE_MIXED_PRECISION" not in os.environ:
+        return
+    asked = _asked_processes(_parent_command_line())
+    if asked > 1:
+        from .errors import SettingsError
+
+        raise SettingsError(
+            f"accelerate launch was given --num_processes {asked} but started one process: on a machine without "
+            "GPUs (or without --multi_gpu) it uses its one-process launcher; add --multi_gpu "
+            f"(accelerate launch --multi_gpu --num_processes {asked} -m flux_sharded ...), or torchrun --nproc_per_node "
+            f"{asked} -m flux_sharded ..."
+        )
+
+
+def _parent_command_line() -> list[str]:
+    import psutil
+
+    try:
+        return psutil.Process(os.getppid()).cmdline()
+    except (psutil.Error, OSError):  # gone, or not ours to read: nothing to say
+        return []
+
+
+def _asked_processes(command: list[str]) -> int:
+    """--num_processes N (or --num-processes, or =N) among the launcher's options, before -m or the script."""
+    for position, word in enumerate(command):
+        if word == "-m" or word.endswith(".py"):
+            break
+        name, _, value = word.partition("=")
+        if name in ("--num_processes", "--num-processes"):
+            value = value or (command[position + 1] if position + 1 < len(command) else "")
+            return int(value) if value.isdigit() else 1
+    return 1
+
+
 def restrict_gpus(gpus_per_process: int) -> list[str]:
     """Make local process r see only GPUs rK .. rK+K-1 of those visible to the launcher, so that the
     budget's keys 0..K-1 mean those. Must run before CUDA is initialised in this process."""

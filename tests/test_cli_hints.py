@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -276,3 +277,51 @@ def test_wrote_names_the_same_absolute_path_on_a_first_run_and_on_resume(tiny_ch
     resumed = invoke(["--resume", str(run.relative_to(tmp_path))])
     assert resumed.exit_code == 0, resumed.output
     assert [line for line in resumed.output.splitlines() if line.startswith("wrote ")] == wrote
+
+
+def test_accelerate_launch_that_starts_one_of_two_processes_is_refused(tiny_checkpoint, tmp_path):
+    """Without --multi_gpu on a machine without GPUs, accelerate starts one process for --num_processes 2."""
+    launcher = Path(sys.executable).parent / "accelerate"
+    result = subprocess.run(
+        [str(launcher), "launch", "--num_processes", "2", "-m", "flux_sharded", *tiny_run(tiny_checkpoint, tmp_path / "out"),
+         "--prompt", "a dog", "--dry-run"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+        env={**os.environ, "HF_HOME": str(tmp_path / "hf"), "CUDA_VISIBLE_DEVICES": ""},
+    )
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
+    assert errors == [
+        "Error: accelerate launch was given --num_processes 2 but started one process: on a machine without GPUs (or "
+        "without --multi_gpu) it uses its one-process launcher; add --multi_gpu (accelerate launch --multi_gpu "
+        "--num_processes 2 -m flux_sharded ...), or torchrun --nproc_per_node 2 -m flux_sharded ..."
+    ], result.stderr
+    assert result.returncode != 0  # accelerate's own exit code for a failed process
+    assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_under_torchrun_prints_one_line_and_no_traceback_of_ours(tiny_checkpoint, tmp_path):
+    """The terminal's Ctrl-C reaches torchrun and its workers, and torchrun then sends its workers
+    SIGINT again. Each worker stops quietly and the main one prints how to continue; torchrun's own
+    report of the signal is torchrun's (a SignalException), nothing of flux_sharded's."""
+    import signal
+
+    out = tmp_path / "out"
+    launcher = Path(sys.executable).parent / "torchrun"
+    args = [*tiny_run(tiny_checkpoint, out, "--prompt", "a dog", "--prompt", "a cat"), "--steps", "10000"]
+    process = subprocess.Popen([str(launcher), "--nproc_per_node", "2", "-m", "flux_sharded", *args],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                               start_new_session=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    try:
+        # Both workers are denoising once both encode handoffs are saved (10000 steps: minutes).
+        while len(list(out.glob(".flux-sharded/run-*/encode-process-*.safetensors"))) < 2:
+            with contextlib.suppress(subprocess.TimeoutExpired):  # waits on the files, without spinning
+                process.wait(timeout=0.2)
+            assert process.poll() is None, process.communicate()
+        os.killpg(process.pid, signal.SIGINT)  # what the terminal does: the whole foreground group
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    interrupted = [line for line in stderr.splitlines() if line.startswith("Interrupted. Continue with: ")]
+    assert interrupted == [f"Interrupted. Continue with: flux-sharded --resume {next(out.glob('.flux-sharded/run-*'))}"]
+    tracebacks = stderr.split("Traceback (most recent call last):")[1:]
+    assert all("flux_sharded" not in traceback and "SignalException" in traceback for traceback in tracebacks), stderr
