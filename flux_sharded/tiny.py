@@ -4,10 +4,11 @@
 
 Every component has the real classes of FLUX.1-dev, with its configs scaled down: transformer,
 CLIP and T5 text encoders, a VAE whose downsampling factor is 2 ** (number of blocks - 1), the
-FLUX.1-dev scheduler, and tokenizers trained on the spot (a BPE for CLIP with `tokenizers`, a
-unigram model for T5 with `sentencepiece`). Weights are random but seeded, so the same seed
-writes the same tensors. Presets: "tiny" (under 1 MB, for tests), "small" (a few MB, wide enough
-for activation measurements), "mini" (FLUX.1-dev's proportions at about 1.2 GB, for benchmarks),
+FLUX.1-dev scheduler, and tokenizers trained on the spot (a BPE for CLIP, learnt here, and a
+unigram model for T5 with `sentencepiece`). Weights are random but seeded and the tokenizers are
+trained deterministically, so the same seed writes byte-identical files. Presets: "tiny" (under
+1 MB, for tests), "small" (a few MB, wide enough for activation measurements), "mini" (FLUX.1-dev's
+proportions at about 1.2 GB, for benchmarks),
 and "flux-dev" / "flux-schnell": the real architectures from the configs shipped in this package,
 with random weights (33 GB in bf16: build them on a GPU machine, `--device cuda --dtype bfloat16`).
 """
@@ -22,6 +23,7 @@ import random
 import shutil
 import sys
 import tempfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,22 +74,41 @@ def _corpus(seed: int) -> list[str]:
 
 
 def _clip_tokenizer(corpus: list[str]):
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    """A CLIP BPE (end-of-word suffix "</w>", like openai/clip-vit-large-patch14) learnt from `corpus`.
+
+    Trained here rather than with `tokenizers`' BpeTrainer: that one numbers the alphabet in hash
+    order and breaks ties between equally frequent pairs by those numbers, so two builds with the
+    same seed wrote different tokenizers (and so different pixels). Here ties go to the first pair
+    in string order, and the same corpus always gives the same file."""
     from transformers import CLIPTokenizer
 
-    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    bpe.normalizer = normalizers.Lowercase()
-    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=["<|startoftext|>", "<|endoftext|>"],
-        end_of_word_suffix="</w>",
-        show_progress=False,
-    )
-    bpe.train_from_iterator(corpus, trainer)
-    model = json.loads(bpe.to_str())["model"]
-    merges = [tuple(merge) for merge in model["merges"]]
-    return CLIPTokenizer(vocab=model["vocab"], merges=merges, model_max_length=77)
+    specials, suffix, vocab_size = ["<|startoftext|>", "<|endoftext|>"], "</w>", 400
+    counts = Counter(word for line in corpus for word in line.lower().split())
+    words = {word: [*word[:-1], word[-1] + suffix] for word in sorted(counts)}
+    vocab = [*specials, *sorted({symbol for symbols in words.values() for symbol in symbols})]
+    merges: list[tuple[str, str]] = []
+    while len(vocab) < vocab_size:
+        pairs: Counter = Counter()
+        for word, symbols in words.items():
+            for pair in zip(symbols, symbols[1:]):
+                pairs[pair] += counts[word]
+        if not pairs:  # every word is one symbol: nothing left to merge
+            break
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        merges.append(best)
+        if best[0] + best[1] not in vocab:
+            vocab.append(best[0] + best[1])
+        for word, symbols in words.items():
+            merged, position = [], 0
+            while position < len(symbols):
+                if tuple(symbols[position : position + 2]) == best:
+                    merged.append(best[0] + best[1])
+                    position += 2
+                else:
+                    merged.append(symbols[position])
+                    position += 1
+            words[word] = merged
+    return CLIPTokenizer(vocab={token: index for index, token in enumerate(vocab)}, merges=merges, model_max_length=77)
 
 
 def _t5_tokenizer(corpus: list[str]):

@@ -40,3 +40,14 @@ def test_the_builder_may_replace_its_own_build(tiny_checkpoint, tmp_path):
     assert (tiny_checkpoint / tiny.MARKER).is_file()
     tiny.check_replaceable(tiny_checkpoint)  # raises NotOurFolder otherwise
     tiny.check_replaceable(tmp_path / "new")
+
+
+def test_the_same_seed_builds_byte_identical_files(tmp_path):
+    """Tokenizers included: a build that trained them differently gave other pixels for the same command."""
+    first = tiny.build_tiny_checkpoint(tmp_path / "first", seed=3)
+    second = tiny.build_tiny_checkpoint(tmp_path / "second", seed=3)
+    files = sorted(path.relative_to(first) for path in first.rglob("*") if path.is_file())
+    assert files == sorted(path.relative_to(second) for path in second.rglob("*") if path.is_file())
+    assert any(path.parts[0] == "tokenizer" for path in files)
+    different = [str(path) for path in files if (first / path).read_bytes() != (second / path).read_bytes()]
+    assert different == []
