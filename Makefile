@@ -16,13 +16,16 @@ install: $(STAMP)
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test]"
+	@echo "== 1/2: $(TORCH_SPEC) into $(VENV): the CPU build is a download of about 200 MB; a CUDA build, with its NVIDIA libraries, several GB"
+	$(BIN)/python -m pip install "$(TORCH_SPEC)"
+	@echo "== 2/2: flux-sharded with diffusers, transformers, accelerate and the test tools: about 250 MB installed"
+	$(BIN)/python -m pip install -c constraints.txt -e ".[test]"
 	touch $@
 
 tiny: $(TINY)/model_index.json
 
 $(TINY)/model_index.json: $(STAMP)
+	@echo "== building the tiny random checkpoint (under 1 MB, a few seconds)"
 	$(BIN)/python -m flux_sharded.tiny $(TINY)
 
 demo: $(STAMP) $(TINY)/model_index.json
@@ -40,7 +43,8 @@ bench-quick: $(STAMP)
 
 # The same, drawing benchmarks/charts/*.png (installs matplotlib, the optional bench extra).
 bench-charts: $(STAMP)
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[bench]"
+	@echo "== installing matplotlib (the bench extra, about 30 MB)"
+	$(BIN)/python -m pip install -c constraints.txt -e ".[bench]"
 	$(BIN)/python benchmarks/bench.py --scenarios tiny mini --work .cache/bench --charts benchmarks/charts
 
 clean:
