@@ -1,19 +1,30 @@
 """Who goes where, and how many bytes each device will hold, decided before any weight is read.
 
 Each stage's components are built on the meta device from their configs (components.py), their
-weights counted exactly and their activations estimated (activations.py). Then:
+weights counted exactly and their activations estimated (activations.py) for the images that
+really share a forward pass (min(--batch-size, images or distinct prompts)). Then, promises:
 
-- encode: whole text encoders are placed with diffusers' own "balanced" pipeline strategy
-  (`_assign_components_to_devices`: largest component on the GPU with the most memory, and so
-  on), fed with weights + activations; a component that fits no GPU runs on the CPU, as
-  diffusers does, if the budget has room there.
-- denoise: the transformer is split block-wise with accelerate, exactly as diffusers'
-  `device_map="auto"` does (`get_balanced_memory` + `infer_auto_device_map`, no transformer block
-  ever split), under each GPU's budget less the activation estimate, so that on every device
-  weights + activations <= budget. Blocks that fit no GPU are offloaded to "cpu" (then "disk")
-  only if the budget names them.
-- decode: the whole VAE goes to the GPU with the largest budget that holds weights + decode
-  activations, else to the CPU.
+- A GPU whose budget cannot hold even one component's activations plus its largest no-split
+  block (or is budgeted 0 bytes) computes nothing: it is left out, with a note.
+- encode: each text encoder whole on one GPU, largest first on the GPU with the most room left
+  (diffusers' "balanced" pipeline strategy, written here: diffusers' private
+  `_assign_components_to_devices` loses components when several miss every GPU). An encoder that
+  fits no GPU whole is split block-wise GPU + CPU with accelerate's offload hooks when a GPU can
+  hold its activations and one block, else it runs whole on the CPU. Why split: an encode is one
+  forward per prompt batch, and copying the offloaded T5 blocks to the GPU once (9.5 GB at PCIe
+  speed, under a second) is far faster than running T5-XXL's several TFLOP per prompt on a CPU.
+- denoise: the transformer is split block-wise with accelerate, as diffusers' `device_map="auto"`
+  does (`get_balanced_memory` + `infer_auto_device_map`, no transformer block ever split), under
+  each GPU's budget less the activation estimate, so that on every device weights + activations
+  <= budget. Blocks that fit no GPU are offloaded to "cpu" (then "disk") only if the budget names
+  them. Offloaded blocks on "cpu" are *streamed* (stages/offload.py: diffusers' group offloading,
+  a side CUDA stream prefetching the next block while one runs), so the GPU that runs them keeps
+  room for STREAMED_BLOCKS_IN_FLIGHT of the largest block plus the top-level modules; weights on
+  "disk" go through accelerate's synchronous hooks (one block in flight).
+- decode: the whole VAE on the GPU with the largest budget that holds it, trying in turn the
+  whole batch, one image at a time, then diffusers' tiled decoding (`vae.enable_tiling()`), and
+  only then the CPU (same order).
+- Every stage reports the weight bytes copied host-to-GPU per forward pass (offload_bytes).
 
 The runner loads with exactly these device maps; nothing is computed a second time.
 """
@@ -21,6 +32,7 @@ The runner loads with exactly these device maps; nothing is computed a second ti
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 from collections.abc import Collection
@@ -37,6 +49,12 @@ from .errors import PlanError
 
 Device = int | str  # GPU index, "cpu" or "disk"
 STAGE_COMPONENTS = {"encode": ("text_encoder", "text_encoder_2"), "denoise": ("transformer",), "decode": ("vae",)}
+# diffusers' group offloading with use_stream=True (num_blocks_per_group=1): while block i runs, block
+# i+1 is copied on a side stream, and block i is released only after it ran, so two blocks are on
+# the GPU at once (group_offloading.py, GroupOffloadingHook.pre_forward / ModuleGroup.offload_).
+STREAMED_BLOCKS_IN_FLIGHT = 2
+# accelerate's AlignDevicesHook(offload=True) puts one block's weights on the GPU for its forward.
+HOOKED_BLOCKS_IN_FLIGHT = 1
 # The "smallest budget that fits" in a refusal message is searched to about three significant
 # figures of the run's total size (100 MB steps for FLUX.1-dev's 34 GB, 10 KB for a tiny test
 # checkpoint): finer would promise a precision the activation estimates do not have.
@@ -53,7 +71,17 @@ class PlanInputs:
     width: int
     max_sequence_length: int
     vae_scale_factor: int
-    batch_size: int = 1
+    batch_size: int = 1  # --batch-size
+    images: int | None = None  # images a process makes (the largest share); None: batch_size
+    distinct_prompts: int | None = None  # prompts a process encodes; None: batch_size
+
+    def batch_images(self) -> int:
+        """Images that really share a denoise or decode forward pass."""
+        return min(self.batch_size, self.images or self.batch_size)
+
+    def batch_prompts(self) -> int:
+        """Prompts that really share an encode forward pass (each distinct prompt is encoded once)."""
+        return min(self.batch_size, self.distinct_prompts or self.batch_size)
 
 
 @dataclass(frozen=True)
@@ -62,6 +90,11 @@ class ComponentPlan:
     device_map: dict[str, Device]  # module -> device, given to from_pretrained ("" = the whole component)
     weight_bytes: dict[Device, int]
     activation_bytes: dict[Device, int]  # the estimated activation peak, on each device that computes
+    # (plus, on the GPU that runs offloaded blocks, the room for those blocks while they run)
+    offload_bytes: int = 0  # weights copied host-to-GPU per forward pass (offloaded blocks)
+    streamed: bool = False  # offloaded blocks streamed with diffusers' group offloading (else accelerate hooks)
+    tiled: bool = False  # VAE: diffusers' tiled decoding
+    batch_size: int = 1  # images (or prompts) per forward pass
 
 
 @dataclass(frozen=True)
@@ -69,6 +102,7 @@ class StagePlan:
     name: str  # "encode" | "denoise" | "decode"
     components: tuple[ComponentPlan, ...]
     budget: Budget
+    notes: tuple[str, ...] = ()  # what the planner left out or chose, and why
 
     def component(self, name: str) -> ComponentPlan:
         return next(component for component in self.components if component.name == name)
@@ -89,6 +123,12 @@ class StagePlan:
             for device, size in component.activation_bytes.items():
                 peak[device] = max(peak.get(device, 0), size)
         return _ordered(peak)
+
+    @property
+    def offload_bytes_per_step(self) -> int:
+        """Weights copied host-to-GPU per forward pass of this stage (a denoising step: one
+        transformer forward; an encode: one text-encoder forward)."""
+        return sum(component.offload_bytes for component in self.components)
 
     @property
     def planned_bytes(self) -> dict[Device, int]:
@@ -113,6 +153,11 @@ class StagePlan:
 class RunPlan:
     budget: Budget
     stages: tuple[StagePlan, ...]
+
+    @property
+    def notes(self) -> list[str]:
+        """Each stage's notes, each said once."""
+        return list(dict.fromkeys(note for stage in self.stages for note in stage.notes))
 
     def stage(self, name: str) -> StagePlan:
         return next(stage for stage in self.stages if stage.name == name)
@@ -160,20 +205,47 @@ class _Components:
             self._sizes[name] = module_sizes(self.model(name), self.inputs.dtype)
         return self._sizes[name]
 
-    def activation_bytes(self, name: str) -> int:
-        inputs, config = self.inputs, self.model(name).config
-        config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    def activation_bytes(self, name: str, images: int | None = None, tiled: bool = False) -> int:
+        """The activation peak of one forward pass of `name` over `images` images (default: the images
+        that really share a pass: min(--batch-size, images) or, for text encoders, distinct prompts)."""
+        inputs, config = self.inputs, self.config(name)
         dtype_bytes = torch.finfo(inputs.dtype).bits // 8
         if name == "transformer":
             one = activations.transformer_activation_bytes(
                 config, inputs.height, inputs.width, inputs.vae_scale_factor, inputs.max_sequence_length, dtype_bytes
             )
-        elif name == "vae":
-            one = activations.vae_decode_activation_bytes(config, inputs.height, inputs.width, dtype_bytes)
-        else:
-            length = inputs.max_sequence_length if name == "text_encoder_2" else config["max_position_embeddings"]
-            one = activations.text_encoder_activation_bytes(config, length, dtype_bytes)
-        return one * inputs.batch_size
+            return one * (images or inputs.batch_images())
+        if name == "vae":
+            if tiled:
+                one = activations.vae_tiled_decode_activation_bytes(config, inputs.height, inputs.width, dtype_bytes)
+            else:
+                one = activations.vae_decode_activation_bytes(config, inputs.height, inputs.width, dtype_bytes)
+            return one * (images or inputs.batch_images())
+        length = inputs.max_sequence_length if name == "text_encoder_2" else config["max_position_embeddings"]
+        return activations.text_encoder_activation_bytes(config, length, dtype_bytes) * (images or inputs.batch_prompts())
+
+    def config(self, name: str) -> dict:
+        config = self.model(name).config
+        return config.to_dict() if hasattr(config, "to_dict") else dict(config)
+
+    def largest_block(self, name: str) -> int:
+        """Bytes of the component's largest no-split block (a transformer or T5 block), never a merged
+        container; a component without no-split blocks: its largest module with weights of its own."""
+        model, sizes = self.model(name), self.sizes(name)
+        no_split = set(no_split_modules(model))
+        blocks = [sizes.get(module_name, 0) for module_name, module in model.named_modules()
+                  if type(module).__name__ in no_split]
+        if not blocks:
+            blocks = [sizes.get(module_name, 0) for module_name, module in model.named_modules()
+                      if any(True for _ in module.parameters(recurse=False))]
+        return max(blocks, default=0)
+
+    def top_level_bytes(self, name: str) -> int:
+        """Bytes outside the block lists (embedders, final norm and projection): diffusers' group
+        offloading moves them as one group to the GPU for every forward pass."""
+        model, sizes = self.model(name), self.sizes(name)
+        return sum(sizes.get(child, 0) for child, module in model.named_children()
+                   if not isinstance(module, (torch.nn.ModuleList, torch.nn.Sequential)))
 
 
 def plan_run(inputs: PlanInputs, budget: Budget) -> RunPlan:
@@ -190,38 +262,69 @@ def _plan_all(components: "_Components", budget: Budget) -> tuple[StagePlan, ...
         return tuple(PLANNERS[name](components, budget) for name in STAGE_COMPONENTS)
 
 
+def _left_out(budget: Budget, needs: dict[str, int], stage: str) -> tuple[Budget, list[str]]:
+    """The budget without the GPUs that can run none of `needs` (component -> the least a GPU must
+    hold to run it: its activations plus one block), and a note for each GPU left out."""
+    smallest = min(needs.values())
+    kept, notes = {}, []
+    for key, size in budget.items():
+        if isinstance(key, int) and size < smallest:
+            notes.append(
+                f"note: {stage} leaves GPU {key} out: its budget {format_bytes(size)} is below the "
+                f"{format_bytes(smallest)} that the smallest part of the stage needs to run there"
+            )
+            continue
+        kept[key] = size
+    return kept, notes
+
+
 def plan_encode(components: _Components, budget: Budget) -> StagePlan:
-    from diffusers.pipelines.pipeline_loading_utils import _assign_components_to_devices
-
     names = STAGE_COMPONENTS["encode"]
-    needs = {name: components.sizes(name)[""] + components.activation_bytes(name) for name in names}
-    gpus = {index: budget[index] for index in sorted(_gpus(budget), key=lambda i: (-budget[i], i))}
-    if gpus:
-        # diffusers' "balanced" strategy, largest component first; its fallback device is "cpu".
-        ordered = dict(sorted(needs.items(), key=lambda item: item[1], reverse=True))
-        assignment = {
-            name: device
-            for device, placed in _assign_components_to_devices(ordered, gpus).items()
-            for name in placed
-        }
-    else:
-        assignment = dict.fromkeys(names, "cpu")
-    planned = tuple(
-        ComponentPlan(
-            name=name,
-            device_map={"": assignment[name]},
-            weight_bytes={assignment[name]: components.sizes(name)[""]},
-            activation_bytes={assignment[name]: components.activation_bytes(name)},
-        )
-        for name in names
+    whole = {name: components.sizes(name)[""] + components.activation_bytes(name) for name in names}
+    least = {name: components.activation_bytes(name) + components.largest_block(name) for name in names}
+    usable, notes = _left_out(budget, least, "encode")
+    room = {index: usable[index] for index in _gpus(usable)}
+    planned = {}
+    # diffusers' "balanced" pipeline strategy: largest component first, on the GPU with the most
+    # room left (ties: the lowest index).
+    for name in sorted(names, key=lambda n: (-whole[n], names.index(n))):
+        best = max(room, key=lambda index: (room[index], -index), default=None)
+        if best is not None and whole[name] <= room[best]:
+            room[best] -= whole[name]
+            planned[name] = _whole(components, name, best)
+            continue
+        # Fits no GPU whole: split it over the GPUs' remaining room and the CPU (see the module
+        # docstring for why this beats running it on the CPU), else run it whole on the CPU.
+        split_budget = {**{index: size for index, size in room.items() if size >= least[name]},
+                        **{key: usable[key] for key in ("cpu", "disk") if key in usable}}
+        if _gpus(split_budget) and "cpu" in split_budget:
+            plan = _split(components, name, split_budget, streamed=False)
+            for device in _gpus(split_budget):
+                room[device] -= plan.weight_bytes.get(device, 0) + plan.activation_bytes.get(device, 0)
+            planned[name] = plan
+        else:
+            planned[name] = _whole(components, name, "cpu")
+    return StagePlan("encode", tuple(planned[name] for name in names), dict(budget), tuple(notes))
+
+
+def _whole(components: _Components, name: str, device: Device) -> ComponentPlan:
+    return ComponentPlan(
+        name=name,
+        device_map={"": device},
+        weight_bytes={device: components.sizes(name)[""]},
+        activation_bytes={device: components.activation_bytes(name)},
+        batch_size=components.inputs.batch_prompts() if name.startswith("text_encoder")
+        else components.inputs.batch_images(),
     )
-    return StagePlan("encode", planned, dict(budget))
 
 
-def auto_device_map(model: torch.nn.Module, max_memory: Budget, dtype: torch.dtype) -> dict[str, Device]:
+def auto_device_map(model: torch.nn.Module, max_memory: Budget, dtype: torch.dtype,
+                    clean_result: bool = True) -> dict[str, Device]:
     """diffusers' `device_map="auto"` (models/model_loading_utils.py `_determine_device_map`):
     balance the memory over the GPUs, then let accelerate place whole no-split blocks. "disk" is
-    left out of the balancing step, which cannot parse it (accelerate 1.15), and added back."""
+    left out of the balancing step, which cannot parse it (accelerate 1.15), and added back.
+    clean_result=False keeps one entry per block (accelerate otherwise merges a whole list that
+    lands on one device into one entry)."""
     from accelerate.utils import get_balanced_memory, infer_auto_device_map
 
     no_split = no_split_modules(model)
@@ -236,56 +339,137 @@ def auto_device_map(model: torch.nn.Module, max_memory: Budget, dtype: torch.dty
     if "disk" in max_memory:
         balanced["disk"] = max_memory["disk"]
     return infer_auto_device_map(
-        model, max_memory=balanced, no_split_module_classes=no_split, dtype=dtype, special_dtypes=special
+        model, max_memory=balanced, no_split_module_classes=no_split, dtype=dtype, special_dtypes=special,
+        clean_result=clean_result,
     )
 
 
-def plan_denoise(components: _Components, budget: Budget) -> StagePlan:
-    model, sizes = components.model("transformer"), components.sizes("transformer")
-    activation = components.activation_bytes("transformer")
+def _split(components: _Components, name: str, budget: Budget, streamed: bool) -> ComponentPlan:
+    """`name` split block-wise over the budget's GPUs (then cpu, then disk), as diffusers'
+    device_map="auto" does, with room on the first GPU for the offloaded blocks while they run
+    there: streamed (group offloading: STREAMED_BLOCKS_IN_FLIGHT blocks and the top-level modules)
+    when nothing goes to disk and `streamed`, else accelerate's hooks (HOOKED_BLOCKS_IN_FLIGHT)."""
+    model, sizes = components.model(name), components.sizes(name)
+    activation = components.activation_bytes(name)
     gpus = _gpus(budget)
-    # Activations are computed on the GPUs when there are any (offloaded blocks run there too).
     computing = gpus or ["cpu"]
-    for_weights = {key: value - activation if key in computing else value for key, value in budget.items()}
-    for_weights = {key: value for key, value in for_weights.items() if value > 0}
-    if not for_weights:
-        device_map: dict[str, Device] = {"": computing[0]}
-    else:
-        device_map = auto_device_map(model, for_weights, components.inputs.dtype)
+    limit = {key: value - activation if key in computing else value for key, value in budget.items()}
+    limit = {key: value for key, value in limit.items() if value > 0}
+    plan = None
+    # When blocks are offloaded, the first GPU also needs room for them while they run. accelerate
+    # already keeps its largest remaining block free there, so each round asks it to place `over`
+    # bytes fewer weights there than the last, counting that room back in; a few rounds do.
+    for _ in range(8):
+        if not limit:
+            device_map: dict[str, Device] = {"": computing[0]}
+        else:
+            device_map = dict(auto_device_map(model, limit, components.inputs.dtype, clean_result=False))
+        plan = _placed(components, name, device_map, computing, streamed)
+        main = computing[0]
+        over = plan.weight_bytes.get(main, 0) + plan.activation_bytes.get(main, 0) - budget.get(main, 0)
+        if over <= 0 or main == "cpu" or plan.offload_bytes == 0 or limit.get(main, 0) <= over:
+            break
+        placed = plan.weight_bytes.get(main, 0)
+        limit[main] = min(limit[main] - over, placed - over + components.largest_block(name))
+    return plan
+
+
+def _placed(components: _Components, name: str, device_map: dict[str, Device], computing: list[Device],
+            streamed: bool) -> ComponentPlan:
+    """The ComponentPlan of a device map: weights per device, activations on the devices that compute,
+    and the offloaded blocks' room on the first GPU while they run there."""
+    sizes = components.sizes(name)
+    activation = components.activation_bytes(name)
+    offloaded = {module for module, device in device_map.items() if device in ("cpu", "disk")}
+    on_gpu = computing[0] != "cpu"
+    streamed = streamed and on_gpu and bool(offloaded) and "disk" not in device_map.values()
+    if streamed:
+        # Group offloading keeps the top-level modules (embedders, final norm) in RAM too and
+        # brings them to the first GPU for every forward pass.
+        top = {child for child, module in components.model(name).named_children()
+               if not isinstance(module, (torch.nn.ModuleList, torch.nn.Sequential))}
+        device_map = {module: ("cpu" if module.split(".")[0] in top else device)
+                      for module, device in device_map.items()}
+        offloaded = {module for module, device in device_map.items() if device == "cpu"}
     weight_bytes: dict[Device, int] = {}
     for module, device in device_map.items():
         weight_bytes[device] = weight_bytes.get(device, 0) + sizes.get(module, 0)
     used = [device for device in computing if device in weight_bytes] or computing[:1]
     activation_bytes = {device: activation for device in used}
-    offloaded = [sizes.get(module, 0) for module, device in device_map.items() if device in ("cpu", "disk")]
-    if gpus and offloaded:
-        # accelerate copies each offloaded block onto the main GPU while it runs: one block's room
-        # (which infer_auto_device_map kept free) is in use there on top of the activations.
-        activation_bytes[used[0]] += max(offloaded)
-    plan = ComponentPlan(
-        name="transformer",
+    offload_bytes = sum(sizes.get(module, 0) for module in offloaded) if on_gpu else 0
+    if offload_bytes:
+        in_flight = STREAMED_BLOCKS_IN_FLIGHT if streamed else HOOKED_BLOCKS_IN_FLIGHT
+        blocks_offloaded = [sizes.get(module, 0) for module in offloaded]
+        room = in_flight * min(components.largest_block(name), max(blocks_offloaded))
+        if streamed:
+            room += components.top_level_bytes(name)
+        activation_bytes[used[0]] = activation_bytes.get(used[0], 0) + room
+    return ComponentPlan(
+        name=name,
         device_map=device_map,
         weight_bytes=_ordered(weight_bytes),
         activation_bytes=activation_bytes,
+        offload_bytes=offload_bytes,
+        streamed=streamed,
+        batch_size=components.inputs.batch_prompts() if name.startswith("text_encoder")
+        else components.inputs.batch_images(),
     )
-    return StagePlan("denoise", (plan,), dict(budget))
+
+
+def plan_denoise(components: _Components, budget: Budget) -> StagePlan:
+    least = {"transformer": components.activation_bytes("transformer") + components.largest_block("transformer")}
+    usable, notes = _left_out(budget, least, "denoise")
+    if not any(key != "disk" for key in usable):  # nothing can compute: plan on the first GPU to refuse it
+        usable = dict(budget)
+    plan = _split(components, "transformer", usable, streamed=True)
+    plan = _compact(plan)
+    return StagePlan("denoise", (plan,), dict(budget), tuple(notes))
+
+
+def _compact(plan: ComponentPlan) -> ComponentPlan:
+    """One entry for a component placed whole on one device, as accelerate's clean result has."""
+    devices = set(plan.device_map.values())
+    if len(devices) == 1 and len(plan.device_map) > 1:
+        return dataclasses.replace(plan, device_map={"": devices.pop()})
+    return plan
 
 
 def plan_decode(components: _Components, budget: Budget) -> StagePlan:
+    """The VAE whole on one device: the first of GPUs (largest budget first) then cpu, and on it the
+    first of batch, one image, tiled batch, tiled one image whose weights + activations fit."""
     need_weights = components.sizes("vae")[""]
-    activation = components.activation_bytes("vae")
+    batch = components.inputs.batch_images()
+    options = [(False, batch), (False, 1), (True, batch), (True, 1)]
+    options = list(dict.fromkeys(options))  # batch 1: two options fewer
     candidates = sorted(_gpus(budget), key=lambda index: (-budget[index], index))
     if "cpu" in budget:
         candidates.append("cpu")
-    fitting = [device for device in candidates if need_weights + activation <= budget[device]]
-    device = (fitting or candidates or ["cpu"])[0]
+    chosen = None
+    for device in candidates:
+        for tiled, images in options:
+            if need_weights + components.activation_bytes("vae", images, tiled) <= budget[device]:
+                chosen = (device, tiled, images)
+                break
+        if chosen:
+            break
+    if chosen is None:  # nothing fits: the smallest need on the first candidate, for the refusal
+        chosen = ((candidates or ["cpu"])[0], True, 1)
+    device, tiled, images = chosen
     plan = ComponentPlan(
         name="vae",
         device_map={"": device},
         weight_bytes={device: need_weights},
-        activation_bytes={device: activation},
+        activation_bytes={device: components.activation_bytes("vae", images, tiled)},
+        tiled=tiled,
+        batch_size=images,
     )
-    return StagePlan("decode", (plan,), dict(budget))
+    notes = []
+    if tiled:
+        notes.append(f"note: decode uses tiled VAE decoding on {device} (diffusers' vae.enable_tiling()): the whole "
+                     "image's activations do not fit there")
+    elif images < batch:
+        notes.append(f"note: decode runs one image at a time on {device}: a batch of {batch} does not fit")
+    return StagePlan("decode", (plan,), dict(budget), tuple(notes))
 
 
 PLANNERS = {"encode": plan_encode, "denoise": plan_denoise, "decode": plan_decode}
@@ -458,17 +642,20 @@ def check_free_gpu_memory(plan: RunPlan, free_bytes: dict[int, int], stages: Col
     return notes
 
 
-def check_free_cpu_memory(plan: RunPlan, available_bytes: int, stages: Collection[str] | None = None) -> list[str]:
-    """A note when some stage plans more RAM than is available now: unlike a GPU, RAM can page to
+def check_free_cpu_memory(plan: RunPlan, available_bytes: int, stages: Collection[str] | None = None,
+                          local_processes: int = 1) -> list[str]:
+    """A note when some stage plans more RAM than is available now, counting each of this machine's
+    `local_processes` processes (they run the same plan at once): unlike a GPU, RAM can page to
     swap or hand file-backed weight pages back to the disk, so this warns rather than refuses."""
     stage, planned = _most_planned(plan, "cpu", stages)
-    if planned <= available_bytes:
+    processes = max(local_processes, 1)
+    if planned * processes <= available_bytes:
         return []
-    available = spec_size(available_bytes, round_up=False, binary=written_binary(plan.budget, "cpu"))
+    available = spec_size(available_bytes // processes, round_up=False, binary=written_binary(plan.budget, "cpu"))
+    every = f" in each of this machine's {processes} processes" if processes > 1 else ""
     return [
-        f"note: {stage} plans {format_bytes(planned)} in RAM, but {format_bytes(available_bytes)} is available now; "
-        f"the run may swap, or be killed by the system: budget cpu={available} or "
-        "less, or free some memory"
+        f"note: {stage} plans {format_bytes(planned)} in RAM{every}, but {format_bytes(available_bytes)} is available "
+        f"now; the run may swap, or be killed by the system: budget cpu={available} or less, or free some memory"
     ]
 
 

@@ -26,7 +26,7 @@ import torch
 
 from .budget import Budget, budget_to_json, format_budget, format_bytes
 from .checkpoint import Checkpoint, check_weight_files, resolve_checkpoint
-from .distributed import Process, finish, gather, share, wait_for_everyone
+from .distributed import Process, finish, gather, local_processes, share, wait_for_everyone
 from .errors import FluxShardedError, OutputError, PlanError, SettingsError, StageError, StageOutOfMemory
 from .files import check_writable_folder
 from .handoff import GenerationSettings, Handoff
@@ -166,7 +166,17 @@ def plan_inputs(request: RunRequest) -> PlanInputs:
         max_sequence_length=settings.max_sequence_length,
         vae_scale_factor=request.checkpoint.vae_scale_factor,
         batch_size=settings.batch_size,
+        # A batch holds at most the run's images (or distinct prompts, for encode); under several
+        # processes a share may hold fewer, so this can only over-count.
+        images=len(settings.prompts),
+        distinct_prompts=len(set(settings.prompts)),
     )
+
+
+def plan_report(stage_plan, settings: GenerationSettings) -> StageReport:
+    """The plan's side of a stage's report; denoise runs one transformer forward per step."""
+    return StageReport.from_plan(stage_plan, steps=settings.steps if stage_plan.name == "denoise" else 1,
+                                 images=len(settings.prompts))
 
 
 def dry_run(request: RunRequest) -> tuple[RunReport, PlanError | None]:
@@ -178,7 +188,7 @@ def dry_run(request: RunRequest) -> tuple[RunReport, PlanError | None]:
     except PlanError as error:
         stages, refusal = error.stages, error
     report = RunReport(budget=budget_to_json(request.budget))
-    report.stages = [StageReport.from_plan(stage) for stage in stages]
+    report.stages = [plan_report(stage, request.settings) for stage in stages]
     return report, refusal
 
 
@@ -202,11 +212,14 @@ def execute(request: RunRequest, log: Callable[[str], None] = lambda message: No
     to_run = [stage.NAME for stage in STAGES if resumed is None or stage.NAME not in resumed.finished_stages]
     for note in check_free_gpu_memory(plan, free_gpu_bytes(request.budget), to_run):
         log(note)
-    for note in check_free_cpu_memory(plan, psutil.virtual_memory().available, to_run):
+    for note in check_free_cpu_memory(plan, psutil.virtual_memory().available, to_run, local_processes()):
         log(note)
     if request.checkpoint.transformer_config.get("guidance_embeds") is False and process.is_main:
         log(f"note: {request.checkpoint.model}'s transformer has no guidance embedding (guidance_embeds false, as "
             f"FLUX.1-schnell): --guidance {request.settings.guidance} has no effect")
+    if process.is_main:
+        for note in plan.notes:
+            log(note)
     # One process per machine downloads (if needed) into that machine's cache and prepares its run
     # folder (other machines may not share its disks); then the others read them. Everything
     # checkable is checked before run.json is written.
@@ -310,7 +323,7 @@ class _StageResult:
 def _run_stage(stage, request: RunRequest, checkpoint: Checkpoint, stage_plan, handoff: Handoff, process: Process,
                saved: Path | None) -> _StageResult:
     settings = handoff.settings
-    stage_report = StageReport.from_plan(stage_plan)
+    stage_report = plan_report(stage_plan, settings)
     stage_report.process, stage_report.images = process.index, len(settings.prompts)
     progress = stage_bar(stage.NAME, len(settings.prompts), shown=process.is_main)
     with (

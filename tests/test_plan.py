@@ -170,7 +170,12 @@ def test_two_8gb_gpus_with_ram_offload_the_rest(model):
     denoise = plan.stage("denoise")
     assert denoise.weight_bytes["cpu"] > 5 * GB and denoise.weight_bytes[0] > 4 * GB and denoise.weight_bytes[1] > 4 * GB
     assert "cpu" not in denoise.activation_bytes  # offloaded blocks run on a GPU
-    assert plan.stage("encode").component("text_encoder_2").device_map == {"": "cpu"}
+    assert denoise.component("transformer").streamed  # the "cpu" blocks stream through group offloading
+    # T5 (9.5 GB) fits neither GPU whole: split block-wise, no T5 block split, none on the CPU's side
+    # of a GPU that has room.
+    t5 = plan.stage("encode").component("text_encoder_2").device_map
+    assert {0, 1} <= set(t5.values())
+    assert all(not module.startswith("encoder.block.") or module.count(".") == 2 for module in t5)
 
 
 def test_refusal_suggests_bfloat16_for_float32():

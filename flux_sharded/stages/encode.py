@@ -70,5 +70,11 @@ def run(pipeline: FluxPipeline, handoff: Handoff, on_image_done=None) -> Handoff
 
 
 def device_map(pipeline: FluxPipeline) -> dict[str, dict[str, str]]:
-    return {name: {"": device_key(getattr(pipeline, name).device)} for name in ("text_encoder", "text_encoder_2")}
+    placed = {}
+    for name in ("text_encoder", "text_encoder_2"):
+        model = getattr(pipeline, name)
+        split = getattr(model, "hf_device_map", None)  # an encoder split GPU + CPU by the plan
+        placed[name] = ({module: device_key(device) for module, device in split.items()} if split and len(split) > 1
+                        else {"": device_key(model.device)})
+    return placed
 
