@@ -12,26 +12,36 @@ activations of one forward pass over (H/16)*(W/16) image tokens and 512 text tok
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
 from ..budget import device_key
 from ..handoff import Handoff
+from .offload import apply_streamed_offload, cuda_device
 
 NAME = "denoise"
 COMPONENTS = ("transformer", "scheduler")
 
 
-def load(checkpoint, stage_plan, dtype: torch.dtype, offload_folder=None) -> FluxPipeline:
+def load(checkpoint, stage_plan, dtype: torch.dtype, offload_folder=None,
+         gpu_device: Callable[[int], torch.device] = cuda_device) -> FluxPipeline:
+    """The transformer with the plan's device map: blocks on "cpu" streamed to the GPU by diffusers'
+    group offloading when the plan says `streamed` (offload.py), else accelerate's device-map hooks
+    (also for blocks on "disk"). gpu_device: see offload.apply_streamed_offload."""
+    plan = stage_plan.component("transformer")
     transformer = FluxTransformer2DModel.from_pretrained(
         checkpoint.path,
         subfolder="transformer",
-        device_map=dict(stage_plan.component("transformer").device_map),
+        device_map={"": "cpu"} if plan.streamed else dict(plan.device_map),
         offload_folder=offload_folder,
         dtype=dtype,
         use_safetensors=True,
     )
+    if plan.streamed:
+        apply_streamed_offload(transformer, dict(plan.device_map), gpu_device)
+        transformer.streamed_device_map = dict(plan.device_map)
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(checkpoint.path, subfolder="scheduler")
     pipeline = FluxPipeline(
         scheduler=scheduler,
@@ -77,5 +87,8 @@ def run(pipeline: FluxPipeline, handoff: Handoff, on_image_done=None) -> Handoff
 
 def device_map(pipeline: FluxPipeline) -> dict[str, dict[str, str]]:
     placed = getattr(pipeline.transformer, "hf_device_map", None) or {"": pipeline.transformer.device}
+    streamed = getattr(pipeline.transformer, "streamed_device_map", None)
+    if streamed is not None:  # group offloading: the planned map, as placed by apply_streamed_offload
+        placed = streamed
     return {"transformer": {module: device_key(device) for module, device in placed.items()}}
 
