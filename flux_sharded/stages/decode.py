@@ -21,10 +21,16 @@ COMPONENTS = ("vae",)
 
 
 def load(checkpoint, stage_plan, dtype: torch.dtype, offload_folder=None) -> AutoencoderKL:
-    return AutoencoderKL.from_pretrained(
-        checkpoint.path, subfolder="vae", device_map=dict(stage_plan.component("vae").device_map), dtype=dtype,
-        use_safetensors=True,
+    """The VAE on the plan's device; tiled decoding (diffusers' `enable_tiling`) when the plan says
+    so. The plan's decode batch size rides along as `vae.decode_batch_size` (images per decode)."""
+    plan = stage_plan.component("vae")
+    vae = AutoencoderKL.from_pretrained(
+        checkpoint.path, subfolder="vae", device_map=dict(plan.device_map), dtype=dtype, use_safetensors=True,
     )
+    if plan.tiled:
+        vae.enable_tiling()
+    vae.decode_batch_size = plan.batch_size
+    return vae
 
 
 def run(vae: AutoencoderKL, handoff: Handoff, on_image_done=None) -> list:
@@ -33,7 +39,11 @@ def run(vae: AutoencoderKL, handoff: Handoff, on_image_done=None) -> list:
     image_processor = VaeImageProcessor(vae_scale_factor=vae_scale_factor * 2)
     images = []
     with torch.inference_mode():
-        for batch in settings.batches():
+        # The run's batches, each cut into the plan's decode batches (one image at a time when a
+        # whole batch's activations do not fit).
+        step = min(getattr(vae, "decode_batch_size", settings.batch_size) or settings.batch_size, settings.batch_size)
+        for batch in (part for whole in settings.batches() for part in (
+                range(start, min(start + step, whole.stop)) for start in range(whole.start, whole.stop, step))):
             latents = FluxPipeline._unpack_latents(  # one batch on the VAE's device at a time
                 handoff.latents[batch.start : batch.stop].to(vae.device), settings.height, settings.width,
                 vae_scale_factor,
