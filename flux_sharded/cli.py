@@ -209,11 +209,15 @@ def _request(ctx: click.Context, options: dict):
     )
     budget = options["max_memory"]
     if budget is None:
-        budget = default_budget()
+        from .distributed import local_processes
+
+        processes = local_processes()
+        budget = default_budget(processes)
         gpus = (f"each GPU's free memory less {DEFAULT_GPU_RESERVE_BYTES / 2**30:.0f} GiB, "
                 if any(isinstance(key, int) for key in budget) else "")
+        shared = f" shared by this machine's {processes} processes" if processes > 1 else ""
         click.echo(f"note: no --max-memory given: using {format_budget(budget)} ({gpus}{DEFAULT_CPU_FRACTION:.0%} of "
-                   "the free RAM)", err=True)
+                   f"the free RAM{shared})", err=True)
     return runner.RunRequest(
         checkpoint, settings, budget, options["out_dir"],
         options["offload_folder"], run_dir=options["run_dir"], overwrite=options["overwrite"],
@@ -268,6 +272,8 @@ def _run(request, options: dict, process) -> None:
             click.echo("note: a run with this disk entry will need --offload-folder DIR, for the weights it puts on "
                        "disk", err=True)
         report, refusal = runner.dry_run(request)
+        for note in report.notes():
+            click.echo(note, err=True)
         click.echo(f"plan for {settings.width}x{settings.height}, batch size {settings.batch_size}, {settings.dtype}, "
                    f"--max-memory {format_budget(budget)}; activations are estimates with a "
                    f"{ACTIVATION_MARGIN - 1:.0%} margin (flux_sharded/activations.py)")

@@ -8,7 +8,12 @@ JSON schema (device keys as strings: "0", "1", "cpu", "disk"):
                  "handoff_bytes": int,                               # what it passed on, kept in RAM
                  "peak_bytes": {"0": int, "cpu": int},               # measured; null in a dry-run
                  "weight_bytes": {"0": int}, "planned_bytes": {"0": int},   # planned: weights + activations
-                 "device_map": {component: {module: device}}}],
+                 "device_map": {component: {module: device}},
+                 "offload_bytes_per_step": int,   # weights copied host-to-GPU per forward (0: none)
+                 "offload_bytes_per_image": int,  # the same over a whole image (steps, shared by a batch)
+                 "offload": "none" | "streamed" | "hooks",  # diffusers group offloading or accelerate hooks
+                 "tiled": bool,                   # decode: diffusers' tiled VAE decoding
+                 "notes": [str]}],                # what the planner left out or chose
      "images": [paths, in prompt order]}
 """
 
@@ -20,6 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .budget import device_key, format_bytes
+
+# Host-to-GPU copy speed assumed for the offload time estimate: PCIe 4.0 x16 moves 31.5 GB/s raw;
+# pinned-memory copies reach about 25 GB/s (NVIDIA's bandwidthTest on such links reports 24-26).
+# A GPU run measures nothing yet: benchmarks/gpu_check.sh records real seconds per image.
+OFFLOAD_BANDWIDTH_BYTES_PER_SECOND = 25 * 10**9
+OFFLOAD_BANDWIDTH_NAME = "PCIe 4.0 x16"
 from .files import atomic_write
 
 
@@ -35,10 +46,26 @@ class StageReport:
     handoff_bytes: int | None = None  # the handoff this stage passed on, in CPU memory
     process: int = 0  # rank under several processes
     images: int = 0  # how many images this stage processed
+    offload_bytes_per_step: int = 0  # weights copied host-to-GPU per forward pass
+    offload_bytes_per_image: int = 0  # the same summed over one image's forward passes
+    offload: str = "none"  # "streamed" (diffusers group offloading), "hooks" (accelerate) or "none"
+    tiled: bool = False  # decode: tiled VAE decoding
+    notes: list[str] = field(default_factory=list)
 
     @classmethod
-    def from_plan(cls, stage_plan) -> "StageReport":
+    def from_plan(cls, stage_plan, steps: int = 1, images: int = 1) -> "StageReport":
+        """The plan's numbers; `steps` forward passes per batch (denoise: the denoising steps; encode
+        and decode: 1) and `images` images in the run, for the per-image offload bytes."""
+        per_step = stage_plan.offload_bytes_per_step
+        batch = max(component.batch_size for component in stage_plan.components)
+        passes = steps * -(-max(images, 1) // max(batch, 1))  # ceil: a last, partial batch copies as much
+        offloading = [component for component in stage_plan.components if component.offload_bytes]
         return cls(
+            offload_bytes_per_step=per_step,
+            offload_bytes_per_image=per_step * passes // max(images, 1),
+            offload=("streamed" if all(c.streamed for c in offloading) else "hooks") if offloading else "none",
+            tiled=any(component.tiled for component in stage_plan.components),
+            notes=list(stage_plan.notes),
             name=stage_plan.name,
             device_map={
                 component.name: {module: device_key(device) for module, device in component.device_map.items()}
@@ -54,6 +81,10 @@ class RunReport:
     budget: dict[str, int]
     stages: list[StageReport] = field(default_factory=list)
     images: list[str] = field(default_factory=list)
+
+    def notes(self) -> list[str]:
+        """The planner's notes of every stage, each once."""
+        return list(dict.fromkeys(note for stage in self.stages for note in stage.notes))
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -96,4 +127,24 @@ class RunReport:
                     ]
                 rows.append(row)
         widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
-        return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows)
+        lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
+        return "\n".join(lines + self.cost_lines())
+
+    def cost_lines(self) -> list[str]:
+        """Under the table: for each stage that offloads, what it copies host-to-GPU and what that costs."""
+        lines = []
+        for stage in self.stages:
+            if stage.tiled:
+                lines.append(f"{stage.name}: tiled VAE decoding (the whole image's activations do not fit)")
+            if not stage.offload_bytes_per_step:
+                continue
+            seconds = stage.offload_bytes_per_step / OFFLOAD_BANDWIDTH_BYTES_PER_SECOND
+            how = ("streamed ahead of use (diffusers group offloading)" if stage.offload == "streamed"
+                   else "copied as each block runs (accelerate hooks)")
+            step = "denoising step" if stage.name == "denoise" else "forward pass"
+            lines.append(
+                f"{stage.name}: offloaded weights {how}: {format_bytes(stage.offload_bytes_per_step)} host-to-GPU per "
+                f"{step}, {format_bytes(stage.offload_bytes_per_image)} per image; about {seconds:.2f} s per {step} "
+                f"at {OFFLOAD_BANDWIDTH_BYTES_PER_SECOND / 10**9:.0f} GB/s ({OFFLOAD_BANDWIDTH_NAME})"
+            )
+        return lines
