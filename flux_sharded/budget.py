@@ -134,8 +134,9 @@ def check_gpus(budget: Budget, gpu_count: int) -> None:
             raise BudgetError(f"--max-memory: GPU {index} does not exist; {where}; {fix}")
 
 
-def default_budget() -> Budget:
-    """Every visible GPU's free memory less DEFAULT_GPU_RESERVE_BYTES, plus a share of the free RAM."""
+def default_budget(local_processes: int = 1) -> Budget:
+    """Every visible GPU's free memory less DEFAULT_GPU_RESERVE_BYTES, plus DEFAULT_CPU_FRACTION of the
+    free RAM split evenly between the `local_processes` processes of this machine (they share it)."""
     import psutil
     import torch
 
@@ -144,7 +145,7 @@ def default_budget() -> Budget:
         for index in range(torch.cuda.device_count()):
             free, _total = torch.cuda.mem_get_info(index)
             budget[index] = max(free - DEFAULT_GPU_RESERVE_BYTES, 0)
-    budget["cpu"] = int(psutil.virtual_memory().available * DEFAULT_CPU_FRACTION)
+    budget["cpu"] = int(psutil.virtual_memory().available * DEFAULT_CPU_FRACTION) // max(local_processes, 1)
     return budget
 
 

@@ -79,6 +79,12 @@ def _asked_processes(command: list[str]) -> int:
     return 1
 
 
+def local_processes() -> int:
+    """How many processes the launcher started on this machine (torchrun's LOCAL_WORLD_SIZE, which
+    `accelerate launch` sets too); 1 without a launcher. They share this machine's RAM."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
 def restrict_gpus(gpus_per_process: int) -> list[str]:
     """Make local process r see only GPUs rK .. rK+K-1 of those visible to the launcher, so that the
     budget's keys 0..K-1 mean those. Must run before CUDA is initialised in this process."""
