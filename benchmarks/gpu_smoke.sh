@@ -2,7 +2,8 @@
 # GPU check for the staged runner and the planner, one command, a few minutes on one H100/H200:
 #   1. the tiny checkpoint on cuda:0 under --max-memory 0=2GB (the report is printed);
 #   2. the "mini" checkpoint (FLUX.1-dev's proportions, 1.2 GB) at 512 and 1024 pixels under
-#      0=16GB: planned vs CUDA-allocator peaks per stage (benchmarks/report_table.py).
+#      0=16GB: planned vs CUDA-allocator peaks per stage (benchmarks/report_table.py);
+#   3. the mini checkpoint under 0=700MB,cpu=16GB: the streamed-offload path on a real GPU.
 # Run from the repository root on the GPU machine:  bash benchmarks/gpu_smoke.sh
 # Packages the machine lacks (diffusers; transformers 5) travel as wheels in .whl/ (see the
 # device tool's README); they are installed into /tmp/site when present.
@@ -27,5 +28,10 @@ for size in 512 1024; do
   step "mini at $size under 0=16GB" python3 -m flux_sharded --model /tmp/mini --prompt "a photo of a dog" \
     --max-memory 0=16GB --steps 4 --height $size --width $size --out "$OUT/mini-$size" --report "$OUT/mini-$size.json"
 done
+# A small card emulated by the budget: blocks the plan puts on "cpu" stream through diffusers'
+# group offloading (a CUDA side stream); the report shows planned vs measured peak on GPU 0.
+step "mini at 1024 under 0=700MB,cpu=16GB (streamed offload)" python3 -m flux_sharded --model /tmp/mini \
+  --prompt "a photo of a dog" --max-memory 0=700MB,cpu=16GB --steps 4 --height 1024 --width 1024 \
+  --out "$OUT/mini-streamed" --report "$OUT/mini-streamed.json"
 step "table" bash -c "python3 benchmarks/report_table.py $OUT/*.json | tee $OUT/table.md"
 finish

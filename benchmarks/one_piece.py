@@ -2,10 +2,12 @@
 
     python benchmarks/one_piece.py CHECKPOINT --out-json FILE [--mode whole|model-offload|group-offload]
         [--device cpu|cuda] [--size 1024] [--steps 28] [--prompts 1] [--dtype bfloat16]
+    (--mode also sequential-offload)
 
 whole: every component on --device. model-offload: `enable_model_cpu_offload()` (GPU only).
 group-offload: `enable_group_offload(onload_device, offload_type="block_level", use_stream=True)`
-(GPU only). Writes load seconds, run seconds per image, and the peak memory (CUDA allocator peak
+(GPU only). sequential-offload: `enable_sequential_cpu_offload()` (GPU only: accelerate's per-module
+hooks, the least GPU memory and the slowest). Writes load seconds, run seconds per image, and the peak memory (CUDA allocator peak
 per GPU; the process's peak resident memory for the CPU) as JSON.
 """
 
@@ -24,7 +26,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--out-json", type=Path, required=True)
-    parser.add_argument("--mode", choices=["whole", "model-offload", "group-offload"], default="whole")
+    parser.add_argument("--mode", choices=["whole", "model-offload", "group-offload", "sequential-offload"], default="whole")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=28)
@@ -42,6 +44,8 @@ def main() -> None:
         pipeline.to(args.device)
     elif args.mode == "model-offload":
         pipeline.enable_model_cpu_offload(device=args.device)
+    elif args.mode == "sequential-offload":
+        pipeline.enable_sequential_cpu_offload(device=args.device)
     else:
         pipeline.enable_group_offload(onload_device=torch.device(args.device), offload_device=torch.device("cpu"),
                                       offload_type="block_level", num_blocks_per_group=1, use_stream=True)
