@@ -127,11 +127,19 @@ def check_gpus(budget: Budget, gpu_count: int) -> None:
     for index in (key for key in budget if isinstance(key, int)):
         if index >= gpu_count:
             have = f"GPUs 0..{gpu_count - 1}" if gpu_count else "no GPU"
-            fix = "use one of those indices" if gpu_count else "budget the CPU instead (e.g. cpu=32GB)"
+            fix = "use one of those indices" if gpu_count else f"budget the CPU instead ({_cpu_example()})"
             visible = os.environ.get("CUDA_VISIBLE_DEVICES")  # set by the user, a launcher or --gpus-per-process
             where = (f"this machine has {have}" if visible is None
                      else f"this process sees {have} (CUDA_VISIBLE_DEVICES={visible})")
             raise BudgetError(f"--max-memory: GPU {index} does not exist; {where}; {fix}")
+
+
+def _cpu_example() -> str:
+    """A cpu= entry this machine can give: what the default budget would take of its free RAM."""
+    import psutil
+
+    share = int(psutil.virtual_memory().available * DEFAULT_CPU_FRACTION)
+    return f"e.g. cpu={spec_size(share, round_up=False)}, {DEFAULT_CPU_FRACTION:.0%} of the free RAM"
 
 
 def default_budget(local_processes: int = 1) -> Budget:

@@ -504,21 +504,22 @@ def _refusal(stages: tuple[StagePlan, ...], components: _Components, budget: Bud
     if cpu is not None and cpu > budget.get("cpu", 0):
         ways.append(f"cpu={spec_size(cpu, round_up=True, binary=written_binary(budget, 'cpu'))} in --max-memory, "
                     "to offload what misses the GPUs to RAM (slower)")
-    ram = _available_ram_bytes()
-    cpu_suggested = cpu if cpu is not None else (smallest or {}).get("cpu") if not _gpus(budget) else None
-    if "disk" not in budget and (cpu_suggested is None or cpu_suggested > ram):
+    # The RAM those ways ask for (to offload to, or, with no GPU budgeted, to compute in): when this
+    # machine has less available, or no cpu= would do, the rest can go to disk.
+    ram, ram_asked = _available_ram_bytes(), cpu if _gpus(budget) else (smallest or {}).get("cpu")
+    if "disk" not in budget and (ram_asked is None or ram_asked > ram):
         on_disk = _with_disk(components, budget, ram)
         if on_disk is not None:
             ways.append(f"--max-memory {_format_spec(on_disk, budget)} --offload-folder DIR, as this machine has "
-                        f"{format_bytes(ram)} of RAM available (weights on disk are read back at every step: much slower)")
+                        f"{format_bytes(ram)} of RAM available (weights on disk are read back at every step: "
+                        "much slower)")
     if inputs.dtype == torch.float32:
         ways.append("--dtype bfloat16 (half the bytes)")
     if not ways:
         ways.append("a smaller --height/--width or --max-sequence-length")
     note = f" ({card_sizes[0].upper()}{card_sizes[1:]}: budget it in GiB to use all of it.)" if card_sizes else ""
     return (f"{'; '.join(problems)} (at {inputs.width}x{inputs.height}, batch size {inputs.batch_size}, "
-            f"{_dtype_name(inputs.dtype)}). "
-            f"Ways out: {'; or '.join(ways)}{note}")
+            f"{_dtype_name(inputs.dtype)}). Ways out: {'; or '.join(ways)}{note}")
 
 
 def _as_card_sizes(budget: Budget) -> tuple[Budget | None, str | None]:

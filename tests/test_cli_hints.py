@@ -325,3 +325,15 @@ def test_ctrl_c_under_torchrun_prints_one_line_and_no_traceback_of_ours(tiny_che
     assert interrupted == [f"Interrupted. Continue with: flux-sharded --resume {next(out.glob('.flux-sharded/run-*'))}"]
     tracebacks = stderr.split("Traceback (most recent call last):")[1:]
     assert all("flux_sharded" not in traceback and "SignalException" in traceback for traceback in tracebacks), stderr
+
+
+def test_a_gpu_budget_on_a_machine_without_gpu_suggests_a_cpu_budget_it_has(tiny_checkpoint, tmp_path, monkeypatch):
+    import psutil
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: _Memory(10 * 10**9))  # 10 GB free: cpu=32GB is no example
+    result = invoke(tiny_run(tiny_checkpoint, tmp_path / "out", "--prompt", "a dog", "--max-memory", "0=16GB,1=16GB"))
+    assert result.exit_code == 2, result.output
+    assert error_line(result) == ("Error: --max-memory: GPU 0 does not exist; this machine has no GPU; budget the CPU "
+                                  "instead (e.g. cpu=8.0GB, 80% of the free RAM)")
+    assert not (tmp_path / "out").exists()
