@@ -304,7 +304,7 @@ def _run(request, options: dict, process) -> None:
 def _quiet_libraries() -> None:
     """Our stage lines replace the libraries' per-file loading bars; transformers' import-time notes
     (e.g. about torchvision, which FLUX does not use) are not the user's concern. diffusers' warnings,
-    such as a truncated prompt, stay."""
+    such as a truncated prompt, stay (printed above the bars, a truncation once: progress.py)."""
     import diffusers.utils.logging
     import transformers.utils.logging
 
