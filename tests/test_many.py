@@ -163,7 +163,7 @@ def test_two_machines_with_their_own_disks_run_and_resume(tiny_checkpoint, tmp_p
     for path, expected in zip(shares[0] + shares[1], one["images"], strict=True):
         assert_same_pixels(pixels(path), pixels(expected))
     report = json.loads((tmp_path / "machine0" / "report.json").read_text())
-    assert report["images"] == [f"out/{path.name}" for path in shares[0] + shares[1]]  # as each machine names them
+    assert report["images"] == [str(path) for path in shares[0] + shares[1]]  # absolute, as each machine names them
     run_folders = {machine: list((tmp_path / f"machine{machine}" / "out" / ".flux-sharded").iterdir())
                    for machine in (0, 1)}
     assert all(len(folders) == 1 and (folders[0] / "run.json").is_file() for folders in run_folders.values())
