@@ -57,6 +57,27 @@ class Budget(dict):
         return unit.endswith("IB")
 
 
+def as_typed(budget: dict) -> dict:
+    """The budget with each entry nobody wrote (the default budget's exact free bytes) rounded down
+    to a tenth of its unit, as a user would type it, so that a suggestion keeping it reads
+    "cpu=19.4GB" rather than "cpu=19416442470B"; other entries, and a plain dict, as they are."""
+    if not isinstance(budget, Budget):
+        return budget
+    typed = budget.copy()
+    for key, value in budget.items():
+        if key not in budget.units:
+            typed[key], typed.units[key] = _parse_size(spec_size(value, round_up=False, binary=budget.binary(key)))
+    return typed
+
+
+def written_size(budget: dict, key) -> str:
+    """An entry of the budget as a --max-memory size, exactly, in the unit it was written in."""
+    unit = getattr(budget, "units", {}).get(key)
+    if unit is None:
+        return exact_spec_size(budget[key])
+    return f"{budget[key] / UNITS[unit]:.10g}{unit.replace('I', 'i')}"
+
+
 def written_binary(budget: dict, key) -> bool:
     """Whether a suggestion for `key` should be in KiB/MiB/GiB/TiB: the unit the user wrote it in
     (a plain dict, or a budget read from run.json, has none: GB)."""

@@ -42,8 +42,8 @@ from pathlib import Path
 import torch
 
 from . import activations
-from .budget import (BINARY_TWIN, DEFAULT_CPU_FRACTION, DEFAULT_GPU_RESERVE_BYTES, UNITS, Budget, exact_spec_size, format_bytes,
-                     spec_size, written_binary)
+from .budget import (BINARY_TWIN, DEFAULT_CPU_FRACTION, DEFAULT_GPU_RESERVE_BYTES, UNITS, Budget, as_typed,
+                     format_bytes, spec_size, written_binary, written_size)
 from .components import empty_component, module_sizes, no_split_modules, special_dtypes
 from .errors import PlanError
 
@@ -493,7 +493,8 @@ def _refusal(stages: tuple[StagePlan, ...], components: _Components, budget: Bud
             f"{format_bytes(max(stage.activation_bytes.values()))} of activations) does not fit: {lacking}"
         )
     ways = []
-    binary_budget, card_sizes = _as_card_sizes(budget)
+    written, budget = budget, as_typed(budget)  # suggestions keep entries nobody wrote as a user would type them
+    binary_budget, card_sizes = _as_card_sizes(written, budget)
     if binary_budget is not None and _fits_with(components, binary_budget):
         ways.append(f"--max-memory {_format_spec(binary_budget, binary_budget)} if that is your card ({card_sizes})")
         card_sizes = None  # said
@@ -504,15 +505,16 @@ def _refusal(stages: tuple[StagePlan, ...], components: _Components, budget: Bud
     if cpu is not None and cpu > budget.get("cpu", 0):
         ways.append(f"cpu={spec_size(cpu, round_up=True, binary=written_binary(budget, 'cpu'))} in --max-memory, "
                     "to offload what misses the GPUs to RAM (slower)")
-    # The RAM those ways ask for (to offload to, or, with no GPU budgeted, to compute in): when this
-    # machine has less available, or no cpu= would do, the rest can go to disk.
+    # The RAM those ways ask for (to offload to, or, with no GPU budgeted, to compute in): when it is
+    # more than the default budget would take of this machine's RAM, or no cpu= would do, the rest
+    # can go to disk.
     ram, ram_asked = _available_ram_bytes(), cpu if _gpus(budget) else (smallest or {}).get("cpu")
-    if "disk" not in budget and (ram_asked is None or ram_asked > ram):
+    if "disk" not in budget and (ram_asked is None or ram_asked > ram * DEFAULT_CPU_FRACTION):
         on_disk = _with_disk(components, budget, ram)
         if on_disk is not None:
             ways.append(f"--max-memory {_format_spec(on_disk, budget)} --offload-folder DIR, as this machine has "
-                        f"{format_bytes(ram)} of RAM available (weights on disk are read back at every step: "
-                        "much slower)")
+                        f"{format_bytes(ram)} of RAM available, of which the default budget takes "
+                        f"{DEFAULT_CPU_FRACTION:.0%} (weights on disk are read back at every step: much slower)")
     if inputs.dtype == torch.float32:
         ways.append("--dtype bfloat16 (half the bytes)")
     if not ways:
@@ -522,15 +524,15 @@ def _refusal(stages: tuple[StagePlan, ...], components: _Components, budget: Bud
             f"{_dtype_name(inputs.dtype)}). Ways out: {'; or '.join(ways)}{note}")
 
 
-def _as_card_sizes(budget: Budget) -> tuple[Budget | None, str | None]:
-    """The budget with each GPU entry written in decimal units (0=24GB) read as the card maker
-    means it (0=24GiB: a card sold as "24 GB" holds 24 GiB = 25.77 GB), and that sentence;
-    (None, None) when no GPU entry was written in KB/MB/GB/TB."""
+def _as_card_sizes(budget: Budget, typed: Budget) -> tuple[Budget | None, str | None]:
+    """`typed` (as_typed(budget)) with each GPU entry the user wrote in decimal units (0=24GB) read
+    as the card maker means it (0=24GiB: a card sold as "24 GB" holds 24 GiB = 25.77 GB), and that
+    sentence; (None, None) when no GPU entry was written in KB/MB/GB/TB."""
     units = getattr(budget, "units", {})
     decimal = [key for key in _gpus(budget) if units.get(key) in BINARY_TWIN]
     if not decimal:
         return None, None
-    card = Budget(budget, units=units)
+    card = Budget(typed, units=getattr(typed, "units", {}))
     for key in decimal:
         card[key] = round(budget[key] / UNITS[units[key]] * UNITS[BINARY_TWIN[units[key]]])
         card.units[key] = BINARY_TWIN[units[key]]
@@ -603,10 +605,10 @@ def _with_disk(components: _Components, budget: Budget, ram: int) -> Budget | No
 
 
 def _format_spec(suggested: Budget, given: Budget) -> str:
-    """The suggested budget; the entries it keeps from the user's are written exactly as sizes, the
-    others rounded up in the unit the user wrote (GiB stays GiB)."""
+    """The suggested budget; the entries it keeps from the user's are written exactly, in the unit
+    they were written in, the others rounded up in that unit's family (GiB stays GiB)."""
     return ",".join(
-        f"{key}={exact_spec_size(value)}" if value == given.get(key)
+        f"{key}={written_size(given, key)}" if value == given.get(key)
         else f"{key}={spec_size(value, round_up=True, binary=written_binary(given, key))}"
         for key, value in suggested.items()
     )

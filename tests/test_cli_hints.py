@@ -215,7 +215,8 @@ def test_a_refusal_beyond_this_machines_ram_offers_disk_and_that_offer_fits(monk
     assert refused.exit_code == 2, refused.output
     line = error_line(refused)
     offer = re.search(r"; or --max-memory (cpu=15GB,disk=[\d.]+GB) --offload-folder DIR, as this machine has "
-                      r"16\.00 GB of RAM available \(weights on disk are read back at every step: much slower\)", line)
+                      r"16\.00 GB of RAM available, of which the default budget takes 80% \(weights on disk are "
+                      r"read back at every step: much slower\)", line)
     assert offer, line
     # A dry-run writes nothing, so it needs no --offload-folder (it says a run will).
     accepted = invoke([*args, offer.group(1)])
@@ -338,3 +339,19 @@ def test_a_gpu_budget_on_a_machine_without_gpu_suggests_a_cpu_budget_it_has(tiny
     assert error_line(result) == ("Error: --max-memory: GPU 0 does not exist; this machine has no GPU; budget the CPU "
                                   "instead (e.g. cpu=8.0GB, 80% of the free RAM)")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_refusal_of_the_default_budget_suggests_sizes_a_user_would_type(monkeypatch):
+    """No --max-memory: the budget is 80% of the free RAM to the byte; a suggestion keeping it
+    rounds it down to a tenth of a GB rather than printing 12898765431B."""
+    import psutil
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: _Memory(16_123_456_789))
+    refused = invoke(["--prompt", "a dog", "--dry-run"])
+    assert refused.exit_code == 2, refused.output
+    assert "note: no --max-memory given: using cpu=12.90 GB (80% of the free RAM)" in refused.output
+    offer = re.search(r"; or --max-memory (cpu=12\.8GB,disk=[\d.]+GB) --offload-folder DIR", error_line(refused))
+    assert offer, error_line(refused)
+    assert invoke(["--prompt", "a dog", "--dry-run", "--max-memory", offer.group(1)]).exit_code == 0
