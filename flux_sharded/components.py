@@ -22,8 +22,20 @@ COMPONENT_CLASSES = {
 }
 
 
-def empty_component(config_root: Path, name: str) -> torch.nn.Module:
-    """The component `name` with every parameter on the meta device, from `config_root/name/config.json`."""
+def empty_component(config_root: Path, name: str, quantization: str | None = None,
+                    dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
+    """The component `name` with every parameter on the meta device, from `config_root/name/config.json`;
+    with `quantization` ("fp8", "int8", "nf4"), its tensors as that method stores them for compute in
+    `dtype` (quantize.quantized_meta), so that module_sizes counts the quantized bytes."""
+    model = _empty_component(config_root, name)
+    if quantization:
+        from .quantize import quantized_meta
+
+        model = quantized_meta(model, quantization, dtype)
+    return model
+
+
+def _empty_component(config_root: Path, name: str) -> torch.nn.Module:
     library, class_name = COMPONENT_CLASSES[name]
     folder = config_root / name
     if library == "transformers":
@@ -48,11 +60,14 @@ def special_dtypes(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torc
         keep |= set(getattr(model, "_keep_in_fp32_modules", None) or ())
     if dtype in (torch.float16, torch.bfloat16):
         keep |= set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
-    return {
+    special = {
         name: torch.float32
         for name, _ in model.named_parameters()
         if any(module in name.split(".") for module in keep)
     }
+    # Quantization statistics stored in float32 whatever the compute dtype (quantize.quantized_meta).
+    special.update(getattr(model, "quantized_special_dtypes", None) or {})
+    return special
 
 
 def module_sizes(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, int]:

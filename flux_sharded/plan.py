@@ -74,6 +74,16 @@ class PlanInputs:
     batch_size: int = 1  # --batch-size
     images: int | None = None  # images a process makes (the largest share); None: batch_size
     distinct_prompts: int | None = None  # prompts a process encodes; None: batch_size
+    quantize: tuple[tuple[str, str], ...] = ()  # (component, "fp8" | "int8" | "nf4"), see quantize.py
+    prequantized: tuple[str, ...] = ()  # components of `quantize` stored quantized in the checkpoint
+
+    def method(self, name: str) -> str | None:
+        """The quantization of component `name` (asked for or pre-quantized), None for --dtype storage."""
+        return dict(self.quantize).get(name)
+
+    def load_method(self, name: str) -> str | None:
+        """The quantization to apply while loading `name`: none for a pre-quantized component."""
+        return None if name in self.prequantized else self.method(name)
 
     def batch_images(self) -> int:
         """Images that really share a denoise or decode forward pass."""
@@ -95,6 +105,7 @@ class ComponentPlan:
     streamed: bool = False  # offloaded blocks streamed with diffusers' group offloading (else accelerate hooks)
     tiled: bool = False  # VAE: diffusers' tiled decoding
     batch_size: int = 1  # images (or prompts) per forward pass
+    quantization: str | None = None  # applied while loading (quantize.from_pretrained): fp8, int8, nf4
 
 
 @dataclass(frozen=True)
@@ -197,7 +208,8 @@ class _Components:
 
     def model(self, name: str) -> torch.nn.Module:
         if name not in self._models:
-            self._models[name] = empty_component(self.inputs.config_root, name)
+            self._models[name] = empty_component(self.inputs.config_root, name, self.inputs.method(name),
+                                                 self.inputs.dtype)
         return self._models[name]
 
     def sizes(self, name: str) -> dict[str, int]:
@@ -297,7 +309,15 @@ def plan_encode(components: _Components, budget: Budget) -> StagePlan:
         # docstring for why this beats running it on the CPU), else run it whole on the CPU.
         split_budget = {**{index: size for index, size in room.items() if size >= least[name]},
                         **{key: usable[key] for key in ("cpu", "disk") if key in usable}}
-        if _gpus(split_budget) and "cpu" in split_budget:
+        method = components.inputs.method(name)
+        if method == "nf4" and best is not None:
+            # bitsandbytes' 4-bit layers run on a GPU only: the roomiest one, or a refusal.
+            room[best] -= whole[name]
+            planned[name] = _whole(components, name, best)
+        elif method:
+            # A quantized encoder loads on the CPU and moves whole (quantize.from_pretrained).
+            planned[name] = _whole(components, name, "cpu")
+        elif _gpus(split_budget) and "cpu" in split_budget:
             plan = _split(components, name, split_budget, streamed=False)
             for device in _gpus(split_budget):
                 room[device] -= plan.weight_bytes.get(device, 0) + plan.activation_bytes.get(device, 0)
@@ -315,6 +335,7 @@ def _whole(components: _Components, name: str, device: Device) -> ComponentPlan:
         activation_bytes={device: components.activation_bytes(name)},
         batch_size=components.inputs.batch_prompts() if name.startswith("text_encoder")
         else components.inputs.batch_images(),
+        quantization=components.inputs.load_method(name),
     )
 
 
@@ -413,6 +434,7 @@ def _placed(components: _Components, name: str, device_map: dict[str, Device], c
         streamed=streamed,
         batch_size=components.inputs.batch_prompts() if name.startswith("text_encoder")
         else components.inputs.batch_images(),
+        quantization=components.inputs.load_method(name),
     )
 
 
@@ -421,6 +443,11 @@ def plan_denoise(components: _Components, budget: Budget) -> StagePlan:
     usable, notes = _left_out(budget, least, "denoise")
     if not any(key != "disk" for key in usable):  # nothing can compute: plan on the first GPU to refuse it
         usable = dict(budget)
+    method = components.inputs.method("transformer")
+    if method == "nf4":  # bitsandbytes' 4-bit layers cannot be offloaded
+        usable = {key: value for key, value in usable.items() if isinstance(key, int)} or usable
+    elif method:  # fp8 / int8 weights stream from RAM; accelerate's disk offload cannot hold them
+        usable = {key: value for key, value in usable.items() if key != "disk"}
     plan = _split(components, "transformer", usable, streamed=True)
     plan = _compact(plan)
     return StagePlan("denoise", (plan,), dict(budget), tuple(notes))
@@ -462,6 +489,7 @@ def plan_decode(components: _Components, budget: Budget) -> StagePlan:
         activation_bytes={device: components.activation_bytes("vae", images, tiled)},
         tiled=tiled,
         batch_size=images,
+        quantization=components.inputs.load_method("vae"),
     )
     notes = []
     if tiled:
@@ -517,6 +545,9 @@ def _refusal(stages: tuple[StagePlan, ...], components: _Components, budget: Bud
                         f"{DEFAULT_CPU_FRACTION:.0%} (weights on disk are read back at every step: much slower)")
     if inputs.dtype == torch.float32:
         ways.append("--dtype bfloat16 (half the bytes)")
+    quantized = _quantization_that_fits(inputs, budget)
+    if quantized:
+        ways.append(f"--quantize {quantized} would fit without offload")
     if not ways:
         ways.append("a smaller --height/--width or --max-sequence-length")
     note = f" ({card_sizes[0].upper()}{card_sizes[1:]}: budget it in GiB to use all of it.)" if card_sizes else ""
@@ -540,6 +571,21 @@ def _as_card_sizes(budget: Budget, typed: Budget) -> tuple[Budget | None, str | 
     number, unit = f"{budget[first] / UNITS[units[first]]:g}", units[first]
     return card, (f"a card sold as \"{number} {unit}\" holds {number} {BINARY_TWIN[unit].replace('I', 'i')} = "
                   f"{format_bytes(card[first])}, since GPU memory is counted in binary units")
+
+
+def _quantization_that_fits(inputs: PlanInputs, budget: Budget) -> str | None:
+    """The first of fp8, int8, nf4 (least to most lossy) whose plan of the large components fits the
+    budget's GPUs with nothing offloaded; None if none does, or if the run is quantized already."""
+    from .quantize import LARGE_COMPONENTS
+
+    gpus = {key: value for key, value in budget.items() if isinstance(key, int)}
+    if inputs.quantize or not gpus:
+        return None
+    for method in ("fp8", "int8", "nf4"):
+        trial = dataclasses.replace(inputs, quantize=tuple((name, method) for name in LARGE_COMPONENTS))
+        if _fits_with(_Components(trial), gpus):
+            return method
+    return None
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -1,0 +1,275 @@
+"""`--quantize`: low-bit storage of the large components, compute in `--dtype`.
+
+Methods, in diffusers' words, each a well-kept library's own mechanism:
+
+- `fp8`: float8 (e4m3) storage with per-layer upcast: diffusers' layerwise casting
+  (`ModelMixin.enable_layerwise_casting`, `diffusers.hooks.apply_layerwise_casting` for the
+  transformers text encoders), with its default skip patterns (norms, embeddings of positions,
+  `proj_out`), the model's own `_skip_layerwise_casting_patterns` and its float32 modules. CPU and
+  any GPU. FLUX.1's transformer skips "norm", which holds its AdaLN modulation layers (6.4 GB in
+  bf16): fp8 stores it in 15.15 GB, not half of 23.8 GB.
+- `int8`: int8 weight-only through torchao (`Int8WeightOnlyConfig`, via diffusers' and
+  transformers' `TorchAoConfig` at load): every `nn.Linear` weight becomes int8 with one scale
+  per output channel. Needs the optional `torchao` (`pip install 'flux-sharded[quantize]'`).
+- `nf4`: bitsandbytes 4-bit NormalFloat (`BitsAndBytesConfig(load_in_4bit=True,
+  bnb_4bit_quant_type="nf4")`). CUDA only: refused before anything loads on a machine without one.
+
+`--quantize fp8` quantizes the transformer and the large text encoder (T5 for FLUX.1);
+`--quantize transformer=nf4,text_encoder_2=int8` names components. CLIP and the VAE stay in
+`--dtype` unless named.
+
+The planner counts quantized bytes on the meta device (`quantized_meta`): fp8 by applying the very
+layerwise casting to the meta model; int8 and nf4 by giving each layer that the library converts
+its stored tensors' shapes and dtypes (weights, scales, block statistics).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import SettingsError
+
+METHODS = ("none", "fp8", "int8", "nf4")
+# The components `--quantize METHOD` applies to: the large ones (FLUX.1: transformer 23.8 GB, T5
+# 9.5 GB in bf16). CLIP (0.25 GB) and the VAE (0.17 GB) gain little and lose quality.
+LARGE_COMPONENTS = ("transformer", "text_encoder_2")
+COMPONENTS = ("text_encoder", "text_encoder_2", "transformer", "vae")
+FP8_STORAGE = torch.float8_e4m3fn
+# bitsandbytes' 4-bit layout (bitsandbytes/functional.py quantize_4bit): two 4-bit codes per byte,
+# one float32 absmax per block of 64 weights, no double quantization (our BitsAndBytesConfig).
+NF4_BLOCK_SIZE = 64
+EXAMPLE = "e.g. --quantize fp8, or --quantize transformer=nf4,text_encoder_2=int8"
+
+
+class QuantizeError(SettingsError):
+    """A bad --quantize spec, or a method this machine cannot run."""
+
+
+def parse_quantize(spec: str | None) -> dict[str, str]:
+    """'fp8' -> {"transformer": "fp8", "text_encoder_2": "fp8"}; 'none' -> {};
+    'transformer=nf4,text_encoder_2=int8' -> those two. Raises QuantizeError naming the bad part."""
+    if spec is None or spec.strip().lower() == "none":
+        return {}
+    spec = spec.strip()
+    if "=" not in spec:
+        method = _method(spec, spec)
+        return dict.fromkeys(LARGE_COMPONENTS, method)
+    chosen: dict[str, str] = {}
+    for entry in spec.split(","):
+        if entry.count("=") != 1:
+            raise QuantizeError(f"--quantize: '{entry.strip()}' is not COMPONENT=METHOD ({EXAMPLE})")
+        component, method = (part.strip() for part in entry.split("="))
+        if component not in COMPONENTS:
+            raise QuantizeError(f"--quantize: '{component}' is not a component; use {', '.join(COMPONENTS)} ({EXAMPLE})")
+        if component in chosen:
+            raise QuantizeError(f"--quantize: '{component}' is given twice; give each component once ({EXAMPLE})")
+        method = _method(method, entry.strip())
+        if method != "none":
+            chosen[component] = method
+    return chosen
+
+
+def _method(method: str, where: str) -> str:
+    method = method.lower()
+    if method not in METHODS:
+        raise QuantizeError(f"--quantize: '{where}' names an unknown method; use {', '.join(METHODS)} ({EXAMPLE})")
+    return method
+
+
+def format_quantize(chosen: dict[str, str]) -> str:
+    """The spec back, as saved in run.json and PNG metadata ('none' when nothing is quantized)."""
+    return ",".join(f"{component}={method}" for component, method in sorted(chosen.items())) or "none"
+
+
+def check_available(chosen: dict[str, str]) -> None:
+    """Refuse, before anything loads, a method this machine cannot run."""
+    methods = set(chosen.values())
+    if "nf4" in methods and not torch.cuda.is_available():
+        raise QuantizeError("--quantize nf4 needs a CUDA GPU (bitsandbytes' 4-bit kernels); this machine has none: "
+                            "use fp8 or int8, which run on the CPU too")
+    if "nf4" in methods:
+        _require("bitsandbytes", "nf4")
+    if "int8" in methods:
+        _require("torchao", "int8")
+
+
+def _require(package: str, method: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(package) is None:
+        raise QuantizeError(f"--quantize {method} needs the {package} package, not installed here: "
+                            f"pip install 'flux-sharded[quantize]' (or pip install {package})")
+
+
+def fp8_cast(model: torch.nn.Module, compute_dtype: torch.dtype) -> None:
+    """diffusers' layerwise casting to float8 storage, with the model's own skip patterns (a
+    diffusers model) or diffusers' default ones (a transformers text encoder)."""
+    if hasattr(model, "enable_layerwise_casting"):
+        model.enable_layerwise_casting(storage_dtype=FP8_STORAGE, compute_dtype=compute_dtype)
+        return
+    from diffusers.hooks import apply_layerwise_casting
+    from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
+
+    # As ModelMixin.enable_layerwise_casting does for a diffusers model, the modules the model keeps
+    # in float32 are skipped too: T5's `wo` casts its input to its own weight's dtype, which would
+    # be float8 while the hook upcasts the weight.
+    # Token embeddings stay in the compute dtype too: FluxPipeline.encode_prompt casts the embeddings
+    # to the encoder's dtype, which transformers takes from its first parameter, the token embedding.
+    keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+    apply_layerwise_casting(model, storage_dtype=FP8_STORAGE, compute_dtype=compute_dtype,
+                            skip_modules_pattern=DEFAULT_SKIP_MODULES_PATTERN + keep,
+                            skip_modules_classes=(torch.nn.Embedding,))
+
+
+def quantized_linears(model: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
+    """The layers torchao's int8 weight-only and bitsandbytes convert: every nn.Linear weight; a
+    diffusers model keeps its `_keep_in_fp32_modules` out (diffusers' quantizers add them to
+    modules_to_not_convert), transformers quantizes T5's `wo` too (measured: tests/test_quantize.py)."""
+    is_diffusers = hasattr(model, "enable_layerwise_casting")
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ()) if is_diffusers else set()
+    return [(name, module) for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and not keep & set(name.split("."))]
+
+
+def quantized_meta(model: torch.nn.Module, method: str, dtype: torch.dtype) -> torch.nn.Module:
+    """The meta model `model` with each quantized tensor given the shape and dtype it is stored in,
+    so that accelerate's compute_module_sizes(model, dtype) counts the quantized bytes exactly
+    (it counts a tensor at min(dtype, its own dtype), integers at their own size).
+
+    fp8: diffusers' layerwise casting itself, applied on meta. int8 (torchao weight-only): an int8
+    weight of the same shape plus one `dtype` scale per output row. nf4: numel/2 bytes of packed
+    codes plus one float32 absmax per NF4_BLOCK_SIZE weights.
+    """
+    if method == "fp8":
+        fp8_cast(model, dtype)
+        return model
+    special: dict[str, torch.dtype] = {}
+    for name, linear in quantized_linears(model):
+        weight = linear.weight
+        if method == "int8":
+            # torchao's Int8Tensor: int8 qdata, a float32 scale and an int8 zero point per row.
+            linear.weight = torch.nn.Parameter(torch.empty(weight.shape, dtype=torch.int8, device="meta"),
+                                               requires_grad=False)
+            linear.register_buffer("weight_scale", torch.empty(weight.shape[0], 1, dtype=torch.float32, device="meta"))
+            linear.register_buffer("weight_zero_point", torch.empty(weight.shape[0], 1, dtype=torch.int8,
+                                                                    device="meta"))
+            special[f"{name}.weight_scale"] = torch.float32
+        elif method == "nf4":
+            linear.weight = torch.nn.Parameter(torch.empty((weight.numel() + 1) // 2, 1, dtype=torch.uint8,
+                                                           device="meta"), requires_grad=False)
+            blocks = -(-weight.numel() // NF4_BLOCK_SIZE)
+            linear.register_buffer("weight_absmax", torch.empty(blocks, dtype=torch.float32, device="meta"))
+            special[f"{name}.weight_absmax"] = torch.float32
+        else:
+            raise ValueError(f"unknown quantization method {method!r}")
+    model.quantized_special_dtypes = special
+    return model
+
+
+def stored_bytes(model: torch.nn.Module) -> int:
+    """Bytes a loaded model really stores: every parameter and buffer once, a torchao tensor by its
+    inner tensors (int8 data and scales), a bitsandbytes 4-bit weight with its quantization state."""
+    seen, total = set(), 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        inner = getattr(tensor, "__tensor_flatten__", None)
+        if inner is not None and type(tensor) is not torch.nn.Parameter and type(tensor) is not torch.Tensor:
+            names, _ = tensor.__tensor_flatten__()
+            total += sum(getattr(tensor, name).numel() * getattr(tensor, name).element_size() for name in names)
+            continue
+        data = tensor.data if isinstance(tensor, torch.nn.Parameter) else tensor
+        inner = getattr(data, "__tensor_flatten__", None)
+        if inner is not None and type(data) is not torch.Tensor:
+            names, _ = data.__tensor_flatten__()
+            total += sum(getattr(data, name).numel() * getattr(data, name).element_size() for name in names)
+            continue
+        total += tensor.numel() * tensor.element_size()
+        state = getattr(tensor, "quant_state", None)
+        if state is not None:
+            total += state.absmax.numel() * state.absmax.element_size()
+    return total
+
+
+def from_pretrained(model_class, path, subfolder: str, method: str | None, dtype: torch.dtype,
+                    device_map: dict | None = None, **kwargs):
+    """`model_class.from_pretrained` with the component's quantization, compute in `dtype`.
+
+    None: as is, with `device_map`. fp8 and int8: loaded on the CPU (int8 quantized as it loads,
+    fp8 cast right after), for the caller to place (offload.place): loading in `dtype` straight
+    onto a GPU would hold the unquantized weights there, and diffusers' torchao quantizer skips
+    every module a device map sends to the CPU. nf4: bitsandbytes quantizes as it loads onto the
+    GPUs of `device_map` (no CPU offload: bitsandbytes' 4-bit layers cannot be offloaded).
+    """
+    common = dict(subfolder=subfolder, dtype=dtype, use_safetensors=True, **kwargs)
+    if not method:
+        return model_class.from_pretrained(path, device_map=device_map, **common)
+    diffusers_model = model_class.__module__.startswith("diffusers")
+    if method == "fp8":
+        model = model_class.from_pretrained(path, **common)
+        fp8_cast(model, dtype)
+        return model
+    import diffusers
+    import transformers
+
+    library = diffusers if diffusers_model else transformers
+    if method == "int8":
+        from torchao.quantization import Int8WeightOnlyConfig
+
+        return model_class.from_pretrained(path, quantization_config=library.TorchAoConfig(Int8WeightOnlyConfig()),
+                                           **common)
+    if method == "nf4":
+        config = library.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+        return model_class.from_pretrained(path, quantization_config=config, device_map=device_map, **common)
+    raise ValueError(f"unknown quantization method {method!r}")
+
+
+def prequantized(config_root) -> dict[str, str]:
+    """Components whose config.json carries a `quantization_config` (a pre-quantized checkpoint such
+    as diffusers/FLUX.1-dev-bnb-4bit), and the method it amounts to for the plan: bitsandbytes
+    4-bit -> nf4, 8-bit or torchao -> int8; a layout this tool cannot count is refused."""
+    import json
+    from pathlib import Path
+
+    found = {}
+    for component in COMPONENTS:
+        path = Path(config_root) / component / "config.json"
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # a missing or broken config is the checkpoint checks' to report
+        quantization = config.get("quantization_config") if isinstance(config, dict) else None
+        if not quantization:
+            continue
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+        if method == "bitsandbytes" and quantization.get("load_in_4bit"):
+            found[component] = "nf4"
+        elif method in ("bitsandbytes", "torchao"):
+            found[component] = "int8"
+        else:
+            raise QuantizeError(f"{path}: quantization_config {method!r} is a layout this tool cannot plan; use a "
+                                "bitsandbytes or torchao checkpoint, or the unquantized one with --quantize")
+    return found
+
+
+def check_prequantized(config_root, chosen: dict[str, str]) -> None:
+    """Refuse --quantize on a component that is quantized already."""
+    for component, method in prequantized(config_root).items():
+        if component in chosen:
+            raise QuantizeError(f"--quantize: {component} in {config_root} is quantized already ({method}, its "
+                                "config.json has a quantization_config); it loads as it is: drop it from --quantize")
+
+
+def load_quantized(model_class, path, subfolder: str, component_plan, dtype: torch.dtype, gpu_device=None):
+    """A quantized component (component_plan.quantization set) loaded and placed as its plan says:
+    fp8 and int8 load on the CPU, then move (stages/offload.place: whole, over GPUs, or streamed);
+    nf4 loads straight onto its GPUs."""
+    from .stages.offload import cuda_device, place
+
+    method = component_plan.quantization
+    model = from_pretrained(model_class, path, subfolder, method, dtype,
+                            device_map=dict(component_plan.device_map) if method == "nf4" else None)
+    if method != "nf4":
+        place(model, dict(component_plan.device_map), gpu_device or cuda_device)
+    return model
