@@ -15,6 +15,7 @@ from diffusers.image_processor import VaeImageProcessor
 
 from ..budget import device_key
 from ..handoff import Handoff
+from ..quantize import load_quantized
 
 NAME = "decode"
 COMPONENTS = ("vae",)
@@ -24,9 +25,12 @@ def load(checkpoint, stage_plan, dtype: torch.dtype, offload_folder=None) -> Aut
     """The VAE on the plan's device; tiled decoding (diffusers' `enable_tiling`) when the plan says
     so. The plan's decode batch size rides along as `vae.decode_batch_size` (images per decode)."""
     plan = stage_plan.component("vae")
-    vae = AutoencoderKL.from_pretrained(
-        checkpoint.path, subfolder="vae", device_map=dict(plan.device_map), dtype=dtype, use_safetensors=True,
-    )
+    if plan.quantization:
+        vae = load_quantized(AutoencoderKL, checkpoint.path, "vae", plan, dtype)
+    else:
+        vae = AutoencoderKL.from_pretrained(
+            checkpoint.path, subfolder="vae", device_map=dict(plan.device_map), dtype=dtype, use_safetensors=True,
+        )
     if plan.tiled:
         vae.enable_tiling()
     vae.decode_batch_size = plan.batch_size

@@ -19,6 +19,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransfo
 
 from ..budget import device_key
 from ..handoff import Handoff
+from ..quantize import load_quantized
 from .offload import apply_streamed_offload, cuda_device
 
 NAME = "denoise"
@@ -31,6 +32,11 @@ def load(checkpoint, stage_plan, dtype: torch.dtype, offload_folder=None,
     group offloading when the plan says `streamed` (offload.py), else accelerate's device-map hooks
     (also for blocks on "disk"). gpu_device: see offload.apply_streamed_offload."""
     plan = stage_plan.component("transformer")
+    if plan.quantization:
+        transformer = load_quantized(FluxTransformer2DModel, checkpoint.path, "transformer", plan, dtype, gpu_device)
+        if plan.streamed:
+            transformer.streamed_device_map = dict(plan.device_map)
+        return _pipeline(checkpoint, transformer)
     transformer = FluxTransformer2DModel.from_pretrained(
         checkpoint.path,
         subfolder="transformer",
@@ -42,6 +48,10 @@ def load(checkpoint, stage_plan, dtype: torch.dtype, offload_folder=None,
     if plan.streamed:
         apply_streamed_offload(transformer, dict(plan.device_map), gpu_device)
         transformer.streamed_device_map = dict(plan.device_map)
+    return _pipeline(checkpoint, transformer)
+
+
+def _pipeline(checkpoint, transformer) -> FluxPipeline:
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(checkpoint.path, subfolder="scheduler")
     pipeline = FluxPipeline(
         scheduler=scheduler,

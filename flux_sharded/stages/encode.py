@@ -19,6 +19,7 @@ from diffusers import FluxPipeline
 from ..components import COMPONENT_CLASSES
 from ..budget import device_key
 from ..handoff import Handoff
+from ..quantize import load_quantized
 
 NAME = "encode"
 COMPONENTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
@@ -26,7 +27,8 @@ COMPONENTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 
 def load(checkpoint, stage_plan, dtype: torch.dtype, offload_folder=None) -> FluxPipeline:
     encoders = {
-        name: _model_class(name).from_pretrained(
+        name: load_quantized(_model_class(name), checkpoint.path, name, stage_plan.component(name), dtype)
+        if stage_plan.component(name).quantization else _model_class(name).from_pretrained(
             checkpoint.path, subfolder=name, device_map=stage_plan.component(name).device_map, dtype=dtype,
             use_safetensors=True,
         )

@@ -60,6 +60,49 @@ def offloaded_blocks(model: torch.nn.Module, device_map: dict[str, Device]) -> l
             if placement(f"{name}.{index}", device_map) == "cpu"]
 
 
+def place(model: torch.nn.Module, device_map: dict[str, Device],
+          gpu_device: Callable[[int], torch.device] = cuda_device) -> None:
+    """Place a component loaded whole on the CPU (a quantized one, say) as its plan's device map says:
+    whole on one device, blocks over GPUs, or blocks over GPUs with the rest streamed from RAM."""
+    devices = set(device_map.values())
+    if "disk" in devices:
+        raise ValueError("a component loaded on the CPU is never placed on disk")
+    if device_map.keys() == {""}:
+        device = device_map[""]
+        if device != "cpu":
+            model.to(gpu_device(device))
+        return
+    if "cpu" in devices:
+        apply_streamed_offload(model, device_map, gpu_device)
+        return
+    # Blocks over several GPUs, nothing offloaded: the top-level modules go with the first GPU.
+    onload = _place_resident_blocks(model, device_map, gpu_device)
+    lists = block_lists(model)
+    for name, child in model.named_children():
+        if name not in lists:
+            child.to(onload)
+
+
+def _place_resident_blocks(model: torch.nn.Module, device_map: dict[str, Device],
+                           gpu_device: Callable[[int], torch.device]) -> torch.device:
+    """Move each block the map puts on a GPU there; a block on a GPU other than the first (which runs
+    the top-level modules and any offloaded block) gets an accelerate AlignDevicesHook (no offload)
+    that moves its inputs to it. Returns the first GPU."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    gpus = [device for device in device_map.values() if device != "cpu"]
+    onload = gpu_device(gpus[0])
+    for name, blocks in block_lists(model).items():
+        for index, block in enumerate(blocks):
+            device = placement(f"{name}.{index}", device_map)
+            if device == "cpu":
+                continue
+            block.to(gpu_device(device))
+            if gpu_device(device) != onload:
+                add_hook_to_module(block, AlignDevicesHook(execution_device=gpu_device(device), io_same_device=False))
+    return onload
+
+
 def apply_streamed_offload(model: torch.nn.Module, device_map: dict[str, Device],
                            gpu_device: Callable[[int], torch.device] = cuda_device) -> torch.device:
     """Place `model` (loaded whole on the CPU) as `device_map` says, streaming its "cpu" blocks.
@@ -69,26 +112,16 @@ def apply_streamed_offload(model: torch.nn.Module, device_map: dict[str, Device]
     (tests map every index to the CPU to run the same hooks without a GPU; a CPU has no side
     stream, so there the copies are not overlapped). Raises ValueError for a map with "disk".
     """
-    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
     from diffusers.hooks import apply_group_offloading
 
     if "disk" in device_map.values():
         raise ValueError("streamed offload keeps offloaded blocks in RAM; a map with disk entries uses accelerate's hooks")
-    gpus = [device for device in device_map.values() if device != "cpu"]
-    if not gpus:
+    if all(device == "cpu" for device in device_map.values()):
         raise ValueError("streamed offload needs a GPU in the device map to run the offloaded blocks on")
-    onload = gpu_device(gpus[0])
     lists = block_lists(model)
     offloaded = set(offloaded_blocks(model, device_map))
     # 1) and 2): resident blocks to their GPUs.
-    for name, blocks in lists.items():
-        for index, block in enumerate(blocks):
-            device = placement(f"{name}.{index}", device_map)
-            if device == "cpu":
-                continue
-            block.to(gpu_device(device))
-            if gpu_device(device) != onload:
-                add_hook_to_module(block, AlignDevicesHook(execution_device=gpu_device(device), io_same_device=False))
+    onload = _place_resident_blocks(model, device_map, gpu_device)
     # 3) The lists hold only their offloaded blocks while diffusers builds its groups.
     for name, blocks in lists.items():
         model._modules[name] = type(blocks)(
