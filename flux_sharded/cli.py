@@ -35,7 +35,7 @@ DEBUG_VARIABLE = "FLUX_SHARDED_DEBUG"  # =1: an error also prints the traceback 
 # Options that decide the pixels: on --resume they come from the run folder, and one given on the
 # command line must agree with it.
 SAVED_OPTIONS = ("prompts", "prompts_file", "num_images_per_prompt", "seed", "model", "steps", "guidance", "height",
-                 "width", "max_sequence_length", "dtype", "batch_size", "out_dir", "run_dir")
+                 "width", "max_sequence_length", "dtype", "batch_size", "out_dir", "run_dir", "quantize")
 
 
 def _gpu_count() -> int:
@@ -91,6 +91,11 @@ class BudgetType(click.ParamType):
 @click.option(
     "--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True,
     help="Weights and compute dtype.",
+)
+@click.option(
+    "--quantize", default="none", show_default=True, metavar="SPEC",
+    help="Store weights in fewer bits, compute in --dtype: none, fp8, int8 or nf4 for the transformer and T5, or "
+    "per component (transformer=nf4,text_encoder_2=int8).",
 )
 @click.option(
     "--report", "report_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
@@ -206,6 +211,7 @@ def _request(ctx: click.Context, options: dict):
         max_sequence_length=options["max_sequence_length"],
         dtype=options["dtype"],
         batch_size=options["batch_size"],
+        quantize=_quantize_option(options["quantize"], checkpoint),
     )
     budget = options["max_memory"]
     if budget is None:
@@ -224,6 +230,15 @@ def _request(ctx: click.Context, options: dict):
     )
 
 
+def _quantize_option(spec: str, checkpoint) -> str:
+    """--quantize, parsed and checked against the checkpoint (a pre-quantized component is refused)."""
+    from .quantize import check_prequantized, format_quantize, parse_quantize
+
+    chosen = parse_quantize(spec)
+    check_prequantized(checkpoint.path, chosen)
+    return format_quantize(chosen)
+
+
 def _check_agrees(given: list[str], options: dict, saved, checkpoint) -> None:
     """On --resume, an option that decides the pixels may be repeated but not changed."""
     from .prompts import expand
@@ -238,7 +253,12 @@ def _check_agrees(given: list[str], options: dict, saved, checkpoint) -> None:
         "model": settings.model, "steps": settings.steps, "guidance": settings.guidance, "height": settings.height,
         "width": settings.width, "max_sequence_length": settings.max_sequence_length, "dtype": settings.dtype,
         "batch_size": settings.batch_size, "out_dir": saved.out_dir.absolute(),
+        "quantize": settings.quantize,
     }
+    if "quantize" in given:
+        from .quantize import format_quantize, parse_quantize
+
+        options = dict(options, quantize=format_quantize(parse_quantize(options["quantize"])))
     for name, value in saved_values.items():
         if name in given:
             mine = options[name].absolute() if isinstance(options[name], Path) else options[name]
@@ -279,6 +299,12 @@ def _run(request, options: dict, process) -> None:
                    f"{ACTIVATION_MARGIN - 1:.0%} margin (flux_sharded/activations.py)")
     else:
         check_gpus(budget, _gpu_count())
+        from .quantize import check_available
+
+        from .quantize import prequantized
+
+        # nf4 without CUDA (asked for, or a pre-quantized 4-bit checkpoint), a missing optional package
+        check_available({**prequantized(request.checkpoint.path), **settings.quantization})
         if options["report_path"] is not None:
             runner.check_report_path(request, options["report_path"])
         from .progress import library_logs_above_bars
@@ -305,6 +331,12 @@ def _quiet_libraries() -> None:
     """Our stage lines replace the libraries' per-file loading bars; transformers' import-time notes
     (e.g. about torchvision, which FLUX does not use) are not the user's concern. diffusers' warnings,
     such as a truncated prompt, stay (printed above the bars, a truncation once: progress.py)."""
+    import logging
+
+    # torchao (the optional int8 backend), imported by diffusers whenever it is installed, reports the
+    # CUDA kernels a CPU build lacks and torch warns about its enums: noise on every run.
+    for name in ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     import diffusers.utils.logging
     import transformers.utils.logging
 

@@ -36,6 +36,14 @@ class GenerationSettings:
     dtype: str  # a key of DTYPES
     indices: tuple[int, ...] = ()  # each image's index over the whole run (several processes); () = 0, 1, ...
     batch_size: int = 1  # images per forward pass
+    quantize: str = "none"  # --quantize as quantize.format_quantize writes it ("transformer=fp8,...")
+
+    @property
+    def quantization(self) -> dict[str, str]:
+        """Component -> quantization method ("fp8", "int8", "nf4"); {} when stored in --dtype."""
+        from .quantize import parse_quantize
+
+        return parse_quantize(self.quantize)
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -34,6 +34,7 @@ from .images import image_paths, save_png
 from .memory import PeakMemory, flush
 from .plan import PlanInputs, RunPlan, check_free_cpu_memory, check_free_gpu_memory, plan_run
 from .progress import stage_bar
+from .quantize import prequantized
 from .report import RunReport, StageReport
 from .rundir import (
     RUN_FILE,
@@ -170,6 +171,8 @@ def plan_inputs(request: RunRequest) -> PlanInputs:
         # processes a share may hold fewer, so this can only over-count.
         images=len(settings.prompts),
         distinct_prompts=len(set(settings.prompts)),
+        quantize=tuple(sorted({**prequantized(request.checkpoint.path), **settings.quantization}.items())),
+        prequantized=tuple(sorted(prequantized(request.checkpoint.path))),
     )
 
 
@@ -436,6 +439,7 @@ def _png_metadata(settings: GenerationSettings, prompt: str, seed: int, budget: 
         "model": settings.model,
         "weights": weights,
         "dtype": settings.dtype,
+        "quantize": settings.quantize,
         "max_memory": format_budget(budget),
         "software": "flux-sharded",
     }

@@ -263,7 +263,7 @@ def settings_fields(data, where: str, fix: str, prefix: str = "settings.") -> di
     if indices and len(indices) != len(prompts):
         settings.fail(f"has {len(indices)} entries for {len(prompts)} prompts", "indices")
     known = {"model", "prompts", "seeds", "steps", "guidance", "height", "width", "max_sequence_length", "dtype",
-             "indices", "batch_size"}
+             "indices", "batch_size", "quantize"}
     unknown = sorted(set(settings.data) - known)
     if unknown:
         settings.fail("is not a setting this version knows", unknown[0])
@@ -279,7 +279,19 @@ def settings_fields(data, where: str, fix: str, prefix: str = "settings.") -> di
         dtype=settings.string("dtype", choices=tuple(DTYPES)),
         indices=tuple(indices),
         batch_size=settings.integer("batch_size", 1, 2**20, optional=True) or 1,
+        quantize=_quantize_field(settings),
     )
+
+
+def _quantize_field(settings: "JsonFields") -> str:
+    """The saved --quantize, which must parse as the option does (quantize.parse_quantize)."""
+    from .quantize import QuantizeError, format_quantize, parse_quantize
+
+    spec = settings.string("quantize", optional=True) or "none"
+    try:
+        return format_quantize(parse_quantize(spec))
+    except QuantizeError as error:
+        settings.fail(f"is not a quantization spec ({str(error).removeprefix('--quantize: ')})", "quantize")
 
 
 def saved_run_fields(data, where: str, fix: str, format_version: int) -> dict:
