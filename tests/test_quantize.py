@@ -1,0 +1,234 @@
+"""--quantize: the staged image equals diffusers' one-piece pipeline quantized the same way, and the
+planner counts the quantized bytes exactly."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from flux_sharded.checkpoint import shipped_config_dir
+from flux_sharded.cli import main
+from flux_sharded.components import empty_component, module_sizes
+from flux_sharded.errors import PlanError
+from flux_sharded.plan import PlanInputs, plan_run
+from flux_sharded.quantize import QuantizeError, format_quantize, parse_quantize, stored_bytes
+
+from .conftest import assert_same_pixels
+
+pytest.importorskip("torchao", reason="int8 needs torchao: `make test` installs it (the test extra)")
+
+GB = 10**9
+PROMPT, SEED, STEPS, SIZE, TOKENS = "a photo of a dog", 3, 2, 32, 64
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("none", {}),
+    ("fp8", {"transformer": "fp8", "text_encoder_2": "fp8"}),
+    ("INT8", {"transformer": "int8", "text_encoder_2": "int8"}),
+    ("transformer=nf4,text_encoder_2=int8", {"transformer": "nf4", "text_encoder_2": "int8"}),
+    ("vae=fp8, text_encoder=none", {"vae": "fp8"}),
+])
+def test_specs_parse(spec, expected):
+    assert parse_quantize(spec) == expected
+    assert parse_quantize(format_quantize(expected)) == expected
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--quantize", "fp4"], "--quantize: 'fp4' names an unknown method; use none, fp8, int8, nf4"),
+    (["--quantize", "unet=fp8"], "--quantize: 'unet' is not a component; use text_encoder, text_encoder_2"),
+    (["--quantize", "transformer=fp8,transformer=int8"], "'transformer' is given twice"),
+    (["--quantize", "transformer"], "names an unknown method"),
+    (["--quantize", "transformer:fp8"], "names an unknown method"),
+    (["--quantize", "vae=fp8,x"], "'x' is not COMPONENT=METHOD"),
+])
+def test_bad_specs_get_one_error_line(args, message):
+    result = CliRunner().invoke(main, ["--dry-run", "--prompt", "a dog", "--max-memory", "0=24GB", *args])
+    assert result.exit_code == 2, result.output
+    (line,) = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert message in line and "Traceback" not in result.output
+
+
+def test_nf4_is_refused_before_anything_loads_without_a_gpu(tiny_checkpoint, tmp_path):
+    assert not torch.cuda.is_available()
+    result = CliRunner().invoke(main, ["--model", str(tiny_checkpoint), "--prompt", "a dog", "--quantize", "nf4",
+                                       "--max-memory", "cpu=4GB", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert "Error: --quantize nf4 needs a CUDA GPU" in result.output
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.png"))
+
+
+def one_piece_quantized(checkpoint: Path, method: str) -> np.ndarray:
+    """diffusers' FluxPipeline with the transformer and T5 quantized through diffusers' and
+    transformers' own interfaces: layerwise casting (fp8) or TorchAoConfig (int8)."""
+    import diffusers
+    import transformers
+    from diffusers import FluxPipeline
+
+    dtype = torch.float32
+    if method == "fp8":
+        from diffusers.hooks import apply_layerwise_casting
+        from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
+
+        pipeline = FluxPipeline.from_pretrained(checkpoint, dtype=dtype)
+        pipeline.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
+        apply_layerwise_casting(pipeline.text_encoder_2, storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype,
+                                skip_modules_pattern=DEFAULT_SKIP_MODULES_PATTERN + ("wo",),
+                                skip_modules_classes=(torch.nn.Embedding,))
+    else:
+        from torchao.quantization import Int8WeightOnlyConfig
+
+        transformer = diffusers.FluxTransformer2DModel.from_pretrained(
+            checkpoint, subfolder="transformer", dtype=dtype,
+            quantization_config=diffusers.TorchAoConfig(Int8WeightOnlyConfig()))
+        text_encoder_2 = transformers.T5EncoderModel.from_pretrained(
+            checkpoint, subfolder="text_encoder_2", dtype=dtype,
+            quantization_config=transformers.TorchAoConfig(Int8WeightOnlyConfig()))
+        pipeline = FluxPipeline.from_pretrained(checkpoint, transformer=transformer, text_encoder_2=text_encoder_2,
+                                                dtype=dtype)
+    pipeline.set_progress_bar_config(disable=True)
+    image = pipeline(PROMPT, height=SIZE, width=SIZE, num_inference_steps=STEPS, max_sequence_length=TOKENS,
+                     generator=torch.Generator("cpu").manual_seed(SEED)).images[0]
+    return np.asarray(image)
+
+
+def staged(checkpoint: Path, out: Path, *extra: str) -> Path:
+    result = CliRunner().invoke(main, [
+        "--model", str(checkpoint), "--prompt", PROMPT, "--seed", str(SEED), "--steps", str(STEPS),
+        "--height", str(SIZE), "--width", str(SIZE), "--max-sequence-length", str(TOKENS), "--dtype", "float32",
+        "--max-memory", "cpu=4GB", "--out", str(out), *extra,
+    ])
+    assert result.exit_code == 0, result.output
+    (path,) = out.glob("*.png")
+    return path
+
+
+@pytest.mark.parametrize("method", ["fp8", "int8"])
+def test_quantized_staged_png_equals_the_quantized_one_piece_pipeline(tiny_checkpoint, tmp_path, method):
+    path = staged(tiny_checkpoint, tmp_path / "q", "--quantize", method)
+    expected = one_piece_quantized(tiny_checkpoint, method)
+    assert_same_pixels(np.asarray(Image.open(path)), expected)
+    assert Image.open(path).text["quantize"] == f"text_encoder_2={method},transformer={method}"
+    # quantization changes these pixels: the comparison above is not the unquantized image's
+    plain = np.asarray(Image.open(staged(tiny_checkpoint, tmp_path / "plain")))
+    assert np.abs(plain.astype(int) - expected).max() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method", ["fp8", "int8"])
+@pytest.mark.parametrize("component", ["transformer", "text_encoder_2"])
+def test_the_planner_counts_the_quantized_bytes_exactly(tiny_checkpoint, component, method, dtype):
+    import diffusers
+    import transformers
+
+    from flux_sharded.quantize import from_pretrained
+
+    model_class = diffusers.FluxTransformer2DModel if component == "transformer" else transformers.T5EncoderModel
+    loaded = from_pretrained(model_class, tiny_checkpoint, component, method, dtype)
+    planned = module_sizes(empty_component(tiny_checkpoint, component, method, dtype), dtype)[""]
+    unquantized = module_sizes(empty_component(tiny_checkpoint, component), dtype)[""]
+    assert stored_bytes(loaded) == planned < unquantized
+
+
+def inputs(method: str | None, model="FLUX.1-dev") -> PlanInputs:
+    quantize = (("transformer", method), ("text_encoder_2", method)) if method else ()
+    return PlanInputs(shipped_config_dir(model), torch.bfloat16, 1024, 1024, 512, vae_scale_factor=8,
+                      quantize=quantize)
+
+
+def test_flux1_dev_int8_plans_on_two_8gb_gpus_with_no_offload():
+    plan = plan_run(inputs("int8"), {0: 8 * GB, 1: 8 * GB})
+    assert all(set(stage.planned_bytes) <= {0, 1} for stage in plan.stages)
+    transformer = plan.stage("denoise").component("transformer")
+    assert abs(sum(transformer.weight_bytes.values()) - 11.92 * GB) < 0.01 * GB
+
+
+def test_flux1_dev_nf4_plans_on_one_8gb_gpu():
+    plan = plan_run(inputs("nf4"), {0: 8 * GB})
+    assert all(set(stage.planned_bytes) == {0} for stage in plan.stages)
+
+
+def test_flux1_dev_fp8_keeps_the_modulation_layers_in_bf16():
+    """diffusers skips "norm" for FLUX's transformer (its AdaLN modulation linears, 6.4 GB in bf16), so
+    fp8 stores 15.15 GB, not half of 23.8 GB; T5 keeps `wo` (its float32 module, 2.0 GB in bf16) and its
+    token embedding (0.26 GB) in bf16: 5.90 GB."""
+    plan = plan_run(inputs("fp8"), {0: 24 * GB, 1: 24 * GB})
+    transformer = plan.stage("denoise").component("transformer")
+    assert abs(sum(transformer.weight_bytes.values()) - 15.15 * GB) < 0.01 * GB
+    t5 = plan.stage("encode").component("text_encoder_2")
+    assert abs(sum(t5.weight_bytes.values()) - 5.90 * GB) < 0.01 * GB
+
+
+def test_a_refusal_says_when_a_quantization_would_fit_without_offload():
+    with pytest.raises(PlanError, match=r"or --quantize int8 would fit without offload"):
+        plan_run(inputs(None), {0: 8 * GB, 1: 8 * GB})
+
+
+@pytest.fixture
+def prequantized_checkpoint(tiny_checkpoint, tmp_path) -> Path:
+    """The tiny checkpoint with its transformer config saying it is stored in bitsandbytes 4-bit (the
+    diffusers/FLUX.1-dev-bnb-4bit layout): only the config matters to what is tested here."""
+    copy = tmp_path / "bnb"
+    shutil.copytree(tiny_checkpoint, copy)
+    config_path = copy / "transformer" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True,
+                                     "bnb_4bit_quant_type": "nf4"}
+    config_path.write_text(json.dumps(config))
+    return copy
+
+
+def test_quantize_on_a_prequantized_component_is_refused(prequantized_checkpoint):
+    result = CliRunner().invoke(main, ["--dry-run", "--model", str(prequantized_checkpoint), "--prompt", "a dog",
+                                       "--max-memory", "cpu=4GB", "--quantize", "transformer=fp8"])
+    assert result.exit_code == 2, result.output
+    assert "Error: --quantize: transformer in" in result.output and "is quantized already (nf4" in result.output
+
+
+def test_a_prequantized_component_is_planned_with_its_quantized_bytes(prequantized_checkpoint, tmp_path):
+    report = tmp_path / "plan.json"
+    result = CliRunner().invoke(main, ["--dry-run", "--model", str(prequantized_checkpoint), "--prompt", "a dog",
+                                       "--height", "32", "--width", "32", "--max-memory", "cpu=4GB",
+                                       "--report", str(report)])
+    assert result.exit_code == 0, result.output
+    denoise = next(stage for stage in json.loads(report.read_text())["stages"] if stage["name"] == "denoise")
+    nf4 = module_sizes(empty_component(prequantized_checkpoint, "transformer", "nf4", torch.bfloat16),
+                       torch.bfloat16)[""]
+    assert denoise["weight_bytes"]["cpu"] == nf4
+    # and a run refuses it on this machine, which has no CUDA for bitsandbytes' 4-bit kernels
+    run = CliRunner().invoke(main, ["--model", str(prequantized_checkpoint), "--prompt", "a dog", "--max-memory",
+                                    "cpu=4GB", "--out", str(tmp_path / "out")])
+    assert run.exit_code == 2 and "needs a CUDA GPU" in run.output, run.output
+
+
+def test_a_resume_cannot_change_the_quantization(tiny_checkpoint, tmp_path):
+    staged(tiny_checkpoint, tmp_path / "q", "--quantize", "int8")
+    (run_dir,) = (tmp_path / "q" / ".flux-sharded").iterdir()
+    assert json.loads((run_dir / "run.json").read_text())["settings"]["quantize"] == \
+        "text_encoder_2=int8,transformer=int8"
+    result = CliRunner().invoke(main, ["--resume", str(run_dir), "--quantize", "fp8"])
+    assert result.exit_code == 2, result.output
+    assert ("--quantize text_encoder_2=fp8,transformer=fp8 conflicts with the saved run's "
+            "text_encoder_2=int8,transformer=int8") in result.output
+
+
+def test_a_bad_quantize_in_run_json_is_refused_on_resume(tiny_checkpoint, tmp_path):
+    staged(tiny_checkpoint, tmp_path / "q", "--quantize", "int8")
+    (run_dir,) = (tmp_path / "q" / ".flux-sharded").iterdir()
+    saved = json.loads((run_dir / "run.json").read_text())
+    saved["settings"]["quantize"] = "transformer=fp4"
+    (run_dir / "run.json").write_text(json.dumps(saved))
+    result = CliRunner().invoke(main, ["--resume", str(run_dir)])
+    assert result.exit_code == 2, result.output
+    assert "'settings.quantize' is not a quantization spec" in result.output
+
+
+def test_quantize_error_is_a_settings_error():
+    with pytest.raises(QuantizeError):
+        parse_quantize("transformer=int4")
