@@ -6,6 +6,7 @@
 # 1024x1024 on the same GPU: one piece on the GPU, block-level group offloading with streams, and
 # sequential CPU offload. Prints one table of peak per stage vs budget and seconds per image.
 # Goals (issue 9): at 12 GB, seconds per image <= diffusers group offloading's and <= 1.5x 0=40GB.
+# Then fp8 and nf4 (--quantize) under an 8 GB card: planned vs measured peak per stage (issue 11).
 #
 # Run from the repository root on the GPU machine:  bash benchmarks/gpu_check.sh
 # diffusers (and transformers 5.24, tokenizers, regex) travel as wheels in .whl/:
@@ -35,6 +36,15 @@ for budget in 0=12GB,cpu=100GB 0=8GB,cpu=100GB 0=40GB; do
   step "flux-sharded under $budget" python3 -m flux_sharded --model "$CKPT" --prompt "a photo of a dog" \
     --max-memory "$budget" --steps "$STEPS" --height "$SIZE" --width "$SIZE" --out "$OUT/$name" --overwrite \
     --report "$OUT/$name.json"
+done
+# Low-bit weights on an 8 GB card (issue 11): fp8 (15.2 GB transformer) streams what misses the card,
+# nf4 (6.7 GB) fits it whole.
+for quantize in fp8:0=8GB,cpu=100GB nf4:0=8GB; do
+  method=${quantize%%:*}; budget=${quantize#*:}
+  name="staged-${method}-${budget//[=,]/_}"
+  step "flux-sharded --quantize $method under $budget" python3 -m flux_sharded --model "$CKPT" \
+    --prompt "a photo of a dog" --quantize "$method" --max-memory "$budget" --steps "$STEPS" --height "$SIZE" \
+    --width "$SIZE" --out "$OUT/$name" --overwrite --report "$OUT/$name.json"
 done
 for mode in whole group-offload sequential-offload; do
   step "diffusers $mode" python3 benchmarks/one_piece.py "$CKPT" --mode "$mode" --device cuda --size "$SIZE" \
