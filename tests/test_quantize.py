@@ -232,3 +232,39 @@ def test_a_bad_quantize_in_run_json_is_refused_on_resume(tiny_checkpoint, tmp_pa
 def test_quantize_error_is_a_settings_error():
     with pytest.raises(QuantizeError):
         parse_quantize("transformer=int4")
+
+
+@pytest.mark.parametrize("method", ["fp8", "int8"])
+def test_quantized_blocks_stream_like_the_others_and_change_no_latent(tiny_checkpoint, method):
+    """A quantized transformer whose plan keeps its first block on "GPU 0" and streams the rest
+    (group offloading moves torchao tensors and float8 weights alike): on this GPU-less machine
+    every GPU index maps to the CPU, and the latents equal the quantized run all on the CPU."""
+    import dataclasses
+
+    from flux_sharded import plan as plan_module
+    from flux_sharded import runner
+    from flux_sharded.checkpoint import resolve_checkpoint
+    from flux_sharded.handoff import GenerationSettings, Handoff
+    from flux_sharded.stages import denoise, encode
+
+    checkpoint = resolve_checkpoint(str(tiny_checkpoint))
+    settings = GenerationSettings(str(tiny_checkpoint), (PROMPT,), (SEED,), STEPS, 3.5, SIZE, SIZE, TOKENS, "float32",
+                                  quantize=f"transformer={method}")
+    request = runner.RunRequest(checkpoint, settings, {"cpu": 4 * GB}, Path("unused"))
+    on_cpu = plan_run(runner.plan_inputs(request), {"cpu": 4 * GB})
+    assert on_cpu.stage("denoise").component("transformer").quantization == method
+    encoded = encode.run(encode.load(checkpoint, on_cpu.stage("encode"), torch.float32), Handoff(settings))
+    expected = denoise.run(denoise.load(checkpoint, on_cpu.stage("denoise"), torch.float32), encoded).latents
+
+    components = plan_module._Components(runner.plan_inputs(request))
+    device_map = {"time_text_embed": 0, "context_embedder": 0, "x_embedder": 0, "transformer_blocks.0": 0,
+                  "transformer_blocks.1": "cpu", "single_transformer_blocks": "cpu", "norm_out": "cpu",
+                  "proj_out": "cpu"}
+    transformer_plan = plan_module._placed(components, "transformer", device_map, [0], streamed=True)
+    assert transformer_plan.streamed and transformer_plan.quantization == method
+    stage_plan = dataclasses.replace(on_cpu.stage("denoise"), components=(transformer_plan,))
+    pipeline = denoise.load(checkpoint, stage_plan, torch.float32, gpu_device=lambda index: torch.device("cpu"))
+    block = pipeline.transformer.transformer_blocks[1]
+    assert block._diffusers_hook.get_hook("group_offloading") is not None
+    latents = denoise.run(pipeline, encoded).latents
+    assert torch.equal(latents, expected), f"max {(latents - expected).abs().max()}"
