@@ -112,3 +112,56 @@ def vae_tiled_decode_activation_bytes(config: dict, height: int, width: int, dty
     channels = config.get("out_channels", 3)
     kept = (tiles * tile * tile + 2 * height * width) * channels * dtype_bytes
     return vae_decode_activation_bytes(config, tile, tile, dtype_bytes) + _with_margin(kept)
+
+
+def flux2_transformer_activation_bytes(config: dict, height: int, width: int, vae_scale_factor: int,
+                                       sequence_length: int, dtype_bytes: int) -> int:
+    """Flux2Transformer2DModel forward (FLUX.2-dev, klein), peak inside a single-stream block, plus
+    the loop's tensors. An estimate, derived like the FLUX.1 one and checked the same way.
+
+    FLUX.2's latents are 2x2-patchified by the pipeline, so the image tokens are those of FLUX.1's
+    packing: (H / 2f) x (W / 2f). With S = image + text tokens and D = heads x head_dim, the single
+    block's fused projection gives q, k, v and the SwiGLU input (3 D + 2 x mlp_ratio D = 9 D), then
+    the RMS-normed, rotary-embedded q and k, the SwiGLU output (3 D), the attention output, the
+    4 D concatenation and the block output: about 20 S x D tensors in the model dtype, plus 8 bytes
+    per S x D of float32 temporaries (q/k RMS norms upcast, rotary tables). Measured with
+    memory.TensorBytesTracker on scaled-down random transformers (widths 128-256, 640-1536 tokens,
+    CPU flash attention: no S x S scores): peak / (S x D x b) = 21.7 in float32, 22.3-23.1 in
+    bfloat16; the formula gives 22 and 24, 1.16-1.25 x measured with the margin (tests/test_families.py
+    keeps it within 1.0-1.6 x). The denoising loop adds the latents, the noise prediction and the
+    stepped latents (3 x image tokens x in_channels) and the prompt embeddings (text tokens x
+    joint_attention_dim). FLUX.2-dev at 1024x1024 and 512 tokens in bf16: 1.4 GB before the margin.
+    """
+    tokens_image = image_tokens(height, width, vae_scale_factor)
+    tokens = tokens_image + sequence_length
+    width_model = config["num_attention_heads"] * config["attention_head_dim"]
+    block = tokens * width_model * (20 * dtype_bytes + 8)
+    loop = (3 * tokens_image * config["in_channels"] + sequence_length * config["joint_attention_dim"]) * dtype_bytes
+    return _with_margin(block + loop)
+
+
+def decoder_text_encoder_activation_bytes(text_config: dict, sequence_length: int, dtype_bytes: int,
+                                          layers: int) -> int:
+    """A decoder-only language model (Mistral, Qwen3) run as FLUX.2's text encoder: a forward pass
+    over `layers` decoder layers with output_hidden_states=True. An estimate.
+
+    Every hidden state stays alive until the pipeline stacks the ones it uses: (layers + 1) x S x D.
+    On top, the larger of one layer's phases: the gated MLP (gate, up, their SiLU product and the
+    down projection's input: 3 x S x intermediate_size, plus 4 S x D for the residual, the norm
+    output and its float32 upcast) or the attention (heads x S x S scores and their softmax, as
+    an eager or math-kernel attention would hold them, which flash kernels do not), plus the
+    S x S mask. Measured with memory.TensorBytesTracker on random cut Qwen3 and Mistral models
+    (width 64-256, 128-512 tokens, float32 and bfloat16, CPU): the formula is 1.05-1.15 x the
+    measured peak before the margin (tests/test_families.py). The CPU's flash attention never
+    holds the scores, so that term is unmeasured here; in the real encoders the MLP phase is the
+    larger one anyway. FLUX.2-dev's Mistral at 512 tokens in bf16: 0.16 GB of hidden states + 0.12 GB,
+    next to 34.7 GB of weights. The logits are not counted: the encode does not compute them
+    (components.encode_only).
+    """
+    width = text_config["hidden_size"]
+    heads = text_config["num_attention_heads"]
+    kept = (layers + 1) * sequence_length * width * dtype_bytes
+    mlp = sequence_length * (3 * text_config["intermediate_size"] + 4 * width) * dtype_bytes
+    attention = 2 * heads * sequence_length**2 * dtype_bytes + 4 * sequence_length * width * dtype_bytes
+    mask = sequence_length**2 * dtype_bytes
+    return _with_margin(kept + max(mlp, attention) + mask)

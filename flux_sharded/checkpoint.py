@@ -1,7 +1,8 @@
-"""Find a FLUX.1 checkpoint (local diffusers folder or Hugging Face hub id) and read its configs.
+"""Find a FLUX checkpoint (local diffusers folder or Hugging Face hub id) and read its configs.
 
-Reads only JSON configs, never weights. The latent geometry (VAE scale factor, packing multiple,
-default size) comes from the checkpoint's own VAE config, as FluxPipeline computes it.
+Reads only JSON configs, never weights. model_index.json's pipeline class selects the model
+family (families.py). The latent geometry (VAE scale factor, packing multiple, default size)
+comes from the checkpoint's own VAE config, as FluxPipeline and Flux2Pipeline compute it.
 """
 
 from __future__ import annotations
@@ -13,21 +14,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import CheckpointError
+from .families import FLUX_1, Family
 
 DEFAULT_MODEL = "black-forest-labs/FLUX.1-dev"
 # Hub ids whose configs ship inside the package (for planning without a download).
 SHIPPED_CONFIGS = {
     "black-forest-labs/FLUX.1-dev": "FLUX.1-dev",
     "black-forest-labs/FLUX.1-schnell": "FLUX.1-schnell",
+    "black-forest-labs/FLUX.2-dev": "FLUX.2-dev",
+    "black-forest-labs/FLUX.2-klein-4B": "FLUX.2-klein-4B",
+    "black-forest-labs/FLUX.2-klein-9B": "FLUX.2-klein-9B",
 }
-# Components FluxPipeline needs, with the file that proves each is there.
-REQUIRED_FILES = {
-    "scheduler": "scheduler/scheduler_config.json",
-    "text_encoder": "text_encoder/config.json",
-    "text_encoder_2": "text_encoder_2/config.json",
-    "transformer": "transformer/config.json",
-    "vae": "vae/config.json",
-}
+
+
+def required_files(family: Family) -> dict[str, str]:
+    """The components the family's pipeline needs, with the file that proves each is there."""
+    return {"scheduler": "scheduler/scheduler_config.json",
+            **{component.name: f"{component.name}/config.json" for component in family.components}}
+
 # Files a run needs from the hub: configs, tokenizers and safetensors weights (no pickles), inside
 # the pipeline's own folders only. A bare "*.safetensors" would also match the original-format
 # files at the root of black-forest-labs/FLUX.1-dev (flux1-dev.safetensors, 23.8 GB, and
@@ -36,8 +40,6 @@ PIPELINE_FOLDERS = ("scheduler", "text_encoder", "text_encoder_2", "tokenizer", 
 HUB_PATTERNS = ["model_index.json"] + [
     f"{folder}/*.{extension}" for folder in PIPELINE_FOLDERS for extension in ("json", "txt", "model", "safetensors")
 ]
-# FluxPipeline.default_sample_size: the default height and width are this many latent pixels.
-DEFAULT_SAMPLE_SIZE = 128
 
 
 def shipped_config_dir(name: str) -> Path:
@@ -50,6 +52,7 @@ class Checkpoint:
     path: Path  # the local folder
     transformer_config: dict
     vae_config: dict
+    family: Family = FLUX_1  # from model_index.json's _class_name
 
     @property
     def vae_scale_factor(self) -> int:
@@ -62,21 +65,23 @@ class Checkpoint:
 
     @property
     def default_size(self) -> int:
-        return DEFAULT_SAMPLE_SIZE * self.vae_scale_factor
+        """The pipeline's default height and width: its default_sample_size latent pixels."""
+        return self.family.sample_size * self.vae_scale_factor
 
 
 def resolve_checkpoint(model: str, need_weights: bool = True) -> Checkpoint:
     """A local folder as is; otherwise a hub id through the normal Hugging Face cache.
 
     With need_weights=False only configs are needed (planning): the cache, then the configs shipped
-    in this package for FLUX.1-dev and -schnell, then a download of the JSON files alone.
+    in this package (SHIPPED_CONFIGS: FLUX.1-dev, -schnell, FLUX.2-dev, -klein-4B, -klein-9B), then a
+    download of the JSON files alone.
     """
     path = Path(model).expanduser()
     if path.is_dir():
         return read_checkpoint(model, path)
     if _looks_like_path(model):
         raise CheckpointError(
-            f"--model: folder '{model}' does not exist; give a FLUX.1 diffusers folder or a hub id; "
+            f"--model: folder '{model}' does not exist; give a FLUX diffusers folder or a hub id; "
             f"{_known_models(model)}"
         )
     if need_weights:
@@ -100,7 +105,13 @@ def _cached_configs(repo_id: str) -> Path | None:
         folder = Path(snapshot_download(repo_id, allow_patterns=["*.json"], local_files_only=True))
     except Exception:  # not cached (the exception types vary across huggingface_hub versions)
         return None
-    return folder if all((folder / file).is_file() for file in REQUIRED_FILES.values()) else None
+    from .families import FAMILIES
+
+    try:
+        family = FAMILIES[json.loads((folder / "model_index.json").read_text(encoding="utf-8"))["_class_name"]]
+    except (OSError, ValueError, KeyError, TypeError):  # no or another pipeline: read_checkpoint says which
+        family = FLUX_1
+    return folder if all((folder / file).is_file() for file in required_files(family).values()) else None
 
 
 def _download(repo_id: str, patterns: list[str]) -> Path:
@@ -133,32 +144,34 @@ def _download(repo_id: str, patterns: list[str]) -> Path:
 
 
 def _known_models(model: str) -> str:
-    """The FLUX.1 checkpoints whose configs ship with flux-sharded, and the one `model` looks like a
+    """The checkpoints whose configs ship with flux-sharded, and the one `model` looks like a
     misspelling of (difflib, on the whole id and on the name after the slash, case-insensitive)."""
     names = {known.lower(): known for known in SHIPPED_CONFIGS}
     names |= {known.split("/")[-1].lower(): known for known in SHIPPED_CONFIGS}
     typed = model.strip().rstrip("/").lower()
     near = (difflib.get_close_matches(typed, names, n=1, cutoff=0.75)
             or difflib.get_close_matches(typed.split("/")[-1], names, n=1, cutoff=0.75))
-    known = f"the FLUX.1 checkpoints flux-sharded knows are {' and '.join(SHIPPED_CONFIGS)}"
+    known = f"the checkpoints flux-sharded knows are {', '.join(list(SHIPPED_CONFIGS)[:-1])} and {list(SHIPPED_CONFIGS)[-1]}"
     return f"did you mean {names[near[0]]}? ({known})" if near and names[near[0]] != model else known
 
 
 def read_checkpoint(model: str, path: Path) -> Checkpoint:
-    missing = [name for name, file in REQUIRED_FILES.items() if not (path / file).is_file()]
-    if not (path / "model_index.json").is_file() or missing:
+    from .validate import check_checkpoint_configs, checkpoint_family
+
+    has_index = (path / "model_index.json").is_file()
+    family = checkpoint_family(model, path) if has_index else FLUX_1
+    missing = [name for name, file in required_files(family).items() if not (path / file).is_file()]
+    if not has_index or missing:
         what = ", ".join(missing) if missing else "model_index.json"
         raise CheckpointError(
-            f"--model: '{model}' is not a FLUX.1 diffusers checkpoint (missing {what}); "
-            f"give a folder saved by FluxPipeline.save_pretrained or a hub id such as {DEFAULT_MODEL}"
+            f"--model: '{model}' is not a {family.name} diffusers checkpoint (missing {what}); "
+            f"give a folder saved by {family.pipeline}.save_pretrained or a hub id such as {DEFAULT_MODEL}"
         )
-    from .validate import check_checkpoint_configs
+    transformer_config, vae_config = check_checkpoint_configs(model, path, family)
+    return Checkpoint(model=model, path=path, transformer_config=transformer_config, vae_config=vae_config,
+                      family=family)
 
-    transformer_config, vae_config = check_checkpoint_configs(model, path)
-    return Checkpoint(model=model, path=path, transformer_config=transformer_config, vae_config=vae_config)
 
-
-WEIGHT_COMPONENTS = ("text_encoder", "text_encoder_2", "transformer", "vae")
 
 
 def check_weight_files(checkpoint: Checkpoint) -> None:
@@ -168,7 +181,7 @@ def check_weight_files(checkpoint: Checkpoint) -> None:
     exactly where the file ends, so a truncated download fails here in milliseconds rather than
     minutes later inside a stage. Pickle (.bin) weights are refused: they can run code when loaded.
     """
-    for component in WEIGHT_COMPONENTS:
+    for component in checkpoint.family.names:
         folder = checkpoint.path / component
         files = sorted(folder.glob("*.safetensors"))
         if not files:

@@ -1,25 +1,22 @@
-"""Build FLUX.1 components on the meta device from their configs, and count their weight bytes.
+"""Build a checkpoint's components on the meta device from their configs, and count their weight bytes.
 
-Never reads a weight file. Sizes count the dtype each parameter will really have once loaded:
+Never reads a weight file. Which class builds each component comes from its family (families.py,
+selected by model_index.json). Sizes count the dtype each parameter will really have once loaded:
 the requested dtype, except modules that transformers keeps in float32 (T5's `wo` in float16),
-and they count tied or shared weights once (T5's `shared` is `encoder.embed_tokens`).
+and they count tied or shared weights once (T5's `shared` is `encoder.embed_tokens`). FLUX.2's
+text encoders are counted as their encode uses them (encode_only).
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
 from accelerate.utils import compute_module_sizes
 
-# Component name -> (library, class) as in FLUX.1's model_index.json.
-COMPONENT_CLASSES = {
-    "text_encoder": ("transformers", "CLIPTextModel"),
-    "text_encoder_2": ("transformers", "T5EncoderModel"),
-    "transformer": ("diffusers", "FluxTransformer2DModel"),
-    "vae": ("diffusers", "AutoencoderKL"),
-}
+from .families import encode_layers, family_of
 
 
 def empty_component(config_root: Path, name: str, quantization: str | None = None,
@@ -36,21 +33,32 @@ def empty_component(config_root: Path, name: str, quantization: str | None = Non
 
 
 def _empty_component(config_root: Path, name: str) -> torch.nn.Module:
-    library, class_name = COMPONENT_CLASSES[name]
+    family = family_of(Path(config_root))
+    component = family.component(name)
     folder = config_root / name
-    if library == "transformers":
+    if component.library == "transformers":
         import transformers
 
         config = transformers.AutoConfig.from_pretrained(folder)
         with init_empty_weights():
-            model = getattr(transformers, class_name)(config)
+            model = getattr(transformers, component.class_name)(config)
         model.tie_weights()  # as from_pretrained does: T5's encoder.embed_tokens is `shared`
+        if component.truncated:
+            model = encode_only(model, encode_layers(family.pipeline))
         return model
     import diffusers
 
-    model_class = getattr(diffusers, class_name)
-    with init_empty_weights():
-        return model_class.from_config(model_class.load_config(folder))
+    model_class = getattr(diffusers, component.class_name)
+    # FLUX.2's published vae/config.json keeps `force_upcast`, which AutoencoderKLFlux2 no longer
+    # takes; diffusers warns about it on every build, and a plan builds the VAE several times.
+    config_logger = logging.getLogger("diffusers.configuration_utils")
+    level = config_logger.level
+    config_logger.setLevel(logging.ERROR)
+    try:
+        with init_empty_weights():
+            return model_class.from_config(model_class.load_config(folder))
+    finally:
+        config_logger.setLevel(level)
 
 
 def special_dtypes(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.dtype]:
@@ -78,3 +86,38 @@ def module_sizes(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, int]:
 def no_split_modules(model: torch.nn.Module) -> list[str]:
     """Classes that must stay whole on one device (transformer blocks, T5 blocks, ...)."""
     return list(getattr(model, "_no_split_modules", None) or ())
+
+
+def encode_only(model: torch.nn.Module, layers: int) -> torch.nn.Module:
+    """A decoder-only text encoder (Mistral3ForConditionalGeneration, Qwen3ForCausalLM) cut, in
+    place, to what FLUX.2's encode reads: the token embeddings and the first `layers` decoder layers.
+
+    Left out, and why none of it can change the prompt embeddings:
+    - decoder layers after `layers`: the encode stacks hidden_states[k] for k up to `layers`
+      (families.encode_layers), and a causal decoder's layer k sees only the layers before it;
+    - the final norm, made an identity: transformers 5 replaces the last hidden state by the
+      final-normed one, which after the cut would be hidden_states[layers] itself;
+    - `lm_head` (made an identity): the logits are thrown away (FLUX.2-dev's 0.67 B parameters;
+      Qwen3-4B ties it to the embeddings, so only compute is saved there);
+    - Mistral3's Pixtral vision tower and multimodal projector (0.44 B): text-only prompts pass no
+      pixel_values; they serve only the pipeline's optional caption upsampling, which flux-sharded
+      does not offer.
+    The cut keeps the module names of the full model (model.language_model.layers.0, ...) and lists
+    the modules it replaced in `model.encode_cut`, which plans leave out of their device maps: a
+    loader must build this cut model, not load the full one with the plan's map.
+    Shapes: input_ids (B, S) -> hidden_states, a tuple of layers + 1 tensors (B, S, hidden_size).
+    """
+    decoder = model.get_decoder()
+    decoder.layers = decoder.layers[:layers]
+    cut = [(decoder, "norm"), (model, "lm_head")]
+    inner = getattr(model, "model", None)
+    cut += [(inner, part) for part in ("vision_tower", "multi_modal_projector") if hasattr(inner, part)]
+    owners = {id(module): name for name, module in model.named_modules()}
+    model.encode_cut = tuple(f"{owners[id(owner)]}.{part}".lstrip(".") for owner, part in cut)
+    for owner, part in cut:
+        setattr(owner, part, torch.nn.Identity())
+    text_config = getattr(model.config, "text_config", None) or model.config
+    text_config.num_hidden_layers = layers  # per-layer settings (layer_types) are read by index
+    if getattr(text_config, "layer_types", None):
+        text_config.layer_types = text_config.layer_types[:layers]
+    return model

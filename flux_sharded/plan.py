@@ -41,14 +41,15 @@ from pathlib import Path
 
 import torch
 
-from . import activations
 from .budget import (BINARY_TWIN, DEFAULT_CPU_FRACTION, DEFAULT_GPU_RESERVE_BYTES, UNITS, Budget, as_typed,
                      format_bytes, spec_size, written_binary, written_size)
 from .components import empty_component, module_sizes, no_split_modules, special_dtypes
 from .errors import PlanError
+from .families import FLUX_1, STAGES, Family, family_of
 
 Device = int | str  # GPU index, "cpu" or "disk"
-STAGE_COMPONENTS = {"encode": ("text_encoder", "text_encoder_2"), "denoise": ("transformer",), "decode": ("vae",)}
+# FLUX.1's stages and their components; a plan takes its own from the checkpoint's family.
+STAGE_COMPONENTS = FLUX_1.stage_components()
 # diffusers' group offloading with use_stream=True (num_blocks_per_group=1): while block i runs, block
 # i+1 is copied on a side stream, and block i is released only after it ran, so two blocks are on
 # the GPU at once (group_offloading.py, GroupOffloadingHook.pre_forward / ModuleGroup.offload_).
@@ -76,6 +77,11 @@ class PlanInputs:
     distinct_prompts: int | None = None  # prompts a process encodes; None: batch_size
     quantize: tuple[tuple[str, str], ...] = ()  # (component, "fp8" | "int8" | "nf4"), see quantize.py
     prequantized: tuple[str, ...] = ()  # components of `quantize` stored quantized in the checkpoint
+
+    @property
+    def family(self) -> Family:
+        """The checkpoint's model family, from config_root/model_index.json."""
+        return family_of(Path(self.config_root))
 
     def method(self, name: str) -> str | None:
         """The quantization of component `name` (asked for or pre-quantized), None for --dtype storage."""
@@ -199,10 +205,10 @@ def _quiet_accelerate():
 class _Components:
     """Meta models and their sizes, built once per plan (and reused by the refusal search)."""
 
-    names = tuple(name for stage in STAGE_COMPONENTS.values() for name in stage)
-
     def __init__(self, inputs: PlanInputs):
         self.inputs = inputs
+        self.family = inputs.family
+        self.names = self.family.names
         self._models: dict[str, torch.nn.Module] = {}
         self._sizes: dict[str, dict[str, int]] = {}
 
@@ -220,21 +226,10 @@ class _Components:
     def activation_bytes(self, name: str, images: int | None = None, tiled: bool = False) -> int:
         """The activation peak of one forward pass of `name` over `images` images (default: the images
         that really share a pass: min(--batch-size, images) or, for text encoders, distinct prompts)."""
-        inputs, config = self.inputs, self.config(name)
-        dtype_bytes = torch.finfo(inputs.dtype).bits // 8
-        if name == "transformer":
-            one = activations.transformer_activation_bytes(
-                config, inputs.height, inputs.width, inputs.vae_scale_factor, inputs.max_sequence_length, dtype_bytes
-            )
-            return one * (images or inputs.batch_images())
-        if name == "vae":
-            if tiled:
-                one = activations.vae_tiled_decode_activation_bytes(config, inputs.height, inputs.width, dtype_bytes)
-            else:
-                one = activations.vae_decode_activation_bytes(config, inputs.height, inputs.width, dtype_bytes)
-            return one * (images or inputs.batch_images())
-        length = inputs.max_sequence_length if name == "text_encoder_2" else config["max_position_embeddings"]
-        return activations.text_encoder_activation_bytes(config, length, dtype_bytes) * (images or inputs.batch_prompts())
+        component = self.family.component(name)
+        one = component.activation(self.config(name), self.inputs, tiled)
+        per_pass = self.inputs.batch_prompts() if component.stage == "encode" else self.inputs.batch_images()
+        return one * (images or per_pass)
 
     def config(self, name: str) -> dict:
         config = self.model(name).config
@@ -271,7 +266,7 @@ def plan_run(inputs: PlanInputs, budget: Budget) -> RunPlan:
 
 def _plan_all(components: "_Components", budget: Budget) -> tuple[StagePlan, ...]:
     with _quiet_accelerate():
-        return tuple(PLANNERS[name](components, budget) for name in STAGE_COMPONENTS)
+        return tuple(PLANNERS[name](components, budget) for name in STAGES)
 
 
 def _left_out(budget: Budget, needs: dict[str, int], stage: str) -> tuple[Budget, list[str]]:
@@ -291,7 +286,7 @@ def _left_out(budget: Budget, needs: dict[str, int], stage: str) -> tuple[Budget
 
 
 def plan_encode(components: _Components, budget: Budget) -> StagePlan:
-    names = STAGE_COMPONENTS["encode"]
+    names = components.family.stage_components()["encode"]
     whole = {name: components.sizes(name)[""] + components.activation_bytes(name) for name in names}
     least = {name: components.activation_bytes(name) + components.largest_block(name) for name in names}
     usable, notes = _left_out(budget, least, "encode")
@@ -401,6 +396,8 @@ def _placed(components: _Components, name: str, device_map: dict[str, Device], c
     and the offloaded blocks' room on the first GPU while they run there."""
     sizes = components.sizes(name)
     activation = components.activation_bytes(name)
+    cut = getattr(components.model(name), "encode_cut", ())  # not loaded at all (components.encode_only)
+    device_map = {module: device for module, device in device_map.items() if module not in cut}
     offloaded = {module for module, device in device_map.items() if device in ("cpu", "disk")}
     on_gpu = computing[0] != "cpu"
     streamed = streamed and on_gpu and bool(offloaded) and "disk" not in device_map.values()
@@ -579,7 +576,7 @@ def _quantization_that_fits(inputs: PlanInputs, budget: Budget) -> str | None:
     from .quantize import LARGE_COMPONENTS
 
     gpus = {key: value for key, value in budget.items() if isinstance(key, int)}
-    if inputs.quantize or not gpus:
+    if inputs.quantize or not gpus or not inputs.family.quantize:
         return None
     for method in ("fp8", "int8", "nf4"):
         trial = dataclasses.replace(inputs, quantize=tuple((name, method) for name in LARGE_COMPONENTS))

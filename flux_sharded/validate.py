@@ -131,19 +131,29 @@ def _read_config(path: Path, model: str):
         ) from None
 
 
-def check_checkpoint_configs(model: str, path: Path) -> tuple[dict, dict]:
-    """model_index.json and every component's config.json, within sane bounds and consistent with
-    each other. Returns (transformer config, VAE config). Raises CheckpointError."""
+def checkpoint_family(model: str, path: Path):
+    """The model family named by model_index.json's _class_name (families.py); raises CheckpointError
+    for a damaged file or a pipeline flux-sharded does not support, listing the supported ones."""
+    from .families import family_for
+
+    index = JsonFields(_read_config(path / "model_index.json", model), f"--model: '{model}': model_index.json",
+                       "the checkpoint is damaged: fetch that file again or give another --model", CheckpointError)
+    return family_for(index.data.get("_class_name"), model)
+
+
+def check_checkpoint_configs(model: str, path: Path, family=None) -> tuple[dict, dict]:
+    """Every component's config.json of `family` (default: read from model_index.json), within sane
+    bounds and consistent with each other. Returns (transformer config, VAE config). Raises CheckpointError."""
+    from .families import FLUX_1
+
+    family = family or checkpoint_family(model, path)
+    if family is not FLUX_1:
+        return _check_flux2_configs(model, path, family)
     fix = "the checkpoint is damaged or not FLUX.1: fetch that file again or give another --model"
 
     def fields(data, file: str) -> JsonFields:
         return JsonFields(data, f"--model: '{model}': {file}", fix, CheckpointError)
 
-    index = fields(_read_config(path / "model_index.json", model), "model_index.json")
-    if "Flux" not in str(index.data.get("_class_name", "")):
-        raise CheckpointError(
-            f"--model: '{model}' holds a {index.data.get('_class_name')}, not a FluxPipeline; give a FLUX.1 checkpoint"
-        )
     configs = {name: _read_config(path / name / "config.json", model)
                for name in ("transformer", "vae", "text_encoder", "text_encoder_2")}
     transformer = fields(configs["transformer"], "transformer/config.json")
@@ -193,6 +203,62 @@ def check_checkpoint_configs(model: str, path: Path) -> tuple[dict, dict]:
     t5.integer("d_kv", 1, MAX_WIDTH)
     if t5_width != joint:
         t5.fail(f"is {t5_width}, but the transformer's joint_attention_dim is {joint}", "d_model")
+    return configs["transformer"], configs["vae"]
+
+
+def _check_flux2_configs(model: str, path: Path, family) -> tuple[dict, dict]:
+    """FLUX.2's configs: Flux2Transformer2DModel, AutoencoderKLFlux2 and the decoder-only text encoder
+    (Mistral3's text_config, or Qwen3's), bounded, and the widths they share: the transformer takes
+    the stacked hidden states of len(text_encoder_out_layers) layers (joint_attention_dim = 3 x the
+    text encoder's hidden_size) and 2x2-patchified latents (in_channels = 4 x latent_channels)."""
+    from .families import encode_layers, encode_out_layers
+
+    fix = f"the checkpoint is damaged or not {family.name}: fetch that file again or give another --model"
+
+    def fields(data, file: str) -> JsonFields:
+        return JsonFields(data, f"--model: '{model}': {file}", fix, CheckpointError)
+
+    configs = {name: _read_config(path / name / "config.json", model) for name in ("transformer", "vae", "text_encoder")}
+    transformer = fields(configs["transformer"], "transformer/config.json")
+    for name in ("num_layers", "num_single_layers"):
+        transformer.integer(name, 0, MAX_LAYERS)
+    heads = transformer.integer("num_attention_heads", 1, MAX_WIDTH)
+    head_dim = transformer.integer("attention_head_dim", 1, MAX_WIDTH)
+    if heads * head_dim > MAX_WIDTH:
+        transformer.fail(f"times num_attention_heads is {heads * head_dim}, over {MAX_WIDTH}", "attention_head_dim")
+    in_channels = transformer.integer("in_channels", 4, MAX_WIDTH)
+    joint = transformer.integer("joint_attention_dim", 1, MAX_WIDTH)
+    transformer.number("mlp_ratio", 0, optional=True)
+    transformer.boolean("guidance_embeds", optional=True)
+    rope = transformer.list_of("axes_dims_rope", _is_int, "whole numbers", 4, 4, optional=True)
+    if rope is not None and sum(rope) != head_dim:
+        transformer.fail(f"sums to {sum(rope)}, not attention_head_dim {head_dim}", "axes_dims_rope")
+
+    vae = fields(configs["vae"], "vae/config.json")
+    vae.list_of("block_out_channels", lambda c: _is_int(c) and 1 <= c <= MAX_WIDTH, "whole numbers 1..65536",
+                1, MAX_VAE_BLOCKS)
+    latent_channels = vae.integer("latent_channels", 1, MAX_WIDTH)
+    vae.integer("layers_per_block", 1, MAX_LAYERS, optional=True)
+    if 4 * latent_channels != in_channels:
+        vae.fail(f"is {latent_channels}, but the transformer takes in_channels {in_channels} = 4 x latent_channels "
+                 "(2x2 patches)", "latent_channels")
+
+    encoder = fields(configs["text_encoder"], "text_encoder/config.json")
+    if "text_config" in encoder.data:  # Mistral3ForConditionalGeneration: the language model's config
+        encoder = JsonFields(encoder.object("text_config"), f"--model: '{model}': text_encoder/config.json", fix,
+                             CheckpointError, prefix="text_config.")
+    width = encoder.integer("hidden_size", 1, MAX_WIDTH)
+    layers = encoder.integer("num_hidden_layers", 1, MAX_LAYERS)
+    encoder.integer("intermediate_size", 1, 4 * MAX_WIDTH)
+    encoder.integer("vocab_size", 1, MAX_VOCAB)
+    encoder.integer("num_attention_heads", 1, MAX_WIDTH)
+    used = encode_layers(family.pipeline)
+    if layers < used:
+        encoder.fail(f"is {layers}, but {family.pipeline} reads the hidden states of layer {used}", "num_hidden_layers")
+    stacked = len(encode_out_layers(family.pipeline))
+    if joint != stacked * width:
+        encoder.fail(f"is {width}, but the transformer's joint_attention_dim {joint} is {stacked} x the text encoder's "
+                     f"width ({stacked} stacked hidden states)", "hidden_size")
     return configs["transformer"], configs["vae"]
 
 

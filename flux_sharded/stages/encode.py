@@ -16,7 +16,7 @@ from collections import Counter
 import torch
 from diffusers import FluxPipeline
 
-from ..components import COMPONENT_CLASSES
+from ..families import FLUX_1
 from ..budget import device_key
 from ..handoff import Handoff
 from ..quantize import load_quantized
@@ -40,7 +40,7 @@ def load(checkpoint, stage_plan, dtype: torch.dtype, offload_folder=None) -> Flu
 def _model_class(name: str):
     import transformers
 
-    return getattr(transformers, COMPONENT_CLASSES[name][1])
+    return getattr(transformers, FLUX_1.component(name).class_name)
 
 
 def run(pipeline: FluxPipeline, handoff: Handoff, on_image_done=None) -> Handoff:

@@ -1,0 +1,213 @@
+"""Model families: what each FLUX pipeline is made of, said once.
+
+A checkpoint's `model_index.json` names its pipeline class (`_class_name`); that class selects
+one `Family` here. A family lists its components (the folder name, the library and class that
+load it, the stage that loads it, and the activation estimate of one forward pass), its
+generation defaults and whether flux-sharded can run it or only plan it. Everything else
+(components.py building on meta, plan.py's stages, the checkpoint checks) derives from it.
+
+    FluxPipeline        FLUX.1 (dev, schnell): CLIP + T5 -> FluxTransformer2DModel -> AutoencoderKL
+    Flux2Pipeline       FLUX.2-dev: Mistral Small 3 -> Flux2Transformer2DModel -> AutoencoderKLFlux2
+    Flux2KleinPipeline  FLUX.2-klein (4B, 9B): Qwen3 -> Flux2Transformer2DModel -> AutoencoderKLFlux2
+
+This module imports no torch, diffusers or transformers (the command line reads it before them);
+the hidden-state layers FLUX.2's encode uses are read from the installed diffusers on first use.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from . import activations
+from .errors import CheckpointError
+
+if TYPE_CHECKING:
+    from .plan import PlanInputs
+
+STAGES = ("encode", "denoise", "decode")
+
+
+def _dtype_bytes(inputs: "PlanInputs") -> int:
+    import torch
+
+    return torch.finfo(inputs.dtype).bits // 8
+
+
+# ---------------------------------------------------------------- activation estimates, per image (or prompt)
+# Each takes (the component's config as a dict, the plan's inputs, tiled) and returns bytes; the
+# formulas and how they were checked are in activations.py.
+
+
+def _clip(config: dict, inputs: "PlanInputs", tiled: bool) -> int:
+    # CLIP always runs its full 77-token window (FluxPipeline pads to tokenizer.model_max_length).
+    return activations.text_encoder_activation_bytes(config, config["max_position_embeddings"], _dtype_bytes(inputs))
+
+
+def _t5(config: dict, inputs: "PlanInputs", tiled: bool) -> int:
+    return activations.text_encoder_activation_bytes(config, inputs.max_sequence_length, _dtype_bytes(inputs))
+
+
+def _flux_transformer(config: dict, inputs: "PlanInputs", tiled: bool) -> int:
+    return activations.transformer_activation_bytes(config, inputs.height, inputs.width, inputs.vae_scale_factor,
+                                                    inputs.max_sequence_length, _dtype_bytes(inputs))
+
+
+def _vae(config: dict, inputs: "PlanInputs", tiled: bool) -> int:
+    # AutoencoderKLFlux2 decodes with the same Decoder and the same tiling code as AutoencoderKL.
+    if tiled:
+        return activations.vae_tiled_decode_activation_bytes(config, inputs.height, inputs.width, _dtype_bytes(inputs))
+    return activations.vae_decode_activation_bytes(config, inputs.height, inputs.width, _dtype_bytes(inputs))
+
+
+def _flux2_transformer(config: dict, inputs: "PlanInputs", tiled: bool) -> int:
+    return activations.flux2_transformer_activation_bytes(config, inputs.height, inputs.width, inputs.vae_scale_factor,
+                                                          inputs.max_sequence_length, _dtype_bytes(inputs))
+
+
+def _decoder_text_encoder(pipeline: str) -> Callable[[dict, "PlanInputs", bool], int]:
+    def estimate(config: dict, inputs: "PlanInputs", tiled: bool) -> int:
+        text_config = config.get("text_config") or config  # Mistral3 nests its language model's config
+        return activations.decoder_text_encoder_activation_bytes(
+            text_config, inputs.max_sequence_length, _dtype_bytes(inputs), encode_layers(pipeline))
+    return estimate
+
+
+# ---------------------------------------------------------------- the registry
+
+
+@dataclass(frozen=True)
+class Component:
+    name: str  # the checkpoint's folder and model_index.json key
+    library: str  # "transformers" or "diffusers"
+    class_name: str  # as in model_index.json
+    stage: str  # "encode", "denoise" or "decode": the stage that loads it
+    activation: Callable[[dict, "PlanInputs", bool], int]  # bytes of one image's (prompt's) forward pass
+    # A decoder-only text encoder whose encode reads intermediate hidden states: only its first
+    # encode_layers(pipeline) decoder layers are planned (components.encode_only).
+    truncated: bool = False
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # "FLUX.1", "FLUX.2-dev", "FLUX.2-klein"
+    pipeline: str  # the diffusers pipeline class, model_index.json's _class_name
+    components: tuple[Component, ...]
+    steps: int  # default --steps
+    guidance: float  # default --guidance
+    max_sequence_length: int  # default --max-sequence-length
+    sample_size: int  # default height and width = sample_size x the VAE's scale factor (pipeline.default_sample_size)
+    runs: bool  # the stages can run it; otherwise only --dry-run plans it
+    quantize: bool  # --quantize is planned for it
+
+    def component(self, name: str) -> Component:
+        return next(component for component in self.components if component.name == name)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(component.name for component in self.components)
+
+    def stage_components(self) -> dict[str, tuple[str, ...]]:
+        """Stage -> the components it loads, in stage order."""
+        return {stage: tuple(c.name for c in self.components if c.stage == stage) for stage in STAGES}
+
+
+FLUX_1 = Family(
+    name="FLUX.1",
+    pipeline="FluxPipeline",
+    components=(
+        Component("text_encoder", "transformers", "CLIPTextModel", "encode", _clip),
+        Component("text_encoder_2", "transformers", "T5EncoderModel", "encode", _t5),
+        Component("transformer", "diffusers", "FluxTransformer2DModel", "denoise", _flux_transformer),
+        Component("vae", "diffusers", "AutoencoderKL", "decode", _vae),
+    ),
+    steps=28,  # FluxPipeline.__call__'s defaults, so that a bare run matches diffusers
+    guidance=3.5,
+    max_sequence_length=512,
+    sample_size=128,
+    runs=True,
+    quantize=True,
+)
+FLUX_2_DEV = Family(
+    name="FLUX.2-dev",
+    pipeline="Flux2Pipeline",
+    components=(
+        Component("text_encoder", "transformers", "Mistral3ForConditionalGeneration", "encode",
+                  _decoder_text_encoder("Flux2Pipeline"), truncated=True),
+        Component("transformer", "diffusers", "Flux2Transformer2DModel", "denoise", _flux2_transformer),
+        Component("vae", "diffusers", "AutoencoderKLFlux2", "decode", _vae),
+    ),
+    steps=50,  # Flux2Pipeline.__call__'s defaults
+    guidance=4.0,
+    max_sequence_length=512,
+    sample_size=128,
+    runs=False,  # phase 2 of issue 12: the FLUX.2 stages
+    quantize=False,
+)
+FLUX_2_KLEIN = Family(
+    name="FLUX.2-klein",
+    pipeline="Flux2KleinPipeline",
+    components=(
+        Component("text_encoder", "transformers", "Qwen3ForCausalLM", "encode",
+                  _decoder_text_encoder("Flux2KleinPipeline"), truncated=True),
+        Component("transformer", "diffusers", "Flux2Transformer2DModel", "denoise", _flux2_transformer),
+        Component("vae", "diffusers", "AutoencoderKLFlux2", "decode", _vae),
+    ),
+    # The published klein checkpoints are step-distilled for 4 steps (BFL's README, the model
+    # cards); Flux2KleinPipeline's code default is 50. Guidance is ignored when is_distilled.
+    steps=4,
+    guidance=1.0,
+    max_sequence_length=512,
+    sample_size=128,
+    runs=False,
+    quantize=False,
+)
+FAMILIES = {family.pipeline: family for family in (FLUX_1, FLUX_2_DEV, FLUX_2_KLEIN)}
+
+
+def supported(last: str = "and") -> str:
+    """'FluxPipeline (FLUX.1), Flux2Pipeline (FLUX.2-dev) and Flux2KleinPipeline (FLUX.2-klein)'"""
+    named = [f"{family.pipeline} ({family.name})" for family in FAMILIES.values()]
+    return ", ".join(named[:-1]) + f" {last} " + named[-1]
+
+
+def family_for(pipeline: object, model: str) -> Family:
+    """The family of model_index.json's `_class_name`; raises CheckpointError naming the supported ones."""
+    family = FAMILIES.get(pipeline) if isinstance(pipeline, str) else None
+    if family is None:
+        raise CheckpointError(
+            f"--model: '{model}' holds a {pipeline}, not a {supported('or')}, the pipelines flux-sharded supports "
+            "(model_index.json '_class_name'); give a checkpoint of one of those"
+        )
+    return family
+
+
+@functools.lru_cache(maxsize=None)
+def family_of(config_root: Path) -> Family:
+    """The family of the checkpoint (or shipped config folder) at `config_root`."""
+    index = json.loads((Path(config_root) / "model_index.json").read_text(encoding="utf-8"))
+    return family_for(index.get("_class_name") if isinstance(index, dict) else None, str(config_root))
+
+
+@functools.lru_cache(maxsize=None)
+def encode_out_layers(pipeline: str) -> tuple[int, ...]:
+    """The hidden states FLUX.2's encode stacks into the prompt embeddings: the pipeline's
+    `text_encoder_out_layers` (Flux2Pipeline: (10, 20, 30); Flux2KleinPipeline: (9, 18, 27)), read
+    from the installed diffusers' public __call__ signature, which passes them on to
+    `_get_mistral_3_small_prompt_embeds` / `_get_qwen3_prompt_embeds` as hidden_states_layers."""
+    import inspect
+
+    import diffusers
+
+    return tuple(inspect.signature(getattr(diffusers, pipeline).__call__).parameters["text_encoder_out_layers"].default)
+
+
+def encode_layers(pipeline: str) -> int:
+    """How many decoder layers of the text encoder FLUX.2's encode needs: the deepest of
+    encode_out_layers. The encode stacks `hidden_states[k]` for those k; hidden_states[0] is the
+    token embeddings and hidden_states[k] the output of decoder layer k, which a causal decoder
+    computes from layers 1..k alone."""
+    return max(encode_out_layers(pipeline))
