@@ -25,11 +25,13 @@ from .budget import (
 )
 from .checkpoint import DEFAULT_MODEL
 from .errors import BudgetError, FluxShardedError, OutputError, SettingsError
+from .families import FAMILIES, FLUX_1
 
-# FluxPipeline.__call__'s own defaults, so that a bare run matches diffusers.
-DEFAULT_STEPS = 28
-DEFAULT_GUIDANCE = 3.5
-DEFAULT_MAX_SEQUENCE_LENGTH = 512
+# The default model's family's defaults (FluxPipeline.__call__'s, so that a bare run matches
+# diffusers); another family's checkpoint takes its own (families.py) unless the option is given.
+DEFAULT_STEPS = FLUX_1.steps
+DEFAULT_GUIDANCE = FLUX_1.guidance
+DEFAULT_MAX_SEQUENCE_LENGTH = FLUX_1.max_sequence_length
 EXIT_INTERRUPTED = 130  # the shell's code for a process stopped by Ctrl-C
 DEBUG_VARIABLE = "FLUX_SHARDED_DEBUG"  # =1: an error also prints the traceback of its cause
 # Options that decide the pixels: on --resume they come from the run folder, and one given on the
@@ -80,8 +82,15 @@ class BudgetType(click.ParamType):
     help="Folder for the PNG images.",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the first image; image k uses seed+k.")
-@click.option("--steps", type=int, default=DEFAULT_STEPS, show_default=True, help="Denoising steps.")
-@click.option("--guidance", type=float, default=DEFAULT_GUIDANCE, show_default=True, help="Guidance scale.")
+@click.option(
+    "--steps", type=int, default=DEFAULT_STEPS,
+    help="Denoising steps. Default: the model's (" + ", ".join(f"{f.name} {f.steps}" for f in FAMILIES.values()) + ").",
+)
+@click.option(
+    "--guidance", type=float, default=DEFAULT_GUIDANCE,
+    help="Guidance scale. Default: the model's (" + ", ".join(f"{f.name} {f.guidance:g}" for f in FAMILIES.values())
+    + ").",
+)
 @click.option("--height", type=int, default=None, help="Image height in pixels. Default: 128 x the VAE factor (1024).")
 @click.option("--width", type=int, default=None, help="Image width in pixels. Default: 128 x the VAE factor (1024).")
 @click.option(
@@ -128,6 +137,7 @@ class BudgetType(click.ParamType):
 def main(ctx: click.Context, **options):
     """Run FLUX.1 text-to-image in three stages (encode, denoise, decode), each loading only its
     own component under a per-device memory budget, and report every stage's peak memory.
+    FLUX.2 (dev, klein 4B/9B) checkpoints: --dry-run plans them; their runs are not implemented yet.
 
     Example: flux-sharded --prompt "a photo of a dog" --max-memory 0=16GB,1=16GB
     """
@@ -194,6 +204,15 @@ def _request(ctx: click.Context, options: dict):
 
     lines = _prompt_lines(options["prompts"], options["prompts_file"])
     checkpoint = resolve_checkpoint(options["model"], need_weights=False)
+    family = checkpoint.family
+    if not family.runs and not options["dry_run"]:
+        raise SettingsError(
+            f"--model '{options['model']}' is {family.name} ({family.pipeline}): FLUX.2 runs are not implemented yet; "
+            "--dry-run plans them (add --dry-run to see the plan under your --max-memory)"
+        )
+    for name in ("steps", "guidance", "max_sequence_length"):  # the model family's defaults
+        if ctx.get_parameter_source(name) == ParameterSource.DEFAULT:
+            options[name] = getattr(family, name)
     _quiet_libraries()
     from . import runner
     from .handoff import GenerationSettings
@@ -235,6 +254,8 @@ def _quantize_option(spec: str, checkpoint) -> str:
     from .quantize import check_prequantized, format_quantize, parse_quantize
 
     chosen = parse_quantize(spec)
+    if chosen and not checkpoint.family.quantize:
+        raise SettingsError(f"--quantize {spec}: not planned for {checkpoint.family.name} yet; drop --quantize")
     check_prequantized(checkpoint.path, chosen)
     return format_quantize(chosen)
 

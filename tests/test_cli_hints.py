@@ -15,7 +15,8 @@ from click.testing import CliRunner
 from flux_sharded.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-KNOWN = "the FLUX.1 checkpoints flux-sharded knows are black-forest-labs/FLUX.1-dev and black-forest-labs/FLUX.1-schnell"
+KNOWN = ("the checkpoints flux-sharded knows are black-forest-labs/FLUX.1-dev, black-forest-labs/FLUX.1-schnell, "
+         "black-forest-labs/FLUX.2-dev, black-forest-labs/FLUX.2-klein-4B and black-forest-labs/FLUX.2-klein-9B")
 
 
 def invoke(args):
