@@ -1,0 +1,70 @@
+"""The dry-run plans of every model family on common budgets, from the shipped configs alone (no
+weights, no GPU): FLUX.1-dev, FLUX.2-dev, FLUX.2-klein-9B and -4B on 2x24 GB, 2x16 GB and 1x12 GB
+cards, each with cpu=M GB of RAM for what misses the cards.
+
+    python benchmarks/family_dry_runs.py [--size 1024] [--cpu-gb 64]
+
+Per plan: the planned bytes per device of each stage (weights counted exactly on the meta device,
+activations estimated), what streams host-to-GPU per denoising step and per image (at the family's
+default steps) and the copy time per step at report.OFFLOAD_BANDWIDTH_BYTES_PER_SECOND. Prints a
+Markdown table, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from flux_sharded.checkpoint import shipped_config_dir
+from flux_sharded.errors import PlanError
+from flux_sharded.families import family_of
+from flux_sharded.plan import PlanInputs, plan_run
+from flux_sharded.report import OFFLOAD_BANDWIDTH_BYTES_PER_SECOND
+
+MODELS = ("FLUX.1-dev", "FLUX.2-dev", "FLUX.2-klein-9B", "FLUX.2-klein-4B")
+CARDS = ({0: 24, 1: 24}, {0: 16, 1: 16}, {0: 12})
+
+
+def _per_device(stage) -> str:
+    return ", ".join(f"{device}: {size / 1e9:.2f}" for device, size in stage.planned_bytes.items())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--cpu-gb", type=int, default=64)
+    args = parser.parse_args()
+    print(f"{args.size}x{args.size}, bfloat16, 512 prompt tokens, batch size 1, cpu={args.cpu_gb}GB; GB = 10^9 bytes")
+    print("| model | budget | fits | encode GB per device | denoise GB per device | decode GB | "
+          "streamed per step | per image (steps) | copy s/step at 25 GB/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    rows = []
+    for model in MODELS:
+        family = family_of(shipped_config_dir(model))
+        inputs = PlanInputs(shipped_config_dir(model), torch.bfloat16, args.size, args.size, 512, vae_scale_factor=8)
+        for cards in CARDS:
+            budget = {**{index: gb * 10**9 for index, gb in cards.items()}, "cpu": args.cpu_gb * 10**9}
+            spec = ",".join(f"{key}={value // 10**9}GB" for key, value in budget.items())
+            try:
+                stages, fits = plan_run(inputs, budget).stages, True
+            except PlanError as error:
+                stages, fits = error.stages, False
+            encode, denoise, decode = stages
+            per_step = denoise.offload_bytes_per_step
+            row = {
+                "model": model, "budget": spec, "fits": fits, "steps": family.steps,
+                "planned_bytes": {stage.name: {str(device): size for device, size in stage.planned_bytes.items()}
+                                  for stage in stages},
+                "offload_bytes_per_step": per_step,
+            }
+            rows.append(row)
+            print(f"| {model} | {spec} | {'yes' if fits else 'no'} | {_per_device(encode)} | {_per_device(denoise)} | "
+                  f"{_per_device(decode)} | {per_step / 1e9:.2f} GB | {per_step * family.steps / 1e9:.1f} GB "
+                  f"({family.steps}) | {per_step / OFFLOAD_BANDWIDTH_BYTES_PER_SECOND:.2f} |")
+    print(json.dumps({"size": args.size, "cpu_gb": args.cpu_gb, "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
