@@ -105,11 +105,11 @@ def _cached_configs(repo_id: str) -> Path | None:
         folder = Path(snapshot_download(repo_id, allow_patterns=["*.json"], local_files_only=True))
     except Exception:  # not cached (the exception types vary across huggingface_hub versions)
         return None
-    from .families import FAMILIES
+    from .families import family_of
 
     try:
-        family = FAMILIES[json.loads((folder / "model_index.json").read_text(encoding="utf-8"))["_class_name"]]
-    except (OSError, ValueError, KeyError, TypeError):  # no or another pipeline: read_checkpoint says which
+        family = family_of(folder)
+    except (OSError, ValueError, CheckpointError):  # no or another pipeline: read_checkpoint says which
         family = FLUX_1
     return folder if all((folder / file).is_file() for file in required_files(family).values()) else None
 

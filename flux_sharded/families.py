@@ -185,7 +185,6 @@ def family_for(pipeline: object, model: str) -> Family:
     return family
 
 
-@functools.lru_cache(maxsize=None)
 def family_of(config_root: Path) -> Family:
     """The family of the checkpoint (or shipped config folder) at `config_root`."""
     index = json.loads((Path(config_root) / "model_index.json").read_text(encoding="utf-8"))

@@ -1,8 +1,9 @@
 """Who goes where, and how many bytes each device will hold, decided before any weight is read.
 
-Each stage's components are built on the meta device from their configs (components.py), their
-weights counted exactly and their activations estimated (activations.py) for the images that
-really share a forward pass (min(--batch-size, images or distinct prompts)). Then, promises:
+Each stage's components (which ones: the checkpoint's model family, families.py) are built on the
+meta device from their configs (components.py), their weights counted exactly and their
+activations estimated (the family's formulas, activations.py) for the images that really share a
+forward pass (min(--batch-size, images or distinct prompts)). Then, promises:
 
 - A GPU whose budget cannot hold even one component's activations plus its largest no-split
   block (or is budgeted 0 bytes) computes nothing: it is left out, with a note.
