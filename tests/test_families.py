@@ -67,6 +67,22 @@ def test_flux2_hub_ids_resolve_offline_to_the_shipped_configs(folder):
     assert (checkpoint.vae_scale_factor, checkpoint.default_size) == (8, 1024)
 
 
+@pytest.mark.parametrize("typed, meant", [("black-forest-labs/FLUX.2-klein-4b", "black-forest-labs/FLUX.2-klein-4B"),
+                                          ("FLUX.2-dve", "black-forest-labs/FLUX.2-dev")])
+def test_a_misspelt_flux2_hub_id_names_the_near_match(tmp_path, monkeypatch, typed, meant):
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def hub_answers(*args, **kwargs):  # the network boundary: no hub here
+        raise LocalEntryNotFoundError("Got: ConnectError: [Errno -2] Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub_answers)
+    result = invoke(["--model", typed, "--prompt", "a dog", "--max-memory", "0=12GB", "--dry-run"])
+    assert result.exit_code == 2, result.output
+    (line,) = error_lines(result.output)
+    assert f"did you mean {meant}?" in line
+
+
 @pytest.mark.parametrize("class_name", ['"StableDiffusionPipeline"', '"FluxKontextPipeline"', "null"])
 def test_an_unsupported_pipeline_is_refused_naming_the_supported_ones(tiny_checkpoint, tmp_path, class_name):
     other = tmp_path / "other"
