@@ -344,7 +344,7 @@ def _run(request, options: dict, process) -> None:
         except OSError as error:
             raise OutputError(f"--report: could not write {options['report_path']} ({error.strerror or error}); "
                               "the images are written (the table above is the report)") from None
-    for path in report.images:
+    for path in report.written:
         click.echo(f"wrote {path}")
 
 

@@ -85,6 +85,18 @@ def local_processes() -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
+def launcher_command() -> str:
+    """The launcher this process runs under, as a command prefix that starts the same processes
+    again (empty without one): a printed resume command must repeat it."""
+    if launched_processes() == 1:
+        return ""
+    world, local = launched_processes(), int(os.environ.get("LOCAL_WORLD_SIZE", launched_processes()))
+    if "ACCELERATE_MIXED_PRECISION" in os.environ:  # set by `accelerate launch` for its processes
+        return f"accelerate launch --num-processes {world} -m flux_sharded "
+    machines = f"--nnodes {world // local} " if world > local else ""
+    return f"torchrun {machines}--nproc-per-node {local} -m flux_sharded "
+
+
 def restrict_gpus(gpus_per_process: int) -> list[str]:
     """Make local process r see only GPUs rK .. rK+K-1 of those visible to the launcher, so that the
     budget's keys 0..K-1 mean those. Must run before CUDA is initialised in this process."""

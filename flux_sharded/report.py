@@ -14,7 +14,8 @@ JSON schema (device keys as strings: "0", "1", "cpu", "disk"):
                  "offload": "none" | "streamed" | "hooks",  # diffusers group offloading or accelerate hooks
                  "tiled": bool,                   # decode: diffusers' tiled VAE decoding
                  "notes": [str]}],                # what the planner left out or chose
-     "images": [paths, in prompt order]}
+     "images": [paths, in prompt order],
+     "written": [the paths of "images" written by this call: a resumed run's missing ones]}
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ class RunReport:
     budget: dict[str, int]
     stages: list[StageReport] = field(default_factory=list)
     images: list[str] = field(default_factory=list)
+    written: list[str] = field(default_factory=list)
 
     def notes(self) -> list[str]:
         """The planner's notes of every stage, each once."""

@@ -74,27 +74,66 @@ def write_run(run_dir: Path, saved: SavedRun) -> None:
                           "space or fix the folder, then run the same command again") from None
 
 
-def our_files(run_dir: Path, processes: int) -> list[Path]:
-    """Every file a run of `processes` processes writes in its run folder, by exact name."""
+def our_files(run_dir: Path, processes: int, images: int) -> list[Path]:
+    """Every file a run of `processes` processes and `images` images may write in its run folder,
+    by exact name."""
     names = [RUN_FILE]
     for stage in SAVED_STAGES:
         for index in range(processes):
             stem = handoff_path(run_dir, stage, index, processes).name
             names += [f"{stem}.safetensors", f"{stem}.json"]
-    return [run_dir / name for name in names]
+    return [run_dir / name for name in names] + [batch_latents_path(run_dir, index) for index in range(images)]
 
 
-def clear_run(run_dir: Path, processes: int) -> None:
+def clear_run(run_dir: Path, processes: int, images: int) -> None:
     """Remove the files of an earlier run, ours only and by exact name (the earlier run may have had
-    another number of processes: its run.json says how many)."""
-    counts = {processes}
+    another number of processes or images: its run.json says how many)."""
+    sizes = {(processes, images)}
     try:
-        counts.add(read_run(run_dir).processes)
-    except SettingsError:  # no run.json, or a damaged one: the names of this run's process count
+        earlier = read_run(run_dir)
+        sizes.add((earlier.processes, len(earlier.settings.prompts)))
+    except SettingsError:  # no run.json, or a damaged one: the names of this run's sizes
         pass
-    for count in counts:
-        for path in our_files(run_dir, count):
+    for count, image_count in sizes:
+        for path in our_files(run_dir, count, image_count):
             path.unlink(missing_ok=True)  # machines sharing the folder clear it at the same time
+
+
+def batch_latents_path(run_dir: Path, first_index: int) -> Path:
+    """Where denoise keeps a finished batch's latents until the stage's handoff is written; named
+    by the batch's first image (its index over the whole run), so names are unique across processes."""
+    return run_dir / f"denoise-batch-from-image-{first_index}.safetensors"
+
+
+def _settings_digest(settings: GenerationSettings) -> str:
+    return hashlib.sha256(json.dumps(settings.to_json(), sort_keys=True).encode()).hexdigest()
+
+
+def save_batch_latents(path: Path, latents, settings: GenerationSettings) -> None:
+    """One batch's latents, with the digest of the batch's settings (its prompts, seeds, steps, ...)."""
+    from safetensors.torch import save_file
+
+    tensors = {"latents": latents.detach().to("cpu").contiguous()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"settings": _settings_digest(settings)}))
+
+
+def load_batch_latents(path: Path, settings: GenerationSettings, shape: tuple, dtype) -> "torch.Tensor":
+    """A batch's latents saved by save_batch_latents, checked against the batch's settings, the
+    expected shape and dtype; raises SettingsError naming the file to delete to redo that batch."""
+    from safetensors import safe_open
+
+    fix = f"delete {path.name} in {path.parent} to denoise that batch again, then resume again"
+    try:
+        with safe_open(path, "pt") as file:
+            digest = (file.metadata() or {}).get("settings")
+            tensors = {name: file.get_tensor(name) for name in file.keys()}
+    except Exception as error:  # safetensors raises its own SafetensorError, OSError, ...
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise SettingsError(f"--resume: {path} cannot be read ({reason}); {fix}") from None
+    if digest != _settings_digest(settings):
+        raise SettingsError(f"--resume: {path} belongs to other settings than this batch's; {fix}")
+    check_handoff_tensors(tensors, {"latents": shape}, dtype, f"--resume: {path}", fix)
+    return tensors["latents"]
 
 
 def remove_stale_temporaries(folder: Path, names: list[str]) -> list[Path]:

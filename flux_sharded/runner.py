@@ -26,7 +26,7 @@ import torch
 
 from .budget import Budget, budget_to_json, format_budget, format_bytes
 from .checkpoint import Checkpoint, check_weight_files, resolve_checkpoint
-from .distributed import Process, finish, gather, local_processes, share, wait_for_everyone
+from .distributed import Process, finish, gather, launcher_command, local_processes, share, wait_for_everyone
 from .errors import FluxShardedError, OutputError, PlanError, SettingsError, StageError, StageOutOfMemory
 from .files import check_writable_folder
 from .handoff import GenerationSettings, Handoff
@@ -39,16 +39,19 @@ from .report import RunReport, StageReport
 from .rundir import (
     RUN_FILE,
     SavedRun,
+    batch_latents_path,
     clear_run,
     default_run_dir,
     handoff_path,
     last_handoff,
+    load_batch_latents,
     our_files,
     read_run,
     remove_stale_temporaries,
+    save_batch_latents,
     write_run,
 )
-from .stages import STAGES, decode
+from .stages import STAGES, decode, denoise
 from .validate import (
     check_prompts,
     check_same_weights,
@@ -79,7 +82,8 @@ class RunRequest:
 
     @property
     def resume_command(self) -> str:
-        return f"flux-sharded --resume {shlex.quote(str(self.run_folder))}"
+        """What continues this run, under the same launcher (on each machine, for several)."""
+        return f"{launcher_command() or 'flux-sharded '}--resume {shlex.quote(str(self.run_folder))}"
 
 
 def check_settings(request: RunRequest) -> None:
@@ -133,6 +137,12 @@ def check_request(request: RunRequest, keep_created_folders: bool = False) -> li
     settings = request.settings
     paths = image_paths(request.out_dir, settings.image_indices, settings.prompts, settings.seeds)
     existing = [path for path in paths if path.exists()]
+    finished = len(existing) == len(paths) and (request.run_folder / RUN_FILE).exists()
+    if finished and not (request.resume or request.overwrite):
+        raise SettingsError(
+            f"--out: the run in {request.run_folder} finished: its {len(paths)} image(s) exist, nothing is left to "
+            "resume; pass --overwrite to make them again, or choose another --out folder"
+        )
     if existing and not (request.resume or request.overwrite):
         raise SettingsError(
             f"--out: {existing[0]} already exists; choose another --out folder, move it away, or pass --overwrite"
@@ -233,10 +243,12 @@ def execute(request: RunRequest, log: Callable[[str], None] = lambda message: No
         fingerprint = weights_fingerprint(checkpoint.path)
         if saved_run is not None:
             check_same_weights(saved_run.weights, fingerprint, checkpoint.model, request.run_folder)
-        remove_stale_temporaries(request.run_folder, [path.name for path in our_files(request.run_folder, process.count)])
+        images = len(request.settings.prompts)
+        remove_stale_temporaries(request.run_folder,
+                                 [path.name for path in our_files(request.run_folder, process.count, images)])
         remove_stale_temporaries(request.out_dir, [path.name for path in paths])
         if not request.resume:
-            clear_run(request.run_folder, process.count)  # an earlier run's handoffs must not be resumed into this one
+            clear_run(request.run_folder, process.count, images)  # an earlier run's must not be resumed into this one
             write_run(request.run_folder, SavedRun(request.settings, request.budget, request.out_dir,
                                                    request.offload_folder, process.count, fingerprint))
     wait_for_everyone(process)
@@ -255,6 +267,7 @@ def execute(request: RunRequest, log: Callable[[str], None] = lambda message: No
         return None
     report.stages = [stage for each in reports for stage in each.stages]
     report.images = [image for each in reports for image in each.images]  # shares are contiguous, in order
+    report.written = [image for each in reports for image in each.written]
     return report
 
 
@@ -277,27 +290,39 @@ def _execute_plan(request: RunRequest, checkpoint: Checkpoint, plan: RunPlan, pa
         if stage.NAME in handoff.finished_stages:
             log(f"{stage.NAME}: finished earlier, its handoff is in {request.run_folder}")
             continue
-        todo = handoff
+        todo, run_options = handoff, {}
+        if stage is denoise:
+            run_options = _kept_batches(request, settings, checkpoint, saved, log)
         if stage is decode:  # on a resumed run, only the images not yet written
             missing = [position for position, path in enumerate(paths) if not (request.resume and path.exists())]
             if not missing:
-                log("decode: every image was written earlier")
+                log(f"nothing to do: every image of the run in {request.run_folder} exists")
                 break
-            todo = handoff.select(missing)
+            # Whole batches as the run grouped them: a batch rounds differently from its images
+            # decoded alone (by a level), so an image is redone with its batch mates.
+            decoded = [position for batch in settings.batches() if set(batch) & set(missing) for position in batch]
+            todo = handoff.select(decoded)
             hint = ("float16 overflows where bfloat16, with float32's range, does not: use --dtype bfloat16"
                     if settings.dtype == "float16" else "are the checkpoint's weights sound?")
-            for position in missing:
-                if not torch.isfinite(handoff.latents[position]).all():
-                    log(f"note: the latents of {paths[position].name} hold NaN or infinite values, so the image will "
-                        f"be black; {hint}")
-        stage_report = _run_stage(stage, request, checkpoint, plan.stage(stage.NAME), todo, process, saved)
+            black = [position for position in missing if not torch.isfinite(handoff.latents[position]).all()]
+            for position in black:
+                log(f"note: the latents of {paths[position].name} hold NaN or infinite values, so the image will "
+                    f"be black; {hint}")
+        stage_report = _run_stage(stage, request, checkpoint, plan.stage(stage.NAME), todo, process, saved,
+                                  run_options)
         report.stages.append(stage_report.report)
         if stage is decode:
-            for image, position in zip(stage_report.output, missing, strict=True):
+            for image, position in zip(stage_report.output, decoded, strict=True):
+                if position not in missing:  # decoded only for its batch mates: the image exists already
+                    continue
+                if image.info.get(decode.NON_FINITE) and position not in black:
+                    log(f"note: {paths[position].name} held NaN or infinite values after decode, so some pixels "
+                        f"are black or saturated; {hint}")
                 prompt, seed = settings.prompts[position], settings.seeds[position]
                 with _writing(paths[position], request, saved):
                     save_png(image, paths[position], _png_metadata(settings, prompt, seed, request.budget, weights,
                                                                    checkpoint.transformer_config))
+                report.written.append(str(paths[position].absolute()))
         else:
             handoff = stage_report.output
             target = handoff_path(request.run_folder, stage.NAME, process.index, process.count)
@@ -305,10 +330,40 @@ def _execute_plan(request: RunRequest, checkpoint: Checkpoint, plan: RunPlan, pa
                 handoff.save(target)
             saved = target
             stage_report.report.handoff_bytes = handoff.nbytes()
+            if stage is denoise:  # the handoff holds them all now
+                for batch in settings.batches():
+                    batch_latents_path(request.run_folder, settings.image_indices[batch.start]).unlink(missing_ok=True)
     # Absolute, as on a resumed run (run.json keeps the absolute --out): the same image is named the
     # same way however the run was started, and the report still finds it read from elsewhere.
     report.images = [str(path.absolute()) for path in paths]  # written now or, on a resumed run, earlier
     return report
+
+
+def _kept_batches(request: RunRequest, settings: GenerationSettings, checkpoint: Checkpoint, saved: Path | None,
+                  log) -> dict:
+    """denoise.run's options that keep each finished batch's latents in the run folder as it goes,
+    and take those an interrupted run kept: an interruption loses at most one batch."""
+    config, factor = checkpoint.transformer_config, checkpoint.vae_scale_factor
+    tokens = (settings.height // (2 * factor)) * (settings.width // (2 * factor))
+    batches = settings.batches()
+    finished = {}
+    for number, batch in enumerate(batches):
+        path = batch_latents_path(request.run_folder, settings.image_indices[batch.start])
+        if request.resume and path.exists():
+            finished[number] = load_batch_latents(path, settings.subset(list(batch)),
+                                                  (len(batch), tokens, config["in_channels"]), settings.torch_dtype)
+    if finished:
+        done = sum(len(batches[number]) for number in finished)
+        log(f"denoise: {done} of {len(settings.prompts)} image(s) finished earlier (their latents are in "
+            f"{request.run_folder})")
+
+    def keep(number: int, latents: torch.Tensor) -> None:
+        batch = batches[number]
+        path = batch_latents_path(request.run_folder, settings.image_indices[batch.start])
+        with _writing(path, request, saved):
+            save_batch_latents(path, latents, settings.subset(list(batch)))
+
+    return {"finished_batches": finished, "on_batch_done": keep}
 
 
 def free_gpu_bytes(budget: Budget) -> dict[int, int]:
@@ -324,7 +379,7 @@ class _StageResult:
 
 
 def _run_stage(stage, request: RunRequest, checkpoint: Checkpoint, stage_plan, handoff: Handoff, process: Process,
-               saved: Path | None) -> _StageResult:
+               saved: Path | None, run_options: dict) -> _StageResult:
     settings = handoff.settings
     stage_report = plan_report(stage_plan, settings)
     stage_report.process, stage_report.images = process.index, len(settings.prompts)
@@ -338,7 +393,8 @@ def _run_stage(stage, request: RunRequest, checkpoint: Checkpoint, stage_plan, h
             loaded = stage.load(checkpoint, stage_plan, settings.torch_dtype, offload_folder)
             loaded_at = time.perf_counter()
             stage_report.device_map = stage.device_map(loaded)
-            output = stage.run(loaded, handoff, progress.update)
+            output = stage.run(loaded, handoff, progress.update, on_step=lambda step, steps: progress.set_postfix_str(
+                f"step {step}/{steps} of image {progress.n + 1}", refresh=True), **run_options)
             finished = time.perf_counter()
         except FluxShardedError:
             raise

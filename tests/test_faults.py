@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from flux_sharded import rundir
 from flux_sharded.cli import main
+from flux_sharded.handoff import GenerationSettings
 from flux_sharded.stages import decode, denoise
 
 from .conftest import assert_same_pixels
@@ -197,6 +198,7 @@ def delete(*names):
 DENOISE_FILES = ("denoise.safetensors", "denoise.json")
 ENCODE_FILES = ("encode.safetensors", "encode.json")
 RUN_JSON = "--resume '{run_dir}': run.json field "
+BATCH = "denoise-batch-from-image-0.safetensors"  # denoise's first batch, kept until its handoff is written
 
 
 @dataclass(frozen=True)
@@ -230,6 +232,7 @@ CASES = {
     "settings-unknown-field": Case(setting("sampler", "euler"), RUN_JSON + "'settings.sampler' is not a setting"),
     "model-not-text": Case(setting("model", 7), RUN_JSON + "'settings.model' is 7, not a text"),
     "format-other": Case(top("format", 2), RUN_JSON + "'format' is 2, outside 1..1"),
+    "processes-other": Case(top("processes", 2), "--resume: the run in {run_dir} had 2 process(es), this one 1"),
     "processes-a-string": Case(top("processes", "1"), RUN_JSON + "'processes' is \"1\", not a whole number"),
     "max-memory-bad-key": Case(top("max_memory", {"gpu0": 10}), RUN_JSON + "'max_memory' has 'gpu0': 10"),
     "max-memory-empty": Case(top("max_memory", {}), RUN_JSON + "'max_memory' is empty"),
@@ -276,6 +279,12 @@ CASES = {
         fix=delete(*ENCODE_FILES)),
     "encode-truncated": Case(only_encode(truncated("encode.safetensors", 0.9)), "encode.safetensors cannot be read",
                              fix=delete(*ENCODE_FILES)),
+    "kept-batch-garbage": Case(only_encode(write_file(BATCH, b"\xff" * 64)), f"{BATCH} cannot be read",
+                               fix=delete(BATCH)),
+    "kept-batch-of-other-settings": Case(only_encode(lambda space: rundir.save_batch_latents(
+        space.run_dir / BATCH, torch.zeros(1, 4, 16), GenerationSettings("x", ("a",), (0,), 1, 3.5, 32, 32, 512,
+                                                                         "float32"))),
+        f"{BATCH} belongs to other settings than this batch's; delete {BATCH}", fix=delete(BATCH)),
     # broken checkpoint folders: refused before run.json is written
     "model-index-a-list": Case(lambda space: (space.checkpoint / "model_index.json").write_text("[]"),
                                "--model: '{checkpoint}': model_index.json holds a list, not a JSON object",
@@ -501,3 +510,22 @@ def test_a_checkpoint_without_guidance_embeds_says_guidance_is_ignored(workspace
     assert "--guidance 7.0 has no effect" in result.output
     image = sorted(workspace.out.glob("0*-a-*.png"))[0]
     assert Image.open(image).text["guidance"] == "none (the transformer has no guidance embedding)"
+
+
+def test_non_finite_pixels_after_decode_are_named_per_image(workspace, monkeypatch):
+    """A float16 overflow inside the VAE (the latents were fine): the PNG would be silently black."""
+    from diffusers import AutoencoderKL
+
+    real_decode = AutoencoderKL.decode
+
+    def overflowing(self, latents, *args, **kwargs):
+        decoded = real_decode(self, latents, *args, **kwargs)
+        decoded[0][-1, 0, 0, 0] = float("inf")  # the last image of the batch
+        return decoded
+
+    monkeypatch.setattr(AutoencoderKL, "decode", overflowing)
+    result = workspace.resume()
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.output.splitlines() if line.startswith("note: ") and "after decode" in line]
+    assert notes == [f"note: {name} held NaN or infinite values after decode, so some pixels are black or "
+                     "saturated; are the checkpoint's weights sound?" for name in (p.name for p in workspace.reference)]

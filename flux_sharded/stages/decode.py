@@ -37,7 +37,13 @@ def load(checkpoint, stage_plan, dtype: torch.dtype, offload_folder=None) -> Aut
     return vae
 
 
-def run(vae: AutoencoderKL, handoff: Handoff, on_image_done=None) -> list:
+# Set in the `info` of an image whose decoded values held NaN or infinity (a float16 overflow in
+# the VAE): NaN becomes black and infinity saturates, so the runner names the image.
+NON_FINITE = "flux_sharded_non_finite"
+
+
+def run(vae: AutoencoderKL, handoff: Handoff, on_image_done=None, on_step=None) -> list:
+    """PIL images in the handoff's order, decoded batch_size at a time; see NON_FINITE."""
     settings = handoff.settings
     vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
     image_processor = VaeImageProcessor(vae_scale_factor=vae_scale_factor * 2)
@@ -54,8 +60,13 @@ def run(vae: AutoencoderKL, handoff: Handoff, on_image_done=None) -> list:
             )
             latents = (latents / vae.config.scaling_factor) + vae.config.shift_factor
             decoded = vae.decode(latents, return_dict=False)[0]
-            with np.errstate(invalid="ignore"):  # NaN pixels become 0; the runner has named those images
-                images.extend(image_processor.postprocess(decoded, output_type="pil"))
+            finite = torch.isfinite(decoded).flatten(1).all(1).tolist()
+            with np.errstate(invalid="ignore"):  # NaN pixels become 0; the runner names those images
+                batch_images = image_processor.postprocess(decoded, output_type="pil")
+            for image, is_finite in zip(batch_images, finite, strict=True):
+                if not is_finite:
+                    image.info[NON_FINITE] = True
+            images.extend(batch_images)
             if on_image_done:
                 on_image_done(len(batch))
     return images

@@ -68,27 +68,44 @@ def _pipeline(checkpoint, transformer) -> FluxPipeline:
     return pipeline
 
 
-def run(pipeline: FluxPipeline, handoff: Handoff, on_image_done=None) -> Handoff:
+def run(pipeline: FluxPipeline, handoff: Handoff, on_image_done=None, on_step=None, finished_batches=None,
+        on_batch_done=None) -> Handoff:
     """Denoise batch_size images per pass, each with its own CPU generator seeded with its seed,
-    as FluxPipeline does for a list of generators."""
+    as FluxPipeline does for a list of generators.
+
+    finished_batches: {batch number: latents (len(batch), tokens, channels)} denoised earlier (a
+    resumed run), taken as they are; on_batch_done(number, latents) is called as each batch
+    finishes, so that the runner can keep it; on_step(step, steps) after each denoising step."""
     settings = handoff.settings
+    finished_batches = finished_batches or {}
     latents = []
+
+    def step_done(pipe, step, timestep, callback_kwargs):
+        on_step(step + 1, settings.steps)
+        return {}
+
     with torch.inference_mode():
-        for batch in settings.batches():
-            # One batch's rows on the GPU at a time: the rest of the run's wait in RAM.
-            rows = handoff.select(list(batch)).to(pipeline._execution_device)
-            result = pipeline(
-                prompt_embeds=rows.prompt_embeds,
-                pooled_prompt_embeds=rows.pooled_prompt_embeds,
-                num_inference_steps=settings.steps,
-                guidance_scale=settings.guidance,
-                height=settings.height,
-                width=settings.width,
-                max_sequence_length=settings.max_sequence_length,
-                generator=[torch.Generator("cpu").manual_seed(settings.seeds[p]) for p in batch],
-                output_type="latent",
-            )
-            latents.append(result.images.to("cpu"))
+        for number, batch in enumerate(settings.batches()):
+            if number in finished_batches:
+                latents.append(finished_batches[number])
+            else:
+                # One batch's rows on the GPU at a time: the rest of the run's wait in RAM.
+                rows = handoff.select(list(batch)).to(pipeline._execution_device)
+                result = pipeline(
+                    prompt_embeds=rows.prompt_embeds,
+                    pooled_prompt_embeds=rows.pooled_prompt_embeds,
+                    num_inference_steps=settings.steps,
+                    guidance_scale=settings.guidance,
+                    height=settings.height,
+                    width=settings.width,
+                    max_sequence_length=settings.max_sequence_length,
+                    generator=[torch.Generator("cpu").manual_seed(settings.seeds[p]) for p in batch],
+                    output_type="latent",
+                    callback_on_step_end=step_done if on_step else None,
+                )
+                latents.append(result.images.to("cpu"))
+                if on_batch_done:
+                    on_batch_done(number, latents[-1])
             if on_image_done:
                 on_image_done(len(batch))
     return dataclasses.replace(handoff, latents=torch.cat(latents),

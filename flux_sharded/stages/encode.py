@@ -43,7 +43,7 @@ def _model_class(name: str):
     return getattr(transformers, FLUX_1.component(name).class_name)
 
 
-def run(pipeline: FluxPipeline, handoff: Handoff, on_image_done=None) -> Handoff:
+def run(pipeline: FluxPipeline, handoff: Handoff, on_image_done=None, on_step=None) -> Handoff:
     """Encode each distinct prompt once, batch_size prompts per forward pass; rows per image."""
     settings = handoff.settings
     images_of = Counter(settings.prompts)
