@@ -1,8 +1,8 @@
 """Several processes, on one machine or many, under `accelerate launch` or `torchrun`.
 
-Each process runs the three stages on its share of the images (accelerate's
-`PartialState.split_between_processes`, contiguous, in order), then every process's report is
-gathered on the main process, which writes one report. Processes exchange only small Python
+Each process runs the three stages on its share of the images (contiguous, in order, as
+accelerate's `PartialState.split_between_processes` shares them: see `share`), then every
+process's report is gathered on the main process, which writes one report. Processes exchange only small Python
 objects, so coordination always uses the gloo backend (`PartialState(cpu=True)`), on CPU and
 GPU machines alike; the GPUs a process computes on are chosen by `--gpus-per-process`.
 """
@@ -120,13 +120,13 @@ def current_process() -> Process:
 
 
 def share(process: Process, count: int) -> list[int]:
-    """The positions (0..count-1) of the images this process makes."""
-    if not process.several:
-        return list(range(count))
-    from accelerate import PartialState
-
-    with PartialState().split_between_processes(list(range(count))) as mine:
-        return list(mine)
+    """The positions (0..count-1) of the images this process makes: contiguous, in order, the first
+    `count % processes` processes one more, as accelerate's `split_between_processes`. Computed
+    here: some accelerate versions hand a process with nothing to do a copy of the last item (a
+    duplicate image, a duplicate report entry); here such a process gets none."""
+    per_process, extra = divmod(count, process.count)
+    start = process.index * per_process + min(process.index, extra)
+    return list(range(start, start + per_process + (1 if process.index < extra else 0)))
 
 
 def gather(process: Process, item):

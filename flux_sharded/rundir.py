@@ -207,7 +207,9 @@ def last_handoff(run_dir: Path, process_index: int, process_count: int, settings
         stage = SAVED_STAGES[position]
         path = handoff_path(run_dir, stage, process_index, process_count)
         tensors_file, meta_file = path.with_suffix(".safetensors"), path.with_suffix(".json")
-        if not (tensors_file.exists() or meta_file.exists()):
+        # Handoff.save writes the tensors, then the JSON: tensors without their JSON are a write
+        # that a kill cut short (redone, and replaced, by this run), not a damaged checkpoint.
+        if not meta_file.exists():
             continue
         redo = f"{'the start' if position == 0 else SAVED_STAGES[position - 1]}"
         fix = (f"delete {tensors_file.name} and {meta_file.name} in {run_dir} to redo {stage} from {redo}, "

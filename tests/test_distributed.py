@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from flux_sharded.distributed import launched_processes, restrict_gpus
+from flux_sharded.distributed import Process, launched_processes, restrict_gpus, share
 
 
 @pytest.mark.parametrize(
@@ -53,3 +53,17 @@ def test_gpus_per_process_without_a_launcher_means_the_first_k_gpus(monkeypatch,
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "3,4,5"  # not asked for: left alone
     assert CliRunner().invoke(main, [*args, "--gpus-per-process", "2"]).exit_code == 0
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "3,4"
+
+
+@pytest.mark.parametrize(
+    "images, processes, expected",
+    [
+        (5, 2, [[0, 1, 2], [3, 4]]),
+        (4, 2, [[0, 1], [2, 3]]),
+        (7, 3, [[0, 1, 2], [3, 4], [5, 6]]),
+        (1, 2, [[0], []]),  # never a copy of the last image for the process with nothing to do
+        (2, 4, [[0], [1], [], []]),
+    ],
+)
+def test_shares_are_contiguous_in_order_and_never_overlap(images, processes, expected):
+    assert [share(Process(index, processes), images) for index in range(processes)] == expected

@@ -262,8 +262,8 @@ CASES = {
                                  "denoise.safetensors holds unexpected noise", fix=delete(*DENOISE_FILES)),
     "denoise-json-garbage": Case(write_file("denoise.json", b"{"), "denoise.json cannot be read",
                                  fix=delete(*DENOISE_FILES)),
-    "denoise-json-missing": Case(delete("denoise.json"), "denoise.json is missing or not a file",
-                                 fix=delete("denoise.safetensors")),
+    "denoise-safetensors-missing": Case(delete("denoise.safetensors"), "denoise.safetensors is missing or not a file",
+                                        fix=delete("denoise.json")),
     "denoise-json-other-seed": Case(lambda space: edit_json(space.run_dir / "denoise.json",
                                                             lambda data: data["settings"].update(seeds=[5, 6])),
                                     "denoise.json belongs to other settings", fix=delete(*DENOISE_FILES)),
@@ -529,3 +529,50 @@ def test_non_finite_pixels_after_decode_are_named_per_image(workspace, monkeypat
     notes = [line for line in result.output.splitlines() if line.startswith("note: ") and "after decode" in line]
     assert notes == [f"note: {name} held NaN or infinite values after decode, so some pixels are black or "
                      "saturated; are the checkpoint's weights sound?" for name in (p.name for p in workspace.reference)]
+
+
+# Runs flux-sharded with every atomic write of the file named by the first argument killed
+# (SIGKILL) right after the temporary file is written, before its rename.
+KILL_AT_WRITE = """
+import os, signal, sys
+from flux_sharded import handoff, images, rundir
+from flux_sharded.cli import main
+
+target = sys.argv.pop(1)
+
+def killing(real):
+    def atomic_write(path, write):
+        def write_then_die(tmp):
+            write(tmp)
+            if path.name == target:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return real(path, write_then_die)
+    return atomic_write
+
+for module in (handoff, images, rundir):
+    module.atomic_write = killing(module.atomic_write)
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("target", ["run.json", "encode.safetensors", "encode.json", BATCH, "denoise.safetensors",
+                                    "denoise.json", "0001-1-a-cat.png"])
+def test_a_kill_at_each_write_leaves_a_run_that_continues(tiny_checkpoint, finished_run, tmp_path, target):
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    run_dir = out / "run"
+    args = ["--model", str(tiny_checkpoint), *COMMON, "--out", str(out), "--run-dir", str(run_dir), *prompt_args()]
+    killed = subprocess.run([sys.executable, "-c", KILL_AT_WRITE, target, *args], capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr
+    (stale,) = [path for path in out.rglob(f".{target}.tmp-*")]  # the half-done write
+    # run.json is written first: without it the same command starts again; else --resume continues
+    again = invoke(args if target == "run.json" else ["--resume", str(run_dir)])
+    assert again.exit_code == 0, again.output
+    assert not stale.exists() and not [path for path in out.rglob("*") if ".tmp-" in path.name]
+    expected = sorted(finished_run.glob("*.png"))
+    images = sorted(out.glob("*.png"))
+    assert [image.name for image in images] == [image.name for image in expected]
+    for image, reference in zip(images, expected):
+        assert_same_pixels(np.asarray(Image.open(image)), np.asarray(Image.open(reference)))
