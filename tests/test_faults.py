@@ -576,3 +576,48 @@ def test_a_kill_at_each_write_leaves_a_run_that_continues(tiny_checkpoint, finis
     assert [image.name for image in images] == [image.name for image in expected]
     for image, reference in zip(images, expected):
         assert_same_pixels(np.asarray(Image.open(image)), np.asarray(Image.open(reference)))
+
+
+# Runs flux-sharded with the address space capped, just before decode runs, at what the process
+# uses then plus a little: the stage's first large allocation fails as on a machine out of RAM.
+CAP_MEMORY_IN_DECODE = """
+import resource, sys
+from flux_sharded.cli import main
+from flux_sharded.stages import decode
+
+real_run = decode.run
+
+def capped(*args, **kwargs):
+    with open("/proc/self/statm") as statm:
+        used = int(statm.read().split()[0]) * resource.getpagesize()
+    limit = used + 32 * 2**20
+    resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
+    return real_run(*args, **kwargs)
+
+decode.run = capped
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads the address space from /proc")
+def test_out_of_memory_on_the_cpu_under_a_resource_limit(tiny_checkpoint, tmp_path):
+    """PyTorch's CPU allocator raises a plain RuntimeError: exit 3 with the resume command all the same."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    run_dir = out / "run"
+    # 1024 x 1024: each of the VAE decoder's activations at full size is 32 MiB
+    args = ["--model", str(tiny_checkpoint), "--max-memory", "cpu=8GB", "--steps", "1", "--height", "1024",
+            "--width", "1024", "--dtype", "float32", "--out", str(out), "--run-dir", str(run_dir), "--prompt", "a dog"]
+    failed = subprocess.run([sys.executable, "-c", CAP_MEMORY_IN_DECODE, *args], capture_output=True, text=True)
+    assert failed.returncode == 3, failed.stderr
+    assert "Traceback" not in failed.stderr
+    (line,) = [line for line in failed.stderr.splitlines() if line.startswith("Error: ")]
+    assert "decode ran out of memory (" in line and "can't allocate memory" in line
+    assert f"{run_dir / 'denoise'}.safetensors holds the work before it" in line
+    assert f"continue with: flux-sharded --resume {run_dir}" in line
+    resumed = invoke(["--resume", str(run_dir)])
+    assert resumed.exit_code == 0, resumed.output
+    assert "denoise: finished earlier" in resumed.output
+    assert len(list(out.glob("*.png"))) == 1
