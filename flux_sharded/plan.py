@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import warnings
 import math
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -193,12 +194,16 @@ def _gpus(budget: Budget) -> list[int]:
 
 @contextlib.contextmanager
 def _quiet_accelerate():
-    """accelerate warns about every GPU index this machine lacks; a dry-run may plan for such GPUs."""
+    """accelerate warns about every GPU index this machine lacks (a dry-run may plan for such GPUs),
+    and advises offload_buffers=True when offloaded buffers fit no GPU: the plan counts buffers as
+    weights, and its streamed offload moves them with their blocks, so that advice does not apply."""
     logger = logging.getLogger("accelerate.utils.modeling")
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Current model requires .* bytes of buffer for offloaded layers")
+            yield
     finally:
         logger.setLevel(level)
 
@@ -437,18 +442,28 @@ def _placed(components: _Components, name: str, device_map: dict[str, Device], c
 
 
 def plan_denoise(components: _Components, budget: Budget) -> StagePlan:
-    least = {"transformer": components.activation_bytes("transformer") + components.largest_block("transformer")}
+    # The least a GPU must hold to run any of the transformer: its activations and, since whatever
+    # misses it streams through it, the streamed blocks in flight and the top-level modules.
+    least = {"transformer": components.activation_bytes("transformer")
+             + STREAMED_BLOCKS_IN_FLIGHT * components.largest_block("transformer")
+             + components.top_level_bytes("transformer")}
     usable, notes = _left_out(budget, least, "denoise")
     if not any(key != "disk" for key in usable):  # nothing can compute: plan on the first GPU to refuse it
         usable = dict(budget)
     method = components.inputs.method("transformer")
-    if method == "nf4":  # bitsandbytes' 4-bit layers cannot be offloaded
-        usable = {key: value for key, value in usable.items() if isinstance(key, int)} or usable
+    stage_budget = dict(budget)
+    if method == "nf4" and _gpus(usable):
+        # bitsandbytes' 4-bit layers cannot be offloaded: only the GPUs count, for placing and fitting.
+        usable = {key: value for key, value in usable.items() if isinstance(key, int)}
+        stage_budget = {key: value for key, value in budget.items() if isinstance(key, int)}
+        if any(key in budget for key in ("cpu", "disk")):
+            notes.append("note: denoise keeps the nf4 transformer on the GPUs: bitsandbytes' 4-bit layers cannot be "
+                         "offloaded, so the cpu and disk budgets are not used for it")
     elif method:  # fp8 / int8 weights stream from RAM; accelerate's disk offload cannot hold them
         usable = {key: value for key, value in usable.items() if key != "disk"}
     plan = _split(components, "transformer", usable, streamed=True)
     plan = _compact(plan)
-    return StagePlan("denoise", (plan,), dict(budget), tuple(notes))
+    return StagePlan("denoise", (plan,), stage_budget, tuple(notes))
 
 
 def _compact(plan: ComponentPlan) -> ComponentPlan:
@@ -509,8 +524,8 @@ def _refusal(stages: tuple[StagePlan, ...], components: _Components, budget: Bud
             continue
         lacking = ", ".join(
             f"{device} needs {format_bytes(stage.planned_bytes[device])} but has {format_bytes(budget[device])}"
-            if device in budget
-            else f"{format_bytes(stage.planned_bytes[device])} finds no room on {', '.join(map(str, budget))}"
+            if device in stage.budget  # an nf4 transformer's stage budget holds its GPUs only
+            else f"{format_bytes(stage.planned_bytes[device])} finds no room on {', '.join(map(str, stage.budget))}"
             for device in stage.overflow
         )
         problems.append(

@@ -57,10 +57,11 @@ class StageReport:
     def from_plan(cls, stage_plan, steps: int = 1, images: int = 1) -> "StageReport":
         """The plan's numbers; `steps` forward passes per batch (denoise: the denoising steps; encode
         and decode: 1) and `images` images in the run, for the per-image offload bytes."""
-        per_step = stage_plan.offload_bytes_per_step
+        # A stage that does not fit copies nothing: its "offloaded" bytes are the ones with no room.
+        per_step = stage_plan.offload_bytes_per_step if stage_plan.fits else 0
         batch = max(component.batch_size for component in stage_plan.components)
         passes = steps * -(-max(images, 1) // max(batch, 1))  # ceil: a last, partial batch copies as much
-        offloading = [component for component in stage_plan.components if component.offload_bytes]
+        offloading = [component for component in stage_plan.components if component.offload_bytes and per_step]
         return cls(
             offload_bytes_per_step=per_step,
             offload_bytes_per_image=per_step * passes // max(images, 1),
