@@ -53,6 +53,9 @@ from .rundir import (
 )
 from .stages import STAGES, decode, denoise
 from .validate import (
+    MAX_BATCH_SIZE,
+    MAX_SIDE,
+    MAX_STEPS,
     check_prompts,
     check_same_weights,
     check_tokenizers,
@@ -110,8 +113,13 @@ def check_settings(request: RunRequest) -> None:
             f"(the VAE's scale factor {request.checkpoint.vae_scale_factor} x 2 for latent packing); try "
             + " ".join(f"{name} {max(multiple, round(value / multiple) * multiple)}" for name, value in wrong)
         )
-    if settings.steps < 1:
-        raise SettingsError(f"--steps {settings.steps}: at least 1 step is needed")
+    if not 1 <= settings.steps <= MAX_STEPS:
+        raise SettingsError(f"--steps {settings.steps}: use 1 to {MAX_STEPS} steps")
+    for name, value in (("--height", settings.height), ("--width", settings.width)):
+        if value > MAX_SIDE:
+            raise SettingsError(f"{name} {value}: at most {MAX_SIDE} pixels")
+    if settings.batch_size > MAX_BATCH_SIZE:
+        raise SettingsError(f"--batch-size {settings.batch_size}: at most {MAX_BATCH_SIZE}")
     if not settings.guidance >= 0 or math.isinf(settings.guidance):  # also refuses nan
         raise SettingsError(f"--guidance {settings.guidance}: give a finite guidance scale of 0 or more (default 3.5)")
     if not 1 <= settings.max_sequence_length <= MAX_SEQUENCE_LENGTH_LIMIT:

@@ -34,6 +34,14 @@ MAX_VOCAB = 1_000_000
 MAX_VAE_BLOCKS = 6  # a scale factor of 2**5 = 32; FLUX.1's VAE has 4 blocks (factor 8)
 
 
+# Ranges of the settings, checked on the command line (runner.check_settings) and in run.json alike,
+# so that a run the tool starts can always be resumed: far beyond any real use, they bound what a
+# damaged file can make the tool allocate.
+MAX_STEPS = 100_000
+MAX_SIDE = 2**20  # pixels
+MAX_BATCH_SIZE = 2**20
+
+
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -337,14 +345,14 @@ def settings_fields(data, where: str, fix: str, prefix: str = "settings.") -> di
         model=settings.string("model"),
         prompts=tuple(prompts),
         seeds=tuple(seeds),
-        steps=settings.integer("steps", 1, 100_000),
+        steps=settings.integer("steps", 1, MAX_STEPS),
         guidance=float(settings.number("guidance", 0)),
-        height=settings.integer("height", 1, 2**20),
-        width=settings.integer("width", 1, 2**20),
+        height=settings.integer("height", 1, MAX_SIDE),
+        width=settings.integer("width", 1, MAX_SIDE),
         max_sequence_length=settings.integer("max_sequence_length", 1, 512),
         dtype=settings.string("dtype", choices=tuple(DTYPES)),
         indices=tuple(indices),
-        batch_size=settings.integer("batch_size", 1, 2**20, optional=True) or 1,
+        batch_size=settings.integer("batch_size", 1, MAX_BATCH_SIZE, optional=True) or 1,
         quantize=_quantize_field(settings),
     )
 

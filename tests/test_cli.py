@@ -75,7 +75,11 @@ ERROR_CASES = [
     ("--height", "50", "--height 50 is not a positive multiple of 16"),
     ("--width", "8", "--width 8 is not a positive multiple of 16"),
     ("--height", "0", "--height 0 is not a positive multiple of 16"),
-    ("--steps", "0", "--steps 0: at least 1 step is needed"),
+    ("--steps", "0", "--steps 0: use 1 to 100000 steps"),
+    # the ranges a saved run.json is checked against: a run that starts can always be resumed
+    ("--steps", "100001", "--steps 100001: use 1 to 100000 steps"),
+    ("--width", str(2**20 + 16), f"--width {2**20 + 16}: at most {2**20} pixels"),
+    ("--batch-size", str(2**20 + 1), f"--batch-size {2**20 + 1}: at most {2**20}"),
     ("--guidance", "-1", "--guidance -1.0: give a finite guidance scale of 0 or more"),
     ("--guidance", "nan", "--guidance nan: give a finite guidance scale of 0 or more"),
     ("--guidance", "inf", "--guidance inf: give a finite guidance scale of 0 or more"),

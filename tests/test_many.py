@@ -115,7 +115,7 @@ def test_a_user_error_under_torchrun_stops_every_process_with_its_message(tiny_c
     )
     assert result.returncode != 0
     for rank in (0, 1):
-        assert f"Error: [process {rank}] --steps 0: at least 1 step is needed" in result.stderr
+        assert f"Error: [process {rank}] --steps 0: use 1 to 100000 steps" in result.stderr
     # torchrun prints its own report of the failed workers; no frame of ours is in it
     assert "flux_sharded/" not in result.stderr.replace("-m flux_sharded", "")
     assert not (tmp_path / "out").exists()
