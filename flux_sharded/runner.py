@@ -164,12 +164,17 @@ def check_request(request: RunRequest, keep_created_folders: bool = False) -> li
 
 
 def check_report_path(request: RunRequest, report_path: Path) -> None:
-    """--report may not replace one of the run's images nor land in its run folder."""
+    """--report may not replace one of the run's images, be one of its folders, nor land in its run folder."""
     report = report_path.absolute()
     settings = request.settings
     images = image_paths(request.out_dir.absolute(), settings.image_indices, settings.prompts, settings.seeds)
     if report in images:
         raise SettingsError(f"--report {report_path} is one of this run's images; give another file, e.g. report.json")
+    folders = {"--out": request.out_dir, "--run-dir": request.run_folder, "--offload-folder": request.offload_folder}
+    for option, folder in folders.items():  # a folder the run creates: found now, not after every stage ran
+        if folder is not None and report == folder.absolute():
+            raise SettingsError(f"--report {report_path} is the run's {option} folder; give a file, e.g. "
+                                f"--report {shlex.quote(str(report_path / 'report.json'))}")
     if request.run_folder.absolute() in report.parents:
         raise SettingsError(f"--report {report_path} is inside the run folder {request.run_folder}, which holds the "
                             "run's own files; give a file outside it")

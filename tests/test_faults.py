@@ -312,6 +312,8 @@ CASES = {
                             , new_run=True, extra=("--prompt", "caf\udce9")),
     "report-is-an-image": Case(lambda space: None, "is one of this run's images", new_run=True,
                                extra=("--overwrite", "--report", "{out}/0001-1-a-cat.png")),
+    "report-is-the-out-folder": Case(lambda space: None, "is the run's --out folder; give a file", new_run=True,
+                                     extra=("--out", "{out}/fresh", "--report", "{out}/fresh")),
     "report-in-run-folder": Case(lambda space: None, "is inside the run folder", new_run=True,
                                  extra=("--overwrite", "--run-dir", "{out}/run", "--report", "{out}/run/report.json")),
 }
