@@ -104,7 +104,8 @@ def _parse_size(text: str, key: str = "") -> tuple[int, str]:
         raise BudgetError(f"{where}: '{unit}' is an unknown unit; use {UNITS_HELP} ({EXAMPLE})")
     size = int(float(number) * UNITS[unit.upper()])
     if size <= 0:
-        raise BudgetError(f"{where}: the size must be positive ({EXAMPLE})")
+        problem = "is less than one byte" if float(number) > 0 else "must be positive"
+        raise BudgetError(f"{where}: the size {problem} ({EXAMPLE})")
     return size, unit.upper()
 
 

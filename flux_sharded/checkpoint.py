@@ -80,9 +80,9 @@ def resolve_checkpoint(model: str, need_weights: bool = True) -> Checkpoint:
     if path.is_dir():
         return read_checkpoint(model, path)
     if _looks_like_path(model):
+        what = "is a file, not a folder" if path.exists() else "does not exist"
         raise CheckpointError(
-            f"--model: folder '{model}' does not exist; give a FLUX diffusers folder or a hub id; "
-            f"{_known_models(model)}"
+            f"--model: folder '{model}' {what}; give a FLUX diffusers folder or a hub id; {_known_models(model)}"
         )
     if need_weights:
         return read_checkpoint(model, _download(model, HUB_PATTERNS))

@@ -61,7 +61,25 @@ class BudgetType(click.ParamType):
             self.fail(str(error).removeprefix("--max-memory: "), param, ctx)
 
 
-@click.command("flux-sharded", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _OneLineErrors(click.Command):
+    """click answers a bad option value with its usage and a hint before the error; a user mistake
+    here is one `Error: ...` line (exit 2) like every other, naming the option and the fix."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:  # a caller that handles click's exceptions itself
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as error:
+            click.echo(f"Error: {error.format_message()}", err=True)
+            sys.exit(error.exit_code)
+        except click.Abort:
+            sys.exit(EXIT_INTERRUPTED)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.command("flux-sharded", cls=_OneLineErrors,
+               context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--prompt", "prompts", multiple=True, metavar="TEXT", help="Text to draw; repeat for several images.")
 @click.option(
     "--prompts-file", type=click.Path(path_type=Path), default=None,

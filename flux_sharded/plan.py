@@ -563,7 +563,7 @@ def _refusal(stages: tuple[StagePlan, ...], components: _Components, budget: Bud
         ways.append(f"--quantize {quantized} would fit without offload")
     if not ways:
         ways.append("a smaller --height/--width or --max-sequence-length")
-    note = f" ({card_sizes[0].upper()}{card_sizes[1:]}: budget it in GiB to use all of it.)" if card_sizes else ""
+    note = f". ({card_sizes[0].upper()}{card_sizes[1:]}: budget it in GiB to use all of it.)" if card_sizes else ""
     return (f"{'; '.join(problems)} (at {inputs.width}x{inputs.height}, batch size {inputs.batch_size}, "
             f"{_dtype_name(inputs.dtype)}). Ways out: {'; or '.join(ways)}{note}")
 

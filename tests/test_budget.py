@@ -44,7 +44,7 @@ def test_good_specs(spec, gpus, expected):
         ("0=0GB", 2, "the size must be positive"),
         ("0=-4GB", 2, "0=-4GB is not a size"),
         ("0=GB", 2, "0=GB is not a size"),
-        ("0=0.0000001B", 2, "the size must be positive"),
+        ("0=0.0000001B", 2, "the size is less than one byte"),
         ("2=16GB", 2, "GPU 2 does not exist; this machine has GPUs 0..1"),
         ("0=16GB", 0, "GPU 0 does not exist; this machine has no GPU"),
         ("disk=100GB", 0, "budgets no device to compute on"),

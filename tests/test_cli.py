@@ -249,3 +249,18 @@ def test_a_hub_id_runs_from_the_hugging_face_cache_offline(tiny_checkpoint, tmp_
     ran = subprocess.run([*base, "--out", str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=120)
     assert ran.returncode == 0, ran.stderr
     assert (tmp_path / "out" / "0000-0-a-dog.png").exists()
+
+
+@pytest.mark.parametrize("args", [["--max-memory", "0=16"], ["--dtype", "float64"], ["--bogus"],
+                                  ["--steps", "many"]])
+def test_a_bad_option_value_is_one_line_without_click_usage(args):
+    result = invoke(["--prompt", "a dog", *args])
+    assert result.exit_code == 2
+    assert result.output.strip().count("\n") == 0 and result.output.startswith("Error: "), result.output
+
+
+def test_a_model_that_is_a_file_says_so(tmp_path):
+    (tmp_path / "model").write_text("not a folder")
+    result = invoke(["--prompt", "a dog", "--model", str(tmp_path / "model"), "--dry-run"])
+    assert result.exit_code == 2
+    assert f"--model: folder '{tmp_path / 'model'}' is a file, not a folder" in result.output
