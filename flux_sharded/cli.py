@@ -353,7 +353,8 @@ def _run(request, options: dict, process) -> None:
         refusal = None
         if report is None:  # not the main process: the main one reports for everyone
             return
-    click.echo(report.table())
+    if report.stages:  # a resume with nothing left to do ran no stage: no table to show
+        click.echo(report.table())
     if refusal is not None:
         raise refusal  # a refused budget writes nothing, not even the report
     if options["report_path"] is not None:

@@ -88,6 +88,7 @@ def test_out_of_memory_in_denoise_then_resume_gives_the_same_images(tiny_checkpo
     again = invoke(["--resume", str(run_dir)])  # a finished run: nothing left to do, nothing rewritten
     assert again.exit_code == 0 and f"nothing to do: every image of the run in {run_dir} exists" in again.output
     assert "wrote " not in again.stdout
+    assert "stage  device" not in again.stdout  # no empty table either
 
 
 def test_a_full_disk_while_writing_an_image_then_resume(tiny_checkpoint, tmp_path, monkeypatch):
