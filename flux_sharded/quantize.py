@@ -169,27 +169,17 @@ def quantized_meta(model: torch.nn.Module, method: str, dtype: torch.dtype) -> t
 def stored_bytes(model: torch.nn.Module) -> int:
     """Bytes a loaded model really stores: every parameter and buffer once, a torchao tensor by its
     inner tensors (int8 data and scales), a bitsandbytes 4-bit weight with its quantization state."""
-    seen, total = set(), 0
-    for tensor in [*model.parameters(), *model.buffers()]:
-        if id(tensor) in seen:
-            continue
-        seen.add(id(tensor))
-        inner = getattr(tensor, "__tensor_flatten__", None)
-        if inner is not None and type(tensor) is not torch.nn.Parameter and type(tensor) is not torch.Tensor:
-            names, _ = tensor.__tensor_flatten__()
-            total += sum(getattr(tensor, name).numel() * getattr(tensor, name).element_size() for name in names)
-            continue
-        data = tensor.data if isinstance(tensor, torch.nn.Parameter) else tensor
-        inner = getattr(data, "__tensor_flatten__", None)
-        if inner is not None and type(data) is not torch.Tensor:
-            names, _ = data.__tensor_flatten__()
-            total += sum(getattr(data, name).numel() * getattr(data, name).element_size() for name in names)
-            continue
-        total += tensor.numel() * tensor.element_size()
-        state = getattr(tensor, "quant_state", None)
-        if state is not None:
-            total += state.absmax.numel() * state.absmax.element_size()
-    return total
+    unique = {id(tensor): tensor for tensor in [*model.parameters(), *model.buffers()]}
+    return sum(_tensor_bytes(tensor) for tensor in unique.values())
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> int:
+    if type(tensor) not in (torch.Tensor, torch.nn.Parameter) and hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()  # a tensor subclass (torchao): the tensors it holds
+        return sum(_tensor_bytes(getattr(tensor, name)) for name in names)
+    size = tensor.numel() * tensor.element_size()
+    state = getattr(tensor, "quant_state", None)  # bitsandbytes' 4-bit statistics
+    return size + (state.absmax.numel() * state.absmax.element_size() if state is not None else 0)
 
 
 def from_pretrained(model_class, path, subfolder: str, method: str | None, dtype: torch.dtype,

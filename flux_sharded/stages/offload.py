@@ -124,11 +124,9 @@ def apply_streamed_offload(model: torch.nn.Module, device_map: dict[str, Device]
     onload = _place_resident_blocks(model, device_map, gpu_device)
     # 3) The lists hold only their offloaded blocks while diffusers builds its groups.
     for name, blocks in lists.items():
-        model._modules[name] = type(blocks)(
-            *[block for index, block in enumerate(blocks) if f"{name}.{index}" in offloaded]
-        ) if isinstance(blocks, torch.nn.Sequential) else torch.nn.ModuleList(
-            block for index, block in enumerate(blocks) if f"{name}.{index}" in offloaded
-        )
+        kept = [block for index, block in enumerate(blocks) if f"{name}.{index}" in offloaded]
+        model._modules[name] = (torch.nn.Sequential(*kept) if isinstance(blocks, torch.nn.Sequential)
+                                else torch.nn.ModuleList(kept))
     try:
         apply_group_offloading(
             model,
