@@ -1,7 +1,7 @@
 """Several processes, on one machine or many, under `accelerate launch` or `torchrun`.
 
-Each process runs the three stages on its share of the images (contiguous, in order, as
-accelerate's `PartialState.split_between_processes` shares them: see `share`), then every
+Each process runs the three stages on its share of the images (whole batches, contiguous, in
+order, as accelerate's `PartialState.split_between_processes` shares them: see `share`), then every
 process's report is gathered on the main process, which writes one report. Processes exchange only small Python
 objects, so coordination always uses the gloo backend (`PartialState(cpu=True)`), on CPU and
 GPU machines alike; the GPUs a process computes on are chosen by `--gpus-per-process`.
@@ -119,14 +119,20 @@ def current_process() -> Process:
     return Process(index=state.process_index, count=state.num_processes, local_index=state.local_process_index)
 
 
-def share(process: Process, count: int) -> list[int]:
-    """The positions (0..count-1) of the images this process makes: contiguous, in order, the first
-    `count % processes` processes one more, as accelerate's `split_between_processes`. Computed
-    here: some accelerate versions hand a process with nothing to do a copy of the last item (a
-    duplicate image, a duplicate report entry); here such a process gets none."""
-    per_process, extra = divmod(count, process.count)
-    start = process.index * per_process + min(process.index, extra)
-    return list(range(start, start + per_process + (1 if process.index < extra else 0)))
+def share(process: Process, count: int, batch_size: int = 1) -> list[int]:
+    """The positions (0..count-1) of the images this process makes: whole batches of the whole run
+    (batch_size images each, the last one shorter), contiguous, in order, the first
+    `batches % processes` processes one batch more, as accelerate's `split_between_processes`
+    shares the batches. Whole batches, because a batch rounds differently from its images made in
+    other groups (by a level in bfloat16): an image's pixels must not depend on the number of
+    processes, so that any number of them can resume a run. Computed here: some accelerate versions
+    hand a process with nothing to do a copy of the last item (a duplicate image, a duplicate report
+    entry); here such a process gets none."""
+    batches = -(-count // batch_size)
+    per_process, extra = divmod(batches, process.count)
+    first = process.index * per_process + min(process.index, extra)
+    last = first + per_process + (1 if process.index < extra else 0)
+    return list(range(first * batch_size, min(last * batch_size, count)))
 
 
 def gather(process: Process, item):

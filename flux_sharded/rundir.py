@@ -8,6 +8,9 @@ Every file is written atomically (temporary name, fsync, rename), so a process k
 moment, SIGKILL included, leaves a folder `--resume` can continue from. Under several processes
 each process writes its own handoffs (`encode-process-1-of-2.safetensors`, ...), and the first
 process of each machine writes run.json, so that a machine whose disks are its own can resume.
+Each handoff's JSON names the images it holds (their indices over the whole run), so a resume
+with any number of processes takes each image's state from whichever share saved it; run.json
+lists every process count that wrote here, so that the names of the files are known exactly.
 The default folder is `OUT/.flux-sharded/run-<hash of the settings>`: the same command finds
 the same folder, on every process of a launch.
 """
@@ -21,11 +24,20 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from .budget import Budget, budget_to_json
 from .errors import OutputError, SettingsError
 from .files import atomic_write
 from .handoff import GenerationSettings, Handoff
-from .validate import JsonFields, check_handoff_tensors, expected_tensors, saved_run_fields, settings_fields
+from .validate import (
+    JsonFields,
+    check_handoff_tensors,
+    check_share_settings,
+    expected_tensors,
+    saved_run_fields,
+    settings_fields,
+)
 
 RUN_FILE = "run.json"
 FORMAT = 1
@@ -54,6 +66,12 @@ class SavedRun:
     offload_folder: Path | None
     processes: int
     weights: dict | None = None  # checkpoint.weights_fingerprint of the weights the run used
+    resumed_processes: tuple[int, ...] = ()  # other process counts that resumed the run and saved here
+
+    @property
+    def process_counts(self) -> tuple[int, ...]:
+        """Every process count whose handoffs may be in the run folder."""
+        return tuple(sorted({self.processes, *self.resumed_processes}))
 
 
 def write_run(run_dir: Path, saved: SavedRun) -> None:
@@ -65,6 +83,7 @@ def write_run(run_dir: Path, saved: SavedRun) -> None:
         "offload_folder": str(saved.offload_folder.absolute()) if saved.offload_folder else None,
         "processes": saved.processes,
         "weights": saved.weights,
+        "resumed_processes": list(saved.resumed_processes),
     }
     path = run_dir / RUN_FILE
     try:
@@ -74,28 +93,29 @@ def write_run(run_dir: Path, saved: SavedRun) -> None:
                           "space or fix the folder, then run the same command again") from None
 
 
-def our_files(run_dir: Path, processes: int, images: int) -> list[Path]:
-    """Every file a run of `processes` processes and `images` images may write in its run folder,
-    by exact name."""
+def our_files(run_dir: Path, process_counts, images: int) -> list[Path]:
+    """Every file a run of `images` images, started or resumed with each of `process_counts`
+    processes, may write in its run folder, by exact name."""
     names = [RUN_FILE]
     for stage in SAVED_STAGES:
-        for index in range(processes):
-            stem = handoff_path(run_dir, stage, index, processes).name
-            names += [f"{stem}.safetensors", f"{stem}.json"]
+        for processes in sorted(set(process_counts)):
+            for index in range(processes):
+                stem = handoff_path(run_dir, stage, index, processes).name
+                names += [f"{stem}.safetensors", f"{stem}.json"]
     return [run_dir / name for name in names] + [batch_latents_path(run_dir, index) for index in range(images)]
 
 
 def clear_run(run_dir: Path, processes: int, images: int) -> None:
     """Remove the files of an earlier run, ours only and by exact name (the earlier run may have had
     another number of processes or images: its run.json says how many)."""
-    sizes = {(processes, images)}
+    sizes = {((processes,), images)}
     try:
         earlier = read_run(run_dir)
-        sizes.add((earlier.processes, len(earlier.settings.prompts)))
+        sizes.add((earlier.process_counts, len(earlier.settings.prompts)))
     except SettingsError:  # no run.json, or a damaged one: the names of this run's sizes
         pass
-    for count, image_count in sizes:
-        for path in our_files(run_dir, count, image_count):
+    for counts, image_count in sizes:
+        for path in our_files(run_dir, counts, image_count):
             path.unlink(missing_ok=True)  # machines sharing the folder clear it at the same time
 
 
@@ -189,6 +209,7 @@ def read_run(run_dir: Path) -> SavedRun:
         offload_folder=fields["offload_folder"],
         processes=fields["processes"],
         weights=fields["weights"],
+        resumed_processes=fields["resumed_processes"],
     )
 
 
@@ -198,11 +219,25 @@ def handoff_path(run_dir: Path, stage: str, process_index: int, process_count: i
     return run_dir / name
 
 
-def last_handoff(run_dir: Path, process_index: int, process_count: int, settings: GenerationSettings,
-                 transformer_config: dict, vae_scale_factor: int) -> Handoff | None:
-    """The handoff of the latest finished stage this process saved, if any, checked against the
-    run's `settings` (this process's share) and the model's configs; raises SettingsError naming
-    the damaged file and which files to delete to redo that stage."""
+def saved_handoffs(run_dir: Path, process_counts, run_settings: GenerationSettings, wanted,
+                   transformer_config: dict, vae_scale_factor: int) -> list[Handoff]:
+    """The handoffs of the latest finished stage of every share that any launch of the run (with
+    each of `process_counts` processes) saved and that holds one of the images `wanted` (indices
+    over the whole run). Each is checked against the run's settings for the images it names, and
+    against the model's configs; raises SettingsError naming the damaged file and which files to
+    delete to redo that stage."""
+    found = []
+    for processes in sorted(set(process_counts)):
+        for index in range(processes):
+            handoff = _latest_handoff(run_dir, index, processes, run_settings, set(wanted), transformer_config,
+                                      vae_scale_factor)
+            if handoff is not None:
+                found.append(handoff)
+    return found
+
+
+def _latest_handoff(run_dir: Path, process_index: int, process_count: int, run_settings: GenerationSettings,
+                    wanted: set[int], transformer_config: dict, vae_scale_factor: int) -> Handoff | None:
     for position in reversed(range(len(SAVED_STAGES))):
         stage = SAVED_STAGES[position]
         path = handoff_path(run_dir, stage, process_index, process_count)
@@ -226,11 +261,9 @@ def last_handoff(run_dir: Path, process_index: int, process_count: int, settings
         finished = meta_fields.list_of("finished_stages", lambda s: isinstance(s, str), "stage names")
         if tuple(finished) != SAVED_STAGES[: position + 1]:
             meta_fields.fail(f"is {finished}, not {list(SAVED_STAGES[: position + 1])}", "finished_stages")
-        if saved_settings != settings:
-            raise SettingsError(
-                f"--resume: {meta_file} belongs to other settings or another share of the images than this "
-                f"process's (resume with the same number of processes as the run had); {fix}"
-            )
+        saved_settings = check_share_settings(saved_settings, run_settings, meta_file, fix)
+        if not wanted & set(saved_settings.image_indices):
+            return None  # another share's images: not read further
         try:
             from safetensors.torch import load_file
 
@@ -238,7 +271,39 @@ def last_handoff(run_dir: Path, process_index: int, process_count: int, settings
         except Exception as error:  # safetensors raises its own SafetensorError, OSError, ...
             reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
             raise SettingsError(f"--resume: {tensors_file} cannot be read ({reason}); {fix}") from None
-        expected = expected_tensors(stage, settings, transformer_config, vae_scale_factor)
-        check_handoff_tensors(tensors, expected, settings.torch_dtype, f"--resume: {tensors_file}", fix)
+        expected = expected_tensors(stage, saved_settings, transformer_config, vae_scale_factor)
+        check_handoff_tensors(tensors, expected, saved_settings.torch_dtype, f"--resume: {tensors_file}", fix)
         return Handoff(settings=saved_settings, finished_stages=tuple(finished), **tensors)
     return None
+
+
+def resumed_handoff(settings: GenerationSettings, saved: list[Handoff]) -> tuple[Handoff | None, dict]:
+    """This share's handoff (`settings`: the share's), taken row by row from the handoffs earlier
+    launches saved (saved_handoffs), whichever share each was: the denoised latents when every image
+    of the share has them, else the prompt embeddings when every image has them, else None (encode
+    runs again). Also returns {image index: latents row} of every image of the share found denoised,
+    for denoise to take whole batches of."""
+    wanted = settings.image_indices
+    rows, latents = {}, {}  # image index -> (handoff, row); -> latents row
+    for handoff in saved:
+        for row, index in enumerate(handoff.settings.image_indices):
+            if index in wanted:
+                rows.setdefault(index, (handoff, row))
+                if handoff.latents is not None:
+                    latents.setdefault(index, handoff.latents[row])
+    if not all(index in rows for index in wanted):
+        return None, latents
+
+    def stack(name: str):
+        return torch.stack([getattr(rows[index][0], name)[rows[index][1]] for index in wanted])
+
+    denoised = all(index in latents for index in wanted)
+    handoff = Handoff(
+        settings=settings,
+        prompt_embeds=stack("prompt_embeds"),
+        pooled_prompt_embeds=stack("pooled_prompt_embeds"),
+        text_ids=rows[wanted[0]][0].text_ids,  # the same for every image: positions of the text tokens
+        latents=torch.stack([latents[index] for index in wanted]) if denoised else None,
+        finished_stages=SAVED_STAGES if denoised else SAVED_STAGES[:1],
+    )
+    return handoff, latents

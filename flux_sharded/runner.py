@@ -43,12 +43,13 @@ from .rundir import (
     clear_run,
     default_run_dir,
     handoff_path,
-    last_handoff,
     load_batch_latents,
     our_files,
     read_run,
     remove_stale_temporaries,
+    resumed_handoff,
     save_batch_latents,
+    saved_handoffs,
     write_run,
 )
 from .stages import STAGES, decode, denoise
@@ -223,18 +224,14 @@ def execute(request: RunRequest, log: Callable[[str], None] = lambda message: No
     """Run this process's share of the images; the main process returns the whole run's report."""
     paths = check_request(request, keep_created_folders=process.several)
     plan = plan_run(plan_inputs(request), request.budget)
-    positions = share(process, len(request.settings.prompts))
+    positions = share(process, len(request.settings.prompts), request.settings.batch_size)
     saved_run = read_run(request.run_folder) if request.resume else None
-    if saved_run is not None and saved_run.processes != process.count:
-        raise SettingsError(
-            f"--resume: the run in {request.run_folder} had {saved_run.processes} process(es), this one "
-            f"{process.count}: its checkpoints hold other shares of the images; resume it with "
-            f"{saved_run.processes} process(es)"
-        )
-    resumed = None
-    if saved_run is not None:
-        resumed = last_handoff(request.run_folder, process.index, process.count, request.settings.subset(positions),
+    resumed, denoised = None, {}
+    if saved_run is not None:  # whatever shares saved this share's images, under any number of processes
+        saved = saved_handoffs(request.run_folder, saved_run.process_counts, request.settings, positions,
                                request.checkpoint.transformer_config, request.checkpoint.vae_scale_factor)
+        resumed, denoised = resumed_handoff(request.settings.subset(positions), saved)
+        del saved  # the rows this share needs are copied out
     to_run = [stage.NAME for stage in STAGES if resumed is None or stage.NAME not in resumed.finished_stages]
     for note in check_free_gpu_memory(plan, free_gpu_bytes(request.budget), to_run):
         log(note)
@@ -257,13 +254,16 @@ def execute(request: RunRequest, log: Callable[[str], None] = lambda message: No
         if saved_run is not None:
             check_same_weights(saved_run.weights, fingerprint, checkpoint.model, request.run_folder)
         images = len(request.settings.prompts)
-        remove_stale_temporaries(request.run_folder,
-                                 [path.name for path in our_files(request.run_folder, process.count, images)])
+        counts = {process.count, *(saved_run.process_counts if saved_run else ())}
+        remove_stale_temporaries(request.run_folder, [path.name for path in our_files(request.run_folder, counts, images)])
         remove_stale_temporaries(request.out_dir, [path.name for path in paths])
         if not request.resume:
             clear_run(request.run_folder, process.count, images)  # an earlier run's must not be resumed into this one
             write_run(request.run_folder, SavedRun(request.settings, request.budget, request.out_dir,
                                                    request.offload_folder, process.count, fingerprint))
+        elif process.count not in saved_run.process_counts:  # before any process saves under the new names
+            write_run(request.run_folder, dataclasses.replace(
+                saved_run, resumed_processes=(*saved_run.resumed_processes, process.count)))
     wait_for_everyone(process)
     if not process.is_local_main:
         checkpoint = resolve_checkpoint(request.checkpoint.model, need_weights=True)
@@ -273,7 +273,7 @@ def execute(request: RunRequest, log: Callable[[str], None] = lambda message: No
     report = RunReport(budget=budget_to_json(request.budget))
     if positions:
         report = _execute_plan(mine, checkpoint, plan, [paths[p] for p in positions], log, process, resumed,
-                               fingerprint_digest(fingerprint))
+                               denoised, fingerprint_digest(fingerprint))
     reports = gather(process, report)
     finish(process)
     if not process.is_main:
@@ -285,16 +285,18 @@ def execute(request: RunRequest, log: Callable[[str], None] = lambda message: No
 
 
 def _execute_plan(request: RunRequest, checkpoint: Checkpoint, plan: RunPlan, paths: list[Path], log,
-                  process: Process, resumed: Handoff | None, weights: str) -> RunReport:
+                  process: Process, resumed: Handoff | None, denoised: dict, weights: str) -> RunReport:
     settings = request.settings
     report = RunReport(budget=budget_to_json(request.budget))
     handoff = resumed if resumed is not None else Handoff(settings=settings)
-    if handoff.settings != settings:
-        raise SettingsError(f"--resume: {request.run_folder} holds another share of the images; resume with the "
-                            "same number of processes as the run had")
     # The latest stage checkpoint on disk, named in messages when a later step fails.
     saved = (handoff_path(request.run_folder, handoff.finished_stages[-1], process.index, process.count)
              if handoff.finished_stages else None)
+    if saved is not None and not saved.with_suffix(".json").exists():
+        # Taken from the shares of a launch with another number of processes: kept under this
+        # share's name, so that this share's checkpoint is one file again.
+        with _writing(saved.with_suffix(".safetensors"), request, None):
+            handoff.save(saved)
     if process.is_main:
         log(f"budget: {format_budget(request.budget)}; {len(settings.prompts)} image(s)"
             + (f" on this process, {process.count} processes" if process.several else "")
@@ -305,7 +307,7 @@ def _execute_plan(request: RunRequest, checkpoint: Checkpoint, plan: RunPlan, pa
             continue
         todo, run_options = handoff, {}
         if stage is denoise:
-            run_options = _kept_batches(request, settings, checkpoint, saved, log)
+            run_options = _kept_batches(request, settings, checkpoint, saved, denoised, log)
         if stage is decode:  # on a resumed run, only the images not yet written
             missing = [position for position, path in enumerate(paths) if not (request.resume and path.exists())]
             if not missing:
@@ -353,16 +355,21 @@ def _execute_plan(request: RunRequest, checkpoint: Checkpoint, plan: RunPlan, pa
 
 
 def _kept_batches(request: RunRequest, settings: GenerationSettings, checkpoint: Checkpoint, saved: Path | None,
-                  log) -> dict:
+                  denoised: dict, log) -> dict:
     """denoise.run's options that keep each finished batch's latents in the run folder as it goes,
-    and take those an interrupted run kept: an interruption loses at most one batch."""
+    and take those an interrupted run kept (a batch's own file, or its rows in `denoised`, {image
+    index: latents row} from the shares of another number of processes): an interruption loses at
+    most one batch."""
     config, factor = checkpoint.transformer_config, checkpoint.vae_scale_factor
     tokens = (settings.height // (2 * factor)) * (settings.width // (2 * factor))
     batches = settings.batches()
     finished = {}
     for number, batch in enumerate(batches):
         path = batch_latents_path(request.run_folder, settings.image_indices[batch.start])
-        if request.resume and path.exists():
+        indices = [settings.image_indices[position] for position in batch]
+        if all(index in denoised for index in indices):
+            finished[number] = torch.stack([denoised[index] for index in indices])
+        elif request.resume and path.exists():
             finished[number] = load_batch_latents(path, settings.subset(list(batch)),
                                                   (len(batch), tokens, config["in_channels"]), settings.torch_dtype)
     if finished:

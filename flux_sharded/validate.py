@@ -40,6 +40,8 @@ MAX_VAE_BLOCKS = 6  # a scale factor of 2**5 = 32; FLUX.1's VAE has 4 blocks (fa
 MAX_STEPS = 100_000
 MAX_SIDE = 2**20  # pixels
 MAX_BATCH_SIZE = 2**20
+MAX_PROCESSES = 100_000
+MAX_PROCESS_COUNTS = 1000  # run.json's resumed_processes: one entry per resume with a new count
 
 
 def _is_int(value) -> bool:
@@ -390,14 +392,34 @@ def saved_run_fields(data, where: str, fix: str, format_version: int) -> dict:
         if not Path(offload_folder).is_absolute():
             run.fail(f"is {offload_folder!r}, not an absolute path", "offload_folder")
     weights = run.object("weights", optional=True)
+    processes = run.integer("processes", 1, MAX_PROCESSES)
+    resumed = run.list_of("resumed_processes", lambda count: _is_int(count) and 1 <= count <= MAX_PROCESSES,
+                          f"process counts 1..{MAX_PROCESSES}", 0, MAX_PROCESS_COUNTS, optional=True) or []
     return dict(
         settings=settings,
         budget=budget,
         out_dir=Path(out_dir),
         offload_folder=Path(offload_folder) if offload_folder else None,
-        processes=run.integer("processes", 1, 100_000),
+        processes=processes,
         weights=weights,
+        resumed_processes=tuple(resumed),
     )
+
+
+def check_share_settings(saved, run_settings, meta_file: Path, fix: str):
+    """A stage checkpoint's settings (a share's: the images it names by their indices over the
+    whole run) against the run's; returns them with the indices spelt out."""
+    import dataclasses
+
+    indices = saved.image_indices
+    count = len(run_settings.prompts)
+    if len(set(indices)) != len(indices) or any(index >= count for index in indices):
+        raise SettingsError(f"--resume: {meta_file} field 'settings.indices' names images outside 0..{count - 1} or "
+                            f"one twice; {fix}")
+    saved = dataclasses.replace(saved, indices=tuple(indices))
+    if saved != run_settings.subset(list(indices)):
+        raise SettingsError(f"--resume: {meta_file} belongs to other settings than the run's (run.json); {fix}")
+    return saved
 
 
 def expected_tensors(stage: str, settings, transformer_config: dict, vae_scale_factor: int) -> dict[str, tuple]:

@@ -56,14 +56,20 @@ def test_gpus_per_process_without_a_launcher_means_the_first_k_gpus(monkeypatch,
 
 
 @pytest.mark.parametrize(
-    "images, processes, expected",
+    "images, processes, batch_size, expected",
     [
-        (5, 2, [[0, 1, 2], [3, 4]]),
-        (4, 2, [[0, 1], [2, 3]]),
-        (7, 3, [[0, 1, 2], [3, 4], [5, 6]]),
-        (1, 2, [[0], []]),  # never a copy of the last image for the process with nothing to do
-        (2, 4, [[0], [1], [], []]),
+        (5, 2, 1, [[0, 1, 2], [3, 4]]),
+        (4, 2, 1, [[0, 1], [2, 3]]),
+        (7, 3, 1, [[0, 1, 2], [3, 4], [5, 6]]),
+        (1, 2, 1, [[0], []]),  # never a copy of the last image for the process with nothing to do
+        (2, 4, 1, [[0], [1], [], []]),
+        # whole batches of the whole run: [0, 1], [2, 3], [4] whatever the number of processes
+        (5, 2, 2, [[0, 1, 2, 3], [4]]),
+        (5, 3, 2, [[0, 1], [2, 3], [4]]),
+        (5, 4, 2, [[0, 1], [2, 3], [4], []]),
+        (7, 2, 3, [[0, 1, 2, 3, 4, 5], [6]]),
+        (3, 2, 4, [[0, 1, 2], []]),
     ],
 )
-def test_shares_are_contiguous_in_order_and_never_overlap(images, processes, expected):
-    assert [share(Process(index, processes), images) for index in range(processes)] == expected
+def test_shares_are_whole_batches_contiguous_in_order_and_never_overlap(images, processes, batch_size, expected):
+    assert [share(Process(index, processes), images, batch_size) for index in range(processes)] == expected
