@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	@echo "== 1/2: $(TORCH_SPEC) into $(VENV): the CPU build is a download of about 200 MB; a CUDA build, with its NVIDIA libraries, several GB"
 	$(BIN)/python -m pip install "$(TORCH_SPEC)"
-	@echo "== 2/2: flux-sharded with diffusers, transformers, accelerate and the test tools: about 250 MB installed"
+	@echo "== 2/2: flux-sharded with diffusers, transformers, accelerate and the test tools (torchao, bitsandbytes): about 400 MB installed"
 	$(BIN)/python -m pip install -c constraints.txt -e ".[test]"
 	touch $@
 

@@ -4,7 +4,10 @@
 
 Loads each large component as the runner does (quantize.from_pretrained: fp8 by diffusers'
 layerwise casting, int8 by torchao) and counts the bytes it stores (quantize.stored_bytes), next
-to what the planner counts on the meta device. Prints a Markdown table, then one JSON line.
+to what the planner counts on the meta device. nf4 on the CPU: T5 through transformers' own
+bitsandbytes loading (which runs on the CPU); the transformer, which diffusers loads in 4 bits only
+on a GPU, as diffusers' quantizer picks its layers and bitsandbytes quantizes each one (Params4bit).
+Prints a Markdown table, then one JSON line.
 """
 
 from __future__ import annotations
@@ -39,13 +42,44 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for component, model_class in classes.items():
         plain = module_sizes(empty_component(checkpoint, component), torch.bfloat16)[""]
-        for method in ("fp8", "int8"):
+        for method in ("fp8", "int8", "nf4"):
             planned = module_sizes(empty_component(checkpoint, component, method, torch.bfloat16), torch.bfloat16)[""]
-            stored = stored_bytes(from_pretrained(model_class, checkpoint, component, method, torch.bfloat16))
+            if method == "nf4":
+                stored = stored_bytes(nf4_on_cpu(model_class, checkpoint, component, torch.bfloat16))
+            else:
+                stored = stored_bytes(from_pretrained(model_class, checkpoint, component, method, torch.bfloat16))
             rows.append({"component": component, "method": method, "unquantized": plain, "planned": planned,
                          "stored": stored})
             print(f"| {component} | {method} | {plain:,} | {planned:,} | {stored:,} | {planned - stored:,} |")
     print(json.dumps({"preset": args.preset, "rows": rows}))
+
+
+def nf4_on_cpu(model_class, checkpoint: Path, component: str, dtype: torch.dtype) -> torch.nn.Module:
+    """The component as bitsandbytes stores it in nf4, built on the CPU (see the module docstring)."""
+    import bitsandbytes as bnb
+    import diffusers
+
+    if not model_class.__module__.startswith("diffusers"):
+        import transformers
+
+        config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                 bnb_4bit_compute_dtype=dtype)
+        return model_class.from_pretrained(checkpoint, subfolder=component, quantization_config=config, dtype=dtype,
+                                           device_map="cpu")
+    from diffusers.quantizers import DiffusersAutoQuantizer
+
+    from flux_sharded.components import empty_component
+
+    picked = empty_component(checkpoint, component)
+    config = diffusers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    DiffusersAutoQuantizer.from_config(config).preprocess_model(picked, device_map=None, keep_in_fp32_modules=[])
+    model = model_class.from_pretrained(checkpoint, subfolder=component, dtype=dtype)
+    for name, module in picked.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            linear = model.get_submodule(name)
+            linear.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4", blocksize=64,
+                                              compress_statistics=False).to("cpu")
+    return model
 
 
 if __name__ == "__main__":

@@ -121,14 +121,31 @@ def fp8_cast(model: torch.nn.Module, compute_dtype: torch.dtype) -> None:
                             skip_modules_classes=(torch.nn.Embedding,))
 
 
-def quantized_linears(model: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
-    """The layers torchao's int8 weight-only and bitsandbytes convert: every nn.Linear weight; a
-    diffusers model keeps its `_keep_in_fp32_modules` out (diffusers' quantizers add them to
-    modules_to_not_convert), transformers quantizes T5's `wo` too (measured: tests/test_quantize.py)."""
+def quantized_linears(model: torch.nn.Module, method: str) -> list[tuple[str, torch.nn.Linear]]:
+    """The nn.Linear layers torchao's int8 weight-only (`method` "int8") or bitsandbytes ("nf4")
+    converts, as the library's own quantizer chooses them:
+
+    - a diffusers model: every Linear but its `_keep_in_fp32_modules` (diffusers' torchao and
+      bitsandbytes quantizers add them to modules_to_not_convert);
+    - a transformers model, int8: every Linear, T5's `wo` included (transformers' torchao quantizer
+      matches its skip list against parameter names, "...wo.weight", which "wo" does not end);
+    - a transformers model, nf4: every Linear but those transformers' bitsandbytes quantizer skips,
+      matched on module names: `_keep_in_fp32_modules` (T5's `wo`) and `get_keys_to_not_convert`
+      (tied and output embeddings, the last module).
+
+    Both transformers rules are pinned by tests/test_quantize.py, which loads T5 through the real
+    quantizers on the CPU and compares the stored bytes with the plan's."""
     is_diffusers = hasattr(model, "enable_layerwise_casting")
     keep = set(getattr(model, "_keep_in_fp32_modules", None) or ()) if is_diffusers else set()
-    return [(name, module) for name, module in model.named_modules()
-            if isinstance(module, torch.nn.Linear) and not keep & set(name.split("."))]
+    linears = [(name, module) for name, module in model.named_modules()
+               if isinstance(module, torch.nn.Linear) and not keep & set(name.split("."))]
+    if method == "nf4" and not is_diffusers:
+        from transformers.quantizers.base import get_keys_to_not_convert
+        from transformers.quantizers.quantizers_utils import should_convert_module
+
+        skipped = [*get_keys_to_not_convert(model), *(getattr(model, "_keep_in_fp32_modules", None) or ())]
+        linears = [(name, module) for name, module in linears if should_convert_module(name, skipped)]
+    return linears
 
 
 def quantized_meta(model: torch.nn.Module, method: str, dtype: torch.dtype) -> torch.nn.Module:
@@ -144,7 +161,7 @@ def quantized_meta(model: torch.nn.Module, method: str, dtype: torch.dtype) -> t
         fp8_cast(model, dtype)
         return model
     special: dict[str, torch.dtype] = {}
-    for name, linear in quantized_linears(model):
+    for name, linear in quantized_linears(model, method):
         weight = linear.weight
         if method == "int8":
             # torchao's Int8Tensor: int8 qdata, a float32 scale and an int8 zero point per row.

@@ -25,6 +25,7 @@ from .conftest import assert_same_pixels
 pytest.importorskip("torchao", reason="int8 needs torchao: `make test` installs it (the test extra)")
 
 GB = 10**9
+GiB = 2**30
 PROMPT, SEED, STEPS, SIZE, TOKENS = "a photo of a dog", 3, 2, 32, 64
 
 
@@ -136,6 +137,54 @@ def test_the_planner_counts_the_quantized_bytes_exactly(tiny_checkpoint, compone
     assert stored_bytes(loaded) == planned < unquantized
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("component", ["text_encoder_2", "text_encoder"])
+def test_the_planner_counts_nf4_text_encoders_as_transformers_stores_them(tiny_checkpoint, component, dtype):
+    """bitsandbytes quantizes on the CPU too, so transformers' own 4-bit loading runs here: T5 keeps
+    its `wo` unconverted (bitsandbytes' skip list, unlike torchao's), which the plan must count."""
+    pytest.importorskip("bitsandbytes", reason="nf4 needs bitsandbytes: `make test` installs it (the test extra)")
+    import transformers
+
+    model_class = getattr(transformers, "T5EncoderModel" if component == "text_encoder_2" else "CLIPTextModel")
+    config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                             bnb_4bit_compute_dtype=dtype)
+    loaded = model_class.from_pretrained(tiny_checkpoint, subfolder=component, quantization_config=config,
+                                         dtype=dtype, device_map="cpu")
+    planned = module_sizes(empty_component(tiny_checkpoint, component, "nf4", dtype), dtype)[""]
+    assert stored_bytes(loaded) == planned < module_sizes(empty_component(tiny_checkpoint, component), dtype)[""]
+    if component == "text_encoder_2":
+        assert type(loaded.encoder.block[0].layer[1].DenseReluDense.wo) is torch.nn.Linear
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_planner_counts_an_nf4_transformer_as_bitsandbytes_stores_it(tiny_checkpoint, dtype):
+    """diffusers refuses to load bitsandbytes weights without a GPU, so this takes its two parts
+    apart: diffusers' own quantizer picks the layers (preprocess_model, as from_pretrained calls it),
+    and bitsandbytes quantizes each picked weight on the CPU (Params4bit, as diffusers' Linear4bit
+    holds it: nf4, blocks of 64, no double quantization)."""
+    bnb = pytest.importorskip("bitsandbytes", reason="nf4 needs bitsandbytes: `make test` installs it")
+    import diffusers
+    from diffusers.quantizers import DiffusersAutoQuantizer
+
+    from flux_sharded.quantize import quantized_linears
+
+    config = diffusers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    picked = empty_component(tiny_checkpoint, "transformer")
+    DiffusersAutoQuantizer.from_config(config).preprocess_model(picked, device_map=None, keep_in_fp32_modules=[])
+    converted = {name for name, module in picked.named_modules() if isinstance(module, bnb.nn.Linear4bit)}
+    planned_layers = {name for name, _ in quantized_linears(empty_component(tiny_checkpoint, "transformer"), "nf4")}
+    assert converted == planned_layers and converted
+
+    model = diffusers.FluxTransformer2DModel.from_pretrained(tiny_checkpoint, subfolder="transformer", dtype=dtype)
+    for name in converted:
+        linear = model.get_submodule(name)
+        linear.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4", blocksize=64,
+                                          compress_statistics=False).to("cpu")
+        assert linear.weight.bnb_quantized
+    planned = module_sizes(empty_component(tiny_checkpoint, "transformer", "nf4", dtype), dtype)[""]
+    assert stored_bytes(model) == planned
+
+
 def inputs(method: str | None, model="FLUX.1-dev") -> PlanInputs:
     quantize = (("transformer", method), ("text_encoder_2", method)) if method else ()
     return PlanInputs(shipped_config_dir(model), torch.bfloat16, 1024, 1024, 512, vae_scale_factor=8,
@@ -152,6 +201,17 @@ def test_flux1_dev_int8_plans_on_two_8gb_gpus_with_no_offload():
 def test_flux1_dev_nf4_plans_on_one_8gb_gpu():
     plan = plan_run(inputs("nf4"), {0: 8 * GB})
     assert all(set(stage.planned_bytes) == {0} for stage in plan.stages)
+
+
+def test_flux1_dev_fp8_plans_on_two_cards_sold_as_8gb_with_no_offload():
+    """A card sold as "8 GB" holds 8 GiB; fp8's 15.15 GB transformer fits two of those, not two 8.00 GB budgets."""
+    plan = plan_run(inputs("fp8"), {0: 8 * GiB, 1: 8 * GiB})
+    assert all(set(stage.planned_bytes) <= {0, 1} for stage in plan.stages)
+    assert all(stage.planned_bytes[device] <= 8 * GiB for stage in plan.stages for device in stage.planned_bytes)
+    refused = CliRunner().invoke(main, ["--dry-run", "--model", "black-forest-labs/FLUX.1-dev", "--prompt", "a dog",
+                                        "--quantize", "fp8", "--max-memory", "0=8GB,1=8GB"])
+    assert refused.exit_code == 2, refused.output
+    assert "Ways out: --max-memory 0=8GiB,1=8GiB if that is your card" in refused.output
 
 
 def test_flux1_dev_fp8_keeps_the_modulation_layers_in_bf16():
