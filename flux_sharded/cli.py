@@ -343,7 +343,8 @@ def _run(request, options: dict, process) -> None:
         from .quantize import prequantized
 
         # nf4 without CUDA (asked for, or a pre-quantized 4-bit checkpoint), a missing optional package
-        check_available({**prequantized(request.checkpoint.path), **settings.quantization})
+        check_available({**prequantized(request.checkpoint.path), **settings.quantization},
+                        {c.name: c.library for c in request.checkpoint.family.components})
         if options["report_path"] is not None:
             runner.check_report_path(request, options["report_path"])
         from .progress import library_logs_above_bars

@@ -12,7 +12,9 @@ Methods, in diffusers' words, each a well-kept library's own mechanism:
   transformers' `TorchAoConfig` at load): every `nn.Linear` weight becomes int8 with one scale
   per output channel. Needs the optional `torchao` (`pip install 'flux-sharded[quantize]'`).
 - `nf4`: bitsandbytes 4-bit NormalFloat (`BitsAndBytesConfig(load_in_4bit=True,
-  bnb_4bit_quant_type="nf4")`). CUDA only: refused before anything loads on a machine without one.
+  bnb_4bit_quant_type="nf4")`). The transformer needs CUDA (diffusers loads 4-bit weights onto a
+  GPU only): refused before anything loads on a machine without one. Text encoders load through
+  transformers, which bitsandbytes 0.50 also runs on the CPU. T5 keeps its `wo` unconverted.
 
 `--quantize fp8` quantizes the transformer and the large text encoder (T5 for FLUX.1);
 `--quantize transformer=nf4,text_encoder_2=int8` names components. CLIP and the VAE stay in
@@ -81,16 +83,37 @@ def format_quantize(chosen: dict[str, str]) -> str:
     return ",".join(f"{component}={method}" for component, method in sorted(chosen.items())) or "none"
 
 
-def check_available(chosen: dict[str, str]) -> None:
-    """Refuse, before anything loads, a method this machine cannot run."""
-    methods = set(chosen.values())
-    if "nf4" in methods and not torch.cuda.is_available():
-        raise QuantizeError("--quantize nf4 needs a CUDA GPU (bitsandbytes' 4-bit kernels); this machine has none: "
-                            "use fp8 or int8, which run on the CPU too")
-    if "nf4" in methods:
+def check_available(chosen: dict[str, str], libraries: dict[str, str]) -> None:
+    """Refuse, before anything loads, a method this machine cannot run.
+
+    chosen: component -> method (asked for, or a pre-quantized component's); libraries: component
+    -> "diffusers" or "transformers" (its family's registry). nf4 on a diffusers component needs
+    CUDA (diffusers' bitsandbytes quantizer refuses to load without a GPU); transformers loads 4-bit
+    text encoders on the CPU too, with bitsandbytes 0.50 or later (tests/test_quantize.py runs it)."""
+    on_gpu_only = sorted(name for name, method in chosen.items()
+                         if method == "nf4" and libraries.get(name) == "diffusers")
+    if on_gpu_only and not torch.cuda.is_available():
+        raise QuantizeError(
+            f"--quantize nf4 needs a CUDA GPU for the {' and '.join(on_gpu_only)} (diffusers loads bitsandbytes' 4-bit "
+            "weights onto a GPU only); this machine has none: use fp8 or int8 for it, which run on the CPU too"
+            + ("" if on_gpu_only == sorted(n for n, m in chosen.items() if m == "nf4") else
+               " (nf4 for the text encoders alone runs on the CPU)"))
+    if "nf4" in chosen.values():
         _require("bitsandbytes", "nf4")
-    if "int8" in methods:
+        if not torch.cuda.is_available():
+            import bitsandbytes
+
+            if _version(bitsandbytes.__version__) < (0, 50):
+                raise QuantizeError(f"--quantize nf4 on the CPU needs bitsandbytes 0.50 or later (this machine has "
+                                    f"{bitsandbytes.__version__}): pip install -U bitsandbytes")
+    if "int8" in chosen.values():
         _require("torchao", "int8")
+
+
+def _version(text: str) -> tuple[int, ...]:
+    import re
+
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:2])
 
 
 def _require(package: str, method: str) -> None:
@@ -207,10 +230,12 @@ def from_pretrained(model_class, path, subfolder: str, method: str | None, dtype
     fp8 cast right after), for the caller to place (offload.place): loading in `dtype` straight
     onto a GPU would hold the unquantized weights there, and diffusers' torchao quantizer skips
     every module a device map sends to the CPU. nf4: bitsandbytes quantizes as it loads onto the
-    GPUs of `device_map` (no CPU offload: bitsandbytes' 4-bit layers cannot be offloaded).
+    devices of `device_map`, whole (bitsandbytes' 4-bit layers cannot be offloaded): GPUs, or the
+    CPU for a text encoder. A pre-quantized component (prequantized) loads as it is stored, with
+    its own quantization_config.
     """
     common = dict(subfolder=subfolder, dtype=dtype, use_safetensors=True, **kwargs)
-    if not method:
+    if not method or subfolder in prequantized(path):  # a pre-quantized component loads as it is stored
         return model_class.from_pretrained(path, device_map=device_map, **common)
     diffusers_model = model_class.__module__.startswith("diffusers")
     if method == "fp8":

@@ -121,6 +121,68 @@ def test_quantized_staged_png_equals_the_quantized_one_piece_pipeline(tiny_check
     assert np.abs(plain.astype(int) - expected).max() > 0
 
 
+def _t5_nf4(source: Path) -> "torch.nn.Module":
+    """T5 in nf4 through transformers' own bitsandbytes loading, on the CPU (float32 compute)."""
+    import transformers
+
+    config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                             bnb_4bit_compute_dtype=torch.float32)
+    return transformers.T5EncoderModel.from_pretrained(source, subfolder="text_encoder_2", quantization_config=config,
+                                                       dtype=torch.float32, device_map="cpu")
+
+
+def _one_piece(checkpoint: Path, **components) -> np.ndarray:
+    from diffusers import FluxPipeline
+
+    pipeline = FluxPipeline.from_pretrained(checkpoint, dtype=torch.float32, **components)
+    pipeline.set_progress_bar_config(disable=True)
+    image = pipeline(PROMPT, height=SIZE, width=SIZE, num_inference_steps=STEPS, max_sequence_length=TOKENS,
+                     generator=torch.Generator("cpu").manual_seed(SEED)).images[0]
+    return np.asarray(image)
+
+
+def test_nf4_t5_runs_on_the_cpu_and_equals_the_one_piece_pipeline(tiny_checkpoint, tmp_path):
+    """bitsandbytes 0.50 quantizes and multiplies on the CPU, and transformers loads 4-bit there:
+    only the transformer's nf4 needs a GPU (diffusers' loader)."""
+    pytest.importorskip("bitsandbytes", reason="nf4 needs bitsandbytes: `make test` installs it (the test extra)")
+    path = staged(tiny_checkpoint, tmp_path / "q", "--quantize", "text_encoder_2=nf4")
+    assert_same_pixels(np.asarray(Image.open(path)), _one_piece(tiny_checkpoint, text_encoder_2=_t5_nf4(tiny_checkpoint)))
+    assert Image.open(path).text["quantize"] == "text_encoder_2=nf4"
+    plain = np.asarray(Image.open(staged(tiny_checkpoint, tmp_path / "plain")))
+    assert np.abs(plain.astype(int) - np.asarray(Image.open(path)).astype(int)).max() > 0
+
+
+@pytest.fixture
+def prequantized_t5_checkpoint(tiny_checkpoint, tmp_path) -> Path:
+    """The tiny checkpoint with T5 saved in bitsandbytes 4-bit by transformers (safetensors with the
+    quantization state, config.json with its quantization_config), as diffusers/FLUX.1-dev-bnb-4bit
+    stores its text_encoder_2."""
+    pytest.importorskip("bitsandbytes", reason="nf4 needs bitsandbytes: `make test` installs it (the test extra)")
+    copy = tmp_path / "t5-bnb"
+    shutil.copytree(tiny_checkpoint, copy, ignore=shutil.ignore_patterns("text_encoder_2"))
+    _t5_nf4(tiny_checkpoint).save_pretrained(copy / "text_encoder_2")
+    return copy
+
+
+def test_a_prequantized_t5_loads_as_it_is_and_equals_the_one_piece_pipeline(prequantized_t5_checkpoint, tmp_path):
+    checkpoint = prequantized_t5_checkpoint
+    report = tmp_path / "report.json"
+    path = staged(checkpoint, tmp_path / "pre", "--report", str(report))
+    assert_same_pixels(np.asarray(Image.open(path)), _one_piece(checkpoint))  # diffusers loads it as it is, too
+    assert Image.open(path).text["quantize"] == "none"  # nothing asked: the checkpoint's own 4-bit T5
+    encode = next(stage for stage in json.loads(report.read_text())["stages"] if stage["name"] == "encode")
+    planned_t5 = module_sizes(empty_component(checkpoint, "text_encoder_2", "nf4", torch.float32), torch.float32)[""]
+    planned_clip = module_sizes(empty_component(checkpoint, "text_encoder"), torch.float32)[""]
+    assert encode["weight_bytes"]["cpu"] == planned_t5 + planned_clip
+    import transformers
+
+    as_stored = transformers.T5EncoderModel.from_pretrained(checkpoint, subfolder="text_encoder_2", device_map="cpu")
+    assert planned_t5 == stored_bytes(as_stored)
+    refused = CliRunner().invoke(main, ["--model", str(checkpoint), "--prompt", "a dog", "--max-memory", "cpu=4GB",
+                                        "--quantize", "text_encoder_2=int8", "--out", str(tmp_path / "again")])
+    assert refused.exit_code == 2 and "is quantized already (nf4" in refused.output, refused.output
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("method", ["fp8", "int8"])
 @pytest.mark.parametrize("component", ["transformer", "text_encoder_2"])
