@@ -10,7 +10,9 @@ GPU machines alike; the GPUs a process computes on are chosen by `--gpus-per-pro
 from __future__ import annotations
 
 import os
+import shlex
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -87,14 +89,68 @@ def local_processes() -> int:
 
 def launcher_command() -> str:
     """The launcher this process runs under, as a command prefix that starts the same processes
-    again (empty without one): a printed resume command must repeat it."""
+    again (empty without one): a printed resume command must repeat it, with the rendezvous options
+    a run over several machines needs (torchrun's --nnodes, --node-rank, --master-addr,
+    --master-port or --rdzv-*; accelerate launch's --num_machines, --machine_rank,
+    --main_process_ip, --main_process_port). The launcher's own options are taken verbatim from
+    its command line (this process's parent) when it can be read; else they are rebuilt from the
+    variables the launcher set for its processes (the rendezvous as the processes met)."""
     if launched_processes() == 1:
         return ""
-    world, local = launched_processes(), int(os.environ.get("LOCAL_WORLD_SIZE", launched_processes()))
-    if "ACCELERATE_MIXED_PRECISION" in os.environ:  # set by `accelerate launch` for its processes
-        return f"accelerate launch --num-processes {world} -m flux_sharded "
-    machines = f"--nnodes {world // local} " if world > local else ""
-    return f"torchrun {machines}--nproc-per-node {local} -m flux_sharded "
+    accelerate = "ACCELERATE_MIXED_PRECISION" in os.environ  # set by `accelerate launch` for its processes
+    launcher = "accelerate launch" if accelerate else "torchrun"
+    options = _launcher_options(_parent_command_line(), accelerate)
+    if options is None:
+        options = _options_from_environment(accelerate)
+    return " ".join([launcher, *map(shlex.quote, options), "-m", "flux_sharded", ""])
+
+
+# How each launcher appears on its command line: the words after which its options begin.
+_LAUNCHER_STARTS = {
+    False: (("torchrun",), ("-m", "torch.distributed.run"), ("-m", "torch.distributed.launch")),
+    True: (("accelerate", "launch"), ("accelerate-launch",), ("-m", "accelerate.commands.launch")),
+}
+# Options that name how the program is started, replaced by `-m flux_sharded` in the command.
+_PROGRAM_FLAGS = ("--no-python", "--no_python", "--module", "-m")
+
+
+def _launcher_options(command: list[str], accelerate: bool) -> list[str] | None:
+    """The launcher's options on its command line, between the launcher and the program it runs
+    (`-m flux_sharded` or the flux-sharded script); None when the command is not that launcher's."""
+    words = [Path(word).name if position < 2 else word for position, word in enumerate(command)]
+    begin = None
+    for start in _LAUNCHER_STARTS[accelerate]:
+        for position in range(min(len(words), 3)):  # "python -m ...", ".../torchrun", "python .../torchrun"
+            if tuple(words[position : position + len(start)]) == start:
+                begin = position + len(start)
+                break
+        if begin is not None:
+            break
+    if begin is None:
+        return None
+    for position in range(begin, len(command)):
+        word = command[position]
+        if word == "flux_sharded" and command[position - 1] in ("-m", "--module") or \
+                Path(word).name in ("flux-sharded", "flux_sharded") or word.endswith("flux_sharded/__main__.py"):
+            return [option for option in command[begin:position] if option not in _PROGRAM_FLAGS]
+    return None
+
+
+def _options_from_environment(accelerate: bool) -> list[str]:
+    world, local = launched_processes(), local_processes() if "LOCAL_WORLD_SIZE" in os.environ else launched_processes()
+    machines = world // local
+    rendezvous = []
+    if machines > 1:  # torchrun sets these for its workers: GROUP_RANK is the machine's rank
+        address, port, rank = (os.environ.get(name, "") for name in ("MASTER_ADDR", "MASTER_PORT", "GROUP_RANK"))
+        if accelerate:
+            rendezvous = ["--num_machines", str(machines), "--machine_rank", rank, "--main_process_ip", address,
+                          "--main_process_port", port]
+        else:
+            rendezvous = ["--nnodes", str(machines), "--node-rank", rank, "--master-addr", address, "--master-port",
+                          port]
+    if accelerate:
+        return ["--multi_gpu", *rendezvous, "--num_processes", str(world)]
+    return [*rendezvous, "--nproc-per-node", str(local)]
 
 
 def restrict_gpus(gpus_per_process: int) -> list[str]:

@@ -302,9 +302,9 @@ def test_accelerate_launch_that_starts_one_of_two_processes_is_refused(tiny_chec
 
 
 def test_ctrl_c_under_torchrun_prints_one_line_and_no_traceback_of_ours(tiny_checkpoint, tmp_path):
-    """The terminal's Ctrl-C reaches torchrun and its workers, and torchrun then sends its workers
-    SIGINT again. Each worker stops quietly and the main one prints how to continue; torchrun's own
-    report of the signal is torchrun's (a SignalException), nothing of flux_sharded's."""
+    """The terminal's Ctrl-C reaches torchrun (its workers run in sessions of their own), which
+    sends its workers SIGINT. Each worker stops quietly and the main one prints how to continue;
+    torchrun's own report of the signal is torchrun's (a SignalException), nothing of flux_sharded's."""
     import signal
 
     out = tmp_path / "out"
@@ -325,7 +325,7 @@ def test_ctrl_c_under_torchrun_prints_one_line_and_no_traceback_of_ours(tiny_che
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
     interrupted = [line for line in stderr.splitlines() if line.startswith("Interrupted. Continue with: ")]
-    assert interrupted == [f"Interrupted. Continue with: torchrun --nproc-per-node 2 -m flux_sharded --resume "
+    assert interrupted == [f"Interrupted. Continue with: torchrun --nproc_per_node 2 -m flux_sharded --resume "
                            f"{next(out.glob('.flux-sharded/run-*'))}"]  # the launcher the run used
     tracebacks = stderr.split("Traceback (most recent call last):")[1:]
     assert all("flux_sharded" not in traceback and "SignalException" in traceback for traceback in tracebacks), stderr

@@ -65,22 +65,56 @@ def test_finished_runs_say_so(tiny_checkpoint, tmp_path):
     assert f"nothing to do: every image of the run in {run_dir} exists" in resumed.output
 
 
+TORCHRUN = {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "x"}
+TWO_MACHINES = {"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "x", "GROUP_RANK": "1",
+                "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}
+ACCELERATE = {**TORCHRUN, "ACCELERATE_MIXED_PRECISION": "no"}
+
+
 @pytest.mark.parametrize(
-    "environment, command",
+    "environment, launcher, command",
     [
-        ({}, "flux-sharded --resume /runs/r"),
-        ({"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "x"},
+        ({}, [], "flux-sharded --resume /runs/r"),
+        # the launcher's command line (this process's parent), its options verbatim
+        (TORCHRUN, ["/venv/bin/python", "/venv/bin/torchrun", "--nproc_per_node", "2", "-m", "flux_sharded",
+                    "--prompt", "a dog"],
+         "torchrun --nproc_per_node 2 -m flux_sharded --resume /runs/r"),
+        (TWO_MACHINES, ["python3", "-m", "torch.distributed.run", "--nnodes=2", "--node_rank=1", "--nproc_per_node=2",
+                        "--master_addr=10.0.0.1", "--master_port=29500", "-m", "flux_sharded", "--prompt", "a"],
+         "torchrun --nnodes=2 --node_rank=1 --nproc_per_node=2 --master_addr=10.0.0.1 --master_port=29500 "
+         "-m flux_sharded --resume /runs/r"),
+        (TWO_MACHINES, ["/venv/bin/torchrun", "--nnodes", "2", "--nproc-per-node", "2", "--rdzv-id", "job 7",
+                        "--rdzv-backend", "c10d", "--rdzv-endpoint", "head:29400", "/venv/bin/flux-sharded", "--prompt",
+                        "a"],
+         "torchrun --nnodes 2 --nproc-per-node 2 --rdzv-id 'job 7' --rdzv-backend c10d --rdzv-endpoint head:29400 "
+         "-m flux_sharded --resume /runs/r"),
+        (TORCHRUN, ["/venv/bin/python", "/venv/bin/torchrun", "--nproc-per-node", "2", "--no-python", "flux-sharded",
+                    "--prompt", "a"],
          "torchrun --nproc-per-node 2 -m flux_sharded --resume /runs/r"),
-        ({"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "x"},
-         "torchrun --nnodes 2 --nproc-per-node 2 -m flux_sharded --resume /runs/r"),
-        ({"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "x", "ACCELERATE_MIXED_PRECISION": "no"},
-         "accelerate launch --num-processes 2 -m flux_sharded --resume /runs/r"),
+        ({**TWO_MACHINES, "ACCELERATE_MIXED_PRECISION": "no"},
+         ["/venv/bin/python", "/venv/bin/accelerate", "launch", "--multi_gpu", "--num_machines", "2", "--machine_rank",
+          "1", "--main_process_ip", "10.0.0.1", "--main_process_port", "29500", "--num_processes", "4", "-m",
+          "flux_sharded", "--prompt", "a"],
+         "accelerate launch --multi_gpu --num_machines 2 --machine_rank 1 --main_process_ip 10.0.0.1 "
+         "--main_process_port 29500 --num_processes 4 -m flux_sharded --resume /runs/r"),
+        # the launcher's command line unreadable: rebuilt from the variables it set for its processes
+        (TORCHRUN, [], "torchrun --nproc-per-node 2 -m flux_sharded --resume /runs/r"),
+        (TWO_MACHINES, [], "torchrun --nnodes 2 --node-rank 1 --master-addr 10.0.0.1 --master-port 29500 "
+                           "--nproc-per-node 2 -m flux_sharded --resume /runs/r"),
+        (ACCELERATE, ["bash"], "accelerate launch --multi_gpu --num_processes 2 -m flux_sharded --resume /runs/r"),
+        ({**TWO_MACHINES, "ACCELERATE_MIXED_PRECISION": "no"}, [],
+         "accelerate launch --multi_gpu --num_machines 2 --machine_rank 1 --main_process_ip 10.0.0.1 "
+         "--main_process_port 29500 --num_processes 4 -m flux_sharded --resume /runs/r"),
     ],
 )
-def test_the_resume_command_repeats_the_launcher(monkeypatch, environment, command):
-    for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID", "ACCELERATE_MIXED_PRECISION"):
+def test_the_resume_command_repeats_the_launcher(monkeypatch, environment, launcher, command):
+    from flux_sharded import distributed
+
+    for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID", "ACCELERATE_MIXED_PRECISION", "GROUP_RANK",
+                 "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
+    monkeypatch.setattr(distributed, "_parent_command_line", lambda: launcher)
     request = runner.RunRequest(checkpoint=None, settings=None, budget={}, out_dir=Path("/out"), run_dir=Path("/runs/r"))
-    assert request.resume_command.startswith(command)
+    assert request.resume_command == command
