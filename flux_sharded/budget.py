@@ -34,6 +34,12 @@ DEFAULT_GPU_RESERVE_BYTES = 1 * 2**30
 # left to the OS, the page cache that backs safetensors' mmap, and the handoff tensors.
 DEFAULT_CPU_FRACTION = 0.8
 
+# The most one device's budget may be: 1 PB, far more than any GPU (a few hundred GB), any
+# machine's RAM (tens of TB at most) or any disk a run offloads its weights to (FLUX.2-dev's are
+# about 100 GB); a larger size is a typo, and sizes past 2**63 bytes overflow the int64 counters
+# that torch and accelerate compare them with.
+MAX_DEVICE_BYTES = 10**15
+
 # What a card's maker calls "24 GB" is 24 GiB (25.77 GB): GPU memory is counted in powers of two.
 BINARY_TWIN = {"KB": "KIB", "MB": "MIB", "GB": "GIB", "TB": "TIB"}
 
@@ -102,7 +108,12 @@ def _parse_size(text: str, key: str = "") -> tuple[int, str]:
         raise BudgetError(f"{where} has no unit; use {UNITS_HELP} ({EXAMPLE})")
     if unit.upper() not in UNITS:
         raise BudgetError(f"{where}: '{unit}' is an unknown unit; use {UNITS_HELP} ({EXAMPLE})")
-    size = int(float(number) * UNITS[unit.upper()])
+    exact = float(number) * UNITS[unit.upper()]  # inf for 1e400GB
+    if exact > MAX_DEVICE_BYTES:
+        raise BudgetError(f"{where} is more than {MAX_DEVICE_BYTES / 10**15:g} PB, more than any GPU, machine or "
+                          f"disk holds (the largest machines have tens of TB of RAM); give the device's real size "
+                          f"({EXAMPLE})")
+    size = int(exact)
     if size <= 0:
         problem = "is less than one byte" if float(number) > 0 else "must be positive"
         raise BudgetError(f"{where}: the size {problem} ({EXAMPLE})")

@@ -19,6 +19,7 @@ from flux_sharded.errors import BudgetError
         ("0=1024B", 1, {0: 1024}),
         ("0=2KB,1=2KiB", 2, {0: 2000, 1: 2048}),
         ("1=8MiB,0=4mib", 2, {1: 8 * 2**20, 0: 4 * 2**20}),
+        ("cpu=1000TB,disk=1000TB", 0, {"cpu": 10**15, "disk": 10**15}),  # the largest a device may be
     ],
 )
 def test_good_specs(spec, gpus, expected):
@@ -45,6 +46,9 @@ def test_good_specs(spec, gpus, expected):
         ("0=-4GB", 2, "0=-4GB is not a size"),
         ("0=GB", 2, "0=GB is not a size"),
         ("0=0.0000001B", 2, "the size is less than one byte"),
+        ("0=99999999TB", 2, "--max-memory: 0=99999999TB is more than 1 PB, more than any GPU, machine or disk holds"),
+        ("cpu=1e400GB", 0, "cpu=1e400GB is more than 1 PB"),  # inf bytes, once a traceback
+        ("disk=1000.001TB", 0, "disk=1000.001TB is more than 1 PB"),
         ("2=16GB", 2, "GPU 2 does not exist; this machine has GPUs 0..1"),
         ("0=16GB", 0, "GPU 0 does not exist; this machine has no GPU"),
         ("disk=100GB", 0, "budgets no device to compute on"),

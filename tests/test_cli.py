@@ -70,6 +70,7 @@ ERROR_CASES = [
     ("--max-memory", "cpu=2GB,cpu=3GB", "'cpu' is given twice"),
     ("--max-memory", "cpu=2GB,,", "has an empty entry"),
     ("--max-memory", "cpu=0GB", "the size must be positive"),
+    ("--max-memory", "cpu=99999999TB", "cpu=99999999TB is more than 1 PB"),
     ("--max-memory", "vram=2GB", "'vram' is an unknown device"),
     ("--max-memory", "0=16GB", "GPU 0 does not exist; this machine has no GPU"),
     ("--height", "50", "--height 50 is not a positive multiple of 16"),

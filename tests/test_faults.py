@@ -238,6 +238,8 @@ CASES = {
     "processes-a-string": Case(top("processes", "1"), RUN_JSON + "'processes' is \"1\", not a whole number"),
     "max-memory-bad-key": Case(top("max_memory", {"gpu0": 10}), RUN_JSON + "'max_memory' has 'gpu0': 10"),
     "max-memory-empty": Case(top("max_memory", {}), RUN_JSON + "'max_memory' is empty"),
+    "max-memory-absurd": Case(top("max_memory", {"cpu": 10**20}), RUN_JSON + "'max_memory' has 'cpu': "
+                              "100000000000000000000; keys are GPU indices, cpu or disk, sizes 1..1000000000000000"),
     "out-dir-relative": Case(top("out_dir", "out"), RUN_JSON + "'out_dir' is 'out', not an absolute path"),
     "out-dir-gone": Case(top("out_dir", "/nonexistent/flux-sharded-out"),
                          "the run's image folder /nonexistent/flux-sharded-out (run.json 'out_dir') does not exist"),
