@@ -58,6 +58,7 @@ from .validate import (
     MAX_SIDE,
     MAX_STEPS,
     check_prompts,
+    check_run_image,
     check_same_weights,
     check_tokenizers,
     fingerprint_digest,
@@ -253,6 +254,13 @@ def execute(request: RunRequest, log: Callable[[str], None] = lambda message: No
         fingerprint = weights_fingerprint(checkpoint.path)
         if saved_run is not None:
             check_same_weights(saved_run.weights, fingerprint, checkpoint.model, request.run_folder)
+        if saved_run is not None and not request.overwrite:  # an existing image counts only if it is the run's
+            settings = request.settings
+            for position, path in enumerate(paths):
+                if path.exists():
+                    check_run_image(path, _png_metadata(settings, settings.prompts[position], settings.seeds[position],
+                                                        request.budget, fingerprint_digest(fingerprint),
+                                                        checkpoint.transformer_config))
         images = len(request.settings.prompts)
         counts = {process.count, *(saved_run.process_counts if saved_run else ())}
         remove_stale_temporaries(request.run_folder, [path.name for path in our_files(request.run_folder, counts, images)])
@@ -308,8 +316,9 @@ def _execute_plan(request: RunRequest, checkpoint: Checkpoint, plan: RunPlan, pa
         todo, run_options = handoff, {}
         if stage is denoise:
             run_options = _kept_batches(request, settings, checkpoint, saved, denoised, log)
-        if stage is decode:  # on a resumed run, only the images not yet written
-            missing = [position for position, path in enumerate(paths) if not (request.resume and path.exists())]
+        if stage is decode:  # on a resumed run, only the images not yet written (all with --overwrite)
+            missing = [position for position, path in enumerate(paths)
+                       if not (request.resume and not request.overwrite and path.exists())]
             if not missing:
                 log(f"nothing to do: every image of the run in {request.run_folder} exists")
                 break

@@ -455,6 +455,34 @@ def check_handoff_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, 
                                 f"{str(dtype).removeprefix('torch.')}; {fix}")
 
 
+# ---------------------------------------------------------------- images found on --resume
+
+# PNG text fields (runner._png_metadata) that do not decide the pixels: a resume may run under
+# another budget.
+IMAGE_FIELDS_NOT_DECIDING = ("max_memory",)
+
+
+def check_run_image(path: Path, expected: dict[str, str]) -> None:
+    """An image that exists on --resume counts as written earlier by the run only if it is a PNG
+    whose text fields (images.save_png) record the run's settings for it and its weights; anything
+    else (another run's image, other weights, a file the user put there) is refused, untouched."""
+    from PIL import Image, UnidentifiedImageError
+
+    fix = "move it away (or pass --overwrite to make it again), then resume again"
+    try:
+        with Image.open(path) as image:
+            found = dict(image.text) if image.format == "PNG" else None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):  # not an image PIL can read
+        found = None
+    if found is None or found.get("software") != expected["software"]:
+        raise SettingsError(f"--resume: {path} exists but is not an image flux-sharded wrote (not a PNG with its "
+                            f"settings); {fix}")
+    for field, value in expected.items():
+        if field not in IMAGE_FIELDS_NOT_DECIDING and found.get(field) != value:
+            raise SettingsError(f"--resume: {path} exists but is not this run's image: its {field} is "
+                                f"{found.get(field)!r}, the run's {value!r}; {fix}")
+
+
 # ---------------------------------------------------------------- the weights a run used
 
 FINGERPRINT_FOLDERS = ("scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "transformer", "vae")

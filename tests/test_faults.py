@@ -25,6 +25,7 @@ import safetensors.torch as safetensors_torch
 import torch
 from click.testing import CliRunner
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 from safetensors.torch import load_file, save_file
 
 from flux_sharded import rundir
@@ -503,6 +504,69 @@ def test_png_records_every_setting_that_decides_the_pixels(workspace):
     assert text["batch_size"] == "1"
     assert len(text["weights"]) == 16
     assert text["weights"] == Image.open(workspace.reference[0]).text["weights"]  # the same weights
+
+
+def re_saved(change: Callable[[dict], object]):
+    """The run's own image of that name (made from the workspace's copy of the checkpoint), its PNG
+    text changed (another run's image, as it would be)."""
+    def damage(space, path):
+        with Image.open(space.reference[0]) as image:
+            text = dict(image.text, model=str(space.checkpoint))
+            change(text)
+            info = PngInfo()
+            for key, value in text.items():
+                info.add_text(key, value)
+            image.save(path, format="PNG", pnginfo=info)
+    return damage
+
+
+def plain_png(space, path):
+    Image.new("RGB", (32, 32), "red").save(path, format="PNG")
+
+
+FOREIGN_IMAGES = {
+    "other-seed": (re_saved(lambda text: text.update(seed="5")), "its seed is '5', the run's '0'"),
+    "other-prompt": (re_saved(lambda text: text.update(prompt="a cow")), "its prompt is 'a cow', the run's 'a dog'"),
+    "other-weights": (re_saved(lambda text: text.update(weights="0123456789abcdef")),
+                      "its weights is '0123456789abcdef'"),
+    "other-steps": (re_saved(lambda text: text.update(steps="9")), "its steps is '9', the run's '1'"),
+    "a-png-of-the-users": (plain_png, "is not an image flux-sharded wrote"),
+    "not-a-png": (lambda space, path: path.write_bytes(b"my notes"), "is not an image flux-sharded wrote"),
+}
+
+
+@pytest.mark.parametrize("name", list(FOREIGN_IMAGES))
+def test_an_existing_image_counts_on_resume_only_if_it_is_the_runs(workspace, name):
+    """The run stopped before decode; an image of the run's name that the run did not write is
+    refused, untouched; moved away, or with --overwrite, the run makes its own."""
+    damage, message = FOREIGN_IMAGES[name]
+    image = workspace.out / workspace.reference[0].name
+    damage(workspace, image)
+    theirs = image.read_bytes()
+    before = run_folder_files(workspace)
+    result = workspace.resume()
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    (line,) = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    assert f"--resume: {image} exists but" in line and message in line
+    assert "move it away (or pass --overwrite to make it again)" in line
+    assert image.read_bytes() == theirs
+    assert [path.name for path in workspace.out.glob("0*-a-*.png")] == [image.name], "an image was written"
+    assert run_folder_files(workspace) == before
+    assert_user_files_untouched(workspace)
+    overwritten = invoke(["--resume", str(workspace.run_dir), "--overwrite"])
+    assert overwritten.exit_code == 0, overwritten.output
+    assert_reference_images(workspace)
+
+
+def test_the_runs_own_images_are_kept_on_resume(workspace):
+    re_saved(lambda text: None)(workspace, workspace.out / workspace.reference[0].name)
+    kept = (workspace.out / workspace.reference[0].name).stat().st_mtime_ns
+    result = workspace.resume()
+    assert result.exit_code == 0, result.output
+    assert (workspace.out / workspace.reference[0].name).stat().st_mtime_ns == kept
+    assert f"wrote {workspace.out / workspace.reference[0].name}" not in result.output
+    assert_reference_images(workspace)
 
 
 def test_a_checkpoint_without_guidance_embeds_says_guidance_is_ignored(workspace):
