@@ -25,7 +25,7 @@ from .budget import (
 )
 from .checkpoint import DEFAULT_MODEL
 from .errors import BudgetError, FluxShardedError, OutputError, SettingsError
-from .families import FAMILIES, FLUX_1
+from .families import FAMILIES, FLUX_1, FLUX_1_SCHNELL_DEFAULTS
 
 # The default model's family's defaults (FluxPipeline.__call__'s, so that a bare run matches
 # diffusers); another family's checkpoint takes its own (families.py) unless the option is given.
@@ -102,18 +102,20 @@ class _OneLineErrors(click.Command):
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the first image; image k uses seed+k.")
 @click.option(
     "--steps", type=int, default=DEFAULT_STEPS,
-    help="Denoising steps. Default: the model's (" + ", ".join(f"{f.name} {f.steps}" for f in FAMILIES.values()) + ").",
+    help="Denoising steps. Default: the model's (" + ", ".join(f"{f.name} {f.steps}" for f in FAMILIES.values())
+    + f"; FLUX.1-schnell {FLUX_1_SCHNELL_DEFAULTS['steps']}).",
 )
 @click.option(
     "--guidance", type=float, default=DEFAULT_GUIDANCE,
     help="Guidance scale. Default: the model's (" + ", ".join(f"{f.name} {f.guidance:g}" for f in FAMILIES.values())
-    + ").",
+    + f"; FLUX.1-schnell {FLUX_1_SCHNELL_DEFAULTS['guidance']:g}).",
 )
 @click.option("--height", type=int, default=None, help="Image height in pixels. Default: 128 x the VAE factor (1024).")
 @click.option("--width", type=int, default=None, help="Image width in pixels. Default: 128 x the VAE factor (1024).")
 @click.option(
-    "--max-sequence-length", type=int, default=DEFAULT_MAX_SEQUENCE_LENGTH, show_default=True,
-    help="T5 prompt tokens (1-512).",
+    "--max-sequence-length", type=int, default=DEFAULT_MAX_SEQUENCE_LENGTH,
+    help=f"T5 prompt tokens (1-512). Default: {DEFAULT_MAX_SEQUENCE_LENGTH} "
+    f"(FLUX.1-schnell {FLUX_1_SCHNELL_DEFAULTS['max_sequence_length']}).",
 )
 @click.option(
     "--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True,
@@ -193,6 +195,7 @@ def _request(ctx: click.Context, options: dict):
     The cheap checks (numbers, paths, the model's folder) run before torch, diffusers and
     transformers are imported (seconds), so that a typo is refused at once."""
     from .checkpoint import resolve_checkpoint
+    from .families import generation_defaults
 
     for name in ("num_images_per_prompt", "batch_size", "gpus_per_process"):
         if options[name] is not None and options[name] < 1:
@@ -228,9 +231,10 @@ def _request(ctx: click.Context, options: dict):
             f"--model '{options['model']}' is {family.name} ({family.pipeline}): FLUX.2 runs are not implemented yet; "
             "--dry-run plans them (add --dry-run to see the plan under your --max-memory)"
         )
-    for name in ("steps", "guidance", "max_sequence_length"):  # the model family's defaults
+    defaults = generation_defaults(family, checkpoint.transformer_config)
+    for name in ("steps", "guidance", "max_sequence_length"):  # the model's defaults
         if ctx.get_parameter_source(name) == ParameterSource.DEFAULT:
-            options[name] = getattr(family, name)
+            options[name] = defaults[name]
     _quiet_libraries()
     from . import runner
     from .handoff import GenerationSettings
@@ -331,9 +335,10 @@ def _run(request, options: dict, process) -> None:
             click.echo("note: a run with this disk entry will need --offload-folder DIR, for the weights it puts on "
                        "disk", err=True)
         report, refusal = runner.dry_run(request)
-        for note in report.notes():
+        for note in [*report.notes(), *filter(None, [runner.ignored_guidance_note(request)])]:
             click.echo(note, err=True)
-        click.echo(f"plan for {settings.width}x{settings.height}, batch size {settings.batch_size}, {settings.dtype}, "
+        click.echo(f"plan for {settings.width}x{settings.height}, {settings.steps} steps, guidance {settings.guidance:g}, "
+                   f"{settings.max_sequence_length} prompt tokens, batch size {settings.batch_size}, {settings.dtype}, "
                    f"--max-memory {format_budget(budget)}; activations are estimates with a "
                    f"{ACTIVATION_MARGIN - 1:.0%} margin (flux_sharded/activations.py)")
     else:

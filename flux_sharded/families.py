@@ -167,6 +167,19 @@ FLUX_2_KLEIN = Family(
 )
 FAMILIES = {family.pipeline: family for family in (FLUX_1, FLUX_2_DEV, FLUX_2_KLEIN)}
 
+# FLUX.1-schnell is a FLUX.1 whose transformer has no guidance embedding (config guidance_embeds
+# false): timestep-distilled, it is run with 4 steps, guidance 0 and 256 T5 tokens (its model card,
+# diffusers' FLUX.1-schnell example); FluxPipeline's own defaults (28 steps) would be 7x slower.
+FLUX_1_SCHNELL_DEFAULTS = {"steps": 4, "guidance": 0.0, "max_sequence_length": 256}
+
+
+def generation_defaults(family: Family, transformer_config: dict) -> dict[str, int | float]:
+    """--steps, --guidance and --max-sequence-length where the user gives none: the family's, or
+    FLUX_1_SCHNELL_DEFAULTS for a FLUX.1 transformer without a guidance embedding."""
+    if family is FLUX_1 and transformer_config.get("guidance_embeds") is False:
+        return dict(FLUX_1_SCHNELL_DEFAULTS)
+    return {"steps": family.steps, "guidance": family.guidance, "max_sequence_length": family.max_sequence_length}
+
 
 def supported(last: str = "and") -> str:
     """'FluxPipeline (FLUX.1), Flux2Pipeline (FLUX.2-dev) and Flux2KleinPipeline (FLUX.2-klein)'"""

@@ -28,6 +28,7 @@ from .budget import Budget, budget_to_json, format_budget, format_bytes
 from .checkpoint import Checkpoint, check_weight_files, resolve_checkpoint
 from .distributed import Process, finish, gather, launcher_command, local_processes, share, wait_for_everyone
 from .errors import FluxShardedError, OutputError, PlanError, SettingsError, StageError, StageOutOfMemory
+from .families import generation_defaults
 from .files import check_writable_folder
 from .handoff import GenerationSettings, Handoff
 from .images import image_paths, save_png
@@ -182,6 +183,18 @@ def check_report_path(request: RunRequest, report_path: Path) -> None:
                             "run's own files; give a file outside it")
 
 
+def ignored_guidance_note(request: RunRequest) -> str | None:
+    """The note for a guidance the checkpoint ignores: its transformer has no guidance embedding
+    (FLUX.1-schnell), and the guidance is not the model's default (families.generation_defaults:
+    0 for FLUX.1-schnell), so the user asked for one."""
+    config = request.checkpoint.transformer_config
+    default = generation_defaults(request.checkpoint.family, config)["guidance"]
+    if config.get("guidance_embeds") is False and request.settings.guidance != default:
+        return (f"note: {request.checkpoint.model}'s transformer has no guidance embedding (guidance_embeds false, "
+                f"as FLUX.1-schnell): --guidance {request.settings.guidance:g} has no effect")
+    return None
+
+
 def plan_inputs(request: RunRequest) -> PlanInputs:
     settings = request.settings
     return PlanInputs(
@@ -238,9 +251,9 @@ def execute(request: RunRequest, log: Callable[[str], None] = lambda message: No
         log(note)
     for note in check_free_cpu_memory(plan, psutil.virtual_memory().available, to_run, local_processes()):
         log(note)
-    if request.checkpoint.transformer_config.get("guidance_embeds") is False and process.is_main:
-        log(f"note: {request.checkpoint.model}'s transformer has no guidance embedding (guidance_embeds false, as "
-            f"FLUX.1-schnell): --guidance {request.settings.guidance} has no effect")
+    guidance_note = ignored_guidance_note(request)
+    if guidance_note and process.is_main:
+        log(guidance_note)
     if process.is_main:
         for note in plan.notes:
             log(note)

@@ -240,9 +240,43 @@ def test_a_refusal_within_this_machines_ram_does_not_talk_of_disk(monkeypatch):
 def test_the_plan_header_and_refusal_name_the_batch_size(tiny_checkpoint):
     planned = invoke(tiny_dry_run(tiny_checkpoint, "--max-memory", "cpu=1GB", "--batch-size", "2"))
     assert planned.exit_code == 0, planned.output
-    assert "plan for 32x32, batch size 2, float32, --max-memory cpu=1.00 GB;" in planned.output
+    assert ("plan for 32x32, 28 steps, guidance 3.5, 512 prompt tokens, batch size 2, float32, --max-memory "
+            "cpu=1.00 GB;") in planned.output
     refused = invoke(tiny_dry_run(tiny_checkpoint, "--max-memory", "cpu=100KB", "--batch-size", "2"))
     assert "(at 32x32, batch size 2, float32)" in error_line(refused)
+
+
+@pytest.fixture(scope="module")
+def schnell_checkpoint(tiny_checkpoint, tmp_path_factory) -> Path:
+    """The tiny FLUX.1 with FLUX.1-schnell's kind of transformer config: no guidance embedding
+    (a dry-run reads the configs alone)."""
+    import json
+    import shutil
+
+    copy = tmp_path_factory.mktemp("schnell") / "tiny-schnell"
+    shutil.copytree(tiny_checkpoint, copy)
+    config = copy / "transformer" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "guidance_embeds": False}))
+    return copy
+
+
+@pytest.mark.parametrize(
+    "extra, header, ignored",
+    [
+        ([], "4 steps, guidance 0, 256 prompt tokens", None),  # the model card's, not FluxPipeline's 28 steps
+        (["--steps", "8", "--max-sequence-length", "512"], "8 steps, guidance 0, 512 prompt tokens", None),
+        (["--guidance", "0"], "4 steps, guidance 0, 256 prompt tokens", None),
+        (["--guidance", "3.5"], "4 steps, guidance 3.5, 256 prompt tokens", "--guidance 3.5 has no effect"),
+    ],
+)
+def test_a_checkpoint_without_guidance_embedding_gets_flux_schnells_defaults(schnell_checkpoint, extra, header,
+                                                                             ignored):
+    planned = invoke(tiny_dry_run(schnell_checkpoint, "--max-memory", "cpu=1GB", *extra))
+    assert planned.exit_code == 0, planned.output
+    assert f"plan for 32x32, {header}, batch size 1, float32," in planned.output
+    notes = [line for line in planned.output.splitlines() if "has no guidance embedding" in line]
+    assert notes == ([f"note: {schnell_checkpoint}'s transformer has no guidance embedding (guidance_embeds false, as "
+                      f"FLUX.1-schnell): {ignored}"] if ignored else [])
 
 
 def tiny_run(checkpoint, out, *extra):

@@ -40,8 +40,8 @@ def test_dry_run_of_flux_dev_works_offline_from_the_shipped_configs(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "note: planning for GPU(s) 0, 1, which this machine does not have" in result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].startswith("plan for 1024x1024, batch size 1, bfloat16, --max-memory 0=16.00 GB, 1=16.00 GB; "
-                               "activations are")
+    assert lines[0].startswith("plan for 1024x1024, 28 steps, guidance 3.5, 512 prompt tokens, batch size 1, "
+                               "bfloat16, --max-memory 0=16.00 GB, 1=16.00 GB; activations are")
     assert lines[1].split() == ["stage", "device", "weights", "activations", "planned", "budget", "headroom"]
     assert lines[2].split()[:4] == ["encode", "0", "9.52", "GB"]
     report = json.loads((tmp_path / "plan.json").read_text())
