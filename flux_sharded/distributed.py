@@ -191,6 +191,26 @@ def share(process: Process, count: int, batch_size: int = 1) -> list[int]:
     return list(range(first * batch_size, min(last * batch_size, count)))
 
 
+def encode_positions(settings, positions: list[int]) -> list[int]:
+    """The images (positions over the whole run) whose prompts a share's encode runs on: the first
+    image of each distinct prompt of the whole run, in first-seen order, grouped batch_size at a
+    time over the whole run, each group that holds a prompt of the share (`positions`). The encode
+    stage batches the distinct prompts it is given batch_size at a time, so given these its batches
+    are the run's whatever the number of processes: a text encoder's batch can round differently
+    from other groupings (on a GPU), and an image must not depend on how the run was split."""
+    first: dict[str, int] = {}
+    for position, prompt in enumerate(settings.prompts):
+        first.setdefault(prompt, position)
+    distinct = list(first)
+    needed = {settings.prompts[position] for position in positions}
+    chosen = []
+    for start in range(0, len(distinct), settings.batch_size):
+        group = distinct[start : start + settings.batch_size]
+        if needed.intersection(group):
+            chosen += [first[prompt] for prompt in group]
+    return chosen
+
+
 def gather(process: Process, item):
     """Every process's `item`, in process order, on every process."""
     if not process.several:

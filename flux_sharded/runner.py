@@ -26,7 +26,16 @@ import torch
 
 from .budget import Budget, budget_to_json, format_budget, format_bytes
 from .checkpoint import Checkpoint, check_weight_files, resolve_checkpoint
-from .distributed import Process, finish, gather, launcher_command, local_processes, share, wait_for_everyone
+from .distributed import (
+    Process,
+    encode_positions,
+    finish,
+    gather,
+    launcher_command,
+    local_processes,
+    share,
+    wait_for_everyone,
+)
 from .errors import FluxShardedError, OutputError, PlanError, SettingsError, StageError, StageOutOfMemory
 from .families import generation_defaults
 from .files import check_writable_folder
@@ -53,7 +62,7 @@ from .rundir import (
     saved_handoffs,
     write_run,
 )
-from .stages import STAGES, decode, denoise
+from .stages import STAGES, decode, denoise, encode
 from .validate import (
     MAX_BATCH_SIZE,
     MAX_SIDE,
@@ -293,8 +302,9 @@ def execute(request: RunRequest, log: Callable[[str], None] = lambda message: No
     mine = dataclasses.replace(request, settings=request.settings.subset(positions), run_dir=request.run_folder)
     report = RunReport(budget=budget_to_json(request.budget))
     if positions:
+        encoded = request.settings.subset(encode_positions(request.settings, positions))
         report = _execute_plan(mine, checkpoint, plan, [paths[p] for p in positions], log, process, resumed,
-                               denoised, fingerprint_digest(fingerprint))
+                               denoised, encoded, fingerprint_digest(fingerprint))
     reports = gather(process, report)
     finish(process)
     if not process.is_main:
@@ -306,7 +316,9 @@ def execute(request: RunRequest, log: Callable[[str], None] = lambda message: No
 
 
 def _execute_plan(request: RunRequest, checkpoint: Checkpoint, plan: RunPlan, paths: list[Path], log,
-                  process: Process, resumed: Handoff | None, denoised: dict, weights: str) -> RunReport:
+                  process: Process, resumed: Handoff | None, denoised: dict, encoded: GenerationSettings,
+                  weights: str) -> RunReport:
+    """This share's stages; `encoded`: the prompts its encode runs on (distributed.encode_positions)."""
     settings = request.settings
     report = RunReport(budget=budget_to_json(request.budget))
     handoff = resumed if resumed is not None else Handoff(settings=settings)
@@ -327,6 +339,8 @@ def _execute_plan(request: RunRequest, checkpoint: Checkpoint, plan: RunPlan, pa
             log(f"{stage.NAME}: finished earlier, its handoff is in {request.run_folder}")
             continue
         todo, run_options = handoff, {}
+        if stage is encode:  # the run's batches of distinct prompts that hold this share's
+            todo = Handoff(settings=encoded)
         if stage is denoise:
             run_options = _kept_batches(request, settings, checkpoint, saved, denoised, log)
         if stage is decode:  # on a resumed run, only the images not yet written (all with --overwrite)
@@ -362,6 +376,9 @@ def _execute_plan(request: RunRequest, checkpoint: Checkpoint, plan: RunPlan, pa
                 report.written.append(str(paths[position].absolute()))
         else:
             handoff = stage_report.output
+            if stage is encode:  # a row per image of the share, from its prompt's row
+                handoff = _rows_per_image(handoff, settings)
+                stage_report.report.images = len(settings.prompts)
             target = handoff_path(request.run_folder, stage.NAME, process.index, process.count)
             with _writing(target.with_suffix(".safetensors"), request, saved):
                 handoff.save(target)
@@ -374,6 +391,15 @@ def _execute_plan(request: RunRequest, checkpoint: Checkpoint, plan: RunPlan, pa
     # same way however the run was started, and the report still finds it read from elsewhere.
     report.images = [str(path.absolute()) for path in paths]  # written now or, on a resumed run, earlier
     return report
+
+
+def _rows_per_image(encoded: Handoff, settings: GenerationSettings) -> Handoff:
+    """The handoff of the images of `settings`, each image the row of its prompt in `encoded`."""
+    row_of = {prompt: row for row, prompt in enumerate(encoded.settings.prompts)}
+    rows = [row_of[prompt] for prompt in settings.prompts]
+    return Handoff(settings=settings, prompt_embeds=encoded.prompt_embeds[rows],
+                   pooled_prompt_embeds=encoded.pooled_prompt_embeds[rows], text_ids=encoded.text_ids,
+                   finished_stages=encoded.finished_stages)
 
 
 def _kept_batches(request: RunRequest, settings: GenerationSettings, checkpoint: Checkpoint, saved: Path | None,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from flux_sharded.distributed import Process, launched_processes, restrict_gpus, share
+from flux_sharded.distributed import Process, encode_positions, launched_processes, restrict_gpus, share
+from flux_sharded.handoff import GenerationSettings
 
 
 @pytest.mark.parametrize(
@@ -73,3 +74,21 @@ def test_gpus_per_process_without_a_launcher_means_the_first_k_gpus(monkeypatch,
 )
 def test_shares_are_whole_batches_contiguous_in_order_and_never_overlap(images, processes, batch_size, expected):
     assert [share(Process(index, processes), images, batch_size) for index in range(processes)] == expected
+
+
+@pytest.mark.parametrize(
+    "prompts, batch_size, processes, expected",
+    [
+        # distinct prompts a, b, c, d grouped [a, b], [c, d] over the whole run, whatever the shares
+        ("abacd", 2, 1, [[0, 1, 3, 4]]),
+        ("abacd", 2, 2, [[0, 1, 3, 4], [3, 4]]),  # share [0..3] needs a, b, c; share [4] needs d
+        ("abacd", 2, 3, [[0, 1], [0, 1, 3, 4], [3, 4]]),  # share [2, 3] (a, c) encodes both groups
+        ("aaaa", 1, 2, [[0], [0]]),  # one prompt: encoded once by each process that has images of it
+        ("abcde", 1, 2, [[0, 1, 2], [3, 4]]),
+    ],
+)
+def test_each_share_encodes_whole_groups_of_the_runs_distinct_prompts(prompts, batch_size, processes, expected):
+    settings = GenerationSettings("m", tuple(prompts), tuple(range(len(prompts))), 1, 3.5, 32, 32, 512, "float32",
+                                  batch_size=batch_size)
+    shares = [share(Process(index, processes), len(prompts), batch_size) for index in range(processes)]
+    assert [encode_positions(settings, positions) for positions in shares] == expected
