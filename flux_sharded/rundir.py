@@ -273,7 +273,11 @@ def _latest_handoff(run_dir: Path, process_index: int, process_count: int, run_s
             raise SettingsError(f"--resume: {tensors_file} cannot be read ({reason}); {fix}") from None
         expected = expected_tensors(stage, saved_settings, transformer_config, vae_scale_factor)
         check_handoff_tensors(tensors, expected, saved_settings.torch_dtype, f"--resume: {tensors_file}", fix)
-        return Handoff(settings=saved_settings, finished_stages=tuple(finished), **tensors)
+        # Only the rows of the images wanted are kept: a resume with more processes than the run had
+        # would otherwise hold a whole share's tensors in every process.
+        handoff = Handoff(settings=saved_settings, finished_stages=tuple(finished), **tensors)
+        rows = [row for row, index in enumerate(saved_settings.image_indices) if index in wanted]
+        return handoff if len(rows) == len(saved_settings.prompts) else handoff.select(rows)
     return None
 
 
