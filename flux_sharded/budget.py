@@ -44,9 +44,24 @@ MAX_DEVICE_BYTES = 10**15
 BINARY_TWIN = {"KB": "KIB", "MB": "MIB", "GB": "GIB", "TB": "TIB"}
 
 
+def is_gpu(key) -> bool:
+    """Whether a budget (or device-map) key is a GPU: GPU indices are ints, "cpu" and "disk" strings,
+    as accelerate's max_memory has them. The one place that says so."""
+    return isinstance(key, int) and not isinstance(key, bool)
+
+
+def gpu_indices(per_device) -> list[int]:
+    """The GPU keys of a budget or any {device: ...} mapping, in index order."""
+    return sorted(key for key in per_device if is_gpu(key))
+
+
 class Budget(dict):
-    """{int | "cpu" | "disk": bytes}, plus `units`: the unit each entry was written in ("GB",
-    "GIB", ...; empty for a budget nobody wrote), so that a suggestion answers in the same unit."""
+    """{int | "cpu" | "disk": bytes}, exactly what accelerate and diffusers take as `max_memory`,
+    plus `units`: the unit each entry was written in ("GB", "GIB", ...; empty for a budget nobody
+    wrote), so that a suggestion answers in the same unit.
+
+    Built by parse_budget (--max-memory), default_budget (the machine's free memory) or from_json
+    (run.json's "max_memory", validated by validate.saved_run_fields first)."""
 
     def __init__(self, *args, units: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -55,10 +70,33 @@ class Budget(dict):
     def copy(self) -> "Budget":
         return Budget(self, units=self.units)
 
+    @property
+    def gpus(self) -> list[int]:
+        """The budgeted GPU indices, in order."""
+        return gpu_indices(self)
+
+    def only_gpus(self) -> "Budget":
+        """The GPU entries alone (a stage whose weights cannot be offloaded: an nf4 transformer)."""
+        return Budget({key: value for key, value in self.items() if is_gpu(key)},
+                      units={key: unit for key, unit in self.units.items() if is_gpu(key)})
+
+    def to_json(self) -> dict[str, int]:
+        """{"0": bytes, "cpu": bytes}: run.json's and the report's "max_memory"."""
+        return {str(key): int(value) for key, value in self.items()}
+
+    @classmethod
+    def from_json(cls, entries: dict[str, int]) -> "Budget":
+        """The inverse of to_json, for entries already checked (validate.saved_run_fields)."""
+        return cls({int(key) if key.isdigit() else key: size for key, size in entries.items()})
+
+    def __str__(self) -> str:
+        """"0=16.00 GB, cpu=64.00 GB", for headers and messages."""
+        return ", ".join(f"{key}={format_bytes(value)}" for key, value in self.items())
+
     def binary(self, key) -> bool:
         """Whether `key` was written in KiB/MiB/GiB/TiB; a key not written follows an entry of its
         kind (GPU or not), then any entry."""
-        same_kind = [unit for other, unit in self.units.items() if isinstance(other, int) == isinstance(key, int)]
+        same_kind = [unit for other, unit in self.units.items() if is_gpu(other) == is_gpu(key)]
         unit = self.units.get(key) or next(iter(same_kind + list(self.units.values())), "")
         return unit.endswith("IB")
 
@@ -157,7 +195,7 @@ def _parse_key(raw_key: str, gpu_count: int | None) -> int | str:
 
 def check_gpus(budget: Budget, gpu_count: int) -> None:
     """Refuse GPU indices this machine does not have."""
-    for index in (key for key in budget if isinstance(key, int)):
+    for index in gpu_indices(budget):
         if index >= gpu_count:
             have = f"GPUs 0..{gpu_count - 1}" if gpu_count else "no GPU"
             fix = "use one of those indices" if gpu_count else f"budget the CPU instead ({_cpu_example()})"
@@ -227,9 +265,11 @@ def device_key(device) -> str:
     return text.split(":", 1)[1] if text.startswith("cuda:") else text
 
 
-def budget_to_json(budget: Budget) -> dict[str, int]:
-    return {str(key): int(value) for key, value in budget.items()}
+def budget_to_json(budget: dict) -> dict[str, int]:
+    """Budget.to_json for a budget or a plain {device: bytes} dict."""
+    return Budget(budget).to_json()
 
 
-def format_budget(budget: Budget) -> str:
-    return ", ".join(f"{key}={format_bytes(value)}" for key, value in budget.items())
+def format_budget(budget: dict) -> str:
+    """str(Budget) for a budget or a plain {device: bytes} dict."""
+    return str(Budget(budget))

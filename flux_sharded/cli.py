@@ -261,7 +261,7 @@ def _request(ctx: click.Context, options: dict):
         processes = local_processes()
         budget = default_budget(processes)
         gpus = (f"each GPU's free memory less {DEFAULT_GPU_RESERVE_BYTES / 2**30:.0f} GiB, "
-                if any(isinstance(key, int) for key in budget) else "")
+                if budget.gpus else "")
         shared = f" shared by this machine's {processes} processes" if processes > 1 else ""
         click.echo(f"note: no --max-memory given: using {format_budget(budget)} ({gpus}{DEFAULT_CPU_FRACTION:.0%} of "
                    f"the free RAM{shared})", err=True)
@@ -327,7 +327,7 @@ def _run(request, options: dict, process) -> None:
 
     settings, budget = request.settings, request.budget
     if options["dry_run"]:
-        missing = [key for key in budget if isinstance(key, int) and key >= _gpu_count()]
+        missing = [key for key in budget.gpus if key >= _gpu_count()]
         if missing:
             click.echo(f"note: planning for GPU(s) {', '.join(map(str, missing))}, which this machine does not have",
                        err=True)

@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 from .budget import (BINARY_TWIN, DEFAULT_CPU_FRACTION, DEFAULT_GPU_RESERVE_BYTES, UNITS, Budget, as_typed,
-                     format_bytes, spec_size, written_binary, written_size)
+                     format_bytes, gpu_indices, is_gpu, spec_size, written_binary, written_size)
 from .components import empty_component, module_sizes, no_split_modules, special_dtypes
 from .errors import PlanError
 from .families import FLUX_1, STAGES, Family, family_of
@@ -184,12 +184,11 @@ class RunPlan:
 
 def _ordered(per_device: dict[Device, int]) -> dict[Device, int]:
     """GPUs by index, then cpu, then disk."""
-    gpus = sorted(key for key in per_device if isinstance(key, int))
-    return {key: per_device[key] for key in [*gpus, *(k for k in ("cpu", "disk") if k in per_device)]}
+    return {key: per_device[key] for key in [*gpu_indices(per_device), *(k for k in ("cpu", "disk") if k in per_device)]}
 
 
-def _gpus(budget: Budget) -> list[int]:
-    return sorted(key for key in budget if isinstance(key, int))
+def _gpus(budget: dict) -> list[int]:
+    return gpu_indices(budget)
 
 
 @contextlib.contextmanager
@@ -281,7 +280,7 @@ def _left_out(budget: Budget, needs: dict[str, int], stage: str) -> tuple[Budget
     smallest = min(needs.values())
     kept, notes = {}, []
     for key, size in budget.items():
-        if isinstance(key, int) and size < smallest:
+        if is_gpu(key) and size < smallest:
             notes.append(
                 f"note: {stage} leaves GPU {key} out: its budget {format_bytes(size)} is below the "
                 f"{format_bytes(smallest)} that the smallest part of the stage needs to run there"
@@ -454,8 +453,8 @@ def plan_denoise(components: _Components, budget: Budget) -> StagePlan:
     stage_budget = dict(budget)
     if method == "nf4" and _gpus(usable):
         # bitsandbytes' 4-bit layers cannot be offloaded: only the GPUs count, for placing and fitting.
-        usable = {key: value for key, value in usable.items() if isinstance(key, int)}
-        stage_budget = {key: value for key, value in budget.items() if isinstance(key, int)}
+        usable = {key: value for key, value in usable.items() if is_gpu(key)}
+        stage_budget = Budget(budget).only_gpus()
         if any(key in budget for key in ("cpu", "disk")):
             notes.append("note: denoise keeps the nf4 transformer on the GPUs: bitsandbytes' 4-bit layers cannot be "
                          "offloaded, so the cpu and disk budgets are not used for it")
@@ -591,7 +590,7 @@ def _quantization_that_fits(inputs: PlanInputs, budget: Budget) -> str | None:
     budget's GPUs with nothing offloaded; None if none does, or if the run is quantized already."""
     from .quantize import LARGE_COMPONENTS
 
-    gpus = {key: value for key, value in budget.items() if isinstance(key, int)}
+    gpus = Budget(budget).only_gpus()
     if inputs.quantize or not gpus or not inputs.family.quantize:
         return None
     for method in ("fp8", "int8", "nf4"):

@@ -24,7 +24,7 @@ from typing import Callable
 import psutil
 import torch
 
-from .budget import Budget, budget_to_json, format_budget, format_bytes
+from .budget import Budget, budget_to_json, format_budget, format_bytes, gpu_indices
 from .checkpoint import Checkpoint, check_weight_files, resolve_checkpoint
 from .distributed import (
     Process,
@@ -436,8 +436,7 @@ def _kept_batches(request: RunRequest, settings: GenerationSettings, checkpoint:
 
 def free_gpu_bytes(budget: Budget) -> dict[int, int]:
     """Free memory now on each GPU the budget names (this creates the CUDA context on each)."""
-    gpus = sorted(key for key in budget if isinstance(key, int))
-    return {index: torch.cuda.mem_get_info(index)[0] for index in gpus} if gpus else {}
+    return {index: torch.cuda.mem_get_info(index)[0] for index in gpu_indices(budget)}
 
 
 @dataclass
@@ -454,7 +453,7 @@ def _run_stage(stage, request: RunRequest, checkpoint: Checkpoint, stage_plan, h
     progress = stage_bar(stage.NAME, len(settings.prompts), shown=process.is_main)
     with (
         _stage_offload_folder(request.offload_folder, stage_plan, process) as offload_folder,
-        PeakMemory(gpu_indices=sorted(key for key in request.budget if isinstance(key, int))) as peak,
+        PeakMemory(gpu_indices=gpu_indices(request.budget)) as peak,
     ):
         try:
             started = time.perf_counter()

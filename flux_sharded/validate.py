@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .budget import MAX_DEVICE_BYTES
+from .budget import MAX_DEVICE_BYTES, Budget
 from .errors import CheckpointError, SettingsError
 
 # Generous ceilings, far above every FLUX.1 variant (19 double and 38 single blocks, width 3072,
@@ -376,12 +376,13 @@ def saved_run_fields(data, where: str, fix: str, format_version: int) -> dict:
     run = JsonFields(data, where, fix)
     run.integer("format", format_version, format_version)
     settings = settings_fields(run.object("settings"), where, fix)
-    budget = {}
+    entries = {}
     for key, size in run.object("max_memory").items():
         if not (key.isdigit() or key in ("cpu", "disk")) or not _is_int(size) or not 0 < size <= MAX_DEVICE_BYTES:
             run.fail(f"has {key!r}: {json.dumps(size)}; keys are GPU indices, cpu or disk, sizes 1..{MAX_DEVICE_BYTES} "
                      "bytes", "max_memory")
-        budget[int(key) if key.isdigit() else key] = size
+        entries[key] = size
+    budget = Budget.from_json(entries)
     if not budget:
         run.fail("is empty; it needs at least one device", "max_memory")
     out_dir = run.string("out_dir")

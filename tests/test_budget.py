@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from flux_sharded.budget import exact_spec_size, format_bytes, parse_budget, parse_size, spec_size
+from flux_sharded.budget import Budget, exact_spec_size, format_bytes, gpu_indices, is_gpu, parse_budget, parse_size, spec_size
 from flux_sharded.errors import BudgetError
 
 
@@ -114,3 +114,13 @@ def test_exact_spec_size_round_trips(size, text):
 def test_a_budget_remembers_the_unit_each_entry_was_written_in(spec, key, binary):
     """So that a suggestion answers in that unit; a key not written follows one of its kind, then any."""
     assert parse_budget(spec, None).binary(key) is binary
+
+
+def test_the_budget_type_says_which_entries_are_gpus_and_round_trips_through_json():
+    budget = parse_budget("1=8GiB,cpu=32GB,0=16GB,disk=100GB", gpu_count=None)
+    assert budget.gpus == [0, 1] == gpu_indices({"cpu": 1, 1: 1, 0: 1})
+    assert not is_gpu("cpu") and not is_gpu(True) and is_gpu(0)
+    assert budget.only_gpus() == {0: 16 * 10**9, 1: 8 * 2**30} and budget.only_gpus().binary(1)
+    assert budget.to_json() == {"1": 8 * 2**30, "cpu": 32 * 10**9, "0": 16 * 10**9, "disk": 100 * 10**9}
+    assert Budget.from_json(budget.to_json()) == budget
+    assert str(budget) == "1=8.59 GB, cpu=32.00 GB, 0=16.00 GB, disk=100.00 GB"
