@@ -1,6 +1,7 @@
-"""Build a complete small random FLUX.1 checkpoint offline, in the diffusers folder layout.
+"""Build a complete small random FLUX checkpoint offline, in the diffusers folder layout.
 
-    python -m flux_sharded.tiny DIR [--preset tiny|small|mini] [--vae-scale-factor 8] [--seed 0]
+    python -m flux_sharded.tiny DIR [--family FLUX.1|FLUX.2-klein|FLUX.2-dev] [--preset tiny|small|mini]
+                                [--vae-scale-factor 8] [--seed 0]
 
 Every component has the real classes of FLUX.1-dev, with its configs scaled down: transformer,
 CLIP and T5 text encoders, a VAE whose downsampling factor is 2 ** (number of blocks - 1), the
@@ -11,6 +12,16 @@ trained deterministically, so the same seed writes byte-identical files. Presets
 proportions at about 1.2 GB, for benchmarks),
 and "flux-dev" / "flux-schnell": the real architectures from the configs shipped in this package,
 with random weights (33 GB in bf16: build them on a GPU machine, `--device cuda --dtype bfloat16`).
+
+`--family FLUX.2-klein` (preset tiny only; build_tiny_flux2_checkpoint also builds FLUX.2-dev where
+torchvision is installed, which PixtralProcessor needs) builds what Flux2KleinPipeline /
+Flux2Pipeline.from_pretrained load: a random Qwen3ForCausalLM with a byte-level BPE Qwen2 tokenizer
+and a Qwen3-style chat template, or a random Mistral3ForConditionalGeneration with a PixtralProcessor
+around such a tokenizer; a Flux2Transformer2DModel and an AutoencoderKLFlux2 whose batch-norm
+statistics are random too (so that decoding without them would give other pixels). The text
+encoders are 16 wide but as deep as the pipeline's encode reads (families.encode_layers: 27 for
+klein, 30 for dev) plus two layers the encode must not need. klein is built step-distilled
+(`is_distilled`, as the published klein checkpoints) unless `distilled=False`.
 """
 
 from __future__ import annotations
@@ -82,10 +93,17 @@ def _clip_tokenizer(corpus: list[str]):
     in string order, and the same corpus always gives the same file."""
     from transformers import CLIPTokenizer
 
-    specials, suffix, vocab_size = ["<|startoftext|>", "<|endoftext|>"], "</w>", 400
+    specials, suffix = ["<|startoftext|>", "<|endoftext|>"], "</w>"
     counts = Counter(word for line in corpus for word in line.lower().split())
     words = {word: [*word[:-1], word[-1] + suffix] for word in sorted(counts)}
     vocab = [*specials, *sorted({symbol for symbols in words.values() for symbol in symbols})]
+    merges = _learn_merges(counts, words, vocab, vocab_size=400)
+    return CLIPTokenizer(vocab={token: index for index, token in enumerate(vocab)}, merges=merges, model_max_length=77)
+
+
+def _learn_merges(counts: Counter, words: dict[str, list[str]], vocab: list[str], vocab_size: int) -> list[tuple[str, str]]:
+    """BPE merges learnt from word `counts` (each word split into `words`' symbols), appended to
+    `vocab` (in place) until it has vocab_size entries; ties go to the first pair in string order."""
     merges: list[tuple[str, str]] = []
     while len(vocab) < vocab_size:
         pairs: Counter = Counter()
@@ -108,7 +126,85 @@ def _clip_tokenizer(corpus: list[str]):
                     merged.append(symbols[position])
                     position += 1
             words[word] = merged
-    return CLIPTokenizer(vocab={token: index for index, token in enumerate(vocab)}, merges=merges, model_max_length=77)
+    return merges
+
+
+def _byte_symbols() -> dict[int, str]:
+    """GPT-2's byte -> printable character table, which byte-level BPEs (Qwen2, Mistral's Tekken) use
+    for their vocabularies: printable ASCII and Latin-1 bytes stand for themselves, the rest are
+    shifted past 255 (a space becomes "Ġ")."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = [byte for byte in range(256) if byte not in kept]
+    return {**{byte: chr(byte) for byte in kept}, **{byte: chr(256 + n) for n, byte in enumerate(shifted)}}
+
+
+def _byte_level_bpe(corpus: list[str], specials: list[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A byte-level BPE's vocabulary (the 256 byte symbols, learnt merges, then `specials`) and merges,
+    learnt deterministically from `corpus`, words taken with their leading space as GPT-2 splits them."""
+    symbol = _byte_symbols()
+    counts = Counter("".join(symbol[byte] for byte in f" {word}".encode()) for line in corpus for word in line.split())
+    words = {word: list(word) for word in sorted(counts)}
+    vocab = [symbol[byte] for byte in range(256)]
+    merges = _learn_merges(counts, words, vocab, vocab_size=400)
+    return {token: index for index, token in enumerate(vocab + specials)}, merges
+
+
+# Qwen3's chat template cut to what Flux2KleinPipeline uses: user turns, the generation prompt, and
+# `enable_thinking=False` adding an empty thinking block (as Qwen3's own template does).
+QWEN3_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+
+
+def _qwen2_tokenizer(corpus: list[str]):
+    """A Qwen2 tokenizer (byte-level BPE, <|endoftext|> as padding) with a Qwen3-style chat template."""
+    from transformers import Qwen2Tokenizer
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+    vocab, merges = _byte_level_bpe(corpus, specials)
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=512)
+    tokenizer.add_special_tokens({"additional_special_tokens": specials[1:]})
+    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
+    return tokenizer
+
+
+# Mistral Small 3's chat template cut to what Flux2Pipeline sends: a system and a user turn, each a
+# list of text parts, in Mistral's [SYSTEM_PROMPT] / [INST] markup.
+MISTRAL3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['content'] is string %}{% set text = message['content'] %}"
+    "{% else %}{% set text = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') %}"
+    "{% endif %}"
+    "{% if message['role'] == 'system' %}[SYSTEM_PROMPT]{{ text }}[/SYSTEM_PROMPT]"
+    "{% elif message['role'] == 'user' %}[INST]{{ text }}[/INST]{% else %}{{ text }}{{ eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+PIXTRAL_PATCH_SIZE = 14  # the smallest image the vision tower sees is one patch of this many pixels
+
+
+def _pixtral_processor(corpus: list[str]):
+    """A PixtralProcessor (what Flux2Pipeline's `tokenizer: AutoProcessor` loads for FLUX.2-dev): a
+    byte-level BPE with Mistral's special tokens, Mistral Small 3's chat template (cut down) and
+    Pixtral's image processor, which text-only prompts never call."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PixtralImageProcessorPil, PixtralProcessor, PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]",
+                "[IMG]", "[IMG_BREAK]", "[IMG_END]"]
+    vocab, merges = _byte_level_bpe(corpus, specials)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                        unk_token="<unk>", pad_token="<pad>", model_max_length=512,
+                                        additional_special_tokens=specials[4:])
+    image_processor = PixtralImageProcessorPil(patch_size={"height": PIXTRAL_PATCH_SIZE, "width": PIXTRAL_PATCH_SIZE},
+                                               size={"longest_edge": 4 * PIXTRAL_PATCH_SIZE})
+    return PixtralProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=PIXTRAL_PATCH_SIZE,
+                            spatial_merge_size=2, chat_template=MISTRAL3_CHAT_TEMPLATE, image_token="[IMG]",
+                            image_break_token="[IMG_BREAK]", image_end_token="[IMG_END]")
 
 
 def _t5_tokenizer(corpus: list[str]):
@@ -233,6 +329,95 @@ def build_tiny_checkpoint(out_dir: str | Path, vae_scale_factor: int = 8, seed: 
     return _save(pipeline.to(getattr(torch, dtype)), Path(out_dir))
 
 
+FLUX2_FAMILIES = ("FLUX.2-klein", "FLUX.2-dev")
+# Decoder layers past the deepest one the encode reads: the encode must give the same embeddings
+# with them cut (components.encode_only), so there must be some to cut.
+FLUX2_EXTRA_LAYERS = 2
+
+
+def build_tiny_flux2_checkpoint(out_dir: str | Path, family: str = "FLUX.2-klein", vae_scale_factor: int = 8,
+                                seed: int = 0, distilled: bool = True) -> Path:
+    """A tiny random FLUX.2-klein (Flux2KleinPipeline) or FLUX.2-dev (Flux2Pipeline) checkpoint at
+    `out_dir` (atomically, as build_tiny_checkpoint). Text encoders 16 wide, encode_layers + 2 deep;
+    transformer 2 heads of 16, one double and one single block; VAE 8 channels per block, 4 latent
+    channels (16 after 2x2 patches), random batch-norm statistics. distilled: klein's is_distilled."""
+    import torch
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
+
+    from .checkpoint import shipped_config_dir
+    from .families import FAMILIES, encode_layers, encode_out_layers
+
+    if family not in FLUX2_FAMILIES:
+        raise ValueError(f"family must be one of {', '.join(FLUX2_FAMILIES)}, got {family!r}")
+    if vae_scale_factor < 1 or 2 ** round(math.log2(vae_scale_factor)) != vae_scale_factor:
+        raise ValueError(f"vae_scale_factor must be a power of two, got {vae_scale_factor}")
+    pipeline_name = next(f.pipeline for f in FAMILIES.values() if f.name == family)
+    vae_blocks = round(math.log2(vae_scale_factor)) + 1
+    width, latent_channels, head_dim = 16, 4, 16
+    layers = encode_layers(pipeline_name) + FLUX2_EXTRA_LAYERS
+    corpus = _corpus(seed)
+    klein = family == "FLUX.2-klein"
+    tokenizer = _qwen2_tokenizer(corpus) if klein else _pixtral_processor(corpus)
+    words = tokenizer if klein else tokenizer.tokenizer
+    decoder = dict(vocab_size=len(words), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+                   num_attention_heads=2, num_key_value_heads=1, head_dim=width // 2, max_position_embeddings=1024,
+                   pad_token_id=words.pad_token_id)
+
+    torch.manual_seed(seed)
+    if klein:
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+
+        text_encoder = Qwen3ForCausalLM(Qwen3Config(**decoder, tie_word_embeddings=True,
+                                                    eos_token_id=words.convert_tokens_to_ids("<|im_end|>")))
+    else:
+        from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
+
+        text_encoder = Mistral3ForConditionalGeneration(Mistral3Config(
+            text_config=MistralConfig(**decoder, bos_token_id=words.bos_token_id, eos_token_id=words.eos_token_id,
+                                      tie_word_embeddings=False),
+            vision_config=PixtralVisionConfig(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=1,
+                                              num_attention_heads=2, head_dim=width // 2,
+                                              image_size=4 * PIXTRAL_PATCH_SIZE, patch_size=PIXTRAL_PATCH_SIZE),
+            image_token_index=words.convert_tokens_to_ids("[IMG]"),
+            spatial_merge_size=2,
+            tie_word_embeddings=False,
+        ))
+    transformer = Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=4 * latent_channels,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=head_dim,
+        num_attention_heads=2,
+        # the pipeline stacks the hidden states of len(text_encoder_out_layers) layers
+        joint_attention_dim=len(encode_out_layers(pipeline_name)) * width,
+        timestep_guidance_channels=32,
+        mlp_ratio=2.0,
+        axes_dims_rope=(head_dim // 4,) * 4,
+        guidance_embeds=not klein,  # FLUX.2-dev is guidance-distilled; klein guides with a second pass, if at all
+    )
+    vae = AutoencoderKLFlux2(
+        down_block_types=("DownEncoderBlock2D",) * vae_blocks,
+        up_block_types=("UpDecoderBlock2D",) * vae_blocks,
+        block_out_channels=(8,) * vae_blocks,
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=4,
+        sample_size=32,
+    )
+    with torch.no_grad():  # a fresh BatchNorm2d has mean 0, variance 1: un-normalising would change nothing
+        vae.bn.running_mean.normal_(0.0, 0.5)
+        vae.bn.running_var.uniform_(0.5, 1.5)
+    configs = shipped_config_dir("FLUX.2-klein-4B" if klein else "FLUX.2-dev")
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(configs / "scheduler")
+    import diffusers
+
+    components = dict(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                      transformer=transformer)
+    pipeline = getattr(diffusers, pipeline_name)(**components, **({"is_distilled": distilled} if klein else {}))
+    return _save(pipeline, Path(out_dir))
+
+
 def _build_real_shape(out_dir: Path, name: str, seed: int, device: str, dtype: str) -> Path:
     """The real FLUX.1 architecture from the shipped configs, random weights, our small tokenizers
     (their ids fit the real vocabularies)."""
@@ -311,6 +496,9 @@ def _save(pipeline, out_dir: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flux_sharded.tiny", description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", help="folder to write (a new or empty one, or a checkpoint built here earlier)")
+    # FLUX.2-dev's PixtralProcessor needs torchvision, which flux-sharded does not install yet.
+    parser.add_argument("--family", choices=["FLUX.1", "FLUX.2-klein"], default="FLUX.1",
+                        help="pipeline to build (default: FLUX.1); FLUX.2 families take preset tiny only")
     parser.add_argument("--vae-scale-factor", type=int, default=8, help="VAE downsampling: 1, 2, 4, 8, ...")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and tokenizer corpus")
     parser.add_argument("--preset", choices=sorted([*PRESETS, *REAL_SHAPES]), default="tiny",
@@ -332,8 +520,16 @@ def main(argv: list[str] | None = None) -> int:
     # diffusers warns on every model.to(dtype), even with no float32 module to keep ("[]")
     diffusers.utils.logging.set_verbosity_error()
     diffusers.utils.logging.disable_progress_bar()
-    path = build_tiny_checkpoint(args.out_dir, args.vae_scale_factor, args.seed, args.preset, args.device, args.dtype)
-    print(f"tiny FLUX.1 checkpoint written to {path}")
+    if args.family != "FLUX.1":
+        if args.preset != "tiny" or args.dtype != "float32" or args.device != "cpu":
+            print(f"Error: --family {args.family} builds the tiny preset in float32 on the cpu only; drop --preset, "
+                  "--dtype and --device", file=sys.stderr)
+            return 2
+        path = build_tiny_flux2_checkpoint(args.out_dir, args.family, args.vae_scale_factor, args.seed)
+    else:
+        path = build_tiny_checkpoint(args.out_dir, args.vae_scale_factor, args.seed, args.preset, args.device,
+                                     args.dtype)
+    print(f"tiny {args.family} checkpoint written to {path}")
     return 0
 
 

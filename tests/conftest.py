@@ -1,4 +1,4 @@
-"""Tiny random FLUX.1 checkpoints, built offline once per test session, and the one-piece reference."""
+"""Tiny random FLUX.1 and FLUX.2 checkpoints, built offline once per test session, and the one-piece reference."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from flux_sharded.tiny import build_tiny_checkpoint
+from flux_sharded.tiny import build_tiny_checkpoint, build_tiny_flux2_checkpoint
 
 # Small enough for a CPU, large enough that a wrong latent layout changes the pixels.
 STEPS = 3
@@ -27,19 +27,38 @@ def tiny_checkpoint_f2(tmp_path_factory) -> Path:
     return build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-f2", vae_scale_factor=2, seed=1)
 
 
-def one_piece_pixels(checkpoint: Path, prompt: str, seed: int, steps: int, height: int, width: int,
-                     dtype: torch.dtype = torch.float32, guidance: float = 3.5) -> np.ndarray:
-    """diffusers' FluxPipeline, whole, on the CPU: the reference every staged image must equal."""
-    from diffusers import FluxPipeline
+@pytest.fixture(scope="session")
+def tiny_klein(tmp_path_factory) -> Path:
+    """FLUX.2-klein (Flux2KleinPipeline), step-distilled like the published ones, VAE scale factor 8."""
+    return build_tiny_flux2_checkpoint(tmp_path_factory.mktemp("ckpt") / "klein", "FLUX.2-klein", seed=0)
 
-    pipeline = FluxPipeline.from_pretrained(checkpoint, dtype=dtype)
+
+@pytest.fixture(scope="session")
+def tiny_klein_base(tmp_path_factory) -> Path:
+    """FLUX.2-klein not step-distilled (guides with a second pass), VAE scale factor 2."""
+    return build_tiny_flux2_checkpoint(tmp_path_factory.mktemp("ckpt") / "klein-base", "FLUX.2-klein",
+                                       vae_scale_factor=2, seed=1, distilled=False)
+
+
+def one_piece_pixels(checkpoint: Path, prompt: str, seed: int, steps: int, height: int, width: int,
+                     dtype: torch.dtype = torch.float32, guidance: float = 3.5,
+                     max_sequence_length: int = 512) -> np.ndarray:
+    """The checkpoint's diffusers pipeline (model_index.json's FluxPipeline, Flux2KleinPipeline, ...),
+    whole, on the CPU: the reference every staged image must equal."""
+    import json
+
+    import diffusers
+
+    pipeline_class = getattr(diffusers, json.loads((Path(checkpoint) / "model_index.json").read_text())["_class_name"])
+    pipeline = pipeline_class.from_pretrained(checkpoint, dtype=dtype)
     pipeline.set_progress_bar_config(disable=True)
     image = pipeline(
-        prompt,
+        prompt=prompt,
         height=height,
         width=width,
         num_inference_steps=steps,
         guidance_scale=guidance,
+        max_sequence_length=max_sequence_length,
         generator=torch.Generator("cpu").manual_seed(seed),
     ).images[0]
     return np.asarray(image)

@@ -51,3 +51,34 @@ def test_the_same_seed_builds_byte_identical_files(tmp_path):
     assert any(path.parts[0] == "tokenizer" for path in files)
     different = [str(path) for path in files if (first / path).read_bytes() != (second / path).read_bytes()]
     assert different == []
+
+
+def test_the_same_seed_builds_byte_identical_flux2_files(tmp_path):
+    """The byte-level BPE is learnt here too, and the random batch-norm statistics are seeded."""
+    first = tiny.build_tiny_flux2_checkpoint(tmp_path / "first", "FLUX.2-klein", seed=3)
+    second = tiny.build_tiny_flux2_checkpoint(tmp_path / "second", "FLUX.2-klein", seed=3)
+    files = sorted(path.relative_to(first) for path in first.rglob("*") if path.is_file())
+    assert files == sorted(path.relative_to(second) for path in second.rglob("*") if path.is_file())
+    assert any(path.parts[0] == "tokenizer" for path in files)
+    different = [str(path) for path in files if (first / path).read_bytes() != (second / path).read_bytes()]
+    assert different == []
+
+
+def test_a_tiny_klein_reads_back_as_klein_with_its_chat_template(tiny_klein):
+    from transformers import AutoTokenizer
+
+    checkpoint = resolve_checkpoint(str(tiny_klein))
+    assert (checkpoint.family.name, checkpoint.is_distilled, checkpoint.vae_scale_factor) == ("FLUX.2-klein", True, 8)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_klein / "tokenizer")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "a dog"}], tokenize=False,
+                                         add_generation_prompt=True, enable_thinking=False)
+    assert text == "<|im_start|>user\na dog<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    # the chat markup is one token each, as in Qwen3's vocabulary
+    assert tokenizer.convert_ids_to_tokens(tokenizer(text).input_ids)[0] == "<|im_start|>"
+
+
+@pytest.mark.parametrize("args", [["--preset", "small"], ["--dtype", "bfloat16"]])
+def test_the_builder_refuses_flux2_options_it_does_not_build(tmp_path, capsys, args):
+    assert tiny.main([str(tmp_path / "new"), "--family", "FLUX.2-klein", *args]) == 2
+    assert "Error: --family FLUX.2-klein builds the tiny preset in float32 on the cpu only" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
