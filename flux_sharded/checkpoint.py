@@ -64,6 +64,14 @@ class Checkpoint:
         return self.vae_scale_factor * 2
 
     @property
+    def is_distilled(self) -> bool:
+        """model_index.json's `is_distilled` (Flux2KleinPipeline: step-distilled, guidance ignored);
+        False when absent, as the pipeline's own default. Raises CheckpointError if not a boolean."""
+        from .validate import pipeline_option
+
+        return pipeline_option(self.model, self.path, "is_distilled", False)
+
+    @property
     def default_size(self) -> int:
         """The pipeline's default height and width: its default_sample_size latent pixels."""
         return self.family.sample_size * self.vae_scale_factor
@@ -156,7 +164,7 @@ def _known_models(model: str) -> str:
 
 
 def read_checkpoint(model: str, path: Path) -> Checkpoint:
-    from .validate import check_checkpoint_configs, checkpoint_family
+    from .validate import check_checkpoint_configs, checkpoint_family, pipeline_option
 
     has_index = (path / "model_index.json").is_file()
     family = checkpoint_family(model, path) if has_index else FLUX_1
@@ -168,6 +176,7 @@ def read_checkpoint(model: str, path: Path) -> Checkpoint:
             f"give a folder saved by {family.pipeline}.save_pretrained or a hub id such as {DEFAULT_MODEL}"
         )
     transformer_config, vae_config = check_checkpoint_configs(model, path, family)
+    pipeline_option(model, path, "is_distilled", False)  # a damaged one is refused now, not in a stage
     return Checkpoint(model=model, path=path, transformer_config=transformer_config, vae_config=vae_config,
                       family=family)
 

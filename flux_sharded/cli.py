@@ -157,7 +157,7 @@ class _OneLineErrors(click.Command):
 def main(ctx: click.Context, **options):
     """Run FLUX.1 text-to-image in three stages (encode, denoise, decode), each loading only its
     own component under a per-device memory budget, and report every stage's peak memory.
-    FLUX.2 (dev, klein 4B/9B) checkpoints: --dry-run plans them; their runs are not implemented yet.
+    FLUX.2-klein (4B/9B) checkpoints run too; FLUX.2-dev ones --dry-run only (runs not implemented yet).
 
     Example: flux-sharded --prompt "a photo of a dog" --max-memory 0=16GB,1=16GB
     """
@@ -228,7 +228,8 @@ def _request(ctx: click.Context, options: dict):
     family = checkpoint.family
     if not family.runs and not options["dry_run"]:
         raise SettingsError(
-            f"--model '{options['model']}' is {family.name} ({family.pipeline}): FLUX.2 runs are not implemented yet; "
+            f"--model '{options['model']}' is {family.name} ({family.pipeline}): {family.name} runs are not implemented "
+            "yet; "
             "--dry-run plans them (add --dry-run to see the plan under your --max-memory)"
         )
     defaults = generation_defaults(family, checkpoint.transformer_config)

@@ -3,8 +3,9 @@
 A checkpoint's `model_index.json` names its pipeline class (`_class_name`); that class selects
 one `Family` here. A family lists its components (the folder name, the library and class that
 load it, the stage that loads it, and the activation estimate of one forward pass), its
-generation defaults and whether flux-sharded can run it or only plan it. Everything else
-(components.py building on meta, plan.py's stages, the checkpoint checks) derives from it.
+generation defaults, whether flux-sharded can run it or only plan it, and the module with its side
+of the stages (stages/flux1.py, flux2.py). Everything else (components.py building on meta,
+plan.py's stages, the stages, the checkpoint checks) derives from it.
 
     FluxPipeline        FLUX.1 (dev, schnell): CLIP + T5 -> FluxTransformer2DModel -> AutoencoderKL
     Flux2Pipeline       FLUX.2-dev: Mistral Small 3 -> Flux2Transformer2DModel -> AutoencoderKLFlux2
@@ -102,6 +103,9 @@ class Family:
     sample_size: int  # default height and width = sample_size x the VAE's scale factor (pipeline.default_sample_size)
     runs: bool  # the stages can run it; otherwise only --dry-run plans it
     quantize: bool  # --quantize is planned for it
+    # The module in flux_sharded/stages/ with the family's side of the stages (what encode keeps,
+    # what decode gives the VAE, the handoff's shapes): stages.family_code imports it.
+    code: str = "flux1"
 
     def component(self, name: str) -> Component:
         return next(component for component in self.components if component.name == name)
@@ -146,6 +150,7 @@ FLUX_2_DEV = Family(
     sample_size=128,
     runs=False,  # phase 2 of issue 12: the FLUX.2 stages
     quantize=False,
+    code="flux2",
 )
 FLUX_2_KLEIN = Family(
     name="FLUX.2-klein",
@@ -162,8 +167,9 @@ FLUX_2_KLEIN = Family(
     guidance=1.0,
     max_sequence_length=512,
     sample_size=128,
-    runs=False,
+    runs=True,
     quantize=False,
+    code="flux2",
 )
 FAMILIES = {family.pipeline: family for family in (FLUX_1, FLUX_2_DEV, FLUX_2_KLEIN)}
 

@@ -1,7 +1,9 @@
 """The typed object that carries tensors and settings from one stage to the next.
 
-encode fills `prompt_embeds`, `pooled_prompt_embeds` and `text_ids`; denoise fills `latents`;
-decode reads `latents` and returns images (which are not part of the handoff). Between stages the
+encode fills the embeddings its model family's pipeline takes (FLUX.1: `prompt_embeds`,
+`pooled_prompt_embeds` and `text_ids`; FLUX.2: `prompt_embeds`, and `negative_prompt_embeds` for a
+klein that guides with a second pass; stages/flux1.py and flux2.py say which, with their shapes);
+denoise fills `latents`; decode reads `latents` and returns images (which are not part of the handoff). Between stages the
 runner keeps the handoff on the CPU, and each stage moves it to its own execution device with
 `to()`. `save()`/`load()` write it as one safetensors file plus a JSON file of the settings.
 """
@@ -77,7 +79,9 @@ class GenerationSettings:
         return cls(**data)
 
 
-TENSOR_FIELDS = ("prompt_embeds", "pooled_prompt_embeds", "text_ids", "latents")
+TENSOR_FIELDS = ("prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds", "text_ids", "latents")
+# Tensors shared by every image (no batch dimension): select() keeps them whole.
+SHARED_FIELDS = ("text_ids",)
 
 
 @dataclass
@@ -85,9 +89,12 @@ class Handoff:
     """Tensors of one run, batch dimension B = number of images, in prompt order."""
 
     settings: GenerationSettings
-    prompt_embeds: torch.Tensor | None = None  # (B, max_sequence_length, joint_attention_dim), T5 output
-    pooled_prompt_embeds: torch.Tensor | None = None  # (B, pooled_projection_dim), CLIP pooled output
-    text_ids: torch.Tensor | None = None  # (max_sequence_length, 3), zeros: positions of the text tokens
+    # (B, max_sequence_length, joint_attention_dim): FLUX.1: T5's output; FLUX.2: hidden states of 3
+    # decoder layers of Mistral Small 3 / Qwen3, stacked along the width
+    prompt_embeds: torch.Tensor | None = None
+    pooled_prompt_embeds: torch.Tensor | None = None  # FLUX.1: (B, pooled_projection_dim), CLIP pooled output
+    negative_prompt_embeds: torch.Tensor | None = None  # FLUX.2-klein guided by a second pass: as prompt_embeds, of ""
+    text_ids: torch.Tensor | None = None  # FLUX.1: (max_sequence_length, 3), zeros: positions of the text tokens
     latents: torch.Tensor | None = None  # (B, (H/2f)*(W/2f), 4*latent_channels), packed; f = VAE scale factor
     finished_stages: tuple[str, ...] = field(default_factory=tuple)
 
@@ -98,9 +105,14 @@ class Handoff:
         return dataclasses.replace(self, **{name: t.to(device) for name, t in self.tensors().items()})
 
     def select(self, positions: list[int]) -> "Handoff":
-        """The handoff of some of the images (batch rows); text_ids is shared by all."""
-        rows = {name: tensor[positions] for name, tensor in self.tensors().items() if name != "text_ids"}
+        """The handoff of some of the images (batch rows); SHARED_FIELDS are shared by all."""
+        rows = {name: tensor[positions] for name, tensor in self.tensors().items() if name not in SHARED_FIELDS}
         return dataclasses.replace(self, settings=self.settings.subset(positions), **rows)
+
+    def embeddings(self) -> dict[str, torch.Tensor]:
+        """The per-image tensors the pipeline's __call__ takes by these names (prompt_embeds, ...)."""
+        return {name: tensor for name, tensor in self.tensors().items()
+                if name not in SHARED_FIELDS and name != "latents"}
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())

@@ -29,7 +29,7 @@ import torch
 from .budget import Budget, budget_to_json
 from .errors import OutputError, SettingsError
 from .files import atomic_write
-from .handoff import GenerationSettings, Handoff
+from .handoff import SHARED_FIELDS, GenerationSettings, Handoff
 from .validate import (
     JsonFields,
     check_handoff_tensors,
@@ -220,7 +220,7 @@ def handoff_path(run_dir: Path, stage: str, process_index: int, process_count: i
 
 
 def saved_handoffs(run_dir: Path, process_counts, run_settings: GenerationSettings, wanted,
-                   transformer_config: dict, vae_scale_factor: int) -> list[Handoff]:
+                   checkpoint) -> list[Handoff]:
     """The handoffs of the latest finished stage of every share that any launch of the run (with
     each of `process_counts` processes) saved and that holds one of the images `wanted` (indices
     over the whole run). Each is checked against the run's settings for the images it names, and
@@ -229,15 +229,14 @@ def saved_handoffs(run_dir: Path, process_counts, run_settings: GenerationSettin
     found = []
     for processes in sorted(set(process_counts)):
         for index in range(processes):
-            handoff = _latest_handoff(run_dir, index, processes, run_settings, set(wanted), transformer_config,
-                                      vae_scale_factor)
+            handoff = _latest_handoff(run_dir, index, processes, run_settings, set(wanted), checkpoint)
             if handoff is not None:
                 found.append(handoff)
     return found
 
 
 def _latest_handoff(run_dir: Path, process_index: int, process_count: int, run_settings: GenerationSettings,
-                    wanted: set[int], transformer_config: dict, vae_scale_factor: int) -> Handoff | None:
+                    wanted: set[int], checkpoint) -> Handoff | None:
     for position in reversed(range(len(SAVED_STAGES))):
         stage = SAVED_STAGES[position]
         path = handoff_path(run_dir, stage, process_index, process_count)
@@ -271,7 +270,7 @@ def _latest_handoff(run_dir: Path, process_index: int, process_count: int, run_s
         except Exception as error:  # safetensors raises its own SafetensorError, OSError, ...
             reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
             raise SettingsError(f"--resume: {tensors_file} cannot be read ({reason}); {fix}") from None
-        expected = expected_tensors(stage, saved_settings, transformer_config, vae_scale_factor)
+        expected = expected_tensors(stage, saved_settings, checkpoint)
         check_handoff_tensors(tensors, expected, saved_settings.torch_dtype, f"--resume: {tensors_file}", fix)
         # Only the rows of the images wanted are kept: a resume with more processes than the run had
         # would otherwise hold a whole share's tensors in every process.
@@ -302,11 +301,13 @@ def resumed_handoff(settings: GenerationSettings, saved: list[Handoff]) -> tuple
         return torch.stack([getattr(rows[index][0], name)[rows[index][1]] for index in wanted])
 
     denoised = all(index in latents for index in wanted)
+    first = rows[wanted[0]][0]
     handoff = Handoff(
         settings=settings,
-        prompt_embeds=stack("prompt_embeds"),
-        pooled_prompt_embeds=stack("pooled_prompt_embeds"),
-        text_ids=rows[wanted[0]][0].text_ids,  # the same for every image: positions of the text tokens
+        # the embeddings the family's pipeline takes (FLUX.1: T5 and CLIP pooled; FLUX.2: one or two)
+        **{name: stack(name) for name in first.embeddings()},
+        # the same for every image (FLUX.1's text positions)
+        **{name: tensor for name, tensor in first.tensors().items() if name in SHARED_FIELDS},
         latents=torch.stack([latents[index] for index in wanted]) if denoised else None,
         finished_stages=SAVED_STAGES if denoised else SAVED_STAGES[:1],
     )

@@ -62,7 +62,7 @@ from .rundir import (
     saved_handoffs,
     write_run,
 )
-from .stages import STAGES, decode, denoise, encode
+from .stages import STAGES, decode, denoise, encode, family_code
 from .validate import (
     MAX_BATCH_SIZE,
     MAX_SIDE,
@@ -193,15 +193,14 @@ def check_report_path(request: RunRequest, report_path: Path) -> None:
 
 
 def ignored_guidance_note(request: RunRequest) -> str | None:
-    """The note for a guidance the checkpoint ignores: its transformer has no guidance embedding
-    (FLUX.1-schnell), and the guidance is not the model's default (families.generation_defaults:
-    0 for FLUX.1-schnell), so the user asked for one."""
-    config = request.checkpoint.transformer_config
-    default = generation_defaults(request.checkpoint.family, config)["guidance"]
-    if config.get("guidance_embeds") is False and request.settings.guidance != default:
-        return (f"note: {request.checkpoint.model}'s transformer has no guidance embedding (guidance_embeds false, "
-                f"as FLUX.1-schnell): --guidance {request.settings.guidance:g} has no effect")
-    return None
+    """The note for a guidance the checkpoint ignores (its family's guidance_note: FLUX.1-schnell's
+    transformer has no guidance embedding, a step-distilled klein), when the guidance is not the
+    model's default (families.generation_defaults: 0 for FLUX.1-schnell), so the user asked for one."""
+    checkpoint = request.checkpoint
+    default = generation_defaults(checkpoint.family, checkpoint.transformer_config)["guidance"]
+    if request.settings.guidance == default:
+        return None
+    return family_code(checkpoint.family).guidance_note(checkpoint, request.settings.guidance)
 
 
 def plan_inputs(request: RunRequest) -> PlanInputs:
@@ -252,7 +251,7 @@ def execute(request: RunRequest, log: Callable[[str], None] = lambda message: No
     resumed, denoised = None, {}
     if saved_run is not None:  # whatever shares saved this share's images, under any number of processes
         saved = saved_handoffs(request.run_folder, saved_run.process_counts, request.settings, positions,
-                               request.checkpoint.transformer_config, request.checkpoint.vae_scale_factor)
+                               request.checkpoint)
         resumed, denoised = resumed_handoff(request.settings.subset(positions), saved)
         del saved  # the rows this share needs are copied out
     to_run = [stage.NAME for stage in STAGES if resumed is None or stage.NAME not in resumed.finished_stages]
@@ -282,7 +281,7 @@ def execute(request: RunRequest, log: Callable[[str], None] = lambda message: No
                 if path.exists():
                     check_run_image(path, _png_metadata(settings, settings.prompts[position], settings.seeds[position],
                                                         request.budget, fingerprint_digest(fingerprint),
-                                                        checkpoint.transformer_config))
+                                                        checkpoint))
         images = len(request.settings.prompts)
         counts = {process.count, *(saved_run.process_counts if saved_run else ())}
         remove_stale_temporaries(request.run_folder, [path.name for path in our_files(request.run_folder, counts, images)])
@@ -372,7 +371,7 @@ def _execute_plan(request: RunRequest, checkpoint: Checkpoint, plan: RunPlan, pa
                 prompt, seed = settings.prompts[position], settings.seeds[position]
                 with _writing(paths[position], request, saved):
                     save_png(image, paths[position], _png_metadata(settings, prompt, seed, request.budget, weights,
-                                                                   checkpoint.transformer_config))
+                                                                   checkpoint))
                 report.written.append(str(paths[position].absolute()))
         else:
             handoff = stage_report.output
@@ -397,9 +396,8 @@ def _rows_per_image(encoded: Handoff, settings: GenerationSettings) -> Handoff:
     """The handoff of the images of `settings`, each image the row of its prompt in `encoded`."""
     row_of = {prompt: row for row, prompt in enumerate(encoded.settings.prompts)}
     rows = [row_of[prompt] for prompt in settings.prompts]
-    return Handoff(settings=settings, prompt_embeds=encoded.prompt_embeds[rows],
-                   pooled_prompt_embeds=encoded.pooled_prompt_embeds[rows], text_ids=encoded.text_ids,
-                   finished_stages=encoded.finished_stages)
+    # every embedding the family's encode kept (handoff.select keeps the shared ones whole)
+    return dataclasses.replace(encoded.select(rows), settings=settings)
 
 
 def _kept_batches(request: RunRequest, settings: GenerationSettings, checkpoint: Checkpoint, saved: Path | None,
@@ -548,14 +546,14 @@ def _out_of_memory_message(stage: str, error: Exception, request: RunRequest, st
 
 
 def _png_metadata(settings: GenerationSettings, prompt: str, seed: int, budget: Budget, weights: str,
-                  transformer_config: dict) -> dict[str, str]:
+                  checkpoint: Checkpoint) -> dict[str, str]:
     """Every setting that decides the pixels, and the weights (validate.fingerprint_digest)."""
-    guided = transformer_config.get("guidance_embeds", True)
+    ignored = family_code(checkpoint.family).guidance_ignored(checkpoint)
     return {
         "prompt": prompt,
         "seed": str(seed),
         "steps": str(settings.steps),
-        "guidance": str(settings.guidance) if guided else "none (the transformer has no guidance embedding)",
+        "guidance": f"none ({ignored})" if ignored else str(settings.guidance),
         "size": f"{settings.width}x{settings.height}",
         "max_sequence_length": str(settings.max_sequence_length),
         "batch_size": str(settings.batch_size),

@@ -152,6 +152,14 @@ def checkpoint_family(model: str, path: Path):
     return family_for(index.data.get("_class_name"), model)
 
 
+def pipeline_option(model: str, path: Path, name: str, default: bool) -> bool:
+    """A boolean option of the pipeline in model_index.json (`is_distilled`), `default` when absent."""
+    index = JsonFields(_read_config(path / "model_index.json", model), f"--model: '{model}': model_index.json",
+                       "the checkpoint is damaged: fetch that file again or give another --model", CheckpointError)
+    value = index.boolean(name, optional=True)
+    return default if value is None else value
+
+
 def check_checkpoint_configs(model: str, path: Path, family=None) -> tuple[dict, dict]:
     """Every component's config.json of `family` (default: read from model_index.json), within sane
     bounds and consistent with each other. Returns (transformer config, VAE config). Raises CheckpointError."""
@@ -286,10 +294,14 @@ MIN_TOKENIZER_VOCAB = 16
 
 
 def check_tokenizers(model: str, path: Path) -> None:
-    """Both tokenizers have their vocabulary files, load, and give ids their text encoder has."""
+    """The tokenizer of each text encoder of the checkpoint's family has its vocabulary files, loads,
+    and gives ids its text encoder has."""
     from transformers import AutoTokenizer
 
+    family = checkpoint_family(model, path)
     for folder, encoder, alternatives in TOKENIZERS:
+        if encoder not in family.names:
+            continue
         where = f"--model: '{model}': {folder}"
         fix = f"the checkpoint is incomplete: fetch its {folder} folder again"
         if not any(all((path / folder / file).is_file() for file in files) for files in alternatives):
@@ -300,7 +312,8 @@ def check_tokenizers(model: str, path: Path) -> None:
         except Exception as error:  # tokenizers and transformers raise many types; each means "damaged"
             reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
             raise CheckpointError(f"{where} cannot be loaded ({reason}); {fix}") from None
-        vocab = _read_config(path / encoder / "config.json", model)["vocab_size"]
+        config = _read_config(path / encoder / "config.json", model)
+        vocab = (config.get("text_config") or config)["vocab_size"]  # Mistral3 nests its language model's
         if not MIN_TOKENIZER_VOCAB <= len(tokenizer) <= vocab:
             raise CheckpointError(
                 f"{where} has {len(tokenizer)} tokens, not {MIN_TOKENIZER_VOCAB}..{vocab} (the vocab_size of "
@@ -424,17 +437,16 @@ def check_share_settings(saved, run_settings, meta_file: Path, fix: str):
     return saved
 
 
-def expected_tensors(stage: str, settings, transformer_config: dict, vae_scale_factor: int) -> dict[str, tuple]:
-    """Name -> shape of every tensor a stage checkpoint holds, from the settings and the configs."""
-    count, tokens = len(settings.prompts), settings.max_sequence_length
-    shapes = {
-        "prompt_embeds": (count, tokens, transformer_config["joint_attention_dim"]),
-        "pooled_prompt_embeds": (count, transformer_config["pooled_projection_dim"]),
-        "text_ids": (tokens, 3),
-    }
+def expected_tensors(stage: str, settings, checkpoint) -> dict[str, tuple]:
+    """Name -> shape of every tensor a stage checkpoint holds, from the settings and the checkpoint's
+    configs: the embeddings its family's encode keeps (stages/flux1.py, flux2.py), then the packed latents."""
+    from .stages import family_code
+
+    shapes = family_code(checkpoint.family).encoded_shapes(checkpoint, settings)
     if stage == "denoise":
-        patches = (settings.height // (2 * vae_scale_factor)) * (settings.width // (2 * vae_scale_factor))
-        shapes["latents"] = (count, patches, transformer_config["in_channels"])
+        factor = checkpoint.vae_scale_factor
+        patches = (settings.height // (2 * factor)) * (settings.width // (2 * factor))
+        shapes["latents"] = (len(settings.prompts), patches, checkpoint.transformer_config["in_channels"])
     return shapes
 
 

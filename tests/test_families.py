@@ -249,16 +249,17 @@ def test_flux2_dev_dry_run_takes_the_familys_steps_unless_given():
 
 
 @pytest.mark.parametrize(
-    "args, message",
+    "name, args, message",
     [
-        (["--max-memory", "0=12GB"], "is FLUX.2-klein (Flux2KleinPipeline): FLUX.2 runs are not implemented yet; "
-                                     "--dry-run plans them"),
-        (["--max-memory", "cpu=64GB"], "FLUX.2 runs are not implemented yet"),
-        (["--max-memory", "0=12GB", "--dry-run", "--quantize", "fp8"], "--quantize fp8: not planned for FLUX.2-klein"),
+        ("FLUX.2-dev", ["--max-memory", "0=24GB"], "is FLUX.2-dev (Flux2Pipeline): FLUX.2-dev runs are not implemented "
+                                                   "yet; --dry-run plans them"),
+        ("FLUX.2-dev", ["--max-memory", "cpu=64GB"], "FLUX.2-dev runs are not implemented yet"),
+        ("FLUX.2-klein-4B", ["--max-memory", "0=12GB", "--dry-run", "--quantize", "fp8"],
+         "--quantize fp8: not planned for FLUX.2-klein"),
     ],
 )
-def test_flux2_runs_are_refused_up_front(tmp_path, args, message):
-    result = invoke(["--model", "black-forest-labs/FLUX.2-klein-4B", "--prompt", "a dog", "--out", str(tmp_path / "out"),
+def test_flux2_dev_runs_and_flux2_quantize_are_refused_up_front(tmp_path, name, args, message):
+    result = invoke(["--model", f"black-forest-labs/{name}", "--prompt", "a dog", "--out", str(tmp_path / "out"),
                      *args])
     assert result.exit_code == 2, result.output
     (line,) = error_lines(result.output)

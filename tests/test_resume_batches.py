@@ -62,16 +62,13 @@ def test_a_resume_reads_only_the_rows_of_the_images_it_makes(tiny_checkpoint, tm
     args, run_dir, images = first_run(tiny_checkpoint, tmp_path / "out")
     run = read_run(run_dir)
     checkpoint = resolve_checkpoint(str(tiny_checkpoint), need_weights=False)
-    (handoff,) = saved_handoffs(run_dir, run.process_counts, run.settings, [1, 2], checkpoint.transformer_config,
-                                checkpoint.vae_scale_factor)
+    (handoff,) = saved_handoffs(run_dir, run.process_counts, run.settings, [1, 2], checkpoint)
     assert handoff.settings == run.settings.subset([1, 2])
     assert handoff.finished_stages == ("encode", "denoise")
     assert [tuple(tensor.shape)[0] for name, tensor in handoff.tensors().items() if name != "text_ids"] == [2, 2, 2]
-    (whole,) = saved_handoffs(run_dir, run.process_counts, run.settings, [0, 1, 2], checkpoint.transformer_config,
-                              checkpoint.vae_scale_factor)
+    (whole,) = saved_handoffs(run_dir, run.process_counts, run.settings, [0, 1, 2], checkpoint)
     assert torch.equal(handoff.latents, whole.latents[1:])
-    assert saved_handoffs(run_dir, run.process_counts, run.settings, [], checkpoint.transformer_config,
-                          checkpoint.vae_scale_factor) == []
+    assert saved_handoffs(run_dir, run.process_counts, run.settings, [], checkpoint) == []
 
 
 def test_finished_runs_say_so(tiny_checkpoint, tmp_path):

@@ -1,17 +1,19 @@
 """Decode: packed latents -> images.
 
 Loads: the VAE alone, on the single device the plan chose (the one with the largest budget).
-Reads from the handoff: latents and settings (size). Returns PIL images in prompt order. The
-unpacking, un-scaling/shifting and post-processing are FluxPipeline's own. Memory: the VAE's
-weights (168 MB in bf16 for FLUX.1) plus decoder activations, which grow with H*W and dominate.
+Reads from the handoff: latents and settings (size). Returns PIL images in prompt order. What
+comes between the packed latents and vae.decode is the family's pipeline's own (stages/flux1.py:
+unpack, un-scale and shift; flux2.py: unpack by position, undo the batch-norm and the 2x2 patches),
+and so is the post-processing (the pipeline's image_processor). Memory: the VAE's weights (168 MB
+in bf16 for FLUX.1) plus decoder activations, which grow with H*W and dominate.
 """
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, FluxPipeline
-from diffusers.image_processor import VaeImageProcessor
 
 from ..budget import device_key
 from ..handoff import Handoff
@@ -21,20 +23,28 @@ NAME = "decode"
 COMPONENTS = ("vae",)
 
 
-def load(checkpoint, stage_plan, dtype: torch.dtype, offload_folder=None) -> AutoencoderKL:
-    """The VAE on the plan's device; tiled decoding (diffusers' `enable_tiling`) when the plan says
-    so. The plan's decode batch size rides along as `vae.decode_batch_size` (images per decode)."""
+def load(checkpoint, stage_plan, dtype: torch.dtype, offload_folder=None):
+    """The family's pipeline holding only the VAE, on the plan's device; tiled decoding (diffusers'
+    `enable_tiling`) when the plan says so. The plan's decode batch size rides along as
+    `vae.decode_batch_size` (images per decode)."""
+    import diffusers
+
     plan = stage_plan.component("vae")
+    vae_class = getattr(diffusers, checkpoint.family.component("vae").class_name)
     if plan.quantization:
-        vae = load_quantized(AutoencoderKL, checkpoint.path, "vae", plan, dtype)
+        vae = load_quantized(vae_class, checkpoint.path, "vae", plan, dtype)
     else:
-        vae = AutoencoderKL.from_pretrained(
+        vae = vae_class.from_pretrained(
             checkpoint.path, subfolder="vae", device_map=dict(plan.device_map), dtype=dtype, use_safetensors=True,
         )
     if plan.tiled:
         vae.enable_tiling()
     vae.decode_batch_size = plan.batch_size
-    return vae
+    pipeline_class = getattr(diffusers, checkpoint.family.pipeline)
+    # Built directly: from_pretrained would also load the tokenizers and scheduler, unused here.
+    parts = {name: None for name in inspect.signature(pipeline_class.__init__).parameters
+             if name in (*checkpoint.family.names, "scheduler", "tokenizer", "tokenizer_2")}
+    return pipeline_class(**{**parts, "vae": vae})
 
 
 # Set in the `info` of an image whose decoded values held NaN or infinity (a float16 overflow in
@@ -42,11 +52,12 @@ def load(checkpoint, stage_plan, dtype: torch.dtype, offload_folder=None) -> Aut
 NON_FINITE = "flux_sharded_non_finite"
 
 
-def run(vae: AutoencoderKL, handoff: Handoff, on_image_done=None, on_step=None) -> list:
+def run(pipeline, handoff: Handoff, on_image_done=None, on_step=None) -> list:
     """PIL images in the handoff's order, decoded batch_size at a time; see NON_FINITE."""
-    settings = handoff.settings
-    vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    image_processor = VaeImageProcessor(vae_scale_factor=vae_scale_factor * 2)
+    from . import family_code, pipeline_family
+
+    settings, vae = handoff.settings, pipeline.vae
+    code = family_code(pipeline_family(pipeline))
     images = []
     with torch.inference_mode():
         # The run's batches, each cut into the plan's decode batches (one image at a time when a
@@ -54,15 +65,13 @@ def run(vae: AutoencoderKL, handoff: Handoff, on_image_done=None, on_step=None) 
         step = min(getattr(vae, "decode_batch_size", settings.batch_size) or settings.batch_size, settings.batch_size)
         for batch in (part for whole in settings.batches() for part in (
                 range(start, min(start + step, whole.stop)) for start in range(whole.start, whole.stop, step))):
-            latents = FluxPipeline._unpack_latents(  # one batch on the VAE's device at a time
-                handoff.latents[batch.start : batch.stop].to(vae.device), settings.height, settings.width,
-                vae_scale_factor,
-            )
-            latents = (latents / vae.config.scaling_factor) + vae.config.shift_factor
+            # one batch on the VAE's device at a time
+            packed = handoff.latents[batch.start : batch.stop].to(vae.device)
+            latents = code.vae_latents(pipeline, vae, packed, settings.height, settings.width)
             decoded = vae.decode(latents, return_dict=False)[0]
             finite = torch.isfinite(decoded).flatten(1).all(1).tolist()
             with np.errstate(invalid="ignore"):  # NaN pixels become 0; the runner names those images
-                batch_images = image_processor.postprocess(decoded, output_type="pil")
+                batch_images = pipeline.image_processor.postprocess(decoded, output_type="pil")
             for image, is_finite in zip(batch_images, finite, strict=True):
                 if not is_finite:
                     image.info[NON_FINITE] = True
@@ -72,5 +81,5 @@ def run(vae: AutoencoderKL, handoff: Handoff, on_image_done=None, on_step=None) 
     return images
 
 
-def device_map(vae: AutoencoderKL) -> dict[str, dict[str, str]]:
-    return {"vae": {"": device_key(vae.device)}}
+def device_map(pipeline) -> dict[str, dict[str, str]]:
+    return {"vae": {"": device_key(pipeline.vae.device)}}

@@ -2,11 +2,12 @@
 
 Loads: the transformer alone, with the plan's device map (diffusers' "auto" strategy computed in
 plan.py: whole blocks spread over the GPUs, the rest offloaded to the CPU or disk if budgeted),
-and the scheduler. Runs FluxPipeline's own denoising loop (with
-no text encoders and no VAE) so that the numbers are exactly the one-piece pipeline's.
-Reads from the handoff: prompt_embeds, pooled_prompt_embeds, settings (seeds, steps, guidance,
+and the scheduler. Runs the family's pipeline's own denoising loop (__call__ with no text encoders
+and no VAE) so that the numbers are exactly the one-piece pipeline's; the latents are taken, packed,
+after the last step (what decode unpacks: stages/flux1.py, flux2.py).
+Reads from the handoff: the embeddings (prompt_embeds, ...), settings (seeds, steps, guidance,
 size). Writes: latents. Memory: the transformer's weights (FLUX.1 in bf16: 23.8 GB) plus the
-activations of one forward pass over (H/16)*(W/16) image tokens and 512 text tokens.
+activations of one forward pass over (H/16)*(W/16) image tokens and max_sequence_length text tokens.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import dataclasses
 from typing import Callable
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
 from ..budget import device_key
 from ..handoff import Handoff
@@ -27,17 +27,20 @@ COMPONENTS = ("transformer", "scheduler")
 
 
 def load(checkpoint, stage_plan, dtype: torch.dtype, offload_folder=None,
-         gpu_device: Callable[[int], torch.device] = cuda_device) -> FluxPipeline:
+         gpu_device: Callable[[int], torch.device] = cuda_device):
     """The transformer with the plan's device map: blocks on "cpu" streamed to the GPU by diffusers'
     group offloading when the plan says `streamed` (offload.py), else accelerate's device-map hooks
     (also for blocks on "disk"). gpu_device: see offload.apply_streamed_offload."""
+    import diffusers
+
     plan = stage_plan.component("transformer")
+    transformer_class = getattr(diffusers, checkpoint.family.component("transformer").class_name)
     if plan.quantization:
-        transformer = load_quantized(FluxTransformer2DModel, checkpoint.path, "transformer", plan, dtype, gpu_device)
+        transformer = load_quantized(transformer_class, checkpoint.path, "transformer", plan, dtype, gpu_device)
         if plan.streamed:
             transformer.streamed_device_map = dict(plan.device_map)
         return _pipeline(checkpoint, transformer)
-    transformer = FluxTransformer2DModel.from_pretrained(
+    transformer = transformer_class.from_pretrained(
         checkpoint.path,
         subfolder="transformer",
         device_map={"": "cpu"} if plan.streamed else dict(plan.device_map),
@@ -51,27 +54,41 @@ def load(checkpoint, stage_plan, dtype: torch.dtype, offload_folder=None,
     return _pipeline(checkpoint, transformer)
 
 
-def _pipeline(checkpoint, transformer) -> FluxPipeline:
-    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(checkpoint.path, subfolder="scheduler")
-    pipeline = FluxPipeline(
-        scheduler=scheduler,
-        vae=None,
-        text_encoder=None,
-        tokenizer=None,
-        text_encoder_2=None,
-        tokenizer_2=None,
-        transformer=transformer,
-    )
-    # Without a VAE, FluxPipeline assumes a scale factor of 8; take the checkpoint's own.
+def _pipeline(checkpoint, transformer):
+    """The family's pipeline with this transformer, its scheduler and config (klein's is_distilled), no other model."""
+    import diffusers
+
+    family = checkpoint.family
+    others = {name: None for name in (*family.names, *_tokenizers(checkpoint)) if name != "transformer"}
+    pipeline = getattr(diffusers, family.pipeline).from_pretrained(checkpoint.path, transformer=transformer, **others)
+    # Without a VAE, the pipelines assume a scale factor of 8; take the checkpoint's own.
     pipeline.vae_scale_factor = checkpoint.vae_scale_factor
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
 
-def run(pipeline: FluxPipeline, handoff: Handoff, on_image_done=None, on_step=None, finished_batches=None,
+def _tokenizers(checkpoint) -> list[str]:
+    """The pipeline's parts in model_index.json that are not models of the family (tokenizers, the scheduler)."""
+    import json
+
+    index = json.loads((checkpoint.path / "model_index.json").read_text(encoding="utf-8"))
+    return [name for name, value in index.items() if isinstance(value, list) and name != "scheduler"
+            and name not in checkpoint.family.names]
+
+
+class _Denoised(Exception):
+    """Raised by the step callback after the last step, with the packed latents: what follows in
+    __call__ (unpacking; for klein, un-normalising with the VAE's statistics) is decode's work."""
+
+    def __init__(self, latents: torch.Tensor):
+        super().__init__("denoised")
+        self.latents = latents
+
+
+def run(pipeline, handoff: Handoff, on_image_done=None, on_step=None, finished_batches=None,
         on_batch_done=None) -> Handoff:
     """Denoise batch_size images per pass, each with its own CPU generator seeded with its seed,
-    as FluxPipeline does for a list of generators.
+    as the pipelines do for a list of generators.
 
     finished_batches: {batch number: latents (len(batch), tokens, channels)} denoised earlier (a
     resumed run), taken as they are; on_batch_done(number, latents) is called as each batch
@@ -81,7 +98,10 @@ def run(pipeline: FluxPipeline, handoff: Handoff, on_image_done=None, on_step=No
     latents = []
 
     def step_done(pipe, step, timestep, callback_kwargs):
-        on_step(step + 1, settings.steps)
+        if on_step:
+            on_step(step + 1, settings.steps)
+        if step + 1 == pipe.num_timesteps:
+            raise _Denoised(callback_kwargs["latents"])  # (B, tokens, 4*latent_channels), packed
         return {}
 
     with torch.inference_mode():
@@ -91,19 +111,22 @@ def run(pipeline: FluxPipeline, handoff: Handoff, on_image_done=None, on_step=No
             else:
                 # One batch's rows on the GPU at a time: the rest of the run's wait in RAM.
                 rows = handoff.select(list(batch)).to(pipeline._execution_device)
-                result = pipeline(
-                    prompt_embeds=rows.prompt_embeds,
-                    pooled_prompt_embeds=rows.pooled_prompt_embeds,
-                    num_inference_steps=settings.steps,
-                    guidance_scale=settings.guidance,
-                    height=settings.height,
-                    width=settings.width,
-                    max_sequence_length=settings.max_sequence_length,
-                    generator=[torch.Generator("cpu").manual_seed(settings.seeds[p]) for p in batch],
-                    output_type="latent",
-                    callback_on_step_end=step_done if on_step else None,
-                )
-                latents.append(result.images.to("cpu"))
+                try:
+                    pipeline(
+                        **rows.embeddings(),
+                        num_inference_steps=settings.steps,
+                        guidance_scale=settings.guidance,
+                        height=settings.height,
+                        width=settings.width,
+                        max_sequence_length=settings.max_sequence_length,
+                        generator=[torch.Generator("cpu").manual_seed(settings.seeds[p]) for p in batch],
+                        output_type="latent",
+                        callback_on_step_end=step_done,
+                    )
+                except _Denoised as denoised:
+                    latents.append(denoised.latents.to("cpu"))
+                else:
+                    raise RuntimeError(f"{type(pipeline).__name__} returned before its last step")
                 if on_batch_done:
                     on_batch_done(number, latents[-1])
             if on_image_done:
@@ -112,7 +135,7 @@ def run(pipeline: FluxPipeline, handoff: Handoff, on_image_done=None, on_step=No
                                finished_stages=handoff.finished_stages + (NAME,))
 
 
-def device_map(pipeline: FluxPipeline) -> dict[str, dict[str, str]]:
+def device_map(pipeline) -> dict[str, dict[str, str]]:
     placed = getattr(pipeline.transformer, "hf_device_map", None) or {"": pipeline.transformer.device}
     streamed = getattr(pipeline.transformer, "streamed_device_map", None)
     if streamed is not None:  # group offloading: the planned map, as placed by apply_streamed_offload

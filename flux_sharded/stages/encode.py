@@ -1,23 +1,27 @@
 """Encode: prompts -> text embeddings.
 
-Loads: the CLIP-L and T5-XXL text encoders, each whole on the device the plan gave it (diffusers'
-"balanced" pipeline strategy, computed in plan.py), then FluxPipeline.from_pretrained with those
-two and no transformer or VAE, which adds both tokenizers and the scheduler config.
-Reads from the handoff: settings.prompts. Writes: prompt_embeds (T5), pooled_prompt_embeds (CLIP
-pooled), text_ids. Memory: the encoders' weights (FLUX.1 in bf16: T5 9.52 GB, CLIP 246 MB) plus
-activations of a 512-token T5 forward pass, small next to the weights.
+Loads: the family's text encoders (FLUX.1: CLIP-L and T5-XXL; FLUX.2: Mistral Small 3 or Qwen3,
+cut to the decoder layers the encode reads: components.encode_only), each with the device map the
+plan gave it (diffusers' "balanced" pipeline strategy, computed in plan.py), then the family's
+pipeline from_pretrained with those and no transformer or VAE, which adds the tokenizers and the
+scheduler config. Runs the pipeline's own encode_prompt.
+Reads from the handoff: settings.prompts. Writes: the embeddings the family's pipeline takes
+(stages/flux1.py, flux2.py). Memory: the encoders' weights (FLUX.1 in bf16: T5 9.52 GB, CLIP
+246 MB; FLUX.2-dev: 30 of Mistral's 40 layers) plus the activations of one forward pass.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 from collections import Counter
 
 import torch
-from diffusers import FluxPipeline
 
-from ..families import FLUX_1
 from ..budget import device_key
+from ..components import encode_only
+from ..families import encode_layers
 from ..handoff import Handoff
 from ..quantize import load_quantized
 
@@ -25,58 +29,93 @@ NAME = "encode"
 COMPONENTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 
 
-def load(checkpoint, stage_plan, dtype: torch.dtype, offload_folder=None) -> FluxPipeline:
-    encoders = {
-        name: load_quantized(_model_class(name), checkpoint.path, name, stage_plan.component(name), dtype)
-        if stage_plan.component(name).quantization else _model_class(name).from_pretrained(
-            checkpoint.path, subfolder=name, device_map=stage_plan.component(name).device_map, dtype=dtype,
-            use_safetensors=True,
-        )
-        for name in ("text_encoder", "text_encoder_2")
-    }
-    return FluxPipeline.from_pretrained(checkpoint.path, transformer=None, vae=None, dtype=dtype, **encoders)
+def load(checkpoint, stage_plan, dtype: torch.dtype, offload_folder=None):
+    """The family's pipeline with its text encoders placed as the plan says."""
+    import diffusers
+
+    family = checkpoint.family
+    encoders = {}
+    for name in family.stage_components()["encode"]:
+        plan = stage_plan.component(name)
+        model_class = _model_class(family, name)
+        if plan.quantization:
+            encoders[name] = load_quantized(model_class, checkpoint.path, name, plan, dtype)
+            continue
+        # transformers reports the weights of the cut layers as unexpected keys: they are meant to stay unread.
+        with _quiet("transformers.modeling_utils"):
+            encoders[name] = model_class.from_pretrained(
+                checkpoint.path, subfolder=name, device_map=plan.device_map, dtype=dtype, use_safetensors=True,
+            )
+    others = {name: None for name in family.names if name not in encoders}
+    return getattr(diffusers, family.pipeline).from_pretrained(checkpoint.path, dtype=dtype, **others, **encoders)
 
 
-def _model_class(name: str):
+def _model_class(family, name: str):
+    """The component's transformers class; for a text encoder the family cuts (FLUX.2), a subclass
+    that builds only what the encode reads (components.encode_only), so that from_pretrained reads
+    no weight of the layers after the last one used, the final norm, the language-model head or
+    the vision tower."""
     import transformers
 
-    return getattr(transformers, FLUX_1.component(name).class_name)
+    component = family.component(name)
+    model_class = getattr(transformers, component.class_name)
+    if not component.truncated:
+        return model_class
+    layers = encode_layers(family.pipeline)
+
+    def __init__(self, config, *args, **kwargs):
+        model_class.__init__(self, config, *args, **kwargs)
+        encode_only(self, layers)
+
+    # No weight ties: the tied lm_head is cut.
+    return type(f"{component.class_name}EncodeOnly", (model_class,), {"__init__": __init__, "_tied_weights_keys": {}})
 
 
-def run(pipeline: FluxPipeline, handoff: Handoff, on_image_done=None, on_step=None) -> Handoff:
+@contextlib.contextmanager
+def _quiet(name: str):
+    """The logger `name` at level ERROR for a block."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def run(pipeline, handoff: Handoff, on_image_done=None, on_step=None) -> Handoff:
     """Encode each distinct prompt once, batch_size prompts per forward pass; rows per image."""
+    from . import family_code, pipeline_family
+
     settings = handoff.settings
+    code = family_code(pipeline_family(pipeline))
     images_of = Counter(settings.prompts)
     distinct = list(images_of)  # first-seen order
-    embeds, pooled, text_ids = {}, {}, None
+    rows_of, shared = {}, {}
     with torch.inference_mode():
         for start in range(0, len(distinct), settings.batch_size):
             batch = distinct[start : start + settings.batch_size]
-            batch_embeds, batch_pooled, text_ids = pipeline.encode_prompt(
-                prompt=batch,
-                prompt_2=None,
-                num_images_per_prompt=1,
-                max_sequence_length=settings.max_sequence_length,
-            )
+            rows, shared = code.encode_batch(pipeline, batch, settings)
             for row, prompt in enumerate(batch):
-                embeds[prompt], pooled[prompt] = batch_embeds[row].to("cpu"), batch_pooled[row].to("cpu")
+                rows_of[prompt] = {name: tensor[row].to("cpu") for name, tensor in rows.items()}
             if on_image_done:
                 on_image_done(sum(images_of[prompt] for prompt in batch))
+    names = rows_of[distinct[0]].keys()
     return dataclasses.replace(
         handoff,
-        prompt_embeds=torch.stack([embeds[prompt] for prompt in settings.prompts]),
-        pooled_prompt_embeds=torch.stack([pooled[prompt] for prompt in settings.prompts]),
-        text_ids=text_ids.to("cpu"),
+        **{name: torch.stack([rows_of[prompt][name] for prompt in settings.prompts]) for name in names},
+        **{name: tensor.to("cpu") for name, tensor in shared.items()},
         finished_stages=handoff.finished_stages + (NAME,),
     )
 
 
-def device_map(pipeline: FluxPipeline) -> dict[str, dict[str, str]]:
+def device_map(pipeline) -> dict[str, dict[str, str]]:
+    from . import pipeline_family
+
     placed = {}
-    for name in ("text_encoder", "text_encoder_2"):
+    for name in pipeline_family(pipeline).stage_components()["encode"]:
         model = getattr(pipeline, name)
         split = getattr(model, "hf_device_map", None)  # an encoder split GPU + CPU by the plan
         placed[name] = ({module: device_key(device) for module, device in split.items()} if split and len(split) > 1
                         else {"": device_key(model.device)})
     return placed
-

@@ -1,0 +1,167 @@
+"""FLUX.2 on the staged runner: the central invariant on tiny klein checkpoints, the cut text
+encoder's embeddings, the handoff's shapes, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from flux_sharded import runner
+from flux_sharded.checkpoint import resolve_checkpoint
+from flux_sharded.cli import main
+from flux_sharded.families import encode_layers
+from flux_sharded.handoff import GenerationSettings, Handoff
+from flux_sharded.plan import plan_run
+from flux_sharded.stages import decode, encode
+from flux_sharded.validate import expected_tensors
+
+from .conftest import assert_same_pixels, one_piece_pixels
+
+# Short prompts fit 64 tokens; a shorter max_sequence_length keeps the 29-layer encode cheap.
+TOKENS = 64
+BUDGET = {"cpu": 4 * 10**9}
+
+
+def run_cli(args: list[str]):
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def error_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("Error: ")]
+
+
+@pytest.mark.parametrize(
+    "fixture, size, guidance",
+    [
+        # step-distilled: no --guidance given; the pipeline ignores its default 4.0 (is_distilled)
+        ("tiny_klein", 64, None),
+        # not distilled, guidance 3: a second pass on the empty prompt's embeddings
+        ("tiny_klein_base", 24, 3.0),
+    ],
+)
+def test_staged_klein_png_equals_one_piece_pipeline(request, tmp_path, fixture, size, guidance):
+    checkpoint = request.getfixturevalue(fixture)
+    prompt, seed, steps = "a photo of a dog", 7, 2
+    report_path = tmp_path / "report.json"
+    run_cli([
+        "--model", str(checkpoint), "--prompt", prompt, "--seed", str(seed), "--steps", str(steps),
+        "--height", str(size), "--width", str(size), "--dtype", "float32", "--max-memory", "cpu=4GB",
+        "--max-sequence-length", str(TOKENS), "--out", str(tmp_path / "out"), "--report", str(report_path),
+        *(["--guidance", str(guidance)] if guidance is not None else []),
+    ])
+    (image_path,) = json.loads(report_path.read_text())["images"]
+    staged = np.asarray(Image.open(image_path))
+    expected = one_piece_pixels(checkpoint, prompt, seed, steps, size, size, guidance=guidance or 4.0,
+                                max_sequence_length=TOKENS)
+    assert_same_pixels(staged, expected)
+    assert staged.std() > 10  # a blank or saturated image would make the comparison meaningless
+    assert Image.open(image_path).text["guidance"] == (
+        str(guidance) if guidance else "none (the checkpoint is step-distilled: model_index.json 'is_distilled')")
+
+
+def test_guidance_changes_a_klein_that_is_not_distilled(tiny_klein_base, tmp_path):
+    """The control of the test above: the second pass is really taken (else guidance would not matter)."""
+    images = []
+    for guidance in ("1.0", "3.0"):
+        out = tmp_path / guidance
+        run_cli(["--model", str(tiny_klein_base), "--prompt", "a dog", "--steps", "1", "--height", "16", "--width",
+                 "16", "--dtype", "float32", "--max-memory", "cpu=4GB", "--max-sequence-length", str(TOKENS),
+                 "--guidance", guidance, "--out", str(out)])
+        images.append(np.asarray(Image.open(next(out.glob("*.png")))))
+    assert np.abs(images[0].astype(int) - images[1].astype(int)).max() > 0
+
+
+def _encode_plan(checkpoint: Path, settings: GenerationSettings):
+    request = runner.RunRequest(resolve_checkpoint(str(checkpoint)), settings, BUDGET, Path("unused"))
+    return request.checkpoint, plan_run(runner.plan_inputs(request), BUDGET).stage("encode")
+
+
+def test_the_encode_loads_only_the_layers_it_reads_and_gives_the_full_pipelines_embeddings(tiny_klein):
+    from diffusers import Flux2KleinPipeline
+
+    prompts = ("a photo of a dog", "watercolor portrait of a cat")
+    settings = GenerationSettings(str(tiny_klein), prompts, (0, 1), 2, 1.0, 32, 32, TOKENS, "float32", batch_size=2)
+    checkpoint, stage_plan = _encode_plan(tiny_klein, settings)
+    pipeline = encode.load(checkpoint, stage_plan, torch.float32)
+    cut = pipeline.text_encoder
+    full = Flux2KleinPipeline.from_pretrained(tiny_klein, dtype=torch.float32)
+    # The checkpoint has layers past the last one read, so that there is something to leave out.
+    assert len(full.text_encoder.model.layers) > encode_layers("Flux2KleinPipeline") == len(cut.model.layers)
+    assert isinstance(cut.lm_head, torch.nn.Identity) and isinstance(cut.model.norm, torch.nn.Identity)
+    assert sum(p.numel() for p in cut.parameters()) < sum(p.numel() for p in full.text_encoder.parameters())
+
+    handoff = encode.run(pipeline, Handoff(settings=settings))
+    expected, _ = full.encode_prompt(prompt=list(prompts), max_sequence_length=TOKENS)
+    assert torch.equal(handoff.prompt_embeds, expected)
+    assert handoff.tensors().keys() == {"prompt_embeds"}  # no pooled embedding, no text positions
+
+
+@pytest.mark.parametrize("fixture, guidance, names", [
+    ("tiny_klein", 5.0, {"prompt_embeds"}),  # distilled: guidance ignored, no second pass
+    ("tiny_klein_base", 1.0, {"prompt_embeds"}),  # guidance 1: no second pass
+    ("tiny_klein_base", 2.0, {"prompt_embeds", "negative_prompt_embeds"}),
+])
+def test_the_handoff_holds_what_the_familys_pipeline_takes(request, fixture, guidance, names):
+    checkpoint = resolve_checkpoint(str(request.getfixturevalue(fixture)))
+    settings = GenerationSettings(str(checkpoint.path), ("a", "b", "c"), (0, 1, 2), 2, guidance, 32, 64, TOKENS,
+                                  "float32")
+    width = checkpoint.transformer_config["joint_attention_dim"]
+    assert expected_tensors("encode", settings, checkpoint) == {name: (3, TOKENS, width) for name in names}
+    latents = expected_tensors("denoise", settings, checkpoint)["latents"]
+    factor = checkpoint.vae_scale_factor
+    assert latents == (3, (32 // (2 * factor)) * (64 // (2 * factor)), checkpoint.transformer_config["in_channels"])
+
+
+def test_a_klein_run_stopped_before_decode_resumes_to_the_same_image(tiny_klein, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    args = ["--model", str(tiny_klein), "--prompt", "a red car", "--prompt", "a dog", "--seed", "3", "--steps", "2",
+            "--height", "32", "--width", "32", "--dtype", "float32", "--max-memory", "cpu=4GB",
+            "--max-sequence-length", str(TOKENS), "--out", str(out)]
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError("can't allocate memory")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(decode, "run", out_of_memory)
+        failed = CliRunner().invoke(main, args)
+    assert failed.exit_code == 3, failed.output
+    assert not list(out.glob("*.png"))
+    (run_dir,) = (out / ".flux-sharded").iterdir()
+    resumed = CliRunner().invoke(main, ["--resume", str(run_dir)])
+    assert resumed.exit_code == 0, resumed.output
+    assert "denoise: finished earlier" in resumed.output
+    for index, prompt in enumerate(("a red car", "a dog")):
+        (path,) = out.glob(f"{index:04d}-*.png")
+        expected = one_piece_pixels(tiny_klein, prompt, 3 + index, 2, 32, 32, max_sequence_length=TOKENS)
+        assert_same_pixels(np.asarray(Image.open(path)), expected)
+        assert Image.open(path).text["prompt"] == prompt
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda t: {**t, "prompt_embeds": t["prompt_embeds"][..., :-1].contiguous()}, "prompt_embeds has shape"),
+    (lambda t: {**t, "pooled_prompt_embeds": torch.zeros(1, 4)}, "holds unexpected pooled_prompt_embeds"),
+])
+def test_a_damaged_klein_handoff_is_refused_on_resume(tiny_klein, tmp_path, change, message):
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "out"
+    run_cli(["--model", str(tiny_klein), "--prompt", "a dog", "--steps", "1", "--height", "16", "--width", "16",
+             "--dtype", "float32", "--max-memory", "cpu=4GB", "--max-sequence-length", str(TOKENS), "--out", str(out)])
+    (image,) = out.glob("*.png")
+    image.unlink()
+    (run_dir,) = (out / ".flux-sharded").iterdir()
+    saved = run_dir / "denoise.safetensors"
+    save_file(change(load_file(saved)), saved)
+    result = CliRunner().invoke(main, ["--resume", str(run_dir)])
+    assert result.exit_code == 2, result.output
+    (line,) = error_lines(result.output)
+    assert f"--resume: {saved}" in line and message in line
+    assert not list(out.glob("*.png"))
