@@ -13,12 +13,12 @@ proportions at about 1.2 GB, for benchmarks),
 and "flux-dev" / "flux-schnell": the real architectures from the configs shipped in this package,
 with random weights (33 GB in bf16: build them on a GPU machine, `--device cuda --dtype bfloat16`).
 
-`--family FLUX.2-klein` (preset tiny only; build_tiny_flux2_checkpoint also builds FLUX.2-dev where
-torchvision is installed, which PixtralProcessor needs) builds what Flux2KleinPipeline /
+`--family FLUX.2-klein` / `FLUX.2-dev` (preset tiny only) builds what Flux2KleinPipeline /
 Flux2Pipeline.from_pretrained load: a random Qwen3ForCausalLM with a byte-level BPE Qwen2 tokenizer
-and a Qwen3-style chat template, or a random Mistral3ForConditionalGeneration with a PixtralProcessor
-around such a tokenizer; a Flux2Transformer2DModel and an AutoencoderKLFlux2 whose batch-norm
-statistics are random too (so that decoding without them would give other pixels). The text
+and a Qwen3-style chat template, or a random Mistral3ForConditionalGeneration with such a tokenizer
+and Mistral's chat markup (_mistral_tokenizer says why not a PixtralProcessor); a
+Flux2Transformer2DModel and an AutoencoderKLFlux2 whose batch-norm statistics are random too (so
+that decoding without them would give other pixels). The text
 encoders are 16 wide but as deep as the pipeline's encode reads (families.encode_layers: 27 for
 klein, 30 for dev) plus two layers the encode must not need. klein is built step-distilled
 (`is_distilled`, as the published klein checkpoints) unless `distilled=False`.
@@ -181,15 +181,18 @@ MISTRAL3_CHAT_TEMPLATE = (
     "{% elif message['role'] == 'user' %}[INST]{{ text }}[/INST]{% else %}{{ text }}{{ eos_token }}{% endif %}"
     "{% endfor %}"
 )
-PIXTRAL_PATCH_SIZE = 14  # the smallest image the vision tower sees is one patch of this many pixels
+PIXTRAL_PATCH_SIZE = 14  # the tiny vision tower's patch: a 4 x 4 patch image (text-only prompts never use it)
 
 
-def _pixtral_processor(corpus: list[str]):
-    """A PixtralProcessor (what Flux2Pipeline's `tokenizer: AutoProcessor` loads for FLUX.2-dev): a
-    byte-level BPE with Mistral's special tokens, Mistral Small 3's chat template (cut down) and
-    Pixtral's image processor, which text-only prompts never call."""
+def _mistral_tokenizer(corpus: list[str]):
+    """A byte-level BPE with Mistral's special tokens and Mistral Small 3's chat template (cut down).
+
+    What Flux2Pipeline calls on its `tokenizer: AutoProcessor` is apply_chat_template (a batch of
+    conversations, padded to max_length) alone; the published FLUX.2-dev has a PixtralProcessor
+    there, which also holds Pixtral's image processor (for image prompts, which flux-sharded does
+    not offer) and needs torchvision. A plain tokenizer loads through the same from_pretrained path."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PixtralImageProcessorPil, PixtralProcessor, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     specials = ["<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]",
                 "[IMG]", "[IMG_BREAK]", "[IMG_END]"]
@@ -197,14 +200,9 @@ def _pixtral_processor(corpus: list[str]):
     backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
-                                        unk_token="<unk>", pad_token="<pad>", model_max_length=512,
-                                        additional_special_tokens=specials[4:])
-    image_processor = PixtralImageProcessorPil(patch_size={"height": PIXTRAL_PATCH_SIZE, "width": PIXTRAL_PATCH_SIZE},
-                                               size={"longest_edge": 4 * PIXTRAL_PATCH_SIZE})
-    return PixtralProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=PIXTRAL_PATCH_SIZE,
-                            spatial_merge_size=2, chat_template=MISTRAL3_CHAT_TEMPLATE, image_token="[IMG]",
-                            image_break_token="[IMG_BREAK]", image_end_token="[IMG_END]")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", model_max_length=512, additional_special_tokens=specials[4:],
+                                   chat_template=MISTRAL3_CHAT_TEMPLATE)
 
 
 def _t5_tokenizer(corpus: list[str]):
@@ -357,8 +355,7 @@ def build_tiny_flux2_checkpoint(out_dir: str | Path, family: str = "FLUX.2-klein
     layers = encode_layers(pipeline_name) + FLUX2_EXTRA_LAYERS
     corpus = _corpus(seed)
     klein = family == "FLUX.2-klein"
-    tokenizer = _qwen2_tokenizer(corpus) if klein else _pixtral_processor(corpus)
-    words = tokenizer if klein else tokenizer.tokenizer
+    tokenizer = words = _qwen2_tokenizer(corpus) if klein else _mistral_tokenizer(corpus)
     decoder = dict(vocab_size=len(words), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
                    num_attention_heads=2, num_key_value_heads=1, head_dim=width // 2, max_position_embeddings=1024,
                    pad_token_id=words.pad_token_id)
@@ -496,8 +493,7 @@ def _save(pipeline, out_dir: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flux_sharded.tiny", description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", help="folder to write (a new or empty one, or a checkpoint built here earlier)")
-    # FLUX.2-dev's PixtralProcessor needs torchvision, which flux-sharded does not install yet.
-    parser.add_argument("--family", choices=["FLUX.1", "FLUX.2-klein"], default="FLUX.1",
+    parser.add_argument("--family", choices=["FLUX.1", *FLUX2_FAMILIES], default="FLUX.1",
                         help="pipeline to build (default: FLUX.1); FLUX.2 families take preset tiny only")
     parser.add_argument("--vae-scale-factor", type=int, default=8, help="VAE downsampling: 1, 2, 4, 8, ...")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and tokenizer corpus")
