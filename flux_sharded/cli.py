@@ -157,7 +157,7 @@ class _OneLineErrors(click.Command):
 def main(ctx: click.Context, **options):
     """Run FLUX.1 text-to-image in three stages (encode, denoise, decode), each loading only its
     own component under a per-device memory budget, and report every stage's peak memory.
-    FLUX.2-klein (4B/9B) checkpoints run too; FLUX.2-dev ones --dry-run only (runs not implemented yet).
+    FLUX.2 (dev, klein 4B/9B) checkpoints run the same way.
 
     Example: flux-sharded --prompt "a photo of a dog" --max-memory 0=16GB,1=16GB
     """

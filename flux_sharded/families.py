@@ -148,7 +148,7 @@ FLUX_2_DEV = Family(
     guidance=4.0,
     max_sequence_length=512,
     sample_size=128,
-    runs=False,  # phase 2 of issue 12: the FLUX.2 stages
+    runs=True,
     quantize=False,
     code="flux2",
 )

@@ -312,6 +312,7 @@ def check_tokenizers(model: str, path: Path) -> None:
         except Exception as error:  # tokenizers and transformers raise many types; each means "damaged"
             reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
             raise CheckpointError(f"{where} cannot be loaded ({reason}); {fix}") from None
+        _check_processor(model, path, folder, where)
         config = _read_config(path / encoder / "config.json", model)
         vocab = (config.get("text_config") or config)["vocab_size"]  # Mistral3 nests its language model's
         if not MIN_TOKENIZER_VOCAB <= len(tokenizer) <= vocab:
@@ -319,6 +320,28 @@ def check_tokenizers(model: str, path: Path) -> None:
                 f"{where} has {len(tokenizer)} tokens, not {MIN_TOKENIZER_VOCAB}..{vocab} (the vocab_size of "
                 f"{encoder}/config.json); {fix}"
             )
+
+
+def _check_processor(model: str, path: Path, folder: str, where: str) -> None:
+    """A tokenizer folder the pipeline loads as a processor (model_index.json: FLUX.2-dev's
+    PixtralProcessor, which also holds an image processor) loads here, before any weight: Pixtral's
+    needs torchvision, which flux-sharded does not install."""
+    import transformers
+
+    entry = _read_config(path / "model_index.json", model).get(folder)
+    class_name = entry[1] if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], str) else ""
+    if not class_name.endswith("Processor") or not hasattr(transformers, class_name):
+        return
+    try:
+        getattr(transformers, class_name).from_pretrained(path / folder)
+    except ImportError as error:
+        reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        raise CheckpointError(f"{where} is a {class_name} (model_index.json), which cannot load here: {reason[:200]}; "
+                              "install that library (for Pixtral: pip install torchvision), then run again") from None
+    except Exception as error:  # transformers raises many types; each means "damaged"
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{where} cannot be loaded as a {class_name} ({reason}); the checkpoint is incomplete: "
+                              f"fetch its {folder} folder again") from None
 
 
 # ---------------------------------------------------------------- prompts

@@ -40,6 +40,13 @@ def tiny_klein_base(tmp_path_factory) -> Path:
                                        vae_scale_factor=2, seed=1, distilled=False)
 
 
+@pytest.fixture(scope="session")
+def tiny_dev(tmp_path_factory) -> Path:
+    """FLUX.2-dev (Flux2Pipeline): a Mistral3 text encoder, guidance embedded; VAE scale factor 4."""
+    return build_tiny_flux2_checkpoint(tmp_path_factory.mktemp("ckpt") / "dev", "FLUX.2-dev", vae_scale_factor=4,
+                                       seed=2)
+
+
 def one_piece_pixels(checkpoint: Path, prompt: str, seed: int, steps: int, height: int, width: int,
                      dtype: torch.dtype = torch.float32, guidance: float = 3.5,
                      max_sequence_length: int = 512) -> np.ndarray:

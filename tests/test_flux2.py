@@ -1,8 +1,9 @@
-"""FLUX.2 on the staged runner: the central invariant on tiny klein checkpoints, the cut text
-encoder's embeddings, the handoff's shapes, resume."""
+"""FLUX.2 on the staged runner: the central invariant on tiny klein and dev checkpoints, the cut
+text encoder's embeddings, the handoff's shapes, resume, a tokenizer that cannot load."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -165,3 +166,58 @@ def test_a_damaged_klein_handoff_is_refused_on_resume(tiny_klein, tmp_path, chan
     (line,) = error_lines(result.output)
     assert f"--resume: {saved}" in line and message in line
     assert not list(out.glob("*.png"))
+
+
+def test_staged_flux2_dev_png_equals_one_piece_pipeline(tiny_dev, tmp_path):
+    """FLUX.2-dev's defaults (guidance 4, embedded in the transformer) as Flux2Pipeline's: no --guidance given."""
+    prompt, seed, steps, size = "a photo of a dog", 5, 2, 32
+    report_path = tmp_path / "report.json"
+    run_cli([
+        "--model", str(tiny_dev), "--prompt", prompt, "--seed", str(seed), "--steps", str(steps),
+        "--height", str(size), "--width", str(size), "--dtype", "float32", "--max-memory", "cpu=4GB",
+        "--max-sequence-length", str(TOKENS), "--out", str(tmp_path / "out"), "--report", str(report_path),
+    ])
+    (image_path,) = json.loads(report_path.read_text())["images"]
+    staged = np.asarray(Image.open(image_path))
+    assert_same_pixels(staged, one_piece_pixels(tiny_dev, prompt, seed, steps, size, size, guidance=4.0,
+                                                max_sequence_length=TOKENS))
+    assert staged.std() > 10
+    assert Image.open(image_path).text["guidance"] == "4.0"
+
+
+def test_the_dev_encode_leaves_out_the_vision_tower_and_gives_the_full_pipelines_embeddings(tiny_dev):
+    from diffusers import Flux2Pipeline
+
+    prompts = ("a photo of a dog",)
+    settings = GenerationSettings(str(tiny_dev), prompts, (0,), 2, 4.0, 32, 32, TOKENS, "float32")
+    checkpoint, stage_plan = _encode_plan(tiny_dev, settings)
+    cut = encode.load(checkpoint, stage_plan, torch.float32)
+    full = Flux2Pipeline.from_pretrained(tiny_dev, dtype=torch.float32)
+    model = cut.text_encoder.model
+    assert len(model.language_model.layers) == encode_layers("Flux2Pipeline")
+    assert len(full.text_encoder.model.language_model.layers) > encode_layers("Flux2Pipeline")
+    for part in (model.vision_tower, model.multi_modal_projector, model.language_model.norm, cut.text_encoder.lm_head):
+        assert isinstance(part, torch.nn.Identity)
+    handoff = encode.run(cut, Handoff(settings=settings))
+    expected, _ = full.encode_prompt(prompt=list(prompts), max_sequence_length=TOKENS)
+    assert torch.equal(handoff.prompt_embeds, expected)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None, reason="PixtralProcessor loads here")
+def test_a_tokenizer_the_pipeline_loads_as_a_processor_that_cannot_load_is_refused_before_any_stage(tiny_dev, tmp_path):
+    """FLUX.2-dev's published tokenizer folder is a PixtralProcessor, which needs torchvision."""
+    import shutil
+
+    folder = tmp_path / "dev"
+    shutil.copytree(tiny_dev, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["tokenizer"] = ["transformers", "PixtralProcessor"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["--model", str(folder), "--prompt", "a dog", "--steps", "1", "--height", "16",
+                                       "--width", "16", "--max-memory", "cpu=4GB", "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    (line,) = error_lines(result.output)
+    assert "tokenizer is a PixtralProcessor (model_index.json), which cannot load here" in line
+    assert "pip install torchvision" in line
+    assert not out.exists() or not any(out.iterdir())
