@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -221,3 +224,22 @@ def test_a_tokenizer_the_pipeline_loads_as_a_processor_that_cannot_load_is_refus
     assert "tokenizer is a PixtralProcessor (model_index.json), which cannot load here" in line
     assert "pip install torchvision" in line
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_two_klein_processes_equal_one_process(tiny_klein, tmp_path):
+    """FLUX.2 carries over to several processes: each share's images equal the one-process run's."""
+
+    common = ["--model", str(tiny_klein), "--steps", "1", "--height", "16", "--width", "16", "--dtype", "float32",
+              "--max-memory", "cpu=4GB", "--max-sequence-length", str(TOKENS), "--seed", "4"]
+    prompts = [arg for prompt in ("a red car", "a dog", "a red car") for arg in ("--prompt", prompt)]
+    run_cli([*common, *prompts, "--out", str(tmp_path / "one"), "--report", str(tmp_path / "one.json")])
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "flux_sharded",
+         *common, *prompts, "--out", str(tmp_path / "two"), "--report", str(tmp_path / "two.json")],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    one, two = (json.loads((tmp_path / f"{name}.json").read_text())["images"] for name in ("one", "two"))
+    assert [Path(path).name for path in two] == [Path(path).name for path in one] and len(one) == 3
+    for path_two, path_one in zip(two, one):
+        assert_same_pixels(np.asarray(Image.open(path_two)), np.asarray(Image.open(path_one)))
