@@ -163,14 +163,16 @@ def check_request(request: RunRequest, keep_created_folders: bool = False) -> li
             f"--out: the run in {request.run_folder} finished: its {len(paths)} image(s) exist, nothing is left to "
             "resume; pass --overwrite to make them again, or choose another --out folder"
         )
-    if existing and not (request.resume or request.overwrite):
-        raise SettingsError(
-            f"--out: {existing[0]} already exists; choose another --out folder, move it away, or pass --overwrite"
-        )
+    # An unfinished run of these settings first: its images in --out are its own, and resuming
+    # is what the user wants, not moving them away.
     if not (request.resume or request.overwrite) and (request.run_folder / RUN_FILE).exists():
         raise SettingsError(
             f"--run-dir: {request.run_folder} already holds a run; continue it with `{request.resume_command}`, "
             "start it again with --overwrite, or give another --run-dir"
+        )
+    if existing and not (request.resume or request.overwrite):
+        raise SettingsError(
+            f"--out: {existing[0]} already exists; choose another --out folder, move it away, or pass --overwrite"
         )
     return paths
 

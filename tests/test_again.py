@@ -1,0 +1,100 @@
+"""What a user meets coming back to a run: the same command again, a resume from another folder."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from flux_sharded.cli import main
+
+COMMON = ["--max-memory", "cpu=2GB", "--steps", "1", "--height", "32", "--width", "32", "--dtype", "float32"]
+
+
+def invoke(args):
+    return CliRunner().invoke(main, args, terminal_width=100)
+
+
+def error_lines(result) -> list[str]:
+    assert "Traceback" not in result.output, result.output
+    return [line for line in result.output.splitlines() if line.startswith("Error: ")]
+
+
+def first_image_gone(out: Path) -> None:
+    min(out.glob("*.png")).unlink()
+
+
+def last_image_gone(out: Path) -> None:
+    max(out.glob("*.png")).unlink()
+
+
+def decode_undone(out: Path) -> None:
+    for image in out.glob("*.png"):
+        image.unlink()
+    (run_dir,) = (out / ".flux-sharded").iterdir()
+    for name in ("decode.json", "decode.safetensors"):
+        (run_dir / name).unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize(
+    "interrupt, exit_code, message",
+    [
+        # an image of the run is still there: the run folder, not the image, is what to talk about
+        (last_image_gone, 2, "already holds a run; continue it with `flux-sharded --resume "),
+        (first_image_gone, 2, "already holds a run; continue it with `flux-sharded --resume "),
+        (decode_undone, 2, "already holds a run; continue it with `flux-sharded --resume "),
+        (lambda out: None, 2, "finished: its 2 image(s) exist, nothing is left to resume; pass --overwrite"),
+    ],
+)
+def test_the_same_command_after_an_unfinished_run_names_the_resume(tiny_checkpoint, tmp_path, interrupt, exit_code,
+                                                                  message):
+    out = tmp_path / "out"
+    args = ["--model", str(tiny_checkpoint), *COMMON, "--prompt", "a dog", "--prompt", "a cat", "--out", str(out)]
+    assert invoke(args).exit_code == 0
+    interrupt(out)
+    kept = {image.name: image.read_bytes() for image in out.glob("*.png")}
+    again = invoke(args)
+    assert again.exit_code == exit_code, again.output
+    (line,) = error_lines(again)
+    assert message in line, line
+    assert {image.name: image.read_bytes() for image in out.glob("*.png")} == kept  # nothing touched
+    resumed = invoke(["--resume", line.split("--resume ")[1].split("`")[0]]) if "--resume " in line else None
+    assert resumed is None or resumed.exit_code == 0, resumed.output
+    assert len(list(out.glob("*.png"))) == 2
+
+
+@pytest.mark.parametrize(
+    "given_model, resume_from, exit_code, message",
+    [
+        ("tiny", "elsewhere", 0, None),  # run.json names the folder absolutely: found from anywhere
+        ("./tiny", "work", 0, None),
+        ("tiny", "work", 0, None),
+        # repeating the model on a resume, as a relative path from another folder, is not a change
+        ("tiny", "work-with-model", 0, None),
+        ("tiny", "work-with-other-model", 2, "--model other conflicts with the saved run's"),
+    ],
+)
+def test_a_run_of_a_relative_model_folder_resumes_from_any_folder(tiny_checkpoint, tmp_path, monkeypatch, given_model,
+                                                                  resume_from, exit_code, message):
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir(), elsewhere.mkdir()
+    shutil.copytree(tiny_checkpoint, work / "tiny")
+    shutil.copytree(tiny_checkpoint, work / "other")
+    monkeypatch.chdir(work)
+    assert invoke(["--model", given_model, *COMMON, "--prompt", "a dog", "--out", "out"]).exit_code == 0
+    (run_dir,) = (work / "out" / ".flux-sharded").iterdir()
+    assert json.loads((run_dir / "run.json").read_text())["settings"]["model"] == str(work / "tiny")
+    (image,) = (work / "out").glob("*.png")
+    image.unlink()
+    extra = {"work-with-model": ["--model", "tiny"], "work-with-other-model": ["--model", "other"]}.get(resume_from, [])
+    monkeypatch.chdir(elsewhere if resume_from == "elsewhere" else work)
+    resumed = invoke(["--resume", str(run_dir), *extra])
+    assert resumed.exit_code == exit_code, resumed.output
+    if message:
+        (line,) = error_lines(resumed)
+        assert message in line, line
+    else:
+        assert error_lines(resumed) == [] and image.exists()
