@@ -77,6 +77,13 @@ class Checkpoint:
         return self.family.sample_size * self.vae_scale_factor
 
 
+def model_reference(model: str) -> str:
+    """How run.json and the PNGs name a --model: a local folder by its absolute path, so that
+    --resume finds it from any working folder (as resolve_checkpoint reads it); a hub id as given."""
+    path = Path(model).expanduser()
+    return str(path.absolute()) if path.is_dir() else model
+
+
 def resolve_checkpoint(model: str, need_weights: bool = True) -> Checkpoint:
     """A local folder as is; otherwise a hub id through the normal Hugging Face cache.
 

@@ -194,7 +194,7 @@ def _request(ctx: click.Context, options: dict):
 
     The cheap checks (numbers, paths, the model's folder) run before torch, diffusers and
     transformers are imported (seconds), so that a typo is refused at once."""
-    from .checkpoint import resolve_checkpoint
+    from .checkpoint import model_reference, resolve_checkpoint
     from .families import generation_defaults
 
     for name in ("num_images_per_prompt", "batch_size", "gpus_per_process"):
@@ -243,7 +243,7 @@ def _request(ctx: click.Context, options: dict):
 
     prompts, seeds = expand(lines, options["seed"], options["num_images_per_prompt"])
     settings = GenerationSettings(
-        model=options["model"],
+        model=model_reference(options["model"]),
         prompts=prompts,
         seeds=seeds,
         steps=options["steps"],
@@ -285,6 +285,7 @@ def _quantize_option(spec: str, checkpoint) -> str:
 
 def _check_agrees(given: list[str], options: dict, saved, checkpoint) -> None:
     """On --resume, an option that decides the pixels may be repeated but not changed."""
+    from .checkpoint import model_reference
     from .prompts import expand
 
     settings = saved.settings
@@ -306,6 +307,8 @@ def _check_agrees(given: list[str], options: dict, saved, checkpoint) -> None:
     for name, value in saved_values.items():
         if name in given:
             mine = options[name].absolute() if isinstance(options[name], Path) else options[name]
+            if name == "model":  # as the run saved it: a local folder by its absolute path
+                mine = model_reference(mine)
             if mine != value:
                 raise SettingsError(f"--resume: --{name.replace('_', '-')} {options[name]} conflicts with the saved "
                                     f"run's {value}; drop it to continue the run, or start a new run")
