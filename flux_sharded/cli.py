@@ -381,12 +381,9 @@ def _quiet_libraries() -> None:
     """Our stage lines replace the libraries' per-file loading bars; transformers' import-time notes
     (e.g. about torchvision, which FLUX does not use) are not the user's concern. diffusers' warnings,
     such as a truncated prompt, stay (printed above the bars, a truncation once: progress.py)."""
-    import logging
+    from .progress import quiet_import_noise
 
-    # torchao (the optional int8 backend), imported by diffusers whenever it is installed, reports the
-    # CUDA kernels a CPU build lacks and torch warns about its enums: noise on every run.
-    for name in ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    quiet_import_noise()
     import diffusers.utils.logging
     import transformers.utils.logging
 

@@ -15,6 +15,16 @@ from collections.abc import Iterator
 from tqdm.auto import tqdm
 
 LIBRARY_LOGGERS = ("diffusers", "transformers", "accelerate")
+# torchao (the optional int8 backend), imported by diffusers whenever it is installed, reports the
+# CUDA kernels a CPU build lacks, and torch warns about its enums: noise on every command, set
+# before diffusers is first imported.
+IMPORT_NOISE_LOGGERS = ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer")
+
+
+def quiet_import_noise() -> None:
+    """Silence the libraries' import-time warnings that are not the user's concern (errors stay)."""
+    for name in IMPORT_NOISE_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
 # FluxPipeline.encode_prompt warns, for every batch and each text encoder, with the whole text it
 # cut off (a 1 MB prompt: 2 MB of warnings). Said once per run, short.
 TRUNCATION_LOGGER = "diffusers.pipelines.flux.pipeline_flux"

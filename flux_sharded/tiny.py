@@ -508,6 +508,9 @@ def main(argv: list[str] | None = None) -> int:
     except NotOurFolder as error:
         print(f"Error: {error}", file=sys.stderr)
         return 2
+    from .progress import quiet_import_noise
+
+    quiet_import_noise()  # `make demo` runs this first: a new user's first screen
     import diffusers.utils.logging
     import transformers.utils.logging
 

@@ -1,9 +1,12 @@
-"""What a user meets coming back to a run: the same command again, a resume from another folder."""
+"""What a new user meets in the first runs: the first screen, a plan they cannot run, the same
+command again, a resume from another folder."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -98,3 +101,38 @@ def test_a_run_of_a_relative_model_folder_resumes_from_any_folder(tiny_checkpoin
         assert message in line, line
     else:
         assert error_lines(resumed) == [] and image.exists()
+
+
+def test_the_tiny_builder_prints_one_line_and_no_library_noise(tmp_path):
+    """`make demo` starts with it: torchao's missing CUDA kernels and torch's enum warnings, printed
+    at diffusers' import, are not a new user's concern (a run of flux-sharded silences them too)."""
+    built = subprocess.run([sys.executable, "-m", "flux_sharded.tiny", str(tmp_path / "tiny")], capture_output=True,
+                           text=True, check=False)
+    assert built.returncode == 0, built.stderr
+    assert built.stderr == ""
+    (line,) = built.stdout.splitlines()
+    assert line.endswith(f"written to {tmp_path / 'tiny'}"), line
+
+
+NO_GPU = "the nf4 transformer runs on a GPU only"
+
+
+@pytest.mark.parametrize(
+    "quantize, budget, exit_code, message",
+    [
+        ("nf4", "cpu=30GB", 2, NO_GPU),  # it fitted "on cpu", which a run then refused
+        ("transformer=nf4", "cpu=30GB,disk=30GB", 2, NO_GPU),
+        ("transformer=nf4", "0=100MB,cpu=30GB", 2, "Ways out: --max-memory 0=7.3GB,cpu=30GB"),  # not "fits on cpu"
+        ("nf4", "0=8GB", 0, None),
+        ("text_encoder_2=nf4", "cpu=30GB", 0, None),  # transformers runs 4-bit text encoders on the CPU
+    ],
+)
+def test_a_dry_run_never_plans_an_nf4_transformer_off_the_gpus(quantize, budget, exit_code, message):
+    result = invoke(["--prompt", "a dog", "--dry-run", "--quantize", quantize, "--max-memory", budget])
+    assert result.exit_code == exit_code, result.output
+    lines = error_lines(result)
+    if message:
+        (line,) = lines
+        assert message in line, line
+    else:
+        assert lines == []
