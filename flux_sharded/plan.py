@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 from .budget import (BINARY_TWIN, DEFAULT_CPU_FRACTION, DEFAULT_GPU_RESERVE_BYTES, UNITS, Budget, as_typed,
-                     format_bytes, gpu_indices, is_gpu, spec_size, written_binary, written_size)
+                     format_budget, format_bytes, gpu_indices, is_gpu, spec_size, written_binary, written_size)
 from .components import empty_component, module_sizes, no_split_modules, special_dtypes
 from .errors import PlanError
 from .families import FLUX_1, STAGES, Family, family_of
@@ -451,9 +451,18 @@ def plan_denoise(components: _Components, budget: Budget) -> StagePlan:
         usable = dict(budget)
     method = components.inputs.method("transformer")
     stage_budget = dict(budget)
-    if method == "nf4" and _gpus(usable):
-        # bitsandbytes' 4-bit layers cannot be offloaded: only the GPUs count, for placing and fitting.
-        usable = {key: value for key, value in usable.items() if is_gpu(key)}
+    if method == "nf4" and not _gpus(budget):
+        # A run refuses it on a machine without CUDA; a dry-run must not call it a fit on the CPU.
+        raise PlanError(
+            "denoise: the nf4 transformer runs on a GPU only (diffusers runs bitsandbytes' 4-bit layers on CUDA, "
+            f"and they cannot be offloaded), and --max-memory {format_budget(budget)} budgets no GPU; add one "
+            "(e.g. --max-memory 0=8GB), or use --quantize fp8 or int8, which run on the CPU too"
+        )
+    if method == "nf4":
+        # bitsandbytes' 4-bit layers cannot be offloaded: only the GPUs count, for placing and fitting
+        # (GPUs all too small to run it: planned on them anyway, refused with the budget that fits).
+        usable = ({key: value for key, value in usable.items() if is_gpu(key)}
+                  or {key: value for key, value in budget.items() if is_gpu(key)})
         stage_budget = Budget(budget).only_gpus()
         if any(key in budget for key in ("cpu", "disk")):
             notes.append("note: denoise keeps the nf4 transformer on the GPUs: bitsandbytes' 4-bit layers cannot be "

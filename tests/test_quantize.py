@@ -316,13 +316,13 @@ def test_quantize_on_a_prequantized_component_is_refused(prequantized_checkpoint
 def test_a_prequantized_component_is_planned_with_its_quantized_bytes(prequantized_checkpoint, tmp_path):
     report = tmp_path / "plan.json"
     result = CliRunner().invoke(main, ["--dry-run", "--model", str(prequantized_checkpoint), "--prompt", "a dog",
-                                       "--height", "32", "--width", "32", "--max-memory", "cpu=4GB",
+                                       "--height", "32", "--width", "32", "--max-memory", "0=4GB",
                                        "--report", str(report)])
     assert result.exit_code == 0, result.output
     denoise = next(stage for stage in json.loads(report.read_text())["stages"] if stage["name"] == "denoise")
     nf4 = module_sizes(empty_component(prequantized_checkpoint, "transformer", "nf4", torch.bfloat16),
                        torch.bfloat16)[""]
-    assert denoise["weight_bytes"]["cpu"] == nf4
+    assert denoise["weight_bytes"]["0"] == nf4  # on a GPU: bitsandbytes' 4-bit transformer runs nowhere else
     # and a run refuses it on this machine, which has no CUDA for bitsandbytes' 4-bit kernels
     run = CliRunner().invoke(main, ["--model", str(prequantized_checkpoint), "--prompt", "a dog", "--max-memory",
                                     "cpu=4GB", "--out", str(tmp_path / "out")])
