@@ -196,6 +196,9 @@ def _request(ctx: click.Context, options: dict):
     transformers are imported (seconds), so that a typo is refused at once."""
     from .checkpoint import model_reference, resolve_checkpoint
     from .families import generation_defaults
+    from .progress import quiet_import_noise
+
+    quiet_import_noise()  # before anything imports diffusers (reading a FLUX.2 checkpoint does)
 
     for name in ("num_images_per_prompt", "batch_size", "gpus_per_process"):
         if options[name] is not None and options[name] < 1:

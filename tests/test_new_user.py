@@ -114,6 +114,18 @@ def test_the_tiny_builder_prints_one_line_and_no_library_noise(tmp_path):
     assert line.endswith(f"written to {tmp_path / 'tiny'}"), line
 
 
+@pytest.mark.parametrize("family", ["FLUX.1", "FLUX.2-klein"])
+def test_a_dry_run_prints_no_library_noise(tiny_checkpoint, tiny_klein, family):
+    """Reading a FLUX.2 checkpoint imports diffusers before the run's own quieting did: torchao's
+    missing CUDA kernels and torch's enum warnings came first on every FLUX.2 command."""
+    checkpoint = {"FLUX.1": tiny_checkpoint, "FLUX.2-klein": tiny_klein}[family]
+    planned = subprocess.run([sys.executable, "-m", "flux_sharded", "--model", str(checkpoint), "--prompt", "a dog",
+                              "--height", "32", "--width", "32", "--max-memory", "cpu=1GB", "--dry-run"],
+                             capture_output=True, text=True, check=False)
+    assert planned.returncode == 0, planned.stderr
+    assert planned.stderr == ""
+
+
 NO_GPU = "the nf4 transformer runs on a GPU only"
 
 
