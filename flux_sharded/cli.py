@@ -25,7 +25,7 @@ from .budget import (
 )
 from .checkpoint import DEFAULT_MODEL
 from .errors import BudgetError, FluxShardedError, OutputError, SettingsError
-from .families import FAMILIES, FLUX_1, FLUX_1_SCHNELL_DEFAULTS
+from .families import FAMILIES, FLUX_1, FLUX_1_SCHNELL_DEFAULTS, FLUX_2_KLEIN_BASE_DEFAULTS
 
 # The default model's family's defaults (FluxPipeline.__call__'s, so that a bare run matches
 # diffusers); another family's checkpoint takes its own (families.py) unless the option is given.
@@ -103,12 +103,14 @@ class _OneLineErrors(click.Command):
 @click.option(
     "--steps", type=int, default=DEFAULT_STEPS,
     help="Denoising steps. Default: the model's (" + ", ".join(f"{f.name} {f.steps}" for f in FAMILIES.values())
-    + f"; FLUX.1-schnell {FLUX_1_SCHNELL_DEFAULTS['steps']}).",
+    + f"; FLUX.1-schnell {FLUX_1_SCHNELL_DEFAULTS['steps']}, klein not distilled "
+    f"{FLUX_2_KLEIN_BASE_DEFAULTS['steps']}).",
 )
 @click.option(
     "--guidance", type=float, default=DEFAULT_GUIDANCE,
     help="Guidance scale. Default: the model's (" + ", ".join(f"{f.name} {f.guidance:g}" for f in FAMILIES.values())
-    + f"; FLUX.1-schnell {FLUX_1_SCHNELL_DEFAULTS['guidance']:g}).",
+    + f"; FLUX.1-schnell {FLUX_1_SCHNELL_DEFAULTS['guidance']:g}, klein not distilled "
+    f"{FLUX_2_KLEIN_BASE_DEFAULTS['guidance']:g}).",
 )
 @click.option("--height", type=int, default=None, help="Image height in pixels. Default: 128 x the VAE factor (1024).")
 @click.option("--width", type=int, default=None, help="Image width in pixels. Default: 128 x the VAE factor (1024).")
@@ -235,7 +237,7 @@ def _request(ctx: click.Context, options: dict):
             "yet; "
             "--dry-run plans them (add --dry-run to see the plan under your --max-memory)"
         )
-    defaults = generation_defaults(family, checkpoint.transformer_config)
+    defaults = generation_defaults(family, checkpoint.transformer_config, checkpoint.is_distilled)
     for name in ("steps", "guidance", "max_sequence_length"):  # the model's defaults
         if ctx.get_parameter_source(name) == ParameterSource.DEFAULT:
             options[name] = defaults[name]

@@ -178,12 +178,21 @@ FAMILIES = {family.pipeline: family for family in (FLUX_1, FLUX_2_DEV, FLUX_2_KL
 # diffusers' FLUX.1-schnell example); FluxPipeline's own defaults (28 steps) would be 7x slower.
 FLUX_1_SCHNELL_DEFAULTS = {"steps": 4, "guidance": 0.0, "max_sequence_length": 256}
 
+# A FLUX.2-klein that is not step-distilled (model_index.json is_distilled false, the "base"
+# checkpoints) guides with a second pass and needs the full schedule: Flux2KleinPipeline.__call__'s
+# own defaults (tests/test_families.py reads them from the installed diffusers).
+FLUX_2_KLEIN_BASE_DEFAULTS = {"steps": 50, "guidance": 4.0, "max_sequence_length": 512}
 
-def generation_defaults(family: Family, transformer_config: dict) -> dict[str, int | float]:
+
+def generation_defaults(family: Family, transformer_config: dict, distilled: bool = True) -> dict[str, int | float]:
     """--steps, --guidance and --max-sequence-length where the user gives none: the family's, or
-    FLUX_1_SCHNELL_DEFAULTS for a FLUX.1 transformer without a guidance embedding."""
+    FLUX_1_SCHNELL_DEFAULTS for a FLUX.1 transformer without a guidance embedding, or
+    FLUX_2_KLEIN_BASE_DEFAULTS for a klein whose model_index.json says is_distilled false
+    (`distilled`, checkpoint.Checkpoint.is_distilled)."""
     if family is FLUX_1 and transformer_config.get("guidance_embeds") is False:
         return dict(FLUX_1_SCHNELL_DEFAULTS)
+    if family is FLUX_2_KLEIN and not distilled:
+        return dict(FLUX_2_KLEIN_BASE_DEFAULTS)
     return {"steps": family.steps, "guidance": family.guidance, "max_sequence_length": family.max_sequence_length}
 
 

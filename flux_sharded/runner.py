@@ -199,7 +199,7 @@ def ignored_guidance_note(request: RunRequest) -> str | None:
     transformer has no guidance embedding, a step-distilled klein), when the guidance is not the
     model's default (families.generation_defaults: 0 for FLUX.1-schnell), so the user asked for one."""
     checkpoint = request.checkpoint
-    default = generation_defaults(checkpoint.family, checkpoint.transformer_config)["guidance"]
+    default = generation_defaults(checkpoint.family, checkpoint.transformer_config, checkpoint.is_distilled)["guidance"]
     if request.settings.guidance == default:
         return None
     return family_code(checkpoint.family).guidance_note(checkpoint, request.settings.guidance)

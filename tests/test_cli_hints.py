@@ -391,3 +391,27 @@ def test_a_refusal_of_the_default_budget_suggests_sizes_a_user_would_type(monkey
     offer = re.search(r"; or --max-memory (cpu=12\.8GB,disk=[\d.]+GB) --offload-folder DIR", error_line(refused))
     assert offer, error_line(refused)
     assert invoke(["--prompt", "a dog", "--dry-run", "--max-memory", offer.group(1)]).exit_code == 0
+
+
+@pytest.mark.parametrize("fixture, header", [
+    ("tiny_klein", "4 steps, guidance 1, 512 prompt tokens"),  # step-distilled, as the published klein
+    ("tiny_klein_base", "50 steps, guidance 4, 512 prompt tokens"),  # is_distilled false: the pipeline's own
+])
+def test_a_klein_gets_the_defaults_of_its_kind(request, fixture, header):
+    checkpoint = request.getfixturevalue(fixture)
+    planned = invoke(["--dry-run", "--model", str(checkpoint), "--prompt", "a dog", "--max-memory", "cpu=1GB",
+                      "--height", "64", "--width", "64"])
+    assert planned.exit_code == 0, planned.output
+    assert f"plan for 64x64, {header}, batch size 1," in planned.output
+
+
+def test_the_base_klein_defaults_are_the_installed_pipelines():
+    import inspect
+
+    from diffusers import Flux2KleinPipeline
+
+    from flux_sharded.families import FLUX_2_KLEIN_BASE_DEFAULTS
+
+    parameters = inspect.signature(Flux2KleinPipeline.__call__).parameters
+    assert FLUX_2_KLEIN_BASE_DEFAULTS == {name: parameters[argument].default for name, argument in (
+        ("steps", "num_inference_steps"), ("guidance", "guidance_scale"), ("max_sequence_length", "max_sequence_length"))}
