@@ -293,6 +293,27 @@ def check_prequantized(config_root, chosen: dict[str, str]) -> None:
                                 "config.json has a quantization_config); it loads as it is: drop it from --quantize")
 
 
+def check_prequantized_dtype(config_root, dtype: str) -> None:
+    """Refuse a --dtype other than the one a pre-quantized bitsandbytes component computes in.
+
+    transformers keeps such a component as it was saved, whatever `dtype=` asks (its
+    `bnb_4bit_compute_dtype` and its unquantized tensors), so its outputs would reach the next
+    stage in the saved dtype (a float32 T5's embeddings against a bfloat16 transformer: a dtype
+    error in denoise, and again on every resume). dtype: "bfloat16", "float16" or "float32"."""
+    import json
+    from pathlib import Path
+
+    for component in prequantized(config_root):
+        path = Path(config_root) / component / "config.json"
+        quantization = json.loads(path.read_text())["quantization_config"]  # read and checked by prequantized
+        saved = quantization.get("bnb_4bit_compute_dtype")
+        if isinstance(saved, str) and saved.removeprefix("torch.") != dtype:
+            saved = saved.removeprefix("torch.")
+            raise QuantizeError(f"--dtype {dtype}: {component} in {config_root} is pre-quantized to compute in {saved} "
+                                f"(config.json quantization_config bnb_4bit_compute_dtype), which loading keeps; run "
+                                f"with --dtype {saved}")
+
+
 def load_quantized(model_class, path, subfolder: str, component_plan, dtype: torch.dtype, gpu_device=None):
     """A quantized component (component_plan.quantization set) loaded and placed as its plan says:
     fp8 and int8 load on the CPU, then move (stages/offload.place: whole, over GPUs, or streamed);

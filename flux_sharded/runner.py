@@ -44,7 +44,7 @@ from .images import image_paths, save_png
 from .memory import PeakMemory, flush
 from .plan import PlanInputs, RunPlan, check_free_cpu_memory, check_free_gpu_memory, plan_run
 from .progress import stage_bar
-from .quantize import prequantized
+from .quantize import check_prequantized_dtype, format_quantize, prequantized
 from .report import RunReport, StageReport
 from .rundir import (
     RUN_FILE,
@@ -107,6 +107,13 @@ def check_settings(request: RunRequest) -> None:
     if not settings.prompts:
         raise SettingsError("no prompt given; pass --prompt TEXT (repeatable)")
     check_prompts(settings.prompts)
+    check_prequantized_dtype(request.checkpoint.path, settings.dtype)
+    family = request.checkpoint.family
+    if settings.quantization and not family.quantize:  # the option is refused earlier; this is run.json's
+        raise SettingsError(
+            f"quantize {format_quantize(settings.quantization)}: not planned for {family.name} yet; drop --quantize "
+            "(on --resume: the run folder's run.json 'settings.quantize' names it, so the file was edited: start a "
+            "new run)")
     if any(not prompt.strip() for prompt in settings.prompts):
         raise SettingsError("--prompt: an empty prompt cannot be generated; give some text")
     for index, seed in enumerate(settings.seeds):

@@ -243,3 +243,25 @@ def test_two_klein_processes_equal_one_process(tiny_klein, tmp_path):
     assert [Path(path).name for path in two] == [Path(path).name for path in one] and len(one) == 3
     for path_two, path_one in zip(two, one):
         assert_same_pixels(np.asarray(Image.open(path_two)), np.asarray(Image.open(path_one)))
+
+
+def test_a_run_json_edited_to_quantize_flux2_is_refused_on_resume(tiny_klein, tmp_path):
+    """--quantize is refused for FLUX.2 on the command line; an edited run.json must not get around it."""
+    import json
+
+    out = tmp_path / "out"
+    run_cli(["--model", str(tiny_klein), "--prompt", "a dog", "--steps", "1", "--height", "16", "--width", "16",
+             "--dtype", "float32", "--max-memory", "cpu=4GB", "--max-sequence-length", str(TOKENS), "--out", str(out)])
+    (image,) = out.glob("*.png")
+    image.unlink()
+    (run_dir,) = (out / ".flux-sharded").iterdir()
+    for handoff in [*run_dir.glob("encode*"), *run_dir.glob("denoise*")]:  # so that every stage would run again
+        handoff.unlink()
+    saved = json.loads((run_dir / "run.json").read_text())
+    saved["settings"]["quantize"] = "transformer=int8"
+    (run_dir / "run.json").write_text(json.dumps(saved))
+    result = CliRunner().invoke(main, ["--resume", str(run_dir)])
+    assert result.exit_code == 2, result.output
+    (line,) = error_lines(result.output)
+    assert "quantize transformer=int8: not planned for FLUX.2-klein yet" in line and "run.json" in line
+    assert not list(out.glob("*.png"))

@@ -390,3 +390,18 @@ def test_quantized_blocks_stream_like_the_others_and_change_no_latent(tiny_check
     assert block._diffusers_hook.get_hook("group_offloading") is not None
     latents = denoise.run(pipeline, encoded).latents
     assert torch.equal(latents, expected), f"max {(latents - expected).abs().max()}"
+
+
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]])
+def test_a_prequantized_component_saved_for_another_dtype_is_refused_before_anything_runs(
+        prequantized_t5_checkpoint, tmp_path, dry_run):
+    """transformers keeps a pre-quantized bitsandbytes T5 in the dtype it was saved for (float32
+    here): under --dtype bfloat16 its embeddings would reach denoise in float32 and fail there, and
+    again on every resume."""
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["--model", str(prequantized_t5_checkpoint), "--prompt", "a dog", "--height",
+                                       "32", "--width", "32", "--max-memory", "cpu=4GB", "--out", str(out), *dry_run])
+    assert result.exit_code == 2, result.output
+    assert (f"Error: --dtype bfloat16: text_encoder_2 in {prequantized_t5_checkpoint} is pre-quantized to compute in "
+            "float32") in result.output and "run with --dtype float32" in result.output
+    assert "Traceback" not in result.output and not out.exists()
