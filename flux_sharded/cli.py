@@ -70,6 +70,11 @@ class _OneLineErrors(click.Command):
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.BadParameter as error:  # "--max-memory: ...", not "Invalid value for '--max-memory': --max-memory ..."
+            option = error.param.opts[0] if error.param is not None and error.param.opts else None
+            message = error.message if option is None or error.message.startswith(option) else f"{option}: {error.message}"
+            click.echo(f"Error: {message}", err=True)
+            sys.exit(error.exit_code)
         except click.UsageError as error:
             click.echo(f"Error: {error.format_message()}", err=True)
             sys.exit(error.exit_code)

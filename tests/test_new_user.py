@@ -148,3 +148,16 @@ def test_a_dry_run_never_plans_an_nf4_transformer_off_the_gpus(quantize, budget,
         assert message in line, line
     else:
         assert lines == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-memory", "cpu=4GB,"], "Error: --max-memory 'cpu=4GB,' has an empty entry; remove the extra comma"),
+    (["--max-memory", "cpu=4XB"], "Error: --max-memory: cpu=4XB: 'XB' is an unknown unit"),
+    (["--steps", "abc"], "Error: --steps: 'abc' is not a valid integer."),
+    (["--dtype", "float8"], "Error: --dtype: 'float8' is not one of 'bfloat16', 'float16', 'float32'."),
+])
+def test_a_bad_option_value_names_the_option_once(args, message):
+    result = invoke(["--prompt", "a dog", "--dry-run", *args])
+    assert result.exit_code == 2, result.output
+    (line,) = error_lines(result)
+    assert line.startswith(message) and "Invalid value" not in line
