@@ -194,16 +194,10 @@ def check_checkpoint_configs(model: str, path: Path, family=None) -> tuple[dict,
         transformer.fail(f"sums to {sum(rope)}, not attention_head_dim {head_dim}", "axes_dims_rope")
 
     vae = fields(configs["vae"], "vae/config.json")
-    vae.list_of("block_out_channels", lambda c: _is_int(c) and 1 <= c <= MAX_WIDTH, "whole numbers 1..65536",
-                1, MAX_VAE_BLOCKS)
-    latent_channels = vae.integer("latent_channels", 1, MAX_WIDTH)
-    vae.integer("layers_per_block", 1, MAX_LAYERS, optional=True)
+    _check_vae(vae, in_channels)
     vae.number("scaling_factor")
     if vae.data.get("shift_factor") is not None:
         vae.number("shift_factor")
-    if 4 * latent_channels != in_channels:
-        vae.fail(f"is {latent_channels}, but the transformer takes in_channels {in_channels} = 4 x latent_channels",
-                 "latent_channels")
 
     clip = fields(configs["text_encoder"], "text_encoder/config.json")
     clip_width = clip.integer("hidden_size", 1, MAX_WIDTH)
@@ -223,6 +217,18 @@ def check_checkpoint_configs(model: str, path: Path, family=None) -> tuple[dict,
     if t5_width != joint:
         t5.fail(f"is {t5_width}, but the transformer's joint_attention_dim is {joint}", "d_model")
     return configs["transformer"], configs["vae"]
+
+
+def _check_vae(vae: "JsonFields", in_channels: int) -> None:
+    """Both families' VAE: bounded widths, and latent_channels matching the transformer, which takes
+    2x2 patches of the latents (in_channels = 4 x latent_channels)."""
+    vae.list_of("block_out_channels", lambda c: _is_int(c) and 1 <= c <= MAX_WIDTH, "whole numbers 1..65536",
+                1, MAX_VAE_BLOCKS)
+    latent_channels = vae.integer("latent_channels", 1, MAX_WIDTH)
+    vae.integer("layers_per_block", 1, MAX_LAYERS, optional=True)
+    if 4 * latent_channels != in_channels:
+        vae.fail(f"is {latent_channels}, but the transformer takes in_channels {in_channels} = 4 x latent_channels "
+                 "(2x2 patches)", "latent_channels")
 
 
 def _check_flux2_configs(model: str, path: Path, family) -> tuple[dict, dict]:
@@ -253,14 +259,7 @@ def _check_flux2_configs(model: str, path: Path, family) -> tuple[dict, dict]:
     if rope is not None and sum(rope) != head_dim:
         transformer.fail(f"sums to {sum(rope)}, not attention_head_dim {head_dim}", "axes_dims_rope")
 
-    vae = fields(configs["vae"], "vae/config.json")
-    vae.list_of("block_out_channels", lambda c: _is_int(c) and 1 <= c <= MAX_WIDTH, "whole numbers 1..65536",
-                1, MAX_VAE_BLOCKS)
-    latent_channels = vae.integer("latent_channels", 1, MAX_WIDTH)
-    vae.integer("layers_per_block", 1, MAX_LAYERS, optional=True)
-    if 4 * latent_channels != in_channels:
-        vae.fail(f"is {latent_channels}, but the transformer takes in_channels {in_channels} = 4 x latent_channels "
-                 "(2x2 patches)", "latent_channels")
+    _check_vae(fields(configs["vae"], "vae/config.json"), in_channels)
 
     encoder = fields(configs["text_encoder"], "text_encoder/config.json")
     if "text_config" in encoder.data:  # Mistral3ForConditionalGeneration: the language model's config
