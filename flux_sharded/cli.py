@@ -7,11 +7,12 @@ import signal
 import sys
 import traceback
 from pathlib import Path
+from typing import NoReturn
 
 import click
 from click.core import ParameterSource
 
-from . import __version__
+from . import __version__, interrupt
 from .activations import ACTIVATION_MARGIN
 from .budget import (
     DEFAULT_CPU_FRACTION,
@@ -176,11 +177,14 @@ def main(ctx: click.Context, **options):
         restrict_gpus(options["gpus_per_process"] or 1)
     process, request = None, None
     try:
-        check_launcher()
-        request = _request(ctx, options)
-        process = None if options["dry_run"] else current_process()
-        _run(request, options, process)
+        with interrupt.remembered():
+            check_launcher()
+            request = _request(ctx, options)
+            process = None if options["dry_run"] else current_process()
+            _run(request, options, process)
     except FluxShardedError as error:
+        if interrupt.pressed():  # a library turned the KeyboardInterrupt into its own failure
+            _interrupted(request, process, options)
         # Under several processes each one says what stopped it (the launcher then stops the rest).
         prefix = f"[process {process.index}] " if process is not None and process.several else ""
         if os.environ.get(DEBUG_VARIABLE) == "1":
@@ -188,12 +192,17 @@ def main(ctx: click.Context, **options):
         click.echo(f"Error: {prefix}{error}", err=True)
         sys.exit(error.exit_code)
     except KeyboardInterrupt:
-        # A launcher passes the terminal's Ctrl-C on once more (torchrun sends SIGINT to its workers
-        # when it gets its own): a second one must not break this message with a traceback.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        if request is not None and (process is None or process.is_main) and not options["dry_run"]:
-            click.echo(f"\nInterrupted. Continue with: {request.resume_command}", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+        _interrupted(request, process, options)
+
+
+def _interrupted(request, process, options: dict) -> NoReturn:
+    """Ctrl-C: the main process says how to continue; exit 130 as a shell does."""
+    # A launcher passes the terminal's Ctrl-C on once more (torchrun sends SIGINT to its workers
+    # when it gets its own): a second one must not break this message with a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if request is not None and (process is None or process.is_main) and not options["dry_run"]:
+        click.echo(f"\nInterrupted. Continue with: {request.resume_command}", err=True)
+    sys.exit(EXIT_INTERRUPTED)
 
 
 def _request(ctx: click.Context, options: dict):

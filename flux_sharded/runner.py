@@ -24,6 +24,7 @@ from typing import Callable
 import psutil
 import torch
 
+from . import interrupt
 from .budget import Budget, budget_to_json, format_budget, format_bytes, gpu_indices
 from .checkpoint import Checkpoint, check_weight_files, resolve_checkpoint
 from .distributed import (
@@ -343,6 +344,7 @@ def _execute_plan(request: RunRequest, checkpoint: Checkpoint, plan: RunPlan, pa
             + (f" on this process, {process.count} processes" if process.several else "")
             + f"; run folder {request.run_folder}")
     for stage in STAGES:
+        interrupt.check()
         if stage.NAME in handoff.finished_stages:
             log(f"{stage.NAME}: finished earlier, its handoff is in {request.run_folder}")
             continue
@@ -458,6 +460,15 @@ def _run_stage(stage, request: RunRequest, checkpoint: Checkpoint, stage_plan, h
     stage_report = plan_report(stage_plan, settings)
     stage_report.process, stage_report.images = process.index, len(settings.prompts)
     progress = stage_bar(stage.NAME, len(settings.prompts), shown=process.is_main)
+
+    def on_step(step: int, steps: int) -> None:
+        interrupt.check()  # a Ctrl-C that a finalizer or a library swallowed still stops the run here
+        progress.set_postfix_str(f"step {step}/{steps} of image {progress.n + 1}", refresh=True)
+
+    def on_image_done(images: int) -> None:
+        interrupt.check()
+        progress.update(images)
+
     with (
         _stage_offload_folder(request.offload_folder, stage_plan, process) as offload_folder,
         PeakMemory(gpu_indices=gpu_indices(request.budget)) as peak,
@@ -467,8 +478,7 @@ def _run_stage(stage, request: RunRequest, checkpoint: Checkpoint, stage_plan, h
             loaded = stage.load(checkpoint, stage_plan, settings.torch_dtype, offload_folder)
             loaded_at = time.perf_counter()
             stage_report.device_map = stage.device_map(loaded)
-            output = stage.run(loaded, handoff, progress.update, on_step=lambda step, steps: progress.set_postfix_str(
-                f"step {step}/{steps} of image {progress.n + 1}", refresh=True), **run_options)
+            output = stage.run(loaded, handoff, on_image_done, on_step=on_step, **run_options)
             finished = time.perf_counter()
         except FluxShardedError:
             raise

@@ -360,7 +360,7 @@ def test_ctrl_c_under_torchrun_prints_one_line_and_no_traceback_of_ours(tiny_che
             os.killpg(process.pid, signal.SIGKILL)
     interrupted = [line for line in stderr.splitlines() if line.startswith("Interrupted. Continue with: ")]
     assert interrupted == [f"Interrupted. Continue with: torchrun --nproc_per_node 2 -m flux_sharded --resume "
-                           f"{next(out.glob('.flux-sharded/run-*'))}"]  # the launcher the run used
+                           f"{next(out.glob('.flux-sharded/run-*'))}"], stderr  # the launcher the run used
     tracebacks = stderr.split("Traceback (most recent call last):")[1:]
     assert all("flux_sharded" not in traceback and "SignalException" in traceback for traceback in tracebacks), stderr
 

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from PIL import Image
 from safetensors import safe_open
 
-from flux_sharded import runner
+from flux_sharded import interrupt, runner
 from flux_sharded.cli import main
 from flux_sharded.files import atomic_write
 from flux_sharded.images import SLUG_MAX_CHARS, slugify
@@ -204,6 +204,67 @@ def test_interrupt_prints_the_resume_command(tiny_checkpoint, tmp_path, monkeypa
     run_dir = next((tmp_path / ".flux-sharded").iterdir())
     assert f"Interrupted. Continue with: flux-sharded --resume {run_dir}" in result.output
     assert (run_dir / "encode.safetensors").exists() and (run_dir / "run.json").exists()
+
+
+class _SwallowsCtrlC:
+    """An object whose finalizer is running when Ctrl-C arrives: Python prints "Exception ignored
+    in ..." and drops the KeyboardInterrupt (os.kill checks for signals before it returns)."""
+
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+@pytest.fixture
+def python_ctrl_c():
+    """SIGINT handled as Python starts a process (an interrupted in-process run leaves it ignored)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the finalizer's
+def test_a_ctrl_c_that_a_finalizer_swallowed_is_raised_again_by_check(python_ctrl_c):
+    with interrupt.remembered():
+        interrupt.check()  # nothing pressed yet
+        _SwallowsCtrlC()  # dropped at once
+        assert interrupt.pressed()
+        with pytest.raises(KeyboardInterrupt):
+            interrupt.check()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Python's own again
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the finalizer's
+def test_a_ctrl_c_swallowed_in_a_stage_still_stops_the_run_at_the_next_step(tiny_checkpoint, tmp_path, monkeypatch,
+                                                                            python_ctrl_c):
+    real_run = denoise.run
+
+    def swallowing(*args, **kwargs):
+        _SwallowsCtrlC()
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(denoise, "run", swallowing)
+    result = invoke(["--model", str(tiny_checkpoint), *COMMON, "--out", str(tmp_path), "--prompt", "a dog"])
+    assert result.exit_code == 130, result.output
+    run_dir = next((tmp_path / ".flux-sharded").iterdir())
+    assert f"Interrupted. Continue with: flux-sharded --resume {run_dir}" in result.output
+    assert not list(tmp_path.glob("*.png")) and not (run_dir / "denoise.safetensors").exists()
+    assert (run_dir / "encode.safetensors").exists()
+
+
+def test_a_ctrl_c_that_a_library_wrapped_in_its_own_error_reads_as_an_interruption(tiny_checkpoint, tmp_path,
+                                                                                   monkeypatch, python_ctrl_c):
+    def wrapping(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+        except BaseException as error:  # what a library that catches too much does
+            raise RuntimeError("the library's own failure") from error
+
+    monkeypatch.setattr(denoise, "run", wrapping)
+    result = invoke(["--model", str(tiny_checkpoint), *COMMON, "--out", str(tmp_path), "--prompt", "a dog"])
+    assert result.exit_code == 130, result.output
+    run_dir = next((tmp_path / ".flux-sharded").iterdir())
+    assert f"Interrupted. Continue with: flux-sharded --resume {run_dir}" in result.output
+    assert "Error:" not in result.output and "Traceback" not in result.output
 
 
 @pytest.mark.parametrize(
