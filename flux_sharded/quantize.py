@@ -54,6 +54,9 @@ def parse_quantize(spec: str | None) -> dict[str, str]:
         return {}
     spec = spec.strip()
     if "=" not in spec:
+        if "," in spec:  # 'none,fp8': a list of methods names no component for each
+            raise QuantizeError(f"--quantize: '{spec}' lists methods without components; give one method for the "
+                                f"large components, or COMPONENT=METHOD pairs ({EXAMPLE})")
         method = _method(spec, spec)
         return dict.fromkeys(LARGE_COMPONENTS, method)
     chosen: dict[str, str] = {}

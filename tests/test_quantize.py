@@ -48,6 +48,9 @@ def test_specs_parse(spec, expected):
     (["--quantize", "transformer"], "names an unknown method"),
     (["--quantize", "transformer:fp8"], "names an unknown method"),
     (["--quantize", "vae=fp8,x"], "'x' is not COMPONENT=METHOD"),
+    (["--quantize", "none,fp8"], "--quantize: 'none,fp8' lists methods without components; give one method for the "
+                                 "large components, or COMPONENT=METHOD pairs"),
+    (["--quantize", "fp8,text_encoder=int8"], "'fp8' is not COMPONENT=METHOD"),
 ])
 def test_bad_specs_get_one_error_line(args, message):
     result = CliRunner().invoke(main, ["--dry-run", "--prompt", "a dog", "--max-memory", "0=24GB", *args])
