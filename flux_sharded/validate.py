@@ -117,7 +117,9 @@ class JsonFields:
         if not isinstance(value, list) or not all(check(item) for item in value):
             self.fail(f"is {json.dumps(value)[:80]}, not a list of {what}", field)
         if len(value) < low_length or (high_length is not None and len(value) > high_length):
-            self.fail(f"has {len(value)} entries, not {low_length}..{high_length if high_length else '...'}", field)
+            wanted = (f"{low_length}" if low_length == high_length else f"at least {low_length}" if high_length is None
+                      else f"{low_length} to {high_length}")
+            self.fail(f"has {_entries(len(value))}, not {wanted}", field)
         return value
 
     def object(self, field: str, optional=False):
@@ -363,6 +365,10 @@ def check_prompts(prompts) -> None:
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # torch.Generator.manual_seed's range (int64 or uint64)
 
 
+def _entries(count: int) -> str:
+    return f"{count} entry" if count == 1 else f"{count} entries"
+
+
 def settings_fields(data, where: str, fix: str, prefix: str = "settings.") -> dict:
     """A GenerationSettings' JSON, checked: the keyword arguments to build it."""
     from .handoff import DTYPES
@@ -370,10 +376,11 @@ def settings_fields(data, where: str, fix: str, prefix: str = "settings.") -> di
     settings = JsonFields(data, where, fix, prefix=prefix)
     prompts = settings.list_of("prompts", lambda p: isinstance(p, str) and p.strip() != "", "non-empty texts", 1)
     seeds = settings.list_of("seeds", lambda s: _is_int(s) and SEED_MIN <= s <= SEED_MAX,
-                             f"whole numbers {SEED_MIN}..{SEED_MAX}", len(prompts), len(prompts))
+                             f"whole numbers {SEED_MIN}..{SEED_MAX}")
     indices = settings.list_of("indices", lambda i: _is_int(i) and i >= 0, "whole numbers >= 0", optional=True) or []
-    if indices and len(indices) != len(prompts):
-        settings.fail(f"has {len(indices)} entries for {len(prompts)} prompts", "indices")
+    for field, values in (("seeds", seeds), ("indices", indices)):  # one per image, as 'prompts'
+        if values and len(values) != len(prompts) or field == "seeds" and not values:
+            settings.fail(f"has {_entries(len(values))} for {len(prompts)} prompts (one per image)", field)
     known = {"model", "prompts", "seeds", "steps", "guidance", "height", "width", "max_sequence_length", "dtype",
              "indices", "batch_size", "quantize"}
     unknown = sorted(set(settings.data) - known)
