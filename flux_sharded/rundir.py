@@ -105,6 +105,18 @@ def our_files(run_dir: Path, process_counts, images: int) -> list[Path]:
     return [run_dir / name for name in names] + [batch_latents_path(run_dir, index) for index in range(images)]
 
 
+def remove_superseded(run_dir: Path, process_counts, finished_with: int) -> None:
+    """Once every share of a run finished under `finished_with` processes, the handoffs that its
+    launches with another number of processes saved hold nothing a resume needs: removed by exact
+    name, each JSON before its tensors (tensors without their JSON are ignored by a resume)."""
+    for stage in SAVED_STAGES:
+        for processes in sorted(set(process_counts) - {finished_with}):
+            for index in range(processes):
+                path = handoff_path(run_dir, stage, index, processes)
+                path.with_suffix(".json").unlink(missing_ok=True)
+                path.with_suffix(".safetensors").unlink(missing_ok=True)
+
+
 def clear_run(run_dir: Path, processes: int, images: int) -> None:
     """Remove the files of an earlier run, ours only and by exact name (the earlier run may have had
     another number of processes or images: its run.json says how many)."""

@@ -58,6 +58,7 @@ from .rundir import (
     our_files,
     read_run,
     remove_stale_temporaries,
+    remove_superseded,
     resumed_handoff,
     save_batch_latents,
     saved_handoffs,
@@ -303,6 +304,10 @@ def execute(request: RunRequest, log: Callable[[str], None] = lambda message: No
         elif process.count not in saved_run.process_counts:  # before any process saves under the new names
             write_run(request.run_folder, dataclasses.replace(
                 saved_run, resumed_processes=(*saved_run.resumed_processes, process.count)))
+    if process.is_main:  # before the barrier: the other processes' lines come after it
+        log(f"budget: {format_budget(request.budget)}; {len(positions)} image(s)"
+            + (f" on this process, {process.count} processes" if process.several else "")
+            + f"; run folder {request.run_folder}")
     wait_for_everyone(process)
     if not process.is_local_main:
         checkpoint = resolve_checkpoint(request.checkpoint.model, need_weights=True)
@@ -315,7 +320,9 @@ def execute(request: RunRequest, log: Callable[[str], None] = lambda message: No
         report = _execute_plan(mine, checkpoint, plan, [paths[p] for p in positions], log, process, resumed,
                                denoised, encoded, fingerprint_digest(fingerprint))
     reports = gather(process, report)
-    finish(process)
+    finish(process)  # every share is finished now
+    if process.is_local_main and saved_run is not None:
+        remove_superseded(request.run_folder, saved_run.process_counts, process.count)
     if not process.is_main:
         return None
     report.stages = [stage for each in reports for stage in each.stages]
@@ -328,6 +335,12 @@ def _execute_plan(request: RunRequest, checkpoint: Checkpoint, plan: RunPlan, pa
                   process: Process, resumed: Handoff | None, denoised: dict, encoded: GenerationSettings,
                   weights: str) -> RunReport:
     """This share's stages; `encoded`: the prompts its encode runs on (distributed.encode_positions)."""
+    if not process.is_main:  # each process says what it did with its own share, named as its errors are
+        say = log
+
+        def log(message: str) -> None:
+            say(f"[process {process.index}] {message}")
+
     settings = request.settings
     report = RunReport(budget=budget_to_json(request.budget))
     handoff = resumed if resumed is not None else Handoff(settings=settings)
@@ -339,10 +352,6 @@ def _execute_plan(request: RunRequest, checkpoint: Checkpoint, plan: RunPlan, pa
         # share's name, so that this share's checkpoint is one file again.
         with _writing(saved.with_suffix(".safetensors"), request, None):
             handoff.save(saved)
-    if process.is_main:
-        log(f"budget: {format_budget(request.budget)}; {len(settings.prompts)} image(s)"
-            + (f" on this process, {process.count} processes" if process.several else "")
-            + f"; run folder {request.run_folder}")
     for stage in STAGES:
         interrupt.check()
         if stage.NAME in handoff.finished_stages:

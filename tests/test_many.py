@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -215,6 +216,9 @@ def test_a_run_of_two_processes_killed_in_denoise_resumes_with_one(tiny_checkpoi
     assert f"encode: finished earlier, its handoff is in {run_dir}" in resumed.output
     assert png_bytes(out) == png_bytes(tmp_path / "reference")
     assert json.loads((run_dir / "run.json").read_text())["resumed_processes"] == [1]
+    # the two processes' handoffs are superseded by the one process's, which holds every image
+    assert not list(run_dir.glob("*-process-*")), sorted(path.name for path in run_dir.iterdir())
+    assert (run_dir / "denoise.json").exists()
 
 
 def test_a_run_of_one_process_interrupted_after_a_batch_resumes_with_two(tiny_checkpoint, tmp_path, monkeypatch):
@@ -240,4 +244,13 @@ def test_a_run_of_one_process_interrupted_after_a_batch_resumes_with_two(tiny_ch
                             capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout + result.stderr
     assert "denoise: 2 of 4 image(s) finished earlier" in result.stdout + result.stderr  # process 0: batch 0 kept
+    # Each process says once what it takes over, after the main one's budget line, named as its errors are.
+    # (A line of process 1 may land after the main process's bar, which shares the terminal.)
+    said = [match.group(0) for match in re.finditer(r"(\[process \d\] )?encode: finished earlier", result.stderr)]
+    assert sorted(said) == ["[process 1] encode: finished earlier", "encode: finished earlier"], result.stderr
+    assert result.stderr.index("budget: ") < result.stderr.index("encode: finished earlier"), result.stderr
+    assert {path.name for path in run_dir.glob("*.json")} == {  # the one process's handoffs are superseded
+        "run.json", "encode-process-0-of-2.json", "encode-process-1-of-2.json", "denoise-process-0-of-2.json",
+        "denoise-process-1-of-2.json"}
+    assert not (run_dir / "encode.safetensors").exists()
     assert png_bytes(out) == png_bytes(tmp_path / "reference")
