@@ -25,7 +25,7 @@ from .budget import (
     parse_budget,
 )
 from .checkpoint import DEFAULT_MODEL
-from .errors import BudgetError, FluxShardedError, OutputError, SettingsError
+from .errors import BudgetError, CheckpointError, FluxShardedError, OutputError, SettingsError
 from .families import FAMILIES, FLUX_1, FLUX_1_SCHNELL_DEFAULTS, FLUX_2_KLEIN_BASE_DEFAULTS
 
 # The default model's family's defaults (FluxPipeline.__call__'s, so that a bare run matches
@@ -205,6 +205,22 @@ def _interrupted(request, process, options: dict) -> NoReturn:
     sys.exit(EXIT_INTERRUPTED)
 
 
+def _resumed_checkpoint(model: str, run_dir: Path):
+    """The checkpoint run.json names; its errors say that the model came from run.json, not --model."""
+    from .checkpoint import resolve_checkpoint
+
+    path = Path(model).expanduser()
+    if not path.is_absolute() and not path.is_dir() and (model.startswith(".") or "/" not in model):
+        raise SettingsError(  # new runs store a local --model absolute (checkpoint.model_reference)
+            f"--resume: run.json 'settings.model' is the relative folder '{model}' (a run folder of an earlier "
+            f"version), which does not exist from {Path.cwd()}; resume from the folder the run was started in"
+        )
+    try:
+        return resolve_checkpoint(model, need_weights=False)
+    except CheckpointError as error:
+        raise CheckpointError(f"--resume: the run's model (run.json 'settings.model'): {error}") from error
+
+
 def _request(ctx: click.Context, options: dict):
     """Validate the options that need no model, resolve the configs, build the runner's request.
 
@@ -227,9 +243,11 @@ def _request(ctx: click.Context, options: dict):
         if options["dry_run"]:
             raise SettingsError("--resume and --dry-run cannot go together; dry-run a new run's options instead")
         from .rundir import read_run
+        from .validate import check_resumed_model
 
         saved = read_run(options["resume_dir"])
-        checkpoint = resolve_checkpoint(saved.settings.model, need_weights=False)
+        checkpoint = _resumed_checkpoint(saved.settings.model, options["resume_dir"])
+        check_resumed_model(saved.weights, checkpoint.model, checkpoint.path, options["resume_dir"])
         settings = saved.settings
         if given:
             _check_agrees(given, options, saved, checkpoint)

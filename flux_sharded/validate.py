@@ -532,14 +532,18 @@ FINGERPRINT_SUFFIXES = (".json", ".txt", ".model", ".safetensors")
 FINGERPRINT_SAMPLE_BYTES = 64 * 1024
 
 
+def _file_record(file: Path, data: bytes) -> dict:
+    import hashlib
+
+    return {"bytes": file.stat().st_size, "sha256": hashlib.sha256(data).hexdigest()}
+
+
 def weights_fingerprint(path: Path) -> dict:
     """What decides the pixels in a checkpoint folder, per component: each file's name, size and
     sha256; for a .safetensors file, of its header (every tensor's name, dtype, shape and byte
     range) and the first and last FINGERPRINT_SAMPLE_BYTES of its data, which a re-seeded rebuild
     of the same shapes changes (hashing all the weights would take minutes, this milliseconds);
     plus the hub revision when the folder is a hub snapshot."""
-    import hashlib
-
     fingerprint = {}
     for folder in FINGERPRINT_FOLDERS:
         files = {}
@@ -555,7 +559,7 @@ def weights_fingerprint(path: Path) -> dict:
                     data += handle.read()
                 else:
                     data = handle.read()
-            files[file.name] = {"bytes": file.stat().st_size, "sha256": hashlib.sha256(data).hexdigest()}
+            files[file.name] = _file_record(file, data)
         fingerprint[folder] = files
     resolved = path.resolve()
     if resolved.parent.name == "snapshots":  # the Hugging Face cache: snapshots/<commit hash>
@@ -578,7 +582,37 @@ def check_same_weights(saved: dict | None, current: dict, model: str, run_dir: P
         if saved.get(component) != current.get(component):
             what = "hub revision" if component == "revision" else f"{component} files"
             raise SettingsError(
-                f"--resume: the {what} of --model '{model}' differ from those the run in {run_dir} used (run.json "
+                f"--resume: the {what} of the model '{model}' differ from those the run in {run_dir} used (run.json "
                 "'weights'); mixing them would give images neither weights make: restore those weights, or start a "
                 "new run with these"
             )
+
+
+def check_resumed_model(saved: dict | None, model: str, folder: Path, run_dir: Path) -> None:
+    """Before a resume plans anything: the model run.json names (`model`, read from `folder`) is the
+    one whose weights the run recorded, as far as the files at hand tell. A local folder is
+    fingerprinted whole (milliseconds); a hub id must have been one when the run started (its
+    fingerprint has a hub revision), and its cached config files must match. The full check
+    (check_same_weights) follows once a hub model's weights are fetched. Raises SettingsError."""
+    if saved is None:
+        return
+    local = Path(model).expanduser().is_dir()
+    from_hub = not local or Path(model).expanduser().resolve().parent.name == "snapshots"
+    if from_hub != ("revision" in saved):
+        was = "a hub model" if "revision" in saved else "a local folder"
+        raise SettingsError(
+            f"--resume: run.json 'settings.model' is '{model}', but the run in {run_dir} used {was} (run.json "
+            "'weights'); the file was edited: restore it, or start a new run with --model"
+        )
+    if local:
+        check_same_weights(saved, weights_fingerprint(folder), model, run_dir)
+        return
+    from .checkpoint import shipped_config_dir
+
+    if shipped_config_dir("") in folder.parents:  # this package's copies of the configs, not the snapshot's
+        return
+    for component, files in saved.items():  # a cached hub snapshot: its config files, if there
+        for name, record in files.items() if isinstance(files, dict) else ():
+            path = folder / component / name
+            if name.endswith(".json") and path.is_file() and record != _file_record(path, path.read_bytes()):
+                check_same_weights({component: record}, {component: None}, model, run_dir)

@@ -236,6 +236,19 @@ CASES = {
                                  RUN_JSON + "'settings.indices' has 1 entry for 2 prompts (one per image)"),
     "settings-unknown-field": Case(setting("sampler", "euler"), RUN_JSON + "'settings.sampler' is not a setting"),
     "model-not-text": Case(setting("model", 7), RUN_JSON + "'settings.model' is 7, not a text"),
+    # run.json naming another model: refused before any plan (a budget refusal would mislead) or fetch
+    "model-a-hub-id": Case(setting("model", "black-forest-labs/FLUX.1-schnell"),
+                           "--resume: run.json 'settings.model' is 'black-forest-labs/FLUX.1-schnell', but the run in "
+                           "{run_dir} used a local folder (run.json 'weights'); the file was edited"),
+    "model-another-folder": Case(lambda space: (shutil.copytree(space.checkpoint, space.out / "other"),
+                                                setting("model", str(space.out / "other"))(space),
+                                                (space.out / "other" / "vae" / "config.json").write_text(
+                                                    (space.checkpoint / "vae" / "config.json").read_text() + " ")),
+                                 "--resume: the vae files of the model '{out}/other' differ from those the run in "
+                                 "{run_dir} used"),
+    "model-relative": Case(setting("model", "./tiny-checkpoint"),
+                           "--resume: run.json 'settings.model' is the relative folder './tiny-checkpoint' (a run "
+                           "folder of an earlier version), which does not exist from"),
     "format-other": Case(top("format", 2), RUN_JSON + "'format' is 2, outside 1..1"),
     "resumed-processes-not-a-list": Case(top("resumed_processes", 2),
                                          RUN_JSON + "'resumed_processes' is 2, not a list of process counts"),
@@ -250,7 +263,7 @@ CASES = {
                          "the run's image folder /nonexistent/flux-sharded-out (run.json 'out_dir') does not exist"),
     "run-json-a-list": Case(write_file("run.json", b"[]"), "--resume '{run_dir}': run.json holds a list, not a JSON"),
     "run-json-truncated": Case(truncated("run.json"), "run.json cannot be read"),
-    "weights-changed": Case(replaced_model_weights, "--resume: the transformer files of --model '{checkpoint}' differ "
+    "weights-changed": Case(replaced_model_weights, "--resume: the transformer files of the model '{checkpoint}' differ "
                             "from those the run in {run_dir} used"),
     # the stage checkpoints: truncated, swapped, wrong shape or dtype, extra or missing tensors
     "denoise-truncated": Case(truncated("denoise.safetensors"), "--resume: {run_dir}/denoise.safetensors cannot be "
