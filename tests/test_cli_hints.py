@@ -355,9 +355,14 @@ def test_ctrl_c_under_torchrun_prints_one_line_and_no_traceback_of_ours(tiny_che
             assert process.poll() is None, process.communicate()
         os.killpg(process.pid, signal.SIGINT)  # what the terminal does: the whole foreground group
         stdout, stderr = process.communicate(timeout=120)
-    finally:
+    finally:  # whatever went wrong, no worker (each in a session of its own) outlives the test
+        import psutil
+
         if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+            for worker in [*psutil.Process(process.pid).children(recursive=True), psutil.Process(process.pid)]:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    worker.send_signal(signal.SIGKILL)
+            process.communicate()
     interrupted = [line for line in stderr.splitlines() if line.startswith("Interrupted. Continue with: ")]
     assert interrupted == [f"Interrupted. Continue with: torchrun --nproc_per_node 2 -m flux_sharded --resume "
                            f"{next(out.glob('.flux-sharded/run-*'))}"], stderr  # the launcher the run used

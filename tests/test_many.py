@@ -20,6 +20,8 @@ from flux_sharded.stages import STAGES
 
 from .conftest import assert_same_pixels, one_piece_pixels
 
+ROOT = Path(__file__).resolve().parents[1]  # this checkout, for the scripts the launchers run
+
 PROMPTS = ["a photo of a dog", "a red car under the sky", "watercolor portrait of a cat", "night city street",
            "bird flying over a river"]
 COMMON = ["--max-memory", "cpu=2GB", "--steps", "2", "--height", "32", "--width", "32", "--dtype", "float32"]
@@ -189,31 +191,58 @@ def png_bytes(out: Path) -> dict[str, bytes]:
     return {path.name: path.read_bytes() for path in sorted(out.glob("*.png"))}
 
 
+# flux-sharded whose processes each stop (SIGSTOP) right after keeping their first batch of
+# latents: the test then kills them mid-denoise at a known point, however fast or slow they ran.
+STOP_AFTER_FIRST_BATCH = """
+import os, signal, sys
+from flux_sharded import runner
+from flux_sharded.cli import main
+
+def save_then_stop(*args, _real=runner.save_batch_latents, **kwargs):
+    _real(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGSTOP)
+
+runner.save_batch_latents = save_then_stop
+main(sys.argv[1:])
+"""
+
+
 def test_a_run_of_two_processes_killed_in_denoise_resumes_with_one(tiny_checkpoint, tmp_path):
-    """Killed once both encode handoffs and the first batch's latents are saved: one process takes
-    the embeddings of both shares and the kept batch, and every PNG equals an uninterrupted run's."""
+    """Killed once both encode handoffs and each process's first batch of latents are saved (process
+    0 shares batches 0 and 1, process 1 batch 2): one process takes the embeddings of both shares
+    and the kept batches, redoes batch 1, and every PNG equals an uninterrupted run's."""
     import signal
+
+    import psutil
 
     args = ["--model", str(tiny_checkpoint), *RESUMABLE, "--steps", "20"]
     reference = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "reference")])
     assert reference.exit_code == 0, reference.output
     out = tmp_path / "out"
-    launch = subprocess.Popen([sys.executable, *LAUNCHERS["torchrun"], "-m", "flux_sharded", *args, "--out", str(out)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    script = tmp_path / "stop_after_first_batch.py"
+    script.write_text(STOP_AFTER_FIRST_BATCH)
+    launch = subprocess.Popen([sys.executable, *LAUNCHERS["torchrun"], str(script), *args, "--out", str(out)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
     try:
-        wanted = ["encode-process-0-of-2.json", "encode-process-1-of-2.json", "denoise-batch-from-image-0.safetensors"]
+        wanted = ["encode-process-0-of-2.json", "encode-process-1-of-2.json", "denoise-batch-from-image-0.safetensors",
+                  "denoise-batch-from-image-4.safetensors"]
         while not all(list(out.glob(f".flux-sharded/run-*/{name}")) for name in wanted):
             with contextlib.suppress(subprocess.TimeoutExpired):  # waits on the files, without spinning
                 launch.wait(timeout=0.05)
             assert launch.poll() is None, launch.communicate()[0]
-        os.killpg(launch.pid, signal.SIGKILL)  # the launcher and both workers, mid-denoise
-    finally:
+    finally:  # the workers run in sessions of their own: each is killed by its process id
+        if launch.poll() is None:
+            for process in [*psutil.Process(launch.pid).children(recursive=True), psutil.Process(launch.pid)]:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.send_signal(signal.SIGKILL)
         launch.communicate()
     (run_dir,) = (out / ".flux-sharded").iterdir()
+    assert not list(out.glob("*.png")) and not list(run_dir.glob("denoise-process-*")), "killed after denoise"
     resumed = CliRunner().invoke(main, ["--resume", str(run_dir)])
     assert resumed.exit_code == 0, resumed.output
     assert f"encode: finished earlier, its handoff is in {run_dir}" in resumed.output
+    assert "denoise: 3 of 5 image(s) finished earlier" in resumed.output
     assert png_bytes(out) == png_bytes(tmp_path / "reference")
     assert json.loads((run_dir / "run.json").read_text())["resumed_processes"] == [1]
     # the two processes' handoffs are superseded by the one process's, which holds every image
