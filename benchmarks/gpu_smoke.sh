@@ -4,7 +4,9 @@
 #   2. the "mini" checkpoint (FLUX.1-dev's proportions, 1.2 GB) at 512 and 1024 pixels under
 #      0=16GB: planned vs CUDA-allocator peaks per stage (benchmarks/report_table.py);
 #   3. the mini checkpoint under 0=350MB,cpu=16GB: the streamed-offload path on a real GPU (the
-#      dry-run plans 85 MB of blocks resident and streams 313 MB per step; at 700MB it streamed none).
+#      dry-run plans 85 MB of blocks resident and streams 313 MB per step; at 700MB it streamed none);
+#   4. FLUX.2-klein-4B's real shape (random weights built on the GPU, 16 GB in bf16) at 1024x1024
+#      under 0=12GB, klein's 4 steps: planned vs measured peak per stage (issue 12).
 # Run from the repository root on the GPU machine:  bash benchmarks/gpu_smoke.sh
 # Packages the machine lacks (diffusers; transformers 5) travel as wheels in .whl/ (see the
 # device tool's README); they are installed into /tmp/site when present.
@@ -34,5 +36,9 @@ done
 step "mini at 1024 under 0=350MB,cpu=16GB (streamed offload)" python3 -m flux_sharded --model /tmp/mini \
   --prompt "a photo of a dog" --max-memory 0=350MB,cpu=16GB --steps 4 --height 1024 --width 1024 \
   --out "$OUT/mini-streamed" --report "$OUT/mini-streamed.json"
+step "real-shape FLUX.2-klein-4B" python3 -m flux_sharded.tiny /tmp/klein-4b --preset klein-4b --device cuda \
+  --dtype bfloat16
+step "klein-4B at 1024 under 0=12GB" python3 -m flux_sharded --model /tmp/klein-4b --prompt "a photo of a dog" \
+  --max-memory 0=12GB --out "$OUT/klein-4b" --report "$OUT/klein-4b-0-12GB.json"
 step "table" bash -c "python3 benchmarks/report_table.py $OUT/*.json | tee $OUT/table.md"
 finish

@@ -11,7 +11,8 @@ trained deterministically, so the same seed writes byte-identical files. Presets
 1 MB, for tests), "small" (a few MB, wide enough for activation measurements), "mini" (FLUX.1-dev's
 proportions at about 1.2 GB, for benchmarks),
 and "flux-dev" / "flux-schnell": the real architectures from the configs shipped in this package,
-with random weights (33 GB in bf16: build them on a GPU machine, `--device cuda --dtype bfloat16`).
+with random weights (33 GB in bf16: build them on a GPU machine, `--device cuda --dtype bfloat16`);
+"klein-4b" / "klein-9b" likewise build FLUX.2-klein's real shapes (16 GB / 35 GB in bf16).
 
 `--family FLUX.2-klein` / `FLUX.2-dev` (preset tiny only) builds what Flux2KleinPipeline /
 Flux2Pipeline.from_pretrained load: a random Qwen3ForCausalLM with a byte-level BPE Qwen2 tokenizer
@@ -227,14 +228,20 @@ def _t5_tokenizer(corpus: list[str]):
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
 
 
-REAL_SHAPES = {"flux-dev": "FLUX.1-dev", "flux-schnell": "FLUX.1-schnell"}
+# The real architectures, from the configs shipped in this package (checkpoint.SHIPPED_CONFIGS).
+# FLUX.2-dev (64 GB transformer + 48 GB text encoder in bf16) is left out: no single GPU we borrow
+# builds and saves it in one piece.
+REAL_SHAPES = {"flux-dev": "FLUX.1-dev", "flux-schnell": "FLUX.1-schnell", "klein-4b": "FLUX.2-klein-4B",
+               "klein-9b": "FLUX.2-klein-9B"}
 
 
 def build_tiny_checkpoint(out_dir: str | Path, vae_scale_factor: int = 8, seed: int = 0, preset: str = "tiny",
                           device: str = "cpu", dtype: str = "float32") -> Path:
     """Write the checkpoint to `out_dir` (atomically: built beside it, then renamed) and return it."""
     if preset in REAL_SHAPES:
-        return _build_real_shape(Path(out_dir), REAL_SHAPES[preset], seed, device, dtype)
+        from .checkpoint import shipped_config_dir
+
+        return build_real_shape(Path(out_dir), shipped_config_dir(REAL_SHAPES[preset]), seed, device, dtype)
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
@@ -415,16 +422,21 @@ def build_tiny_flux2_checkpoint(out_dir: str | Path, family: str = "FLUX.2-klein
     return _save(pipeline, Path(out_dir))
 
 
-def _build_real_shape(out_dir: Path, name: str, seed: int, device: str, dtype: str) -> Path:
-    """The real FLUX.1 architecture from the shipped configs, random weights, our small tokenizers
-    (their ids fit the real vocabularies)."""
+def build_real_shape(out_dir: Path, configs: Path, seed: int, device: str, dtype: str) -> Path:
+    """The architecture of the configs in `configs` (a FLUX.1 or FLUX.2-klein folder as shipped in
+    this package), random weights created on `device` in `dtype`, our small tokenizers (their ids fit
+    the real vocabularies)."""
+    from .families import family_of
+
+    family = family_of(configs)
+    if family.name == "FLUX.2-klein":
+        return _build_real_klein(out_dir, configs, seed, device, dtype)
+    if family.name != "FLUX.1":
+        raise ValueError(f"{configs}: real shapes are built for FLUX.1 and FLUX.2-klein, not {family.name}")
     import torch
     import transformers
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
-    from .checkpoint import shipped_config_dir
-
-    configs = shipped_config_dir(name)
     corpus = _corpus(seed)
     torch.manual_seed(seed)
     torch_dtype = getattr(torch, dtype)
@@ -450,6 +462,33 @@ def _build_real_shape(out_dir: Path, name: str, seed: int, device: str, dtype: s
         text_encoder_2=encoders["text_encoder_2"].to(torch_dtype),
         tokenizer_2=_t5_tokenizer(corpus),
         transformer=transformer.to(torch_dtype),
+    )
+    return _save(pipeline, out_dir)
+
+
+def _build_real_klein(out_dir: Path, configs: Path, seed: int, device: str, dtype: str) -> Path:
+    """FLUX.2-klein's real architecture (Qwen3 text encoder, whole, as the hub's text_encoder folder
+    holds it), random weights, batch-norm statistics left as created, our small Qwen2 tokenizer."""
+    import torch
+    import transformers
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+
+    corpus = _corpus(seed)
+    torch.manual_seed(seed)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))  # created in the target dtype, on the target device
+    try:
+        with torch.device(device):
+            text_encoder = transformers.Qwen3ForCausalLM(transformers.AutoConfig.from_pretrained(configs / "text_encoder"))
+            transformer = Flux2Transformer2DModel.from_config(Flux2Transformer2DModel.load_config(configs / "transformer"))
+            vae = AutoencoderKLFlux2.from_config(AutoencoderKLFlux2.load_config(configs / "vae"))
+    finally:
+        torch.set_default_dtype(default_dtype)
+    distilled = json.loads((configs / "model_index.json").read_text()).get("is_distilled", False)
+    pipeline = Flux2KleinPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(configs / "scheduler"),
+        vae=vae, text_encoder=text_encoder, tokenizer=_qwen2_tokenizer(corpus), transformer=transformer,
+        is_distilled=distilled,
     )
     return _save(pipeline, out_dir)
 
@@ -519,16 +558,22 @@ def main(argv: list[str] | None = None) -> int:
     # diffusers warns on every model.to(dtype), even with no float32 module to keep ("[]")
     diffusers.utils.logging.set_verbosity_error()
     diffusers.utils.logging.disable_progress_bar()
-    if args.family != "FLUX.1":
+    if args.preset in REAL_SHAPES:  # the preset names its family
+        from .checkpoint import shipped_config_dir
+        from .families import family_of
+
+        args.family = family_of(shipped_config_dir(REAL_SHAPES[args.preset])).name
+    if args.family != "FLUX.1" and args.preset not in REAL_SHAPES:
         if args.preset != "tiny" or args.dtype != "float32" or args.device != "cpu":
-            print(f"Error: --family {args.family} builds the tiny preset in float32 on the cpu only; drop --preset, "
-                  "--dtype and --device", file=sys.stderr)
+            print(f"Error: --family {args.family} builds the tiny preset in float32 on the cpu only (or --preset "
+                  "klein-4b / klein-9b, the real FLUX.2-klein shapes); drop --preset, --dtype and --device",
+                  file=sys.stderr)
             return 2
         path = build_tiny_flux2_checkpoint(args.out_dir, args.family, args.vae_scale_factor, args.seed)
     else:
         path = build_tiny_checkpoint(args.out_dir, args.vae_scale_factor, args.seed, args.preset, args.device,
                                      args.dtype)
-    print(f"tiny {args.family} checkpoint written to {path}")
+    print(f"{'real-shape' if args.preset in REAL_SHAPES else 'tiny'} {args.family} checkpoint written to {path}")
     return 0
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -20,6 +22,63 @@ def test_real_shapes_have_the_published_parameter_counts(monkeypatch, tmp_path, 
     assert all(next(built[name].parameters()).dtype == torch.bfloat16
                for name in ("transformer", "text_encoder", "text_encoder_2", "vae"))
     assert torch.get_default_dtype() == torch.float32  # restored
+
+
+# Parameter counts (tied weights once) from ../shared/flux-configs/README.md, measured there on meta.
+@pytest.mark.parametrize("preset, transformer, text_encoder", [("klein-4b", 3_875_544_576, 4_022_468_096),
+                                                                ("klein-9b", 9_078_581_248, 8_190_735_360)])
+def test_real_klein_shapes_have_the_counted_parameters(monkeypatch, tmp_path, preset, transformer, text_encoder):
+    built = {}
+    monkeypatch.setattr(tiny, "_save", lambda pipeline, out: built.update(pipeline.components, pipeline=pipeline))
+    tiny.build_tiny_checkpoint(tmp_path / preset, preset=preset, device="meta", dtype="bfloat16")
+    count = lambda name: sum(p.numel() for p in built[name].parameters())  # noqa: E731 (tied: once)
+    assert (count("transformer"), count("text_encoder"), count("vae")) == (transformer, text_encoder, 84_046_115)
+    assert type(built["pipeline"]).__name__ == "Flux2KleinPipeline" and built["pipeline"].config.is_distilled
+    assert all(next(built[name].parameters()).dtype == torch.bfloat16 for name in ("transformer", "text_encoder", "vae"))
+    assert torch.get_default_dtype() == torch.float32  # restored
+
+
+def test_a_real_klein_shape_shrunk_saves_what_flux_sharded_loads_and_runs(tmp_path):
+    """gpu_klein.sh builds FLUX.2-klein-4B's real shape on a GPU (16 GB); the same code, on a copy of
+    its configs cut down in width and depth, writes a checkpoint with those very configs that runs."""
+    import json
+    import shutil
+
+    from click.testing import CliRunner
+    from transformers import AutoConfig
+
+    from flux_sharded.checkpoint import shipped_config_dir
+    from flux_sharded.cli import main
+
+    configs = tmp_path / "configs"
+    shutil.copytree(shipped_config_dir("FLUX.2-klein-4B"), configs)
+    smaller = {
+        "text_encoder": dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
+                             head_dim=16, num_hidden_layers=28, vocab_size=4096, bos_token_id=1,
+                             eos_token_id=2),  # klein's encode reads layer 27
+        "transformer": dict(attention_head_dim=16, axes_dims_rope=[4, 4, 4, 4], num_attention_heads=2, num_layers=1,
+                            num_single_layers=1, joint_attention_dim=3 * 32, timestep_guidance_channels=32),
+        "vae": dict(block_out_channels=[8, 8, 8, 8], norm_num_groups=4),
+    }
+    for component, changes in smaller.items():
+        path = configs / component / "config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    checkpoint = tiny.build_real_shape(tmp_path / "klein", configs, seed=0, device="cpu", dtype="float32")
+    def read(folder: Path, component: str) -> dict:  # as the library reads it (transformers 5 moves rope_theta)
+        if component == "text_encoder":
+            return AutoConfig.from_pretrained(folder / component).to_dict()
+        return json.loads((folder / component / "config.json").read_text())
+
+    for component in smaller:
+        wanted, saved = read(configs, component), read(checkpoint, component)
+        differs = {key for key, value in wanted.items()
+                   if not key.startswith("_") and key not in ("dtype", "transformers_version") and saved.get(key) != value}
+        assert not differs, (component, {key: (wanted[key], saved.get(key)) for key in differs})
+    result = CliRunner().invoke(main, ["--model", str(checkpoint), "--prompt", "a dog", "--max-memory", "cpu=2GB",
+                                       "--steps", "1", "--height", "32", "--width", "32", "--dtype", "float32",
+                                       "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "out").glob("*.png"))) == 1
 
 
 def test_tiny_checkpoint_reads_back_as_flux(tiny_checkpoint, tiny_checkpoint_f2):
