@@ -19,7 +19,7 @@ from .checkpoint import resolve_checkpoint
 from .handoff import GenerationSettings, Handoff
 from .memory import TensorBytesTracker
 from .plan import plan_run
-from .stages import STAGES, decode
+from .stages import STAGES
 
 
 @dataclass(frozen=True)
@@ -49,8 +49,6 @@ def measure_activations(checkpoint_path: Path, dtype: str, height: int, width: i
         existing = [tensor for module in modules if isinstance(module, torch.nn.Module)
                     for tensor in (*module.parameters(), *module.buffers())]
         with TensorBytesTracker(existing=existing + list(handoff.tensors().values())) as tracker:
-            output = stage.run(loaded, handoff)
+            handoff = stage.run(loaded, handoff)
         results.append(StageActivation(stage.NAME, tracker.peak_bytes, plan.stage(stage.NAME).activation_bytes["cpu"]))
-        if stage is not decode:
-            handoff = output
     return results

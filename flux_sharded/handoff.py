@@ -3,9 +3,10 @@
 encode fills the embeddings its model family's pipeline takes (FLUX.1: `prompt_embeds`,
 `pooled_prompt_embeds` and `text_ids`; FLUX.2: `prompt_embeds`, and `negative_prompt_embeds` for a
 klein that guides with a second pass; stages/flux1.py and flux2.py say which, with their shapes);
-denoise fills `latents`; decode reads `latents` and returns images (which are not part of the handoff). Between stages the
-runner keeps the handoff on the CPU, and each stage moves it to its own execution device with
-`to()`. `save()`/`load()` write it as one safetensors file plus a JSON file of the settings.
+denoise fills `latents`; decode reads `latents` and fills `images` (PIL images, which are
+written as PNGs, never saved with the handoff). Between stages the runner keeps the handoff on the
+CPU, and each stage moves it to its own execution device with `to()`. `save()`/`load()` write its
+tensors as one safetensors file plus a JSON file of the settings.
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ class Handoff:
     negative_prompt_embeds: torch.Tensor | None = None  # FLUX.2-klein guided by a second pass: as prompt_embeds, of ""
     text_ids: torch.Tensor | None = None  # FLUX.1: (max_sequence_length, 3), zeros: positions of the text tokens
     latents: torch.Tensor | None = None  # (B, (H/2f)*(W/2f), 4*latent_channels), packed; f = VAE scale factor
+    images: list | None = None  # decode's: B PIL images (H x W), in prompt order; not saved by save()
     finished_stages: tuple[str, ...] = field(default_factory=tuple)
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -107,7 +109,8 @@ class Handoff:
     def select(self, positions: list[int]) -> "Handoff":
         """The handoff of some of the images (batch rows); SHARED_FIELDS are shared by all."""
         rows = {name: tensor[positions] for name, tensor in self.tensors().items() if name not in SHARED_FIELDS}
-        return dataclasses.replace(self, settings=self.settings.subset(positions), **rows)
+        images = None if self.images is None else [self.images[position] for position in positions]
+        return dataclasses.replace(self, settings=self.settings.subset(positions), images=images, **rows)
 
     def embeddings(self) -> dict[str, torch.Tensor]:
         """The per-image tensors the pipeline's __call__ takes by these names (prompt_embeds, ...)."""

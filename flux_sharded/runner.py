@@ -1,7 +1,9 @@
-"""The only place that sequences the stages: check -> plan -> (load -> run -> release -> flush) x 3.
+"""The only place that sequences the stages: check -> plan -> (todo -> load -> run -> release -> flush -> finish) x 3.
 
 Every check that needs no weights runs first; then the plan (plan.py) decides each stage's device
-maps from configs alone, and the stages load with exactly those maps. The handoff lives on the CPU
+maps from configs alone, and the stages load with exactly those maps. Every stage has the one
+interface of stages.Stage, so the sequence has no special case for any of them: what a stage runs
+on and what it keeps are its own todo and finish, which write through this module's ShareRun. The handoff lives on the CPU
 between stages; each stage's component is dropped and memory flushed before the next stage loads,
 so a device holds at most one stage's weights at a time.
 """
@@ -49,12 +51,12 @@ from .quantize import check_prequantized_dtype, format_quantize, prequantized
 from .report import RunReport, StageReport
 from .rundir import (
     RUN_FILE,
+    SAVED_STAGES,
     SavedRun,
     batch_latents_path,
     clear_run,
     default_run_dir,
     handoff_path,
-    load_batch_latents,
     our_files,
     read_run,
     remove_stale_temporaries,
@@ -64,7 +66,7 @@ from .rundir import (
     saved_handoffs,
     write_run,
 )
-from .stages import STAGES, decode, denoise, encode, family_code
+from .stages import STAGES, Stage, Work, family_code
 from .validate import (
     MAX_BATCH_SIZE,
     MAX_SIDE,
@@ -331,6 +333,50 @@ def execute(request: RunRequest, log: Callable[[str], None] = lambda message: No
     return report
 
 
+@dataclass
+class ShareRun:
+    """This process's share of a run as the stages' todo and finish see it (stages.Stage): its
+    settings, images and run folder, the log, and every write of the run, each of which fails with
+    one message that names the work kept and the resume command (_writing)."""
+
+    request: RunRequest  # the share's settings; the whole run's folders
+    checkpoint: Checkpoint
+    paths: list[Path]  # the share's images, in prompt order
+    encoded: GenerationSettings  # the prompts its encode runs on (distributed.encode_positions)
+    denoised: dict  # {image index: latents row} saved by the shares of another number of processes
+    weights: str  # validate.fingerprint_digest of the weights, in every PNG
+    log: Callable[[str], None]
+    process: Process = SINGLE_PROCESS  # this share's, which names its checkpoints
+    saved: Path | None = None  # the latest stage checkpoint on disk, named when a later step fails
+    written: list[str] = dataclasses.field(default_factory=list)  # the images written, absolute
+
+    @property
+    def settings(self) -> GenerationSettings:
+        return self.request.settings
+
+    def save_handoff(self, handoff: Handoff, stage: str) -> None:
+        """The stage's checkpoint in the run folder, what a resume continues from."""
+        target = handoff_path(self.request.run_folder, stage, self.process.index, self.process.count)
+        with _writing(target.with_suffix(".safetensors"), self.request, self.saved):
+            handoff.save(target)
+        self.saved = target
+
+    def save_batch_latents(self, batch: range, latents: torch.Tensor) -> None:
+        """A finished denoise batch's latents (len(batch), tokens, channels), until the stage's handoff is saved."""
+        settings = self.settings
+        path = batch_latents_path(self.request.run_folder, settings.image_indices[batch.start])
+        with _writing(path, self.request, self.saved):
+            save_batch_latents(path, latents, settings.subset(list(batch)))
+
+    def write_image(self, position: int, image) -> None:
+        """The share's image `position` as a PNG with the settings that made it."""
+        settings, path = self.settings, self.paths[position]
+        with _writing(path, self.request, self.saved):
+            save_png(image, path, _png_metadata(settings, settings.prompts[position], settings.seeds[position],
+                                                self.request.budget, self.weights, self.checkpoint))
+        self.written.append(str(path.absolute()))
+
+
 def _execute_plan(request: RunRequest, checkpoint: Checkpoint, plan: RunPlan, paths: list[Path], log,
                   process: Process, resumed: Handoff | None, denoised: dict, encoded: GenerationSettings,
                   weights: str) -> RunReport:
@@ -344,112 +390,34 @@ def _execute_plan(request: RunRequest, checkpoint: Checkpoint, plan: RunPlan, pa
     settings = request.settings
     report = RunReport(budget=budget_to_json(request.budget))
     handoff = resumed if resumed is not None else Handoff(settings=settings)
-    # The latest stage checkpoint on disk, named in messages when a later step fails.
-    saved = (handoff_path(request.run_folder, handoff.finished_stages[-1], process.index, process.count)
-             if handoff.finished_stages else None)
-    if saved is not None and not saved.with_suffix(".json").exists():
+    share = ShareRun(request, checkpoint, paths, encoded, denoised, weights, log, process=process)
+    if handoff.finished_stages:
+        share.saved = handoff_path(request.run_folder, handoff.finished_stages[-1], process.index, process.count)
+    if share.saved is not None and not share.saved.with_suffix(".json").exists():
         # Taken from the shares of a launch with another number of processes: kept under this
         # share's name, so that this share's checkpoint is one file again.
-        with _writing(saved.with_suffix(".safetensors"), request, None):
-            handoff.save(saved)
+        with _writing(share.saved.with_suffix(".safetensors"), request, None):
+            handoff.save(share.saved)
     for stage in STAGES:
         interrupt.check()
         if stage.NAME in handoff.finished_stages:
             log(f"{stage.NAME}: finished earlier, its handoff is in {request.run_folder}")
             continue
-        todo, run_options = handoff, {}
-        if stage is encode:  # the run's batches of distinct prompts that hold this share's
-            todo = Handoff(settings=encoded)
-        if stage is denoise:
-            run_options = _kept_batches(request, settings, checkpoint, saved, denoised, log)
-        if stage is decode:  # on a resumed run, only the images not yet written (all with --overwrite)
-            missing = [position for position, path in enumerate(paths)
-                       if not (request.resume and not request.overwrite and path.exists())]
-            if not missing:
-                log(f"nothing to do: every image of the run in {request.run_folder} exists")
-                break
-            # Whole batches as the run grouped them: a batch rounds differently from its images
-            # decoded alone (by a level), so an image is redone with its batch mates.
-            decoded = [position for batch in settings.batches() if set(batch) & set(missing) for position in batch]
-            todo = handoff.select(decoded)
-            hint = ("float16 overflows where bfloat16, with float32's range, does not: use --dtype bfloat16"
-                    if settings.dtype == "float16" else "are the checkpoint's weights sound?")
-            black = [position for position in missing if not torch.isfinite(handoff.latents[position]).all()]
-            for position in black:
-                log(f"note: the latents of {paths[position].name} hold NaN or infinite values, so the image will "
-                    f"be black; {hint}")
-        stage_report = _run_stage(stage, request, checkpoint, plan.stage(stage.NAME), todo, process, saved,
-                                  run_options)
-        report.stages.append(stage_report.report)
-        if stage is decode:
-            for image, position in zip(stage_report.output, decoded, strict=True):
-                if position not in missing:  # decoded only for its batch mates: the image exists already
-                    continue
-                if image.info.get(decode.NON_FINITE) and position not in black:
-                    log(f"note: {paths[position].name} held NaN or infinite values after decode, so some pixels "
-                        f"are black or saturated; {hint}")
-                prompt, seed = settings.prompts[position], settings.seeds[position]
-                with _writing(paths[position], request, saved):
-                    save_png(image, paths[position], _png_metadata(settings, prompt, seed, request.budget, weights,
-                                                                   checkpoint))
-                report.written.append(str(paths[position].absolute()))
-        else:
-            handoff = stage_report.output
-            if stage is encode:  # a row per image of the share, from its prompt's row
-                handoff = _rows_per_image(handoff, settings)
-                stage_report.report.images = len(settings.prompts)
-            target = handoff_path(request.run_folder, stage.NAME, process.index, process.count)
-            with _writing(target.with_suffix(".safetensors"), request, saved):
-                handoff.save(target)
-            saved = target
-            stage_report.report.handoff_bytes = handoff.nbytes()
-            if stage is denoise:  # the handoff holds them all now
-                for batch in settings.batches():
-                    batch_latents_path(request.run_folder, settings.image_indices[batch.start]).unlink(missing_ok=True)
+        # 1) what the stage runs on, 2) load, run, release, flush, 3) what it keeps and passes on
+        work = stage.todo(handoff, share)
+        if work is None:
+            continue
+        result = _run_stage(stage, request, checkpoint, plan.stage(stage.NAME), work, process, share.saved)
+        handoff = stage.finish(result.output, share)
+        result.report.images = len(handoff.settings.prompts)
+        if stage.NAME in SAVED_STAGES:  # the handoff waits in RAM for the next stage; decode's images are written
+            result.report.handoff_bytes = handoff.nbytes()
+        report.stages.append(result.report)
+    report.written = share.written
     # Absolute, as on a resumed run (run.json keeps the absolute --out): the same image is named the
     # same way however the run was started, and the report still finds it read from elsewhere.
     report.images = [str(path.absolute()) for path in paths]  # written now or, on a resumed run, earlier
     return report
-
-
-def _rows_per_image(encoded: Handoff, settings: GenerationSettings) -> Handoff:
-    """The handoff of the images of `settings`, each image the row of its prompt in `encoded`."""
-    row_of = {prompt: row for row, prompt in enumerate(encoded.settings.prompts)}
-    rows = [row_of[prompt] for prompt in settings.prompts]
-    # every embedding the family's encode kept (handoff.select keeps the shared ones whole)
-    return dataclasses.replace(encoded.select(rows), settings=settings)
-
-
-def _kept_batches(request: RunRequest, settings: GenerationSettings, checkpoint: Checkpoint, saved: Path | None,
-                  denoised: dict, log) -> dict:
-    """denoise.run's options that keep each finished batch's latents in the run folder as it goes,
-    and take those an interrupted run kept (a batch's own file, or its rows in `denoised`, {image
-    index: latents row} from the shares of another number of processes): an interruption loses at
-    most one batch."""
-    config, factor = checkpoint.transformer_config, checkpoint.vae_scale_factor
-    tokens = (settings.height // (2 * factor)) * (settings.width // (2 * factor))
-    batches = settings.batches()
-    finished = {}
-    for number, batch in enumerate(batches):
-        path = batch_latents_path(request.run_folder, settings.image_indices[batch.start])
-        indices = [settings.image_indices[position] for position in batch]
-        if all(index in denoised for index in indices):
-            finished[number] = torch.stack([denoised[index] for index in indices])
-        elif request.resume and path.exists():
-            finished[number] = load_batch_latents(path, settings.subset(list(batch)),
-                                                  (len(batch), tokens, config["in_channels"]), settings.torch_dtype)
-    if finished:
-        done = sum(len(batches[number]) for number in finished)
-        log(f"denoise: {done} of {len(settings.prompts)} image(s) finished earlier (their latents are in "
-            f"{request.run_folder})")
-
-    def keep(number: int, latents: torch.Tensor) -> None:
-        batch = batches[number]
-        path = batch_latents_path(request.run_folder, settings.image_indices[batch.start])
-        with _writing(path, request, saved):
-            save_batch_latents(path, latents, settings.subset(list(batch)))
-
-    return {"finished_batches": finished, "on_batch_done": keep}
 
 
 def free_gpu_bytes(budget: Budget) -> dict[int, int]:
@@ -460,11 +428,13 @@ def free_gpu_bytes(budget: Budget) -> dict[int, int]:
 @dataclass
 class _StageResult:
     report: StageReport
-    output: object  # the next handoff, or decode's images
+    output: Handoff  # the stage's run's
 
 
-def _run_stage(stage, request: RunRequest, checkpoint: Checkpoint, stage_plan, handoff: Handoff, process: Process,
-               saved: Path | None, run_options: dict) -> _StageResult:
+def _run_stage(stage: Stage, request: RunRequest, checkpoint: Checkpoint, stage_plan, work: Work, process: Process,
+               saved: Path | None) -> _StageResult:
+    """Load, run, release and flush one stage; failures become the project's errors with the way on."""
+    handoff = work.handoff
     settings = handoff.settings
     stage_report = plan_report(stage_plan, settings)
     stage_report.process, stage_report.images = process.index, len(settings.prompts)
@@ -487,7 +457,7 @@ def _run_stage(stage, request: RunRequest, checkpoint: Checkpoint, stage_plan, h
             loaded = stage.load(checkpoint, stage_plan, settings.torch_dtype, offload_folder)
             loaded_at = time.perf_counter()
             stage_report.device_map = stage.device_map(loaded)
-            output = stage.run(loaded, handoff, on_image_done, on_step=on_step, **run_options)
+            output = stage.run(loaded, handoff, on_image_done, on_step=on_step, **work.options)
             finished = time.perf_counter()
         except FluxShardedError:
             raise

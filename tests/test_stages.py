@@ -72,7 +72,7 @@ def test_each_stage_reads_only_its_own_components(tiny_checkpoint, tmp_path):
     assert denoised.latents.shape == (2, 6, 16)
     assert torch.equal(denoised.latents, run_stage(denoise, whole, encoded).latents)
 
-    images = run_stage(decode, only(tiny_checkpoint, "decode", tmp_path), denoised)
+    images = run_stage(decode, only(tiny_checkpoint, "decode", tmp_path), denoised).images
     assert [image.size for image in images] == [(48, 32), (48, 32)]
 
 
@@ -184,3 +184,48 @@ def test_a_run_offloading_to_disk_uses_a_fresh_folder_per_stage_and_removes_it(t
     assert "disk" in denoise_report.device_map["transformer"].values()
     assert sorted(path.name for path in offload.iterdir()) == (["mine.txt"] if existing else [])
     assert len(report.images) == 2 and all(Path(image).is_file() for image in report.images)
+
+
+def test_every_stage_provides_the_one_interface_the_runner_calls():
+    """Each stage module has every member of stages.Stage, with the protocol's parameters in its
+    order (a stage's own extra options only after them, with defaults)."""
+    import inspect
+
+    from flux_sharded.stages import STAGES, Stage
+
+    members = [name for name, value in vars(Stage).items() if inspect.isfunction(value) and not name.startswith("_")]
+    assert set(members) == {"todo", "load", "device_map", "run", "finish"}
+    assert [stage.NAME for stage in STAGES] == ["encode", "denoise", "decode"]
+    for stage in STAGES:
+        for name in members:
+            wanted = list(inspect.signature(getattr(Stage, name)).parameters.values())[1:]  # without self
+            wanted = [parameter for parameter in wanted if parameter.kind is not parameter.VAR_KEYWORD]
+            given = list(inspect.signature(getattr(stage, name)).parameters.values())
+            assert len(given) >= len(wanted), (stage.NAME, name)
+            assert [p.default is p.empty for p in given[:len(wanted)]] == [p.default is p.empty for p in wanted], \
+                (stage.NAME, name)
+            assert all(p.default is not p.empty for p in given[len(wanted):]), (stage.NAME, name)
+
+
+def test_the_runner_calls_each_stage_through_the_interface_in_order(tiny_checkpoint, tmp_path, monkeypatch):
+    """todo -> load -> device_map -> run -> finish for every stage, and a resumed run whose images
+    all exist stops at decode's todo (nothing to do) without loading the VAE."""
+    from flux_sharded.stages import STAGES
+
+    calls = []
+    for stage in STAGES:
+        for name in ("todo", "load", "device_map", "run", "finish"):
+            monkeypatch.setattr(stage, name, lambda *a, _real=getattr(stage, name), _call=(stage.NAME, name), **k:
+                                calls.append(_call) or _real(*a, **k))
+    checkpoint = resolve_checkpoint(str(tiny_checkpoint))
+    request = runner.RunRequest(checkpoint, settings_for(tiny_checkpoint), BUDGET, tmp_path / "out")
+    report = runner.execute(request)
+    steps = ["todo", "load", "device_map", "run", "finish"]
+    assert calls == [(stage, step) for stage in ("encode", "denoise", "decode") for step in steps]
+    assert [stage.images for stage in report.stages] == [2, 2, 2]
+    assert [stage.handoff_bytes is None for stage in report.stages] == [False, False, True]
+
+    calls.clear()
+    again = runner.execute(dataclasses.replace(request, resume=True))
+    assert calls == [("decode", "todo")]  # encode and denoise finished earlier; every image exists
+    assert again.stages == [] and again.written == []

@@ -1,13 +1,21 @@
-"""The three stages. Each module exposes `COMPONENTS`, `load(checkpoint, stage_plan, dtype)`,
-`run(loaded, handoff, on_image_done, on_step, ...)` and `device_map(loaded)`; the runner sequences them and frees memory.
-What differs between model families (families.py) lives in one module per family (flux1.py, flux2.py),
-which the stages reach through family_code."""
+"""The three stages, each a module with one interface (`Stage`); the runner sequences them and frees memory.
+
+A stage's computing side (`load`, `run`, `device_map`) loads only its own components (the family's
+`stage_components()[NAME]`, families.py) and returns the next handoff, decode included (its
+`images`). Its run side (`todo`, `finish`) says what of the handoff it runs on and what it keeps
+of its output, through the runner's `ShareRun` (the share's settings, images and run folder; every
+write goes through it). What differs between model families (families.py) lives in one module per
+family (flux1.py, flux2.py), which the stages reach through family_code.
+"""
+
+from __future__ import annotations
 
 import importlib
 
 from . import decode, denoise, encode
+from .interface import Stage, Work
 
-STAGES = (encode, denoise, decode)
+STAGES: tuple[Stage, ...] = (encode, denoise, decode)
 
 
 def family_code(family):

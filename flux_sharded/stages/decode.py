@@ -1,7 +1,9 @@
 """Decode: packed latents -> images.
 
 Loads: the VAE alone, on the single device the plan chose (the one with the largest budget).
-Reads from the handoff: latents and settings (size). Returns PIL images in prompt order. What
+Reads from the handoff: latents and settings (size). Writes: `images`, PIL images in prompt
+order; only the images the run still lacks are decoded, with their batch mates (todo), and written
+as PNGs (finish). What
 comes between the packed latents and vae.decode is the family's pipeline's own (stages/flux1.py:
 unpack, un-scale and shift; flux2.py: unpack by position, undo the batch-norm and the 2x2 patches),
 and so is the post-processing (the pipeline's image_processor). Memory: the VAE's weights (168 MB
@@ -10,6 +12,7 @@ in bf16 for FLUX.1) plus decoder activations, which grow with H*W and dominate.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 import numpy as np
@@ -18,9 +21,61 @@ import torch
 from ..budget import device_key
 from ..handoff import Handoff
 from ..quantize import load_quantized
+from .interface import Work
 
 NAME = "decode"
-COMPONENTS = ("vae",)
+
+
+def _missing(share) -> list[int]:
+    """The share's images to write: on a resumed run, those not written yet (all with --overwrite)."""
+    request = share.request
+    return [position for position, path in enumerate(share.paths)
+            if not (request.resume and not request.overwrite and path.exists())]
+
+
+def _decoded(share, missing: list[int]) -> list[int]:
+    """Whole batches as the run grouped them: a batch rounds differently from its images decoded
+    alone (by a level), so an image is redone with its batch mates."""
+    return [position for batch in share.settings.batches() if set(batch) & set(missing) for position in batch]
+
+
+def _hint(settings) -> str:
+    return ("float16 overflows where bfloat16, with float32's range, does not: use --dtype bfloat16"
+            if settings.dtype == "float16" else "are the checkpoint's weights sound?")
+
+
+def _black(handoff: Handoff, positions: list[int]) -> list[int]:
+    """The positions whose latents hold NaN or infinity: their images will be black."""
+    return [position for position in positions if not torch.isfinite(handoff.latents[position]).all()]
+
+
+def todo(handoff: Handoff, share) -> Work | None:
+    """The batches that hold an image still to write; None when every image exists. Names the
+    images whose latents are not finite before decoding them."""
+    missing = _missing(share)
+    if not missing:
+        share.log(f"nothing to do: every image of the run in {share.request.run_folder} exists")
+        return None
+    for position in _black(handoff, missing):
+        share.log(f"note: the latents of {share.paths[position].name} hold NaN or infinite values, so the image "
+                  f"will be black; {_hint(share.settings)}")
+    return Work(handoff.select(_decoded(share, missing)))
+
+
+def finish(output: Handoff, share) -> Handoff:
+    """Write the images still missing as PNGs (a batch mate's image exists already); name those
+    whose decoded values were not finite though their latents were (a float16 overflow in the VAE)."""
+    missing = _missing(share)
+    decoded = _decoded(share, missing)
+    for row, position in enumerate(decoded):
+        if position not in missing:  # decoded only for its batch mates: the image exists already
+            continue
+        image = output.images[row]
+        if image.info.get(NON_FINITE) and not _black(output, [row]):
+            share.log(f"note: {share.paths[position].name} held NaN or infinite values after decode, so some "
+                      f"pixels are black or saturated; {_hint(share.settings)}")
+        share.write_image(position, image)
+    return output
 
 
 def load(checkpoint, stage_plan, dtype: torch.dtype, offload_folder=None):
@@ -52,8 +107,8 @@ def load(checkpoint, stage_plan, dtype: torch.dtype, offload_folder=None):
 NON_FINITE = "flux_sharded_non_finite"
 
 
-def run(pipeline, handoff: Handoff, on_image_done=None, on_step=None) -> list:
-    """PIL images in the handoff's order, decoded batch_size at a time; see NON_FINITE."""
+def run(pipeline, handoff: Handoff, on_image_done=None, on_step=None) -> Handoff:
+    """The handoff with its PIL images, in its order, decoded batch_size at a time; see NON_FINITE."""
     from . import family_code, pipeline_family
 
     settings, vae = handoff.settings, pipeline.vae
@@ -78,7 +133,7 @@ def run(pipeline, handoff: Handoff, on_image_done=None, on_step=None) -> list:
             images.extend(batch_images)
             if on_image_done:
                 on_image_done(len(batch))
-    return images
+    return dataclasses.replace(handoff, images=images, finished_stages=handoff.finished_stages + (NAME,))
 
 
 def device_map(pipeline) -> dict[str, dict[str, str]]:

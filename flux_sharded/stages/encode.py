@@ -6,7 +6,8 @@ plan gave it (diffusers' "balanced" pipeline strategy, computed in plan.py), the
 pipeline from_pretrained with those and no transformer or VAE, which adds the tokenizers and the
 scheduler config. Runs the pipeline's own encode_prompt.
 Reads from the handoff: settings.prompts. Writes: the embeddings the family's pipeline takes
-(stages/flux1.py, flux2.py). Memory: the encoders' weights (FLUX.1 in bf16: T5 9.52 GB, CLIP
+(stages/flux1.py, flux2.py), a row per image of the share (todo/finish: the share's encode runs on
+whole groups of the run's distinct prompts, distributed.encode_positions). Memory: the encoders' weights (FLUX.1 in bf16: T5 9.52 GB, CLIP
 246 MB; FLUX.2-dev: 30 of Mistral's 40 layers) plus the activations of one forward pass.
 """
 
@@ -24,9 +25,24 @@ from ..components import encode_only
 from ..families import encode_layers
 from ..handoff import Handoff
 from ..quantize import load_quantized
+from .interface import Work
 
 NAME = "encode"
-COMPONENTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+
+
+def todo(handoff: Handoff, share) -> Work:
+    """The prompts this share's encode runs on (runner.ShareRun.encoded), not the share's images."""
+    return Work(Handoff(settings=share.encoded))
+
+
+def finish(output: Handoff, share) -> Handoff:
+    """A row per image of the share, from its prompt's row; kept in the run folder."""
+    row_of = {prompt: row for row, prompt in enumerate(output.settings.prompts)}
+    rows = [row_of[prompt] for prompt in share.settings.prompts]
+    # every embedding the family's encode kept (handoff.select keeps the shared ones whole)
+    handoff = dataclasses.replace(output.select(rows), settings=share.settings)
+    share.save_handoff(handoff, NAME)
+    return handoff
 
 
 def load(checkpoint, stage_plan, dtype: torch.dtype, offload_folder=None):
