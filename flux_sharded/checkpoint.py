@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import CheckpointError
-from .families import FLUX_1, Family
+from .families import FLUX_1, PIPELINE_FOLDERS, SCHEDULER, Family
 
 DEFAULT_MODEL = "black-forest-labs/FLUX.1-dev"
 # Hub ids whose configs ship inside the package (for planning without a download).
@@ -29,16 +29,20 @@ SHIPPED_CONFIGS = {
 
 def required_files(family: Family) -> dict[str, str]:
     """The components the family's pipeline needs, with the file that proves each is there."""
-    return {"scheduler": "scheduler/scheduler_config.json",
+    return {SCHEDULER: f"{SCHEDULER}/scheduler_config.json",
             **{component.name: f"{component.name}/config.json" for component in family.components}}
 
-# Files a run needs from the hub: configs, tokenizers and safetensors weights (no pickles), inside
-# the pipeline's own folders only. A bare "*.safetensors" would also match the original-format
-# files at the root of black-forest-labs/FLUX.1-dev (flux1-dev.safetensors, 23.8 GB, and
-# ae.safetensors), which the diffusers layout does not use.
-PIPELINE_FOLDERS = ("scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "transformer", "vae")
+# The files of a pipeline folder that a run reads: configs (and tokenizer.json, tekken.json,
+# processor_config.json, preprocessor_config.json), BPE merges, SentencePiece models, chat
+# templates (transformers reads chat_template.jinja and additional_chat_templates/*.jinja; the
+# FLUX.2 encoders apply them to every prompt) and safetensors weights; no pickles.
+PIPELINE_FILE_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".safetensors")
+# Files a run needs from the hub, inside the pipeline's own folders only (every family's,
+# families.PIPELINE_FOLDERS). A bare "*.safetensors" would also match the original-format files at
+# the root of black-forest-labs/FLUX.1-dev (flux1-dev.safetensors, 23.8 GB, and ae.safetensors),
+# which the diffusers layout does not use. ("*" matches "/" too: subfolders are fetched.)
 HUB_PATTERNS = ["model_index.json"] + [
-    f"{folder}/*.{extension}" for folder in PIPELINE_FOLDERS for extension in ("json", "txt", "model", "safetensors")
+    f"{folder}/*{suffix}" for folder in PIPELINE_FOLDERS for suffix in PIPELINE_FILE_SUFFIXES
 ]
 
 

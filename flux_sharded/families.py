@@ -2,10 +2,11 @@
 
 A checkpoint's `model_index.json` names its pipeline class (`_class_name`); that class selects
 one `Family` here. A family lists its components (the folder name, the library and class that
-load it, the stage that loads it, and the activation estimate of one forward pass), its
+load it, the stage that loads it, the activation estimate of one forward pass, a text encoder's
+tokenizer folder, whether `--quantize METHOD` takes it as large), its
 generation defaults, whether flux-sharded can run it or only plan it, and the module with its side
 of the stages (stages/flux1.py, flux2.py). Everything else (components.py building on meta,
-plan.py's stages, the stages, the checkpoint checks) derives from it.
+plan.py's stages, the stages, the checkpoint checks, the hub download's folders) derives from it.
 
     FluxPipeline        FLUX.1 (dev, schnell): CLIP + T5 -> FluxTransformer2DModel -> AutoencoderKL
     Flux2Pipeline       FLUX.2-dev: Mistral Small 3 -> Flux2Transformer2DModel -> AutoencoderKLFlux2
@@ -79,6 +80,14 @@ def _decoder_text_encoder(pipeline: str) -> Callable[[dict, "PlanInputs", bool],
 
 # ---------------------------------------------------------------- the registry
 
+# A tokenizer folder is whole with one of these sets of vocabulary files (transformers builds a
+# tokenizer of the special tokens alone when they are missing): byte-level BPE (CLIP, Qwen2,
+# Mistral's tokenizer.json) and T5's SentencePiece.
+BPE_FILES = (("vocab.json", "merges.txt"), ("tokenizer.json",))
+SENTENCEPIECE_FILES = (("tokenizer.json",), ("spiece.model",))
+# The pipeline's folder that is neither a model nor a tokenizer; every family has it.
+SCHEDULER = "scheduler"
+
 
 @dataclass(frozen=True)
 class Component:
@@ -90,6 +99,14 @@ class Component:
     # A decoder-only text encoder whose encode reads intermediate hidden states: only its first
     # encode_layers(pipeline) decoder layers are planned (components.encode_only).
     truncated: bool = False
+    # A text encoder's tokenizer folder (model_index.json key), and the vocabulary files one set of
+    # which makes it whole (validate.check_tokenizers).
+    tokenizer: str | None = None
+    tokenizer_files: tuple[tuple[str, ...], ...] = ()
+    # One of the family's large components, which `--quantize METHOD` without component names
+    # quantizes (FLUX.1: the transformer, 23.8 GB in bf16, and T5, 9.5 GB; CLIP's 0.25 GB and the
+    # VAE's 0.17 GB gain little and lose quality).
+    large: bool = False
 
 
 @dataclass(frozen=True)
@@ -114,6 +131,21 @@ class Family:
     def names(self) -> tuple[str, ...]:
         return tuple(component.name for component in self.components)
 
+    @property
+    def tokenizers(self) -> tuple[str, ...]:
+        """The tokenizer folders of its text encoders, in component order."""
+        return tuple(component.tokenizer for component in self.components if component.tokenizer)
+
+    @property
+    def folders(self) -> tuple[str, ...]:
+        """Every folder of the family's pipeline in a checkpoint (model_index.json's keys), sorted."""
+        return tuple(sorted((SCHEDULER, *self.names, *self.tokenizers)))
+
+    @property
+    def large_components(self) -> tuple[str, ...]:
+        """What `--quantize METHOD` applies to (Component.large)."""
+        return tuple(component.name for component in self.components if component.large)
+
     def stage_components(self) -> dict[str, tuple[str, ...]]:
         """Stage -> the components it loads, in stage order."""
         return {stage: tuple(c.name for c in self.components if c.stage == stage) for stage in STAGES}
@@ -123,9 +155,11 @@ FLUX_1 = Family(
     name="FLUX.1",
     pipeline="FluxPipeline",
     components=(
-        Component("text_encoder", "transformers", "CLIPTextModel", "encode", _clip),
-        Component("text_encoder_2", "transformers", "T5EncoderModel", "encode", _t5),
-        Component("transformer", "diffusers", "FluxTransformer2DModel", "denoise", _flux_transformer),
+        Component("text_encoder", "transformers", "CLIPTextModel", "encode", _clip,
+                  tokenizer="tokenizer", tokenizer_files=BPE_FILES),
+        Component("text_encoder_2", "transformers", "T5EncoderModel", "encode", _t5,
+                  tokenizer="tokenizer_2", tokenizer_files=SENTENCEPIECE_FILES, large=True),
+        Component("transformer", "diffusers", "FluxTransformer2DModel", "denoise", _flux_transformer, large=True),
         Component("vae", "diffusers", "AutoencoderKL", "decode", _vae),
     ),
     steps=28,  # FluxPipeline.__call__'s defaults, so that a bare run matches diffusers
@@ -140,8 +174,9 @@ FLUX_2_DEV = Family(
     pipeline="Flux2Pipeline",
     components=(
         Component("text_encoder", "transformers", "Mistral3ForConditionalGeneration", "encode",
-                  _decoder_text_encoder("Flux2Pipeline"), truncated=True),
-        Component("transformer", "diffusers", "Flux2Transformer2DModel", "denoise", _flux2_transformer),
+                  _decoder_text_encoder("Flux2Pipeline"), truncated=True, tokenizer="tokenizer",
+                  tokenizer_files=BPE_FILES, large=True),
+        Component("transformer", "diffusers", "Flux2Transformer2DModel", "denoise", _flux2_transformer, large=True),
         Component("vae", "diffusers", "AutoencoderKLFlux2", "decode", _vae),
     ),
     steps=50,  # Flux2Pipeline.__call__'s defaults
@@ -157,8 +192,9 @@ FLUX_2_KLEIN = Family(
     pipeline="Flux2KleinPipeline",
     components=(
         Component("text_encoder", "transformers", "Qwen3ForCausalLM", "encode",
-                  _decoder_text_encoder("Flux2KleinPipeline"), truncated=True),
-        Component("transformer", "diffusers", "Flux2Transformer2DModel", "denoise", _flux2_transformer),
+                  _decoder_text_encoder("Flux2KleinPipeline"), truncated=True, tokenizer="tokenizer",
+                  tokenizer_files=BPE_FILES, large=True),
+        Component("transformer", "diffusers", "Flux2Transformer2DModel", "denoise", _flux2_transformer, large=True),
         Component("vae", "diffusers", "AutoencoderKLFlux2", "decode", _vae),
     ),
     # The published klein checkpoints are step-distilled for 4 steps (BFL's README, the model
@@ -172,6 +208,8 @@ FLUX_2_KLEIN = Family(
     code="flux2",
 )
 FAMILIES = {family.pipeline: family for family in (FLUX_1, FLUX_2_DEV, FLUX_2_KLEIN)}
+# Every folder any family's pipeline reads (what a hub download fetches, what the weights' fingerprint covers).
+PIPELINE_FOLDERS = tuple(sorted({folder for family in FAMILIES.values() for folder in family.folders}))
 
 # FLUX.1-schnell is a FLUX.1 whose transformer has no guidance embedding (config guidance_embeds
 # false): timestep-distilled, it is run with 4 steps, guidance 0 and 256 T5 tokens (its model card,

@@ -284,11 +284,6 @@ def _check_flux2_configs(model: str, path: Path, family) -> tuple[dict, dict]:
 
 # ---------------------------------------------------------------- tokenizers
 
-# (folder, text encoder folder, the files one of which must be there for the tokenizer to be whole)
-TOKENIZERS = (
-    ("tokenizer", "text_encoder", (("vocab.json", "merges.txt"), ("tokenizer.json",))),
-    ("tokenizer_2", "text_encoder_2", (("tokenizer.json",), ("spiece.model",))),
-)
 # A whole tokenizer knows far more tokens than its special ones (<pad>, </s>, <unk>, ...);
 # transformers builds a tokenizer of the special tokens alone when its vocabulary file is missing.
 MIN_TOKENIZER_VOCAB = 16
@@ -300,9 +295,10 @@ def check_tokenizers(model: str, path: Path) -> None:
     from transformers import AutoTokenizer
 
     family = checkpoint_family(model, path)
-    for folder, encoder, alternatives in TOKENIZERS:
-        if encoder not in family.names:
+    for component in family.components:
+        if component.tokenizer is None:
             continue
+        folder, encoder, alternatives = component.tokenizer, component.name, component.tokenizer_files
         where = f"--model: '{model}': {folder}"
         fix = f"the checkpoint is incomplete: fetch its {folder} folder again"
         if not any(all((path / folder / file).is_file() for file in files) for files in alternatives):
@@ -527,8 +523,6 @@ def check_run_image(path: Path, expected: dict[str, str]) -> None:
 
 # ---------------------------------------------------------------- the weights a run used
 
-FINGERPRINT_FOLDERS = ("scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "transformer", "vae")
-FINGERPRINT_SUFFIXES = (".json", ".txt", ".model", ".safetensors")
 FINGERPRINT_SAMPLE_BYTES = 64 * 1024
 
 
@@ -545,10 +539,13 @@ def weights_fingerprint(path: Path) -> dict:
     of the same shapes changes (hashing all the weights would take minutes, this milliseconds);
     plus the hub revision when the folder is a hub snapshot."""
     fingerprint = {}
-    for folder in FINGERPRINT_FOLDERS:
+    from .checkpoint import PIPELINE_FILE_SUFFIXES
+    from .families import PIPELINE_FOLDERS
+
+    for folder in PIPELINE_FOLDERS:
         files = {}
         for file in sorted((path / folder).iterdir()) if (path / folder).is_dir() else ():
-            if file.suffix not in FINGERPRINT_SUFFIXES or not file.is_file():
+            if file.suffix not in PIPELINE_FILE_SUFFIXES or not file.is_file():
                 continue
             with open(file, "rb") as handle:
                 if file.suffix == ".safetensors":

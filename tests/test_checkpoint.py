@@ -31,3 +31,59 @@ def test_a_run_fetches_the_pipeline_folders_and_nothing_else():
     skipped = set(FLUX_DEV_FILES) - fetched
     assert skipped == {".gitattributes", "LICENSE.md", "README.md", "dev_grid.jpg", "flux1-dev.safetensors",
                        "ae.safetensors", "vae/diffusion_pytorch_model.bin"}
+
+
+def test_a_run_fetches_every_file_each_family_saves(tiny_checkpoint, tiny_klein, tiny_dev):
+    """What save_pretrained writes for FLUX.1, FLUX.2-klein and FLUX.2-dev (models, tokenizers with
+    their chat templates, scheduler) is what from_pretrained reads: a hub download fetches all of it."""
+    from flux_sharded.families import FAMILIES
+    from flux_sharded.tiny import MARKER
+
+    for checkpoint in (tiny_checkpoint, tiny_klein, tiny_dev):
+        saved = sorted(str(path.relative_to(checkpoint)) for path in checkpoint.rglob("*")
+                       if path.is_file() and path.name != MARKER)
+        assert sorted(filter_repo_objects(saved, allow_patterns=HUB_PATTERNS)) == saved, checkpoint.name
+    for family in FAMILIES.values():
+        configs = [f"{folder}/config.json" for folder in family.folders]
+        assert sorted(filter_repo_objects(configs, allow_patterns=HUB_PATTERNS)) == configs, family.name
+
+
+def test_a_run_fetches_what_transformers_reads_for_a_tokenizer_or_processor():
+    """The files transformers' from_pretrained looks for in FLUX.2's tokenizer folder (Qwen2's
+    tokenizer, Pixtral's processor): by the installed library's own names."""
+    from transformers.utils import (
+        CHAT_TEMPLATE_DIR,
+        CHAT_TEMPLATE_FILE,
+        FEATURE_EXTRACTOR_NAME,
+        IMAGE_PROCESSOR_NAME,
+        LEGACY_PROCESSOR_CHAT_TEMPLATE_FILE,
+        PROCESSOR_NAME,
+    )
+    from transformers.tokenization_utils_base import (
+        ADDED_TOKENS_FILE,
+        FULL_TOKENIZER_FILE,
+        SPECIAL_TOKENS_MAP_FILE,
+        TOKENIZER_CONFIG_FILE,
+    )
+
+    names = [CHAT_TEMPLATE_FILE, f"{CHAT_TEMPLATE_DIR}/default.jinja", LEGACY_PROCESSOR_CHAT_TEMPLATE_FILE,
+             PROCESSOR_NAME, IMAGE_PROCESSOR_NAME, FEATURE_EXTRACTOR_NAME, ADDED_TOKENS_FILE, FULL_TOKENIZER_FILE,
+             SPECIAL_TOKENS_MAP_FILE, TOKENIZER_CONFIG_FILE, "tekken.json", "vocab.json", "merges.txt",
+             "spiece.model"]
+    files = sorted({f"tokenizer/{name}" for name in names})
+    assert sorted(filter_repo_objects(files, allow_patterns=HUB_PATTERNS)) == files
+
+
+def test_the_weights_fingerprint_covers_the_chat_template(tiny_klein, tmp_path):
+    """FLUX.2's encoders apply the tokenizer's chat template to every prompt: another template is
+    another run, which a resume must not mix."""
+    import shutil
+
+    from flux_sharded.validate import weights_fingerprint
+
+    copy = tmp_path / "klein"
+    shutil.copytree(tiny_klein, copy)
+    before = weights_fingerprint(copy)
+    template = copy / "tokenizer" / "chat_template.jinja"
+    template.write_text(template.read_text() + "\n")
+    assert weights_fingerprint(copy) != before

@@ -318,3 +318,12 @@ def test_the_meta_text_encoder_is_cut_as_the_encode_uses_it():
     model = empty_component(shipped_config_dir("FLUX.2-klein-9B"), "text_encoder")
     assert len(model.get_decoder().layers) == 27
     assert isinstance(model.lm_head, torch.nn.Identity)
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED_CONFIGS.values()))
+def test_each_family_lists_the_folders_of_its_pipeline(name):
+    """The registry's folders (models, tokenizers, scheduler) are the published model_index.json's parts."""
+    folder = shipped_config_dir(name)
+    index = json.loads((folder / "model_index.json").read_text())
+    parts = sorted(key for key, value in index.items() if isinstance(value, list) and value[0] is not None)
+    assert family_of(folder).folders == tuple(parts)

@@ -98,7 +98,7 @@ def load(checkpoint, stage_plan, dtype: torch.dtype, offload_folder=None):
     pipeline_class = getattr(diffusers, checkpoint.family.pipeline)
     # Built directly: from_pretrained would also load the tokenizers and scheduler, unused here.
     parts = {name: None for name in inspect.signature(pipeline_class.__init__).parameters
-             if name in (*checkpoint.family.names, "scheduler", "tokenizer", "tokenizer_2")}
+             if name in checkpoint.family.folders}
     return pipeline_class(**{**parts, "vae": vae})
 
 
