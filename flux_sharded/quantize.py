@@ -30,12 +30,13 @@ from __future__ import annotations
 import torch
 
 from .errors import SettingsError
+from .families import FLUX_1
 
 METHODS = ("none", "fp8", "int8", "nf4")
-# The components `--quantize METHOD` applies to: the large ones (FLUX.1: transformer 23.8 GB, T5
-# 9.5 GB in bf16). CLIP (0.25 GB) and the VAE (0.17 GB) gain little and lose quality.
-LARGE_COMPONENTS = ("transformer", "text_encoder_2")
-COMPONENTS = ("text_encoder", "text_encoder_2", "transformer", "vae")
+# The components `--quantize METHOD` applies to: the large ones (families.Component.large), and
+# those it may name; FLUX.1's, the only family --quantize is planned for (Family.quantize).
+LARGE_COMPONENTS = FLUX_1.large_components
+COMPONENTS = FLUX_1.names
 FP8_STORAGE = torch.float8_e4m3fn
 # bitsandbytes' 4-bit layout (bitsandbytes/functional.py quantize_4bit): two 4-bit codes per byte,
 # one float32 absmax per block of 64 weights, no double quantization (our BitsAndBytesConfig).
