@@ -191,11 +191,12 @@ def test_every_stage_provides_the_one_interface_the_runner_calls():
     order (a stage's own extra options only after them, with defaults)."""
     import inspect
 
+    from flux_sharded import families
     from flux_sharded.stages import STAGES, Stage
 
     members = [name for name, value in vars(Stage).items() if inspect.isfunction(value) and not name.startswith("_")]
     assert set(members) == {"todo", "load", "device_map", "run", "finish"}
-    assert [stage.NAME for stage in STAGES] == ["encode", "denoise", "decode"]
+    assert tuple(stage.NAME for stage in STAGES) == families.STAGES  # the plan's stages, in order
     for stage in STAGES:
         for name in members:
             wanted = list(inspect.signature(getattr(Stage, name)).parameters.values())[1:]  # without self
