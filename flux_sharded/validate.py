@@ -321,24 +321,42 @@ def check_tokenizers(model: str, path: Path) -> None:
 
 def _check_processor(model: str, path: Path, folder: str, where: str) -> None:
     """A tokenizer folder the pipeline loads as a processor (model_index.json: FLUX.2-dev's
-    PixtralProcessor, which also holds an image processor) loads here, before any weight: Pixtral's
-    needs torchvision, which flux-sharded does not install."""
+    PixtralProcessor, which also holds an image processor) loads as one, or lacks only a library
+    its image processor needs (Pixtral's: torchvision, which flux-sharded does not install): then
+    the encode takes the tokenizer inside it alone (pipeline_tokenizer)."""
+    try:
+        pipeline_tokenizer(model, path, folder)
+    except Exception as error:  # transformers raises many types; each means "damaged"
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{where} cannot be loaded as a {_processor_class(model, path, folder)} ({reason}); "
+                              f"the checkpoint is incomplete: fetch its {folder} folder again") from None
+
+
+def _processor_class(model: str, path: Path, folder: str) -> str | None:
     import transformers
 
     entry = _read_config(path / "model_index.json", model).get(folder)
     class_name = entry[1] if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], str) else ""
-    if not class_name.endswith("Processor") or not hasattr(transformers, class_name):
-        return
+    return class_name if class_name.endswith("Processor") and hasattr(transformers, class_name) else None
+
+
+def pipeline_tokenizer(model: str, path: Path, folder: str):
+    """None when the pipeline's from_pretrained loads the tokenizer folder `folder` itself; else
+    the tokenizer to pass it instead: a processor whose image processor needs a library that is not
+    installed (FLUX.2-dev's PixtralProcessor: torchvision) is replaced by the tokenizer inside it
+    (AutoTokenizer on the same folder). For text prompts Flux2Pipeline calls nothing but its
+    apply_chat_template, which gives the same ids and attention masks (flux_sharded/configs/README.md).
+    Raises what transformers raises for a damaged folder."""
+    import transformers
+
+    class_name = _processor_class(model, path, folder)
+    if class_name is None:
+        return None
     try:
         getattr(transformers, class_name).from_pretrained(path / folder)
-    except ImportError as error:
-        reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
-        raise CheckpointError(f"{where} is a {class_name} (model_index.json), which cannot load here: {reason[:200]}; "
-                              "install that library (for Pixtral: pip install torchvision), then run again") from None
-    except Exception as error:  # transformers raises many types; each means "damaged"
-        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{where} cannot be loaded as a {class_name} ({reason}); the checkpoint is incomplete: "
-                              f"fetch its {folder} folder again") from None
+    except ImportError:
+        return transformers.AutoTokenizer.from_pretrained(path / folder)
+    return None
 
 
 # ---------------------------------------------------------------- prompts

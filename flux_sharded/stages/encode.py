@@ -25,6 +25,7 @@ from ..components import encode_only
 from ..families import encode_layers
 from ..handoff import Handoff
 from ..quantize import load_quantized
+from ..validate import pipeline_tokenizer
 from .interface import Work
 
 NAME = "encode"
@@ -63,7 +64,14 @@ def load(checkpoint, stage_plan, dtype: torch.dtype, offload_folder=None):
                 checkpoint.path, subfolder=name, device_map=plan.device_map, dtype=dtype, use_safetensors=True,
             )
     others = {name: None for name in family.names if name not in encoders}
-    return getattr(diffusers, family.pipeline).from_pretrained(checkpoint.path, dtype=dtype, **others, **encoders)
+    tokenizers = {folder: tokenizer for folder in family.tokenizers
+                  if (tokenizer := pipeline_tokenizer(checkpoint.model, checkpoint.path, folder)) is not None}
+    # Set after loading: from_pretrained checks a passed part against model_index.json's class.
+    pipeline = getattr(diffusers, family.pipeline).from_pretrained(
+        checkpoint.path, dtype=dtype, **others, **encoders, **dict.fromkeys(tokenizers))
+    for folder, tokenizer in tokenizers.items():
+        setattr(pipeline, folder, tokenizer)
+    return pipeline
 
 
 def _model_class(family, name: str):
