@@ -99,15 +99,19 @@ def launcher_command() -> str:
         return ""
     accelerate = "ACCELERATE_MIXED_PRECISION" in os.environ  # set by `accelerate launch` for its processes
     launcher = "accelerate launch" if accelerate else "torchrun"
-    options = _launcher_options(_parent_command_line(), accelerate)
+    command = _parent_command_line()
+    options = _launcher_options(command, accelerate)
     if options is None:
         options = _options_from_environment(accelerate)
+    elif tuple(command[1:3]) == _OUR_LAUNCHER:  # python -m flux_sharded.launch ...
+        launcher = "python -m flux_sharded.launch"
     return " ".join([launcher, *map(shlex.quote, options), "-m", "flux_sharded", ""])
 
 
 # How each launcher appears on its command line: the words after which its options begin.
+_OUR_LAUNCHER = ("-m", "flux_sharded.launch")  # torchrun's own main (flux_sharded/launch.py)
 _LAUNCHER_STARTS = {
-    False: (("torchrun",), ("-m", "torch.distributed.run"), ("-m", "torch.distributed.launch")),
+    False: (("torchrun",), ("-m", "torch.distributed.run"), ("-m", "torch.distributed.launch"), _OUR_LAUNCHER),
     True: (("accelerate", "launch"), ("accelerate-launch",), ("-m", "accelerate.commands.launch")),
 }
 # Options that name how the program is started, replaced by `-m flux_sharded` in the command.

@@ -23,6 +23,10 @@ def invoke(args):
     return CliRunner().invoke(main, args, terminal_width=100)
 
 
+def error_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("Error: ")]
+
+
 def error_line(result) -> str:
     lines = [line for line in result.output.splitlines() if line.startswith("Error: ")]
     assert len(lines) == 1, result.output
@@ -335,16 +339,15 @@ def test_accelerate_launch_that_starts_one_of_two_processes_is_refused(tiny_chec
     assert not (tmp_path / "out").exists()
 
 
-def test_ctrl_c_under_torchrun_prints_one_line_and_no_traceback_of_ours(tiny_checkpoint, tmp_path):
-    """The terminal's Ctrl-C reaches torchrun (its workers run in sessions of their own), which
-    sends its workers SIGINT. Each worker stops quietly and the main one prints how to continue;
-    torchrun's own report of the signal is torchrun's (a SignalException), nothing of flux_sharded's."""
+def _ctrl_c_under(launcher: list[str], checkpoint: Path, out: Path) -> subprocess.Popen:
+    """Two processes under `launcher`, sent the terminal's Ctrl-C while both are denoising; the
+    finished launcher process (stdout and stderr read) is returned."""
     import signal
 
-    out = tmp_path / "out"
-    launcher = Path(sys.executable).parent / "torchrun"
-    args = [*tiny_run(tiny_checkpoint, out, "--prompt", "a dog", "--prompt", "a cat"), "--steps", "10000"]
-    process = subprocess.Popen([str(launcher), "--nproc_per_node", "2", "-m", "flux_sharded", *args],
+    import psutil
+
+    args = [*tiny_run(checkpoint, out, "--prompt", "a dog", "--prompt", "a cat"), "--steps", "10000"]
+    process = subprocess.Popen([*launcher, "--nproc_per_node", "2", "-m", "flux_sharded", *args],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                                start_new_session=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     try:
@@ -354,20 +357,52 @@ def test_ctrl_c_under_torchrun_prints_one_line_and_no_traceback_of_ours(tiny_che
                 process.wait(timeout=0.2)
             assert process.poll() is None, process.communicate()
         os.killpg(process.pid, signal.SIGINT)  # what the terminal does: the whole foreground group
-        stdout, stderr = process.communicate(timeout=120)
+        process.output = process.communicate(timeout=120)
     finally:  # whatever went wrong, no worker (each in a session of its own) outlives the test
-        import psutil
-
         if process.poll() is None:
             for worker in [*psutil.Process(process.pid).children(recursive=True), psutil.Process(process.pid)]:
                 with contextlib.suppress(psutil.NoSuchProcess):
                     worker.send_signal(signal.SIGKILL)
             process.communicate()
+    return process
+
+
+def test_ctrl_c_under_torchrun_prints_one_line_and_no_traceback_of_ours(tiny_checkpoint, tmp_path):
+    """The terminal's Ctrl-C reaches torchrun (its workers run in sessions of their own), which
+    sends its workers SIGINT. Each worker stops quietly and the main one prints how to continue;
+    torchrun's own report of the signal is torchrun's (a SignalException), nothing of flux_sharded's."""
+    out = tmp_path / "out"
+    process = _ctrl_c_under([str(Path(sys.executable).parent / "torchrun")], tiny_checkpoint, out)
+    stderr = process.output[1]
     interrupted = [line for line in stderr.splitlines() if line.startswith("Interrupted. Continue with: ")]
     assert interrupted == [f"Interrupted. Continue with: torchrun --nproc_per_node 2 -m flux_sharded --resume "
                            f"{next(out.glob('.flux-sharded/run-*'))}"], stderr  # the launcher the run used
     tracebacks = stderr.split("Traceback (most recent call last):")[1:]
     assert all("flux_sharded" not in traceback and "SignalException" in traceback for traceback in tracebacks), stderr
+
+
+def test_ctrl_c_under_our_torchrun_exits_130_with_one_line(tiny_checkpoint, tmp_path):
+    """python -m flux_sharded.launch is torchrun's own main, ending as a shell expects: no traceback."""
+    out = tmp_path / "out"
+    process = _ctrl_c_under([sys.executable, "-m", "flux_sharded.launch"], tiny_checkpoint, out)
+    stderr = process.output[1]
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and not error_lines(stderr), stderr
+    interrupted = [line for line in stderr.splitlines() if line.startswith("Interrupted. Continue with: ")]
+    assert interrupted == [f"Interrupted. Continue with: python -m flux_sharded.launch --nproc_per_node 2 -m "
+                           f"flux_sharded --resume {next(out.glob('.flux-sharded/run-*'))}"], stderr
+
+
+def test_a_refusal_under_our_torchrun_exits_with_its_code_and_no_traceback(tiny_checkpoint, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "flux_sharded.launch", "--nproc_per_node", "2", "-m", "flux_sharded",
+                             *tiny_run(tiny_checkpoint, tmp_path / "out", "--prompt", "a dog"), "--height", "33"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300,
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert sorted(error_lines(result.stderr)) == [
+        f"Error: [process {index}] --height 33 is not a positive multiple of 16 (the VAE's scale factor 8 x 2 for "
+        "latent packing); try --height 32" for index in (0, 1)]
 
 
 def test_a_gpu_budget_on_a_machine_without_gpu_suggests_a_cpu_budget_it_has(tiny_checkpoint, tmp_path, monkeypatch):
