@@ -73,6 +73,13 @@ def special_dtypes(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torc
         for name, _ in model.named_parameters()
         if any(module in name.split(".") for module in keep)
     }
+    if not hasattr(model, "enable_layerwise_casting"):  # a transformers model
+        # Buffers it computes rather than loads (Qwen3's and Mistral's rotary inverse frequencies,
+        # made with an explicit .float()) stay float32 whatever dtype loads the weights.
+        special.update({f"{module_name}.{name}".lstrip("."): torch.float32
+                        for module_name, module in model.named_modules()
+                        for name in module._non_persistent_buffers_set
+                        if getattr(module, name, None) is not None and getattr(module, name).dtype == torch.float32})
     # Quantization statistics stored in float32 whatever the compute dtype (quantize.quantized_meta).
     special.update(getattr(model, "quantized_special_dtypes", None) or {})
     return special
