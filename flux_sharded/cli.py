@@ -131,8 +131,8 @@ class _OneLineErrors(click.Command):
 )
 @click.option(
     "--quantize", default="none", show_default=True, metavar="SPEC",
-    help="Store weights in fewer bits, compute in --dtype: none, fp8, int8 or nf4 for the transformer and T5, or "
-    "per component (transformer=nf4,text_encoder_2=int8).",
+    help="Store weights in fewer bits, compute in --dtype: none, fp8, int8 or nf4 for the transformer and the large "
+    "text encoder (T5, Mistral, Qwen3), or per component (transformer=nf4,text_encoder_2=int8).",
 )
 @click.option(
     "--report", "report_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
@@ -313,9 +313,7 @@ def _quantize_option(spec: str, checkpoint) -> str:
     """--quantize, parsed and checked against the checkpoint (a pre-quantized component is refused)."""
     from .quantize import check_prequantized, format_quantize, parse_quantize
 
-    chosen = parse_quantize(spec)
-    if chosen and not checkpoint.family.quantize:
-        raise SettingsError(f"--quantize {spec}: not planned for {checkpoint.family.name} yet; drop --quantize")
+    chosen = parse_quantize(spec, checkpoint.family)
     check_prequantized(checkpoint.path, chosen)
     return format_quantize(chosen)
 
@@ -340,7 +338,7 @@ def _check_agrees(given: list[str], options: dict, saved, checkpoint) -> None:
     if "quantize" in given:
         from .quantize import format_quantize, parse_quantize
 
-        options = dict(options, quantize=format_quantize(parse_quantize(options["quantize"])))
+        options = dict(options, quantize=format_quantize(parse_quantize(options["quantize"], checkpoint.family)))
     for name, value in saved_values.items():
         if name in given:
             mine = options[name].absolute() if isinstance(options[name], Path) else options[name]

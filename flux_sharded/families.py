@@ -119,7 +119,6 @@ class Family:
     max_sequence_length: int  # default --max-sequence-length
     sample_size: int  # default height and width = sample_size x the VAE's scale factor (pipeline.default_sample_size)
     runs: bool  # the stages can run it; otherwise only --dry-run plans it
-    quantize: bool  # --quantize is planned for it
     # The module in flux_sharded/stages/ with the family's side of the stages (what encode keeps,
     # what decode gives the VAE, the handoff's shapes): stages.family_code imports it.
     code: str = "flux1"
@@ -167,7 +166,6 @@ FLUX_1 = Family(
     max_sequence_length=512,
     sample_size=128,
     runs=True,
-    quantize=True,
 )
 FLUX_2_DEV = Family(
     name="FLUX.2-dev",
@@ -184,7 +182,6 @@ FLUX_2_DEV = Family(
     max_sequence_length=512,
     sample_size=128,
     runs=True,
-    quantize=False,
     code="flux2",
 )
 FLUX_2_KLEIN = Family(
@@ -204,7 +201,6 @@ FLUX_2_KLEIN = Family(
     max_sequence_length=512,
     sample_size=128,
     runs=True,
-    quantize=False,
     code="flux2",
 )
 FAMILIES = {family.pipeline: family for family in (FLUX_1, FLUX_2_DEV, FLUX_2_KLEIN)}

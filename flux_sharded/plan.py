@@ -597,13 +597,12 @@ def _as_card_sizes(budget: Budget, typed: Budget) -> tuple[Budget | None, str | 
 def _quantization_that_fits(inputs: PlanInputs, budget: Budget) -> str | None:
     """The first of fp8, int8, nf4 (least to most lossy) whose plan of the large components fits the
     budget's GPUs with nothing offloaded; None if none does, or if the run is quantized already."""
-    from .quantize import LARGE_COMPONENTS
-
     gpus = Budget(budget).only_gpus()
-    if inputs.quantize or not gpus or not inputs.family.quantize:
+    if inputs.quantize or not gpus:
         return None
     for method in ("fp8", "int8", "nf4"):
-        trial = dataclasses.replace(inputs, quantize=tuple((name, method) for name in LARGE_COMPONENTS))
+        trial = dataclasses.replace(inputs, quantize=tuple((name, method)
+                                                           for name in inputs.family.large_components))
         if _fits_with(_Components(trial), gpus):
             return method
     return None

@@ -16,9 +16,10 @@ Methods, in diffusers' words, each a well-kept library's own mechanism:
   GPU only): refused before anything loads on a machine without one. Text encoders load through
   transformers, which bitsandbytes 0.50 also runs on the CPU. T5 keeps its `wo` unconverted.
 
-`--quantize fp8` quantizes the transformer and the large text encoder (T5 for FLUX.1);
-`--quantize transformer=nf4,text_encoder_2=int8` names components. CLIP and the VAE stay in
-`--dtype` unless named.
+`--quantize fp8` quantizes the family's large components (families.Component.large:
+FLUX.1's transformer and T5, FLUX.2's transformer and its Mistral or Qwen3 text encoder);
+`--quantize transformer=nf4,text_encoder_2=int8` names components. The other ones (CLIP, the VAE)
+stay in `--dtype` unless named.
 
 The planner counts quantized bytes on the meta device (`quantized_meta`): fp8 by applying the very
 layerwise casting to the meta model; int8 and nf4 by giving each layer that the library converts
@@ -30,55 +31,67 @@ from __future__ import annotations
 import torch
 
 from .errors import SettingsError
-from .families import FLUX_1
+from .families import FAMILIES, FLUX_1, Family
 
 METHODS = ("none", "fp8", "int8", "nf4")
-# The components `--quantize METHOD` applies to: the large ones (families.Component.large), and
-# those it may name; FLUX.1's, the only family --quantize is planned for (Family.quantize).
-LARGE_COMPONENTS = FLUX_1.large_components
-COMPONENTS = FLUX_1.names
+# Every family's components, for a spec read without its checkpoint (run.json, the handoff) and for
+# the folders a pre-quantized checkpoint may hold; the family's own list is checked where it is known.
+COMPONENTS = tuple(dict.fromkeys(name for family in FAMILIES.values() for name in family.names))
 FP8_STORAGE = torch.float8_e4m3fn
 # bitsandbytes' 4-bit layout (bitsandbytes/functional.py quantize_4bit): two 4-bit codes per byte,
 # one float32 absmax per block of 64 weights, no double quantization (our BitsAndBytesConfig).
 NF4_BLOCK_SIZE = 64
-EXAMPLE = "e.g. --quantize fp8, or --quantize transformer=nf4,text_encoder_2=int8"
 
 
 class QuantizeError(SettingsError):
     """A bad --quantize spec, or a method this machine cannot run."""
 
 
-def parse_quantize(spec: str | None) -> dict[str, str]:
-    """'fp8' -> {"transformer": "fp8", "text_encoder_2": "fp8"}; 'none' -> {};
-    'transformer=nf4,text_encoder_2=int8' -> those two. Raises QuantizeError naming the bad part."""
+def parse_quantize(spec: str | None, family: Family | None = None) -> dict[str, str]:
+    """'fp8' -> {"transformer": "fp8", "text_encoder_2": "fp8"} (the family's large_components);
+    'none' -> {}; 'transformer=nf4,text_encoder_2=int8' -> those two. family: the checkpoint's, whose
+    components a spec may name; None (a spec saved by format_quantize) accepts any family's
+    components and COMPONENT=METHOD entries only. Raises QuantizeError naming the bad part."""
     if spec is None or spec.strip().lower() == "none":
         return {}
     spec = spec.strip()
+    example = _example(family)
     if "=" not in spec:
         if "," in spec:  # 'none,fp8': a list of methods names no component for each
             raise QuantizeError(f"--quantize: '{spec}' lists methods without components; give one method for the "
-                                f"large components, or COMPONENT=METHOD pairs ({EXAMPLE})")
-        method = _method(spec, spec)
-        return dict.fromkeys(LARGE_COMPONENTS, method)
+                                f"large components, or COMPONENT=METHOD pairs ({example})")
+        method = _method(spec, spec, example)
+        if family is None:
+            raise QuantizeError(f"--quantize: '{spec}' names no component ({example})")
+        return dict.fromkeys(family.large_components, method)
+    names = family.names if family is not None else COMPONENTS
     chosen: dict[str, str] = {}
     for entry in spec.split(","):
         if entry.count("=") != 1:
-            raise QuantizeError(f"--quantize: '{entry.strip()}' is not COMPONENT=METHOD ({EXAMPLE})")
+            raise QuantizeError(f"--quantize: '{entry.strip()}' is not COMPONENT=METHOD ({example})")
         component, method = (part.strip() for part in entry.split("="))
-        if component not in COMPONENTS:
-            raise QuantizeError(f"--quantize: '{component}' is not a component; use {', '.join(COMPONENTS)} ({EXAMPLE})")
+        if component not in names:
+            of = f" of {family.name}" if family is not None else ""
+            raise QuantizeError(f"--quantize: '{component}' is not a component{of}; use {', '.join(names)} ({example})")
         if component in chosen:
-            raise QuantizeError(f"--quantize: '{component}' is given twice; give each component once ({EXAMPLE})")
-        method = _method(method, entry.strip())
+            raise QuantizeError(f"--quantize: '{component}' is given twice; give each component once ({example})")
+        method = _method(method, entry.strip(), example)
         if method != "none":
             chosen[component] = method
     return chosen
 
 
-def _method(method: str, where: str) -> str:
+def _example(family: Family | None) -> str:
+    """'e.g. --quantize fp8, or --quantize transformer=nf4,text_encoder_2=int8' in the family's names
+    (FLUX.1's for a spec read without its checkpoint)."""
+    encoder = next(name for name in (family or FLUX_1).large_components if name != "transformer")
+    return f"e.g. --quantize fp8, or --quantize transformer=nf4,{encoder}=int8"
+
+
+def _method(method: str, where: str, example: str) -> str:
     method = method.lower()
     if method not in METHODS:
-        raise QuantizeError(f"--quantize: '{where}' names an unknown method; use {', '.join(METHODS)} ({EXAMPLE})")
+        raise QuantizeError(f"--quantize: '{where}' names an unknown method; use {', '.join(METHODS)} ({example})")
     return method
 
 

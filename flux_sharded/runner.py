@@ -113,11 +113,12 @@ def check_settings(request: RunRequest) -> None:
     check_prompts(settings.prompts)
     check_prequantized_dtype(request.checkpoint.path, settings.dtype)
     family = request.checkpoint.family
-    if settings.quantization and not family.quantize:  # the option is refused earlier; this is run.json's
+    foreign = sorted(set(settings.quantization) - set(family.names))
+    if foreign:  # the option is checked against the family earlier; this is run.json's
         raise SettingsError(
-            f"quantize {format_quantize(settings.quantization)}: not planned for {family.name} yet; drop --quantize "
-            "(on --resume: the run folder's run.json 'settings.quantize' names it, so the file was edited: start a "
-            "new run)")
+            f"quantize {format_quantize(settings.quantization)}: {family.name} has no {' or '.join(foreign)} (its "
+            f"components: {', '.join(family.names)}); on --resume the run folder's run.json 'settings.quantize' "
+            "names it, so the file was edited: start a new run")
     if any(not prompt.strip() for prompt in settings.prompts):
         raise SettingsError("--prompt: an empty prompt cannot be generated; give some text")
     for index, seed in enumerate(settings.seeds):

@@ -7,6 +7,7 @@ the FLUX.2 activation estimates against memory.TensorBytesTracker on scaled-down
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -248,14 +249,43 @@ def test_flux2_dev_dry_run_takes_the_familys_steps_unless_given():
     assert per_step_and_image(["--steps", "28"]) == pytest.approx(28, rel=1e-3)
 
 
-@pytest.mark.parametrize("name", ["FLUX.2-dev", "FLUX.2-klein-4B"])
-def test_flux2_quantize_is_refused_up_front(tmp_path, name):
-    result = invoke(["--model", f"black-forest-labs/{name}", "--prompt", "a dog", "--out", str(tmp_path / "out"),
-                     "--max-memory", "0=12GB", "--dry-run", "--quantize", "fp8"])
+@pytest.mark.parametrize("model, quantize, budget", [
+    # fp8 and int8 halve FLUX.2-dev: both stages on two 24 GB cards, nothing offloaded (bf16 needs RAM)
+    ("FLUX.2-dev", "fp8", "0=24GB,1=24GB"),
+    ("FLUX.2-dev", "int8", "0=24GB,1=24GB"),
+    ("FLUX.2-dev", "nf4", "0=16GB,1=16GB"),
+    ("FLUX.2-klein-9B", "fp8", "0=12GB"),
+    ("FLUX.2-klein-9B", "nf4", "0=12GB"),
+    ("FLUX.2-klein-4B", "nf4", "0=8GB"),
+])
+def test_flux2_quantized_dry_runs_fit_gpus_alone(model, quantize, budget):
+    result = invoke(["--model", f"black-forest-labs/{model}", "--prompt", "a dog", "--dry-run", "--quantize", quantize,
+                     "--max-memory", budget])
+    assert result.exit_code == 0, result.output
+    plan = plan_run(dataclasses.replace(_inputs(model), quantize=(("text_encoder", quantize), ("transformer", quantize))),
+                    _budget(budget))
+    assert all(set(stage.planned_bytes) <= {0, 1} for stage in plan.stages)
+
+
+def test_flux2_dev_in_bf16_on_two_24gb_cards_is_told_that_fp8_would_fit():
+    result = invoke(["--model", "black-forest-labs/FLUX.2-dev", "--prompt", "a dog", "--dry-run", "--max-memory",
+                     "0=24GB,1=24GB"])
     assert result.exit_code == 2, result.output
     (line,) = error_lines(result.output)
-    assert f"--quantize fp8: not planned for {name.split('-4B')[0]}" in line
-    assert not (tmp_path / "out").exists()
+    assert "--quantize fp8 would fit without offload" in line
+
+
+def test_flux2_dev_nf4_transformer_is_not_offloaded_so_one_16gb_card_refuses_it():
+    """bitsandbytes' 4-bit layers run on a GPU only: 18.1 GB of nf4 transformer fits no 16 GB card,
+    RAM or not, while fp8 streams its blocks from RAM."""
+    refused = invoke(["--model", "black-forest-labs/FLUX.2-dev", "--prompt", "a dog", "--dry-run", "--quantize", "nf4",
+                      "--max-memory", "0=16GB,cpu=64GB"])
+    assert refused.exit_code == 2, refused.output
+    (line,) = error_lines(refused.output)
+    assert "denoise (transformer: 18.13 GB of weights" in line
+    streamed = invoke(["--model", "black-forest-labs/FLUX.2-dev", "--prompt", "a dog", "--dry-run", "--quantize", "fp8",
+                       "--max-memory", "0=16GB,cpu=64GB"])
+    assert streamed.exit_code == 0 and "host-to-GPU per denoising step" in streamed.output, streamed.output
 
 
 # ---------------------------------------------------------------- activation estimates against measurement

@@ -250,8 +250,9 @@ def test_two_klein_processes_equal_one_process(tiny_klein, tmp_path):
         assert_same_pixels(np.asarray(Image.open(path_two)), np.asarray(Image.open(path_one)))
 
 
-def test_a_run_json_edited_to_quantize_flux2_is_refused_on_resume(tiny_klein, tmp_path):
-    """--quantize is refused for FLUX.2 on the command line; an edited run.json must not get around it."""
+def test_a_run_json_edited_to_quantize_a_component_klein_lacks_is_refused_on_resume(tiny_klein, tmp_path):
+    """--quantize checks its components against the family on the command line; an edited run.json
+    (FLUX.1's T5 named for a klein) must not get around it."""
     import json
 
     out = tmp_path / "out"
@@ -263,10 +264,10 @@ def test_a_run_json_edited_to_quantize_flux2_is_refused_on_resume(tiny_klein, tm
     for handoff in [*run_dir.glob("encode*"), *run_dir.glob("denoise*")]:  # so that every stage would run again
         handoff.unlink()
     saved = json.loads((run_dir / "run.json").read_text())
-    saved["settings"]["quantize"] = "transformer=int8"
+    saved["settings"]["quantize"] = "text_encoder_2=int8"
     (run_dir / "run.json").write_text(json.dumps(saved))
     result = CliRunner().invoke(main, ["--resume", str(run_dir)])
     assert result.exit_code == 2, result.output
     (line,) = error_lines(result.output)
-    assert "quantize transformer=int8: not planned for FLUX.2-klein yet" in line and "run.json" in line
+    assert "quantize text_encoder_2=int8: FLUX.2-klein has no text_encoder_2" in line and "run.json" in line
     assert not list(out.glob("*.png"))

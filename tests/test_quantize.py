@@ -17,6 +17,7 @@ from flux_sharded.checkpoint import shipped_config_dir
 from flux_sharded.cli import main
 from flux_sharded.components import empty_component, module_sizes
 from flux_sharded.errors import PlanError
+from flux_sharded.families import FLUX_1
 from flux_sharded.plan import PlanInputs, plan_run
 from flux_sharded.quantize import QuantizeError, format_quantize, parse_quantize, stored_bytes
 
@@ -37,13 +38,13 @@ PROMPT, SEED, STEPS, SIZE, TOKENS = "a photo of a dog", 3, 2, 32, 64
     ("vae=fp8, text_encoder=none", {"vae": "fp8"}),
 ])
 def test_specs_parse(spec, expected):
-    assert parse_quantize(spec) == expected
+    assert parse_quantize(spec, FLUX_1) == expected
     assert parse_quantize(format_quantize(expected)) == expected
 
 
 @pytest.mark.parametrize("args, message", [
     (["--quantize", "fp4"], "--quantize: 'fp4' names an unknown method; use none, fp8, int8, nf4"),
-    (["--quantize", "unet=fp8"], "--quantize: 'unet' is not a component; use text_encoder, text_encoder_2"),
+    (["--quantize", "unet=fp8"], "--quantize: 'unet' is not a component of FLUX.1; use text_encoder, text_encoder_2"),
     (["--quantize", "transformer=fp8,transformer=int8"], "'transformer' is given twice"),
     (["--quantize", "transformer"], "names an unknown method"),
     (["--quantize", "transformer:fp8"], "names an unknown method"),
@@ -222,7 +223,8 @@ def test_the_planner_counts_nf4_text_encoders_as_transformers_stores_them(tiny_c
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_planner_counts_an_nf4_transformer_as_bitsandbytes_stores_it(tiny_checkpoint, dtype):
+@pytest.mark.parametrize("fixture", ["tiny_checkpoint", "tiny_klein", "tiny_dev"])
+def test_the_planner_counts_an_nf4_transformer_as_bitsandbytes_stores_it(request, fixture, dtype):
     """diffusers refuses to load bitsandbytes weights without a GPU, so this takes its two parts
     apart: diffusers' own quantizer picks the layers (preprocess_model, as from_pretrained calls it),
     and bitsandbytes quantizes each picked weight on the CPU (Params4bit, as diffusers' Linear4bit
@@ -231,22 +233,25 @@ def test_the_planner_counts_an_nf4_transformer_as_bitsandbytes_stores_it(tiny_ch
     import diffusers
     from diffusers.quantizers import DiffusersAutoQuantizer
 
+    from flux_sharded.families import family_of
     from flux_sharded.quantize import quantized_linears
 
+    checkpoint = request.getfixturevalue(fixture)
+    transformer_class = getattr(diffusers, family_of(checkpoint).component("transformer").class_name)
     config = diffusers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
-    picked = empty_component(tiny_checkpoint, "transformer")
+    picked = empty_component(checkpoint, "transformer")
     DiffusersAutoQuantizer.from_config(config).preprocess_model(picked, device_map=None, keep_in_fp32_modules=[])
     converted = {name for name, module in picked.named_modules() if isinstance(module, bnb.nn.Linear4bit)}
-    planned_layers = {name for name, _ in quantized_linears(empty_component(tiny_checkpoint, "transformer"), "nf4")}
+    planned_layers = {name for name, _ in quantized_linears(empty_component(checkpoint, "transformer"), "nf4")}
     assert converted == planned_layers and converted
 
-    model = diffusers.FluxTransformer2DModel.from_pretrained(tiny_checkpoint, subfolder="transformer", dtype=dtype)
+    model = transformer_class.from_pretrained(checkpoint, subfolder="transformer", dtype=dtype)
     for name in converted:
         linear = model.get_submodule(name)
         linear.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4", blocksize=64,
                                           compress_statistics=False).to("cpu")
         assert linear.weight.bnb_quantized
-    planned = module_sizes(empty_component(tiny_checkpoint, "transformer", "nf4", dtype), dtype)[""]
+    planned = module_sizes(empty_component(checkpoint, "transformer", "nf4", dtype), dtype)[""]
     assert stored_bytes(model) == planned
 
 
