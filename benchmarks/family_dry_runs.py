@@ -1,6 +1,7 @@
 """The dry-run plans of every model family on common budgets, from the shipped configs alone (no
 weights, no GPU): FLUX.1-dev, FLUX.2-dev, FLUX.2-klein-9B and -4B on 2x24 GB, 2x16 GB and 1x12 GB
-cards, each with cpu=M GB of RAM for what misses the cards.
+cards, each with cpu=M GB of RAM for what misses the cards; then FLUX.2 with --quantize (the
+family's transformer and text encoder) on the cards it should fit.
 
     python benchmarks/family_dry_runs.py [--size 1024] [--cpu-gb 64]
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 
 import torch
 
@@ -27,8 +29,30 @@ MODELS = ("FLUX.1-dev", "FLUX.2-dev", "FLUX.2-klein-9B", "FLUX.2-klein-4B")
 CARDS = ({0: 24, 1: 24}, {0: 16, 1: 16}, {0: 12})
 
 
+@dataclass(frozen=True)
+class Scenario:
+    model: str
+    cards: dict[int, int]  # GPU index -> GB
+    quantize: str | None = None  # a --quantize method for the family's large_components
+
+
+SCENARIOS = (
+    *(Scenario(model, cards) for model in MODELS for cards in CARDS),
+    Scenario("FLUX.2-dev", {0: 24, 1: 24}, "fp8"),
+    Scenario("FLUX.2-dev", {0: 24, 1: 24}, "nf4"),
+    Scenario("FLUX.2-dev", {0: 16, 1: 16}, "nf4"),
+    Scenario("FLUX.2-dev", {0: 16}, "fp8"),
+    Scenario("FLUX.2-dev", {0: 16}, "nf4"),
+    Scenario("FLUX.2-klein-9B", {0: 12}, "fp8"),
+    Scenario("FLUX.2-klein-9B", {0: 12}, "nf4"),
+    Scenario("FLUX.2-klein-4B", {0: 8}, "nf4"),
+)
+
+
 def _per_device(stage) -> str:
-    return ", ".join(f"{device}: {size / 1e9:.2f}" for device, size in stage.planned_bytes.items())
+    # A stage that does not fit keeps what finds no room under "disk" with no disk budget (as the report shows it).
+    return ", ".join(f"{device if device != 'disk' or 'disk' in stage.budget else 'no room'}: {size / 1e9:.2f}"
+                     for device, size in stage.planned_bytes.items())
 
 
 def main() -> None:
@@ -37,32 +61,36 @@ def main() -> None:
     parser.add_argument("--cpu-gb", type=int, default=64)
     args = parser.parse_args()
     print(f"{args.size}x{args.size}, bfloat16, 512 prompt tokens, batch size 1, cpu={args.cpu_gb}GB; GB = 10^9 bytes")
-    print("| model | budget | fits | encode GB per device | denoise GB per device | decode GB | "
+    print("| model | --quantize | budget | fits | encode GB per device | denoise GB per device | decode GB | "
           "streamed per step | per image (steps) | copy s/step at 25 GB/s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     rows = []
-    for model in MODELS:
+    for scenario in SCENARIOS:
+        model = scenario.model
         family = family_of(shipped_config_dir(model))
-        inputs = PlanInputs(shipped_config_dir(model), torch.bfloat16, args.size, args.size, 512, vae_scale_factor=8)
-        for cards in CARDS:
-            budget = {**{index: gb * 10**9 for index, gb in cards.items()}, "cpu": args.cpu_gb * 10**9}
-            spec = ",".join(f"{key}={value // 10**9}GB" for key, value in budget.items())
-            try:
-                stages, fits = plan_run(inputs, budget).stages, True
-            except PlanError as error:
-                stages, fits = error.stages, False
-            encode, denoise, decode = stages
-            per_step = denoise.offload_bytes_per_step
-            row = {
-                "model": model, "budget": spec, "fits": fits, "steps": family.steps,
-                "planned_bytes": {stage.name: {str(device): size for device, size in stage.planned_bytes.items()}
-                                  for stage in stages},
-                "offload_bytes_per_step": per_step,
-            }
-            rows.append(row)
-            print(f"| {model} | {spec} | {'yes' if fits else 'no'} | {_per_device(encode)} | {_per_device(denoise)} | "
-                  f"{_per_device(decode)} | {per_step / 1e9:.2f} GB | {per_step * family.steps / 1e9:.1f} GB "
-                  f"({family.steps}) | {per_step / OFFLOAD_BANDWIDTH_BYTES_PER_SECOND:.2f} |")
+        quantize = tuple((name, scenario.quantize) for name in family.large_components) if scenario.quantize else ()
+        inputs = PlanInputs(shipped_config_dir(model), torch.bfloat16, args.size, args.size, 512, vae_scale_factor=8,
+                            quantize=quantize)
+        budget = {**{index: gb * 10**9 for index, gb in scenario.cards.items()}, "cpu": args.cpu_gb * 10**9}
+        spec = ",".join(f"{key}={value // 10**9}GB" for key, value in budget.items())
+        try:
+            stages, fits = plan_run(inputs, budget).stages, True
+        except PlanError as error:
+            stages, fits = error.stages, False
+        encode, denoise, decode = stages
+        per_step = denoise.offload_bytes_per_step if fits else 0  # a refused plan streams nothing
+        row = {
+            "model": model, "quantize": scenario.quantize or "none", "budget": spec, "fits": fits,
+            "steps": family.steps,
+            "planned_bytes": {stage.name: {str(device): size for device, size in stage.planned_bytes.items()}
+                              for stage in stages},
+            "offload_bytes_per_step": per_step,
+        }
+        rows.append(row)
+        print(f"| {model} | {scenario.quantize or 'none'} | {spec} | {'yes' if fits else 'no'} | "
+              f"{_per_device(encode)} | {_per_device(denoise)} | {_per_device(decode)} | {per_step / 1e9:.2f} GB | "
+              f"{per_step * family.steps / 1e9:.1f} GB ({family.steps}) | "
+              f"{per_step / OFFLOAD_BANDWIDTH_BYTES_PER_SECOND:.2f} |")
     print(json.dumps({"size": args.size, "cpu_gb": args.cpu_gb, "rows": rows}))
 
 
