@@ -256,3 +256,73 @@ def test_a_prequantized_flux2_text_encoder_refuses_what_would_change_it(prequant
     (line,) = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert line.startswith(message.format(prequantized_klein)) and "Traceback" not in result.output
     assert not out.exists()
+
+
+@pytest.fixture
+def prequantized_dev_transformer(tiny_dev, tmp_path) -> Path:
+    """The tiny dev with its transformer config saying it is stored in bitsandbytes 4-bit, as
+    diffusers/FLUX.2-dev-bnb-4bit's does: diffusers loads such weights only onto a GPU, so only the
+    config matters to what the CPU can test (the plan and the refusal)."""
+    copy = tmp_path / "dev-bnb"
+    shutil.copytree(tiny_dev, copy)
+    config_path = copy / "transformer" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True,
+                                     "bnb_4bit_quant_type": "nf4"}
+    config_path.write_text(json.dumps(config))
+    return copy
+
+
+def test_a_prequantized_flux2_transformer_is_planned_as_stored_on_a_gpu_and_refused_without_one(
+        prequantized_dev_transformer, tmp_path):
+    checkpoint = prequantized_dev_transformer
+    report = tmp_path / "plan.json"
+    result = CliRunner().invoke(main, ["--dry-run", "--model", str(checkpoint), "--prompt", "a dog", "--height", "32",
+                                       "--width", "32", "--max-memory", "0=4GB", "--report", str(report)])
+    assert result.exit_code == 0, result.output
+    denoise = next(stage for stage in json.loads(report.read_text())["stages"] if stage["name"] == "denoise")
+    nf4 = module_sizes(empty_component(checkpoint, "transformer", "nf4", torch.bfloat16), torch.bfloat16)[""]
+    assert denoise["weight_bytes"] == {"0": nf4}
+    quantize = CliRunner().invoke(main, ["--dry-run", "--model", str(checkpoint), "--prompt", "a dog",
+                                         "--max-memory", "0=4GB", "--quantize", "fp8"])
+    assert quantize.exit_code == 2 and "Error: --quantize: transformer in" in quantize.output, quantize.output
+    run = CliRunner().invoke(main, ["--model", str(checkpoint), "--prompt", "a dog", "--max-memory", "cpu=4GB",
+                                    "--out", str(tmp_path / "out")])
+    assert run.exit_code == 2 and "--quantize nf4 needs a CUDA GPU for the transformer" in run.output, run.output
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method", ["fp8", "int8"])
+def test_quantized_flux2_blocks_stream_like_the_others_and_change_no_latent(tiny_klein, method):
+    """As tests/test_quantize.py's FLUX.1 test: a quantized klein transformer whose plan keeps its
+    first modules on "GPU 0" and streams the single-stream blocks (what FLUX.2-dev fp8 on one 16 GB
+    card plans); every GPU index maps to the CPU here, and the latents equal the all-CPU run's."""
+    import dataclasses
+
+    from flux_sharded import plan as plan_module
+    from flux_sharded import runner
+    from flux_sharded.checkpoint import resolve_checkpoint
+    from flux_sharded.handoff import GenerationSettings, Handoff
+    from flux_sharded.plan import plan_run
+    from flux_sharded.stages import denoise, encode
+
+    checkpoint = resolve_checkpoint(str(tiny_klein))
+    settings = GenerationSettings(str(tiny_klein), (PROMPT,), (SEED,), STEPS, GUIDANCE, SIZE, SIZE, TOKENS, "float32",
+                                  quantize=f"transformer={method}")
+    request = runner.RunRequest(checkpoint, settings, {"cpu": 4 * 10**9}, Path("unused"))
+    on_cpu = plan_run(runner.plan_inputs(request), {"cpu": 4 * 10**9})
+    encoded = encode.run(encode.load(checkpoint, on_cpu.stage("encode"), torch.float32), Handoff(settings))
+    expected = denoise.run(denoise.load(checkpoint, on_cpu.stage("denoise"), torch.float32), encoded).latents
+
+    components = plan_module._Components(runner.plan_inputs(request))
+    on_gpu = ("pos_embed", "time_guidance_embed", "double_stream_modulation_img", "double_stream_modulation_txt",
+              "single_stream_modulation", "x_embedder", "context_embedder", "transformer_blocks")
+    device_map = {**dict.fromkeys(on_gpu, 0), "single_transformer_blocks": "cpu", "norm_out": "cpu", "proj_out": "cpu"}
+    transformer_plan = plan_module._placed(components, "transformer", device_map, [0], streamed=True)
+    assert transformer_plan.streamed and transformer_plan.quantization == method
+    stage_plan = dataclasses.replace(on_cpu.stage("denoise"), components=(transformer_plan,))
+    pipeline = denoise.load(checkpoint, stage_plan, torch.float32, gpu_device=lambda index: torch.device("cpu"))
+    block = pipeline.transformer.single_transformer_blocks[0]
+    assert block._diffusers_hook.get_hook("group_offloading") is not None
+    latents = denoise.run(pipeline, encoded).latents
+    assert torch.equal(latents, expected), f"max {(latents - expected).abs().max()}"
