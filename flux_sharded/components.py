@@ -26,9 +26,10 @@ def empty_component(config_root: Path, name: str, quantization: str | None = Non
     `dtype` (quantize.quantized_meta), so that module_sizes counts the quantized bytes."""
     model = _empty_component(config_root, name)
     if quantization:
-        from .quantize import quantized_meta
+        from .quantize import quantized_meta, saved_nf4_layout
 
-        model = quantized_meta(model, quantization, dtype)
+        # A pre-quantized component is counted as its own config stored it (asked-for nf4 has none).
+        model = quantized_meta(model, quantization, dtype, saved_nf4_layout(config_root, name))
     return model
 
 

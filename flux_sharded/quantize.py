@@ -28,6 +28,8 @@ its stored tensors' shapes and dtypes (weights, scales, block statistics).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .errors import SettingsError
@@ -41,6 +43,7 @@ FP8_STORAGE = torch.float8_e4m3fn
 # bitsandbytes' 4-bit layout (bitsandbytes/functional.py quantize_4bit): two 4-bit codes per byte,
 # one float32 absmax per block of 64 weights, no double quantization (our BitsAndBytesConfig).
 NF4_BLOCK_SIZE = 64
+NF4_NESTED_BLOCK_SIZE = 256  # bitsandbytes' blocks of absmax values under double quantization
 
 
 class QuantizeError(SettingsError):
@@ -161,47 +164,93 @@ def fp8_cast(model: torch.nn.Module, compute_dtype: torch.dtype) -> None:
                             skip_modules_classes=(torch.nn.Embedding,))
 
 
-def quantized_linears(model: torch.nn.Module, method: str) -> list[tuple[str, torch.nn.Linear]]:
+@dataclass(frozen=True)
+class Nf4Layout:
+    """What a bitsandbytes 4-bit quantization_config changes in the stored bytes: ours (asked for
+    with --quantize nf4) is the default; a pre-quantized component's config.json may differ."""
+
+    # llm_int8_skip_modules: the modules left unconverted, in place of transformers' own choice
+    # (get_keys_to_not_convert) and on top of diffusers' (_keep_in_fp32_modules); None: the defaults.
+    skip_modules: tuple[str, ...] | None = None
+    # bnb_4bit_use_double_quant: each block's absmax stored in 8 bits, with float32 second-level
+    # statistics (one absmax per NF4_NESTED_BLOCK_SIZE blocks, a 256-entry code, an offset).
+    double_quant: bool = False
+
+
+def saved_nf4_layout(config_root, component: str) -> Nf4Layout:
+    """The Nf4Layout of `component`'s config.json quantization_config (the default without one)."""
+    import json
+    from pathlib import Path
+
+    path = Path(config_root) / component / "config.json"
+    try:
+        quantization = json.loads(path.read_text()).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return Nf4Layout()  # a missing or broken config is the checkpoint checks' to report
+    if not isinstance(quantization, dict) or quantization.get("quant_method") != "bitsandbytes":
+        return Nf4Layout()
+    skip = quantization.get("llm_int8_skip_modules")
+    if skip is not None and not (isinstance(skip, list) and all(isinstance(name, str) for name in skip)):
+        raise QuantizeError(f"{path}: quantization_config llm_int8_skip_modules {skip!r} is not a list of module "
+                            "names; fix or remove it")
+    return Nf4Layout(tuple(skip) if skip is not None else None, quantization.get("bnb_4bit_use_double_quant") is True)
+
+
+def quantized_linears(model: torch.nn.Module, method: str,
+                      skip_modules: tuple[str, ...] | None = None) -> list[tuple[str, torch.nn.Linear]]:
     """The nn.Linear layers torchao's int8 weight-only (`method` "int8") or bitsandbytes ("nf4")
     converts, as the library's own quantizer chooses them:
 
-    - a diffusers model: every Linear but its `_keep_in_fp32_modules` (diffusers' torchao and
-      bitsandbytes quantizers add them to modules_to_not_convert);
+    - a diffusers model: every Linear but its `_keep_in_fp32_modules` and, for nf4, `skip_modules`
+      (diffusers' quantizers add them to modules_to_not_convert and match a name as
+      replace_with_bnb_linear does: the layer's own name, or a dotted part of its path);
     - a transformers model, int8: every Linear, T5's `wo` included (transformers' torchao quantizer
       matches its skip list against parameter names, "...wo.weight", which "wo" does not end);
     - a transformers model, nf4: every Linear but those transformers' bitsandbytes quantizer skips,
-      matched on module names: `_keep_in_fp32_modules` (T5's `wo`) and `get_keys_to_not_convert`
-      (tied and output embeddings, the last module).
+      matched on module names: `_keep_in_fp32_modules` (T5's `wo`) and `skip_modules` (a saved
+      llm_int8_skip_modules), or else `get_keys_to_not_convert` (tied and output embeddings, the
+      last module).
 
-    Both transformers rules are pinned by tests/test_quantize.py, which loads T5 through the real
-    quantizers on the CPU and compares the stored bytes with the plan's."""
+    The transformers rules are pinned by tests/test_quantize.py and tests/test_quantize_flux2.py,
+    which load T5 and Qwen3 through the real quantizers on the CPU and compare the stored bytes
+    with the plan's; the diffusers rule by their test against diffusers' own preprocess_model."""
     is_diffusers = hasattr(model, "enable_layerwise_casting")
-    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ()) if is_diffusers else set()
-    linears = [(name, module) for name, module in model.named_modules()
-               if isinstance(module, torch.nn.Linear) and not keep & set(name.split("."))]
-    if method == "nf4" and not is_diffusers:
+    keep = list(getattr(model, "_keep_in_fp32_modules", None) or ())
+    if is_diffusers:
+        skipped = keep + list(skip_modules or ()) if method == "nf4" else keep
+        return [(name, module) for name, module in model.named_modules()
+                if isinstance(module, torch.nn.Linear) and not _diffusers_skips(name, skipped)]
+    linears = [(name, module) for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    if method == "nf4":
         from transformers.quantizers.base import get_keys_to_not_convert
         from transformers.quantizers.quantizers_utils import should_convert_module
 
-        skipped = [*get_keys_to_not_convert(model), *(getattr(model, "_keep_in_fp32_modules", None) or ())]
+        skipped = [*(skip_modules if skip_modules is not None else get_keys_to_not_convert(model)), *keep]
         linears = [(name, module) for name, module in linears if should_convert_module(name, skipped)]
     return linears
 
 
-def quantized_meta(model: torch.nn.Module, method: str, dtype: torch.dtype) -> torch.nn.Module:
+def _diffusers_skips(name: str, skipped: list[str]) -> bool:
+    """diffusers' replace_with_bnb_linear test of a Linear at `name` against modules_to_not_convert."""
+    return name.rsplit(".", 1)[-1] in skipped or any(f"{key}." in name or key == name for key in skipped)
+
+
+def quantized_meta(model: torch.nn.Module, method: str, dtype: torch.dtype,
+                   nf4_layout: Nf4Layout = Nf4Layout()) -> torch.nn.Module:
     """The meta model `model` with each quantized tensor given the shape and dtype it is stored in,
     so that accelerate's compute_module_sizes(model, dtype) counts the quantized bytes exactly
     (it counts a tensor at min(dtype, its own dtype), integers at their own size).
 
     fp8: diffusers' layerwise casting itself, applied on meta. int8 (torchao weight-only): an int8
     weight of the same shape plus one `dtype` scale per output row. nf4: numel/2 bytes of packed
-    codes plus one float32 absmax per NF4_BLOCK_SIZE weights.
+    codes plus one float32 absmax per NF4_BLOCK_SIZE weights, or with `nf4_layout.double_quant` a
+    uint8 absmax per block and float32 second-level statistics.
     """
     if method == "fp8":
         fp8_cast(model, dtype)
         return model
     special: dict[str, torch.dtype] = {}
-    for name, linear in quantized_linears(model, method):
+    for name, linear in quantized_linears(model, method, nf4_layout.skip_modules):
         weight = linear.weight
         if method == "int8":
             # torchao's Int8Tensor: int8 qdata, a float32 scale and an int8 zero point per row.
@@ -215,8 +264,14 @@ def quantized_meta(model: torch.nn.Module, method: str, dtype: torch.dtype) -> t
             linear.weight = torch.nn.Parameter(torch.empty((weight.numel() + 1) // 2, 1, dtype=torch.uint8,
                                                            device="meta"), requires_grad=False)
             blocks = -(-weight.numel() // NF4_BLOCK_SIZE)
-            linear.register_buffer("weight_absmax", torch.empty(blocks, dtype=torch.float32, device="meta"))
-            special[f"{name}.weight_absmax"] = torch.float32
+            statistics = {"weight_absmax": (blocks,)}
+            if nf4_layout.double_quant:  # bitsandbytes' quantize_4bit(compress_statistics=True)
+                linear.register_buffer("weight_absmax", torch.empty(blocks, dtype=torch.uint8, device="meta"))
+                statistics = {"weight_absmax2": (-(-blocks // NF4_NESTED_BLOCK_SIZE),), "weight_code2": (256,),
+                              "weight_offset": ()}
+            for buffer, shape in statistics.items():
+                linear.register_buffer(buffer, torch.empty(shape, dtype=torch.float32, device="meta"))
+                special[f"{name}.{buffer}"] = torch.float32
         else:
             raise ValueError(f"unknown quantization method {method!r}")
     model.quantized_special_dtypes = special
@@ -236,7 +291,12 @@ def _tensor_bytes(tensor: torch.Tensor) -> int:
         return sum(_tensor_bytes(getattr(tensor, name)) for name in names)
     size = tensor.numel() * tensor.element_size()
     state = getattr(tensor, "quant_state", None)  # bitsandbytes' 4-bit statistics
-    return size + (state.absmax.numel() * state.absmax.element_size() if state is not None else 0)
+    if state is None:
+        return size
+    size += state.absmax.numel() * state.absmax.element_size()
+    if getattr(state, "nested", False):  # double quantization: the absmax values' own statistics
+        size += sum(part.numel() * part.element_size() for part in (state.state2.absmax, state.state2.code, state.offset))
+    return size
 
 
 def from_pretrained(model_class, path, subfolder: str, method: str | None, dtype: torch.dtype,
@@ -277,7 +337,8 @@ def from_pretrained(model_class, path, subfolder: str, method: str | None, dtype
 def prequantized(config_root) -> dict[str, str]:
     """Components whose config.json carries a `quantization_config` (a pre-quantized checkpoint such
     as diffusers/FLUX.1-dev-bnb-4bit), and the method it amounts to for the plan: bitsandbytes
-    4-bit -> nf4, 8-bit or torchao -> int8; a layout this tool cannot count is refused."""
+    4-bit -> nf4 (counted in its saved layout: saved_nf4_layout), 8-bit or torchao -> int8; a
+    layout this tool cannot count is refused."""
     import json
     from pathlib import Path
 

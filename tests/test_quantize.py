@@ -224,34 +224,45 @@ def test_the_planner_counts_nf4_text_encoders_as_transformers_stores_them(tiny_c
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fixture", ["tiny_checkpoint", "tiny_klein", "tiny_dev"])
-def test_the_planner_counts_an_nf4_transformer_as_bitsandbytes_stores_it(request, fixture, dtype):
+@pytest.mark.parametrize("skip_modules, double_quant", [
+    (None, False),  # --quantize nf4's own layout
+    (("proj_out", "ff"), True),  # a pre-quantized config's: its own skip list, 8-bit absmax
+])
+def test_the_planner_counts_an_nf4_transformer_as_bitsandbytes_stores_it(request, fixture, dtype, skip_modules,
+                                                                         double_quant):
     """diffusers refuses to load bitsandbytes weights without a GPU, so this takes its two parts
     apart: diffusers' own quantizer picks the layers (preprocess_model, as from_pretrained calls it),
     and bitsandbytes quantizes each picked weight on the CPU (Params4bit, as diffusers' Linear4bit
-    holds it: nf4, blocks of 64, no double quantization)."""
+    holds it: nf4, blocks of 64, double quantization as the config says)."""
     bnb = pytest.importorskip("bitsandbytes", reason="nf4 needs bitsandbytes: `make test` installs it")
     import diffusers
     from diffusers.quantizers import DiffusersAutoQuantizer
 
     from flux_sharded.families import family_of
-    from flux_sharded.quantize import quantized_linears
+    from flux_sharded.quantize import Nf4Layout, quantized_linears, quantized_meta
 
     checkpoint = request.getfixturevalue(fixture)
     transformer_class = getattr(diffusers, family_of(checkpoint).component("transformer").class_name)
-    config = diffusers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    config = diffusers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+                                          bnb_4bit_use_double_quant=double_quant,
+                                          llm_int8_skip_modules=list(skip_modules) if skip_modules else None)
     picked = empty_component(checkpoint, "transformer")
     DiffusersAutoQuantizer.from_config(config).preprocess_model(picked, device_map=None, keep_in_fp32_modules=[])
     converted = {name for name, module in picked.named_modules() if isinstance(module, bnb.nn.Linear4bit)}
-    planned_layers = {name for name, _ in quantized_linears(empty_component(checkpoint, "transformer"), "nf4")}
+    planned_layers = {name for name, _ in quantized_linears(empty_component(checkpoint, "transformer"), "nf4",
+                                                            skip_modules)}
     assert converted == planned_layers and converted
+    if skip_modules:  # the skip list takes layers out: the comparison above is not the default's
+        assert converted < {name for name, _ in quantized_linears(empty_component(checkpoint, "transformer"), "nf4")}
 
     model = transformer_class.from_pretrained(checkpoint, subfolder="transformer", dtype=dtype)
     for name in converted:
         linear = model.get_submodule(name)
         linear.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4", blocksize=64,
-                                          compress_statistics=False).to("cpu")
+                                          compress_statistics=double_quant).to("cpu")
         assert linear.weight.bnb_quantized
-    planned = module_sizes(empty_component(checkpoint, "transformer", "nf4", dtype), dtype)[""]
+    layout = Nf4Layout(skip_modules, double_quant)
+    planned = module_sizes(quantized_meta(empty_component(checkpoint, "transformer"), "nf4", dtype, layout), dtype)[""]
     assert stored_bytes(model) == planned
 
 

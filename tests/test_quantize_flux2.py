@@ -18,7 +18,7 @@ from PIL import Image
 from flux_sharded.cli import main
 from flux_sharded.components import empty_component, module_sizes
 from flux_sharded.families import FLUX_1, FLUX_2_DEV, FLUX_2_KLEIN, family_of
-from flux_sharded.quantize import QuantizeError, from_pretrained, parse_quantize, stored_bytes
+from flux_sharded.quantize import QuantizeError, from_pretrained, parse_quantize, quantized_meta, stored_bytes
 from flux_sharded.stages.encode import _model_class
 
 from .conftest import assert_same_pixels
@@ -46,12 +46,13 @@ def _text_encoder_class(checkpoint: Path):
     return getattr(transformers, family_of(checkpoint).component("text_encoder").class_name)
 
 
-def _nf4_text_encoder(checkpoint: Path, model_class=None):
-    """The text encoder in nf4 through transformers' own bitsandbytes loading, on the CPU (float32 compute)."""
+def _nf4_text_encoder(checkpoint: Path, model_class=None, **layout):
+    """The text encoder in nf4 through transformers' own bitsandbytes loading, on the CPU (float32
+    compute); layout: more BitsAndBytesConfig fields (bnb_4bit_use_double_quant, llm_int8_skip_modules)."""
     import transformers
 
     config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                             bnb_4bit_compute_dtype=torch.float32)
+                                             bnb_4bit_compute_dtype=torch.float32, **layout)
     return (model_class or _text_encoder_class(checkpoint)).from_pretrained(
         checkpoint, subfolder="text_encoder", quantization_config=config, dtype=torch.float32, device_map="cpu")
 
@@ -215,20 +216,29 @@ def test_flux2_bad_specs_get_one_error_line(tmp_path, model, args, message):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.fixture
-def prequantized_klein(tiny_klein, tmp_path) -> Path:
+def _prequantized_klein(tiny_klein, folder: Path, **layout) -> Path:
     """The tiny klein with its (whole) Qwen3 saved in bitsandbytes 4-bit by transformers on the CPU,
     as diffusers/FLUX.2-dev-bnb-4bit stores its text encoder (config.json with a quantization_config)."""
     pytest.importorskip("bitsandbytes", reason="nf4 needs bitsandbytes: `make test` installs it (the test extra)")
-    copy = tmp_path / "klein-bnb"
-    shutil.copytree(tiny_klein, copy, ignore=shutil.ignore_patterns("text_encoder"))
-    _nf4_text_encoder(tiny_klein).save_pretrained(copy / "text_encoder")
-    return copy
+    shutil.copytree(tiny_klein, folder, ignore=shutil.ignore_patterns("text_encoder"))
+    _nf4_text_encoder(tiny_klein, **layout).save_pretrained(folder / "text_encoder")
+    return folder
 
 
-def test_a_prequantized_flux2_text_encoder_loads_as_it_is_and_equals_the_one_piece_pipeline(prequantized_klein,
-                                                                                            tmp_path):
-    checkpoint = prequantized_klein
+@pytest.fixture
+def prequantized_klein(tiny_klein, tmp_path) -> Path:
+    return _prequantized_klein(tiny_klein, tmp_path / "klein-bnb")
+
+
+@pytest.mark.parametrize("layout", [
+    {},
+    # a saved layout that changes the bytes: 8-bit absmax with float32 second-level statistics, and
+    # a skip list that replaces transformers' default one (the MLP output layers stay in float32 too)
+    {"bnb_4bit_use_double_quant": True, "llm_int8_skip_modules": ["lm_head", "down_proj"]},
+])
+def test_a_prequantized_flux2_text_encoder_loads_as_it_is_and_equals_the_one_piece_pipeline(tiny_klein, tmp_path,
+                                                                                            layout):
+    checkpoint = _prequantized_klein(tiny_klein, tmp_path / "klein-bnb", **layout)
     report = tmp_path / "report.json"
     path = staged(checkpoint, tmp_path / "pre", "--report", str(report))
     assert Image.open(path).text["quantize"] == "none"  # nothing asked: the checkpoint's own 4-bit Qwen3
@@ -241,6 +251,10 @@ def test_a_prequantized_flux2_text_encoder_loads_as_it_is_and_equals_the_one_pie
                                                                             device_map="cpu")
     assert planned == stored_bytes(as_stored)
     assert planned < module_sizes(empty_component(checkpoint, "text_encoder"), torch.float32)[""]
+    # the saved layout is what the plan counted, not --quantize nf4's own
+    ours = module_sizes(quantized_meta(empty_component(checkpoint, "text_encoder"), "nf4", torch.float32),
+                        torch.float32)[""]
+    assert (planned == ours) == (not layout)
 
 
 @pytest.mark.parametrize("args, message", [
