@@ -187,10 +187,6 @@ def _ordered(per_device: dict[Device, int]) -> dict[Device, int]:
     return {key: per_device[key] for key in [*gpu_indices(per_device), *(k for k in ("cpu", "disk") if k in per_device)]}
 
 
-def _gpus(budget: dict) -> list[int]:
-    return gpu_indices(budget)
-
-
 @contextlib.contextmanager
 def _quiet_accelerate():
     """accelerate warns about every GPU index this machine lacks (a dry-run may plan for such GPUs),
@@ -231,10 +227,14 @@ class _Components:
     def activation_bytes(self, name: str, images: int | None = None, tiled: bool = False) -> int:
         """The activation peak of one forward pass of `name` over `images` images (default: the images
         that really share a pass: min(--batch-size, images) or, for text encoders, distinct prompts)."""
-        component = self.family.component(name)
-        one = component.activation(self.config(name), self.inputs, tiled)
-        per_pass = self.inputs.batch_prompts() if component.stage == "encode" else self.inputs.batch_images()
-        return one * (images or per_pass)
+        one = self.family.component(name).activation(self.config(name), self.inputs, tiled)
+        return one * (images or self.batch_size(name))
+
+    def batch_size(self, name: str) -> int:
+        """How many rows share one forward pass of `name`: distinct prompts for a text encoder (its
+        family's stage "encode"), images otherwise."""
+        encodes = self.family.component(name).stage == "encode"
+        return self.inputs.batch_prompts() if encodes else self.inputs.batch_images()
 
     def config(self, name: str) -> dict:
         config = self.model(name).config
@@ -295,7 +295,7 @@ def plan_encode(components: _Components, budget: Budget) -> StagePlan:
     whole = {name: components.sizes(name)[""] + components.activation_bytes(name) for name in names}
     least = {name: components.activation_bytes(name) + components.largest_block(name) for name in names}
     usable, notes = _left_out(budget, least, "encode")
-    room = {index: usable[index] for index in _gpus(usable)}
+    room = {index: usable[index] for index in gpu_indices(usable)}
     planned = {}
     # diffusers' "balanced" pipeline strategy: largest component first, on the GPU with the most
     # room left (ties: the lowest index).
@@ -317,9 +317,9 @@ def plan_encode(components: _Components, budget: Budget) -> StagePlan:
         elif method:
             # A quantized encoder loads on the CPU and moves whole (quantize.from_pretrained).
             planned[name] = _whole(components, name, "cpu")
-        elif _gpus(split_budget) and "cpu" in split_budget:
+        elif gpu_indices(split_budget) and "cpu" in split_budget:
             plan = _split(components, name, split_budget, streamed=False)
-            for device in _gpus(split_budget):
+            for device in gpu_indices(split_budget):
                 room[device] -= plan.weight_bytes.get(device, 0) + plan.activation_bytes.get(device, 0)
             planned[name] = plan
         else:
@@ -333,8 +333,7 @@ def _whole(components: _Components, name: str, device: Device) -> ComponentPlan:
         device_map={"": device},
         weight_bytes={device: components.sizes(name)[""]},
         activation_bytes={device: components.activation_bytes(name)},
-        batch_size=components.inputs.batch_prompts() if name.startswith("text_encoder")
-        else components.inputs.batch_images(),
+        batch_size=components.batch_size(name),
         quantization=components.inputs.load_method(name),
     )
 
@@ -372,7 +371,7 @@ def _split(components: _Components, name: str, budget: Budget, streamed: bool) -
     when nothing goes to disk and `streamed`, else accelerate's hooks (HOOKED_BLOCKS_IN_FLIGHT)."""
     model, sizes = components.model(name), components.sizes(name)
     activation = components.activation_bytes(name)
-    gpus = _gpus(budget)
+    gpus = gpu_indices(budget)
     computing = gpus or ["cpu"]
     limit = {key: value - activation if key in computing else value for key, value in budget.items()}
     limit = {key: value for key, value in limit.items() if value > 0}
@@ -434,8 +433,7 @@ def _placed(components: _Components, name: str, device_map: dict[str, Device], c
         activation_bytes=activation_bytes,
         offload_bytes=offload_bytes,
         streamed=streamed,
-        batch_size=components.inputs.batch_prompts() if name.startswith("text_encoder")
-        else components.inputs.batch_images(),
+        batch_size=components.batch_size(name),
         quantization=components.inputs.load_method(name),
     )
 
@@ -451,7 +449,7 @@ def plan_denoise(components: _Components, budget: Budget) -> StagePlan:
         usable = dict(budget)
     method = components.inputs.method("transformer")
     stage_budget = dict(budget)
-    if method == "nf4" and not _gpus(budget):
+    if method == "nf4" and not gpu_indices(budget):
         # A run refuses it on a machine without CUDA; a dry-run must not call it a fit on the CPU.
         raise PlanError(
             "denoise: the nf4 transformer runs on a GPU only (diffusers runs bitsandbytes' 4-bit layers on CUDA, "
@@ -461,8 +459,7 @@ def plan_denoise(components: _Components, budget: Budget) -> StagePlan:
     if method == "nf4":
         # bitsandbytes' 4-bit layers cannot be offloaded: only the GPUs count, for placing and fitting
         # (GPUs all too small to run it: planned on them anyway, refused with the budget that fits).
-        usable = ({key: value for key, value in usable.items() if is_gpu(key)}
-                  or {key: value for key, value in budget.items() if is_gpu(key)})
+        usable = Budget(usable).only_gpus() or Budget(budget).only_gpus()
         stage_budget = Budget(budget).only_gpus()
         if any(key in budget for key in ("cpu", "disk")):
             notes.append("note: denoise keeps the nf4 transformer on the GPUs: bitsandbytes' 4-bit layers cannot be "
@@ -489,7 +486,7 @@ def plan_decode(components: _Components, budget: Budget) -> StagePlan:
     batch = components.inputs.batch_images()
     options = [(False, batch), (False, 1), (True, batch), (True, 1)]
     options = list(dict.fromkeys(options))  # batch 1: two options fewer
-    candidates = sorted(_gpus(budget), key=lambda index: (-budget[index], index))
+    candidates = sorted(gpu_indices(budget), key=lambda index: (-budget[index], index))
     if "cpu" in budget:
         candidates.append("cpu")
     chosen = None
@@ -550,14 +547,14 @@ def _refusal(stages: tuple[StagePlan, ...], components: _Components, budget: Bud
     smallest = _smallest_fitting(components, budget)
     if smallest is not None:
         ways.append(f"--max-memory {_format_spec(smallest, budget)}")
-    cpu = _cpu_needed(components, budget) if _gpus(budget) else None
+    cpu = _cpu_needed(components, budget) if gpu_indices(budget) else None
     if cpu is not None and cpu > budget.get("cpu", 0):
         ways.append(f"cpu={spec_size(cpu, round_up=True, binary=written_binary(budget, 'cpu'))} in --max-memory, "
                     "to offload what misses the GPUs to RAM (slower)")
     # The RAM those ways ask for (to offload to, or, with no GPU budgeted, to compute in): when it is
     # more than the default budget would take of this machine's RAM, or no cpu= would do, the rest
     # can go to disk.
-    ram, ram_asked = _available_ram_bytes(), cpu if _gpus(budget) else (smallest or {}).get("cpu")
+    ram, ram_asked = _available_ram_bytes(), cpu if gpu_indices(budget) else (smallest or {}).get("cpu")
     if "disk" not in budget and (ram_asked is None or ram_asked > ram * DEFAULT_CPU_FRACTION):
         on_disk = _with_disk(components, budget, ram)
         if on_disk is not None:
@@ -568,7 +565,8 @@ def _refusal(stages: tuple[StagePlan, ...], components: _Components, budget: Bud
         ways.append("--dtype bfloat16 (half the bytes)")
     quantized = _quantization_that_fits(inputs, budget)
     if quantized:
-        ways.append(f"--quantize {quantized} would fit without offload")
+        ways.append(f"--quantize {quantized} would fit " + ("without offload" if gpu_indices(budget) else
+                                                            "this budget"))
     if not ways:
         ways.append("a smaller --height/--width or --max-sequence-length")
     note = f". ({card_sizes[0].upper()}{card_sizes[1:]}: budget it in GiB to use all of it.)" if card_sizes else ""
@@ -581,7 +579,7 @@ def _as_card_sizes(budget: Budget, typed: Budget) -> tuple[Budget | None, str | 
     as the card maker means it (0=24GiB: a card sold as "24 GB" holds 24 GiB = 25.77 GB), and that
     sentence; (None, None) when no GPU entry was written in KB/MB/GB/TB."""
     units = getattr(budget, "units", {})
-    decimal = [key for key in _gpus(budget) if units.get(key) in BINARY_TWIN]
+    decimal = [key for key in gpu_indices(budget) if units.get(key) in BINARY_TWIN]
     if not decimal:
         return None, None
     card = Budget(typed, units=getattr(typed, "units", {}))
@@ -596,11 +594,16 @@ def _as_card_sizes(budget: Budget, typed: Budget) -> tuple[Budget | None, str | 
 
 def _quantization_that_fits(inputs: PlanInputs, budget: Budget) -> str | None:
     """The first of fp8, int8, nf4 (least to most lossy) whose plan of the large components fits the
-    budget's GPUs with nothing offloaded; None if none does, or if the run is quantized already."""
+    budget's GPUs with nothing offloaded, or, with no GPU budgeted, fits the budget (fp8 and int8
+    only: an nf4 transformer needs a GPU); None if none does, or if the run is quantized already."""
     gpus = Budget(budget).only_gpus()
-    if inputs.quantize or not gpus:
+    if inputs.quantize:
         return None
-    for method in ("fp8", "int8", "nf4"):
+    if not gpus:
+        gpus, methods = budget, ("fp8", "int8")
+    else:
+        methods = ("fp8", "int8", "nf4")
+    for method in methods:
         trial = dataclasses.replace(inputs, quantize=tuple((name, method)
                                                            for name in inputs.family.large_components))
         if _fits_with(_Components(trial), gpus):
@@ -619,7 +622,7 @@ def _fits_with(components: _Components, budget: Budget) -> bool:
 def _smallest_fitting(components: _Components, budget: Budget) -> Budget | None:
     """The same devices with one equal size for every GPU (or for the CPU, when no GPU is budgeted),
     the smallest that lets every stage fit, in steps of _suggestion_step; None if none does."""
-    scaled = _gpus(budget) or ["cpu"]
+    scaled = gpu_indices(budget) or ["cpu"]
     everything = sum(components.sizes(name)[""] + components.activation_bytes(name) for name in components.names)
     step = _suggestion_step(everything)
 

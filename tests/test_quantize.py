@@ -311,6 +311,17 @@ def test_a_refusal_says_when_a_quantization_would_fit_without_offload():
         plan_run(inputs(None), {0: 8 * GB, 1: 8 * GB})
 
 
+def test_a_cpu_only_refusal_says_when_a_quantization_would_fit_the_budget():
+    """No GPU budgeted: fp8 and int8 run on the CPU too (an nf4 transformer does not), and fp8 keeps
+    FLUX.1-dev's transformer at 15.15 GB, which 16 GB of RAM holds."""
+    with pytest.raises(PlanError, match=r"or --quantize fp8 would fit this budget$"):
+        plan_run(inputs(None), {"cpu": 16 * GB})
+    assert all(stage.fits for stage in plan_run(inputs("fp8"), {"cpu": 16 * GB}).stages)  # the suggestion holds
+    with pytest.raises(PlanError) as refused:  # 8 GB holds no quantization of it
+        plan_run(inputs(None), {"cpu": 8 * GB})
+    assert "--quantize" not in str(refused.value)
+
+
 @pytest.fixture
 def prequantized_checkpoint(tiny_checkpoint, tmp_path) -> Path:
     """The tiny checkpoint with its transformer config saying it is stored in bitsandbytes 4-bit (the
