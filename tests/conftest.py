@@ -78,3 +78,19 @@ def assert_same_pixels(actual: np.ndarray, expected: np.ndarray) -> None:
         f"pixels differ: max {difference.max()}, mean {difference.mean():.4f}, "
         f"{(difference > 0).mean():.2%} of values"
     )
+
+
+def bnb_4bit_transformer_copy(checkpoint: Path, copy: Path) -> Path:
+    """A copy of `checkpoint` at `copy` whose transformer config says it is stored in bitsandbytes
+    4-bit nf4 (the diffusers/FLUX.*-bnb-4bit layouts): diffusers loads such weights only onto a GPU,
+    so only the config matters to what the CPU can test (the plan and the refusals)."""
+    import json
+    import shutil
+
+    shutil.copytree(checkpoint, copy)
+    config_path = copy / "transformer" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True,
+                                     "bnb_4bit_quant_type": "nf4"}
+    config_path.write_text(json.dumps(config))
+    return copy

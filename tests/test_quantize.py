@@ -21,7 +21,7 @@ from flux_sharded.families import FLUX_1
 from flux_sharded.plan import PlanInputs, plan_run
 from flux_sharded.quantize import QuantizeError, format_quantize, parse_quantize, stored_bytes
 
-from .conftest import assert_same_pixels
+from .conftest import assert_same_pixels, bnb_4bit_transformer_copy
 
 pytest.importorskip("torchao", reason="int8 needs torchao: `make test` installs it (the test extra)")
 
@@ -326,14 +326,7 @@ def test_a_cpu_only_refusal_says_when_a_quantization_would_fit_the_budget():
 def prequantized_checkpoint(tiny_checkpoint, tmp_path) -> Path:
     """The tiny checkpoint with its transformer config saying it is stored in bitsandbytes 4-bit (the
     diffusers/FLUX.1-dev-bnb-4bit layout): only the config matters to what is tested here."""
-    copy = tmp_path / "bnb"
-    shutil.copytree(tiny_checkpoint, copy)
-    config_path = copy / "transformer" / "config.json"
-    config = json.loads(config_path.read_text())
-    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True,
-                                     "bnb_4bit_quant_type": "nf4"}
-    config_path.write_text(json.dumps(config))
-    return copy
+    return bnb_4bit_transformer_copy(tiny_checkpoint, tmp_path / "bnb")
 
 
 def test_quantize_on_a_prequantized_component_is_refused(prequantized_checkpoint):

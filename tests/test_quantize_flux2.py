@@ -21,7 +21,7 @@ from flux_sharded.families import FLUX_1, FLUX_2_DEV, FLUX_2_KLEIN, family_of
 from flux_sharded.quantize import QuantizeError, from_pretrained, parse_quantize, quantized_meta, stored_bytes
 from flux_sharded.stages.encode import _model_class
 
-from .conftest import assert_same_pixels
+from .conftest import assert_same_pixels, bnb_4bit_transformer_copy
 from .test_quantize import PROMPT, SEED, SIZE, STEPS, TOKENS
 
 pytest.importorskip("torchao", reason="int8 needs torchao: `make test` installs it (the test extra)")
@@ -277,14 +277,7 @@ def prequantized_dev_transformer(tiny_dev, tmp_path) -> Path:
     """The tiny dev with its transformer config saying it is stored in bitsandbytes 4-bit, as
     diffusers/FLUX.2-dev-bnb-4bit's does: diffusers loads such weights only onto a GPU, so only the
     config matters to what the CPU can test (the plan and the refusal)."""
-    copy = tmp_path / "dev-bnb"
-    shutil.copytree(tiny_dev, copy)
-    config_path = copy / "transformer" / "config.json"
-    config = json.loads(config_path.read_text())
-    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True,
-                                     "bnb_4bit_quant_type": "nf4"}
-    config_path.write_text(json.dumps(config))
-    return copy
+    return bnb_4bit_transformer_copy(tiny_dev, tmp_path / "dev-bnb")
 
 
 def test_a_prequantized_flux2_transformer_is_planned_as_stored_on_a_gpu_and_refused_without_one(
