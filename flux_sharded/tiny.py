@@ -12,7 +12,8 @@ trained deterministically, so the same seed writes byte-identical files. Presets
 proportions at about 1.2 GB, for benchmarks),
 and "flux-dev" / "flux-schnell": the real architectures from the configs shipped in this package,
 with random weights (33 GB in bf16: build them on a GPU machine, `--device cuda --dtype bfloat16`);
-"klein-4b" / "klein-9b" likewise build FLUX.2-klein's real shapes (16 GB / 35 GB in bf16).
+"klein-4b" / "klein-9b" likewise build FLUX.2-klein's real shapes (16 GB / 35 GB in bf16). A real
+shape is counted on meta first (`real_shape_bytes`) and refused when its device has less free memory.
 
 `--family FLUX.2-klein` / `FLUX.2-dev` (preset tiny only) builds what Flux2KleinPipeline /
 Flux2Pipeline.from_pretrained load: a random Qwen3ForCausalLM with a byte-level BPE Qwen2 tokenizer
@@ -426,11 +427,27 @@ def build_real_shape(out_dir: Path, configs: Path, seed: int, device: str, dtype
     """The architecture of the configs in `configs` (a FLUX.1 or FLUX.2-klein folder as shipped in
     this package), random weights created on `device` in `dtype`, our small tokenizers (their ids fit
     the real vocabularies)."""
+    return _save(real_shape_pipeline(configs, seed, device, dtype), out_dir)
+
+
+def real_shape_bytes(preset: str, dtype: str) -> int:
+    """Bytes of the weights (parameters and buffers, tied ones once) that `--preset` builds in
+    `dtype`, counted on the meta device: what its device must hold before anything is saved."""
+    from .checkpoint import shipped_config_dir
+
+    pipeline = real_shape_pipeline(shipped_config_dir(REAL_SHAPES[preset]), 0, "meta", dtype)
+    tensors = {id(tensor): tensor for module in pipeline.components.values() if hasattr(module, "parameters")
+               for tensor in (*module.parameters(), *module.buffers())}
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors.values())
+
+
+def real_shape_pipeline(configs: Path, seed: int, device: str, dtype: str):
+    """The pipeline `build_real_shape` saves, its weights on `device` (meta: shapes only)."""
     from .families import family_of
 
     family = family_of(configs)
     if family.name == "FLUX.2-klein":
-        return _build_real_klein(out_dir, configs, seed, device, dtype)
+        return _build_real_klein(configs, seed, device, dtype)
     if family.name != "FLUX.1":
         raise ValueError(f"{configs}: real shapes are built for FLUX.1 and FLUX.2-klein, not {family.name}")
     import torch
@@ -454,7 +471,7 @@ def build_real_shape(out_dir: Path, configs: Path, seed: int, device: str, dtype
             vae = AutoencoderKL.from_config(AutoencoderKL.load_config(configs / "vae"))
     finally:
         torch.set_default_dtype(default_dtype)
-    pipeline = FluxPipeline(
+    return FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(configs / "scheduler"),
         vae=vae.to(torch_dtype),
         text_encoder=encoders["text_encoder"].to(torch_dtype),
@@ -463,10 +480,9 @@ def build_real_shape(out_dir: Path, configs: Path, seed: int, device: str, dtype
         tokenizer_2=_t5_tokenizer(corpus),
         transformer=transformer.to(torch_dtype),
     )
-    return _save(pipeline, out_dir)
 
 
-def _build_real_klein(out_dir: Path, configs: Path, seed: int, device: str, dtype: str) -> Path:
+def _build_real_klein(configs: Path, seed: int, device: str, dtype: str):
     """FLUX.2-klein's real architecture (Qwen3 text encoder, whole, as the hub's text_encoder folder
     holds it), random weights, batch-norm statistics left as created, our small Qwen2 tokenizer."""
     import torch
@@ -485,12 +501,11 @@ def _build_real_klein(out_dir: Path, configs: Path, seed: int, device: str, dtyp
     finally:
         torch.set_default_dtype(default_dtype)
     distilled = json.loads((configs / "model_index.json").read_text()).get("is_distilled", False)
-    pipeline = Flux2KleinPipeline(
+    return Flux2KleinPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(configs / "scheduler"),
         vae=vae, text_encoder=text_encoder, tokenizer=_qwen2_tokenizer(corpus), transformer=transformer,
         is_distilled=distilled,
     )
-    return _save(pipeline, out_dir)
 
 
 # Written into every checkpoint this module builds: only a folder holding it may be replaced.
@@ -529,6 +544,59 @@ def _save(pipeline, out_dir: Path) -> Path:
     return out_dir
 
 
+def _option_mistake(args) -> str | None:
+    """What is wrong with the builder's options, before anything is imported or built; None if nothing."""
+    factor = args.vae_scale_factor
+    if factor < 1 or 2 ** round(math.log2(factor)) != factor:
+        return f"--vae-scale-factor: {factor} is not a power of two; use 1, 2, 4, 8 or 16 (FLUX's VAEs: 8)"
+    if args.preset in REAL_SHAPES:
+        from .checkpoint import shipped_config_dir
+        from .families import family_of
+
+        family = family_of(shipped_config_dir(REAL_SHAPES[args.preset])).name
+        if args.family not in (None, family):
+            return (f"--preset {args.preset} builds {REAL_SHAPES[args.preset]}'s real shape, a {family} checkpoint, "
+                    f"not {args.family}: drop --family {args.family}")
+        import torch
+
+        try:
+            device = torch.device(args.device)
+        except (RuntimeError, ValueError):
+            return f"--device: {args.device!r} is not a device; use cpu or cuda (cuda:1 for the second GPU)"
+        if device.type not in ("cpu", "cuda"):
+            return (f"--device: {args.device!r} cannot hold weights that are saved ({device.type} is not cpu or cuda); "
+                    "use cuda on a GPU machine, or cpu with the RAM it needs")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            return (f"--device {args.device}: this machine's torch sees no CUDA GPU; build --preset {args.preset} "
+                    "on a GPU machine, or with --device cpu where the RAM holds it")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            return (f"--device {args.device}: this machine has {torch.cuda.device_count()} GPU(s), "
+                    f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    elif args.device != "cpu":
+        return (f"--device {args.device}: only the real shapes (--preset {', '.join(REAL_SHAPES)}) are built on a "
+                f"device; --preset {args.preset} builds on the cpu: drop --device")
+    return None
+
+
+def _memory_shortage(preset: str, device: str, dtype: str) -> str | None:
+    """Why `device` cannot hold the weights of `preset` in `dtype` now (counted on meta); None if it can."""
+    import psutil
+    import torch
+
+    needed = real_shape_bytes(preset, dtype)
+    where = torch.device(device)
+    if where.type == "cuda":
+        free = torch.cuda.mem_get_info(where.index or 0)[0]
+    else:
+        free = psutil.virtual_memory().available
+    if needed <= free:
+        return None
+    other = ("build it on a GPU machine (--device cuda --dtype bfloat16)" if where.type == "cpu"
+             else "use a GPU with more free memory, or --dtype bfloat16")
+    return (f"--preset {preset} holds {needed / 1e9:.1f} GB of weights in {dtype}, and {device} has "
+            f"{free / 1e9:.1f} GB available; {other}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flux_sharded.tiny", description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", help="folder to write (a new or empty one, or a checkpoint built here earlier)")
@@ -541,12 +609,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="where to create the weights (real shapes only: cuda)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                         help="dtype of the saved weights (the hub's FLUX.1 files are bfloat16)")
+    parser.set_defaults(family=None)
     args = parser.parse_args(argv)
     try:
         check_replaceable(Path(args.out_dir))
     except NotOurFolder as error:
         print(f"Error: {error}", file=sys.stderr)
         return 2
+    mistake = _option_mistake(args)
+    if mistake:
+        print(f"Error: {mistake}", file=sys.stderr)
+        return 2
+    args.family = args.family or "FLUX.1"
     from .progress import quiet_import_noise
 
     quiet_import_noise()  # `make demo` runs this first: a new user's first screen
@@ -563,6 +637,10 @@ def main(argv: list[str] | None = None) -> int:
         from .families import family_of
 
         args.family = family_of(shipped_config_dir(REAL_SHAPES[args.preset])).name
+        short = _memory_shortage(args.preset, args.device, args.dtype)
+        if short:
+            print(f"Error: {short}", file=sys.stderr)
+            return 2
     if args.family != "FLUX.1" and args.preset not in REAL_SHAPES:
         if args.preset != "tiny" or args.dtype != "float32" or args.device != "cpu":
             print(f"Error: --family {args.family} builds the tiny preset in float32 on the cpu only (or --preset "

@@ -141,3 +141,44 @@ def test_the_builder_refuses_flux2_options_it_does_not_build(tmp_path, capsys, a
     assert tiny.main([str(tmp_path / "new"), "--family", "FLUX.2-klein", *args]) == 2
     assert "Error: --family FLUX.2-klein builds the tiny preset in float32 on the cpu only" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--vae-scale-factor", "3"], "Error: --vae-scale-factor: 3 is not a power of two; use 1, 2, 4, 8 or 16"),
+    (["--vae-scale-factor", "0"], "Error: --vae-scale-factor: 0 is not a power of two"),
+    (["--preset", "klein-4b", "--device", "meta"], "Error: --device: 'meta' cannot hold weights that are saved"),
+    (["--preset", "klein-4b", "--device", "gpu"], "Error: --device: 'gpu' is not a device; use cpu or cuda"),
+    (["--preset", "tiny", "--device", "meta"], "Error: --device meta: only the real shapes"),
+    (["--preset", "klein-4b", "--family", "FLUX.2-dev"],
+     "Error: --preset klein-4b builds FLUX.2-klein-4B's real shape, a FLUX.2-klein checkpoint, not FLUX.2-dev"),
+    (["--preset", "flux-dev", "--family", "FLUX.2-klein"], "a FLUX.1 checkpoint, not FLUX.2-klein"),
+])
+def test_the_builder_refuses_options_it_cannot_build_with_one_line(tmp_path, capsys, args, message):
+    """These raised a traceback (meta: after building, while saving) or built something else silently."""
+    assert tiny.main([str(tmp_path / "new"), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine with a GPU builds there")
+def test_a_real_shape_on_cuda_without_a_gpu_is_one_error_line(tmp_path, capsys):
+    assert tiny.main([str(tmp_path / "new"), "--preset", "klein-4b", "--device", "cuda", "--dtype", "bfloat16"]) == 2
+    assert "Error: --device cuda: this machine's torch sees no CUDA GPU" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_real_shape_larger_than_the_free_ram_is_refused_before_it_is_built(tmp_path, capsys, monkeypatch):
+    """klein-4B in float32 is 31.9 GB: on a smaller machine the build allocated until the OOM killer came."""
+    import types
+
+    import psutil
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(available=16 * 10**9))
+    assert tiny.main([str(tmp_path / "new"), "--preset", "klein-4b"]) == 2
+    assert ("Error: --preset klein-4b holds 31.9 GB of weights in float32, and cpu has 16.0 GB available; "
+            "build it on a GPU machine (--device cuda --dtype bfloat16)") in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    # the counted parameters (above) at 2 bytes each, plus a few small buffers (rotary frequencies, ...)
+    parameters = 3_875_544_576 + 4_022_468_096 + 84_046_115
+    assert 0 <= tiny.real_shape_bytes("klein-4b", "bfloat16") - 2 * parameters < 10**6
