@@ -443,7 +443,9 @@ def _run_stage(stage: Stage, request: RunRequest, checkpoint: Checkpoint, stage_
 
     def on_step(step: int, steps: int) -> None:
         interrupt.check()  # a Ctrl-C that a finalizer or a library swallowed still stops the run here
-        progress.set_postfix_str(f"step {step}/{steps} of image {progress.n + 1}", refresh=True)
+        first, last = progress.n + 1, min(progress.n + settings.batch_size, len(settings.prompts))  # this batch's
+        images = f"image {first}" if first == last else f"images {first}-{last}"
+        progress.set_postfix_str(f"step {step}/{steps} of {images}", refresh=True)
 
     def on_image_done(images: int) -> None:
         interrupt.check()

@@ -288,6 +288,14 @@ def tiny_run(checkpoint, out, *extra):
             "--out", str(out), *extra]
 
 
+def test_the_denoise_bar_names_the_images_of_the_batch_it_steps(tiny_checkpoint, tmp_path):
+    result = invoke(tiny_run(tiny_checkpoint, tmp_path / "out", "--prompt", "a dog", "--prompt", "a cat", "--prompt",
+                             "a fox", "--batch-size", "2", "--steps", "2"))
+    assert result.exit_code == 0, result.output
+    steps = {match.group(0) for match in re.finditer(r"step \d/2 of images? [\d-]+", result.output)}
+    assert steps == {"step 1/2 of images 1-2", "step 2/2 of images 1-2", "step 1/2 of image 3", "step 2/2 of image 3"}
+
+
 def test_bars_are_named_by_stage_and_a_long_prompt_is_noted_once_on_its_own_line(tiny_checkpoint, tmp_path):
     """Two 7 kB prompts, each cut by CLIP (77 tokens) and by T5 (16 here): diffusers warns four
     times with the whole cut text; the user reads one short note, above the bar, not on its line."""
