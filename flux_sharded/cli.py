@@ -84,6 +84,18 @@ class _OneLineErrors(click.Command):
         sys.exit(code if isinstance(code, int) else 0)
 
 
+class _PathParam(click.Path):
+    """click.Path whose refusal of a file for a folder (or a folder for a file) names the fix."""
+
+    def convert(self, value, param, ctx):
+        path = Path(value).expanduser()
+        if not self.file_okay and path.exists() and not path.is_dir():
+            self.fail(f"'{value}' is a file, not a folder; give a folder (created if missing)", param, ctx)
+        if not self.dir_okay and path.is_dir():
+            self.fail(f"'{value}' is a folder; give a file in it, e.g. {Path(value) / 'report.json'}", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 @click.command("flux-sharded", cls=_OneLineErrors,
                context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--prompt", "prompts", multiple=True, metavar="TEXT", help="Text to draw; repeat for several images.")
@@ -135,11 +147,11 @@ class _OneLineErrors(click.Command):
     "text encoder (T5, Mistral, Qwen3), or per component (transformer=nf4,text_encoder_2=int8).",
 )
 @click.option(
-    "--report", "report_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
+    "--report", "report_path", type=_PathParam(path_type=Path, dir_okay=False), default=None,
     help="Also write the per-stage report as JSON to this file.",
 )
 @click.option(
-    "--run-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+    "--run-dir", type=_PathParam(path_type=Path, file_okay=False), default=None,
     help="Folder for the stage checkpoints. Default: OUT/.flux-sharded/run-<hash of the settings>.",
 )
 @click.option(
@@ -148,7 +160,7 @@ class _OneLineErrors(click.Command):
 )
 @click.option("--overwrite", is_flag=True, help="Replace images that already exist in --out.")
 @click.option(
-    "--offload-folder", type=click.Path(path_type=Path, file_okay=False), default=None,
+    "--offload-folder", type=_PathParam(path_type=Path, file_okay=False), default=None,
     help="Folder for weights budgeted to disk (needed with a disk=SIZE entry).",
 )
 @click.option(

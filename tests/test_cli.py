@@ -189,6 +189,25 @@ def test_unusable_out_folder(tiny_checkpoint, tmp_path, out, message):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
 
 
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--run-dir", "{tmp}/a-file", "--run-dir: '{tmp}/a-file' is a file, not a folder; give a folder (created if "
+                                      "missing)"),
+        ("--offload-folder", "{tmp}/a-file", "--offload-folder: '{tmp}/a-file' is a file, not a folder; give a folder"),
+        ("--report", "{tmp}", "--report: '{tmp}' is a folder; give a file in it, e.g. {tmp}/report.json"),
+    ],
+)
+def test_a_file_given_for_a_folder_or_a_folder_for_a_file_names_the_fix(tiny_checkpoint, tmp_path, option, value,
+                                                                       message):
+    (tmp_path / "a-file").write_text("not a folder")
+    result = invoke([*tiny_args(tiny_checkpoint, tmp_path / "out"), option, value.format(tmp=tmp_path)])
+    assert result.exit_code == 2, result.output
+    (line,) = error_lines(result.output)
+    assert line.startswith("Error: " + message.format(tmp=tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
 def test_out_folder_probe_leaves_no_trace(tiny_checkpoint, tmp_path):
     from flux_sharded.checkpoint import resolve_checkpoint
     from flux_sharded.handoff import GenerationSettings
