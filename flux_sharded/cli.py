@@ -224,8 +224,9 @@ def _resumed_checkpoint(model: str, run_dir: Path):
     path = Path(model).expanduser()
     if not path.is_absolute() and not path.is_dir() and (model.startswith(".") or "/" not in model):
         raise SettingsError(  # new runs store a local --model absolute (checkpoint.model_reference)
-            f"--resume: run.json 'settings.model' is the relative folder '{model}' (a run folder of an earlier "
-            f"version), which does not exist from {Path.cwd()}; resume from the folder the run was started in"
+            f"--resume: run.json 'settings.model' is '{model}', neither a folder that exists from {Path.cwd()} nor a "
+            "hub id (owner/name); a run folder of an earlier version kept --model as typed: resume from the folder "
+            "the run was started in"
         )
     try:
         return resolve_checkpoint(model, need_weights=False)

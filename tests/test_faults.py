@@ -247,8 +247,8 @@ CASES = {
                                  "--resume: the vae files of the model '{out}/other' differ from those the run in "
                                  "{run_dir} used"),
     "model-relative": Case(setting("model", "./tiny-checkpoint"),
-                           "--resume: run.json 'settings.model' is the relative folder './tiny-checkpoint' (a run "
-                           "folder of an earlier version), which does not exist from"),
+                           "--resume: run.json 'settings.model' is './tiny-checkpoint', neither a folder that exists "
+                           "from "),
     "format-other": Case(top("format", 2), RUN_JSON + "'format' is 2, outside 1..1"),
     "resumed-processes-not-a-list": Case(top("resumed_processes", 2),
                                          RUN_JSON + "'resumed_processes' is 2, not a list of process counts"),
