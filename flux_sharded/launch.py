@@ -6,7 +6,8 @@ stops quietly (the main one prints how to continue) and exits 130; then torchrun
 worker refuses a setting (its one `Error:` line, exit 2), torchrun adds a `ChildFailedError`
 traceback and exits 1 too. This entry point runs torchrun's own `main` with the same arguments and
 ends those two cases with the exit code they mean instead: 128 + the signal (130 for Ctrl-C), or
-the failed workers' exit code (the main process's when it failed). Everything else is torchrun's.
+the exit code of the worker that failed by itself (not of those torchrun then stopped). Everything
+else is torchrun's.
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     except SignalException as error:  # torchrun already passed it on to the workers
         return 128 + int(error.sigval)
     except ChildFailedError as error:  # each failed worker printed its own Error: line
-        rank = min(error.failures)
-        code = error.failures[rank].exitcode
+        # The workers that exited by themselves first; torchrun then stops the rest (SIGTERM: a
+        # negative exit code), which is not what went wrong.
+        failures = sorted(error.failures.items(), key=lambda item: (item[1].exitcode <= 0, item[1].timestamp, item[0]))
+        code = failures[0][1].exitcode
         return code if code > 0 else 128 + (-code or signal.SIGTERM)
     return 0
 

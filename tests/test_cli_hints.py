@@ -413,6 +413,29 @@ def test_a_refusal_under_our_torchrun_exits_with_its_code_and_no_traceback(tiny_
         "latent packing); try --height 32" for index in (0, 1)]
 
 
+@pytest.mark.parametrize("exit_codes, expected", [
+    ({0: -15, 1: 2}, 2),  # process 1 refused; torchrun then stopped process 0 (SIGTERM)
+    ({0: 2, 1: 2}, 2),
+    ({0: 3, 1: -15}, 3),
+    ({0: -9}, 137),  # killed (SIGKILL)
+])
+def test_our_torchrun_exits_with_the_code_of_the_process_that_failed_by_itself(monkeypatch, exit_codes, expected):
+    """torchrun reports every failed process (ChildFailedError); the one that exited by itself says what went wrong."""
+    import torch.distributed.run
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from flux_sharded import launch
+
+    failures = {rank: ProcessFailure(local_rank=rank, pid=1000 + rank, exitcode=code, error_file="/nonexistent")
+                for rank, code in exit_codes.items()}
+
+    def failing(argv):
+        raise ChildFailedError("flux_sharded", failures)
+
+    monkeypatch.setattr(torch.distributed.run, "main", failing)
+    assert launch.main([]) == expected
+
+
 def test_a_gpu_budget_on_a_machine_without_gpu_suggests_a_cpu_budget_it_has(tiny_checkpoint, tmp_path, monkeypatch):
     import psutil
 
