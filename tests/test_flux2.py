@@ -53,8 +53,14 @@ def error_lines(output: str) -> list[str]:
     ],
 )
 def test_staged_klein_png_equals_one_piece_pipeline(request, tmp_path, fixture, size, guidance):
-    checkpoint = request.getfixturevalue(fixture)
-    prompt, seed, steps = "a photo of a dog", 7, 2
+    _assert_staged_equals_one_piece(request.getfixturevalue(fixture), tmp_path, seed=7, size=size, guidance=guidance)
+
+
+def _assert_staged_equals_one_piece(checkpoint: Path, tmp_path: Path, seed: int, size: int,
+                                    guidance: float | None) -> Path:
+    """The staged PNG (2 steps, float32) against the one-piece pipeline's pixels; the PNG's path.
+    guidance None: the family's default, which is 4 for Flux2Pipeline and ignored by a distilled klein."""
+    prompt, steps = "a photo of a dog", 2
     report_path = tmp_path / "report.json"
     run_cli([
         "--model", str(checkpoint), "--prompt", prompt, "--seed", str(seed), "--steps", str(steps),
@@ -68,6 +74,7 @@ def test_staged_klein_png_equals_one_piece_pipeline(request, tmp_path, fixture, 
                                 max_sequence_length=TOKENS)
     assert_same_pixels(staged, expected)
     assert staged.std() > 10  # a blank or saturated image would make the comparison meaningless
+    return Path(image_path)
     assert Image.open(image_path).text["guidance"] == (
         str(guidance) if guidance else "none (the checkpoint is step-distilled: model_index.json 'is_distilled')")
 
@@ -150,6 +157,16 @@ def test_a_klein_run_stopped_before_decode_resumes_to_the_same_image(tiny_klein,
         assert Image.open(path).text["prompt"] == prompt
 
 
+def _finished_klein_run_without_its_image(checkpoint: Path, out: Path) -> Path:
+    """A one-image klein run into `out`, its PNG deleted so that a --resume has work left; its run folder."""
+    run_cli(["--model", str(checkpoint), "--prompt", "a dog", "--steps", "1", "--height", "16", "--width", "16",
+             "--dtype", "float32", "--max-memory", "cpu=4GB", "--max-sequence-length", str(TOKENS), "--out", str(out)])
+    (image,) = out.glob("*.png")
+    image.unlink()
+    (run_dir,) = (out / ".flux-sharded").iterdir()
+    return run_dir
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda t: {**t, "prompt_embeds": t["prompt_embeds"][..., :-1].contiguous()}, "prompt_embeds has shape"),
     (lambda t: {**t, "pooled_prompt_embeds": torch.zeros(1, 4)}, "holds unexpected pooled_prompt_embeds"),
@@ -158,11 +175,7 @@ def test_a_damaged_klein_handoff_is_refused_on_resume(tiny_klein, tmp_path, chan
     from safetensors.torch import load_file, save_file
 
     out = tmp_path / "out"
-    run_cli(["--model", str(tiny_klein), "--prompt", "a dog", "--steps", "1", "--height", "16", "--width", "16",
-             "--dtype", "float32", "--max-memory", "cpu=4GB", "--max-sequence-length", str(TOKENS), "--out", str(out)])
-    (image,) = out.glob("*.png")
-    image.unlink()
-    (run_dir,) = (out / ".flux-sharded").iterdir()
+    run_dir = _finished_klein_run_without_its_image(tiny_klein, out)
     saved = run_dir / "denoise.safetensors"
     save_file(change(load_file(saved)), saved)
     result = CliRunner().invoke(main, ["--resume", str(run_dir)])
@@ -174,18 +187,7 @@ def test_a_damaged_klein_handoff_is_refused_on_resume(tiny_klein, tmp_path, chan
 
 def test_staged_flux2_dev_png_equals_one_piece_pipeline(tiny_dev, tmp_path):
     """FLUX.2-dev's defaults (guidance 4, embedded in the transformer) as Flux2Pipeline's: no --guidance given."""
-    prompt, seed, steps, size = "a photo of a dog", 5, 2, 32
-    report_path = tmp_path / "report.json"
-    run_cli([
-        "--model", str(tiny_dev), "--prompt", prompt, "--seed", str(seed), "--steps", str(steps),
-        "--height", str(size), "--width", str(size), "--dtype", "float32", "--max-memory", "cpu=4GB",
-        "--max-sequence-length", str(TOKENS), "--out", str(tmp_path / "out"), "--report", str(report_path),
-    ])
-    (image_path,) = json.loads(report_path.read_text())["images"]
-    staged = np.asarray(Image.open(image_path))
-    assert_same_pixels(staged, one_piece_pixels(tiny_dev, prompt, seed, steps, size, size, guidance=4.0,
-                                                max_sequence_length=TOKENS))
-    assert staged.std() > 10
+    image_path = _assert_staged_equals_one_piece(tiny_dev, tmp_path, seed=5, size=32, guidance=None)
     assert Image.open(image_path).text["guidance"] == "4.0"
 
 
@@ -256,11 +258,7 @@ def test_a_run_json_edited_to_quantize_a_component_klein_lacks_is_refused_on_res
     import json
 
     out = tmp_path / "out"
-    run_cli(["--model", str(tiny_klein), "--prompt", "a dog", "--steps", "1", "--height", "16", "--width", "16",
-             "--dtype", "float32", "--max-memory", "cpu=4GB", "--max-sequence-length", str(TOKENS), "--out", str(out)])
-    (image,) = out.glob("*.png")
-    image.unlink()
-    (run_dir,) = (out / ".flux-sharded").iterdir()
+    run_dir = _finished_klein_run_without_its_image(tiny_klein, out)
     for handoff in [*run_dir.glob("encode*"), *run_dir.glob("denoise*")]:  # so that every stage would run again
         handoff.unlink()
     saved = json.loads((run_dir / "run.json").read_text())
