@@ -98,7 +98,7 @@ def resolve_checkpoint(model: str, need_weights: bool = True) -> Checkpoint:
     path = Path(model).expanduser()
     if path.is_dir():
         return read_checkpoint(model, path)
-    if _looks_like_path(model):
+    if looks_like_path(model):
         what = "is a file, not a folder" if path.exists() else "does not exist"
         raise CheckpointError(
             f"--model: folder '{model}' {what}; give a FLUX diffusers folder or a hub id; {_known_models(model)}"
@@ -113,7 +113,8 @@ def resolve_checkpoint(model: str, need_weights: bool = True) -> Checkpoint:
     return read_checkpoint(model, _download(model, ["*.json"]))
 
 
-def _looks_like_path(model: str) -> bool:
+def looks_like_path(model: str) -> bool:
+    """Whether a --model value is meant as a folder rather than a hub id (owner/name)."""
     return model.startswith((".", "/", "~")) or model.count("/") != 1 or os.sep + os.sep in model
 
 

@@ -217,12 +217,12 @@ def _interrupted(request, process, options: dict) -> NoReturn:
     sys.exit(EXIT_INTERRUPTED)
 
 
-def _resumed_checkpoint(model: str, run_dir: Path):
+def _resumed_checkpoint(model: str):
     """The checkpoint run.json names; its errors say that the model came from run.json, not --model."""
-    from .checkpoint import resolve_checkpoint
+    from .checkpoint import looks_like_path, resolve_checkpoint
 
     path = Path(model).expanduser()
-    if not path.is_absolute() and not path.is_dir() and (model.startswith(".") or "/" not in model):
+    if not path.is_absolute() and not path.is_dir() and looks_like_path(model):
         raise SettingsError(  # new runs store a local --model absolute (checkpoint.model_reference)
             f"--resume: run.json 'settings.model' is '{model}', neither a folder that exists from {Path.cwd()} nor a "
             "hub id (owner/name); a run folder of an earlier version kept --model as typed: resume from the folder "
@@ -259,7 +259,7 @@ def _request(ctx: click.Context, options: dict):
         from .validate import check_resumed_model
 
         saved = read_run(options["resume_dir"])
-        checkpoint = _resumed_checkpoint(saved.settings.model, options["resume_dir"])
+        checkpoint = _resumed_checkpoint(saved.settings.model)
         check_resumed_model(saved.weights, checkpoint.model, checkpoint.path, options["resume_dir"])
         settings = saved.settings
         if given:
