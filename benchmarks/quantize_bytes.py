@@ -4,8 +4,8 @@ FLUX.1 (`--preset`), and the tiny FLUX.2-klein and FLUX.2-dev.
     python benchmarks/quantize_bytes.py [--preset small] [--work .cache/bench]
 
 Loads each large component (the family's large_components) as the runner does
-(quantize.from_pretrained: fp8 by diffusers' layerwise casting, int8 by torchao) and counts the
-bytes it stores (quantize.stored_bytes), next to what the planner counts on the meta device;
+(quantize_load.from_pretrained: fp8 by diffusers' layerwise casting, int8 by torchao) and counts the
+bytes it stores (quantize_bytes.stored_bytes), next to what the planner counts on the meta device;
 FLUX.2's text encoder cut as the encode loads it. nf4 on the CPU: the text encoders through
 transformers' own bitsandbytes loading (which runs on the CPU); the transformer, which diffusers
 loads in 4 bits only on a GPU, as diffusers' quantizer picks its layers and bitsandbytes quantizes
@@ -32,7 +32,8 @@ def main() -> None:
 
     from flux_sharded.components import empty_component, module_sizes
     from flux_sharded.families import family_of
-    from flux_sharded.quantize import from_pretrained, stored_bytes
+    from flux_sharded.quantize_bytes import stored_bytes
+    from flux_sharded.quantize_load import from_pretrained
     from flux_sharded.stages.encode import _model_class  # the cut FLUX.2 encoder, as the encode loads it
     from flux_sharded.tiny import build_tiny_checkpoint, build_tiny_flux2_checkpoint
 

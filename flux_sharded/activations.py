@@ -11,6 +11,10 @@ Symbols: b = bytes per element of the dtype, S = tokens, D = width.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    import torch
 
 # CUDA's caching allocator rounds every block up and fragments; kernels take workspaces (cuBLAS,
 # cuDNN, attention). The tracker sees none of that, so each estimate gets this margin. It is a
@@ -18,6 +22,17 @@ import math
 ACTIVATION_MARGIN = 1.15
 FLOAT32_BYTES = 4
 INT64_BYTES = 8
+
+
+class Geometry(Protocol):
+    """What an activation estimate reads of a run (plan.PlanInputs provides it): the compute dtype,
+    the image size in pixels, the text tokens and the VAE's scale factor."""
+
+    dtype: "torch.dtype"
+    height: int
+    width: int
+    max_sequence_length: int
+    vae_scale_factor: int
 
 
 def _with_margin(nbytes: float) -> int:

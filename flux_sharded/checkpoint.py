@@ -1,20 +1,25 @@
 """Find a FLUX checkpoint (local diffusers folder or Hugging Face hub id) and read its configs.
 
-Reads only JSON configs, never weights. model_index.json's pipeline class selects the model
-family (families.py). The latent geometry (VAE scale factor, packing multiple, default size)
-comes from the checkpoint's own VAE config, as FluxPipeline and Flux2Pipeline compute it.
+Reads only JSON configs (checked by validate.py), tokenizers and the headers of weight files, never
+weights. model_index.json's pipeline class selects the model family (families.py). The latent
+geometry (VAE scale factor, packing multiple, default size) comes from the checkpoint's own VAE
+config, as FluxPipeline and Flux2Pipeline compute it. Also here: the tokenizers (checked, and the
+one encode passes the pipeline where it cannot load the folder itself), the shapes of the tensors
+a stage checkpoint of this model holds, and the fingerprint of the weights a run used.
 """
 
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import CheckpointError
-from .families import FLUX_1, PIPELINE_FOLDERS, SCHEDULER, Family
+from .errors import CheckpointError, SettingsError
+from .families import FLUX_1, PIPELINE_FOLDERS, SCHEDULER, Family, family_of
+from .validate import check_checkpoint_configs, checkpoint_family, pipeline_option, read_config
 
 DEFAULT_MODEL = "black-forest-labs/FLUX.1-dev"
 # Hub ids whose configs ship inside the package (for planning without a download).
@@ -71,9 +76,12 @@ class Checkpoint:
     def is_distilled(self) -> bool:
         """model_index.json's `is_distilled` (Flux2KleinPipeline: step-distilled, guidance ignored);
         False when absent, as the pipeline's own default. Raises CheckpointError if not a boolean."""
-        from .validate import pipeline_option
-
         return pipeline_option(self.model, self.path, "is_distilled", False)
+
+    def second_pass_guidance(self, guidance: float) -> bool:
+        """Whether the pipeline guides with a second pass on the empty prompt (families.Family.second_pass:
+        Flux2KleinPipeline's do_classifier_free_guidance, guidance above 1 and a checkpoint not step-distilled)."""
+        return self.family.second_pass and guidance > 1 and not self.is_distilled
 
     @property
     def default_size(self) -> int:
@@ -125,8 +133,6 @@ def _cached_configs(repo_id: str) -> Path | None:
         folder = Path(snapshot_download(repo_id, allow_patterns=["*.json"], local_files_only=True))
     except Exception:  # not cached (the exception types vary across huggingface_hub versions)
         return None
-    from .families import family_of
-
     try:
         family = family_of(folder)
     except (OSError, ValueError, CheckpointError):  # no or another pipeline: read_checkpoint says which
@@ -176,8 +182,6 @@ def _known_models(model: str) -> str:
 
 
 def read_checkpoint(model: str, path: Path) -> Checkpoint:
-    from .validate import check_checkpoint_configs, checkpoint_family, pipeline_option
-
     has_index = (path / "model_index.json").is_file()
     family = checkpoint_family(model, path) if has_index else FLUX_1
     missing = [name for name, file in required_files(family).items() if not (path / file).is_file()]
@@ -191,8 +195,6 @@ def read_checkpoint(model: str, path: Path) -> Checkpoint:
     pipeline_option(model, path, "is_distilled", False)  # a damaged one is refused now, not in a stage
     return Checkpoint(model=model, path=path, transformer_config=transformer_config, vae_config=vae_config,
                       family=family)
-
-
 
 
 def check_weight_files(checkpoint: Checkpoint) -> None:
@@ -260,3 +262,178 @@ def _check_safetensors(file: Path, model: str) -> None:
         raise CheckpointError(
             f"--model: '{model}': {file} is truncated or corrupt ({problem}); download that file again"
         )
+
+
+def expected_tensors(stage: str, settings, checkpoint: Checkpoint) -> dict[str, tuple]:
+    """Name -> shape of every tensor a stage checkpoint holds, from the settings and the checkpoint's
+    configs: the embeddings its family's encode keeps (families.Family.encoded), then the packed latents."""
+    config = checkpoint.transformer_config
+    shapes = checkpoint.family.encoded(config, len(settings.prompts), settings.max_sequence_length,
+                                       checkpoint.second_pass_guidance(settings.guidance))
+    if stage == "denoise":
+        factor = checkpoint.vae_scale_factor
+        patches = (settings.height // (2 * factor)) * (settings.width // (2 * factor))
+        shapes["latents"] = (len(settings.prompts), patches, config["in_channels"])
+    return shapes
+
+
+# ---------------------------------------------------------------- tokenizers
+
+# A whole tokenizer knows far more tokens than its special ones (<pad>, </s>, <unk>, ...);
+# transformers builds a tokenizer of the special tokens alone when its vocabulary file is missing.
+MIN_TOKENIZER_VOCAB = 16
+
+
+def check_tokenizers(model: str, path: Path) -> None:
+    """The tokenizer of each text encoder of the checkpoint's family has its vocabulary files, loads,
+    and gives ids its text encoder has."""
+    from transformers import AutoTokenizer
+
+    family = checkpoint_family(model, path)
+    for component in family.components:
+        if component.tokenizer is None:
+            continue
+        folder, encoder, alternatives = component.tokenizer, component.name, component.tokenizer_files
+        where = f"--model: '{model}': {folder}"
+        fix = f"the checkpoint is incomplete: fetch its {folder} folder again"
+        if not any(all((path / folder / file).is_file() for file in files) for files in alternatives):
+            wanted = " or ".join(" and ".join(files) for files in alternatives)
+            raise CheckpointError(f"{where} lacks {wanted}; {fix}")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path / folder)
+        except Exception as error:  # tokenizers and transformers raise many types; each means "damaged"
+            reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+            raise CheckpointError(f"{where} cannot be loaded ({reason}); {fix}") from None
+        _check_processor(model, path, folder, where)
+        config = read_config(path / encoder / "config.json", model)
+        vocab = (config.get("text_config") or config)["vocab_size"]  # Mistral3 nests its language model's
+        if not MIN_TOKENIZER_VOCAB <= len(tokenizer) <= vocab:
+            raise CheckpointError(
+                f"{where} has {len(tokenizer)} tokens, not {MIN_TOKENIZER_VOCAB}..{vocab} (the vocab_size of "
+                f"{encoder}/config.json); {fix}"
+            )
+
+
+def _check_processor(model: str, path: Path, folder: str, where: str) -> None:
+    """A tokenizer folder the pipeline loads as a processor (model_index.json: FLUX.2-dev's
+    PixtralProcessor, which also holds an image processor) loads as one, or lacks only a library
+    its image processor needs (Pixtral's: torchvision, which flux-sharded does not install): then
+    the encode takes the tokenizer inside it alone (pipeline_tokenizer)."""
+    try:
+        pipeline_tokenizer(model, path, folder)
+    except Exception as error:  # transformers raises many types; each means "damaged"
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{where} cannot be loaded as a {_processor_class(model, path, folder)} ({reason}); "
+                              f"the checkpoint is incomplete: fetch its {folder} folder again") from None
+
+
+def _processor_class(model: str, path: Path, folder: str) -> str | None:
+    import transformers
+
+    entry = read_config(path / "model_index.json", model).get(folder)
+    class_name = entry[1] if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], str) else ""
+    return class_name if class_name.endswith("Processor") and hasattr(transformers, class_name) else None
+
+
+def pipeline_tokenizer(model: str, path: Path, folder: str):
+    """None when the pipeline's from_pretrained loads the tokenizer folder `folder` itself; else
+    the tokenizer to pass it instead: a processor whose image processor needs a library that is not
+    installed (FLUX.2-dev's PixtralProcessor: torchvision) is replaced by the tokenizer inside it
+    (AutoTokenizer on the same folder). For text prompts Flux2Pipeline calls nothing but its
+    apply_chat_template, which gives the same ids and attention masks (flux_sharded/configs/README.md).
+    Raises what transformers raises for a damaged folder."""
+    import transformers
+
+    class_name = _processor_class(model, path, folder)
+    if class_name is None:
+        return None
+    try:
+        getattr(transformers, class_name).from_pretrained(path / folder)
+    except ImportError:
+        return transformers.AutoTokenizer.from_pretrained(path / folder)
+    return None
+
+
+# ---------------------------------------------------------------- the weights a run used
+
+FINGERPRINT_SAMPLE_BYTES = 64 * 1024
+
+
+def _file_record(file: Path, data: bytes) -> dict:
+    return {"bytes": file.stat().st_size, "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def weights_fingerprint(path: Path) -> dict:
+    """What decides the pixels in a checkpoint folder, per component: each file's name, size and
+    sha256; for a .safetensors file, of its header (every tensor's name, dtype, shape and byte
+    range) and the first and last FINGERPRINT_SAMPLE_BYTES of its data, which a re-seeded rebuild
+    of the same shapes changes (hashing all the weights would take minutes, this milliseconds);
+    plus the hub revision when the folder is a hub snapshot."""
+    fingerprint = {}
+    for folder in PIPELINE_FOLDERS:
+        files = {}
+        for file in sorted((path / folder).iterdir()) if (path / folder).is_dir() else ():
+            if file.suffix not in PIPELINE_FILE_SUFFIXES or not file.is_file():
+                continue
+            with open(file, "rb") as handle:
+                if file.suffix == ".safetensors":
+                    head = handle.read(8)
+                    data = head + handle.read(int.from_bytes(head, "little")) if len(head) == 8 else head
+                    data += handle.read(FINGERPRINT_SAMPLE_BYTES)
+                    handle.seek(max(handle.tell(), file.stat().st_size - FINGERPRINT_SAMPLE_BYTES))
+                    data += handle.read()
+                else:
+                    data = handle.read()
+            files[file.name] = _file_record(file, data)
+        fingerprint[folder] = files
+    resolved = path.resolve()
+    if resolved.parent.name == "snapshots":  # the Hugging Face cache: snapshots/<commit hash>
+        fingerprint["revision"] = resolved.name
+    return fingerprint
+
+
+def fingerprint_digest(fingerprint: dict) -> str:
+    """A short name of a fingerprint, for the PNG metadata."""
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_same_weights(saved: dict | None, current: dict, model: str, run_dir: Path) -> None:
+    """A resume must use the weights that made the run's checkpoints; refuse naming the component."""
+    if saved is None:  # a run folder written before fingerprints were recorded
+        return
+    for component in sorted(set(saved) | set(current)):
+        if saved.get(component) != current.get(component):
+            what = "hub revision" if component == "revision" else f"{component} files"
+            raise SettingsError(
+                f"--resume: the {what} of the model '{model}' differ from those the run in {run_dir} used (run.json "
+                "'weights'); mixing them would give images neither weights make: restore those weights, or start a "
+                "new run with these"
+            )
+
+
+def check_resumed_model(saved: dict | None, model: str, folder: Path, run_dir: Path) -> None:
+    """Before a resume plans anything: the model run.json names (`model`, read from `folder`) is the
+    one whose weights the run recorded, as far as the files at hand tell. A local folder is
+    fingerprinted whole (milliseconds); a hub id must have been one when the run started (its
+    fingerprint has a hub revision), and its cached config files must match. The full check
+    (check_same_weights) follows once a hub model's weights are fetched. Raises SettingsError."""
+    if saved is None:
+        return
+    local = Path(model).expanduser().is_dir()
+    from_hub = not local or Path(model).expanduser().resolve().parent.name == "snapshots"
+    if from_hub != ("revision" in saved):
+        was = "a hub model" if "revision" in saved else "a local folder"
+        raise SettingsError(
+            f"--resume: run.json 'settings.model' is '{model}', but the run in {run_dir} used {was} (run.json "
+            "'weights'); the file was edited: restore it, or start a new run with --model"
+        )
+    if local:
+        check_same_weights(saved, weights_fingerprint(folder), model, run_dir)
+        return
+    if shipped_config_dir("") in folder.parents:  # this package's copies of the configs, not the snapshot's
+        return
+    for component, files in saved.items():  # a cached hub snapshot: its config files, if there
+        for name, record in files.items() if isinstance(files, dict) else ():
+            path = folder / component / name
+            if name.endswith(".json") and path.is_file() and record != _file_record(path, path.read_bytes()):
+                check_same_weights({component: record}, {component: None}, model, run_dir)

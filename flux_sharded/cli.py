@@ -256,7 +256,7 @@ def _request(ctx: click.Context, options: dict):
         if options["dry_run"]:
             raise SettingsError("--resume and --dry-run cannot go together; dry-run a new run's options instead")
         from .rundir import read_run
-        from .validate import check_resumed_model
+        from .checkpoint import check_resumed_model
 
         saved = read_run(options["resume_dir"])
         checkpoint = _resumed_checkpoint(saved.settings.model)

@@ -17,17 +17,16 @@ from accelerate import init_empty_weights
 from accelerate.utils import compute_module_sizes
 
 from .families import encode_layers, family_of
+from .quantize_bytes import quantized_meta, saved_nf4_layout
 
 
 def empty_component(config_root: Path, name: str, quantization: str | None = None,
                     dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
     """The component `name` with every parameter on the meta device, from `config_root/name/config.json`;
     with `quantization` ("fp8", "int8", "nf4"), its tensors as that method stores them for compute in
-    `dtype` (quantize.quantized_meta), so that module_sizes counts the quantized bytes."""
+    `dtype` (quantize_bytes.quantized_meta), so that module_sizes counts the quantized bytes."""
     model = _empty_component(config_root, name)
     if quantization:
-        from .quantize import quantized_meta, saved_nf4_layout
-
         # A pre-quantized component is counted as its own config stored it (asked-for nf4 has none).
         model = quantized_meta(model, quantization, dtype, saved_nf4_layout(config_root, name))
     return model
@@ -81,7 +80,7 @@ def special_dtypes(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torc
                         for module_name, module in model.named_modules()
                         for name in module._non_persistent_buffers_set
                         if getattr(module, name, None) is not None and getattr(module, name).dtype == torch.float32})
-    # Quantization statistics stored in float32 whatever the compute dtype (quantize.quantized_meta).
+    # Quantization statistics stored in float32 whatever the compute dtype (quantize_bytes.quantized_meta).
     special.update(getattr(model, "quantized_special_dtypes", None) or {})
     return special
 

@@ -22,18 +22,16 @@ import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from . import activations
+from .activations import Geometry
 from .errors import CheckpointError
-
-if TYPE_CHECKING:
-    from .plan import PlanInputs
 
 STAGES = ("encode", "denoise", "decode")
 
 
-def _dtype_bytes(inputs: "PlanInputs") -> int:
+def _dtype_bytes(inputs: Geometry) -> int:
     import torch
 
     return torch.finfo(inputs.dtype).bits // 8
@@ -44,38 +42,58 @@ def _dtype_bytes(inputs: "PlanInputs") -> int:
 # formulas and how they were checked are in activations.py.
 
 
-def _clip(config: dict, inputs: "PlanInputs", tiled: bool) -> int:
+def _clip(config: dict, inputs: Geometry, tiled: bool) -> int:
     # CLIP always runs its full 77-token window (FluxPipeline pads to tokenizer.model_max_length).
     return activations.text_encoder_activation_bytes(config, config["max_position_embeddings"], _dtype_bytes(inputs))
 
 
-def _t5(config: dict, inputs: "PlanInputs", tiled: bool) -> int:
+def _t5(config: dict, inputs: Geometry, tiled: bool) -> int:
     return activations.text_encoder_activation_bytes(config, inputs.max_sequence_length, _dtype_bytes(inputs))
 
 
-def _flux_transformer(config: dict, inputs: "PlanInputs", tiled: bool) -> int:
+def _flux_transformer(config: dict, inputs: Geometry, tiled: bool) -> int:
     return activations.transformer_activation_bytes(config, inputs.height, inputs.width, inputs.vae_scale_factor,
                                                     inputs.max_sequence_length, _dtype_bytes(inputs))
 
 
-def _vae(config: dict, inputs: "PlanInputs", tiled: bool) -> int:
+def _vae(config: dict, inputs: Geometry, tiled: bool) -> int:
     # AutoencoderKLFlux2 decodes with the same Decoder and the same tiling code as AutoencoderKL.
     if tiled:
         return activations.vae_tiled_decode_activation_bytes(config, inputs.height, inputs.width, _dtype_bytes(inputs))
     return activations.vae_decode_activation_bytes(config, inputs.height, inputs.width, _dtype_bytes(inputs))
 
 
-def _flux2_transformer(config: dict, inputs: "PlanInputs", tiled: bool) -> int:
+def _flux2_transformer(config: dict, inputs: Geometry, tiled: bool) -> int:
     return activations.flux2_transformer_activation_bytes(config, inputs.height, inputs.width, inputs.vae_scale_factor,
                                                           inputs.max_sequence_length, _dtype_bytes(inputs))
 
 
-def _decoder_text_encoder(pipeline: str) -> Callable[[dict, "PlanInputs", bool], int]:
-    def estimate(config: dict, inputs: "PlanInputs", tiled: bool) -> int:
+def _decoder_text_encoder(pipeline: str) -> Callable[[dict, Geometry, bool], int]:
+    def estimate(config: dict, inputs: Geometry, tiled: bool) -> int:
         text_config = config.get("text_config") or config  # Mistral3 nests its language model's config
         return activations.decoder_text_encoder_activation_bytes(
             text_config, inputs.max_sequence_length, _dtype_bytes(inputs), encode_layers(pipeline))
     return estimate
+
+
+# ---------------------------------------------------------------- the embeddings encode hands on
+# Each takes (the transformer's config as a dict, images, text tokens, whether the pipeline guides
+# with a second pass on the empty prompt) and returns name -> shape of what the family's encode
+# keeps for the whole run (stages/flux1.py, flux2.py compute them; a resume checks saved ones).
+
+
+def _flux1_encoded(config: dict, images: int, tokens: int, second_pass: bool) -> dict[str, tuple]:
+    return {
+        "prompt_embeds": (images, tokens, config["joint_attention_dim"]),  # T5's last hidden state
+        "pooled_prompt_embeds": (images, config["pooled_projection_dim"]),  # CLIP's pooled output
+        "text_ids": (tokens, 3),  # zeros
+    }
+
+
+def _flux2_encoded(config: dict, images: int, tokens: int, second_pass: bool) -> dict[str, tuple]:
+    # joint_attention_dim = len(text_encoder_out_layers) x the text encoder's width (validate.py)
+    shape = (images, tokens, config["joint_attention_dim"])
+    return {"prompt_embeds": shape, **({"negative_prompt_embeds": shape} if second_pass else {})}
 
 
 # ---------------------------------------------------------------- the registry
@@ -95,12 +113,12 @@ class Component:
     library: str  # "transformers" or "diffusers"
     class_name: str  # as in model_index.json
     stage: str  # "encode", "denoise" or "decode": the stage that loads it
-    activation: Callable[[dict, "PlanInputs", bool], int]  # bytes of one image's (prompt's) forward pass
+    activation: Callable[[dict, Geometry, bool], int]  # bytes of one image's (prompt's) forward pass
     # A decoder-only text encoder whose encode reads intermediate hidden states: only its first
     # encode_layers(pipeline) decoder layers are planned (components.encode_only).
     truncated: bool = False
     # A text encoder's tokenizer folder (model_index.json key), and the vocabulary files one set of
-    # which makes it whole (validate.check_tokenizers).
+    # which makes it whole (checkpoint.check_tokenizers).
     tokenizer: str | None = None
     tokenizer_files: tuple[tuple[str, ...], ...] = ()
     # One of the family's large components, which `--quantize METHOD` without component names
@@ -119,6 +137,11 @@ class Family:
     max_sequence_length: int  # default --max-sequence-length
     sample_size: int  # default height and width = sample_size x the VAE's scale factor (pipeline.default_sample_size)
     runs: bool  # the stages can run it; otherwise only --dry-run plans it
+    # name -> shape of the embeddings its encode keeps (the handoff's tensors before denoise)
+    encoded: Callable[[dict, int, int, bool], dict[str, tuple]] = _flux1_encoded
+    # Guides with a second transformer pass on the empty prompt when the checkpoint is not
+    # step-distilled and guidance is above 1 (Flux2KleinPipeline's do_classifier_free_guidance).
+    second_pass: bool = False
     # The module in flux_sharded/stages/ with the family's side of the stages (what encode keeps,
     # what decode gives the VAE, the handoff's shapes): stages.family_code imports it.
     code: str = "flux1"
@@ -182,6 +205,7 @@ FLUX_2_DEV = Family(
     max_sequence_length=512,
     sample_size=128,
     runs=True,
+    encoded=_flux2_encoded,
     code="flux2",
 )
 FLUX_2_KLEIN = Family(
@@ -201,6 +225,8 @@ FLUX_2_KLEIN = Family(
     max_sequence_length=512,
     sample_size=128,
     runs=True,
+    encoded=_flux2_encoded,
+    second_pass=True,
     code="flux2",
 )
 FAMILIES = {family.pipeline: family for family in (FLUX_1, FLUX_2_DEV, FLUX_2_KLEIN)}

@@ -113,7 +113,7 @@ class ComponentPlan:
     streamed: bool = False  # offloaded blocks streamed with diffusers' group offloading (else accelerate hooks)
     tiled: bool = False  # VAE: diffusers' tiled decoding
     batch_size: int = 1  # images (or prompts) per forward pass
-    quantization: str | None = None  # applied while loading (quantize.from_pretrained): fp8, int8, nf4
+    quantization: str | None = None  # applied while loading (quantize_load.from_pretrained): fp8, int8, nf4
 
 
 @dataclass(frozen=True)
@@ -315,7 +315,7 @@ def plan_encode(components: _Components, budget: Budget) -> StagePlan:
             room[best] -= whole[name]
             planned[name] = _whole(components, name, best)
         elif method:
-            # A quantized encoder loads on the CPU and moves whole (quantize.from_pretrained).
+            # A quantized encoder loads on the CPU and moves whole (quantize_load.from_pretrained).
             planned[name] = _whole(components, name, "cpu")
         elif gpu_indices(split_budget) and "cpu" in split_budget:
             plan = _split(components, name, split_budget, streamed=False)

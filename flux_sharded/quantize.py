@@ -21,16 +21,12 @@ FLUX.1's transformer and T5, FLUX.2's transformer and its Mistral or Qwen3 text 
 `--quantize transformer=nf4,text_encoder_2=int8` names components. The other ones (CLIP, the VAE)
 stay in `--dtype` unless named.
 
-The planner counts quantized bytes on the meta device (`quantized_meta`): fp8 by applying the very
-layerwise casting to the meta model; int8 and nf4 by giving each layer that the library converts
-its stored tensors' shapes and dtypes (weights, scales, block statistics).
+This module is the option's grammar and the checks made before anything loads (a method this
+machine cannot run, a component quantized already); the planner counts the quantized bytes on the
+meta device with quantize_bytes.py, and the stages load with quantize_load.py.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
-
-import torch
 
 from .errors import SettingsError
 from .families import FAMILIES, FLUX_1, Family
@@ -39,11 +35,6 @@ METHODS = ("none", "fp8", "int8", "nf4")
 # Every family's components, for a spec read without its checkpoint (run.json, the handoff) and for
 # the folders a pre-quantized checkpoint may hold; the family's own list is checked where it is known.
 COMPONENTS = tuple(dict.fromkeys(name for family in FAMILIES.values() for name in family.names))
-FP8_STORAGE = torch.float8_e4m3fn
-# bitsandbytes' 4-bit layout (bitsandbytes/functional.py quantize_4bit): two 4-bit codes per byte,
-# one float32 absmax per block of 64 weights, no double quantization (our BitsAndBytesConfig).
-NF4_BLOCK_SIZE = 64
-NF4_NESTED_BLOCK_SIZE = 256  # bitsandbytes' blocks of absmax values under double quantization
 
 
 class QuantizeError(SettingsError):
@@ -110,6 +101,8 @@ def check_available(chosen: dict[str, str], libraries: dict[str, str]) -> None:
     -> "diffusers" or "transformers" (its family's registry). nf4 on a diffusers component needs
     CUDA (diffusers' bitsandbytes quantizer refuses to load without a GPU); transformers loads 4-bit
     text encoders on the CPU too, with bitsandbytes 0.50 or later (tests/test_quantize.py runs it)."""
+    import torch  # here, not at the top: the command line parses --quantize before it imports torch
+
     on_gpu_only = sorted(name for name, method in chosen.items()
                          if method == "nf4" and libraries.get(name) == "diffusers")
     if on_gpu_only and not torch.cuda.is_available():
@@ -142,196 +135,6 @@ def _require(package: str, method: str) -> None:
     if importlib.util.find_spec(package) is None:
         raise QuantizeError(f"--quantize {method} needs the {package} package, not installed here: "
                             f"pip install 'flux-sharded[quantize]' (or pip install {package})")
-
-
-def fp8_cast(model: torch.nn.Module, compute_dtype: torch.dtype) -> None:
-    """diffusers' layerwise casting to float8 storage, with the model's own skip patterns (a
-    diffusers model) or diffusers' default ones (a transformers text encoder)."""
-    if hasattr(model, "enable_layerwise_casting"):
-        model.enable_layerwise_casting(storage_dtype=FP8_STORAGE, compute_dtype=compute_dtype)
-        return
-    from diffusers.hooks import apply_layerwise_casting
-    from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
-
-    # As ModelMixin.enable_layerwise_casting does for a diffusers model, the modules the model keeps
-    # in float32 are skipped too: T5's `wo` casts its input to its own weight's dtype, which would
-    # be float8 while the hook upcasts the weight.
-    # Token embeddings stay in the compute dtype too: FluxPipeline.encode_prompt casts the embeddings
-    # to the encoder's dtype, which transformers takes from its first parameter, the token embedding.
-    keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
-    apply_layerwise_casting(model, storage_dtype=FP8_STORAGE, compute_dtype=compute_dtype,
-                            skip_modules_pattern=DEFAULT_SKIP_MODULES_PATTERN + keep,
-                            skip_modules_classes=(torch.nn.Embedding,))
-
-
-@dataclass(frozen=True)
-class Nf4Layout:
-    """What a bitsandbytes 4-bit quantization_config changes in the stored bytes: ours (asked for
-    with --quantize nf4) is the default; a pre-quantized component's config.json may differ."""
-
-    # llm_int8_skip_modules: the modules left unconverted, in place of transformers' own choice
-    # (get_keys_to_not_convert) and on top of diffusers' (_keep_in_fp32_modules); None: the defaults.
-    skip_modules: tuple[str, ...] | None = None
-    # bnb_4bit_use_double_quant: each block's absmax stored in 8 bits, with float32 second-level
-    # statistics (one absmax per NF4_NESTED_BLOCK_SIZE blocks, a 256-entry code, an offset).
-    double_quant: bool = False
-
-
-def saved_nf4_layout(config_root, component: str) -> Nf4Layout:
-    """The Nf4Layout of `component`'s config.json quantization_config (the default without one)."""
-    import json
-    from pathlib import Path
-
-    path = Path(config_root) / component / "config.json"
-    try:
-        quantization = json.loads(path.read_text()).get("quantization_config")
-    except (OSError, ValueError, AttributeError):
-        return Nf4Layout()  # a missing or broken config is the checkpoint checks' to report
-    if not isinstance(quantization, dict) or quantization.get("quant_method") != "bitsandbytes":
-        return Nf4Layout()
-    skip = quantization.get("llm_int8_skip_modules")
-    if skip is not None and not (isinstance(skip, list) and all(isinstance(name, str) for name in skip)):
-        raise QuantizeError(f"{path}: quantization_config llm_int8_skip_modules {skip!r} is not a list of module "
-                            "names; fix or remove it")
-    return Nf4Layout(tuple(skip) if skip is not None else None, quantization.get("bnb_4bit_use_double_quant") is True)
-
-
-def quantized_linears(model: torch.nn.Module, method: str,
-                      skip_modules: tuple[str, ...] | None = None) -> list[tuple[str, torch.nn.Linear]]:
-    """The nn.Linear layers torchao's int8 weight-only (`method` "int8") or bitsandbytes ("nf4")
-    converts, as the library's own quantizer chooses them:
-
-    - a diffusers model: every Linear but its `_keep_in_fp32_modules` and, for nf4, `skip_modules`
-      (diffusers' quantizers add them to modules_to_not_convert and match a name as
-      replace_with_bnb_linear does: the layer's own name, or a dotted part of its path);
-    - a transformers model, int8: every Linear, T5's `wo` included (transformers' torchao quantizer
-      matches its skip list against parameter names, "...wo.weight", which "wo" does not end);
-    - a transformers model, nf4: every Linear but those transformers' bitsandbytes quantizer skips,
-      matched on module names: `_keep_in_fp32_modules` (T5's `wo`) and `skip_modules` (a saved
-      llm_int8_skip_modules), or else `get_keys_to_not_convert` (tied and output embeddings, the
-      last module).
-
-    The transformers rules are pinned by tests/test_quantize.py and tests/test_quantize_flux2.py,
-    which load T5 and Qwen3 through the real quantizers on the CPU and compare the stored bytes
-    with the plan's; the diffusers rule by their test against diffusers' own preprocess_model."""
-    is_diffusers = hasattr(model, "enable_layerwise_casting")
-    keep = list(getattr(model, "_keep_in_fp32_modules", None) or ())
-    if is_diffusers:
-        skipped = keep + list(skip_modules or ()) if method == "nf4" else keep
-        return [(name, module) for name, module in model.named_modules()
-                if isinstance(module, torch.nn.Linear) and not _diffusers_skips(name, skipped)]
-    linears = [(name, module) for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
-    if method == "nf4":
-        from transformers.quantizers.base import get_keys_to_not_convert
-        from transformers.quantizers.quantizers_utils import should_convert_module
-
-        skipped = [*(skip_modules if skip_modules is not None else get_keys_to_not_convert(model)), *keep]
-        linears = [(name, module) for name, module in linears if should_convert_module(name, skipped)]
-    return linears
-
-
-def _diffusers_skips(name: str, skipped: list[str]) -> bool:
-    """diffusers' replace_with_bnb_linear test of a Linear at `name` against modules_to_not_convert."""
-    return name.rsplit(".", 1)[-1] in skipped or any(f"{key}." in name or key == name for key in skipped)
-
-
-def quantized_meta(model: torch.nn.Module, method: str, dtype: torch.dtype,
-                   nf4_layout: Nf4Layout = Nf4Layout()) -> torch.nn.Module:
-    """The meta model `model` with each quantized tensor given the shape and dtype it is stored in,
-    so that accelerate's compute_module_sizes(model, dtype) counts the quantized bytes exactly
-    (it counts a tensor at min(dtype, its own dtype), integers at their own size).
-
-    fp8: diffusers' layerwise casting itself, applied on meta. int8 (torchao weight-only): an int8
-    weight of the same shape plus one `dtype` scale per output row. nf4: numel/2 bytes of packed
-    codes plus one float32 absmax per NF4_BLOCK_SIZE weights, or with `nf4_layout.double_quant` a
-    uint8 absmax per block and float32 second-level statistics.
-    """
-    if method == "fp8":
-        fp8_cast(model, dtype)
-        return model
-    special: dict[str, torch.dtype] = {}
-    for name, linear in quantized_linears(model, method, nf4_layout.skip_modules):
-        weight = linear.weight
-        if method == "int8":
-            # torchao's Int8Tensor: int8 qdata, a float32 scale and an int8 zero point per row.
-            linear.weight = torch.nn.Parameter(torch.empty(weight.shape, dtype=torch.int8, device="meta"),
-                                               requires_grad=False)
-            linear.register_buffer("weight_scale", torch.empty(weight.shape[0], 1, dtype=torch.float32, device="meta"))
-            linear.register_buffer("weight_zero_point", torch.empty(weight.shape[0], 1, dtype=torch.int8,
-                                                                    device="meta"))
-            special[f"{name}.weight_scale"] = torch.float32
-        elif method == "nf4":
-            linear.weight = torch.nn.Parameter(torch.empty((weight.numel() + 1) // 2, 1, dtype=torch.uint8,
-                                                           device="meta"), requires_grad=False)
-            blocks = -(-weight.numel() // NF4_BLOCK_SIZE)
-            statistics = {"weight_absmax": (blocks,)}
-            if nf4_layout.double_quant:  # bitsandbytes' quantize_4bit(compress_statistics=True)
-                linear.register_buffer("weight_absmax", torch.empty(blocks, dtype=torch.uint8, device="meta"))
-                statistics = {"weight_absmax2": (-(-blocks // NF4_NESTED_BLOCK_SIZE),), "weight_code2": (256,),
-                              "weight_offset": ()}
-            for buffer, shape in statistics.items():
-                linear.register_buffer(buffer, torch.empty(shape, dtype=torch.float32, device="meta"))
-                special[f"{name}.{buffer}"] = torch.float32
-        else:
-            raise ValueError(f"unknown quantization method {method!r}")
-    model.quantized_special_dtypes = special
-    return model
-
-
-def stored_bytes(model: torch.nn.Module) -> int:
-    """Bytes a loaded model really stores: every parameter and buffer once, a torchao tensor by its
-    inner tensors (int8 data and scales), a bitsandbytes 4-bit weight with its quantization state."""
-    unique = {id(tensor): tensor for tensor in [*model.parameters(), *model.buffers()]}
-    return sum(_tensor_bytes(tensor) for tensor in unique.values())
-
-
-def _tensor_bytes(tensor: torch.Tensor) -> int:
-    if type(tensor) not in (torch.Tensor, torch.nn.Parameter) and hasattr(tensor, "__tensor_flatten__"):
-        names, _ = tensor.__tensor_flatten__()  # a tensor subclass (torchao): the tensors it holds
-        return sum(_tensor_bytes(getattr(tensor, name)) for name in names)
-    size = tensor.numel() * tensor.element_size()
-    state = getattr(tensor, "quant_state", None)  # bitsandbytes' 4-bit statistics
-    if state is None:
-        return size
-    size += state.absmax.numel() * state.absmax.element_size()
-    if getattr(state, "nested", False):  # double quantization: the absmax values' own statistics
-        size += sum(part.numel() * part.element_size() for part in (state.state2.absmax, state.state2.code, state.offset))
-    return size
-
-
-def from_pretrained(model_class, path, subfolder: str, method: str | None, dtype: torch.dtype,
-                    device_map: dict | None = None, **kwargs):
-    """`model_class.from_pretrained` with the component's quantization, compute in `dtype`.
-
-    None: as is, with `device_map`. fp8 and int8: loaded on the CPU (int8 quantized as it loads,
-    fp8 cast right after), for the caller to place (offload.place): loading in `dtype` straight
-    onto a GPU would hold the unquantized weights there, and diffusers' torchao quantizer skips
-    every module a device map sends to the CPU. nf4: bitsandbytes quantizes as it loads onto the
-    devices of `device_map`, whole (bitsandbytes' 4-bit layers cannot be offloaded): GPUs, or the
-    CPU for a text encoder. A pre-quantized component (prequantized) loads as it is stored, with
-    its own quantization_config.
-    """
-    common = dict(subfolder=subfolder, dtype=dtype, use_safetensors=True, **kwargs)
-    if not method or subfolder in prequantized(path):  # a pre-quantized component loads as it is stored
-        return model_class.from_pretrained(path, device_map=device_map, **common)
-    diffusers_model = model_class.__module__.startswith("diffusers")
-    if method == "fp8":
-        model = model_class.from_pretrained(path, **common)
-        fp8_cast(model, dtype)
-        return model
-    import diffusers
-    import transformers
-
-    library = diffusers if diffusers_model else transformers
-    if method == "int8":
-        from torchao.quantization import Int8WeightOnlyConfig
-
-        return model_class.from_pretrained(path, quantization_config=library.TorchAoConfig(Int8WeightOnlyConfig()),
-                                           **common)
-    if method == "nf4":
-        config = library.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
-        return model_class.from_pretrained(path, quantization_config=config, device_map=device_map, **common)
-    raise ValueError(f"unknown quantization method {method!r}")
 
 
 def prequantized(config_root) -> dict[str, str]:
@@ -392,15 +195,3 @@ def check_prequantized_dtype(config_root, dtype: str) -> None:
                                 f"with --dtype {saved}")
 
 
-def load_quantized(model_class, path, subfolder: str, component_plan, dtype: torch.dtype, gpu_device=None):
-    """A quantized component (component_plan.quantization set) loaded and placed as its plan says:
-    fp8 and int8 load on the CPU, then move (stages/offload.place: whole, over GPUs, or streamed);
-    nf4 loads straight onto its GPUs."""
-    from .stages.offload import cuda_device, place
-
-    method = component_plan.quantization
-    model = from_pretrained(model_class, path, subfolder, method, dtype,
-                            device_map=dict(component_plan.device_map) if method == "nf4" else None)
-    if method != "nf4":
-        place(model, dict(component_plan.device_map), gpu_device or cuda_device)
-    return model

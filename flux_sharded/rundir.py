@@ -30,14 +30,8 @@ from .budget import Budget, budget_to_json
 from .errors import OutputError, SettingsError
 from .files import atomic_write
 from .handoff import SHARED_FIELDS, GenerationSettings, Handoff
-from .validate import (
-    JsonFields,
-    check_handoff_tensors,
-    check_share_settings,
-    expected_tensors,
-    saved_run_fields,
-    settings_fields,
-)
+from .checkpoint import expected_tensors
+from .validate import JsonFields, check_handoff_tensors, check_share_settings, saved_run_fields, settings_fields
 
 RUN_FILE = "run.json"
 FORMAT = 1

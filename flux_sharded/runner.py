@@ -28,7 +28,15 @@ import torch
 
 from . import interrupt
 from .budget import Budget, budget_to_json, format_budget, format_bytes, gpu_indices
-from .checkpoint import Checkpoint, check_weight_files, resolve_checkpoint
+from .checkpoint import (
+    Checkpoint,
+    check_same_weights,
+    check_tokenizers,
+    check_weight_files,
+    fingerprint_digest,
+    resolve_checkpoint,
+    weights_fingerprint,
+)
 from .distributed import (
     Process,
     encode_positions,
@@ -57,6 +65,7 @@ from .rundir import (
     clear_run,
     default_run_dir,
     handoff_path,
+    load_batch_latents,
     our_files,
     read_run,
     remove_stale_temporaries,
@@ -73,10 +82,6 @@ from .validate import (
     MAX_STEPS,
     check_prompts,
     check_run_image,
-    check_same_weights,
-    check_tokenizers,
-    fingerprint_digest,
-    weights_fingerprint,
 )
 
 SINGLE_PROCESS = Process(index=0, count=1)
@@ -336,7 +341,7 @@ def execute(request: RunRequest, log: Callable[[str], None] = lambda message: No
 
 @dataclass
 class ShareRun:
-    """This process's share of a run as the stages' todo and finish see it (stages.Stage): its
+    """This process's share of a run as the stages' todo and finish see it (stages.Share): its
     settings, images and run folder, the log, and every write of the run, each of which fails with
     one message that names the work kept and the resume command (_writing)."""
 
@@ -345,7 +350,7 @@ class ShareRun:
     paths: list[Path]  # the share's images, in prompt order
     encoded: GenerationSettings  # the prompts its encode runs on (distributed.encode_positions)
     denoised: dict  # {image index: latents row} saved by the shares of another number of processes
-    weights: str  # validate.fingerprint_digest of the weights, in every PNG
+    weights: str  # checkpoint.fingerprint_digest of the weights, in every PNG
     log: Callable[[str], None]
     process: Process = SINGLE_PROCESS  # this share's, which names its checkpoints
     saved: Path | None = None  # the latest stage checkpoint on disk, named when a later step fails
@@ -354,6 +359,18 @@ class ShareRun:
     @property
     def settings(self) -> GenerationSettings:
         return self.request.settings
+
+    @property
+    def run_folder(self) -> Path:
+        return self.request.run_folder
+
+    @property
+    def resume(self) -> bool:
+        return self.request.resume
+
+    @property
+    def overwrite(self) -> bool:
+        return self.request.overwrite
 
     def save_handoff(self, handoff: Handoff, stage: str) -> None:
         """The stage's checkpoint in the run folder, what a resume continues from."""
@@ -368,6 +385,21 @@ class ShareRun:
         path = batch_latents_path(self.request.run_folder, settings.image_indices[batch.start])
         with _writing(path, self.request, self.saved):
             save_batch_latents(path, latents, settings.subset(list(batch)))
+
+    def saved_batch_latents(self, batch: range, shape: tuple) -> torch.Tensor | None:
+        """The latents of `batch` an interrupted run kept, checked (rundir.load_batch_latents); None
+        when this run resumes nothing or none were kept."""
+        settings = self.settings
+        path = batch_latents_path(self.request.run_folder, settings.image_indices[batch.start])
+        if not (self.request.resume and path.exists()):
+            return None
+        return load_batch_latents(path, settings.subset(list(batch)), shape, settings.torch_dtype)
+
+    def remove_batch_latents(self) -> None:
+        """Every batch's own latents file, once the stage's handoff holds them all."""
+        settings = self.settings
+        for batch in settings.batches():
+            batch_latents_path(self.request.run_folder, settings.image_indices[batch.start]).unlink(missing_ok=True)
 
     def write_image(self, position: int, image) -> None:
         """The share's image `position` as a PNG with the settings that made it."""
@@ -548,7 +580,7 @@ def _out_of_memory_message(stage: str, error: Exception, request: RunRequest, st
 
 def _png_metadata(settings: GenerationSettings, prompt: str, seed: int, budget: Budget, weights: str,
                   checkpoint: Checkpoint) -> dict[str, str]:
-    """Every setting that decides the pixels, and the weights (validate.fingerprint_digest)."""
+    """Every setting that decides the pixels, and the weights (checkpoint.fingerprint_digest)."""
     ignored = family_code(checkpoint.family).guidance_ignored(checkpoint)
     return {
         "prompt": prompt,

@@ -1,18 +1,18 @@
 """The one place that checks state read from disk before anything uses it.
 
-Everything here reads JSON, tokenizer files or safetensors headers, never builds a model: a
-damaged or hostile file is refused with one message naming the file, the field and the way out,
-before the run writes anything (run.json included).
+Everything here reads JSON, never builds a model: a damaged or hostile file is refused with one
+message naming the file, the field and the way out, before the run writes anything (run.json
+included). The checks that load something (tokenizers) or read weight files (their headers, the
+fingerprint of the weights) are checkpoint.py's, which reads its configs through this module.
 
     checkpoint configs   model_index.json, each component's config.json: types, sane ranges, and
                          the dimensions the components share (T5 width = the transformer's
                          joint_attention_dim, ...); a config with 100000 layers is refused before
                          anything is built from it on the meta device
-    tokenizers           present and loadable, with a vocabulary that fits its text encoder
     prompts              encodable as UTF-8 (a shell may pass undecodable bytes through)
     run.json             every field's type and range (`saved_run_fields`)
-    stage checkpoints    readable, the tensor names, shapes and dtypes the settings and the
-                         model's configs imply, the settings and finished stages they belong to
+    stage checkpoints    the settings and finished stages they belong to, the tensor names, shapes
+                         and dtypes the settings and the model's configs imply (checkpoint.expected_tensors)
 """
 
 from __future__ import annotations
@@ -20,11 +20,15 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .budget import MAX_DEVICE_BYTES, Budget
 from .errors import CheckpointError, SettingsError
+from .families import FLUX_1, encode_layers, encode_out_layers, family_for
+from .quantize import QuantizeError, format_quantize, parse_quantize
+
+if TYPE_CHECKING:
+    import torch
 
 # Generous ceilings, far above every FLUX.1 variant (19 double and 38 single blocks, width 3072,
 # T5 with 24 layers of width 4096 and 32128 tokens), yet small enough that building the component
@@ -134,7 +138,7 @@ class JsonFields:
 # ---------------------------------------------------------------- checkpoint configs
 
 
-def _read_config(path: Path, model: str):
+def read_config(path: Path, model: str):
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
@@ -147,16 +151,14 @@ def _read_config(path: Path, model: str):
 def checkpoint_family(model: str, path: Path):
     """The model family named by model_index.json's _class_name (families.py); raises CheckpointError
     for a damaged file or a pipeline flux-sharded does not support, listing the supported ones."""
-    from .families import family_for
-
-    index = JsonFields(_read_config(path / "model_index.json", model), f"--model: '{model}': model_index.json",
+    index = JsonFields(read_config(path / "model_index.json", model), f"--model: '{model}': model_index.json",
                        "the checkpoint is damaged: fetch that file again or give another --model", CheckpointError)
     return family_for(index.data.get("_class_name"), model)
 
 
 def pipeline_option(model: str, path: Path, name: str, default: bool) -> bool:
     """A boolean option of the pipeline in model_index.json (`is_distilled`), `default` when absent."""
-    index = JsonFields(_read_config(path / "model_index.json", model), f"--model: '{model}': model_index.json",
+    index = JsonFields(read_config(path / "model_index.json", model), f"--model: '{model}': model_index.json",
                        "the checkpoint is damaged: fetch that file again or give another --model", CheckpointError)
     value = index.boolean(name, optional=True)
     return default if value is None else value
@@ -165,8 +167,6 @@ def pipeline_option(model: str, path: Path, name: str, default: bool) -> bool:
 def check_checkpoint_configs(model: str, path: Path, family=None) -> tuple[dict, dict]:
     """Every component's config.json of `family` (default: read from model_index.json), within sane
     bounds and consistent with each other. Returns (transformer config, VAE config). Raises CheckpointError."""
-    from .families import FLUX_1
-
     family = family or checkpoint_family(model, path)
     if family is not FLUX_1:
         return _check_flux2_configs(model, path, family)
@@ -175,7 +175,7 @@ def check_checkpoint_configs(model: str, path: Path, family=None) -> tuple[dict,
     def fields(data, file: str) -> JsonFields:
         return JsonFields(data, f"--model: '{model}': {file}", fix, CheckpointError)
 
-    configs = {name: _read_config(path / name / "config.json", model)
+    configs = {name: read_config(path / name / "config.json", model)
                for name in ("transformer", "vae", "text_encoder", "text_encoder_2")}
     transformer = fields(configs["transformer"], "transformer/config.json")
     for name in ("num_layers", "num_single_layers"):
@@ -238,14 +238,12 @@ def _check_flux2_configs(model: str, path: Path, family) -> tuple[dict, dict]:
     (Mistral3's text_config, or Qwen3's), bounded, and the widths they share: the transformer takes
     the stacked hidden states of len(text_encoder_out_layers) layers (joint_attention_dim = 3 x the
     text encoder's hidden_size) and 2x2-patchified latents (in_channels = 4 x latent_channels)."""
-    from .families import encode_layers, encode_out_layers
-
     fix = f"the checkpoint is damaged or not {family.name}: fetch that file again or give another --model"
 
     def fields(data, file: str) -> JsonFields:
         return JsonFields(data, f"--model: '{model}': {file}", fix, CheckpointError)
 
-    configs = {name: _read_config(path / name / "config.json", model) for name in ("transformer", "vae", "text_encoder")}
+    configs = {name: read_config(path / name / "config.json", model) for name in ("transformer", "vae", "text_encoder")}
     transformer = fields(configs["transformer"], "transformer/config.json")
     for name in ("num_layers", "num_single_layers"):
         transformer.integer(name, 0, MAX_LAYERS)
@@ -282,83 +280,6 @@ def _check_flux2_configs(model: str, path: Path, family) -> tuple[dict, dict]:
     return configs["transformer"], configs["vae"]
 
 
-# ---------------------------------------------------------------- tokenizers
-
-# A whole tokenizer knows far more tokens than its special ones (<pad>, </s>, <unk>, ...);
-# transformers builds a tokenizer of the special tokens alone when its vocabulary file is missing.
-MIN_TOKENIZER_VOCAB = 16
-
-
-def check_tokenizers(model: str, path: Path) -> None:
-    """The tokenizer of each text encoder of the checkpoint's family has its vocabulary files, loads,
-    and gives ids its text encoder has."""
-    from transformers import AutoTokenizer
-
-    family = checkpoint_family(model, path)
-    for component in family.components:
-        if component.tokenizer is None:
-            continue
-        folder, encoder, alternatives = component.tokenizer, component.name, component.tokenizer_files
-        where = f"--model: '{model}': {folder}"
-        fix = f"the checkpoint is incomplete: fetch its {folder} folder again"
-        if not any(all((path / folder / file).is_file() for file in files) for files in alternatives):
-            wanted = " or ".join(" and ".join(files) for files in alternatives)
-            raise CheckpointError(f"{where} lacks {wanted}; {fix}")
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path / folder)
-        except Exception as error:  # tokenizers and transformers raise many types; each means "damaged"
-            reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-            raise CheckpointError(f"{where} cannot be loaded ({reason}); {fix}") from None
-        _check_processor(model, path, folder, where)
-        config = _read_config(path / encoder / "config.json", model)
-        vocab = (config.get("text_config") or config)["vocab_size"]  # Mistral3 nests its language model's
-        if not MIN_TOKENIZER_VOCAB <= len(tokenizer) <= vocab:
-            raise CheckpointError(
-                f"{where} has {len(tokenizer)} tokens, not {MIN_TOKENIZER_VOCAB}..{vocab} (the vocab_size of "
-                f"{encoder}/config.json); {fix}"
-            )
-
-
-def _check_processor(model: str, path: Path, folder: str, where: str) -> None:
-    """A tokenizer folder the pipeline loads as a processor (model_index.json: FLUX.2-dev's
-    PixtralProcessor, which also holds an image processor) loads as one, or lacks only a library
-    its image processor needs (Pixtral's: torchvision, which flux-sharded does not install): then
-    the encode takes the tokenizer inside it alone (pipeline_tokenizer)."""
-    try:
-        pipeline_tokenizer(model, path, folder)
-    except Exception as error:  # transformers raises many types; each means "damaged"
-        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{where} cannot be loaded as a {_processor_class(model, path, folder)} ({reason}); "
-                              f"the checkpoint is incomplete: fetch its {folder} folder again") from None
-
-
-def _processor_class(model: str, path: Path, folder: str) -> str | None:
-    import transformers
-
-    entry = _read_config(path / "model_index.json", model).get(folder)
-    class_name = entry[1] if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], str) else ""
-    return class_name if class_name.endswith("Processor") and hasattr(transformers, class_name) else None
-
-
-def pipeline_tokenizer(model: str, path: Path, folder: str):
-    """None when the pipeline's from_pretrained loads the tokenizer folder `folder` itself; else
-    the tokenizer to pass it instead: a processor whose image processor needs a library that is not
-    installed (FLUX.2-dev's PixtralProcessor: torchvision) is replaced by the tokenizer inside it
-    (AutoTokenizer on the same folder). For text prompts Flux2Pipeline calls nothing but its
-    apply_chat_template, which gives the same ids and attention masks (flux_sharded/configs/README.md).
-    Raises what transformers raises for a damaged folder."""
-    import transformers
-
-    class_name = _processor_class(model, path, folder)
-    if class_name is None:
-        return None
-    try:
-        getattr(transformers, class_name).from_pretrained(path / folder)
-    except ImportError:
-        return transformers.AutoTokenizer.from_pretrained(path / folder)
-    return None
-
-
 # ---------------------------------------------------------------- prompts
 
 
@@ -385,7 +306,7 @@ def _entries(count: int) -> str:
 
 def settings_fields(data, where: str, fix: str, prefix: str = "settings.") -> dict:
     """A GenerationSettings' JSON, checked: the keyword arguments to build it."""
-    from .handoff import DTYPES
+    from .handoff import DTYPES  # here, not at the top: it imports torch, which the first checks wait for
 
     settings = JsonFields(data, where, fix, prefix=prefix)
     prompts = settings.list_of("prompts", lambda p: isinstance(p, str) and p.strip() != "", "non-empty texts", 1)
@@ -418,8 +339,6 @@ def settings_fields(data, where: str, fix: str, prefix: str = "settings.") -> di
 
 def _quantize_field(settings: "JsonFields") -> str:
     """The saved --quantize, which must parse as the option does (quantize.parse_quantize)."""
-    from .quantize import QuantizeError, format_quantize, parse_quantize
-
     spec = settings.string("quantize", optional=True) or "none"
     try:
         return format_quantize(parse_quantize(spec))
@@ -480,19 +399,6 @@ def check_share_settings(saved, run_settings, meta_file: Path, fix: str):
     return saved
 
 
-def expected_tensors(stage: str, settings, checkpoint) -> dict[str, tuple]:
-    """Name -> shape of every tensor a stage checkpoint holds, from the settings and the checkpoint's
-    configs: the embeddings its family's encode keeps (stages/flux1.py, flux2.py), then the packed latents."""
-    from .stages import family_code
-
-    shapes = family_code(checkpoint.family).encoded_shapes(checkpoint, settings)
-    if stage == "denoise":
-        factor = checkpoint.vae_scale_factor
-        patches = (settings.height // (2 * factor)) * (settings.width // (2 * factor))
-        shapes["latents"] = (len(settings.prompts), patches, checkpoint.transformer_config["in_channels"])
-    return shapes
-
-
 def check_handoff_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, tuple], dtype: torch.dtype,
                           where: str, fix: str) -> None:
     """The tensors a stage checkpoint must hold, no more, each of the expected shape and dtype."""
@@ -537,97 +443,3 @@ def check_run_image(path: Path, expected: dict[str, str]) -> None:
         if field not in IMAGE_FIELDS_NOT_DECIDING and found.get(field) != value:
             raise SettingsError(f"--resume: {path} exists but is not this run's image: its {field} is "
                                 f"{found.get(field)!r}, the run's {value!r}; {fix}")
-
-
-# ---------------------------------------------------------------- the weights a run used
-
-FINGERPRINT_SAMPLE_BYTES = 64 * 1024
-
-
-def _file_record(file: Path, data: bytes) -> dict:
-    import hashlib
-
-    return {"bytes": file.stat().st_size, "sha256": hashlib.sha256(data).hexdigest()}
-
-
-def weights_fingerprint(path: Path) -> dict:
-    """What decides the pixels in a checkpoint folder, per component: each file's name, size and
-    sha256; for a .safetensors file, of its header (every tensor's name, dtype, shape and byte
-    range) and the first and last FINGERPRINT_SAMPLE_BYTES of its data, which a re-seeded rebuild
-    of the same shapes changes (hashing all the weights would take minutes, this milliseconds);
-    plus the hub revision when the folder is a hub snapshot."""
-    fingerprint = {}
-    from .checkpoint import PIPELINE_FILE_SUFFIXES
-    from .families import PIPELINE_FOLDERS
-
-    for folder in PIPELINE_FOLDERS:
-        files = {}
-        for file in sorted((path / folder).iterdir()) if (path / folder).is_dir() else ():
-            if file.suffix not in PIPELINE_FILE_SUFFIXES or not file.is_file():
-                continue
-            with open(file, "rb") as handle:
-                if file.suffix == ".safetensors":
-                    head = handle.read(8)
-                    data = head + handle.read(int.from_bytes(head, "little")) if len(head) == 8 else head
-                    data += handle.read(FINGERPRINT_SAMPLE_BYTES)
-                    handle.seek(max(handle.tell(), file.stat().st_size - FINGERPRINT_SAMPLE_BYTES))
-                    data += handle.read()
-                else:
-                    data = handle.read()
-            files[file.name] = _file_record(file, data)
-        fingerprint[folder] = files
-    resolved = path.resolve()
-    if resolved.parent.name == "snapshots":  # the Hugging Face cache: snapshots/<commit hash>
-        fingerprint["revision"] = resolved.name
-    return fingerprint
-
-
-def fingerprint_digest(fingerprint: dict) -> str:
-    """A short name of a fingerprint, for the PNG metadata."""
-    import hashlib
-
-    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def check_same_weights(saved: dict | None, current: dict, model: str, run_dir: Path) -> None:
-    """A resume must use the weights that made the run's checkpoints; refuse naming the component."""
-    if saved is None:  # a run folder written before fingerprints were recorded
-        return
-    for component in sorted(set(saved) | set(current)):
-        if saved.get(component) != current.get(component):
-            what = "hub revision" if component == "revision" else f"{component} files"
-            raise SettingsError(
-                f"--resume: the {what} of the model '{model}' differ from those the run in {run_dir} used (run.json "
-                "'weights'); mixing them would give images neither weights make: restore those weights, or start a "
-                "new run with these"
-            )
-
-
-def check_resumed_model(saved: dict | None, model: str, folder: Path, run_dir: Path) -> None:
-    """Before a resume plans anything: the model run.json names (`model`, read from `folder`) is the
-    one whose weights the run recorded, as far as the files at hand tell. A local folder is
-    fingerprinted whole (milliseconds); a hub id must have been one when the run started (its
-    fingerprint has a hub revision), and its cached config files must match. The full check
-    (check_same_weights) follows once a hub model's weights are fetched. Raises SettingsError."""
-    if saved is None:
-        return
-    local = Path(model).expanduser().is_dir()
-    from_hub = not local or Path(model).expanduser().resolve().parent.name == "snapshots"
-    if from_hub != ("revision" in saved):
-        was = "a hub model" if "revision" in saved else "a local folder"
-        raise SettingsError(
-            f"--resume: run.json 'settings.model' is '{model}', but the run in {run_dir} used {was} (run.json "
-            "'weights'); the file was edited: restore it, or start a new run with --model"
-        )
-    if local:
-        check_same_weights(saved, weights_fingerprint(folder), model, run_dir)
-        return
-    from .checkpoint import shipped_config_dir
-
-    if shipped_config_dir("") in folder.parents:  # this package's copies of the configs, not the snapshot's
-        return
-    for component, files in saved.items():  # a cached hub snapshot: its config files, if there
-        for name, record in files.items() if isinstance(files, dict) else ():
-            path = folder / component / name
-            if name.endswith(".json") and path.is_file() and record != _file_record(path, path.read_bytes()):
-                check_same_weights({component: record}, {component: None}, model, run_dir)

@@ -79,7 +79,7 @@ def test_the_weights_fingerprint_covers_the_chat_template(tiny_klein, tmp_path):
     another run, which a resume must not mix."""
     import shutil
 
-    from flux_sharded.validate import weights_fingerprint
+    from flux_sharded.checkpoint import weights_fingerprint
 
     copy = tmp_path / "klein"
     shutil.copytree(tiny_klein, copy)

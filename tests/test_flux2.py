@@ -24,7 +24,7 @@ from flux_sharded.families import encode_layers
 from flux_sharded.handoff import GenerationSettings, Handoff
 from flux_sharded.plan import plan_run
 from flux_sharded.stages import decode, encode
-from flux_sharded.validate import expected_tensors
+from flux_sharded.checkpoint import expected_tensors
 
 from .conftest import assert_same_pixels, one_piece_pixels
 

@@ -19,7 +19,8 @@ from flux_sharded.components import empty_component, module_sizes
 from flux_sharded.errors import PlanError
 from flux_sharded.families import FLUX_1
 from flux_sharded.plan import PlanInputs, plan_run
-from flux_sharded.quantize import QuantizeError, format_quantize, parse_quantize, stored_bytes
+from flux_sharded.quantize import QuantizeError, format_quantize, parse_quantize
+from flux_sharded.quantize_bytes import stored_bytes
 
 from .conftest import assert_same_pixels, bnb_4bit_transformer_copy
 
@@ -194,7 +195,7 @@ def test_the_planner_counts_the_quantized_bytes_exactly(tiny_checkpoint, compone
     import diffusers
     import transformers
 
-    from flux_sharded.quantize import from_pretrained
+    from flux_sharded.quantize_load import from_pretrained
 
     model_class = diffusers.FluxTransformer2DModel if component == "transformer" else transformers.T5EncoderModel
     loaded = from_pretrained(model_class, tiny_checkpoint, component, method, dtype)
@@ -239,7 +240,7 @@ def test_the_planner_counts_an_nf4_transformer_as_bitsandbytes_stores_it(request
     from diffusers.quantizers import DiffusersAutoQuantizer
 
     from flux_sharded.families import family_of
-    from flux_sharded.quantize import Nf4Layout, quantized_linears, quantized_meta
+    from flux_sharded.quantize_bytes import Nf4Layout, quantized_linears, quantized_meta
 
     checkpoint = request.getfixturevalue(fixture)
     transformer_class = getattr(diffusers, family_of(checkpoint).component("transformer").class_name)

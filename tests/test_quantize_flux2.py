@@ -18,7 +18,9 @@ from PIL import Image
 from flux_sharded.cli import main
 from flux_sharded.components import empty_component, module_sizes
 from flux_sharded.families import FLUX_1, FLUX_2_DEV, FLUX_2_KLEIN, family_of
-from flux_sharded.quantize import QuantizeError, from_pretrained, parse_quantize, quantized_meta, stored_bytes
+from flux_sharded.quantize import QuantizeError, parse_quantize
+from flux_sharded.quantize_bytes import quantized_meta, stored_bytes
+from flux_sharded.quantize_load import from_pretrained
 from flux_sharded.stages.encode import _model_class
 
 from .conftest import assert_same_pixels, bnb_4bit_transformer_copy

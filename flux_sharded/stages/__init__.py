@@ -3,28 +3,15 @@
 A stage's computing side (`load`, `run`, `device_map`) loads only its own components (the family's
 `stage_components()[NAME]`, families.py) and returns the next handoff, decode included (its
 `images`). Its run side (`todo`, `finish`) says what of the handoff it runs on and what it keeps
-of its output, through the runner's `ShareRun` (the share's settings, images and run folder; every
+of its output, through the `Share` the runner hands it (the share's settings, images and run folder; every
 write goes through it). What differs between model families (families.py) lives in one module per
-family (flux1.py, flux2.py), which the stages reach through family_code.
+family (flux1.py, flux2.py), which the stages reach through code.family_code.
 """
 
 from __future__ import annotations
 
-import importlib
-
 from . import decode, denoise, encode
-from .interface import Stage, Work
+from .code import family_code
+from .interface import Share, Stage, Work
 
 STAGES: tuple[Stage, ...] = (encode, denoise, decode)
-
-
-def family_code(family):
-    """The module with `family`'s side of the stages (families.Family.code)."""
-    return importlib.import_module(f"{__name__}.{family.code}")
-
-
-def pipeline_family(pipeline):
-    """The family (families.py) of a diffusers pipeline object, by its class."""
-    from ..families import FAMILIES
-
-    return FAMILIES[type(pipeline).__name__]

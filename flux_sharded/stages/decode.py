@@ -20,20 +20,20 @@ import torch
 
 from ..budget import device_key
 from ..handoff import Handoff
-from ..quantize import load_quantized
-from .interface import Work
+from ..quantize_load import load_quantized
+from .code import family_code, pipeline_family
+from .interface import Share, Work
 
 NAME = "decode"
 
 
-def _missing(share) -> list[int]:
+def _missing(share: Share) -> list[int]:
     """The share's images to write: on a resumed run, those not written yet (all with --overwrite)."""
-    request = share.request
     return [position for position, path in enumerate(share.paths)
-            if not (request.resume and not request.overwrite and path.exists())]
+            if not (share.resume and not share.overwrite and path.exists())]
 
 
-def _decoded(share, missing: list[int]) -> list[int]:
+def _decoded(share: Share, missing: list[int]) -> list[int]:
     """Whole batches as the run grouped them: a batch rounds differently from its images decoded
     alone (by a level), so an image is redone with its batch mates."""
     return [position for batch in share.settings.batches() if set(batch) & set(missing) for position in batch]
@@ -49,12 +49,12 @@ def _black(handoff: Handoff, positions: list[int]) -> list[int]:
     return [position for position in positions if not torch.isfinite(handoff.latents[position]).all()]
 
 
-def todo(handoff: Handoff, share) -> Work | None:
+def todo(handoff: Handoff, share: Share) -> Work | None:
     """The batches that hold an image still to write; None when every image exists. Names the
     images whose latents are not finite before decoding them."""
     missing = _missing(share)
     if not missing:
-        share.log(f"nothing to do: every image of the run in {share.request.run_folder} exists")
+        share.log(f"nothing to do: every image of the run in {share.run_folder} exists")
         return None
     for position in _black(handoff, missing):
         share.log(f"note: the latents of {share.paths[position].name} hold NaN or infinite values, so the image "
@@ -62,7 +62,7 @@ def todo(handoff: Handoff, share) -> Work | None:
     return Work(handoff.select(_decoded(share, missing)))
 
 
-def finish(output: Handoff, share) -> Handoff:
+def finish(output: Handoff, share: Share) -> Handoff:
     """Write the images still missing as PNGs (a batch mate's image exists already); name those
     whose decoded values were not finite though their latents were (a float16 overflow in the VAE)."""
     missing = _missing(share)
@@ -109,8 +109,6 @@ NON_FINITE = "flux_sharded_non_finite"
 
 def run(pipeline, handoff: Handoff, on_image_done=None, on_step=None) -> Handoff:
     """The handoff with its PIL images, in its order, decoded batch_size at a time; see NON_FINITE."""
-    from . import family_code, pipeline_family
-
     settings, vae = handoff.settings, pipeline.vae
     code = family_code(pipeline_family(pipeline))
     images = []

@@ -20,45 +20,40 @@ import torch
 
 from ..budget import device_key
 from ..handoff import Handoff
-from ..quantize import load_quantized
-from ..rundir import batch_latents_path, load_batch_latents
-from .interface import Work
+from ..quantize_load import load_quantized
+from .interface import Share, Work
 from .offload import apply_streamed_offload, cuda_device
 
 NAME = "denoise"
 
 
-def todo(handoff: Handoff, share) -> Work:
+def todo(handoff: Handoff, share: Share) -> Work:
     """The share's images, with run's options that keep each finished batch's latents in the run
     folder as it goes, and take those an interrupted run kept (a batch's own file, or its rows in
     `share.denoised`, {image index: latents row} from the shares of another number of processes)."""
-    request, settings, checkpoint = share.request, share.settings, share.checkpoint
+    settings, checkpoint = share.settings, share.checkpoint
     config, factor = checkpoint.transformer_config, checkpoint.vae_scale_factor
     tokens = (settings.height // (2 * factor)) * (settings.width // (2 * factor))
     batches = settings.batches()
     finished = {}
     for number, batch in enumerate(batches):
-        path = batch_latents_path(request.run_folder, settings.image_indices[batch.start])
         indices = [settings.image_indices[position] for position in batch]
         if all(index in share.denoised for index in indices):
             finished[number] = torch.stack([share.denoised[index] for index in indices])
-        elif request.resume and path.exists():
-            finished[number] = load_batch_latents(path, settings.subset(list(batch)),
-                                                  (len(batch), tokens, config["in_channels"]), settings.torch_dtype)
+        elif (kept := share.saved_batch_latents(batch, (len(batch), tokens, config["in_channels"]))) is not None:
+            finished[number] = kept
     if finished:
         done = sum(len(batches[number]) for number in finished)
         share.log(f"denoise: {done} of {len(settings.prompts)} image(s) finished earlier (their latents are in "
-                  f"{request.run_folder})")
+                  f"{share.run_folder})")
     return Work(handoff, {"finished_batches": finished,
                           "on_batch_done": lambda number, latents: share.save_batch_latents(batches[number], latents)})
 
 
-def finish(output: Handoff, share) -> Handoff:
+def finish(output: Handoff, share: Share) -> Handoff:
     """Kept in the run folder; then the batches' own files go: the handoff holds them all now."""
     share.save_handoff(output, NAME)
-    settings = share.settings
-    for batch in settings.batches():
-        batch_latents_path(share.request.run_folder, settings.image_indices[batch.start]).unlink(missing_ok=True)
+    share.remove_batch_latents()
     return output
 
 

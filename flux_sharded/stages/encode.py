@@ -21,22 +21,23 @@ from collections import Counter
 import torch
 
 from ..budget import device_key
+from ..checkpoint import pipeline_tokenizer
 from ..components import encode_only
 from ..families import encode_layers
 from ..handoff import Handoff
-from ..quantize import load_quantized
-from ..validate import pipeline_tokenizer
-from .interface import Work
+from ..quantize_load import load_quantized
+from .code import family_code, pipeline_family
+from .interface import Share, Work
 
 NAME = "encode"
 
 
-def todo(handoff: Handoff, share) -> Work:
-    """The prompts this share's encode runs on (runner.ShareRun.encoded), not the share's images."""
+def todo(handoff: Handoff, share: Share) -> Work:
+    """The prompts this share's encode runs on (Share.encoded), not the share's images."""
     return Work(Handoff(settings=share.encoded))
 
 
-def finish(output: Handoff, share) -> Handoff:
+def finish(output: Handoff, share: Share) -> Handoff:
     """A row per image of the share, from its prompt's row; kept in the run folder."""
     row_of = {prompt: row for row, prompt in enumerate(output.settings.prompts)}
     rows = [row_of[prompt] for prompt in share.settings.prompts]
@@ -109,8 +110,6 @@ def _quiet(name: str):
 
 def run(pipeline, handoff: Handoff, on_image_done=None, on_step=None) -> Handoff:
     """Encode each distinct prompt once, batch_size prompts per forward pass; rows per image."""
-    from . import family_code, pipeline_family
-
     settings = handoff.settings
     code = family_code(pipeline_family(pipeline))
     images_of = Counter(settings.prompts)
@@ -134,8 +133,6 @@ def run(pipeline, handoff: Handoff, on_image_done=None, on_step=None) -> Handoff
 
 
 def device_map(pipeline) -> dict[str, dict[str, str]]:
-    from . import pipeline_family
-
     placed = {}
     for name in pipeline_family(pipeline).stage_components()["encode"]:
         model = getattr(pipeline, name)

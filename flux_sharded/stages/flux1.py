@@ -20,16 +20,6 @@ def encode_batch(pipeline, prompts: list[str], settings) -> tuple[dict[str, torc
             {"text_ids": text_ids})
 
 
-def encoded_shapes(checkpoint, settings) -> dict[str, tuple]:
-    """Name -> shape of what encode_batch gives for the whole run (rows stacked)."""
-    count, tokens, config = len(settings.prompts), settings.max_sequence_length, checkpoint.transformer_config
-    return {
-        "prompt_embeds": (count, tokens, config["joint_attention_dim"]),  # T5's last hidden state
-        "pooled_prompt_embeds": (count, config["pooled_projection_dim"]),  # CLIP's pooled output
-        "text_ids": (tokens, 3),  # zeros
-    }
-
-
 def vae_latents(pipeline, vae, packed: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Packed latents (B, (H/2f)*(W/2f), 4*C) -> what vae.decode takes, (B, C, H/f, W/f)."""
     latents = pipeline._unpack_latents(packed, height, width, pipeline.vae_scale_factor)

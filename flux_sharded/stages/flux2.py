@@ -17,12 +17,6 @@ from __future__ import annotations
 import torch
 
 
-def second_pass_guidance(checkpoint, guidance: float) -> bool:
-    """Whether the pipeline guides with a second pass on the empty prompt (Flux2KleinPipeline's
-    do_classifier_free_guidance: guidance above 1 and a checkpoint not step-distilled)."""
-    return checkpoint.family.pipeline == "Flux2KleinPipeline" and guidance > 1 and not checkpoint.is_distilled
-
-
 def encode_batch(pipeline, prompts: list[str], settings) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """({name: (len(prompts), ...) rows, one per prompt}, {}): the prompt embeddings and, when the
     pipeline guides with a second pass, the empty prompt's, one row per prompt as __call__ makes them."""
@@ -35,17 +29,6 @@ def encode_batch(pipeline, prompts: list[str], settings) -> tuple[dict[str, torc
             prompt=[""] * len(prompts), num_images_per_prompt=1, max_sequence_length=settings.max_sequence_length,
         )
     return rows, {}
-
-
-def encoded_shapes(checkpoint, settings) -> dict[str, tuple]:
-    """Name -> shape of what encode_batch gives for the whole run (rows stacked)."""
-    count, tokens = len(settings.prompts), settings.max_sequence_length
-    # joint_attention_dim = len(text_encoder_out_layers) x the text encoder's width (validate.py)
-    shape = (count, tokens, checkpoint.transformer_config["joint_attention_dim"])
-    shapes = {"prompt_embeds": shape}
-    if second_pass_guidance(checkpoint, settings.guidance):
-        shapes["negative_prompt_embeds"] = shape
-    return shapes
 
 
 def vae_latents(pipeline, vae, packed: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -66,7 +49,7 @@ def vae_latents(pipeline, vae, packed: torch.Tensor, height: int, width: int) ->
 def guidance_ignored(checkpoint) -> str | None:
     """Why --guidance cannot change the pixels of this checkpoint, or None when it does: FLUX.2-dev
     embeds the guidance scale; klein guides (above 1) only when not step-distilled."""
-    if checkpoint.family.pipeline == "Flux2KleinPipeline":
+    if checkpoint.family.second_pass:  # klein
         return "the checkpoint is step-distilled: model_index.json 'is_distilled'" if checkpoint.is_distilled else None
     if checkpoint.transformer_config.get("guidance_embeds", True) is False:
         return "the transformer has no guidance embedding"

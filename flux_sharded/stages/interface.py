@@ -1,17 +1,50 @@
-"""The interface every stage module provides (`Stage`), and what a stage runs on (`Work`)."""
+"""The interface every stage module provides (`Stage`), what a stage runs on (`Work`), and what
+its todo and finish see of the run (`Share`, which the runner provides: runner.ShareRun)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 if TYPE_CHECKING:
     import torch
 
     from ..checkpoint import Checkpoint
-    from ..handoff import Handoff
+    from ..handoff import GenerationSettings, Handoff
     from ..plan import StagePlan
-    from ..runner import ShareRun
+
+
+class Share(Protocol):
+    """This process's share of a run, as a stage's todo and finish see it: its settings, images and
+    run folder, the log, and every write of the run (each failed write is one message that names
+    the work kept and the resume command). A stage reads and writes the run folder through it alone."""
+
+    settings: "GenerationSettings"  # the share's images (their indices over the whole run)
+    encoded: "GenerationSettings"  # the prompts its encode runs on (distributed.encode_positions)
+    checkpoint: "Checkpoint"
+    paths: list[Path]  # the share's images, in prompt order
+    denoised: dict  # {image index: latents row} saved by the shares of another number of processes
+    run_folder: Path
+    resume: bool  # continuing a run (--resume)
+    overwrite: bool  # existing images are made again (--overwrite)
+    log: Callable[[str], None]
+
+    def save_handoff(self, handoff: "Handoff", stage: str) -> None:
+        """The stage's checkpoint in the run folder, what a resume continues from."""
+
+    def save_batch_latents(self, batch: range, latents: "torch.Tensor") -> None:
+        """A finished denoise batch's latents (len(batch), tokens, channels), until the stage's handoff is saved."""
+
+    def saved_batch_latents(self, batch: range, shape: tuple) -> "torch.Tensor | None":
+        """The latents of `batch` that an interrupted run kept (save_batch_latents), checked against
+        the batch's settings, `shape` and the run's dtype; None when resuming nothing or none were kept."""
+
+    def remove_batch_latents(self) -> None:
+        """Remove every batch's own latents file: the stage's handoff holds them all now."""
+
+    def write_image(self, position: int, image) -> None:
+        """The share's image `position` as a PNG with the settings that made it."""
 
 
 @dataclass(frozen=True)
@@ -29,7 +62,7 @@ class Stage(Protocol):
 
     NAME: str  # "encode", "denoise", "decode": its plan's, report's and run folder's name
 
-    def todo(self, handoff: "Handoff", share: "ShareRun") -> Work | None:
+    def todo(self, handoff: "Handoff", share: "Share") -> Work | None:
         """What this stage runs on, from the previous stage's handoff; None when nothing is left to do."""
 
     def load(self, checkpoint: "Checkpoint", stage_plan: "StagePlan", dtype: "torch.dtype",
@@ -43,5 +76,5 @@ class Stage(Protocol):
             on_step: Callable[[int, int], None] | None = None, **options) -> "Handoff":
         """The next handoff, with this stage's NAME added to its finished_stages."""
 
-    def finish(self, output: "Handoff", share: "ShareRun") -> "Handoff":
+    def finish(self, output: "Handoff", share: "Share") -> "Handoff":
         """What the next stage takes, kept (run folder, PNGs) through `share`."""

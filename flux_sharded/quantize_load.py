@@ -1,0 +1,57 @@
+"""`--quantize`'s loader: a component read from its checkpoint folder with its quantization
+(quantize.py says which methods, quantize_bytes.py what they store), compute in `--dtype`."""
+
+from __future__ import annotations
+
+import torch
+
+from .quantize import prequantized
+from .quantize_bytes import fp8_cast
+
+def from_pretrained(model_class, path, subfolder: str, method: str | None, dtype: torch.dtype,
+                    device_map: dict | None = None, **kwargs):
+    """`model_class.from_pretrained` with the component's quantization, compute in `dtype`.
+
+    None: as is, with `device_map`. fp8 and int8: loaded on the CPU (int8 quantized as it loads,
+    fp8 cast right after), for the caller to place (offload.place): loading in `dtype` straight
+    onto a GPU would hold the unquantized weights there, and diffusers' torchao quantizer skips
+    every module a device map sends to the CPU. nf4: bitsandbytes quantizes as it loads onto the
+    devices of `device_map`, whole (bitsandbytes' 4-bit layers cannot be offloaded): GPUs, or the
+    CPU for a text encoder. A pre-quantized component (prequantized) loads as it is stored, with
+    its own quantization_config.
+    """
+    common = dict(subfolder=subfolder, dtype=dtype, use_safetensors=True, **kwargs)
+    if not method or subfolder in prequantized(path):  # a pre-quantized component loads as it is stored
+        return model_class.from_pretrained(path, device_map=device_map, **common)
+    diffusers_model = model_class.__module__.startswith("diffusers")
+    if method == "fp8":
+        model = model_class.from_pretrained(path, **common)
+        fp8_cast(model, dtype)
+        return model
+    import diffusers
+    import transformers
+
+    library = diffusers if diffusers_model else transformers
+    if method == "int8":
+        from torchao.quantization import Int8WeightOnlyConfig
+
+        return model_class.from_pretrained(path, quantization_config=library.TorchAoConfig(Int8WeightOnlyConfig()),
+                                           **common)
+    if method == "nf4":
+        config = library.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+        return model_class.from_pretrained(path, quantization_config=config, device_map=device_map, **common)
+    raise ValueError(f"unknown quantization method {method!r}")
+
+
+def load_quantized(model_class, path, subfolder: str, component_plan, dtype: torch.dtype, gpu_device=None):
+    """A quantized component (component_plan.quantization set) loaded and placed as its plan says:
+    fp8 and int8 load on the CPU, then move (stages/offload.place: whole, over GPUs, or streamed);
+    nf4 loads straight onto its GPUs."""
+    from .stages.offload import cuda_device, place
+
+    method = component_plan.quantization
+    model = from_pretrained(model_class, path, subfolder, method, dtype,
+                            device_map=dict(component_plan.device_map) if method == "nf4" else None)
+    if method != "nf4":
+        place(model, dict(component_plan.device_map), gpu_device or cuda_device)
+    return model
