@@ -27,6 +27,7 @@ from .budget import (
 from .checkpoint import DEFAULT_MODEL
 from .errors import BudgetError, CheckpointError, FluxShardedError, OutputError, SettingsError
 from .families import FAMILIES, FLUX_1, FLUX_1_SCHNELL_DEFAULTS, FLUX_2_KLEIN_BASE_DEFAULTS
+from .settings import DTYPE_NAMES, MAX_TEXT_TOKENS, resume_options, setting
 
 # The default model's family's defaults (FluxPipeline.__call__'s, so that a bare run matches
 # diffusers); another family's checkpoint takes its own (families.py) unless the option is given.
@@ -36,9 +37,10 @@ DEFAULT_MAX_SEQUENCE_LENGTH = FLUX_1.max_sequence_length
 EXIT_INTERRUPTED = 130  # the shell's code for a process stopped by Ctrl-C
 DEBUG_VARIABLE = "FLUX_SHARDED_DEBUG"  # =1: an error also prints the traceback of its cause
 # Options that decide the pixels: on --resume they come from the run folder, and one given on the
-# command line must agree with it.
-SAVED_OPTIONS = ("prompts", "prompts_file", "num_images_per_prompt", "seed", "model", "steps", "guidance", "height",
-                 "width", "max_sequence_length", "dtype", "batch_size", "out_dir", "run_dir", "quantize")
+# command line must agree with it: those that make the prompts and seeds (prompts.expand), each
+# setting of the schema set by an option of its own (settings.resume_options), and the folders.
+PROMPT_OPTIONS = ("prompts", "prompts_file", "num_images_per_prompt", "seed")
+SAVED_OPTIONS = (*PROMPT_OPTIONS, *resume_options(), "out_dir", "run_dir")
 
 
 def _gpu_count() -> int:
@@ -104,7 +106,8 @@ class _PathParam(click.Path):
     help='More prompts: one per line (# comments), or JSON Lines {"prompt": ..., "seed": ...}; after --prompt.',
 )
 @click.option("--num-images-per-prompt", type=int, default=1, show_default=True, help="Images of each prompt.")
-@click.option("--batch-size", type=int, default=1, show_default=True, help="Images per forward pass.")
+@click.option("--batch-size", type=int, default=setting("batch_size").default, show_default=True,
+              help="Images per forward pass.")
 @click.option(
     "--max-memory",
     type=BudgetType(),
@@ -134,15 +137,15 @@ class _PathParam(click.Path):
 @click.option("--width", type=int, default=None, help="Image width in pixels. Default: 128 x the VAE factor (1024).")
 @click.option(
     "--max-sequence-length", type=int, default=DEFAULT_MAX_SEQUENCE_LENGTH,
-    help=f"T5 prompt tokens (1-512). Default: {DEFAULT_MAX_SEQUENCE_LENGTH} "
+    help=f"T5 prompt tokens (1-{MAX_TEXT_TOKENS}). Default: {DEFAULT_MAX_SEQUENCE_LENGTH} "
     f"(FLUX.1-schnell {FLUX_1_SCHNELL_DEFAULTS['max_sequence_length']}).",
 )
 @click.option(
-    "--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True,
+    "--dtype", type=click.Choice(DTYPE_NAMES), default=setting("dtype").default, show_default=True,
     help="Weights and compute dtype.",
 )
 @click.option(
-    "--quantize", default="none", show_default=True, metavar="SPEC",
+    "--quantize", default=setting("quantize").default, show_default=True, metavar="SPEC",
     help="Store weights in fewer bits, compute in --dtype: none, fp8, int8 or nf4 for the transformer and the large "
     "text encoder (T5, Mistral, Qwen3), or per component (transformer=nf4,text_encoder_2=int8).",
 )
@@ -337,17 +340,13 @@ def _check_agrees(given: list[str], options: dict, saved, checkpoint) -> None:
     from .prompts import expand
 
     settings = saved.settings
-    if {"prompts", "prompts_file", "num_images_per_prompt", "seed"} & set(given):
+    if set(PROMPT_OPTIONS) & set(given):
         lines = _prompt_lines(options["prompts"], options["prompts_file"])
         if expand(lines, options["seed"], options["num_images_per_prompt"]) != (settings.prompts, settings.seeds):
             raise SettingsError("--resume: the prompts or seeds given differ from the saved run's; drop them to "
                                 "continue it, or start a new run")
-    saved_values = {
-        "model": settings.model, "steps": settings.steps, "guidance": settings.guidance, "height": settings.height,
-        "width": settings.width, "max_sequence_length": settings.max_sequence_length, "dtype": settings.dtype,
-        "batch_size": settings.batch_size, "out_dir": saved.out_dir.absolute(),
-        "quantize": settings.quantize,
-    }
+    saved_values = {**{name: getattr(settings, name) for name in resume_options()},
+                    "out_dir": saved.out_dir.absolute()}
     if "quantize" in given:
         from .quantize import format_quantize, parse_quantize
 

@@ -137,6 +137,9 @@ class Family:
     max_sequence_length: int  # default --max-sequence-length
     sample_size: int  # default height and width = sample_size x the VAE's scale factor (pipeline.default_sample_size)
     runs: bool  # the stages can run it; otherwise only --dry-run plans it
+    # The most text tokens the pipeline takes: FluxPipeline refuses more than 512 (T5 was trained
+    # on 512 tokens); Flux2Pipeline's default and the length its chat template pads to is 512.
+    text_token_limit: int = 512
     # name -> shape of the embeddings its encode keeps (the handoff's tensors before denoise)
     encoded: Callable[[dict, int, int, bool], dict[str, tuple]] = _flux1_encoded
     # Guides with a second transformer pass on the empty prompt when the checkpoint is not

@@ -19,33 +19,20 @@ from pathlib import Path
 
 import torch
 
+from . import settings as schema
 from .files import atomic_write
+from .quantize import parse_quantize
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+DTYPES = {name: getattr(torch, name) for name in schema.DTYPE_NAMES}
 
 
-@dataclass(frozen=True)
-class GenerationSettings:
-    """Everything that decides the pixels, besides the weights. JSON-serialisable."""
-
-    model: str
-    prompts: tuple[str, ...]
-    seeds: tuple[int, ...]  # one per image, in prompt order
-    steps: int
-    guidance: float
-    height: int
-    width: int
-    max_sequence_length: int
-    dtype: str  # a key of DTYPES
-    indices: tuple[int, ...] = ()  # each image's index over the whole run (several processes); () = 0, 1, ...
-    batch_size: int = 1  # images per forward pass
-    quantize: str = "none"  # --quantize as quantize.format_quantize writes it ("transformer=fp8,...")
+class _Settings:
+    """GenerationSettings' methods; its fields are the schema's (settings.SETTINGS, `saved`)."""
 
     @property
     def quantization(self) -> dict[str, str]:
         """Component -> quantization method ("fp8", "int8", "nf4"); {} when stored in --dtype."""
-        from .quantize import parse_quantize
-
         return parse_quantize(self.quantize)
 
     @property
@@ -63,21 +50,27 @@ class GenerationSettings:
 
     def subset(self, positions: list[int]) -> "GenerationSettings":
         """The settings of some of the images (one process's share), keeping their global indices."""
-        return dataclasses.replace(
-            self,
-            prompts=tuple(self.prompts[p] for p in positions),
-            seeds=tuple(self.seeds[p] for p in positions),
-            indices=tuple(self.image_indices[p] for p in positions),
-        )
+        return dataclasses.replace(self, **{
+            each.name: tuple((self.image_indices if each.name == "indices" else getattr(self, each.name))[p]
+                             for p in positions)
+            for each in schema.saved_settings() if each.per_image})
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_json(cls, data: dict) -> "GenerationSettings":
-        data = dict(data, prompts=tuple(data["prompts"]), seeds=tuple(data["seeds"]),
-                    indices=tuple(data.get("indices", ())))
-        return cls(**data)
+        return cls(**{name: tuple(value) if isinstance(value, list) else value for name, value in data.items()})
+
+
+# Everything that decides the pixels, besides the weights; JSON-serialisable. Its fields, in
+# order, with their types and defaults, are the schema's settings that are `saved`.
+GenerationSettings = dataclasses.make_dataclass(
+    "GenerationSettings",
+    [(each.name, each.type, field(default=each.default) if each.optional else field())
+     for each in schema.saved_settings()],
+    bases=(_Settings,), frozen=True)
+GenerationSettings.__module__ = __name__
 
 
 TENSOR_FIELDS = ("prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds", "text_ids", "latents")

@@ -76,17 +76,10 @@ from .rundir import (
     write_run,
 )
 from .stages import STAGES, Stage, Work, family_code
-from .validate import (
-    MAX_BATCH_SIZE,
-    MAX_SIDE,
-    MAX_STEPS,
-    check_prompts,
-    check_run_image,
-)
+from .settings import MAX_BATCH_SIZE, MAX_SIDE, MAX_STEPS, SEED_MAX, SEED_MIN, png_fields
+from .validate import check_prompts, check_run_image
 
 SINGLE_PROCESS = Process(index=0, count=1)
-SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # torch.Generator.manual_seed's range (int64 or uint64)
-MAX_SEQUENCE_LENGTH_LIMIT = 512  # FluxPipeline refuses more: T5 was trained on 512 tokens
 
 
 @dataclass(frozen=True)
@@ -151,9 +144,9 @@ def check_settings(request: RunRequest) -> None:
         raise SettingsError(f"--batch-size {settings.batch_size}: at most {MAX_BATCH_SIZE}")
     if not settings.guidance >= 0 or math.isinf(settings.guidance):  # also refuses nan
         raise SettingsError(f"--guidance {settings.guidance}: give a finite guidance scale of 0 or more (default 3.5)")
-    if not 1 <= settings.max_sequence_length <= MAX_SEQUENCE_LENGTH_LIMIT:
+    if not 1 <= settings.max_sequence_length <= family.text_token_limit:
         raise SettingsError(
-            f"--max-sequence-length {settings.max_sequence_length}: use 1 to {MAX_SEQUENCE_LENGTH_LIMIT} tokens"
+            f"--max-sequence-length {settings.max_sequence_length}: use 1 to {family.text_token_limit} tokens"
         )
 
 
@@ -298,7 +291,7 @@ def execute(request: RunRequest, log: Callable[[str], None] = lambda message: No
             settings = request.settings
             for position, path in enumerate(paths):
                 if path.exists():
-                    check_run_image(path, _png_metadata(settings, settings.prompts[position], settings.seeds[position],
+                    check_run_image(path, _png_metadata(settings, position,
                                                         request.budget, fingerprint_digest(fingerprint),
                                                         checkpoint))
         images = len(request.settings.prompts)
@@ -405,7 +398,7 @@ class ShareRun:
         """The share's image `position` as a PNG with the settings that made it."""
         settings, path = self.settings, self.paths[position]
         with _writing(path, self.request, self.saved):
-            save_png(image, path, _png_metadata(settings, settings.prompts[position], settings.seeds[position],
+            save_png(image, path, _png_metadata(settings, position,
                                                 self.request.budget, self.weights, self.checkpoint))
         self.written.append(str(path.absolute()))
 
@@ -578,22 +571,12 @@ def _out_of_memory_message(stage: str, error: Exception, request: RunRequest, st
     )
 
 
-def _png_metadata(settings: GenerationSettings, prompt: str, seed: int, budget: Budget, weights: str,
+def _png_metadata(settings: GenerationSettings, position: int, budget: Budget, weights: str,
                   checkpoint: Checkpoint) -> dict[str, str]:
-    """Every setting that decides the pixels, and the weights (checkpoint.fingerprint_digest)."""
+    """Every setting the schema records in the PNGs (settings.png_fields: those that decide the
+    pixels, and the budget), and the weights (checkpoint.fingerprint_digest)."""
+    fields = png_fields(settings, position, {"max_memory": format_budget(budget)})
     ignored = family_code(checkpoint.family).guidance_ignored(checkpoint)
-    return {
-        "prompt": prompt,
-        "seed": str(seed),
-        "steps": str(settings.steps),
-        "guidance": f"none ({ignored})" if ignored else str(settings.guidance),
-        "size": f"{settings.width}x{settings.height}",
-        "max_sequence_length": str(settings.max_sequence_length),
-        "batch_size": str(settings.batch_size),
-        "model": settings.model,
-        "weights": weights,
-        "dtype": settings.dtype,
-        "quantize": settings.quantize,
-        "max_memory": format_budget(budget),
-        "software": "flux-sharded",
-    }
+    if ignored:
+        fields["guidance"] = f"none ({ignored})"
+    return {**fields, "weights": weights, "software": "flux-sharded"}

@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .budget import MAX_DEVICE_BYTES, Budget
+from . import settings as schema
 from .errors import CheckpointError, SettingsError
 from .families import FLUX_1, encode_layers, encode_out_layers, family_for
-from .quantize import QuantizeError, format_quantize, parse_quantize
 
 if TYPE_CHECKING:
     import torch
@@ -39,12 +39,8 @@ MAX_VOCAB = 1_000_000
 MAX_VAE_BLOCKS = 6  # a scale factor of 2**5 = 32; FLUX.1's VAE has 4 blocks (factor 8)
 
 
-# Ranges of the settings, checked on the command line (runner.check_settings) and in run.json alike,
-# so that a run the tool starts can always be resumed: far beyond any real use, they bound what a
-# damaged file can make the tool allocate.
-MAX_STEPS = 100_000
-MAX_SIDE = 2**20  # pixels
-MAX_BATCH_SIZE = 2**20
+# As the settings' ranges (settings.py), far beyond any real use, bounding what a damaged run.json
+# can make the tool allocate.
 MAX_PROCESSES = 100_000
 MAX_PROCESS_COUNTS = 1000  # run.json's resumed_processes: one entry per resume with a new count
 
@@ -297,53 +293,59 @@ def check_prompts(prompts) -> None:
 
 # ---------------------------------------------------------------- run.json and stage checkpoints
 
-SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # torch.Generator.manual_seed's range (int64 or uint64)
-
-
 def _entries(count: int) -> str:
     return f"{count} entry" if count == 1 else f"{count} entries"
 
 
 def settings_fields(data, where: str, fix: str, prefix: str = "settings.") -> dict:
-    """A GenerationSettings' JSON, checked: the keyword arguments to build it."""
-    from .handoff import DTYPES  # here, not at the top: it imports torch, which the first checks wait for
-
+    """A GenerationSettings' JSON, checked: the keyword arguments to build it. Every field and its
+    check come from the settings schema (settings.py): first the per-image lists (each as long as
+    `prompts`), then that no field is unknown, then the others in the schema's order."""
     settings = JsonFields(data, where, fix, prefix=prefix)
-    prompts = settings.list_of("prompts", lambda p: isinstance(p, str) and p.strip() != "", "non-empty texts", 1)
-    seeds = settings.list_of("seeds", lambda s: _is_int(s) and SEED_MIN <= s <= SEED_MAX,
-                             f"whole numbers {SEED_MIN}..{SEED_MAX}")
-    indices = settings.list_of("indices", lambda i: _is_int(i) and i >= 0, "whole numbers >= 0", optional=True) or []
-    for field, values in (("seeds", seeds), ("indices", indices)):  # one per image, as 'prompts'
-        if values and len(values) != len(prompts) or field == "seeds" and not values:
-            settings.fail(f"has {_entries(len(values))} for {len(prompts)} prompts (one per image)", field)
-    known = {"model", "prompts", "seeds", "steps", "guidance", "height", "width", "max_sequence_length", "dtype",
-             "indices", "batch_size", "quantize"}
-    unknown = sorted(set(settings.data) - known)
+    saved = schema.saved_settings()
+    values = {each.name: _list_field(settings, each) for each in saved if each.type is tuple}
+    count = len(values["prompts"])
+    for each in saved:
+        found = values.get(each.name)
+        if each.per_image and each.name != "prompts" and (found or not each.optional) and len(found) != count:
+            settings.fail(f"has {_entries(len(found))} for {count} prompts (one per image)", each.name)
+    unknown = sorted(set(settings.data) - {each.name for each in saved})
     if unknown:
         settings.fail("is not a setting this version knows", unknown[0])
-    return dict(
-        model=settings.string("model"),
-        prompts=tuple(prompts),
-        seeds=tuple(seeds),
-        steps=settings.integer("steps", 1, MAX_STEPS),
-        guidance=float(settings.number("guidance", 0)),
-        height=settings.integer("height", 1, MAX_SIDE),
-        width=settings.integer("width", 1, MAX_SIDE),
-        max_sequence_length=settings.integer("max_sequence_length", 1, 512),
-        dtype=settings.string("dtype", choices=tuple(DTYPES)),
-        indices=tuple(indices),
-        batch_size=settings.integer("batch_size", 1, MAX_BATCH_SIZE, optional=True) or 1,
-        quantize=_quantize_field(settings),
-    )
+    for each in saved:
+        if each.type is not tuple:
+            values[each.name] = _field(settings, each)
+    return {each.name: values[each.name] for each in saved}
 
 
-def _quantize_field(settings: "JsonFields") -> str:
-    """The saved --quantize, which must parse as the option does (quantize.parse_quantize)."""
-    spec = settings.string("quantize", optional=True) or "none"
-    try:
-        return format_quantize(parse_quantize(spec))
-    except QuantizeError as error:
-        settings.fail(f"is not a quantization spec ({str(error).removeprefix('--quantize: ')})", "quantize")
+def _list_field(settings: JsonFields, each) -> tuple:
+    if each.item is str:
+        check, what = (lambda item: isinstance(item, str) and item.strip() != ""), "non-empty texts"
+    else:
+        low, high = each.low, each.high
+        check = lambda item: _is_int(item) and (low is None or item >= low) and (high is None or item <= high)
+        what = f"whole numbers {low}..{high}" if high is not None else f"whole numbers >= {low}"
+    found = settings.list_of(each.name, check, what, each.min_items, optional=each.optional)
+    return each.default if found is None else tuple(found)
+
+
+def _field(settings: JsonFields, each):
+    if each.type is int:
+        found = settings.integer(each.name, each.low, each.high, optional=each.optional)
+    elif each.type is float:
+        found = settings.number(each.name, each.low, optional=each.optional)
+        found = None if found is None else float(found)
+    else:
+        found = settings.string(each.name, optional=each.optional, choices=each.choices or None)
+    if found is None or (each.type is str and each.optional and not found):  # an empty text: the default
+        found = each.default
+    if each.canonical is not None:
+        try:
+            found = each.canonical(found)
+        except SettingsError as error:
+            problem = str(error).removeprefix(f"--{each.name.replace('_', '-')}: ")
+            settings.fail(f"is not a {each.help} ({problem})", each.name)
+    return found
 
 
 def saved_run_fields(data, where: str, fix: str, format_version: int) -> dict:
@@ -419,11 +421,6 @@ def check_handoff_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, 
 
 # ---------------------------------------------------------------- images found on --resume
 
-# PNG text fields (runner._png_metadata) that do not decide the pixels: a resume may run under
-# another budget.
-IMAGE_FIELDS_NOT_DECIDING = ("max_memory",)
-
-
 def check_run_image(path: Path, expected: dict[str, str]) -> None:
     """An image that exists on --resume counts as written earlier by the run only if it is a PNG
     whose text fields (images.save_png) record the run's settings for it and its weights; anything
@@ -440,6 +437,7 @@ def check_run_image(path: Path, expected: dict[str, str]) -> None:
         raise SettingsError(f"--resume: {path} exists but is not an image flux-sharded wrote (not a PNG with its "
                             f"settings); {fix}")
     for field, value in expected.items():
-        if field not in IMAGE_FIELDS_NOT_DECIDING and found.get(field) != value:
+        # a field that does not decide the pixels (settings.fields_not_deciding: the budget) may differ
+        if field not in schema.fields_not_deciding() and found.get(field) != value:
             raise SettingsError(f"--resume: {path} exists but is not this run's image: its {field} is "
                                 f"{found.get(field)!r}, the run's {value!r}; {fix}")

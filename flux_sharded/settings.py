@@ -1,0 +1,137 @@
+"""The settings schema: every setting of a run said once, with its type, range, default and
+whether it decides the pixels.
+
+Derived from it, and nowhere written again:
+- `handoff.GenerationSettings`, the frozen dataclass of the settings that travel with the run
+  (`saved`): its fields, in this order, and so run.json's "settings" and the run folder's default
+  name (rundir.default_run_dir hashes them);
+- validate.settings_fields, which checks those fields of run.json and the handoffs' JSON;
+- cli: the options whose value on --resume must agree with the saved run (`option`), and the
+  defaults shown in --help;
+- the PNG text fields (`png`: runner._png_metadata writes them, validate.check_run_image compares
+  those that decide the pixels).
+
+Adding a setting is one entry in SETTINGS plus its command-line option. This module imports no
+torch (the command line reads it before torch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .families import FAMILIES
+from .quantize import format_quantize, parse_quantize
+
+DTYPE_NAMES = ("bfloat16", "float16", "float32")  # --dtype; handoff.DTYPES maps them to torch's
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # torch.Generator.manual_seed's range (int64 or uint64)
+# Ranges of the settings, checked on the command line (runner.check_settings) and in run.json alike,
+# so that a run the tool starts can always be resumed: far beyond any real use, they bound what a
+# damaged file can make the tool allocate.
+MAX_STEPS = 100_000
+MAX_SIDE = 2**20  # pixels
+MAX_BATCH_SIZE = 2**20
+# The most text tokens any family's pipeline takes (families.Family.text_token_limit); a run of a
+# family is held to its own.
+MAX_TEXT_TOKENS = max(family.text_token_limit for family in FAMILIES.values())
+
+
+class _Marker:
+    def __init__(self, name: str):
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+REQUIRED = _Marker("REQUIRED")  # no default
+FAMILY = _Marker("FAMILY")  # the checkpoint's (families.generation_defaults, Checkpoint.default_size)
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str  # the GenerationSettings field, run.json key and command-line option (--max-sequence-length)
+    type: type  # int, float, str, or tuple (one entry per image, of `item`)
+    help: str  # what it is, in the user's words
+    default: Any = REQUIRED  # the option's: REQUIRED (none), FAMILY (the checkpoint's), or the value
+    low: float | None = None  # range, inclusive (a tuple's entries)
+    high: float | None = None
+    choices: tuple[str, ...] = ()  # the texts accepted
+    item: type | None = None  # a tuple's entries: int or str (non-empty)
+    min_items: int = 0
+    per_image: bool = False  # a tuple with one entry per image, as many as `prompts` has
+    # The saved text of any text it accepts ('none' for 'NONE'); raises the project's SettingsError
+    # for one it refuses.
+    canonical: Callable[[str], str] | None = None
+    saved: bool = True  # a field of GenerationSettings (run.json "settings")
+    # run.json may lack it (an earlier version did not write it): then `default` is the value.
+    may_be_missing: bool = False
+    # Set by its own command-line option, which on --resume must repeat the saved value or be left out.
+    option: bool = False
+    decides_pixels: bool = True  # false: a resume may change it (the budget)
+    # The PNG text field that records it, and how, from (settings, image position); None: not recorded.
+    png: str | None = None
+    png_text: Callable[[Any, int], str] | None = None
+
+    @property
+    def optional(self) -> bool:
+        """run.json may leave it out, and GenerationSettings has a default for it."""
+        return self.may_be_missing
+
+    def png_value(self, settings, position: int) -> str:
+        if self.png_text is not None:
+            return self.png_text(settings, position)
+        value = getattr(settings, self.name)
+        return str(value[position] if self.per_image else value)
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("model", str, "Hub id or local diffusers folder (a folder kept absolute)", option=True, png="model"),
+    Setting("prompts", tuple, "one per image, in order", item=str, min_items=1, per_image=True, png="prompt"),
+    Setting("seeds", tuple, "one per image", item=int, low=SEED_MIN, high=SEED_MAX, per_image=True, png="seed"),
+    Setting("steps", int, "denoising steps", FAMILY, low=1, high=MAX_STEPS, option=True, png="steps"),
+    Setting("guidance", float, "guidance scale", FAMILY, low=0, option=True, png="guidance"),
+    Setting("height", int, "image height in pixels", FAMILY, low=1, high=MAX_SIDE, option=True),
+    Setting("width", int, "image width in pixels", FAMILY, low=1, high=MAX_SIDE, option=True, png="size",
+            png_text=lambda settings, position: f"{settings.width}x{settings.height}"),
+    Setting("max_sequence_length", int, "text tokens", FAMILY, low=1, high=MAX_TEXT_TOKENS, option=True,
+            png="max_sequence_length"),
+    Setting("dtype", str, "weights and compute dtype", "bfloat16", choices=DTYPE_NAMES, option=True, png="dtype"),
+    Setting("indices", tuple, "each image's index over the whole run (several processes); () = 0, 1, ...", (),
+            item=int, low=0, per_image=True, may_be_missing=True),
+    Setting("batch_size", int, "images per forward pass", 1, low=1, high=MAX_BATCH_SIZE, option=True,
+            png="batch_size", may_be_missing=True),
+    # as quantize.format_quantize writes it ("transformer=fp8,text_encoder_2=fp8")
+    Setting("quantize", str, "quantization spec", "none", canonical=lambda spec: format_quantize(parse_quantize(spec)),
+            option=True, png="quantize", may_be_missing=True),
+    # Not GenerationSettings': the run's, recorded in the PNGs (runner._png_metadata) but free to change.
+    Setting("max_memory", str, "the budget, budget.format_budget", saved=False, decides_pixels=False,
+            png="max_memory"),
+)
+
+
+def setting(name: str) -> Setting:
+    return next(each for each in SETTINGS if each.name == name)
+
+
+def saved_settings() -> tuple[Setting, ...]:
+    """The fields of GenerationSettings, in order."""
+    return tuple(each for each in SETTINGS if each.saved)
+
+
+def resume_options() -> tuple[str, ...]:
+    """The settings set by an option of their own, which --resume checks against the saved run."""
+    return tuple(each.name for each in SETTINGS if each.option)
+
+
+def png_fields(settings, position: int, run: dict[str, str]) -> dict[str, str]:
+    """The PNG text fields of the image at `position`: every setting with a `png` field, from
+    `settings` (GenerationSettings) or, for a run's setting that is not one of its fields, `run`."""
+    return {each.png: each.png_value(settings, position) if each.saved else run[each.name]
+            for each in SETTINGS if each.png}
+
+
+def fields_not_deciding() -> tuple[str, ...]:
+    """PNG text fields that do not decide the pixels (a resume may run under another budget)."""
+    return tuple(each.png for each in SETTINGS if each.png and not each.decides_pixels)
+
