@@ -26,7 +26,7 @@ from .budget import (
 )
 from .checkpoint import DEFAULT_MODEL
 from .errors import BudgetError, CheckpointError, FluxShardedError, OutputError, SettingsError
-from .families import FAMILIES, FLUX_1, FLUX_1_SCHNELL_DEFAULTS, FLUX_2_KLEIN_BASE_DEFAULTS
+from .families import FAMILIES, FLUX_1, VARIANT_DEFAULTS
 from .settings import DTYPE_NAMES, MAX_TEXT_TOKENS, resume_options, setting
 
 # The default model's family's defaults (FluxPipeline.__call__'s, so that a bare run matches
@@ -124,21 +124,20 @@ class _PathParam(click.Path):
 @click.option(
     "--steps", type=int, default=DEFAULT_STEPS,
     help="Denoising steps. Default: the model's (" + ", ".join(f"{f.name} {f.steps}" for f in FAMILIES.values())
-    + f"; FLUX.1-schnell {FLUX_1_SCHNELL_DEFAULTS['steps']}, klein not distilled "
-    f"{FLUX_2_KLEIN_BASE_DEFAULTS['steps']}).",
+    + "; " + ", ".join(f"{name} {defaults['steps']}" for name, defaults in VARIANT_DEFAULTS.items()) + ").",
 )
 @click.option(
     "--guidance", type=float, default=DEFAULT_GUIDANCE,
     help="Guidance scale. Default: the model's (" + ", ".join(f"{f.name} {f.guidance:g}" for f in FAMILIES.values())
-    + f"; FLUX.1-schnell {FLUX_1_SCHNELL_DEFAULTS['guidance']:g}, klein not distilled "
-    f"{FLUX_2_KLEIN_BASE_DEFAULTS['guidance']:g}).",
+    + "; " + ", ".join(f"{name} {defaults['guidance']:g}" for name, defaults in VARIANT_DEFAULTS.items()) + ").",
 )
 @click.option("--height", type=int, default=None, help="Image height in pixels. Default: 128 x the VAE factor (1024).")
 @click.option("--width", type=int, default=None, help="Image width in pixels. Default: 128 x the VAE factor (1024).")
 @click.option(
     "--max-sequence-length", type=int, default=DEFAULT_MAX_SEQUENCE_LENGTH,
     help=f"T5 prompt tokens (1-{MAX_TEXT_TOKENS}). Default: {DEFAULT_MAX_SEQUENCE_LENGTH} "
-    f"(FLUX.1-schnell {FLUX_1_SCHNELL_DEFAULTS['max_sequence_length']}).",
+    "(" + ", ".join(f"{name} {defaults['max_sequence_length']}" for name, defaults in VARIANT_DEFAULTS.items()
+                    if defaults["max_sequence_length"] != DEFAULT_MAX_SEQUENCE_LENGTH) + ").",
 )
 @click.option(
     "--dtype", type=click.Choice(DTYPE_NAMES), default=setting("dtype").default, show_default=True,

@@ -2,7 +2,7 @@
 
 A checkpoint's `model_index.json` names its pipeline class (`_class_name`); that class selects
 one `Family` here. A family lists its components (the folder name, the library and class that
-load it, the stage that loads it, the activation estimate of one forward pass, a text encoder's
+load it, the stages that load it, the activation estimate of one forward pass, a text encoder's
 tokenizer folder, whether `--quantize METHOD` takes it as large), its
 generation defaults, whether flux-sharded can run it or only plan it, and the module with its side
 of the stages (stages/flux1.py, flux2.py). Everything else (components.py building on meta,
@@ -112,7 +112,9 @@ class Component:
     name: str  # the checkpoint's folder and model_index.json key
     library: str  # "transformers" or "diffusers"
     class_name: str  # as in model_index.json
-    stage: str  # "encode", "denoise" or "decode": the stage that loads it
+    # The stages that load it ("encode", "denoise", "decode"), each planning and placing it for its
+    # own pass: a VAE that encodes reference images before denoise and decodes after it names two.
+    stages: tuple[str, ...]
     activation: Callable[[dict, Geometry, bool], int]  # bytes of one image's (prompt's) forward pass
     # A decoder-only text encoder whose encode reads intermediate hidden states: only its first
     # encode_layers(pipeline) decoder layers are planned (components.encode_only).
@@ -146,7 +148,7 @@ class Family:
     # step-distilled and guidance is above 1 (Flux2KleinPipeline's do_classifier_free_guidance).
     second_pass: bool = False
     # The module in flux_sharded/stages/ with the family's side of the stages (what encode keeps,
-    # what decode gives the VAE, the handoff's shapes): stages.family_code imports it.
+    # what decode gives the VAE, why guidance is ignored): the key of stages.code.CODE.
     code: str = "flux1"
 
     def component(self, name: str) -> Component:
@@ -173,19 +175,19 @@ class Family:
 
     def stage_components(self) -> dict[str, tuple[str, ...]]:
         """Stage -> the components it loads, in stage order."""
-        return {stage: tuple(c.name for c in self.components if c.stage == stage) for stage in STAGES}
+        return {stage: tuple(c.name for c in self.components if stage in c.stages) for stage in STAGES}
 
 
 FLUX_1 = Family(
     name="FLUX.1",
     pipeline="FluxPipeline",
     components=(
-        Component("text_encoder", "transformers", "CLIPTextModel", "encode", _clip,
+        Component("text_encoder", "transformers", "CLIPTextModel", ("encode",), _clip,
                   tokenizer="tokenizer", tokenizer_files=BPE_FILES),
-        Component("text_encoder_2", "transformers", "T5EncoderModel", "encode", _t5,
+        Component("text_encoder_2", "transformers", "T5EncoderModel", ("encode",), _t5,
                   tokenizer="tokenizer_2", tokenizer_files=SENTENCEPIECE_FILES, large=True),
-        Component("transformer", "diffusers", "FluxTransformer2DModel", "denoise", _flux_transformer, large=True),
-        Component("vae", "diffusers", "AutoencoderKL", "decode", _vae),
+        Component("transformer", "diffusers", "FluxTransformer2DModel", ("denoise",), _flux_transformer, large=True),
+        Component("vae", "diffusers", "AutoencoderKL", ("decode",), _vae),
     ),
     steps=28,  # FluxPipeline.__call__'s defaults, so that a bare run matches diffusers
     guidance=3.5,
@@ -197,11 +199,11 @@ FLUX_2_DEV = Family(
     name="FLUX.2-dev",
     pipeline="Flux2Pipeline",
     components=(
-        Component("text_encoder", "transformers", "Mistral3ForConditionalGeneration", "encode",
+        Component("text_encoder", "transformers", "Mistral3ForConditionalGeneration", ("encode",),
                   _decoder_text_encoder("Flux2Pipeline"), truncated=True, tokenizer="tokenizer",
                   tokenizer_files=BPE_FILES, large=True),
-        Component("transformer", "diffusers", "Flux2Transformer2DModel", "denoise", _flux2_transformer, large=True),
-        Component("vae", "diffusers", "AutoencoderKLFlux2", "decode", _vae),
+        Component("transformer", "diffusers", "Flux2Transformer2DModel", ("denoise",), _flux2_transformer, large=True),
+        Component("vae", "diffusers", "AutoencoderKLFlux2", ("decode",), _vae),
     ),
     steps=50,  # Flux2Pipeline.__call__'s defaults
     guidance=4.0,
@@ -215,11 +217,11 @@ FLUX_2_KLEIN = Family(
     name="FLUX.2-klein",
     pipeline="Flux2KleinPipeline",
     components=(
-        Component("text_encoder", "transformers", "Qwen3ForCausalLM", "encode",
+        Component("text_encoder", "transformers", "Qwen3ForCausalLM", ("encode",),
                   _decoder_text_encoder("Flux2KleinPipeline"), truncated=True, tokenizer="tokenizer",
                   tokenizer_files=BPE_FILES, large=True),
-        Component("transformer", "diffusers", "Flux2Transformer2DModel", "denoise", _flux2_transformer, large=True),
-        Component("vae", "diffusers", "AutoencoderKLFlux2", "decode", _vae),
+        Component("transformer", "diffusers", "Flux2Transformer2DModel", ("denoise",), _flux2_transformer, large=True),
+        Component("vae", "diffusers", "AutoencoderKLFlux2", ("decode",), _vae),
     ),
     # The published klein checkpoints are step-distilled for 4 steps (BFL's README, the model
     # cards); Flux2KleinPipeline's code default is 50. Guidance is ignored when is_distilled.
@@ -245,6 +247,8 @@ FLUX_1_SCHNELL_DEFAULTS = {"steps": 4, "guidance": 0.0, "max_sequence_length": 2
 # checkpoints) guides with a second pass and needs the full schedule: Flux2KleinPipeline.__call__'s
 # own defaults (tests/test_families.py reads them from the installed diffusers).
 FLUX_2_KLEIN_BASE_DEFAULTS = {"steps": 50, "guidance": 4.0, "max_sequence_length": 512}
+# The checkpoints whose defaults differ from their family's, as --help names them.
+VARIANT_DEFAULTS = {"FLUX.1-schnell": FLUX_1_SCHNELL_DEFAULTS, "klein not distilled": FLUX_2_KLEIN_BASE_DEFAULTS}
 
 
 def generation_defaults(family: Family, transformer_config: dict, distilled: bool = True) -> dict[str, int | float]:

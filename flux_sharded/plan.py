@@ -47,11 +47,9 @@ from .budget import (BINARY_TWIN, DEFAULT_CPU_FRACTION, DEFAULT_GPU_RESERVE_BYTE
                      format_budget, format_bytes, gpu_indices, is_gpu, spec_size, written_binary, written_size)
 from .components import empty_component, module_sizes, no_split_modules, special_dtypes
 from .errors import PlanError
-from .families import FLUX_1, STAGES, Family, family_of
+from .families import STAGES, Family, family_of
 
 Device = int | str  # GPU index, "cpu" or "disk"
-# FLUX.1's stages and their components; a plan takes its own from the checkpoint's family.
-STAGE_COMPONENTS = FLUX_1.stage_components()
 # diffusers' group offloading with use_stream=True (num_blocks_per_group=1): while block i runs, block
 # i+1 is copied on a side stream, and block i is released only after it ran, so two blocks are on
 # the GPU at once (group_offloading.py, GroupOffloadingHook.pre_forward / ModuleGroup.offload_).
@@ -233,7 +231,7 @@ class _Components:
     def batch_size(self, name: str) -> int:
         """How many rows share one forward pass of `name`: distinct prompts for a text encoder (its
         family's stage "encode"), images otherwise."""
-        encodes = self.family.component(name).stage == "encode"
+        encodes = "encode" in self.family.component(name).stages
         return self.inputs.batch_prompts() if encodes else self.inputs.batch_images()
 
     def config(self, name: str) -> dict:
@@ -439,15 +437,16 @@ def _placed(components: _Components, name: str, device_map: dict[str, Device], c
 
 
 def plan_denoise(components: _Components, budget: Budget) -> StagePlan:
+    (transformer,) = components.family.stage_components()["denoise"]  # every family denoises with one model
     # The least a GPU must hold to run any of the transformer: its activations and, since whatever
     # misses it streams through it, the streamed blocks in flight and the top-level modules.
-    least = {"transformer": components.activation_bytes("transformer")
-             + STREAMED_BLOCKS_IN_FLIGHT * components.largest_block("transformer")
-             + components.top_level_bytes("transformer")}
+    least = {transformer: components.activation_bytes(transformer)
+             + STREAMED_BLOCKS_IN_FLIGHT * components.largest_block(transformer)
+             + components.top_level_bytes(transformer)}
     usable, notes = _left_out(budget, least, "denoise")
     if not any(key != "disk" for key in usable):  # nothing can compute: plan on the first GPU to refuse it
         usable = dict(budget)
-    method = components.inputs.method("transformer")
+    method = components.inputs.method(transformer)
     stage_budget = dict(budget)
     if method == "nf4" and not gpu_indices(budget):
         # A run refuses it on a machine without CUDA; a dry-run must not call it a fit on the CPU.
@@ -466,7 +465,7 @@ def plan_denoise(components: _Components, budget: Budget) -> StagePlan:
                          "offloaded, so the cpu and disk budgets are not used for it")
     elif method:  # fp8 / int8 weights stream from RAM; accelerate's disk offload cannot hold them
         usable = {key: value for key, value in usable.items() if key != "disk"}
-    plan = _split(components, "transformer", usable, streamed=True)
+    plan = _split(components, transformer, usable, streamed=True)
     plan = _compact(plan)
     return StagePlan("denoise", (plan,), stage_budget, tuple(notes))
 
@@ -482,7 +481,8 @@ def _compact(plan: ComponentPlan) -> ComponentPlan:
 def plan_decode(components: _Components, budget: Budget) -> StagePlan:
     """The VAE whole on one device: the first of GPUs (largest budget first) then cpu, and on it the
     first of batch, one image, tiled batch, tiled one image whose weights + activations fit."""
-    need_weights = components.sizes("vae")[""]
+    (vae,) = components.family.stage_components()["decode"]  # every family decodes with one VAE
+    need_weights = components.sizes(vae)[""]
     batch = components.inputs.batch_images()
     options = [(False, batch), (False, 1), (True, batch), (True, 1)]
     options = list(dict.fromkeys(options))  # batch 1: two options fewer
@@ -492,7 +492,7 @@ def plan_decode(components: _Components, budget: Budget) -> StagePlan:
     chosen = None
     for device in candidates:
         for tiled, images in options:
-            if need_weights + components.activation_bytes("vae", images, tiled) <= budget[device]:
+            if need_weights + components.activation_bytes(vae, images, tiled) <= budget[device]:
                 chosen = (device, tiled, images)
                 break
         if chosen:
@@ -501,13 +501,13 @@ def plan_decode(components: _Components, budget: Budget) -> StagePlan:
         chosen = ((candidates or ["cpu"])[0], True, 1)
     device, tiled, images = chosen
     plan = ComponentPlan(
-        name="vae",
+        name=vae,
         device_map={"": device},
         weight_bytes={device: need_weights},
-        activation_bytes={device: components.activation_bytes("vae", images, tiled)},
+        activation_bytes={device: components.activation_bytes(vae, images, tiled)},
         tiled=tiled,
         batch_size=images,
-        quantization=components.inputs.load_method("vae"),
+        quantization=components.inputs.load_method(vae),
     )
     notes = []
     if tiled:

@@ -41,8 +41,8 @@ def error_lines(output: str) -> list[str]:
 
 
 def test_flux1_stages_and_classes_come_from_the_family():
-    assert plan_module.STAGE_COMPONENTS == {"encode": ("text_encoder", "text_encoder_2"), "denoise": ("transformer",),
-                                            "decode": ("vae",)}
+    assert FLUX_1.stage_components() == {"encode": ("text_encoder", "text_encoder_2"), "denoise": ("transformer",),
+                                         "decode": ("vae",)}
     index = json.loads((shipped_config_dir("FLUX.1-dev") / "model_index.json").read_text())
     for component in FLUX_1.components:
         assert index[component.name] == [component.library, component.class_name]

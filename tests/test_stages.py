@@ -208,6 +208,24 @@ def test_every_stage_provides_the_one_interface_the_runner_calls():
             assert all(p.default is not p.empty for p in given[len(wanted):]), (stage.NAME, name)
 
 
+def test_every_family_has_code_that_provides_the_whole_family_protocol():
+    """Each family's side of the stages (stages.code.CODE[family.code]) has every member of
+    stages.code.FamilyCode, with its parameters, and is what family_code finds."""
+    import inspect
+
+    from flux_sharded.families import FAMILIES
+    from flux_sharded.stages.code import CODE, FamilyCode, family_code
+
+    members = [name for name, value in vars(FamilyCode).items() if inspect.isfunction(value) and not name.startswith("_")]
+    assert set(members) == {"encode_batch", "vae_latents", "guidance_ignored", "guidance_note"}
+    for family in FAMILIES.values():
+        code = family_code(family)
+        assert code is CODE[family.code]
+        for name in members:
+            wanted = list(inspect.signature(getattr(FamilyCode, name)).parameters)[1:]  # without self
+            assert list(inspect.signature(getattr(code, name)).parameters) == wanted, (family.name, name)
+
+
 def test_the_runner_calls_each_stage_through_the_interface_in_order(tiny_checkpoint, tmp_path, monkeypatch):
     """todo -> load -> device_map -> run -> finish for every stage, and a resumed run whose images
     all exist stops at decode's todo (nothing to do) without loading the VAE."""

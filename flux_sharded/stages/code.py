@@ -1,17 +1,49 @@
-"""Each model family's side of the stages (stages/flux1.py, flux2.py), found from a family or a pipeline."""
+"""Each model family's side of the stages, typed (`FamilyCode`), and found from a family or a pipeline.
+
+What differs between the families' pipelines once their components are loaded: what encode keeps
+of encode_prompt, what decode gives vae.decode, and why a checkpoint ignores --guidance. One module
+per family implements it (flux1.py: FluxPipeline; flux2.py: Flux2Pipeline and Flux2KleinPipeline),
+and CODE maps each family's `code` (families.Family.code) to it; tests/test_stages.py checks that
+every family has one that provides the whole protocol.
+"""
 
 from __future__ import annotations
 
-import importlib
+from typing import TYPE_CHECKING, Protocol
 
-from ..families import FAMILIES
+from ..families import FAMILIES, Family
+from . import flux1, flux2
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..checkpoint import Checkpoint
 
 
-def family_code(family):
-    """The module with `family`'s side of the stages (families.Family.code)."""
-    return importlib.import_module(f"{__package__}.{family.code}")
+class FamilyCode(Protocol):
+    def encode_batch(self, pipeline, prompts: list[str],
+                     settings) -> tuple[dict[str, "torch.Tensor"], dict[str, "torch.Tensor"]]:
+        """({name: (len(prompts), ...) rows, one per prompt}, {name: tensor shared by every image}):
+        the tensors families.Family.encoded names, for these prompts."""
+
+    def vae_latents(self, pipeline, vae, packed: "torch.Tensor", height: int, width: int) -> "torch.Tensor":
+        """Packed latents (B, (H/2f)*(W/2f), 4*C) -> what vae.decode takes, (B, C, H/f, W/f)."""
+
+    def guidance_ignored(self, checkpoint: "Checkpoint") -> str | None:
+        """Why --guidance cannot change the pixels of this checkpoint, or None when it does."""
+
+    def guidance_note(self, checkpoint: "Checkpoint", guidance: float) -> str | None:
+        """The note for a --guidance the checkpoint ignores, or None."""
 
 
-def pipeline_family(pipeline):
+CODE: dict[str, FamilyCode] = {"flux1": flux1, "flux2": flux2}
+
+
+def family_code(family: Family) -> FamilyCode:
+    """`family`'s side of the stages (families.Family.code)."""
+    return CODE[family.code]
+
+
+def pipeline_family(pipeline) -> Family:
     """The family (families.py) of a diffusers pipeline object, by its class."""
     return FAMILIES[type(pipeline).__name__]
