@@ -200,9 +200,10 @@ def read_checkpoint(model: str, path: Path) -> Checkpoint:
 def check_weight_files(checkpoint: Checkpoint) -> None:
     """Before any stage: every component has safetensors weights, and each file is whole.
 
-    Reads only each file's header (8 bytes of length, then JSON): the declared tensors must end
-    exactly where the file ends, so a truncated download fails here in milliseconds rather than
-    minutes later inside a stage. Pickle (.bin) weights are refused: they can run code when loaded.
+    Each file is opened with safetensors' own safe_open, which reads only its header and refuses
+    one whose tensors do not cover the file exactly, so a truncated download fails here in
+    milliseconds rather than minutes later inside a stage. Pickle (.bin) weights are refused: they
+    can run code when loaded.
     """
     for component in checkpoint.family.names:
         folder = checkpoint.path / component
@@ -242,8 +243,21 @@ def _check_shards_present(index: Path, model: str) -> None:
 
 
 def _check_safetensors(file: Path, model: str) -> None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(file, "pt"):
+            return
+    except Exception as error:  # safetensors' SafetensorError (its header), OSError
+        problem = _safetensors_problem(file, error)
+    raise CheckpointError(f"--model: '{model}': {file} is truncated or corrupt ({problem}); download that file again")
+
+
+def _safetensors_problem(file: Path, error: Exception) -> str:
+    """What is wrong with a file safe_open refused, in bytes where its header says so (safetensors'
+    own message names none): the header's claimed length, or the bytes its tensors need."""
     size = file.stat().st_size
-    problem = None
+    problem = f"safetensors: {str(error).strip().splitlines()[0][:200]}" if str(error).strip() else type(error).__name__
     try:
         with open(file, "rb") as handle:
             head = handle.read(8)
@@ -256,12 +270,9 @@ def _check_safetensors(file: Path, model: str) -> None:
                 expected = 8 + header_length + max(ends, default=0)
                 if expected != size:
                     problem = f"its tensors need {expected} bytes but the file has {size}"
-    except (OSError, ValueError, KeyError, TypeError, IndexError) as error:
-        problem = f"its header cannot be read ({type(error).__name__})"
-    if problem:
-        raise CheckpointError(
-            f"--model: '{model}': {file} is truncated or corrupt ({problem}); download that file again"
-        )
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as reading:
+        problem = f"its header cannot be read ({type(reading).__name__})"
+    return problem
 
 
 def expected_tensors(stage: str, settings, checkpoint: Checkpoint) -> dict[str, tuple]:

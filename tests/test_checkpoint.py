@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
+import pytest
 from huggingface_hub.utils import filter_repo_objects
 
 from flux_sharded.checkpoint import HUB_PATTERNS
+from flux_sharded.errors import CheckpointError
 
 # The files of black-forest-labs/FLUX.1-dev on the hub: the diffusers layout, plus the original
 # single-file weights at the root that the diffusers layout does not use.
@@ -87,3 +91,18 @@ def test_the_weights_fingerprint_covers_the_chat_template(tiny_klein, tmp_path):
     template = copy / "tokenizer" / "chat_template.jinja"
     template.write_text(template.read_text() + "\n")
     assert weights_fingerprint(copy) != before
+
+
+def test_a_weight_file_whose_header_safetensors_refuses_is_refused_before_any_stage(tmp_path):
+    """Sizes that add up are not enough: a tensor of 4 float32 values given 8 bytes is refused by
+    safetensors' own header check (safe_open), with its reason, before any stage loads."""
+    from flux_sharded.checkpoint import _check_safetensors
+
+    header = json.dumps({"weight": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}).encode()
+    file = tmp_path / "model.safetensors"
+    file.write_bytes(len(header).to_bytes(8, "little") + header + bytes(8))
+    with pytest.raises(CheckpointError) as refused:
+        _check_safetensors(file, "m")
+    message = str(refused.value)
+    assert message.startswith(f"--model: 'm': {file} is truncated or corrupt (safetensors: ")  # its own reason
+    assert "invalid shape, data type, or offset" in message and message.endswith("; download that file again")

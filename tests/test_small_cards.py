@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -241,3 +242,28 @@ def test_tiled_decode_equals_diffusers_tiled_pipeline(tiny_checkpoint, tmp_path)
     assert_same_pixels(np.asarray(Image.open(path)), expected)
     untiled = one_piece_tiled_pixels(tiny_checkpoint, prompt, seed, 2, size, tiled=False)
     assert np.abs(untiled.astype(int) - expected).max() > 0, "tiling must change these pixels for the test to count"
+
+
+def test_a_decode_planned_one_image_at_a_time_equals_each_image_decoded_alone(tiny_checkpoint):
+    """A plan whose decode holds one image's activations decodes a batch through diffusers'
+    vae.enable_slicing(); its images are exactly those of each image decoded alone (what decode did
+    by hand before: a batch of one image per vae.decode)."""
+    checkpoint = resolve_checkpoint(str(tiny_checkpoint))
+    settings = dataclasses.replace(tiny_settings(tiny_checkpoint), prompts=("a dog", "a cat"), seeds=(1, 2),
+                                   batch_size=2)
+    request = runner.RunRequest(checkpoint, settings, {"cpu": 4 * GB}, Path("unused"))
+    whole = plan_run(runner.plan_inputs(request), {"cpu": 4 * GB}).stage("decode")
+    assert whole.component("vae").batch_size == 2
+    one_at_a_time = dataclasses.replace(whole, components=(dataclasses.replace(whole.component("vae"), batch_size=1),))
+    tokens = (32 // 16) ** 2
+    latents = torch.randn(2, tokens, checkpoint.transformer_config["in_channels"],
+                          generator=torch.Generator("cpu").manual_seed(0))
+    handoff = Handoff(settings, latents=latents)
+
+    pipeline = decode.load(checkpoint, one_at_a_time, torch.float32)
+    assert pipeline.vae.use_slicing
+    sliced = decode.run(pipeline, handoff).images
+    alone = [decode.run(decode.load(checkpoint, whole, torch.float32), handoff.select([row])).images[0]
+             for row in range(2)]
+    for image, expected in zip(sliced, alone, strict=True):
+        assert_same_pixels(np.asarray(image), np.asarray(expected))

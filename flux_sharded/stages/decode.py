@@ -80,8 +80,8 @@ def finish(output: Handoff, share: Share) -> Handoff:
 
 def load(checkpoint, stage_plan, dtype: torch.dtype, offload_folder=None):
     """The family's pipeline holding only the VAE, on the plan's device; tiled decoding (diffusers'
-    `enable_tiling`) when the plan says so. The plan's decode batch size rides along as
-    `vae.decode_batch_size` (images per decode)."""
+    `enable_tiling`) when the plan says so, and one image at a time (diffusers' `enable_slicing`)
+    when the plan's decode batch is one image."""
     import diffusers
 
     plan = stage_plan.component("vae")
@@ -94,7 +94,8 @@ def load(checkpoint, stage_plan, dtype: torch.dtype, offload_folder=None):
         )
     if plan.tiled:
         vae.enable_tiling()
-    vae.decode_batch_size = plan.batch_size
+    if plan.batch_size == 1:  # a whole batch's activations do not fit (or the batch is one image)
+        vae.enable_slicing()
     pipeline_class = getattr(diffusers, checkpoint.family.pipeline)
     # Built directly: from_pretrained would also load the tokenizers and scheduler, unused here.
     parts = {name: None for name in inspect.signature(pipeline_class.__init__).parameters
@@ -113,11 +114,7 @@ def run(pipeline, handoff: Handoff, on_image_done=None, on_step=None) -> Handoff
     code = family_code(pipeline_family(pipeline))
     images = []
     with torch.inference_mode():
-        # The run's batches, each cut into the plan's decode batches (one image at a time when a
-        # whole batch's activations do not fit).
-        step = min(getattr(vae, "decode_batch_size", settings.batch_size) or settings.batch_size, settings.batch_size)
-        for batch in (part for whole in settings.batches() for part in (
-                range(start, min(start + step, whole.stop)) for start in range(whole.start, whole.stop, step))):
+        for batch in settings.batches():  # the VAE decodes it image by image where the plan says (load)
             # one batch on the VAE's device at a time
             packed = handoff.latents[batch.start : batch.stop].to(vae.device)
             latents = code.vae_latents(pipeline, vae, packed, settings.height, settings.width)
