@@ -7,12 +7,32 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
+from flux_sharded.cli import main
 from flux_sharded.tiny import build_tiny_checkpoint, build_tiny_flux2_checkpoint
 
 # Small enough for a CPU, large enough that a wrong latent layout changes the pixels.
 STEPS = 3
 SIZE = 64
+HELP_WIDTH = 100  # columns --help is wrapped to, as in the README's usage block
+
+
+def invoke(args):
+    """The command line, in this process (click's CliRunner)."""
+    return CliRunner().invoke(main, args, terminal_width=HELP_WIDTH)
+
+
+def error_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("Error: ")]
+
+
+def error_line(result) -> str:
+    """The one `Error: ...` line of a refused command, which shows no traceback."""
+    lines = error_lines(result.output)
+    assert len(lines) == 1, result.output
+    assert "Traceback" not in result.output
+    return lines[0]
 
 
 @pytest.fixture(scope="session")

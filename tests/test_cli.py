@@ -9,17 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
 from flux_sharded.cli import main
 
+# The README's usage block is the help as a 100-column terminal shows it (HELP_WIDTH).
+from .conftest import HELP_WIDTH, error_lines, invoke
+
 ROOT = Path(__file__).resolve().parents[1]
-# The README's usage block is the help as a 100-column terminal shows it.
-HELP_WIDTH = 100
-
-
-def invoke(args):
-    return CliRunner().invoke(main, args, terminal_width=HELP_WIDTH)
 
 
 def test_short_and_long_help_are_the_same():
@@ -43,10 +39,6 @@ def test_python_dash_m_works_like_the_console_script():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("Usage: flux-sharded [OPTIONS]")
-
-
-def error_lines(output: str) -> list[str]:
-    return [line for line in output.splitlines() if line.startswith("Error: ")]
 
 
 def tiny_args(checkpoint, out):

@@ -10,28 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
 from flux_sharded.cli import main
+
+from .conftest import error_line, error_lines, invoke
 
 ROOT = Path(__file__).resolve().parents[1]
 KNOWN = ("the checkpoints flux-sharded knows are black-forest-labs/FLUX.1-dev, black-forest-labs/FLUX.1-schnell, "
          "black-forest-labs/FLUX.2-dev, black-forest-labs/FLUX.2-klein-4B and black-forest-labs/FLUX.2-klein-9B")
-
-
-def invoke(args):
-    return CliRunner().invoke(main, args, terminal_width=100)
-
-
-def error_lines(text: str) -> list[str]:
-    return [line for line in text.splitlines() if line.startswith("Error: ")]
-
-
-def error_line(result) -> str:
-    lines = [line for line in result.output.splitlines() if line.startswith("Error: ")]
-    assert len(lines) == 1, result.output
-    assert "Traceback" not in result.output
-    return lines[0]
 
 
 def test_a_missing_model_folder_is_refused_before_torch_is_imported(tmp_path):

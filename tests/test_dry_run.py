@@ -12,22 +12,18 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
 from flux_sharded import plan as plan_module
 from flux_sharded import runner
 from flux_sharded.budget import parse_size
 from flux_sharded.checkpoint import resolve_checkpoint
-from flux_sharded.cli import main
 from flux_sharded.errors import PlanError
 from flux_sharded.handoff import GenerationSettings
 from flux_sharded.stages import STAGES
 
+from .conftest import invoke
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def invoke(args):
-    return CliRunner().invoke(main, args)
 
 
 def test_dry_run_of_flux_dev_works_offline_from_the_shipped_configs(tmp_path):

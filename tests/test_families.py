@@ -14,27 +14,19 @@ import shutil
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 from flux_sharded import plan as plan_module
 from flux_sharded.activations import decoder_text_encoder_activation_bytes, flux2_transformer_activation_bytes
 from flux_sharded.checkpoint import SHIPPED_CONFIGS, resolve_checkpoint, shipped_config_dir
-from flux_sharded.cli import main
 from flux_sharded.components import empty_component, encode_only
 from flux_sharded.families import FAMILIES, FLUX_1, encode_layers, encode_out_layers, family_of
 from flux_sharded.memory import TensorBytesTracker
 from flux_sharded.plan import PlanInputs, plan_run
 
+from .conftest import error_lines, invoke
+
 GB = 10**9
 FLUX_2 = {"FLUX.2-dev": "Flux2Pipeline", "FLUX.2-klein-4B": "Flux2KleinPipeline", "FLUX.2-klein-9B": "Flux2KleinPipeline"}
-
-
-def invoke(args):
-    return CliRunner().invoke(main, args, terminal_width=100)
-
-
-def error_lines(output: str) -> list[str]:
-    return [line for line in output.splitlines() if line.startswith("Error: ")]
 
 
 # ---------------------------------------------------------------- the registry

@@ -23,27 +23,21 @@ import numpy as np
 import pytest
 import safetensors.torch as safetensors_torch
 import torch
-from click.testing import CliRunner
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from safetensors.torch import load_file, save_file
 
 from flux_sharded import rundir
-from flux_sharded.cli import main
 from flux_sharded.handoff import GenerationSettings
 from flux_sharded.stages import decode, denoise
 
-from .conftest import assert_same_pixels
+from .conftest import assert_same_pixels, invoke
 
 COMMON = ["--max-memory", "cpu=2GB", "--steps", "1", "--height", "32", "--width", "32", "--dtype", "float32"]
 PROMPTS = ("a dog", "a cat")
 # The user's own files, beside and inside the run's folders: no case may touch them. Their names
 # start like the tool's own (the run folder's used to be cleared by pattern).
 USER_FILES = {"out": ("notes.txt", "0000-mine.png"), "run": ("encode-notes.json", "denoise.txt", "run.json.bak")}
-
-
-def invoke(args):
-    return CliRunner().invoke(main, args)
 
 
 def prompt_args():

@@ -26,7 +26,7 @@ from flux_sharded.plan import plan_run
 from flux_sharded.stages import decode, encode
 from flux_sharded.checkpoint import expected_tensors
 
-from .conftest import assert_same_pixels, one_piece_pixels
+from .conftest import assert_same_pixels, error_lines, one_piece_pixels
 
 # Short prompts fit 64 tokens; a shorter max_sequence_length keeps the 29-layer encode cheap.
 TOKENS = 64
@@ -37,10 +37,6 @@ def run_cli(args: list[str]):
     result = CliRunner().invoke(main, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return result
-
-
-def error_lines(output: str) -> list[str]:
-    return [line for line in output.splitlines() if line.startswith("Error: ")]
 
 
 @pytest.mark.parametrize(

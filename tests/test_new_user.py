@@ -10,15 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from flux_sharded.cli import main
+from .conftest import invoke
 
 COMMON = ["--max-memory", "cpu=2GB", "--steps", "1", "--height", "32", "--width", "32", "--dtype", "float32"]
-
-
-def invoke(args):
-    return CliRunner().invoke(main, args, terminal_width=100)
 
 
 def error_lines(result) -> list[str]:

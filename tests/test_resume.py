@@ -14,32 +14,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image
 from safetensors import safe_open
 
 from flux_sharded import interrupt, runner
-from flux_sharded.cli import main
 from flux_sharded.files import atomic_write
 from flux_sharded.images import SLUG_MAX_CHARS, slugify
 from flux_sharded.stages import STAGES, decode, denoise
 
-from .conftest import assert_same_pixels
+from .conftest import assert_same_pixels, error_lines, invoke
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["--max-memory", "cpu=2GB", "--steps", "2", "--height", "32", "--width", "32", "--dtype", "float32"]
 
 
-def invoke(args):
-    return CliRunner().invoke(main, args)
-
-
 def pixels(path) -> np.ndarray:
     return np.asarray(Image.open(path))
-
-
-def error_lines(output: str) -> list[str]:
-    return [line for line in output.splitlines() if line.startswith("Error: ")]
 
 
 def reference_images(checkpoint, tmp_path, prompts, *extra) -> list[Path]:
@@ -131,7 +121,6 @@ def test_a_full_disk_while_writing_an_image_then_resume(tiny_checkpoint, tmp_pat
 def _write_part_then_run_out_of_space(tmp: str) -> None:
     Path(tmp).write_bytes(b"\x89PNG, the first bytes")
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
 
 
 # Runs flux-sharded with the scheduler's step announcing itself on stdout and then waiting on

@@ -8,21 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image
 
 from flux_sharded import runner
-from flux_sharded.cli import main
 from flux_sharded.stages import decode
 
-from .conftest import assert_same_pixels
+from .conftest import assert_same_pixels, invoke
 
 COMMON = ["--max-memory", "cpu=2GB", "--steps", "1", "--height", "32", "--width", "32", "--dtype", "float32"]
 PROMPTS = ("a dog", "a cat", "a red car")
-
-
-def invoke(args):
-    return CliRunner().invoke(main, args)
 
 
 def first_run(checkpoint: Path, out: Path, *extra):
