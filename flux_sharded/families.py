@@ -144,6 +144,8 @@ class Family:
     text_token_limit: int = 512
     # name -> shape of the embeddings its encode keeps (the handoff's tensors before denoise)
     encoded: Callable[[dict, int, int, bool], dict[str, tuple]] = _flux1_encoded
+    # Those of `encoded` shared by every image, without a batch dimension (FLUX.1's text_ids).
+    shared_tensors: tuple[str, ...] = ("text_ids",)
     # Guides with a second transformer pass on the empty prompt when the checkpoint is not
     # step-distilled and guidance is above 1 (Flux2KleinPipeline's do_classifier_free_guidance).
     second_pass: bool = False
@@ -211,6 +213,7 @@ FLUX_2_DEV = Family(
     sample_size=128,
     runs=True,
     encoded=_flux2_encoded,
+    shared_tensors=(),
     code="flux2",
 )
 FLUX_2_KLEIN = Family(
@@ -231,6 +234,7 @@ FLUX_2_KLEIN = Family(
     sample_size=128,
     runs=True,
     encoded=_flux2_encoded,
+    shared_tensors=(),
     second_pass=True,
     code="flux2",
 )

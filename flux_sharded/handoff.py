@@ -2,8 +2,8 @@
 
 encode fills the embeddings its model family's pipeline takes (FLUX.1: `prompt_embeds`,
 `pooled_prompt_embeds` and `text_ids`; FLUX.2: `prompt_embeds`, and `negative_prompt_embeds` for a
-klein that guides with a second pass; stages/flux1.py and flux2.py say which, with their shapes);
-denoise fills `latents`; decode reads `latents` and fills `images` (PIL images, which are
+klein that guides with a second pass; families.Family.encoded names them with their shapes), held
+by name: a family that hands on other tensors declares them, not this module; denoise fills `latents`; decode reads `latents` and fills `images` (PIL images, which are
 written as PNGs, never saved with the handoff). Between stages the runner keeps the handoff on the
 CPU, and each stage moves it to its own execution device with `to()`. `save()`/`load()` write its
 tensors as one safetensors file plus a JSON file of the settings.
@@ -73,42 +73,52 @@ GenerationSettings = dataclasses.make_dataclass(
 GenerationSettings.__module__ = __name__
 
 
-TENSOR_FIELDS = ("prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds", "text_ids", "latents")
-# Tensors shared by every image (no batch dimension): select() keeps them whole.
-SHARED_FIELDS = ("text_ids",)
-
-
-@dataclass
+@dataclass(init=False)
 class Handoff:
-    """Tensors of one run, batch dimension B = number of images, in prompt order."""
+    """Tensors of one run, batch dimension B = number of images, in prompt order: a mapping of the
+    tensors its family declares, by name (families.Family.encoded: FLUX.1's prompt_embeds (B, S,
+    joint_attention_dim), pooled_prompt_embeds (B, pooled_projection_dim) and text_ids (S, 3);
+    FLUX.2's prompt_embeds and, for a klein guided by a second pass, negative_prompt_embeds), then
+    denoise's `latents` (B, (H/2f)*(W/2f), 4*latent_channels), packed (f = the VAE scale factor).
+    A tensor it does not hold reads as None (`handoff.latents` before denoise)."""
 
     settings: GenerationSettings
-    # (B, max_sequence_length, joint_attention_dim): FLUX.1: T5's output; FLUX.2: hidden states of 3
-    # decoder layers of Mistral Small 3 / Qwen3, stacked along the width
-    prompt_embeds: torch.Tensor | None = None
-    pooled_prompt_embeds: torch.Tensor | None = None  # FLUX.1: (B, pooled_projection_dim), CLIP pooled output
-    negative_prompt_embeds: torch.Tensor | None = None  # FLUX.2-klein guided by a second pass: as prompt_embeds, of ""
-    text_ids: torch.Tensor | None = None  # FLUX.1: (max_sequence_length, 3), zeros: positions of the text tokens
-    latents: torch.Tensor | None = None  # (B, (H/2f)*(W/2f), 4*latent_channels), packed; f = VAE scale factor
-    images: list | None = None  # decode's: B PIL images (H x W), in prompt order; not saved by save()
-    finished_stages: tuple[str, ...] = field(default_factory=tuple)
+    images: list | None  # decode's: B PIL images (H x W), in prompt order; not saved by save()
+    finished_stages: tuple[str, ...]
+    # Tensors shared by every image, without a batch dimension (families.Family.shared: FLUX.1's
+    # text_ids): select() keeps them whole.
+    shared: tuple[str, ...]
+    named: dict[str, torch.Tensor]  # name -> tensor
+
+    def __init__(self, settings: GenerationSettings, images: list | None = None,
+                 finished_stages: tuple[str, ...] = (), shared: tuple[str, ...] = (),
+                 named: dict[str, torch.Tensor] | None = None, **tensors: torch.Tensor | None):
+        self.settings, self.images, self.finished_stages, self.shared = settings, images, tuple(finished_stages), \
+            tuple(shared)
+        # keyword tensors win over `named` (dataclasses.replace(handoff, latents=...) passes both)
+        self.named = {name: tensor for name, tensor in {**(named or {}), **tensors}.items() if tensor is not None}
+
+    def __getattr__(self, name: str):
+        if name.startswith("_") or name in ("settings", "images", "finished_stages", "shared", "named"):
+            raise AttributeError(name)
+        return self.named.get(name)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {name: getattr(self, name) for name in TENSOR_FIELDS if getattr(self, name) is not None}
+        return dict(self.named)
 
     def to(self, device: torch.device | str) -> "Handoff":
         return dataclasses.replace(self, **{name: t.to(device) for name, t in self.tensors().items()})
 
     def select(self, positions: list[int]) -> "Handoff":
-        """The handoff of some of the images (batch rows); SHARED_FIELDS are shared by all."""
-        rows = {name: tensor[positions] for name, tensor in self.tensors().items() if name not in SHARED_FIELDS}
+        """The handoff of some of the images (batch rows); the `shared` tensors are shared by all."""
+        rows = {name: tensor[positions] for name, tensor in self.tensors().items() if name not in self.shared}
         images = None if self.images is None else [self.images[position] for position in positions]
         return dataclasses.replace(self, settings=self.settings.subset(positions), images=images, **rows)
 
     def embeddings(self) -> dict[str, torch.Tensor]:
         """The per-image tensors the pipeline's __call__ takes by these names (prompt_embeds, ...)."""
         return {name: tensor for name, tensor in self.tensors().items()
-                if name not in SHARED_FIELDS and name != "latents"}
+                if name not in self.shared and name != "latents"}
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
@@ -124,7 +134,8 @@ class Handoff:
         atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Handoff":
+    def load(cls, path: str | os.PathLike, shared: tuple[str, ...] = ()) -> "Handoff":
+        """What save() wrote; `shared`: the family's (families.Family.shared), which the files do not name."""
         from safetensors.torch import load_file
 
         path = Path(path)
@@ -133,5 +144,6 @@ class Handoff:
         return cls(
             settings=GenerationSettings.from_json(meta["settings"]),
             finished_stages=tuple(meta["finished_stages"]),
-            **tensors,
+            shared=shared,
+            named=tensors,
         )

@@ -29,7 +29,7 @@ import torch
 from .budget import Budget, budget_to_json
 from .errors import OutputError, SettingsError
 from .files import atomic_write
-from .handoff import SHARED_FIELDS, GenerationSettings, Handoff
+from .handoff import GenerationSettings, Handoff
 from .checkpoint import expected_tensors
 from .validate import JsonFields, check_handoff_tensors, check_share_settings, saved_run_fields, settings_fields
 
@@ -280,7 +280,8 @@ def _latest_handoff(run_dir: Path, process_index: int, process_count: int, run_s
         check_handoff_tensors(tensors, expected, saved_settings.torch_dtype, f"--resume: {tensors_file}", fix)
         # Only the rows of the images wanted are kept: a resume with more processes than the run had
         # would otherwise hold a whole share's tensors in every process.
-        handoff = Handoff(settings=saved_settings, finished_stages=tuple(finished), **tensors)
+        handoff = Handoff(settings=saved_settings, finished_stages=tuple(finished),
+                          shared=checkpoint.family.shared_tensors, named=tensors)
         rows = [row for row, index in enumerate(saved_settings.image_indices) if index in wanted]
         return handoff if len(rows) == len(saved_settings.prompts) else handoff.select(rows)
     return None
@@ -313,8 +314,9 @@ def resumed_handoff(settings: GenerationSettings, saved: list[Handoff]) -> tuple
         # the embeddings the family's pipeline takes (FLUX.1: T5 and CLIP pooled; FLUX.2: one or two)
         **{name: stack(name) for name in first.embeddings()},
         # the same for every image (FLUX.1's text positions)
-        **{name: tensor for name, tensor in first.tensors().items() if name in SHARED_FIELDS},
+        **{name: tensor for name, tensor in first.tensors().items() if name in first.shared},
         latents=torch.stack([latents[index] for index in wanted]) if denoised else None,
+        shared=first.shared,
         finished_stages=SAVED_STAGES if denoised else SAVED_STAGES[:1],
     )
     return handoff, latents

@@ -37,3 +37,16 @@ def test_to_moves_tensors_and_keeps_settings():
     assert moved.latents.device.type == "meta" and handoff.latents.device.type == "cpu"
     assert moved.settings is SETTINGS
     assert handoff.nbytes() == 2 * 3 * 4 * 4
+
+
+def test_a_handoff_holds_whatever_tensors_its_family_declares(tmp_path):
+    """Not a fixed list of names: a tensor a new family would declare (reference image latents, say)
+    is selected per image, moved and saved like the others; a shared one stays whole."""
+    handoff = Handoff(SETTINGS, shared=("positions",), reference_latents=torch.arange(6.0).reshape(2, 3),
+                      positions=torch.zeros(5, 3))
+    picked = handoff.select([1])
+    assert torch.equal(picked.reference_latents, torch.tensor([[3.0, 4.0, 5.0]]))
+    assert picked.positions.shape == (5, 3) and picked.embeddings().keys() == {"reference_latents"}
+    handoff.save(tmp_path / "encode")
+    loaded = Handoff.load(tmp_path / "encode", shared=("positions",))
+    assert sorted(loaded.tensors()) == ["positions", "reference_latents"] and loaded.latents is None

@@ -126,8 +126,9 @@ def run(pipeline, handoff: Handoff, on_image_done=None, on_step=None) -> Handoff
     names = rows_of[distinct[0]].keys()
     return dataclasses.replace(
         handoff,
-        **{name: torch.stack([rows_of[prompt][name] for prompt in settings.prompts]) for name in names},
-        **{name: tensor.to("cpu") for name, tensor in shared.items()},
+        named={**{name: torch.stack([rows_of[prompt][name] for prompt in settings.prompts]) for name in names},
+               **{name: tensor.to("cpu") for name, tensor in shared.items()}},
+        shared=pipeline_family(pipeline).shared_tensors,
         finished_stages=handoff.finished_stages + (NAME,),
     )
 
