@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from .budget import MAX_DEVICE_BYTES, Budget
 from . import settings as schema
 from .errors import CheckpointError, SettingsError
-from .families import FLUX_1, encode_layers, encode_out_layers, family_for
+from .families import encode_layers, encode_out_layers, family_for
 
 if TYPE_CHECKING:
     import torch
@@ -162,18 +162,26 @@ def pipeline_option(model: str, path: Path, name: str, default: bool) -> bool:
 
 def check_checkpoint_configs(model: str, path: Path, family=None) -> tuple[dict, dict]:
     """Every component's config.json of `family` (default: read from model_index.json), within sane
-    bounds and consistent with each other. Returns (transformer config, VAE config). Raises CheckpointError."""
+    bounds and consistent with each other, by the checks of its family's architecture (CONFIG_CHECKS,
+    by families.Family.code). Returns (transformer config, VAE config). Raises CheckpointError."""
     family = family or checkpoint_family(model, path)
-    if family is not FLUX_1:
-        return _check_flux2_configs(model, path, family)
-    fix = "the checkpoint is damaged or not FLUX.1: fetch that file again or give another --model"
+    stages = family.stage_components()
+    (transformer,), (vae,), encoders = stages["denoise"], stages["decode"], stages["encode"]
+    configs = {name: read_config(path / name / "config.json", model) for name in (transformer, vae, *encoders)}
+    fix = f"the checkpoint is damaged or not {family.name}: fetch that file again or give another --model"
 
-    def fields(data, file: str) -> JsonFields:
-        return JsonFields(data, f"--model: '{model}': {file}", fix, CheckpointError)
+    def fields(name: str) -> JsonFields:
+        return JsonFields(configs[name], f"--model: '{model}': {name}/config.json", fix, CheckpointError)
 
-    configs = {name: read_config(path / name / "config.json", model)
-               for name in ("transformer", "vae", "text_encoder", "text_encoder_2")}
-    transformer = fields(configs["transformer"], "transformer/config.json")
+    CONFIG_CHECKS[family.code](fields, family, transformer, vae, encoders)
+    return configs[transformer], configs[vae]
+
+
+def _check_flux1_configs(fields, family, transformer_name: str, vae_name: str, encoders: tuple[str, ...]) -> None:
+    """FLUX.1's configs: FluxTransformer2DModel, AutoencoderKL, CLIP and T5, bounded, and the widths
+    they share (CLIP's = pooled_projection_dim, T5's = joint_attention_dim)."""
+    clip_name, t5_name = encoders
+    transformer = fields(transformer_name)
     for name in ("num_layers", "num_single_layers"):
         transformer.integer(name, 0, MAX_LAYERS)
     heads = transformer.integer("num_attention_heads", 1, MAX_WIDTH)
@@ -191,13 +199,13 @@ def check_checkpoint_configs(model: str, path: Path, family=None) -> tuple[dict,
     if rope is not None and sum(rope) != head_dim:
         transformer.fail(f"sums to {sum(rope)}, not attention_head_dim {head_dim}", "axes_dims_rope")
 
-    vae = fields(configs["vae"], "vae/config.json")
+    vae = fields(vae_name)
     _check_vae(vae, in_channels)
     vae.number("scaling_factor")
     if vae.data.get("shift_factor") is not None:
         vae.number("shift_factor")
 
-    clip = fields(configs["text_encoder"], "text_encoder/config.json")
+    clip = fields(clip_name)
     clip_width = clip.integer("hidden_size", 1, MAX_WIDTH)
     clip.integer("num_hidden_layers", 1, MAX_LAYERS)
     clip.integer("intermediate_size", 1, 4 * MAX_WIDTH)
@@ -205,7 +213,7 @@ def check_checkpoint_configs(model: str, path: Path, family=None) -> tuple[dict,
     clip.integer("max_position_embeddings", 1, MAX_WIDTH)
     if clip_width != pooled:
         clip.fail(f"is {clip_width}, but the transformer's pooled_projection_dim is {pooled}", "hidden_size")
-    t5 = fields(configs["text_encoder_2"], "text_encoder_2/config.json")
+    t5 = fields(t5_name)
     t5_width = t5.integer("d_model", 1, MAX_WIDTH)
     t5.integer("num_layers", 1, MAX_LAYERS)
     t5.integer("d_ff", 1, 4 * MAX_WIDTH)
@@ -214,7 +222,6 @@ def check_checkpoint_configs(model: str, path: Path, family=None) -> tuple[dict,
     t5.integer("d_kv", 1, MAX_WIDTH)
     if t5_width != joint:
         t5.fail(f"is {t5_width}, but the transformer's joint_attention_dim is {joint}", "d_model")
-    return configs["transformer"], configs["vae"]
 
 
 def _check_vae(vae: "JsonFields", in_channels: int) -> None:
@@ -229,18 +236,13 @@ def _check_vae(vae: "JsonFields", in_channels: int) -> None:
                  "(2x2 patches)", "latent_channels")
 
 
-def _check_flux2_configs(model: str, path: Path, family) -> tuple[dict, dict]:
+def _check_flux2_configs(fields, family, transformer_name: str, vae_name: str, encoders: tuple[str, ...]) -> None:
     """FLUX.2's configs: Flux2Transformer2DModel, AutoencoderKLFlux2 and the decoder-only text encoder
     (Mistral3's text_config, or Qwen3's), bounded, and the widths they share: the transformer takes
     the stacked hidden states of len(text_encoder_out_layers) layers (joint_attention_dim = 3 x the
     text encoder's hidden_size) and 2x2-patchified latents (in_channels = 4 x latent_channels)."""
-    fix = f"the checkpoint is damaged or not {family.name}: fetch that file again or give another --model"
-
-    def fields(data, file: str) -> JsonFields:
-        return JsonFields(data, f"--model: '{model}': {file}", fix, CheckpointError)
-
-    configs = {name: read_config(path / name / "config.json", model) for name in ("transformer", "vae", "text_encoder")}
-    transformer = fields(configs["transformer"], "transformer/config.json")
+    (encoder_name,) = encoders
+    transformer = fields(transformer_name)
     for name in ("num_layers", "num_single_layers"):
         transformer.integer(name, 0, MAX_LAYERS)
     heads = transformer.integer("num_attention_heads", 1, MAX_WIDTH)
@@ -255,12 +257,12 @@ def _check_flux2_configs(model: str, path: Path, family) -> tuple[dict, dict]:
     if rope is not None and sum(rope) != head_dim:
         transformer.fail(f"sums to {sum(rope)}, not attention_head_dim {head_dim}", "axes_dims_rope")
 
-    _check_vae(fields(configs["vae"], "vae/config.json"), in_channels)
+    _check_vae(fields(vae_name), in_channels)
 
-    encoder = fields(configs["text_encoder"], "text_encoder/config.json")
+    encoder = fields(encoder_name)
     if "text_config" in encoder.data:  # Mistral3ForConditionalGeneration: the language model's config
-        encoder = JsonFields(encoder.object("text_config"), f"--model: '{model}': text_encoder/config.json", fix,
-                             CheckpointError, prefix="text_config.")
+        encoder = JsonFields(encoder.object("text_config"), encoder.where, encoder.fix, CheckpointError,
+                             prefix="text_config.")
     width = encoder.integer("hidden_size", 1, MAX_WIDTH)
     layers = encoder.integer("num_hidden_layers", 1, MAX_LAYERS)
     encoder.integer("intermediate_size", 1, 4 * MAX_WIDTH)
@@ -273,7 +275,10 @@ def _check_flux2_configs(model: str, path: Path, family) -> tuple[dict, dict]:
     if joint != stacked * width:
         encoder.fail(f"is {width}, but the transformer's joint_attention_dim {joint} is {stacked} x the text encoder's "
                      f"width ({stacked} stacked hidden states)", "hidden_size")
-    return configs["transformer"], configs["vae"]
+
+
+# The config checks of each family's architecture, by families.Family.code (as stages.code.CODE).
+CONFIG_CHECKS = {"flux1": _check_flux1_configs, "flux2": _check_flux2_configs}
 
 
 # ---------------------------------------------------------------- prompts
