@@ -63,14 +63,16 @@ class _Settings:
         return cls(**{name: tuple(value) if isinstance(value, list) else value for name, value in data.items()})
 
 
-# Everything that decides the pixels, besides the weights; JSON-serialisable. Its fields, in
-# order, with their types and defaults, are the schema's settings that are `saved`.
+# Built from the schema, so that a setting is declared once (settings.py).
 GenerationSettings = dataclasses.make_dataclass(
     "GenerationSettings",
     [(each.name, each.type, field(default=each.default) if each.optional else field())
      for each in schema.saved_settings()],
     bases=(_Settings,), frozen=True)
 GenerationSettings.__module__ = __name__
+GenerationSettings.__doc__ = """Everything that decides the pixels, besides the weights; JSON-serialisable. Its
+fields, in order, with their types and defaults, are the schema's settings that are `saved`
+(settings.SETTINGS)."""
 
 
 @dataclass(init=False)
