@@ -160,12 +160,17 @@ def _download(repo_id: str, patterns: list[str]) -> Path:
             f"in); {_known_models(repo_id)}"
         ) from None
     except Exception as error:  # no connection, HF_HUB_OFFLINE, a proxy, a server error: the hub is not reachable
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
-            reason = "HF_HUB_OFFLINE is set and it is not in the Hugging Face cache"
+        from huggingface_hub import constants
+
+        if constants.is_offline_mode():  # what huggingface_hub read from HF_HUB_OFFLINE when imported
+            reason, fix = ("HF_HUB_OFFLINE is set and it is not in the Hugging Face cache",
+                           "unset HF_HUB_OFFLINE to let flux-sharded fetch the pipeline's folders")
+        else:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            fix = "check the connection and try again"
         raise CheckpointError(
             f"--model: '{repo_id}' is not a local folder and the Hugging Face hub could not be reached ({reason}); "
-            f"check the connection and try again, or give a local diffusers folder; {_known_models(repo_id)}"
+            f"{fix}, or give a local diffusers folder; {_known_models(repo_id)}"
         ) from None
 
 

@@ -29,6 +29,7 @@ klein, 30 for dev) plus two layers the encode must not need. klein is built step
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import math
@@ -236,9 +237,22 @@ REAL_SHAPES = {"flux-dev": "FLUX.1-dev", "flux-schnell": "FLUX.1-schnell", "klei
                "klein-9b": "FLUX.2-klein-9B"}
 
 
+# The narrowest text encoder whose every 4-bit layer bitsandbytes' CPU kernels take on any x86-64
+# CPU: on one with AVX512-BF16, bitsandbytes 0.50 repacks each 4-bit weight for its fused kernel
+# (bitsandbytes.functional._convert_weight_packed_for_cpu), which needs an input width that is a
+# multiple of its 64-weight quantization block and an output width that is a multiple of 32; the
+# 16- and 32-wide tiny encoders fail there ("shape '[32, 0]' is invalid", "N must be divisible by
+# block_n"). tests/test_any_cpu.py checks every 4-bit layer of the nf4 test checkpoints against it.
+NF4_CPU_TEXT_WIDTH = 64
+
+
 def build_tiny_checkpoint(out_dir: str | Path, vae_scale_factor: int = 8, seed: int = 0, preset: str = "tiny",
-                          device: str = "cpu", dtype: str = "float32") -> Path:
-    """Write the checkpoint to `out_dir` (atomically: built beside it, then renamed) and return it."""
+                          device: str = "cpu", dtype: str = "float32", text_width: int | None = None) -> Path:
+    """Write the checkpoint to `out_dir` (atomically: built beside it, then renamed) and return it.
+
+    text_width: T5's d_model instead of the preset's (the transformer's joint_attention_dim with it;
+    heads of 32, a feed-forward twice as wide), e.g. NF4_CPU_TEXT_WIDTH for a T5 that bitsandbytes'
+    4-bit CPU kernels run on every CPU."""
     if preset in REAL_SHAPES:
         from .checkpoint import shipped_config_dir
 
@@ -253,6 +267,9 @@ def build_tiny_checkpoint(out_dir: str | Path, vae_scale_factor: int = 8, seed: 
         raise ValueError(f"vae_scale_factor must be a power of two, got {vae_scale_factor}")
     vae_blocks = round(math.log2(vae_scale_factor)) + 1
     shape = PRESETS[preset]
+    if text_width is not None:
+        shape = dataclasses.replace(shape, t5_width=text_width, t5_feed_forward=2 * text_width,
+                                    t5_heads=max(1, text_width // 32))
 
     corpus = _corpus(seed)
     tokenizer = _clip_tokenizer(corpus)
@@ -342,11 +359,12 @@ FLUX2_EXTRA_LAYERS = 2
 
 
 def build_tiny_flux2_checkpoint(out_dir: str | Path, family: str = "FLUX.2-klein", vae_scale_factor: int = 8,
-                                seed: int = 0, distilled: bool = True) -> Path:
+                                seed: int = 0, distilled: bool = True, text_width: int = 16) -> Path:
     """A tiny random FLUX.2-klein (Flux2KleinPipeline) or FLUX.2-dev (Flux2Pipeline) checkpoint at
-    `out_dir` (atomically, as build_tiny_checkpoint). Text encoders 16 wide, encode_layers + 2 deep;
-    transformer 2 heads of 16, one double and one single block; VAE 8 channels per block, 4 latent
-    channels (16 after 2x2 patches), random batch-norm statistics. distilled: klein's is_distilled."""
+    `out_dir` (atomically, as build_tiny_checkpoint). Text encoders `text_width` wide (16; e.g.
+    NF4_CPU_TEXT_WIDTH for one bitsandbytes' 4-bit CPU kernels run on every CPU), encode_layers + 2
+    deep; transformer 2 heads of 16, one double and one single block; VAE 8 channels per block, 4
+    latent channels (16 after 2x2 patches), random batch-norm statistics. distilled: klein's is_distilled."""
     import torch
     from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
 
@@ -359,7 +377,7 @@ def build_tiny_flux2_checkpoint(out_dir: str | Path, family: str = "FLUX.2-klein
         raise ValueError(f"vae_scale_factor must be a power of two, got {vae_scale_factor}")
     pipeline_name = next(f.pipeline for f in FAMILIES.values() if f.name == family)
     vae_blocks = round(math.log2(vae_scale_factor)) + 1
-    width, latent_channels, head_dim = 16, 4, 16
+    width, latent_channels, head_dim = text_width, 4, 16
     layers = encode_layers(pipeline_name) + FLUX2_EXTRA_LAYERS
     corpus = _corpus(seed)
     klein = family == "FLUX.2-klein"

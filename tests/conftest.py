@@ -1,16 +1,56 @@
-"""Tiny random FLUX.1 and FLUX.2 checkpoints, built offline once per test session, and the one-piece reference."""
+"""Tiny random FLUX.1 and FLUX.2 checkpoints, built offline once per test session, the one-piece
+reference, and an environment of the tests' own.
+
+The environment: the variables below change what the libraries do (huggingface_hub reads
+HF_HUB_OFFLINE and HF_HOME once, when it is first imported), so they are removed here, before any
+test module imports a library, and every test (and every subprocess a test starts with
+os.environ) sees the same: no GPU named, no offline mode, a Hugging Face home of its own, the
+allocator's defaults. A test that needs one sets it itself.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+import atexit
+import os
+import shutil
+import tempfile
 
-import numpy as np
-import pytest
-import torch
-from click.testing import CliRunner
+ISOLATED_VARIABLES = ("HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN",
+                      "HF_ENDPOINT", "HUGGINGFACE_HUB_CACHE", "CUDA_VISIBLE_DEVICES", "PYTORCH_CUDA_ALLOC_CONF",
+                      "PYTORCH_ALLOC_CONF", "FLUX_SHARDED_DEBUG", "LOCAL_RANK", "RANK", "WORLD_SIZE",
+                      "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+ISOLATED_PREFIXES = ("ACCELERATE_",)
 
-from flux_sharded.cli import main
-from flux_sharded.tiny import build_tiny_checkpoint, build_tiny_flux2_checkpoint
+
+def _isolate_environment() -> None:
+    for name in [name for name in os.environ if name in ISOLATED_VARIABLES or name.startswith(ISOLATED_PREFIXES)]:
+        del os.environ[name]
+    # An empty Hugging Face home: nothing of the caller's cache is read or written.
+    os.environ["HF_HOME"] = HF_HOME
+
+
+HF_HOME = tempfile.mkdtemp(prefix="flux-sharded-tests-hf-")
+atexit.register(shutil.rmtree, HF_HOME, ignore_errors=True)
+_isolate_environment()
+
+from pathlib import Path  # noqa: E402 (after the environment is set: the imports below read it)
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from click.testing import CliRunner  # noqa: E402
+
+from flux_sharded.cli import main  # noqa: E402
+from flux_sharded.tiny import NF4_CPU_TEXT_WIDTH, build_tiny_checkpoint, build_tiny_flux2_checkpoint  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def isolated_environment():
+    """The same environment again for each test: code under an earlier test (the launcher's GPU
+    selection, say) may have set one of the variables in os.environ itself. Not monkeypatch: it
+    would put such a value back after the test."""
+    _isolate_environment()
+
 
 # Small enough for a CPU, large enough that a wrong latent layout changes the pixels.
 STEPS = 3
@@ -67,6 +107,26 @@ def tiny_dev(tmp_path_factory) -> Path:
                                        seed=2)
 
 
+@pytest.fixture(scope="session")
+def nf4_checkpoint(tmp_path_factory) -> Path:
+    """The tiny FLUX.1 with a T5 that bitsandbytes' 4-bit CPU kernels run on every CPU (NF4_CPU_TEXT_WIDTH)."""
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "nf4", seed=0, text_width=NF4_CPU_TEXT_WIDTH)
+
+
+@pytest.fixture(scope="session")
+def nf4_klein(tmp_path_factory) -> Path:
+    """tiny_klein with a Qwen3 that bitsandbytes' 4-bit CPU kernels run on every CPU."""
+    return build_tiny_flux2_checkpoint(tmp_path_factory.mktemp("ckpt") / "nf4-klein", "FLUX.2-klein", seed=0,
+                                       text_width=NF4_CPU_TEXT_WIDTH)
+
+
+@pytest.fixture(scope="session")
+def nf4_dev(tmp_path_factory) -> Path:
+    """tiny_dev with a Mistral3 that bitsandbytes' 4-bit CPU kernels run on every CPU."""
+    return build_tiny_flux2_checkpoint(tmp_path_factory.mktemp("ckpt") / "nf4-dev", "FLUX.2-dev", vae_scale_factor=4,
+                                       seed=2, text_width=NF4_CPU_TEXT_WIDTH)
+
+
 def one_piece_pixels(checkpoint: Path, prompt: str, seed: int, steps: int, height: int, width: int,
                      dtype: torch.dtype = torch.float32, guidance: float = 3.5,
                      max_sequence_length: int = 512) -> np.ndarray:
@@ -105,7 +165,6 @@ def bnb_4bit_transformer_copy(checkpoint: Path, copy: Path) -> Path:
     4-bit nf4 (the diffusers/FLUX.*-bnb-4bit layouts): diffusers loads such weights only onto a GPU,
     so only the config matters to what the CPU can test (the plan and the refusals)."""
     import json
-    import shutil
 
     shutil.copytree(checkpoint, copy)
     config_path = copy / "transformer" / "config.json"

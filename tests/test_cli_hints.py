@@ -95,6 +95,7 @@ def test_offline_hub_id_says_hf_hub_offline(tmp_path):
     assert result.returncode == 2
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
     assert "could not be reached (HF_HUB_OFFLINE is set and it is not in the Hugging Face cache)" in line
+    assert "unset HF_HUB_OFFLINE" in line and "check the connection" not in line  # no connection was tried
     assert "hf download" not in line
     assert not (tmp_path / "out").exists()
 

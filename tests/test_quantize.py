@@ -146,26 +146,26 @@ def _one_piece(checkpoint: Path, **components) -> np.ndarray:
     return np.asarray(image)
 
 
-def test_nf4_t5_runs_on_the_cpu_and_equals_the_one_piece_pipeline(tiny_checkpoint, tmp_path):
+def test_nf4_t5_runs_on_the_cpu_and_equals_the_one_piece_pipeline(nf4_checkpoint, tmp_path):
     """bitsandbytes 0.50 quantizes and multiplies on the CPU, and transformers loads 4-bit there:
     only the transformer's nf4 needs a GPU (diffusers' loader)."""
     pytest.importorskip("bitsandbytes", reason="nf4 needs bitsandbytes: `make test` installs it (the test extra)")
-    path = staged(tiny_checkpoint, tmp_path / "q", "--quantize", "text_encoder_2=nf4")
-    assert_same_pixels(np.asarray(Image.open(path)), _one_piece(tiny_checkpoint, text_encoder_2=_t5_nf4(tiny_checkpoint)))
+    path = staged(nf4_checkpoint, tmp_path / "q", "--quantize", "text_encoder_2=nf4")
+    assert_same_pixels(np.asarray(Image.open(path)), _one_piece(nf4_checkpoint, text_encoder_2=_t5_nf4(nf4_checkpoint)))
     assert Image.open(path).text["quantize"] == "text_encoder_2=nf4"
-    plain = np.asarray(Image.open(staged(tiny_checkpoint, tmp_path / "plain")))
+    plain = np.asarray(Image.open(staged(nf4_checkpoint, tmp_path / "plain")))
     assert np.abs(plain.astype(int) - np.asarray(Image.open(path)).astype(int)).max() > 0
 
 
 @pytest.fixture
-def prequantized_t5_checkpoint(tiny_checkpoint, tmp_path) -> Path:
+def prequantized_t5_checkpoint(nf4_checkpoint, tmp_path) -> Path:
     """The tiny checkpoint with T5 saved in bitsandbytes 4-bit by transformers (safetensors with the
     quantization state, config.json with its quantization_config), as diffusers/FLUX.1-dev-bnb-4bit
     stores its text_encoder_2."""
     pytest.importorskip("bitsandbytes", reason="nf4 needs bitsandbytes: `make test` installs it (the test extra)")
     copy = tmp_path / "t5-bnb"
-    shutil.copytree(tiny_checkpoint, copy, ignore=shutil.ignore_patterns("text_encoder_2"))
-    _t5_nf4(tiny_checkpoint).save_pretrained(copy / "text_encoder_2")
+    shutil.copytree(nf4_checkpoint, copy, ignore=shutil.ignore_patterns("text_encoder_2"))
+    _t5_nf4(nf4_checkpoint).save_pretrained(copy / "text_encoder_2")
     return copy
 
 

@@ -116,7 +116,7 @@ def test_quantized_staged_flux2_png_equals_the_quantized_one_piece_pipeline(requ
     assert_quantized_pixels(path, one_piece(checkpoint, method), checkpoint)
 
 
-@pytest.mark.parametrize("fixture", ["tiny_klein", "tiny_dev"])
+@pytest.mark.parametrize("fixture", ["nf4_klein", "nf4_dev"])
 def test_an_nf4_flux2_text_encoder_runs_cut_on_the_cpu_and_equals_the_one_piece_pipeline(request, tmp_path, fixture):
     """bitsandbytes 0.50 quantizes and multiplies on the CPU; transformers loads Qwen3 and Mistral3
     in 4-bit there, cut to the layers the encode reads as well as whole."""
@@ -218,12 +218,12 @@ def test_flux2_bad_specs_get_one_error_line(tmp_path, model, args, message):
     assert not (tmp_path / "out").exists()
 
 
-def _prequantized_klein(tiny_klein, folder: Path, **layout) -> Path:
+def _prequantized_klein(klein, folder: Path, **layout) -> Path:
     """The tiny klein with its (whole) Qwen3 saved in bitsandbytes 4-bit by transformers on the CPU,
     as diffusers/FLUX.2-dev-bnb-4bit stores its text encoder (config.json with a quantization_config)."""
     pytest.importorskip("bitsandbytes", reason="nf4 needs bitsandbytes: `make test` installs it (the test extra)")
-    shutil.copytree(tiny_klein, folder, ignore=shutil.ignore_patterns("text_encoder"))
-    _nf4_text_encoder(tiny_klein, **layout).save_pretrained(folder / "text_encoder")
+    shutil.copytree(klein, folder, ignore=shutil.ignore_patterns("text_encoder"))
+    _nf4_text_encoder(klein, **layout).save_pretrained(folder / "text_encoder")
     return folder
 
 
@@ -238,9 +238,9 @@ def prequantized_klein(tiny_klein, tmp_path) -> Path:
     # a skip list that replaces transformers' default one (the MLP output layers stay in float32 too)
     {"bnb_4bit_use_double_quant": True, "llm_int8_skip_modules": ["lm_head", "down_proj"]},
 ])
-def test_a_prequantized_flux2_text_encoder_loads_as_it_is_and_equals_the_one_piece_pipeline(tiny_klein, tmp_path,
+def test_a_prequantized_flux2_text_encoder_loads_as_it_is_and_equals_the_one_piece_pipeline(nf4_klein, tmp_path,
                                                                                             layout):
-    checkpoint = _prequantized_klein(tiny_klein, tmp_path / "klein-bnb", **layout)
+    checkpoint = _prequantized_klein(nf4_klein, tmp_path / "klein-bnb", **layout)
     report = tmp_path / "report.json"
     path = staged(checkpoint, tmp_path / "pre", "--report", str(report))
     assert Image.open(path).text["quantize"] == "none"  # nothing asked: the checkpoint's own 4-bit Qwen3
