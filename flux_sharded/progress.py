@@ -17,8 +17,12 @@ from tqdm.auto import tqdm
 LIBRARY_LOGGERS = ("diffusers", "transformers", "accelerate")
 # torchao (the optional int8 backend), imported by diffusers whenever it is installed, reports the
 # CUDA kernels a CPU build lacks, and torch warns about its enums: noise on every command, set
-# before diffusers is first imported.
-IMPORT_NOISE_LOGGERS = ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer")
+# before diffusers is first imported. bitsandbytes (the optional nf4 backend, imported by
+# transformers' and diffusers' quantizer checks), on a CPU with AVX512-BF16, tries to fetch a gemm
+# kernel from the hub's kernels-community and warns that it could not: flux-sharded never runs
+# bitsandbytes' CPU gemm for anything but a 4-bit text encoder, which works without that kernel.
+IMPORT_NOISE_LOGGERS = ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer",
+                        "bitsandbytes.backends.cpu.ops")
 
 
 def quiet_import_noise() -> None:
