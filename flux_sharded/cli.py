@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import traceback
 from pathlib import Path
@@ -34,7 +33,6 @@ from .settings import DTYPE_NAMES, MAX_TEXT_TOKENS, resume_options, setting
 DEFAULT_STEPS = FLUX_1.steps
 DEFAULT_GUIDANCE = FLUX_1.guidance
 DEFAULT_MAX_SEQUENCE_LENGTH = FLUX_1.max_sequence_length
-EXIT_INTERRUPTED = 130  # the shell's code for a process stopped by Ctrl-C
 DEBUG_VARIABLE = "FLUX_SHARDED_DEBUG"  # =1: an error also prints the traceback of its cause
 # Options that decide the pixels: on --resume they come from the run folder, and one given on the
 # command line must agree with it: those that make the prompts and seeds (prompts.expand), each
@@ -82,7 +80,7 @@ class _OneLineErrors(click.Command):
             click.echo(f"Error: {error.format_message()}", err=True)
             sys.exit(error.exit_code)
         except click.Abort:
-            sys.exit(EXIT_INTERRUPTED)
+            sys.exit(interrupt.exit_code())
         sys.exit(code if isinstance(code, int) else 0)
 
 
@@ -183,7 +181,7 @@ def main(ctx: click.Context, **options):
 
     Example: flux-sharded --prompt "a photo of a dog" --max-memory 0=16GB,1=16GB
     """
-    from .distributed import check_launcher, current_process, launched_processes, restrict_gpus
+    from .distributed import check_launcher, current_process, launched_processes, record_failure, restrict_gpus
 
     # Before anything initialises CUDA in this process. Without a launcher the one process is local
     # process 0: --gpus-per-process K then means GPUs 0..K-1 (not silently ignored).
@@ -199,24 +197,36 @@ def main(ctx: click.Context, **options):
     except FluxShardedError as error:
         if interrupt.pressed():  # a library turned the KeyboardInterrupt into its own failure
             _interrupted(request, process, options)
-        # Under several processes each one says what stopped it (the launcher then stops the rest).
-        prefix = f"[process {process.index}] " if process is not None and process.several else ""
+        # Under several processes each one says what stopped it (the launcher then stops the rest),
+        # but under flux_sharded.launch a refusal all of them share is said once.
+        several = process is not None and process.several
+        prefix = f"[process {process.index}] " if several else ""
         if os.environ.get(DEBUG_VARIABLE) == "1":
             traceback.print_exception(error.__cause__ or error.__context__ or error)
-        click.echo(f"Error: {prefix}{error}", err=True)
+        if not several or record_failure(process.index, error.exit_code, str(error)):
+            click.echo(f"Error: {prefix}{error}", err=True)
         sys.exit(error.exit_code)
     except KeyboardInterrupt:
         _interrupted(request, process, options)
+    except Exception:
+        if interrupt.pressed():  # a library turned the signal into its own failure (an import: a RecursionError)
+            _interrupted(request, process, options)
+        raise
 
 
 def _interrupted(request, process, options: dict) -> NoReturn:
-    """Ctrl-C: the main process says how to continue; exit 130 as a shell does."""
-    # A launcher passes the terminal's Ctrl-C on once more (torchrun sends SIGINT to its workers
-    # when it gets its own): a second one must not break this message with a traceback.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if request is not None and (process is None or process.is_main) and not options["dry_run"]:
+    """Ctrl-C, SIGTERM or SIGHUP (interrupt.py): the main process says how to continue; exit 128 +
+    the signal, as a shell does (130, 143, 129)."""
+    from .distributed import first_failure, launched_processes
+
+    interrupt.ignore_more()
+    if first_failure() is not None:  # the launcher stopped this process because another one failed
+        pass
+    elif request is not None and (process is None or process.is_main) and not options["dry_run"]:
         click.echo(f"\nInterrupted. Continue with: {request.resume_command}", err=True)
-    sys.exit(EXIT_INTERRUPTED)
+    elif process is None and launched_processes() == 1:  # several processes would each say it
+        click.echo("\nInterrupted; nothing was written.", err=True)
+    sys.exit(interrupt.exit_code())
 
 
 def _resumed_checkpoint(model: str):

@@ -9,6 +9,7 @@ GPU machines alike; the GPUs a process computes on are chosen by `--gpus-per-pro
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 from dataclasses import dataclass
@@ -79,6 +80,45 @@ def _asked_processes(command: list[str]) -> int:
             value = value or (command[position + 1] if position + 1 < len(command) else "")
             return int(value) if value.isdigit() else 1
     return 1
+
+
+# Set by flux_sharded.launch for its workers: a folder of this machine's launch, where the first
+# process to fail records its failure (first_failure), so that the launch prints one Error line and
+# exits with that process's code, not torchrun's choice among the processes it then stopped.
+FAILURE_FOLDER_VARIABLE = "FLUX_SHARDED_FAILURE_FOLDER"
+_FIRST_FAILURE = "first-failure.json"
+
+
+def record_failure(process_index: int, exit_code: int, message: str) -> bool:
+    """Record this process's failure if it is the launch's first (under flux_sharded.launch only);
+    returns whether the process should print its message: it is the first, or it says something
+    else than the first (`message` without the process's prefix). Without the launcher: True."""
+    folder = os.environ.get(FAILURE_FOLDER_VARIABLE)
+    if not folder:
+        return True
+    path = Path(folder) / _FIRST_FAILURE
+    record = path.with_name(f".{_FIRST_FAILURE}.{os.getpid()}")
+    try:
+        record.write_text(json.dumps({"process": process_index, "exit_code": exit_code, "message": message}))
+        os.link(record, path)  # all or nothing, and only once: a link fails where the name exists
+        return True
+    except FileExistsError:
+        first = first_failure()
+        return first is None or first.get("message") != message
+    except OSError:  # the launch's folder is gone or full: say it, as without the launcher
+        return True
+    finally:
+        record.unlink(missing_ok=True)
+
+
+def first_failure() -> dict | None:
+    """The failure record_failure recorded first under flux_sharded.launch ({"process", "exit_code",
+    "message"}), or None."""
+    folder = os.environ.get(FAILURE_FOLDER_VARIABLE)
+    try:
+        return json.loads((Path(folder) / _FIRST_FAILURE).read_text()) if folder else None
+    except (OSError, ValueError):
+        return None
 
 
 def local_processes() -> int:

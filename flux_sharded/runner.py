@@ -99,8 +99,9 @@ class RunRequest:
 
     @property
     def resume_command(self) -> str:
-        """What continues this run, under the same launcher (on each machine, for several)."""
-        return f"{launcher_command() or 'flux-sharded '}--resume {shlex.quote(str(self.run_folder))}"
+        """What continues this run, under the same launcher (on each machine, for several); the run
+        folder absolute, so that the command works from any folder."""
+        return f"{launcher_command() or 'flux-sharded '}--resume {shlex.quote(str(self.run_folder.absolute()))}"
 
 
 def check_settings(request: RunRequest) -> None:

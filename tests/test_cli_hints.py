@@ -388,16 +388,17 @@ def test_ctrl_c_under_our_torchrun_exits_130_with_one_line(tiny_checkpoint, tmp_
                            f"flux_sharded --resume {next(out.glob('.flux-sharded/run-*'))}"], stderr
 
 
-def test_a_refusal_under_our_torchrun_exits_with_its_code_and_no_traceback(tiny_checkpoint, tmp_path):
+def test_a_refusal_under_our_torchrun_exits_with_its_code_and_one_error_line(tiny_checkpoint, tmp_path):
+    """Both processes refuse the same setting: the first to fail says it (distributed.record_failure)."""
     result = subprocess.run([sys.executable, "-m", "flux_sharded.launch", "--nproc_per_node", "2", "-m", "flux_sharded",
                              *tiny_run(tiny_checkpoint, tmp_path / "out", "--prompt", "a dog"), "--height", "33"],
                             capture_output=True, text=True, cwd=ROOT, timeout=300,
                             env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
-    assert sorted(error_lines(result.stderr)) == [
-        f"Error: [process {index}] --height 33 is not a positive multiple of 16 (the VAE's scale factor 8 x 2 for "
-        "latent packing); try --height 32" for index in (0, 1)]
+    [line] = error_lines(result.stderr)
+    assert re.fullmatch(r"Error: \[process [01]\] --height 33 is not a positive multiple of 16 \(the VAE's scale factor "
+                        r"8 x 2 for latent packing\); try --height 32", line), result.stderr
 
 
 @pytest.mark.parametrize("exit_codes, expected", [
@@ -405,6 +406,8 @@ def test_a_refusal_under_our_torchrun_exits_with_its_code_and_no_traceback(tiny_
     ({0: 2, 1: 2}, 2),
     ({0: 3, 1: -15}, 3),
     ({0: -9}, 137),  # killed (SIGKILL)
+    ({0: 143, 1: 3}, 3),  # process 1 ran out of memory; process 0, stopped by torchrun's SIGTERM, stopped quietly
+    ({0: 129, 1: 143}, 129),  # a closed terminal's SIGHUP, then torchrun stopped the other one
 ])
 def test_our_torchrun_exits_with_the_code_of_the_process_that_failed_by_itself(monkeypatch, exit_codes, expected):
     """torchrun reports every failed process (ChildFailedError); the one that exited by itself says what went wrong."""
@@ -473,3 +476,26 @@ def test_the_base_klein_defaults_are_the_installed_pipelines():
     parameters = inspect.signature(Flux2KleinPipeline.__call__).parameters
     assert FLUX_2_KLEIN_BASE_DEFAULTS == {name: parameters[argument].default for name, argument in (
         ("steps", "num_inference_steps"), ("guidance", "guidance_scale"), ("max_sequence_length", "max_sequence_length"))}
+
+
+def test_our_torchrun_exits_with_the_code_of_the_process_that_failed_first(monkeypatch):
+    """Process 1 ran out of memory (3) first; process 0 then failed with a refusal of its own (2)."""
+    import torch.distributed.run
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from flux_sharded import launch
+    from flux_sharded.distributed import record_failure
+
+    said = []
+
+    def failing(argv):
+        said.append(record_failure(1, 3, "denoise ran out of memory"))
+        said.append(record_failure(0, 3, "denoise ran out of memory"))  # the same: said once
+        said.append(record_failure(0, 2, "another refusal"))  # something else: said too
+        raise ChildFailedError("flux_sharded", {rank: ProcessFailure(local_rank=rank, pid=1000 + rank, exitcode=code,
+                                                                     error_file="/nonexistent")
+                                                for rank, code in ((0, 2), (1, 3))})
+
+    monkeypatch.setattr(torch.distributed.run, "main", failing)
+    assert launch.main([]) == 3
+    assert said == [True, False, True]
