@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import SettingsError
+from .settings import MAX_IMAGES
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,14 @@ def _json_line(where: str, number: int, line: str) -> PromptLine:
 
 
 def expand(lines: list[PromptLine], seed: int, images_per_prompt: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
-    """(prompt, seed) of every image of the run, in order."""
+    """(prompt, seed) of every image of the run, in order; at most settings.MAX_IMAGES, checked
+    before any list is built (raises SettingsError)."""
+    images = len(lines) * images_per_prompt
+    if images > MAX_IMAGES:
+        raise SettingsError(
+            f"--num-images-per-prompt {images_per_prompt} for {len(lines)} prompt(s) makes {images} images; a run makes "
+            f"at most {MAX_IMAGES} (its run.json lists each image's prompt and seed, and every resume checks each "
+            "image): give fewer, or split the prompts over several runs")
     prompts, seeds = [], []
     for line in lines:
         for copy in range(images_per_prompt):

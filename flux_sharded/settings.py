@@ -31,6 +31,9 @@ SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # torch.Generator.manual_seed's range 
 MAX_STEPS = 100_000
 MAX_SIDE = 2**20  # pixels
 MAX_BATCH_SIZE = 2**20
+# A run's images (prompts x --num-images-per-prompt): run.json lists each one's prompt and seed and
+# every resume checks each one's PNG, so a job bigger than this is several runs.
+MAX_IMAGES = 100_000
 # The most text tokens any family's pipeline takes (families.Family.text_token_limit); a run of a
 # family is held to its own.
 MAX_TEXT_TOKENS = max(family.text_token_limit for family in FAMILIES.values())
@@ -59,6 +62,7 @@ class Setting:
     choices: tuple[str, ...] = ()  # the texts accepted
     item: type | None = None  # a tuple's entries: int or str (non-empty)
     min_items: int = 0
+    max_items: int | None = None
     per_image: bool = False  # a tuple with one entry per image, as many as `prompts` has
     # The saved text of any text it accepts ('none' for 'NONE'); raises the project's SettingsError
     # for one it refuses.
@@ -87,7 +91,8 @@ class Setting:
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("model", str, "Hub id or local diffusers folder (a folder kept absolute)", option=True, png="model"),
-    Setting("prompts", tuple, "one per image, in order", item=str, min_items=1, per_image=True, png="prompt"),
+    Setting("prompts", tuple, "one per image, in order", item=str, min_items=1, max_items=MAX_IMAGES, per_image=True,
+            png="prompt"),
     Setting("seeds", tuple, "one per image", item=int, low=SEED_MIN, high=SEED_MAX, per_image=True, png="seed"),
     Setting("steps", int, "denoising steps", FAMILY, low=1, high=MAX_STEPS, option=True, png="steps"),
     Setting("guidance", float, "guidance scale", FAMILY, low=0, option=True, png="guidance"),

@@ -330,7 +330,7 @@ def _list_field(settings: JsonFields, each) -> tuple:
         low, high = each.low, each.high
         check = lambda item: _is_int(item) and (low is None or item >= low) and (high is None or item <= high)
         what = f"whole numbers {low}..{high}" if high is not None else f"whole numbers >= {low}"
-    found = settings.list_of(each.name, check, what, each.min_items, optional=each.optional)
+    found = settings.list_of(each.name, check, what, each.min_items, each.max_items, optional=each.optional)
     return each.default if found is None else tuple(found)
 
 
@@ -379,6 +379,10 @@ def saved_run_fields(data, where: str, fix: str, format_version: int) -> dict:
     processes = run.integer("processes", 1, MAX_PROCESSES)
     resumed = run.list_of("resumed_processes", lambda count: _is_int(count) and 1 <= count <= MAX_PROCESSES,
                           f"process counts 1..{MAX_PROCESSES}", 0, MAX_PROCESS_COUNTS, optional=True) or []
+    launched = sum({processes, *resumed})
+    if launched > MAX_PROCESSES:  # a resume looks for the handoffs of every process of every launch, by name
+        run.fail(f"and 'resumed_processes' name {launched} processes in all, more than {MAX_PROCESSES} (a resume "
+                 "looks for the handoffs of each)", "processes")
     return dict(
         settings=settings,
         budget=budget,
