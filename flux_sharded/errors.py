@@ -44,3 +44,8 @@ class StageError(FluxShardedError):
     a library failure); the message names the stage and the cause, and the way to continue."""
 
     exit_code = 1
+
+
+class PlacementError(StageError):
+    """A component placed otherwise than its plan's device map says (placement.check_placement): a
+    bug of this tool, never the user's; the message names each module that differs."""

@@ -18,7 +18,7 @@ forward pass (min(--batch-size, images or distinct prompts)). Then, promises:
   does (`get_balanced_memory` + `infer_auto_device_map`, no transformer block ever split), under
   each GPU's budget less the activation estimate, so that on every device weights + activations
   <= budget. Blocks that fit no GPU are offloaded to "cpu" (then "disk") only if the budget names
-  them. Offloaded blocks on "cpu" are *streamed* (stages/offload.py: diffusers' group offloading,
+  them. Offloaded blocks on "cpu" are *streamed* (placement.py: diffusers' group offloading,
   a side CUDA stream prefetching the next block while one runs), so the GPU that runs them keeps
   room for STREAMED_BLOCKS_IN_FLIGHT of the largest block plus the top-level modules; weights on
   "disk" go through accelerate's synchronous hooks (one block in flight).

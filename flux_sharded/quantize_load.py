@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import torch
 
+from .placement import check_placement, place
 from .quantize import prequantized
 from .quantize_bytes import fp8_cast
+
 
 def from_pretrained(model_class, path, subfolder: str, method: str | None, dtype: torch.dtype,
                     device_map: dict | None = None, **kwargs):
     """`model_class.from_pretrained` with the component's quantization, compute in `dtype`.
 
     None: as is, with `device_map`. fp8 and int8: loaded on the CPU (int8 quantized as it loads,
-    fp8 cast right after), for the caller to place (offload.place): loading in `dtype` straight
+    fp8 cast right after), for the caller to place (placement.place): loading in `dtype` straight
     onto a GPU would hold the unquantized weights there, and diffusers' torchao quantizer skips
     every module a device map sends to the CPU. nf4: bitsandbytes quantizes as it loads onto the
     devices of `device_map`, whole (bitsandbytes' 4-bit layers cannot be offloaded): GPUs, or the
@@ -43,15 +45,16 @@ def from_pretrained(model_class, path, subfolder: str, method: str | None, dtype
     raise ValueError(f"unknown quantization method {method!r}")
 
 
-def load_quantized(model_class, path, subfolder: str, component_plan, dtype: torch.dtype, gpu_device=None):
+def load_quantized(model_class, path, subfolder: str, component_plan, dtype: torch.dtype):
     """A quantized component (component_plan.quantization set) loaded and placed as its plan says:
-    fp8 and int8 load on the CPU, then move (stages/offload.place: whole, over GPUs, or streamed);
-    nf4 loads straight onto its GPUs."""
-    from .stages.offload import cuda_device, place
-
+    fp8 and int8 load on the CPU, then placement.place puts them on the plan's map (whole, over GPUs
+    by accelerate's dispatch, or with streamed blocks); nf4 loads straight onto its GPUs by its map,
+    checked against it."""
     method = component_plan.quantization
-    model = from_pretrained(model_class, path, subfolder, method, dtype,
-                            device_map=dict(component_plan.device_map) if method == "nf4" else None)
-    if method != "nf4":
-        place(model, dict(component_plan.device_map), gpu_device or cuda_device)
+    device_map = dict(component_plan.device_map)
+    model = from_pretrained(model_class, path, subfolder, method, dtype, device_map=device_map if method == "nf4" else None)
+    if method == "nf4":
+        check_placement(model, device_map, streamed=False)
+    else:
+        place(model, device_map, streamed=component_plan.streamed)
     return model

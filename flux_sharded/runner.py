@@ -501,7 +501,7 @@ def _run_stage(stage: Stage, request: RunRequest, checkpoint: Checkpoint, stage_
         finally:
             loaded = None  # the only reference: the component is freed here, before the next stage
             progress.close()
-    flush()
+    flush(gpu_indices(request.budget))
     stage_report.load_seconds, stage_report.run_seconds = loaded_at - started, finished - loaded_at
     stage_report.peak_bytes = peak.peak_bytes
     return _StageResult(stage_report, output)

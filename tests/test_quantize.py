@@ -23,6 +23,7 @@ from flux_sharded.quantize import QuantizeError, format_quantize, parse_quantize
 from flux_sharded.quantize_bytes import stored_bytes
 
 from .conftest import assert_same_pixels, bnb_4bit_transformer_copy
+from .devices import assert_close_to_the_cpu, logical_gpus
 
 pytest.importorskip("torchao", reason="int8 needs torchao: `make test` installs it (the test extra)")
 
@@ -380,11 +381,12 @@ def test_quantize_error_is_a_settings_error():
         parse_quantize("transformer=int4")
 
 
+@pytest.mark.devices
 @pytest.mark.parametrize("method", ["fp8", "int8"])
 def test_quantized_blocks_stream_like_the_others_and_change_no_latent(tiny_checkpoint, method):
     """A quantized transformer whose plan keeps its first block on "GPU 0" and streams the rest
     (group offloading moves torchao tensors and float8 weights alike): on this GPU-less machine
-    every GPU index maps to the CPU, and the latents equal the quantized run all on the CPU."""
+    GPU 0 is a logical device (the devices tier), and the latents equal the quantized run all on the CPU."""
     import dataclasses
 
     from flux_sharded import plan as plan_module
@@ -409,11 +411,19 @@ def test_quantized_blocks_stream_like_the_others_and_change_no_latent(tiny_check
     transformer_plan = plan_module._placed(components, "transformer", device_map, [0], streamed=True)
     assert transformer_plan.streamed and transformer_plan.quantization == method
     stage_plan = dataclasses.replace(on_cpu.stage("denoise"), components=(transformer_plan,))
-    pipeline = denoise.load(checkpoint, stage_plan, torch.float32, gpu_device=lambda index: torch.device("cpu"))
-    block = pipeline.transformer.transformer_blocks[1]
-    assert block._diffusers_hook.get_hook("group_offloading") is not None
-    latents = denoise.run(pipeline, encoded).latents
-    assert torch.equal(latents, expected), f"max {(latents - expected).abs().max()}"
+    assert_close_to_the_cpu(streamed_latents(checkpoint, stage_plan, encoded, "transformer_blocks.1"), expected)
+
+
+def streamed_latents(checkpoint, stage_plan, encoded, streamed_block: str) -> torch.Tensor:
+    """denoise's latents with the transformer placed by `stage_plan` on logical GPUs (the devices
+    tier), after checking that `streamed_block` carries diffusers' group-offloading hook."""
+    from flux_sharded.stages import denoise
+
+    with logical_gpus():
+        pipeline = denoise.load(checkpoint, stage_plan, torch.float32)
+        block = pipeline.transformer.get_submodule(streamed_block)
+        assert block._diffusers_hook.get_hook("group_offloading") is not None
+        return denoise.run(pipeline, encoded).latents
 
 
 @pytest.mark.parametrize("dry_run", [[], ["--dry-run"]])

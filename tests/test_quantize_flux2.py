@@ -24,7 +24,8 @@ from flux_sharded.quantize_load import from_pretrained
 from flux_sharded.stages.encode import _model_class
 
 from .conftest import assert_same_pixels, bnb_4bit_transformer_copy
-from .test_quantize import PROMPT, SEED, SIZE, STEPS, TOKENS
+from .devices import assert_close_to_the_cpu
+from .test_quantize import PROMPT, SEED, SIZE, STEPS, TOKENS, streamed_latents
 
 pytest.importorskip("torchao", reason="int8 needs torchao: `make test` installs it (the test extra)")
 
@@ -301,11 +302,12 @@ def test_a_prequantized_flux2_transformer_is_planned_as_stored_on_a_gpu_and_refu
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.devices
 @pytest.mark.parametrize("method", ["fp8", "int8"])
 def test_quantized_flux2_blocks_stream_like_the_others_and_change_no_latent(tiny_klein, method):
     """As tests/test_quantize.py's FLUX.1 test: a quantized klein transformer whose plan keeps its
     first modules on "GPU 0" and streams the single-stream blocks (what FLUX.2-dev fp8 on one 16 GB
-    card plans); every GPU index maps to the CPU here, and the latents equal the all-CPU run's."""
+    card plans); GPU 0 is a logical device (the devices tier), and the latents equal the all-CPU run's."""
     import dataclasses
 
     from flux_sharded import plan as plan_module
@@ -330,8 +332,4 @@ def test_quantized_flux2_blocks_stream_like_the_others_and_change_no_latent(tiny
     transformer_plan = plan_module._placed(components, "transformer", device_map, [0], streamed=True)
     assert transformer_plan.streamed and transformer_plan.quantization == method
     stage_plan = dataclasses.replace(on_cpu.stage("denoise"), components=(transformer_plan,))
-    pipeline = denoise.load(checkpoint, stage_plan, torch.float32, gpu_device=lambda index: torch.device("cpu"))
-    block = pipeline.transformer.single_transformer_blocks[0]
-    assert block._diffusers_hook.get_hook("group_offloading") is not None
-    latents = denoise.run(pipeline, encoded).latents
-    assert torch.equal(latents, expected), f"max {(latents - expected).abs().max()}"
+    assert_close_to_the_cpu(streamed_latents(checkpoint, stage_plan, encoded, "single_transformer_blocks.0"), expected)

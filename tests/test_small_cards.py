@@ -18,10 +18,11 @@ from flux_sharded.checkpoint import resolve_checkpoint, shipped_config_dir
 from flux_sharded.cli import main
 from flux_sharded.handoff import GenerationSettings, Handoff
 from flux_sharded.plan import PlanInputs, check_free_cpu_memory, plan_run
+from flux_sharded.placement import offloaded_blocks, placement
 from flux_sharded.stages import decode, denoise, encode
-from flux_sharded.stages.offload import offloaded_blocks, placement
 
 from .conftest import assert_same_pixels
+from .devices import assert_close_to_the_cpu, logical_gpus
 
 GB = 10**9
 
@@ -154,12 +155,13 @@ def tiny_settings(checkpoint: Path, size: int = 32) -> GenerationSettings:
     return GenerationSettings(str(checkpoint), ("a photo of a dog",), (5,), 2, 3.5, size, size, 64, "float32")
 
 
+@pytest.mark.devices
 def test_streamed_offload_hooks_sit_on_exactly_the_planned_blocks_and_change_no_latent(tiny_checkpoint):
     """The plan streams the tiny transformer's blocks but its first one, which stays on "GPU 0" (the
     tiny model is smaller than two blocks in flight plus one resident, so the device map is written
-    here; the planner's budgets are tested on the real configs above). On this GPU-less machine
-    every GPU index is mapped to the CPU (no side stream there), so the same group-offloading hooks
-    run, and the latents equal the plain in-memory run."""
+    here; the planner's budgets are tested on the real configs above). GPU 0 is a logical device
+    (the devices tier; no side stream there), so the same group-offloading hooks run, and the
+    latents equal the plain in-memory run."""
     from diffusers.hooks import HookRegistry
 
     checkpoint = resolve_checkpoint(str(tiny_checkpoint))
@@ -181,22 +183,23 @@ def test_streamed_offload_hooks_sit_on_exactly_the_planned_blocks_and_change_no_
     plain_plan = plan_run(runner.plan_inputs(request), {"cpu": 4 * GB}).stage("denoise")
     expected = denoise.run(denoise.load(checkpoint, plain_plan, torch.float32), encoded).latents
 
-    pipeline = denoise.load(checkpoint, stage_plan, torch.float32, gpu_device=lambda index: torch.device("cpu"))
-    model = pipeline.transformer
-    streamed = set(offloaded_blocks(model, transformer_plan.device_map))
-    assert streamed, "the plan should offload some blocks"
-    for name in ("transformer_blocks", "single_transformer_blocks"):
-        for index, block in enumerate(getattr(model, name)):
-            registry = getattr(block, "_diffusers_hook", None)
-            hooked = registry is not None and registry.get_hook("group_offloading") is not None
-            planned_cpu = placement(f"{name}.{index}", transformer_plan.device_map) == "cpu"
-            assert hooked == planned_cpu == (f"{name}.{index}" in streamed), f"{name}.{index}"
-    # the top-level modules form diffusers' own group on the model itself
-    assert HookRegistry.check_if_exists_or_initialize(model).get_hook("group_offloading") is not None
-    assert denoise.device_map(pipeline)["transformer"] == {k: str(v) for k, v in transformer_plan.device_map.items()}
+    with logical_gpus():
+        pipeline = denoise.load(checkpoint, stage_plan, torch.float32)
+        model = pipeline.transformer
+        streamed = set(offloaded_blocks(model, transformer_plan.device_map))
+        assert streamed, "the plan should offload some blocks"
+        for name in ("transformer_blocks", "single_transformer_blocks"):
+            for index, block in enumerate(getattr(model, name)):
+                registry = getattr(block, "_diffusers_hook", None)
+                hooked = registry is not None and registry.get_hook("group_offloading") is not None
+                planned_cpu = placement(f"{name}.{index}", transformer_plan.device_map) == "cpu"
+                assert hooked == planned_cpu == (f"{name}.{index}" in streamed), f"{name}.{index}"
+        # the top-level modules form diffusers' own group on the model itself
+        assert HookRegistry.check_if_exists_or_initialize(model).get_hook("group_offloading") is not None
+        assert denoise.device_map(pipeline)["transformer"] == {k: str(v) for k, v in transformer_plan.device_map.items()}
 
-    latents = denoise.run(pipeline, encoded).latents
-    assert torch.equal(latents, expected), f"max {(latents - expected).abs().max()}"
+        latents = denoise.run(pipeline, encoded).latents
+    assert_close_to_the_cpu(latents, expected)
 
 
 def one_piece_tiled_pixels(checkpoint: Path, prompt: str, seed: int, steps: int, size: int,

@@ -20,6 +20,7 @@ import torch
 
 from ..budget import device_key
 from ..handoff import Handoff
+from ..placement import check_placement
 from ..quantize_load import load_quantized
 from .code import family_code, pipeline_family
 from .interface import Share, Work
@@ -92,6 +93,7 @@ def load(checkpoint, stage_plan, dtype: torch.dtype, offload_folder=None):
         vae = vae_class.from_pretrained(
             checkpoint.path, subfolder="vae", device_map=dict(plan.device_map), dtype=dtype, use_safetensors=True,
         )
+        check_placement(vae, dict(plan.device_map), streamed=False)
     if plan.tiled:
         vae.enable_tiling()
     if plan.batch_size == 1:  # a whole batch's activations do not fit (or the batch is one image)

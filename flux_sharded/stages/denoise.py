@@ -14,15 +14,14 @@ activations of one forward pass over (H/16)*(W/16) image tokens and max_sequence
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
 
 import torch
 
 from ..budget import device_key
 from ..handoff import Handoff
+from ..placement import check_placement, place
 from ..quantize_load import load_quantized
 from .interface import Share, Work
-from .offload import apply_streamed_offload, cuda_device
 
 NAME = "denoise"
 
@@ -57,31 +56,29 @@ def finish(output: Handoff, share: Share) -> Handoff:
     return output
 
 
-def load(checkpoint, stage_plan, dtype: torch.dtype, offload_folder=None,
-         gpu_device: Callable[[int], torch.device] = cuda_device):
-    """The transformer with the plan's device map: blocks on "cpu" streamed to the GPU by diffusers'
-    group offloading when the plan says `streamed` (offload.py), else accelerate's device-map hooks
-    (also for blocks on "disk"). gpu_device: see offload.apply_streamed_offload."""
+def load(checkpoint, stage_plan, dtype: torch.dtype, offload_folder=None):
+    """The transformer placed by the plan's device map (placement.py): blocks on "cpu" streamed to
+    the GPU by diffusers' group offloading when the plan says `streamed`, a split over GPUs by
+    accelerate's dispatch, blocks on "disk" by accelerate's offload hooks; checked against the map."""
     import diffusers
 
     plan = stage_plan.component("transformer")
+    device_map = dict(plan.device_map)
     transformer_class = getattr(diffusers, checkpoint.family.component("transformer").class_name)
     if plan.quantization:
-        transformer = load_quantized(transformer_class, checkpoint.path, "transformer", plan, dtype, gpu_device)
-        if plan.streamed:
-            transformer.streamed_device_map = dict(plan.device_map)
-        return _pipeline(checkpoint, transformer)
+        return _pipeline(checkpoint, load_quantized(transformer_class, checkpoint.path, "transformer", plan, dtype))
     transformer = transformer_class.from_pretrained(
         checkpoint.path,
         subfolder="transformer",
-        device_map={"": "cpu"} if plan.streamed else dict(plan.device_map),
+        device_map={"": "cpu"} if plan.streamed else device_map,
         offload_folder=offload_folder,
         dtype=dtype,
         use_safetensors=True,
     )
     if plan.streamed:
-        apply_streamed_offload(transformer, dict(plan.device_map), gpu_device)
-        transformer.streamed_device_map = dict(plan.device_map)
+        place(transformer, device_map, streamed=True)
+    else:
+        check_placement(transformer, device_map, streamed=False)
     return _pipeline(checkpoint, transformer)
 
 
@@ -167,9 +164,8 @@ def run(pipeline, handoff: Handoff, on_image_done=None, on_step=None, finished_b
 
 
 def device_map(pipeline) -> dict[str, dict[str, str]]:
-    placed = getattr(pipeline.transformer, "hf_device_map", None) or {"": pipeline.transformer.device}
-    streamed = getattr(pipeline.transformer, "streamed_device_map", None)
-    if streamed is not None:  # group offloading: the planned map, as placed by apply_streamed_offload
-        placed = streamed
+    # placement.place's map (checked against the model), else the one from_pretrained dispatched by
+    placed = (getattr(pipeline.transformer, "placed_device_map", None)
+              or getattr(pipeline.transformer, "hf_device_map", None) or {"": pipeline.transformer.device})
     return {"transformer": {module: device_key(device) for module, device in placed.items()}}
 

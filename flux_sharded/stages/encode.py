@@ -25,6 +25,7 @@ from ..checkpoint import pipeline_tokenizer
 from ..components import encode_only
 from ..families import encode_layers
 from ..handoff import Handoff
+from ..placement import check_placement
 from ..quantize_load import load_quantized
 from .code import family_code, pipeline_family
 from .interface import Share, Work
@@ -64,6 +65,7 @@ def load(checkpoint, stage_plan, dtype: torch.dtype, offload_folder=None):
             encoders[name] = model_class.from_pretrained(
                 checkpoint.path, subfolder=name, device_map=plan.device_map, dtype=dtype, use_safetensors=True,
             )
+        check_placement(encoders[name], dict(plan.device_map), streamed=False)
     others = {name: None for name in family.names if name not in encoders}
     tokenizers = {folder: tokenizer for folder in family.tokenizers
                   if (tokenizer := pipeline_tokenizer(checkpoint.model, checkpoint.path, folder)) is not None}

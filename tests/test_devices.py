@@ -1,0 +1,276 @@
+"""The `devices` tier: each GPU of a plan is a distinct (logical) device, so a tensor that crosses
+devices without a hook fails on this CPU-only machine, while every value is the CPU's, so the PNGs
+still equal the one-piece pipeline's.
+
+How (tests/devices.py): a torch function mode keeps beside every real CPU tensor the device it would
+be on; `.to(cuda:i)` marks a copy `cuda:i`, `tensor.device` answers the mark, and a call mixing two
+marks (two GPUs, or a GPU and un-hooked CPU weights) raises DeviceMismatch, as CUDA would. The
+placement code runs as on GPUs (accelerate's dispatch and hooks, diffusers' group offloading with
+streams off, from_pretrained with a device map): nothing in flux_sharded knows about the tier.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from flux_sharded import memory
+from flux_sharded import plan as plan_module
+from flux_sharded import runner
+from flux_sharded.checkpoint import resolve_checkpoint
+from flux_sharded.errors import PlacementError
+from flux_sharded.handoff import GenerationSettings, Handoff
+from flux_sharded.placement import block_lists, check_placement, place, placement
+from flux_sharded.plan import plan_run
+from flux_sharded.stages import decode, denoise, encode
+
+from .conftest import assert_same_pixels, one_piece_pixels
+from .devices import DeviceMismatch, assert_close_to_the_cpu, logical_gpus
+from .test_quantize import PROMPT, SEED, SIZE, STEPS, TOKENS, one_piece_quantized
+
+pytestmark = pytest.mark.devices
+
+GB = 10**9
+CPU_BUDGET = {"cpu": 4 * GB}
+
+
+def settings_for(checkpoint: Path, method: str) -> GenerationSettings:
+    """test_quantize's image (so that its one-piece references apply), quantized as `method` says."""
+    quantize = "none" if method == "none" else f"text_encoder_2={method},transformer={method}"
+    return GenerationSettings(str(checkpoint), (PROMPT,), (SEED,), STEPS, 3.5, SIZE, SIZE, TOKENS, "float32",
+                              quantize=quantize)
+
+
+def expected_pixels(checkpoint: Path, method: str) -> np.ndarray:
+    """The one-piece pipeline's image, quantized the same way."""
+    if method == "none":
+        return one_piece_pixels(checkpoint, PROMPT, SEED, STEPS, SIZE, SIZE, max_sequence_length=TOKENS)
+    return one_piece_quantized(checkpoint, method)
+
+
+def staged_pixels(checkpoint: Path, settings: GenerationSettings, stages: dict) -> np.ndarray:
+    """encode -> denoise -> decode, each loaded by its stage plan (`stages`: name -> StagePlan) on
+    distinct logical GPUs, and the image."""
+    resolved = resolve_checkpoint(str(checkpoint))
+    with logical_gpus():
+        encoded = encode.run(encode.load(resolved, stages["encode"], torch.float32), Handoff(settings))
+        denoised = denoise.run(denoise.load(resolved, stages["denoise"], torch.float32), encoded)
+        decoded = decode.run(decode.load(resolved, stages["decode"], torch.float32), denoised)
+    return np.asarray(decoded.images[0])
+
+
+def plans(checkpoint: Path, settings: GenerationSettings, budget: dict) -> dict:
+    request = runner.RunRequest(resolve_checkpoint(str(checkpoint)), settings, budget, Path("unused"))
+    return {stage.name: stage for stage in plan_run(runner.plan_inputs(request), budget).stages}
+
+
+def components(checkpoint: Path, settings: GenerationSettings):
+    request = runner.RunRequest(resolve_checkpoint(str(checkpoint)), settings, CPU_BUDGET, Path("unused"))
+    return plan_module._Components(runner.plan_inputs(request))
+
+
+def test_a_tensor_crossing_logical_gpus_without_a_hook_fails_and_accelerates_hook_computes_the_cpu_values():
+    torch.manual_seed(0)
+    layer, inputs = torch.nn.Linear(4, 4), torch.randn(2, 4)
+    expected = layer(inputs)
+    with logical_gpus():
+        on_gpu_1, on_gpu_0 = copy.deepcopy(layer).to("cuda:1"), inputs.to(0)
+        assert on_gpu_1.weight.device == torch.device("cuda", 1) and on_gpu_0.device == torch.device("cuda", 0)
+        assert torch.arange(2, device=on_gpu_0.device).device == torch.device("cuda", 0)
+        with pytest.raises(DeviceMismatch, match="cuda:0 and cuda:1"):
+            on_gpu_1(on_gpu_0)
+        with pytest.raises(DeviceMismatch, match="cpu and cuda:0"):
+            layer(on_gpu_0)  # weights never moved: the CPU's
+        from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+        add_hook_to_module(on_gpu_1, AlignDevicesHook(execution_device=1, io_same_device=True))
+        output = on_gpu_1(on_gpu_0)
+        assert output.device == torch.device("cuda", 0)  # back where its input was
+        assert (output * torch.tensor(2.0)).device == torch.device("cuda", 0)  # a 0-dim CPU scalar mixes, as on a GPU
+    assert torch.equal(output, expected)
+
+
+@pytest.mark.parametrize("method, gpu_bytes", [("none", 600_000), ("fp8", 400_000), ("int8", 400_000)])
+def test_a_transformer_split_over_two_gpus_runs_where_its_plan_put_each_module(tiny_checkpoint, method, gpu_bytes):
+    """Issue 18 item 1: the plan puts blocks on both GPUs and norm_out/proj_out on GPU 1; a quantized
+    transformer (loaded on the CPU, then placed) used to have every top-level module on GPU 0 and
+    crashed at norm_out with GPU 1's hidden states. Placed by accelerate's dispatch now, as planned."""
+    settings = settings_for(tiny_checkpoint, method)
+    stages = plans(tiny_checkpoint, settings, {0: gpu_bytes, 1: gpu_bytes, **CPU_BUDGET})
+    transformer = stages["denoise"].component("transformer")
+    assert transformer.quantization == (None if method == "none" else method) and not transformer.streamed
+    assert transformer.device_map["norm_out"] == transformer.device_map["proj_out"] == 1
+    assert transformer.device_map["x_embedder"] == 0
+    assert_same_pixels(staged_pixels(tiny_checkpoint, settings, stages), expected_pixels(tiny_checkpoint, method))
+
+
+# Resident blocks on GPUs 0 and 1 with "cpu" blocks streamed, in both orders: streamed blocks last
+# (which worked only because group offloading's hook brings the hidden states back to GPU 0), and a
+# last block on GPU 1 after streamed ones (item 2: norm_out on GPU 0 got GPU 1's hidden states).
+ORDERS = {
+    "gpus-then-streamed": {"transformer_blocks.0": 0, "transformer_blocks.1": 1, "single_transformer_blocks": "cpu"},
+    "streamed-then-gpu-1": {"transformer_blocks.0": "cpu", "transformer_blocks.1": 0,
+                            "single_transformer_blocks.0": "cpu", "single_transformer_blocks.1": 1},
+}
+TOP_LEVEL = {"pos_embed": 0, "time_text_embed": 0, "context_embedder": 0, "x_embedder": 0, "norm_out": 0,
+             "proj_out": 0}
+
+
+@pytest.mark.parametrize("method", ["none", "fp8"])
+@pytest.mark.parametrize("order", ORDERS)
+def test_streamed_blocks_and_resident_blocks_on_two_gpus_run_in_any_order(tiny_checkpoint, order, method):
+    """The tiny model is smaller than blocks in flight, so the map is written here and given to the
+    planner's own _placed (which streams the top-level modules with the "cpu" blocks)."""
+    settings = settings_for(tiny_checkpoint, method)
+    stages = plans(tiny_checkpoint, settings, CPU_BUDGET)
+    planned = plan_module._placed(components(tiny_checkpoint, settings), "transformer", {**TOP_LEVEL, **ORDERS[order]},
+                                  [0, 1], streamed=True)
+    assert planned.streamed and planned.device_map["norm_out"] == "cpu"
+    stages["denoise"] = dataclasses.replace(stages["denoise"], components=(planned,))
+    assert_same_pixels(staged_pixels(tiny_checkpoint, settings, stages), expected_pixels(tiny_checkpoint, method))
+
+
+def test_streamed_placement_hooks_exactly_the_planned_blocks(tiny_checkpoint):
+    """Each "cpu" block carries diffusers' group-offloading hook alone; each resident block keeps its
+    weights on its GPU with one accelerate hook; the report's map is the plan's."""
+    settings = settings_for(tiny_checkpoint, "none")
+    planned = plan_module._placed(components(tiny_checkpoint, settings), "transformer",
+                                  {**TOP_LEVEL, **ORDERS["streamed-then-gpu-1"]}, [0, 1], streamed=True)
+    stage_plan = dataclasses.replace(plans(tiny_checkpoint, settings, CPU_BUDGET)["denoise"], components=(planned,))
+    with logical_gpus():
+        pipeline = denoise.load(resolve_checkpoint(str(tiny_checkpoint)), stage_plan, torch.float32)
+        model = pipeline.transformer
+        for name, blocks in block_lists(model).items():
+            for index, block in enumerate(blocks):
+                device = placement(f"{name}.{index}", planned.device_map)
+                streamed = block._diffusers_hook.get_hook("group_offloading") is not None \
+                    if hasattr(block, "_diffusers_hook") else False
+                assert streamed == (device == "cpu"), f"{name}.{index}"
+                assert hasattr(block, "_hf_hook") == (device != "cpu"), f"{name}.{index}"
+                expected = torch.device("cpu") if device == "cpu" else torch.device("cuda", device)
+                assert {p.device for p in block.parameters()} == {expected}, f"{name}.{index}"
+    assert denoise.device_map(pipeline)["transformer"] == {key: str(value) for key, value in planned.device_map.items()}
+
+
+def test_a_text_encoder_split_over_two_gpus_and_the_cpu_equals_the_one_piece_pipeline(tiny_checkpoint):
+    """T5 split by the planner over GPU 0, GPU 1 and the CPU (accelerate's offload hooks, set by
+    transformers' from_pretrained with the map), the rest of the run on the CPU."""
+    settings = settings_for(tiny_checkpoint, "none")
+    parts = components(tiny_checkpoint, settings)
+    activation = parts.activation_bytes("text_encoder_2")
+    split = plan_module._split(parts, "text_encoder_2", {0: activation + 45_000, 1: activation + 35_000,
+                                                        **CPU_BUDGET}, streamed=False)
+    assert set(split.device_map.values()) == {0, 1, "cpu"}, split.device_map
+    stages = plans(tiny_checkpoint, settings, CPU_BUDGET)
+    encode_components = tuple(split if part.name == "text_encoder_2" else part
+                              for part in stages["encode"].components)
+    stages["encode"] = dataclasses.replace(stages["encode"], components=encode_components)
+    assert_same_pixels(staged_pixels(tiny_checkpoint, settings, stages), expected_pixels(tiny_checkpoint, "none"))
+
+
+def test_a_module_moved_off_its_planned_gpu_is_a_placement_error(tiny_checkpoint):
+    """check_placement compares the model with the map after placement; a difference is a bug error."""
+    settings = settings_for(tiny_checkpoint, "fp8")
+    stage_plan = plans(tiny_checkpoint, settings, {0: 400_000, 1: 400_000, **CPU_BUDGET})["denoise"]
+    transformer_plan = stage_plan.component("transformer")
+    with logical_gpus():
+        pipeline = denoise.load(resolve_checkpoint(str(tiny_checkpoint)), stage_plan, torch.float32)
+        model = pipeline.transformer
+        check_placement(model, transformer_plan.device_map, streamed=False)
+        model.norm_out._hf_hook.execution_device = torch.device("cuda", 0)
+        with pytest.raises(PlacementError, match=r"norm_out has no hook moving its inputs to 1"):
+            check_placement(model, transformer_plan.device_map, streamed=False)
+        model.proj_out.to("cuda:0")
+        with pytest.raises(PlacementError, match=r"proj_out holds weights on \['0'\], planned on 1"):
+            check_placement(model, transformer_plan.device_map, streamed=False)
+
+
+def _transformer_with_adapter(checkpoint: Path):
+    """The tiny transformer with a LoRA adapter on its attention projections, initialised to change
+    the outputs (peft's init_lora_weights=False), added through diffusers' own add_adapter."""
+    import diffusers
+    from peft import LoraConfig
+
+    torch.manual_seed(0)
+    model = diffusers.FluxTransformer2DModel.from_pretrained(checkpoint, subfolder="transformer", dtype=torch.float32)
+    model.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False))
+    return model
+
+
+def _inputs(model) -> dict:
+    config = model.config
+    generator = torch.Generator("cpu").manual_seed(1)
+    tokens, text = 16, 8
+    return {
+        "hidden_states": torch.randn(1, tokens, config.in_channels, generator=generator),
+        "encoder_hidden_states": torch.randn(1, text, config.joint_attention_dim, generator=generator),
+        "pooled_projections": torch.randn(1, config.pooled_projection_dim, generator=generator),
+        "timestep": torch.tensor([0.5]),
+        "guidance": torch.tensor([3.5]),
+        "img_ids": torch.zeros(tokens, 3),
+        "txt_ids": torch.zeros(text, 3),
+        "return_dict": False,
+    }
+
+
+def test_adapters_loaded_before_a_streamed_placement_keep_the_resident_blocks_resident(tiny_checkpoint):
+    """Item 9's contract: adapters are loaded before placement. The placed model passes the check
+    (resident blocks resident with one accelerate hook, streamed blocks with one group hook) and
+    its output, adapter included, equals the model's on the CPU."""
+    model = _transformer_with_adapter(tiny_checkpoint)
+    with torch.inference_mode():
+        expected = model(**_inputs(model))[0]
+        model.disable_adapters()
+        without_adapter = model(**_inputs(model))[0]
+        model.enable_adapters()
+    device_map = plan_module._placed(components(tiny_checkpoint, settings_for(tiny_checkpoint, "none")),
+                                     "transformer", {**TOP_LEVEL, **ORDERS["streamed-then-gpu-1"]}, [0, 1],
+                                     streamed=True).device_map
+    with logical_gpus(), torch.inference_mode():
+        place(model, device_map, streamed=True)
+        inputs = {name: value.to(0) if isinstance(value, torch.Tensor) else value
+                  for name, value in _inputs(model).items()}
+        output = model(**inputs)[0]
+        assert output.device == torch.device("cuda", 0)
+    assert_close_to_the_cpu(output, expected)
+    assert (without_adapter - expected).abs().max() > 1e-2
+
+
+
+def test_adapters_changed_after_a_streamed_placement_undo_it_and_the_check_says_so(tiny_checkpoint):
+    """Why the contract: diffusers re-applies group offloading over the full block lists when an
+    adapter is deleted, loaded or unloaded (_maybe_remove_and_reapply_group_offloading, a private
+    helper this pins), which streams the resident blocks too; check_placement catches it."""
+    model = _transformer_with_adapter(tiny_checkpoint)
+    device_map = plan_module._placed(components(tiny_checkpoint, settings_for(tiny_checkpoint, "none")),
+                                     "transformer", {**TOP_LEVEL, **ORDERS["streamed-then-gpu-1"]}, [0, 1],
+                                     streamed=True).device_map
+    with logical_gpus():
+        place(model, device_map, streamed=True)
+        model.delete_adapters("default")
+        resident = model.transformer_blocks[1]
+        assert resident._diffusers_hook.get_hook("group_offloading") is not None and hasattr(resident, "_hf_hook")
+        with pytest.raises(PlacementError, match=r"transformer_blocks\.1 is planned resident on 0 but streamed"):
+            check_placement(model, device_map, streamed=True)
+
+
+def test_flush_touches_only_the_budgeted_gpus(monkeypatch):
+    """Item 5: on a machine with four GPUs and a budget of GPUs 0 and 2, flush empties the caches
+    and resets the peaks of those two and enters no device (each entered device opens a CUDA
+    context: 0.3-0.5 GB on a card the budget never named). CUDA's runtime is the boundary faked here:
+    every call that names or enters a device is recorded."""
+    touched = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "device", lambda index: touched.append(("enter", index)) or contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: touched.append(("enter", index)))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: touched.append(("empty cache", None)))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda index=None: touched.append(("reset", index)))
+    memory.flush([0, 2])
+    assert sorted(touched, key=str) == [("empty cache", None), ("reset", 0), ("reset", 2)]
