@@ -182,9 +182,11 @@ def main(ctx: click.Context, **options):
     Example: flux-sharded --prompt "a photo of a dog" --max-memory 0=16GB,1=16GB
     """
     from .distributed import check_launcher, current_process, launched_processes, record_failure, restrict_gpus
+    from .memory import default_allocator_settings
 
     # Before anything initialises CUDA in this process. Without a launcher the one process is local
     # process 0: --gpus-per-process K then means GPUs 0..K-1 (not silently ignored).
+    default_allocator_settings()
     if launched_processes() > 1 or options["gpus_per_process"] is not None:
         restrict_gpus(options["gpus_per_process"] or 1)
     process, request = None, None

@@ -1,7 +1,9 @@
 """Freeing memory between stages and measuring each stage's peak on every device.
 
-CUDA: the caching allocator's peak (`torch.cuda.max_memory_allocated`) per device, reset when a
-stage starts. CPU: the process's peak resident set size during the stage. Linux lets us reset the
+CUDA: the caching allocator's peaks per device, reset when a stage starts: allocated
+(`torch.cuda.max_memory_allocated`, what the tensors held) and reserved
+(`torch.cuda.max_memory_reserved`, what the allocator took from the driver: an out-of-memory is
+decided by it, and fragmentation, such as a side stream's blocks, makes it larger). CPU: the process's peak resident set size during the stage. Linux lets us reset the
 kernel's own high-water mark (VmHWM, via /proc/self/clear_refs) so the peak is exact. Where the
 reset is refused or does not take (seen now and then right after a large free), the peak is still
 exact whenever the stage sets a new lifetime high-water mark, which is the usual case for a stage
@@ -13,6 +15,7 @@ only the last stage; the report holds every stage's peak.
 from __future__ import annotations
 
 import gc
+import os
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -76,10 +79,12 @@ def _reset_rss_high_water_mark() -> bool:
 
 @dataclass
 class PeakMemory:
-    """Context manager: `peak_bytes` maps "cpu" and each GPU index (as str) to the stage's peak."""
+    """Context manager: `peak_bytes` maps "cpu" and each GPU index (as str) to the stage's peak
+    (allocated, on a GPU); `reserved_bytes` each GPU index to its reserved peak."""
 
     gpu_indices: list[int] = field(default_factory=list)
     peak_bytes: dict[str, int] = field(default_factory=dict)
+    reserved_bytes: dict[str, int] = field(default_factory=dict)
 
     def __enter__(self) -> "PeakMemory":
         self._process = psutil.Process()
@@ -112,6 +117,20 @@ class PeakMemory:
         for index in self.gpu_indices:
             torch.cuda.synchronize(index)
             self.peak_bytes[str(index)] = torch.cuda.max_memory_allocated(index)
+            self.reserved_bytes[str(index)] = torch.cuda.max_memory_reserved(index)
+
+
+# The caching allocator's setting unless the user gave PYTORCH_CUDA_ALLOC_CONF: expandable segments
+# grow one mapping per stream instead of cutting fixed segments, so the blocks that group
+# offloading's side stream frees are reused rather than left as fragments beside the next ones
+# (PyTorch's "Optimizing memory usage" notes recommend it against fragmentation).
+DEFAULT_CUDA_ALLOC_CONF = "expandable_segments:True"
+
+
+def default_allocator_settings() -> None:
+    """Set PYTORCH_CUDA_ALLOC_CONF to DEFAULT_CUDA_ALLOC_CONF where the user set nothing; it takes
+    effect only if called before CUDA initialises in this process."""
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", DEFAULT_CUDA_ALLOC_CONF)
 
 
 class TensorBytesTracker:

@@ -6,7 +6,8 @@ JSON schema (device keys as strings: "0", "1", "cpu", "disk"):
                  "images": int,                                      # images this stage made
                  "load_seconds": float, "run_seconds": float,        # null in a dry-run
                  "handoff_bytes": int,                               # what it passed on, kept in RAM
-                 "peak_bytes": {"0": int, "cpu": int},               # measured; null in a dry-run
+                 "peak_bytes": {"0": int, "cpu": int},               # measured (GPUs: allocated); null in a dry-run
+                 "peak_reserved_bytes": {"0": int},                  # measured per GPU: reserved by the allocator
                  "weight_bytes": {"0": int}, "planned_bytes": {"0": int},   # planned: weights + activations
                  "device_map": {component: {module: device}},
                  "offload_bytes_per_step": int,   # weights copied host-to-GPU per forward (0: none)
@@ -43,7 +44,8 @@ class StageReport:
     planned_bytes: dict[str, int]  # planned weights + activations per device
     load_seconds: float | None = None
     run_seconds: float | None = None
-    peak_bytes: dict[str, int] | None = None  # measured per device
+    peak_bytes: dict[str, int] | None = None  # measured per device (GPUs: allocated)
+    peak_reserved_bytes: dict[str, int] | None = None  # measured per GPU: reserved by the caching allocator
     handoff_bytes: int | None = None  # the handoff this stage passed on, in CPU memory
     process: int = 0  # rank under several processes
     images: int = 0  # how many images this stage processed
@@ -101,8 +103,9 @@ class RunReport:
         several = len({stage.process for stage in self.stages}) > 1
         header = (["process"] if several else []) + ["stage", "device", "weights", "activations", "planned",
                                                       "budget", "headroom"]
+        reserved = any(stage.peak_reserved_bytes for stage in self.stages)  # a run on GPUs
         if measured:
-            header += ["peak", "load s", "run s"]
+            header += ["peak", *(["reserved"] if reserved else []), "load s", "run s"]
         rows = [header]
         for stage in self.stages:
             devices = list(stage.planned_bytes)
@@ -123,8 +126,10 @@ class RunReport:
                 ]
                 if measured:
                     peak = (stage.peak_bytes or {}).get(device)
+                    held = (stage.peak_reserved_bytes or {}).get(device)
                     row += [
                         format_bytes(peak) if peak is not None else "-",
+                        *([format_bytes(held) if held is not None else "-"] if reserved else []),
                         f"{stage.load_seconds:.2f}" if position == 0 else "",
                         f"{stage.run_seconds:.2f}" if position == 0 else "",
                     ]

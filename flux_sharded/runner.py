@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import math
 import re
 import shlex
@@ -503,7 +504,7 @@ def _run_stage(stage: Stage, request: RunRequest, checkpoint: Checkpoint, stage_
             progress.close()
     flush(gpu_indices(request.budget))
     stage_report.load_seconds, stage_report.run_seconds = loaded_at - started, finished - loaded_at
-    stage_report.peak_bytes = peak.peak_bytes
+    stage_report.peak_bytes, stage_report.peak_reserved_bytes = peak.peak_bytes, peak.reserved_bytes or None
     return _StageResult(stage_report, output)
 
 
@@ -526,11 +527,19 @@ def _stage_offload_folder(offload_folder: Path | None, stage_plan, process: Proc
 
 @contextlib.contextmanager
 def _writing(path: Path, request: RunRequest, saved: Path | None) -> Iterator[None]:
-    """Turn a failed write (atomic: nothing half-written is left) into one message with the way on."""
+    """Turn a failed write (atomic: nothing half-written is left) into one message with the way on:
+    a disk's failure (_disk_error: a full disk, a folder gone, read-only or locked) says to free space
+    or fix the folder; anything else (a bug, a library's failure) says so, as a stage's failure does."""
     try:
         yield
-    except Exception as error:  # OSError, safetensors' SafetensorError on a full disk, PIL's own: a write failed
+    except FluxShardedError:
+        raise
+    except Exception as error:
         kept = f"{saved}.safetensors holds the work before it" if saved else "nothing was kept"
+        if not _disk_error(error):
+            raise StageError(f"could not write {path} ({_first_line(error)}), not for a lack of space or access; "
+                             f"{kept}. FLUX_SHARDED_DEBUG=1 shows the traceback; once the cause is fixed, "
+                             f"continue with: {request.resume_command}") from error
         reason = getattr(error, "strerror", None) or _first_line(error)
         raise OutputError(
             f"could not write {path} ({reason}); {kept}. Free some space or fix the folder, then "
@@ -538,13 +547,34 @@ def _writing(path: Path, request: RunRequest, saved: Path | None) -> Iterator[No
         ) from error
 
 
-# PyTorch's CPU allocator raises a plain RuntimeError ("DefaultCPUAllocator: can't allocate memory"),
-# as do some CUDA paths (cuBLAS, cuDNN) with "out of memory" in the text.
-OUT_OF_MEMORY_TEXTS = ("can't allocate memory", "out of memory")
+# The OS errors of a disk or folder (errno): full, over quota, too large a file, read-only, no
+# access, gone, not a folder, an I/O error, a vanished network file.
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
+                         errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.EIO, errno.ESTALE})
 
 
-def _is_out_of_memory(error: BaseException) -> bool:
-    return any(text in str(error).lower() for text in OUT_OF_MEMORY_TEXTS)
+def _disk_error(error: BaseException) -> bool:
+    """An OSError of DISK_ERRNOS, or safetensors' error wrapping one: its Rust I/O error names the OS
+    code ('IoError(Os { code: 28, kind: StorageFull, ... })'), the only place safetensors keeps it."""
+    if isinstance(error, OSError):
+        return error.errno in DISK_ERRNOS
+    if type(error).__name__ == "SafetensorError":
+        code = re.search(r"\bOs \{ code: (\d+)", str(error))
+        return code is not None and int(code.group(1)) in DISK_ERRNOS
+    return False
+
+
+# Out-of-memory by type: torch.OutOfMemoryError (CUDA's caching allocator) and MemoryError are caught
+# as such. These report it only inside a RuntimeError, by a fixed status name: PyTorch's CPU
+# allocator (c10's "DefaultCPUAllocator: can't allocate memory"), the CUDA runtime's
+# cudaErrorMemoryAllocation outside the caching allocator ("CUDA error: out of memory"), and cuBLAS
+# failing to allocate its handle or workspace (CUBLAS_STATUS_ALLOC_FAILED).
+OUT_OF_MEMORY_STATUSES = ("DefaultCPUAllocator: can't allocate memory", "CUDA error: out of memory",
+                          "CUBLAS_STATUS_ALLOC_FAILED")
+
+
+def _is_out_of_memory(error: RuntimeError) -> bool:
+    return any(status in str(error) for status in OUT_OF_MEMORY_STATUSES)
 
 
 def _first_line(error: BaseException) -> str:

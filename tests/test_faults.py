@@ -389,6 +389,15 @@ def a_bug(*args, **kwargs):
     raise ValueError("something the stage did not expect")
 
 
+def cublas_out_of_memory(*args, **kwargs):
+    # what PyTorch raises when cuBLAS cannot allocate its handle on a full GPU
+    raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
+
+
+def a_bug_in_a_write(tensors, filename, metadata=None):
+    raise TypeError("save_file() got tensors it cannot serialise")
+
+
 def safetensors_disk_full(tensors, filename, metadata=None):
     from safetensors import SafetensorError
 
@@ -417,11 +426,18 @@ FAILURES = {
         "memory: you tried to allocate 68719476736 bytes.) under --max-memory cpu=2.00 GB", "resume"),
     "python-memory-error-in-decode": Failure(decode, "run", lambda *a, **k: (_ for _ in ()).throw(MemoryError()),
                                              3, "decode ran out of memory", "resume"),
+    "cublas-out-of-memory-in-denoise": Failure(
+        denoise, "run", cublas_out_of_memory, 3, "denoise ran out of memory (CUDA error: CUBLAS_STATUS_ALLOC_FAILED "
+        "when calling `cublasCreate(handle)`)", "resume"),
     "a-bug-in-decode": Failure(decode, "run", a_bug, 1, "decode failed (ValueError: something the stage did not "
                                "expect); {run_dir}/denoise.safetensors holds the work before it", "resume"),
     "disk-full-writing-a-checkpoint": Failure(
         safetensors_torch, "save_file", safetensors_disk_full, 4,
         "could not write {run_dir}/encode.safetensors (SafetensorError: Error while serializing", "resume"),
+    "a-bug-writing-a-checkpoint": Failure(
+        safetensors_torch, "save_file", a_bug_in_a_write, 1,
+        "could not write {run_dir}/encode.safetensors (TypeError: save_file() got tensors it cannot serialise), not "
+        "for a lack of space or access", "resume"),
     "disk-full-writing-run-json": Failure(rundir, "atomic_write", run_json_disk_full, 4,
                                           "could not write {run_dir}/run.json (No space left on device); nothing was "
                                           "run yet", "rerun"),

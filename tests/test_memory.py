@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from flux_sharded import memory
@@ -71,3 +73,51 @@ def test_peak_memory_is_exact_for_a_new_record_when_the_reset_fails(monkeypatch)
     before, alive, peak = _allocate_and_measure(size)
     assert alive > hwm
     assert peak >= alive - RESET_TOLERANCE_BYTES
+
+
+def test_each_gpu_reports_its_allocated_and_reserved_peaks(monkeypatch):
+    """Item 7 of issue 18: an out-of-memory is decided by what the caching allocator reserved, which
+    group offloading's side stream fragments, so the report shows it beside the allocated peak.
+    CUDA's runtime is the boundary faked here: two GPUs whose allocator reports these peaks."""
+    from flux_sharded.report import RunReport, StageReport
+
+    allocated, reserved = {0: 3 * 10**9, 1: 2 * 10**9}, {0: 4 * 10**9, 1: 2 * 10**9 + 5 * 10**8}
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda index=None: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda index=None: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda index: allocated[index])
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda index: reserved[index])
+    with PeakMemory(gpu_indices=[0, 1]) as peak:
+        pass
+    assert {key: value for key, value in peak.peak_bytes.items() if key != "cpu"} == {"0": 3 * 10**9, "1": 2 * 10**9}
+    assert peak.reserved_bytes == {"0": 4 * 10**9, "1": 25 * 10**8}
+    stage = StageReport("denoise", {}, {"0": 10**9, "1": 10**9}, {"0": 5 * 10**9, "1": 3 * 10**9}, 1.0, 2.0,
+                        peak.peak_bytes, peak_reserved_bytes=peak.reserved_bytes)
+    table = RunReport({"0": 6 * 10**9, "1": 6 * 10**9}, [stage]).table().splitlines()
+    columns = [[cell.strip() for cell in line.split("  ") if cell.strip()] for line in table]
+    assert columns[0][-5:] == ["headroom", "peak", "reserved", "load s", "run s"]
+    assert columns[1][-4:] == ["3.00 GB", "4.00 GB", "1.00", "2.00"]  # GPU 0: allocated, reserved
+    assert columns[2][-2:] == ["2.00 GB", "2.50 GB"]
+
+
+def test_a_cpu_run_has_no_reserved_column():
+    from flux_sharded.report import RunReport, StageReport
+
+    stage = StageReport("decode", {}, {"cpu": 10**9}, {"cpu": 2 * 10**9}, 1.0, 2.0, {"cpu": 10**9})
+    assert "reserved" not in RunReport({"cpu": 4 * 10**9}, [stage]).table()
+
+
+def test_expandable_segments_are_on_unless_the_user_configured_the_allocator(monkeypatch, tiny_checkpoint, tmp_path):
+    """The command line sets PYTORCH_CUDA_ALLOC_CONF before anything initialises CUDA; a value the
+    user set is kept as it is."""
+    from click.testing import CliRunner
+
+    from flux_sharded.cli import main
+
+    args = ["--model", str(tiny_checkpoint), "--prompt", "a dog", "--height", "32", "--width", "32",
+            "--max-memory", "cpu=4GB", "--out", str(tmp_path / "out"), "--dry-run"]
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    assert CliRunner().invoke(main, args).exit_code == 0
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
+    assert CliRunner().invoke(main, args).exit_code == 0
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"
