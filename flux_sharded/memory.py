@@ -3,8 +3,9 @@
 CUDA: the caching allocator's peaks per device, reset when a stage starts: allocated
 (`torch.cuda.max_memory_allocated`, what the tensors held) and reserved
 (`torch.cuda.max_memory_reserved`, what the allocator took from the driver: an out-of-memory is
-decided by it, and fragmentation, such as a side stream's blocks, makes it larger). CPU: the process's peak resident set size during the stage. Linux lets us reset the
-kernel's own high-water mark (VmHWM, via /proc/self/clear_refs) so the peak is exact. Where the
+decided by it, and fragmentation, such as a side stream's blocks, makes it larger).
+CPU: the process's peak resident set size during the stage. Linux lets us reset the kernel's own
+high-water mark (VmHWM, via /proc/self/clear_refs) so the peak is exact. Where the
 reset is refused or does not take (seen now and then right after a large free), the peak is still
 exact whenever the stage sets a new lifetime high-water mark, which is the usual case for a stage
 that loads weights; otherwise a sampling thread reads the RSS every SAMPLE_SECONDS and its maximum

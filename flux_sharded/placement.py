@@ -189,7 +189,8 @@ def check_placement(model: torch.nn.Module, device_map: dict[str, Device], strea
     - a streamed "cpu" block holds its weights on the CPU and carries one group-offloading hook and
       no accelerate hook; a streamed top-level module holds its weights on the CPU and a hook moving
       its inputs to the main GPU;
-    - a module offloaded by accelerate ("cpu" or "disk", not streamed) holds no weight on a GPU.
+    - a module offloaded by accelerate ("cpu" or "disk", not streamed) holds no parameter on a GPU
+      (its buffers go to the GPU that runs it, accelerate's offload_buffers=False).
     """
     several = len(set(device_map.values())) > 1
     main = device_key(main_device(device_map))
@@ -215,8 +216,11 @@ def check_placement(model: torch.nn.Module, device_map: dict[str, Device], strea
                     problems.append(f"{name} is not streamed by a group-offloading hook alone")
                 elif not blocks and _hook_device(part) != main:
                     problems.append(f"{name} has no hook moving its inputs to {main}")
-        elif held - {"cpu", "meta"}:
-            problems.append(f"{name} holds weights on {sorted(held)}, planned offloaded to {planned}")
+        else:
+            # accelerate's offload hooks keep buffers on the execution device (offload_buffers=False)
+            parameters = {device_key(parameter.device) for parameter in module.parameters()}
+            if parameters - {"cpu", "meta"}:
+                problems.append(f"{name} holds parameters on {sorted(parameters)}, planned offloaded to {planned}")
     if problems:
         raise PlacementError("placement differs from the plan (a bug: please report it): " + "; ".join(problems))
 

@@ -52,7 +52,8 @@ def load_quantized(model_class, path, subfolder: str, component_plan, dtype: tor
     checked against it."""
     method = component_plan.quantization
     device_map = dict(component_plan.device_map)
-    model = from_pretrained(model_class, path, subfolder, method, dtype, device_map=device_map if method == "nf4" else None)
+    model = from_pretrained(model_class, path, subfolder, method, dtype,
+                            device_map=device_map if method == "nf4" else None)
     if method == "nf4":
         check_placement(model, device_map, streamed=False)
     else:

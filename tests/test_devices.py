@@ -158,20 +158,24 @@ def test_streamed_placement_hooks_exactly_the_planned_blocks(tiny_checkpoint):
     assert denoise.device_map(pipeline)["transformer"] == {key: str(value) for key, value in planned.device_map.items()}
 
 
-def test_a_text_encoder_split_over_two_gpus_and_the_cpu_equals_the_one_piece_pipeline(tiny_checkpoint):
-    """T5 split by the planner over GPU 0, GPU 1 and the CPU (accelerate's offload hooks, set by
-    transformers' from_pretrained with the map), the rest of the run on the CPU."""
-    settings = settings_for(tiny_checkpoint, "none")
-    parts = components(tiny_checkpoint, settings)
-    activation = parts.activation_bytes("text_encoder_2")
-    split = plan_module._split(parts, "text_encoder_2", {0: activation + 45_000, 1: activation + 35_000,
-                                                        **CPU_BUDGET}, streamed=False)
+@pytest.mark.parametrize("fixture, encoder, room", [("tiny_checkpoint", "text_encoder_2", (45_000, 35_000)),
+                                                     ("tiny_klein", "text_encoder", (80_000, 60_000))])
+def test_a_text_encoder_split_over_two_gpus_and_the_cpu_equals_the_one_piece_pipeline(request, fixture, encoder, room):
+    """T5 (FLUX.1) or Qwen3 (klein) split by the planner over GPU 0, GPU 1 and the CPU (accelerate's
+    offload hooks, set by transformers' from_pretrained with the map), the rest of the run on the CPU.
+    `room`: bytes on each GPU beyond the encoder's activations, chosen to give that three-way split.
+    Qwen3's rotary buffer, planned on the CPU, sits on GPU 0 with accelerate's offload hooks."""
+    checkpoint = request.getfixturevalue(fixture)
+    settings = settings_for(checkpoint, "none")
+    parts = components(checkpoint, settings)
+    activation = parts.activation_bytes(encoder)
+    split = plan_module._split(parts, encoder, {0: activation + room[0], 1: activation + room[1], **CPU_BUDGET},
+                               streamed=False)
     assert set(split.device_map.values()) == {0, 1, "cpu"}, split.device_map
-    stages = plans(tiny_checkpoint, settings, CPU_BUDGET)
-    encode_components = tuple(split if part.name == "text_encoder_2" else part
-                              for part in stages["encode"].components)
-    stages["encode"] = dataclasses.replace(stages["encode"], components=encode_components)
-    assert_same_pixels(staged_pixels(tiny_checkpoint, settings, stages), expected_pixels(tiny_checkpoint, "none"))
+    stages = plans(checkpoint, settings, CPU_BUDGET)
+    stages["encode"] = dataclasses.replace(stages["encode"], components=tuple(
+        split if part.name == encoder else part for part in stages["encode"].components))
+    assert_same_pixels(staged_pixels(checkpoint, settings, stages), expected_pixels(checkpoint, "none"))
 
 
 def test_a_module_moved_off_its_planned_gpu_is_a_placement_error(tiny_checkpoint):
