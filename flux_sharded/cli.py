@@ -34,6 +34,11 @@ DEFAULT_STEPS = FLUX_1.steps
 DEFAULT_GUIDANCE = FLUX_1.guidance
 DEFAULT_MAX_SEQUENCE_LENGTH = FLUX_1.max_sequence_length
 DEBUG_VARIABLE = "FLUX_SHARDED_DEBUG"  # =1: an error also prints the traceback of its cause
+# PYTORCH_CUDA_ALLOC_CONF unless the user set it: expandable segments grow one mapping per stream
+# instead of cutting fixed segments, so what group offloading's side stream frees is reused rather
+# than left in fragments, which lift the reserved peak (what decides an out-of-memory) above the
+# allocated one. It takes effect only when set before CUDA initialises, as main does.
+CUDA_ALLOC_CONF = "expandable_segments:True"
 # Options that decide the pixels: on --resume they come from the run folder, and one given on the
 # command line must agree with it: those that make the prompts and seeds (prompts.expand), each
 # setting of the schema set by an option of its own (settings.resume_options), and the folders.
@@ -182,11 +187,10 @@ def main(ctx: click.Context, **options):
     Example: flux-sharded --prompt "a photo of a dog" --max-memory 0=16GB,1=16GB
     """
     from .distributed import check_launcher, current_process, launched_processes, record_failure, restrict_gpus
-    from .memory import default_allocator_settings
 
     # Before anything initialises CUDA in this process. Without a launcher the one process is local
     # process 0: --gpus-per-process K then means GPUs 0..K-1 (not silently ignored).
-    default_allocator_settings()
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", CUDA_ALLOC_CONF)
     if launched_processes() > 1 or options["gpus_per_process"] is not None:
         restrict_gpus(options["gpus_per_process"] or 1)
     process, request = None, None

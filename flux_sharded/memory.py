@@ -16,7 +16,6 @@ only the last stage; the report holds every stage's peak.
 from __future__ import annotations
 
 import gc
-import os
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -120,18 +119,6 @@ class PeakMemory:
             self.peak_bytes[str(index)] = torch.cuda.max_memory_allocated(index)
             self.reserved_bytes[str(index)] = torch.cuda.max_memory_reserved(index)
 
-
-# The caching allocator's setting unless the user gave PYTORCH_CUDA_ALLOC_CONF: expandable segments
-# grow one mapping per stream instead of cutting fixed segments, so the blocks that group
-# offloading's side stream frees are reused rather than left as fragments beside the next ones
-# (PyTorch's "Optimizing memory usage" notes recommend it against fragmentation).
-DEFAULT_CUDA_ALLOC_CONF = "expandable_segments:True"
-
-
-def default_allocator_settings() -> None:
-    """Set PYTORCH_CUDA_ALLOC_CONF to DEFAULT_CUDA_ALLOC_CONF where the user set nothing; it takes
-    effect only if called before CUDA initialises in this process."""
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", DEFAULT_CUDA_ALLOC_CONF)
 
 
 class TensorBytesTracker:

@@ -107,8 +107,8 @@ def test_a_cpu_run_has_no_reserved_column():
 
 
 def test_expandable_segments_are_on_unless_the_user_configured_the_allocator(monkeypatch, tiny_checkpoint, tmp_path):
-    """The command line sets PYTORCH_CUDA_ALLOC_CONF before anything initialises CUDA; a value the
-    user set is kept as it is."""
+    """The command line sets PYTORCH_CUDA_ALLOC_CONF (cli.CUDA_ALLOC_CONF) before anything initialises
+    CUDA; a value the user set is kept as it is."""
     from click.testing import CliRunner
 
     from flux_sharded.cli import main
