@@ -276,6 +276,12 @@ def _request(ctx: click.Context, options: dict):
         from .rundir import read_run
         from .checkpoint import check_resumed_model
 
+        resumed, other = options["resume_dir"], options["run_dir"]
+        if other is not None and other.resolve() != resumed.resolve():
+            raise SettingsError(f"--resume {resumed} --run-dir {other}: a run continues in the folder it was saved in, "
+                                f"which --resume names; drop --run-dir (or give --resume {other} to continue the run "
+                                "saved there)")
+
         saved = read_run(options["resume_dir"])
         checkpoint = _resumed_checkpoint(saved.settings.model)
         check_resumed_model(saved.weights, checkpoint.model, checkpoint.path, options["resume_dir"])

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,8 +43,59 @@ RUNS_FOLDER = ".flux-sharded"  # inside --out: the default run folders
 
 
 def default_run_dir(out_dir: Path, settings: GenerationSettings) -> Path:
-    digest = hashlib.sha256(json.dumps(settings.to_json(), sort_keys=True).encode()).hexdigest()[:12]
-    return out_dir / RUNS_FOLDER / f"run-{digest}"
+    return out_dir / RUNS_FOLDER / f"run-{_settings_digest(settings)[:12]}"
+
+
+# A run folder is bound to the image folder its run started with, so that a run.json whose out_dir
+# or settings were edited (or a run folder from someone else) cannot make a resume write elsewhere:
+# the default folder by its place (OUT/.flux-sharded/run-<digest of the settings>), any other by a
+# record the run writes into OUT/.flux-sharded when it starts, named by the run folder's real path
+# and holding the settings' digest. Nothing in the run folder itself can vouch for it: it is the
+# file that may have been edited.
+def _binding_path(out_dir: Path, run_dir: Path) -> Path:
+    name = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:16]
+    return out_dir / RUNS_FOLDER / f"run-dir-{name}.json"
+
+
+def _binding(run_dir: Path, settings: GenerationSettings) -> dict:
+    return {"run_dir": str(run_dir.resolve()), "settings": _settings_digest(settings)}
+
+
+def _is_default(run_dir: Path, out_dir: Path, settings: GenerationSettings) -> bool:
+    return run_dir.resolve() == default_run_dir(out_dir, settings).resolve()
+
+
+def bind_out_dir(run_dir: Path, out_dir: Path, settings: GenerationSettings) -> None:
+    """Record in `out_dir` that the run in `run_dir` (not its default folder) writes its images
+    there, before its run.json is written; raises OutputError if it cannot be written."""
+    if _is_default(run_dir, out_dir, settings):
+        return
+    path = _binding_path(out_dir, run_dir)
+    record = _binding(run_dir, settings)
+    try:
+        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(record) + "\n"))
+    except OSError as error:
+        raise OutputError(f"could not write {path} ({error.strerror or error}); nothing was run yet: free some "
+                          "space or fix the folder, then run the same command again") from None
+
+
+def check_bound(run_dir: Path, out_dir: Path, settings: GenerationSettings, where: str = "--resume") -> None:
+    """The run in `run_dir` started with `out_dir` (an existing folder) and these settings
+    (bind_out_dir); else SettingsError. Checked after run.json's own checks, whose messages are
+    more precise about an edited field."""
+    if _is_default(run_dir, out_dir, settings):
+        return
+    try:
+        record = json.loads(_binding_path(out_dir, run_dir).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        record = None
+    if record == _binding(run_dir, settings):
+        return
+    raise SettingsError(
+        f"{where}: {RUN_FILE} names {out_dir} as the run's image folder ('out_dir'), but no run of this folder with "
+        f"these settings started there ({out_dir / RUNS_FOLDER} holds no record of it): {RUN_FILE} was edited or "
+        "the folder copied; a resume writes only where its run started: start a new run with --out"
+    )
 
 
 def _runs_inside(folder: Path) -> list[Path]:
@@ -97,6 +149,35 @@ def our_files(run_dir: Path, process_counts, images: int) -> list[Path]:
                 stem = handoff_path(run_dir, stage, index, processes).name
                 names += [f"{stem}.safetensors", f"{stem}.json"]
     return [run_dir / name for name in names] + [batch_latents_path(run_dir, index) for index in range(images)]
+
+
+# Every name a run writes in its run folder besides run.json (our_files lists them exactly once the
+# process counts are known): handoff_path's and batch_latents_path's.
+_HANDOFF_NAME = re.compile(r"(encode|denoise)(-process-\d+-of-\d+)?\.(json|safetensors)"
+                           r"|denoise-batch-from-image-\d+\.safetensors")
+
+
+def holds_our_run(run_dir: Path) -> bool:
+    """Whether `run_dir` holds a run of ours (a run.json read_run accepts, bound to its image
+    folder): True; False when it holds no file of our names; a folder that holds files of our names
+    without such a run.json holds someone else's, which no option may replace: SettingsError."""
+    if (run_dir / RUN_FILE).exists():
+        try:
+            saved = read_run(run_dir)
+            check_bound(run_dir, saved.out_dir, saved.settings)
+        except SettingsError:
+            raise SettingsError(
+                f"--run-dir: {run_dir} holds a {RUN_FILE} that is not a run of this tool's it can continue; "
+                "flux-sharded replaces only files it wrote: give another --run-dir, or move that file away") from None
+        return True
+    theirs = sorted(path.name for path in run_dir.iterdir() if _HANDOFF_NAME.fullmatch(path.name)) \
+        if run_dir.is_dir() else []
+    if theirs:
+        raise SettingsError(
+            f"--run-dir: {run_dir} holds {', '.join(theirs[:3])}{' ...' if len(theirs) > 3 else ''}, which no run of "
+            f"this tool wrote (there is no {RUN_FILE} beside it); flux-sharded replaces only files it wrote: give "
+            "another --run-dir, or move those files away")
+    return False
 
 
 def remove_superseded(run_dir: Path, process_counts, finished_with: int) -> None:
@@ -208,8 +289,9 @@ def read_run(run_dir: Path) -> SavedRun:
         raise SettingsError(f"{where}: {RUN_FILE} cannot be read ({error}); the folder is damaged: start a new run") from None
     fields = saved_run_fields(data, f"{where}: {RUN_FILE}",
                               "the file was edited or damaged: start a new run (or restore the file)", FORMAT)
+    settings = GenerationSettings(**fields["settings"])
     return SavedRun(
-        settings=GenerationSettings(**fields["settings"]),
+        settings=settings,
         budget=fields["budget"],
         out_dir=fields["out_dir"],
         offload_folder=fields["offload_folder"],

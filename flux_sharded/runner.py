@@ -59,13 +59,15 @@ from .progress import stage_bar
 from .quantize import check_prequantized_dtype, format_quantize, prequantized
 from .report import RunReport, StageReport
 from .rundir import (
-    RUN_FILE,
     SAVED_STAGES,
     SavedRun,
     batch_latents_path,
+    bind_out_dir,
+    check_bound,
     clear_run,
     default_run_dir,
     handoff_path,
+    holds_our_run,
     load_batch_latents,
     our_files,
     read_run,
@@ -157,9 +159,11 @@ def check_request(request: RunRequest, keep_created_folders: bool = False) -> li
     check_settings(request)
     if request.resume and not request.out_dir.is_dir():  # run.json's out_dir is absolute (rundir.read_run)
         raise SettingsError(
-            f"--resume: the run's image folder {request.out_dir} (run.json 'out_dir') does not exist; create it "
-            f"(mkdir -p {shlex.quote(str(request.out_dir))}) if the images belong there, or start a new run with --out"
+            f"--resume: the run's image folder {request.out_dir} (run.json 'out_dir') does not exist; a resume writes "
+            "only where its run started: start a new run with --out"
         )
+    if request.resume:
+        check_bound(request.run_folder, request.out_dir, request.settings)
     if "disk" in request.budget and request.offload_folder is None:  # a dry-run writes nothing: it needs none
         raise SettingsError("--max-memory has a disk entry but no --offload-folder; give a folder for the offloaded weights")
     check_writable_folder(request.out_dir, "--out", keep_created_folders)
@@ -169,7 +173,9 @@ def check_request(request: RunRequest, keep_created_folders: bool = False) -> li
     settings = request.settings
     paths = image_paths(request.out_dir, settings.image_indices, settings.prompts, settings.seeds)
     existing = [path for path in paths if path.exists()]
-    finished = len(existing) == len(paths) and (request.run_folder / RUN_FILE).exists()
+    # Files of our names that no run of ours wrote are refused whatever the options (holds_our_run).
+    earlier_run = not request.resume and holds_our_run(request.run_folder)
+    finished = len(existing) == len(paths) and earlier_run
     if finished and not (request.resume or request.overwrite):
         raise SettingsError(
             f"--out: the run in {request.run_folder} finished: its {len(paths)} image(s) exist, nothing is left to "
@@ -177,7 +183,7 @@ def check_request(request: RunRequest, keep_created_folders: bool = False) -> li
         )
     # An unfinished run of these settings first: its images in --out are its own, and resuming
     # is what the user wants, not moving them away.
-    if not (request.resume or request.overwrite) and (request.run_folder / RUN_FILE).exists():
+    if earlier_run and not request.overwrite:
         raise SettingsError(
             f"--run-dir: {request.run_folder} already holds a run; continue it with `{request.resume_command}`, "
             "start it again with --overwrite, or give another --run-dir"
@@ -302,6 +308,7 @@ def execute(request: RunRequest, log: Callable[[str], None] = lambda message: No
         remove_stale_temporaries(request.out_dir, [path.name for path in paths])
         if not request.resume:
             clear_run(request.run_folder, process.count, images)  # an earlier run's must not be resumed into this one
+            bind_out_dir(request.run_folder, request.out_dir, request.settings)
             write_run(request.run_folder, SavedRun(request.settings, request.budget, request.out_dir,
                                                    request.offload_folder, process.count, fingerprint))
         elif process.count not in saved_run.process_counts:  # before any process saves under the new names

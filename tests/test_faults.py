@@ -86,6 +86,8 @@ def workspace(tiny_checkpoint, finished_run, tmp_path) -> Workspace:
         if handoff.name != "run.json":
             edit_json(handoff, lambda data: data["settings"].update(model=str(checkpoint)))
     edit_json(run_dir / "run.json", lambda data: data["settings"].update(model=str(checkpoint)))
+    # A run made with the copy: its default folder is named by its settings (rundir.default_run_dir).
+    run_dir = run_dir.rename(rundir.default_run_dir(out, rundir.read_run(run_dir).settings))
     space = Workspace(checkpoint, out, run_dir, sorted(reference_dir.glob("*.png")))
     for where, names in USER_FILES.items():
         for name in names:
@@ -323,10 +325,11 @@ CASES = {
     "transformer-config-dangling-symlink": Case(symlink_to_nowhere("transformer/config.json"),
                                                 "not a FLUX.1 diffusers checkpoint (missing transformer)",
                                                 new_run=True),
+    # The tokenizers are checked once the run folder is, which the copy's own run holds: --overwrite starts it again.
     "t5-tokenizer-deleted": Case(model_file("tokenizer_2/tokenizer.json", None),
-                                 "tokenizer_2 lacks tokenizer.json or spiece.model", new_run=True),
+                                 "tokenizer_2 lacks tokenizer.json or spiece.model", new_run=True, extra=("--overwrite",)),
     "clip-tokenizer-garbage": Case(model_file("tokenizer/tokenizer.json", b"{not json"),
-                                   "tokenizer cannot be loaded", new_run=True),
+                                   "tokenizer cannot be loaded", new_run=True, extra=("--overwrite",)),
     # bad inputs
     "prompt-not-utf8": Case(lambda space: None, "--prompt: prompt 2 (b'caf?"
                             , new_run=True, extra=("--prompt", "caf\udce9")),
@@ -406,7 +409,9 @@ def safetensors_disk_full(tensors, filename, metadata=None):
                           'left on device" })')
 
 
-def run_json_disk_full(target, write):
+def run_json_disk_full(target, write, _real=rundir.atomic_write):
+    if Path(target).name != "run.json":  # the record in --out that binds the run folder to it comes first
+        return _real(target, write)
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
