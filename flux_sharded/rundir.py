@@ -113,6 +113,10 @@ class SavedRun:
     processes: int
     weights: dict | None = None  # checkpoint.weights_fingerprint of the weights the run used
     resumed_processes: tuple[int, ...] = ()  # other process counts that resumed the run and saved here
+    # Whether the run's plan decodes with diffusers' tiled VAE decoding, which gives other pixels than
+    # untiled decoding (of an image larger than one tile): a resume must decode the same way. None: a
+    # run of an earlier version, which did not record it.
+    decode_tiled: bool | None = None
 
     @property
     def process_counts(self) -> tuple[int, ...]:
@@ -130,6 +134,7 @@ def write_run(run_dir: Path, saved: SavedRun) -> None:
         "processes": saved.processes,
         "weights": saved.weights,
         "resumed_processes": list(saved.resumed_processes),
+        "decode_tiled": saved.decode_tiled,
     }
     path = run_dir / RUN_FILE
     try:
@@ -298,6 +303,7 @@ def read_run(run_dir: Path) -> SavedRun:
         processes=fields["processes"],
         weights=fields["weights"],
         resumed_processes=fields["resumed_processes"],
+        decode_tiled=fields["decode_tiled"],
     )
 
 

@@ -242,6 +242,26 @@ def plan_inputs(request: RunRequest) -> PlanInputs:
     )
 
 
+def decode_tiled(plan: RunPlan) -> bool:
+    """Whether the plan decodes with diffusers' tiled VAE decoding (plan.plan_decode's choice)."""
+    return any(component.tiled for component in plan.stage("decode").components)
+
+
+def check_same_decode(request: RunRequest, plan: RunPlan, saved: SavedRun, paths: list[Path]) -> None:
+    """A resume that still decodes images must decode them as the run did: tiled VAE decoding gives
+    other pixels than untiled, and the plan chooses it by the budget (plan.plan_decode), so a resume
+    under another --max-memory could switch it. Raises SettingsError naming the budget that keeps it."""
+    tiled = decode_tiled(plan)
+    if saved.decode_tiled is None or tiled == saved.decode_tiled or all(path.exists() for path in paths):
+        return
+    raise SettingsError(
+        f"--resume: under --max-memory {format_budget(request.budget)} decode would use "
+        f"{'tiled' if tiled else 'untiled'} VAE decoding, but the run planned {'untiled' if tiled else 'tiled'} "
+        f"decoding under its --max-memory {format_budget(saved.budget)}, and the two give different pixels; resume "
+        "under a budget that keeps the run's decoding (leave --max-memory out to use the run's own), or start a new run"
+    )
+
+
 def plan_report(stage_plan, settings: GenerationSettings) -> StageReport:
     """The plan's side of a stage's report; denoise runs one transformer forward per step."""
     return StageReport.from_plan(stage_plan, steps=settings.steps if stage_plan.name == "denoise" else 1,
@@ -274,6 +294,8 @@ def execute(request: RunRequest, log: Callable[[str], None] = lambda message: No
                                request.checkpoint)
         resumed, denoised = resumed_handoff(request.settings.subset(positions), saved)
         del saved  # the rows this share needs are copied out
+    if saved_run is not None:
+        check_same_decode(request, plan, saved_run, paths)
     to_run = [stage.NAME for stage in STAGES if resumed is None or stage.NAME not in resumed.finished_stages]
     for note in check_free_gpu_memory(plan, free_gpu_bytes(request.budget), to_run):
         log(note)
@@ -310,7 +332,8 @@ def execute(request: RunRequest, log: Callable[[str], None] = lambda message: No
             clear_run(request.run_folder, process.count, images)  # an earlier run's must not be resumed into this one
             bind_out_dir(request.run_folder, request.out_dir, request.settings)
             write_run(request.run_folder, SavedRun(request.settings, request.budget, request.out_dir,
-                                                   request.offload_folder, process.count, fingerprint))
+                                                   request.offload_folder, process.count, fingerprint,
+                                                   decode_tiled=decode_tiled(plan)))
         elif process.count not in saved_run.process_counts:  # before any process saves under the new names
             write_run(request.run_folder, dataclasses.replace(
                 saved_run, resumed_processes=(*saved_run.resumed_processes, process.count)))

@@ -383,6 +383,7 @@ def saved_run_fields(data, where: str, fix: str, format_version: int) -> dict:
     if launched > MAX_PROCESSES:  # a resume looks for the handoffs of every process of every launch, by name
         run.fail(f"and 'resumed_processes' name {launched} processes in all, more than {MAX_PROCESSES} (a resume "
                  "looks for the handoffs of each)", "processes")
+    decode_tiled = run.boolean("decode_tiled", optional=True) if run.data.get("decode_tiled") is not None else None
     return dict(
         settings=settings,
         budget=budget,
@@ -391,6 +392,7 @@ def saved_run_fields(data, where: str, fix: str, format_version: int) -> dict:
         processes=processes,
         weights=weights,
         resumed_processes=tuple(resumed),
+        decode_tiled=decode_tiled,
     )
 
 
