@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -223,7 +224,7 @@ def test_existing_image_is_never_overwritten(tiny_checkpoint, tmp_path):
     assert f"Error: --out: the run in {run_dir} finished: its 1 image(s) exist, nothing is left to resume; " \
            "pass --overwrite to make them again" in second.output
     assert image.read_bytes() == before
-    (run_dir / "run.json").unlink()  # an image of no run of ours
+    shutil.rmtree(run_dir)  # an image of no run of ours
     third = invoke(tiny_args(tiny_checkpoint, tmp_path))
     assert third.exit_code == 2
     assert f"Error: --out: {image} already exists" in third.output
