@@ -87,7 +87,7 @@ class Budget(dict):
     @classmethod
     def from_json(cls, entries: dict[str, int]) -> "Budget":
         """The inverse of to_json, for entries already checked (validate.saved_run_fields)."""
-        return cls({int(key) if key.isdigit() else key: size for key, size in entries.items()})
+        return cls({int(key) if is_gpu_key(key) else key: size for key, size in entries.items()})
 
     def __str__(self) -> str:
         """"0=16.00 GB, cpu=64.00 GB", for headers and messages."""
@@ -180,10 +180,15 @@ def parse_budget(spec: str, gpu_count: int | None) -> Budget:
     return budget
 
 
+def is_gpu_key(text: str) -> bool:
+    """A budget key that names a GPU: ASCII digits only ('²' and '٣' pass str.isdigit, not int())."""
+    return text.isascii() and text.isdigit()
+
+
 def _parse_key(raw_key: str, gpu_count: int | None) -> int | str:
     if raw_key.lower() in ("cpu", "disk"):
         return raw_key.lower()
-    if raw_key.isdigit():
+    if is_gpu_key(raw_key):
         index = int(raw_key)
         if gpu_count is not None:
             check_gpus({index: 1}, gpu_count)

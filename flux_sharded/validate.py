@@ -22,8 +22,8 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .budget import MAX_DEVICE_BYTES, Budget
 from . import settings as schema
+from .budget import MAX_DEVICE_BYTES, Budget, is_gpu_key
 from .errors import CheckpointError, SettingsError
 from .families import encode_layers, encode_out_layers, family_for
 
@@ -360,7 +360,7 @@ def saved_run_fields(data, where: str, fix: str, format_version: int) -> dict:
     settings = settings_fields(run.object("settings"), where, fix)
     entries = {}
     for key, size in run.object("max_memory").items():
-        if not (key.isdigit() or key in ("cpu", "disk")) or not _is_int(size) or not 0 < size <= MAX_DEVICE_BYTES:
+        if not (is_gpu_key(key) or key in ("cpu", "disk")) or not _is_int(size) or not 0 < size <= MAX_DEVICE_BYTES:
             run.fail(f"has {key!r}: {json.dumps(size)}; keys are GPU indices, cpu or disk, sizes 1..{MAX_DEVICE_BYTES} "
                      "bytes", "max_memory")
         entries[key] = size

@@ -38,6 +38,8 @@ def test_good_specs(spec, gpus, expected):
         ("0=1=2GB", 2, "is not KEY=SIZE"),
         ("gpu0=16GB", 2, "'gpu0' is an unknown device"),
         ("-1=16GB", 2, "'-1' is an unknown device"),
+        ("²=4GB", 2, "'²' is an unknown device"),  # str.isdigit says yes, int() says no: a traceback before
+        ("٣=4GB", 4, "'٣' is an unknown device"),  # an Arabic-Indic 3: int() reads it, the hub would not
         ("0=16GB,0=8GB", 2, "'0' is given twice"),
         ("cpu=1GB,CPU=2GB", 0, "'CPU' is given twice"),
         ("0=16XB", 2, "'XB' is an unknown unit"),

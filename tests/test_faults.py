@@ -251,6 +251,8 @@ CASES = {
     "resumed-processes-zero": Case(top("resumed_processes", [0]), RUN_JSON + "'resumed_processes' is [0], not a list"),
     "processes-a-string": Case(top("processes", "1"), RUN_JSON + "'processes' is \"1\", not a whole number"),
     "max-memory-bad-key": Case(top("max_memory", {"gpu0": 10}), RUN_JSON + "'max_memory' has 'gpu0': 10"),
+    # str.isdigit accepts a superscript two, int() does not: a traceback before
+    "max-memory-superscript-key": Case(top("max_memory", {"²": 10}), RUN_JSON + "'max_memory' has '²': 10"),
     "max-memory-empty": Case(top("max_memory", {}), RUN_JSON + "'max_memory' is empty"),
     "max-memory-absurd": Case(top("max_memory", {"cpu": 10**20}), RUN_JSON + "'max_memory' has 'cpu': "
                               "100000000000000000000; keys are GPU indices, cpu or disk, sizes 1..1000000000000000"),

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-import pytest
+import os
+from pathlib import Path
 
+import pytest
+from click.testing import CliRunner
+
+from flux_sharded.cli import main
 from flux_sharded.errors import SettingsError
-from flux_sharded.prompts import PromptLine, expand, read_prompts_file
+from flux_sharded.prompts import (MAX_JSON_DEPTH, MAX_PROMPTS_FILE_BYTES, PromptLine, _depth, expand,
+                                  read_prompts_file)
 
 
 @pytest.mark.parametrize(
@@ -74,3 +80,70 @@ def test_seeds_follow_the_image_index_unless_the_line_gives_one():
         ("a", "a", "b", "b", "c", "c"),
         (10, 11, 100, 101, 14, 15),
     )
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_line(tmp_path):
+    """Windows editors may start a UTF-8 file with one: the first JSON line was read as plain text,
+    so the JSON became the prompt and the seeds were ignored."""
+    path = tmp_path / "prompts.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"prompt": "a dog", "seed": 7}\n{"prompt": "a cat"}\n')
+    assert read_prompts_file(path) == [PromptLine("a dog", 7), PromptLine("a cat")]
+
+
+def _fifo(folder):
+    os.mkfifo(folder / "fifo")  # no writer: opening it would block forever
+    return folder / "fifo"
+
+
+def _loop(folder):
+    (folder / "a").symlink_to(folder / "b")
+    (folder / "b").symlink_to(folder / "a")
+    return folder / "a"
+
+
+def _dangling(folder):
+    (folder / "link").symlink_to(folder / "gone.txt")
+    return folder / "link"
+
+
+def _huge(folder):
+    path = folder / "huge.txt"
+    with open(path, "wb") as file:  # sparse: nothing is written to the disk
+        file.truncate(MAX_PROMPTS_FILE_BYTES + 1)
+    return path
+
+
+def _write(text):
+    def make(folder):
+        (folder / "prompts.jsonl").write_text(text)
+        return folder / "prompts.jsonl"
+    return make
+
+
+@pytest.mark.parametrize("make, message", [
+    (_fifo, "is not a regular file (a pipe, a device or a socket)"),
+    (lambda folder: Path("/dev/zero"), "is not a regular file"),
+    (_loop, "cannot be read (Too many levels of symbolic links)"),
+    (_dangling, "does not exist (or is a link to nothing)"),
+    (_huge, f"is larger than {MAX_PROMPTS_FILE_BYTES // 2**20} MiB; split it into several runs"),
+    (_write('{"prompt": "a dog", "prompt": "a cat"}\n'), 'line 1: "prompt" is given twice; give each key once'),
+    (_write('{"prompt": "a dog", "seed": ' + "[" * 200_000 + "]" * 200_000 + "}\n"),
+     f"line 1: nested more than {MAX_JSON_DEPTH} levels deep"),
+])
+def test_a_prompts_file_that_is_not_one_is_refused_in_one_line(tmp_path, make, message):
+    """Each through the command line: one Error line, exit 2, nothing written, no hang, no traceback."""
+    path = make(tmp_path)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["--prompts-file", str(path), "--max-memory", "cpu=1GB", "--dry-run",
+                                       "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    (line,) = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    assert message in line and "Traceback" not in result.output, line
+    assert not out.exists()
+
+
+def test_json_nesting_is_counted_outside_strings_only():
+    assert _depth('{"prompt": "[[[{{{ brackets in a prompt"}') == 1
+    assert _depth('{"prompt": "a \\" [[["}') == 1  # an escaped quote does not end the string
+    assert _depth('{"prompt": "a \\\\", "seed": [[1]]}') == 3  # an escaped backslash does not escape the quote
+    assert _depth('{"seed": [[1]]}') == 3
