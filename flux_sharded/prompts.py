@@ -15,19 +15,15 @@ MAX_JSON_DEPTH is refused.
 from __future__ import annotations
 
 import json
-import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import SettingsError
+from .safe_read import NotARegularFile, parse_json, read_regular_file
 from .settings import MAX_IMAGES
 
 # A million prompts of 60 characters; any real prompts file is far smaller.
 MAX_PROMPTS_FILE_BYTES = 64 * 2**20
-# A prompts line is one flat object; a little nesting is refused by the field checks, deep nesting
-# before Python's parser recurses out of its stack.
-MAX_JSON_DEPTH = 32
 
 
 @dataclass(frozen=True)
@@ -39,14 +35,13 @@ class PromptLine:
 def read_prompts_file(path: Path) -> list[PromptLine]:
     where = f"--prompts-file '{path}'"
     try:
-        kind = os.stat(path).st_mode
-        if stat.S_ISDIR(kind):
-            raise IsADirectoryError
-        if not stat.S_ISREG(kind):
-            raise SettingsError(f"{where} is not a regular file (a pipe, a device or a socket); give a text or "
-                                "JSON Lines file of prompts")
-        with open(path, "rb") as file:  # not read_text: the size is checked before it is all in memory
-            data = file.read(MAX_PROMPTS_FILE_BYTES + 1)
+        data = read_regular_file(path, MAX_PROMPTS_FILE_BYTES)
+    except NotARegularFile:
+        raise SettingsError(f"{where} is not a regular file (a pipe, a device or a socket); give a text or "
+                            "JSON Lines file of prompts") from None
+    except ValueError:
+        raise SettingsError(f"{where} is larger than {MAX_PROMPTS_FILE_BYTES // 2**20} MiB; split it into several "
+                            "runs") from None
     except FileNotFoundError:
         raise SettingsError(f"{where} does not exist (or is a link to nothing); give a text or JSON Lines file of "
                             "prompts") from None
@@ -54,9 +49,6 @@ def read_prompts_file(path: Path) -> list[PromptLine]:
         raise SettingsError(f"{where} is a folder; give a text or JSON Lines file of prompts") from None
     except OSError as error:  # a link loop, no permission
         raise SettingsError(f"{where} cannot be read ({error.strerror or error}); give a readable text file") from None
-    if len(data) > MAX_PROMPTS_FILE_BYTES:
-        raise SettingsError(f"{where} is larger than {MAX_PROMPTS_FILE_BYTES // 2**20} MiB; split it into several "
-                            "runs")
     try:
         text = data.decode("utf-8-sig")  # a byte-order mark, if any, is not part of the first prompt
     except UnicodeDecodeError as error:
@@ -71,15 +63,13 @@ def read_prompts_file(path: Path) -> list[PromptLine]:
 
 
 def _json_line(where: str, number: int, line: str) -> PromptLine:
-    if _depth(line) > MAX_JSON_DEPTH:
-        raise SettingsError(f"{where}, line {number}: nested more than {MAX_JSON_DEPTH} levels deep; write one "
-                            'flat object per line, e.g. {"prompt": "a dog"}')
     try:
-        entry = json.loads(line, object_pairs_hook=_refuse_duplicates)
+        entry = parse_json(line)
     except json.JSONDecodeError as error:
         raise SettingsError(f"{where}, line {number}: not valid JSON ({error.msg}); write one object per line") from None
-    except _DuplicateKey as duplicate:
-        raise SettingsError(f'{where}, line {number}: "{duplicate.key}" is given twice; give each key once') from None
+    except ValueError as error:  # a key twice, or nested past MAX_JSON_DEPTH
+        raise SettingsError(f'{where}, line {number}: {error}; write one flat object per line, e.g. '
+                            '{"prompt": "a dog"}') from None
     if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str) or not entry["prompt"].strip():
         raise SettingsError(f'{where}, line {number}: needs a non-empty "prompt" string, e.g. {{"prompt": "a dog"}}')
     seed = entry.get("seed")
@@ -89,45 +79,6 @@ def _json_line(where: str, number: int, line: str) -> PromptLine:
     if unknown:
         raise SettingsError(f'{where}, line {number}: unknown key(s) {", ".join(sorted(unknown))}; use "prompt" and "seed"')
     return PromptLine(entry["prompt"], seed)
-
-
-class _DuplicateKey(ValueError):
-    def __init__(self, key: str):
-        super().__init__(key)
-        self.key = key
-
-
-def _refuse_duplicates(pairs: list[tuple[str, object]]) -> dict:
-    """json's object_pairs_hook: a key given twice is refused, not silently the last one."""
-    entry = {}
-    for key, value in pairs:
-        if key in entry:
-            raise _DuplicateKey(key)
-        entry[key] = value
-    return entry
-
-
-def _depth(text: str) -> int:
-    """How deeply `text` nests JSON arrays and objects, brackets inside strings not counted; an
-    upper bound for malformed text, which json.loads refuses anyway."""
-    depth = deepest = 0
-    in_string = escaped = False
-    for character in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif character == "\\":
-                escaped = True
-            elif character == '"':
-                in_string = False
-        elif character == '"':
-            in_string = True
-        elif character in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif character in "]}":
-            depth -= 1
-    return deepest
 
 
 def expand(lines: list[PromptLine], seed: int, images_per_prompt: int) -> tuple[tuple[str, ...], tuple[int, ...]]:

@@ -31,10 +31,14 @@ from .budget import Budget, budget_to_json
 from .errors import OutputError, SettingsError
 from .files import atomic_write
 from .handoff import GenerationSettings, Handoff
+from .safe_read import parse_json, read_regular_file
 from .checkpoint import expected_tensors
 from .validate import JsonFields, check_handoff_tensors, check_share_settings, saved_run_fields, settings_fields
 
 RUN_FILE = "run.json"
+# run.json holds every prompt of the run: a 64 MiB prompts file (prompts.MAX_PROMPTS_FILE_BYTES) and
+# its seeds fit several times over.
+MAX_RUN_FILE_BYTES = 256 * 2**20
 FORMAT = 1
 SAVED_STAGES = ("encode", "denoise")  # decode's output is the images themselves
 
@@ -280,7 +284,7 @@ def read_run(run_dir: Path) -> SavedRun:
     if not run_dir.is_dir():
         raise SettingsError(f"{where} is not a folder; give the run folder a run printed (it holds {RUN_FILE})")
     try:
-        data = json.loads((run_dir / RUN_FILE).read_text(encoding="utf-8"))
+        data = parse_json(read_regular_file(run_dir / RUN_FILE, MAX_RUN_FILE_BYTES).decode("utf-8"))
     except FileNotFoundError:
         runs = _runs_inside(run_dir)
         if len(runs) == 1:
@@ -346,7 +350,7 @@ def _latest_handoff(run_dir: Path, process_index: int, process_count: int, run_s
             if not file.is_file():
                 raise SettingsError(f"--resume: {file} is missing or not a file; {fix}")
         try:
-            meta = json.loads(meta_file.read_text(encoding="utf-8"))
+            meta = parse_json(read_regular_file(meta_file, MAX_RUN_FILE_BYTES).decode("utf-8"))
         except (OSError, ValueError) as error:
             raise SettingsError(f"--resume: {meta_file} cannot be read ({error}); {fix}") from None
         meta_fields = JsonFields(meta, f"--resume: {meta_file}", fix)

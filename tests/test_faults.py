@@ -128,6 +128,14 @@ def write_file(relative: str, content: bytes):
     return damage
 
 
+def fifo(relative: str):
+    """`relative` replaced by a FIFO without a writer: opening it would block forever."""
+    def damage(space):
+        (space.run_dir / relative).unlink()
+        os.mkfifo(space.run_dir / relative)
+    return damage
+
+
 def truncated(relative: str, keep: float = 0.5):
     def damage(space):
         path = space.run_dir / relative
@@ -261,6 +269,12 @@ CASES = {
                          "the run's image folder /nonexistent/flux-sharded-out (run.json 'out_dir') does not exist"),
     "run-json-a-list": Case(write_file("run.json", b"[]"), "--resume '{run_dir}': run.json holds a list, not a JSON"),
     "run-json-truncated": Case(truncated("run.json"), "run.json cannot be read"),
+    # json keeps the last of two keys; 200,000 levels of nesting raised RecursionError; a FIFO hung
+    "run-json-key-twice": Case(write_file("run.json", b'{"format": 1, "format": 1}'),
+                               "run.json cannot be read (\"format\" is given twice; give each key once)"),
+    "run-json-nested": Case(write_file("run.json", b'{"a": ' + b"[" * 200_000 + b"]" * 200_000 + b"}"),
+                            "run.json cannot be read (nested more than 32 levels deep)"),
+    "run-json-a-fifo": Case(fifo("run.json"), "run.json cannot be read"),
     "weights-changed": Case(replaced_model_weights, "--resume: the transformer files of the model '{checkpoint}' differ "
                             "from those the run in {run_dir} used"),
     # the stage checkpoints: truncated, swapped, wrong shape or dtype, extra or missing tensors
@@ -367,8 +381,9 @@ def test_fault(workspace, name):
         assert_reference_images(workspace)
 
 
-def run_folder_files(space: Workspace) -> dict[str, bytes]:
-    return {path.name: path.read_bytes() for path in space.run_dir.iterdir()}
+def run_folder_files(space: Workspace) -> dict[str, bytes | str]:
+    # a FIFO (a damage case) is named, not read: opening it would wait for a writer forever
+    return {path.name: path.read_bytes() if path.is_file() else "not a regular file" for path in space.run_dir.iterdir()}
 
 
 def assert_user_files_untouched(space: Workspace) -> None:

@@ -10,8 +10,8 @@ from click.testing import CliRunner
 
 from flux_sharded.cli import main
 from flux_sharded.errors import SettingsError
-from flux_sharded.prompts import (MAX_JSON_DEPTH, MAX_PROMPTS_FILE_BYTES, PromptLine, _depth, expand,
-                                  read_prompts_file)
+from flux_sharded.prompts import MAX_PROMPTS_FILE_BYTES, PromptLine, expand, read_prompts_file
+from flux_sharded.safe_read import MAX_JSON_DEPTH, json_depth
 
 
 @pytest.mark.parametrize(
@@ -143,7 +143,7 @@ def test_a_prompts_file_that_is_not_one_is_refused_in_one_line(tmp_path, make, m
 
 
 def test_json_nesting_is_counted_outside_strings_only():
-    assert _depth('{"prompt": "[[[{{{ brackets in a prompt"}') == 1
-    assert _depth('{"prompt": "a \\" [[["}') == 1  # an escaped quote does not end the string
-    assert _depth('{"prompt": "a \\\\", "seed": [[1]]}') == 3  # an escaped backslash does not escape the quote
-    assert _depth('{"seed": [[1]]}') == 3
+    assert json_depth('{"prompt": "[[[{{{ brackets in a prompt"}') == 1
+    assert json_depth('{"prompt": "a \\" [[["}') == 1  # an escaped quote does not end the string
+    assert json_depth('{"prompt": "a \\\\", "seed": [[1]]}') == 3  # an escaped backslash does not escape the quote
+    assert json_depth('{"seed": [[1]]}') == 3
