@@ -33,7 +33,9 @@ def flush(gpu_indices: Iterable[int] = ()) -> None:
     budget's GPUs (`gpu_indices`), touching no other GPU: accelerate's clear_device_cache
     (torch.cuda.empty_cache) empties the caches this process filled without entering any device,
     where a `with torch.cuda.device(i)` over every visible index opened a CUDA context (0.3-0.5 GB)
-    on each card the budget never named."""
+    on each card the budget never named. Then return the pinned host memory a streamed stage held:
+    PyTorch's host allocator caches freed pinned blocks until told otherwise (page-locked RAM that
+    cannot swap, through decode and beyond)."""
     from accelerate.utils.memory import clear_device_cache
 
     gc.collect()
@@ -42,6 +44,7 @@ def flush(gpu_indices: Iterable[int] = ()) -> None:
         clear_device_cache()
         for index in gpu_indices:
             torch.cuda.reset_peak_memory_stats(index)
+        torch.accelerator.empty_host_cache()  # a no-op where nothing was ever pinned
 
 
 def _read_status_kb(name: str) -> int | None:
@@ -85,6 +88,9 @@ class PeakMemory:
     gpu_indices: list[int] = field(default_factory=list)
     peak_bytes: dict[str, int] = field(default_factory=dict)
     reserved_bytes: dict[str, int] = field(default_factory=dict)
+    # The most pinned host memory PyTorch's host allocator held during the stage (its rounded blocks,
+    # cached ones included: torch.cuda.host_memory_stats "allocated_bytes.peak"); None without CUDA.
+    peak_pinned_bytes: int | None = None
 
     def __enter__(self) -> "PeakMemory":
         self._process = psutil.Process()
@@ -99,6 +105,8 @@ class PeakMemory:
         for index in self.gpu_indices:
             torch.cuda.synchronize(index)
             torch.cuda.reset_peak_memory_stats(index)
+        if self.gpu_indices:
+            torch.cuda.reset_peak_host_memory_stats()
         return self
 
     def _sample(self) -> None:
@@ -118,6 +126,8 @@ class PeakMemory:
             torch.cuda.synchronize(index)
             self.peak_bytes[str(index)] = torch.cuda.max_memory_allocated(index)
             self.reserved_bytes[str(index)] = torch.cuda.max_memory_reserved(index)
+        if self.gpu_indices:
+            self.peak_pinned_bytes = int(torch.cuda.host_memory_stats().get("allocated_bytes.peak", 0))
 
 
 

@@ -27,7 +27,8 @@ too: adapters must be loaded before `place` (tests/test_devices.py pins both hal
 compares the model as placed with the map and raises PlacementError on any difference.
 
 Memory (the plan's STREAMED_BLOCKS_IN_FLIGHT): on the main GPU two streamed blocks and the top-level
-modules at a time; the streamed weights once, pinned, in RAM.
+modules at a time; the streamed weights once, pinned, in RAM, packed into the chunks the plan
+counted (host_memory.pack_into_host_memory, before group offloading is applied).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import torch
 
 from .budget import device_key
 from .errors import PlacementError
+from .host_memory import pack_into_host_memory
 
 Device = int | str
 
@@ -124,8 +126,14 @@ def _place_streamed(model: torch.nn.Module, device_map: dict[str, Device]) -> No
 
     main = cuda_device(main_device(device_map))
     lists = block_lists(model)
-    resident = {name: device for name, device in _units(model, device_map).items() if device != "cpu"}
+    units = _units(model, device_map)
+    resident = {name: device for name, device in units.items() if device != "cpu"}
     children = dict(model.named_children())
+    # 0) The streamed tensors into pinned chunks laid out as the plan counted them (host_memory.py):
+    #    group offloading then finds each pinned already and keeps it, instead of pinning a copy of
+    #    its own per tensor (each rounded up to a power of two) next to the original.
+    pack_into_host_memory([model.get_submodule(name) for name, device in units.items() if device == "cpu"],
+                          pin=torch.cuda.is_available())
     # 1) While diffusers builds its groups, the lists hold only their "cpu" blocks and the resident
     #    top-level modules are detached, so that it groups exactly the streamed modules.
     for name, blocks in lists.items():

@@ -43,11 +43,13 @@ from pathlib import Path
 
 import torch
 
+from . import host_memory
 from .budget import (BINARY_TWIN, DEFAULT_CPU_FRACTION, DEFAULT_GPU_RESERVE_BYTES, UNITS, Budget, as_typed,
                      format_budget, format_bytes, gpu_indices, is_gpu, spec_size, written_binary, written_size)
 from .components import empty_component, module_sizes, no_split_modules, special_dtypes
 from .errors import PlanError
 from .families import STAGES, Family, family_of
+from .quantize_bytes import quantized_linears
 
 Device = int | str  # GPU index, "cpu" or "disk"
 # diffusers' group offloading with use_stream=True (num_blocks_per_group=1): while block i runs, block
@@ -112,6 +114,7 @@ class ComponentPlan:
     tiled: bool = False  # VAE: diffusers' tiled decoding
     batch_size: int = 1  # images (or prompts) per forward pass
     quantization: str | None = None  # applied while loading (quantize_load.from_pretrained): fp8, int8, nf4
+    pinned_bytes: int = 0  # streamed: host bytes pinned for the streamed modules, as allocated (in weight_bytes["cpu"])
 
 
 @dataclass(frozen=True)
@@ -146,6 +149,11 @@ class StagePlan:
         """Weights copied host-to-GPU per forward pass of this stage (a denoising step: one
         transformer forward; an encode: one text-encoder forward)."""
         return sum(component.offload_bytes for component in self.components)
+
+    @property
+    def pinned_bytes(self) -> int:
+        """Host bytes pinned while the stage runs (its streamed components'), as PyTorch allocates them."""
+        return sum(component.pinned_bytes for component in self.components)
 
     @property
     def planned_bytes(self) -> dict[Device, int]:
@@ -250,6 +258,17 @@ class _Components:
                       if any(True for _ in module.parameters(recurse=False))]
         return max(blocks, default=0)
 
+    def load_transient(self, name: str) -> int:
+        """Bytes a GPU holds for a moment while `name` loads, beyond its weights: bitsandbytes' 4-bit
+        loading (diffusers' and transformers' Params4bit.to) moves each weight to the GPU in the
+        compute dtype and packs it there, so the largest converted layer's unpacked weight is
+        briefly there as well. 0 for any other storage, which loads tensor by tensor as stored."""
+        if self.inputs.load_method(name) != "nf4":
+            return 0
+        unquantized = empty_component(self.inputs.config_root, name)
+        size = torch.finfo(self.inputs.dtype).bits // 8
+        return max((linear.weight.numel() * size for _, linear in quantized_linears(unquantized, "nf4")), default=0)
+
     def top_level_bytes(self, name: str) -> int:
         """Bytes outside the block lists (embedders, final norm and projection): diffusers' group
         offloading moves them as one group to the GPU for every forward pass."""
@@ -326,11 +345,13 @@ def plan_encode(components: _Components, budget: Budget) -> StagePlan:
 
 
 def _whole(components: _Components, name: str, device: Device) -> ComponentPlan:
+    loading = components.load_transient(name) if device != "cpu" else 0
     return ComponentPlan(
         name=name,
         device_map={"": device},
         weight_bytes={device: components.sizes(name)[""]},
-        activation_bytes={device: components.activation_bytes(name)},
+        # loading comes before the forward pass: the more of the two
+        activation_bytes={device: max(components.activation_bytes(name), loading)},
         batch_size=components.batch_size(name),
         quantization=components.inputs.load_method(name),
     )
@@ -415,7 +436,16 @@ def _placed(components: _Components, name: str, device_map: dict[str, Device], c
     for module, device in device_map.items():
         weight_bytes[device] = weight_bytes.get(device, 0) + sizes.get(module, 0)
     used = [device for device in computing if device in weight_bytes] or computing[:1]
-    activation_bytes = {device: activation for device in used}
+    # loading comes before the forward pass: the more of the two on each GPU it loads onto
+    loading = components.load_transient(name)
+    activation_bytes = {device: max(activation, loading) if device != "cpu" else activation for device in used}
+    pinned = 0
+    if streamed:
+        # RAM as PyTorch allocates it: the streamed tensors pinned (host_memory.py), and the most that
+        # loading and pinning hold on top for a while (set-up, counted with the activations).
+        pinned, set_up = _streamed_host_bytes(components, name, sorted(offloaded))
+        weight_bytes["cpu"] = pinned
+        activation_bytes["cpu"] = set_up
     offload_bytes = sum(sizes.get(module, 0) for module in offloaded) if on_gpu else 0
     if offload_bytes:
         in_flight = STREAMED_BLOCKS_IN_FLIGHT if streamed else HOOKED_BLOCKS_IN_FLIGHT
@@ -433,7 +463,36 @@ def _placed(components: _Components, name: str, device_map: dict[str, Device], c
         streamed=streamed,
         batch_size=components.batch_size(name),
         quantization=components.inputs.load_method(name),
+        pinned_bytes=pinned,
     )
+
+
+def _streamed_host_bytes(components: _Components, name: str, offloaded: list[str]) -> tuple[int, int]:
+    """(pinned, set-up): the host bytes the streamed modules `offloaded` of component `name` hold
+    while the stage runs, and the most held on top of those while it loads.
+
+    - Plain tensors are packed into pinned chunks (host_memory.pack_into_host_memory): the layout's
+      allocated bytes; packing holds at most one of its chunks more than that.
+    - A tensor subclass (torchao's int8 weights: on meta, the weight, weight_scale and
+      weight_zero_point of a layer quantize.quantized_meta converted) is pinned by group
+      offloading itself, each inner tensor on its own (rounded up to a power of two), while its
+      unpinned original is still held: both count.
+    - Loading: the component is read whole into RAM before its resident blocks move to their GPUs
+      (stages/offload.py), so the set-up is at least the whole component less what stays pinned.
+    """
+    model, sizes = components.model(name), components.sizes(name)  # sizes: per tensor too, as loaded
+    plain: dict[int, int] = {}
+    inner: dict[int, int] = {}
+    for module_name in offloaded:
+        for path, module in model.get_submodule(module_name).named_modules(prefix=module_name):
+            converted = hasattr(module, "weight_zero_point")  # an int8 layer (quantize.quantized_meta)
+            for tensor_name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+                kind = inner if converted and tensor_name.startswith("weight") else plain
+                kind.setdefault(id(tensor), sizes.get(f"{path}.{tensor_name}".lstrip("."), 0))
+    layout = host_memory.host_layout(plain.values())
+    pinned = layout.allocated_bytes + host_memory.per_tensor_pinned_bytes(inner.values())
+    set_up = max(layout.chunk_bytes + sum(inner.values()), components.sizes(name)[""] - pinned)
+    return pinned, set_up
 
 
 def plan_denoise(components: _Components, budget: Budget) -> StagePlan:

@@ -13,6 +13,8 @@ JSON schema (device keys as strings: "0", "1", "cpu", "disk"):
                  "offload_bytes_per_step": int,   # weights copied host-to-GPU per forward (0: none)
                  "offload_bytes_per_image": int,  # the same over a whole image (steps, shared by a batch)
                  "offload": "none" | "streamed" | "hooks",  # diffusers group offloading or accelerate hooks
+                 "pinned_bytes": int,             # planned host bytes pinned for streamed blocks (0: none)
+                 "peak_pinned_bytes": int,        # measured: pinned host memory held (CUDA); null otherwise
                  "tiled": bool,                   # decode: diffusers' tiled VAE decoding
                  "notes": [str]}],                # what the planner left out or chose
      "images": [paths, in prompt order],
@@ -53,6 +55,8 @@ class StageReport:
     offload_bytes_per_image: int = 0  # the same summed over one image's forward passes
     offload: str = "none"  # "streamed" (diffusers group offloading), "hooks" (accelerate) or "none"
     tiled: bool = False  # decode: tiled VAE decoding
+    pinned_bytes: int = 0  # planned host bytes pinned for streamed blocks, as PyTorch allocates them
+    peak_pinned_bytes: int | None = None  # measured: the most pinned host memory PyTorch held (CUDA only)
     notes: list[str] = field(default_factory=list)
 
     @classmethod
@@ -69,6 +73,7 @@ class StageReport:
             offload_bytes_per_image=per_step * passes // max(images, 1),
             offload=("streamed" if all(c.streamed for c in offloading) else "hooks") if offloading else "none",
             tiled=any(component.tiled for component in stage_plan.components),
+            pinned_bytes=stage_plan.pinned_bytes,
             notes=list(stage_plan.notes),
             name=stage_plan.name,
             device_map={
@@ -146,6 +151,11 @@ class RunReport:
                 lines.append(f"{stage.name}: tiled VAE decoding (the whole image's activations do not fit)")
             if not stage.offload_bytes_per_step:
                 continue
+            if stage.pinned_bytes:
+                measured = (f", {format_bytes(stage.peak_pinned_bytes)} measured"
+                            if stage.peak_pinned_bytes is not None else "")
+                lines.append(f"{stage.name}: {format_bytes(stage.pinned_bytes)} of RAM pinned for the streamed blocks "
+                             f"(planned as allocated{measured}); it is returned when the stage ends")
             seconds = stage.offload_bytes_per_step / OFFLOAD_BANDWIDTH_BYTES_PER_SECOND
             how = ("streamed ahead of use (diffusers group offloading)" if stage.offload == "streamed"
                    else "copied as each block runs (accelerate hooks)")

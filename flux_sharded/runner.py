@@ -535,6 +535,7 @@ def _run_stage(stage: Stage, request: RunRequest, checkpoint: Checkpoint, stage_
     flush(gpu_indices(request.budget))
     stage_report.load_seconds, stage_report.run_seconds = loaded_at - started, finished - loaded_at
     stage_report.peak_bytes, stage_report.peak_reserved_bytes = peak.peak_bytes, peak.reserved_bytes or None
+    stage_report.peak_pinned_bytes = peak.peak_pinned_bytes
     return _StageResult(stage_report, output)
 
 

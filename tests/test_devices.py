@@ -158,6 +158,23 @@ def test_streamed_placement_hooks_exactly_the_planned_blocks(tiny_checkpoint):
     assert denoise.device_map(pipeline)["transformer"] == {key: str(value) for key, value in planned.device_map.items()}
 
 
+def test_the_streamed_tensors_are_packed_into_exactly_the_host_memory_the_plan_counted(tiny_checkpoint):
+    """After placement, the tensors of the modules the plan streams live in chunks whose bytes are
+    the plan's pinned bytes, its "cpu" weights (host_memory.py; unpinned here: torch pins only with
+    CUDA). Checked before the first forward: without a CUDA stream, group offloading moves a block
+    back to the CPU as a new tensor, where on a GPU it puts back the pinned one it kept."""
+    settings = settings_for(tiny_checkpoint, "none")
+    planned = plan_module._placed(components(tiny_checkpoint, settings), "transformer",
+                                  {**TOP_LEVEL, **ORDERS["streamed-then-gpu-1"]}, [0, 1], streamed=True)
+    stage_plan = dataclasses.replace(plans(tiny_checkpoint, settings, CPU_BUDGET)["denoise"], components=(planned,))
+    with logical_gpus():
+        model = denoise.load(resolve_checkpoint(str(tiny_checkpoint)), stage_plan, torch.float32).transformer
+        streamed = [model.get_submodule(name) for name, device in planned.device_map.items() if device == "cpu"]
+        storages = {tensor.untyped_storage().data_ptr(): tensor.untyped_storage().nbytes()
+                    for module in streamed for tensor in [*module.parameters(), *module.buffers()]}
+    assert planned.pinned_bytes == planned.weight_bytes["cpu"] == sum(storages.values()) > planned.offload_bytes
+
+
 @pytest.mark.parametrize("fixture, encoder, room", [("tiny_checkpoint", "text_encoder_2", (45_000, 35_000)),
                                                      ("tiny_klein", "text_encoder", (80_000, 60_000))])
 def test_a_text_encoder_split_over_two_gpus_and_the_cpu_equals_the_one_piece_pipeline(request, fixture, encoder, room):
@@ -276,5 +293,7 @@ def test_flush_touches_only_the_budgeted_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_device", lambda index: touched.append(("enter", index)))
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: touched.append(("empty cache", None)))
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda index=None: touched.append(("reset", index)))
+    # item 4: the pinned host memory a streamed stage held is given back too
+    monkeypatch.setattr(torch.accelerator, "empty_host_cache", lambda: touched.append(("empty host cache", None)))
     memory.flush([0, 2])
-    assert sorted(touched, key=str) == [("empty cache", None), ("reset", 0), ("reset", 2)]
+    assert sorted(touched, key=str) == [("empty cache", None), ("empty host cache", None), ("reset", 0), ("reset", 2)]

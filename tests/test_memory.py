@@ -86,10 +86,14 @@ def test_each_gpu_reports_its_allocated_and_reserved_peaks(monkeypatch):
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda index=None: None)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda index: allocated[index])
     monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda index: reserved[index])
+    # and the host allocator's pinned blocks (host_memory.py's chunks), measured beside them
+    monkeypatch.setattr(torch.cuda, "reset_peak_host_memory_stats", lambda: None)
+    monkeypatch.setattr(torch.cuda, "host_memory_stats", lambda: {"allocated_bytes.peak": 7 * 10**9})
     with PeakMemory(gpu_indices=[0, 1]) as peak:
         pass
     assert {key: value for key, value in peak.peak_bytes.items() if key != "cpu"} == {"0": 3 * 10**9, "1": 2 * 10**9}
     assert peak.reserved_bytes == {"0": 4 * 10**9, "1": 25 * 10**8}
+    assert peak.peak_pinned_bytes == 7 * 10**9
     stage = StageReport("denoise", {}, {"0": 10**9, "1": 10**9}, {"0": 5 * 10**9, "1": 3 * 10**9}, 1.0, 2.0,
                         peak.peak_bytes, peak_reserved_bytes=peak.reserved_bytes)
     table = RunReport({"0": 6 * 10**9, "1": 6 * 10**9}, [stage]).table().splitlines()

@@ -169,7 +169,11 @@ def test_two_8gb_gpus_with_ram_offload_the_rest(model):
     transformer_blocks_whole(plan)
     denoise = plan.stage("denoise")
     assert denoise.weight_bytes["cpu"] > 5 * GB and denoise.weight_bytes[0] > 4 * GB and denoise.weight_bytes[1] > 4 * GB
-    assert "cpu" not in denoise.activation_bytes  # offloaded blocks run on a GPU
+    # offloaded blocks run on a GPU: what the CPU holds beyond the pinned blocks is the loading's
+    # set-up (the whole transformer is read into RAM before its resident blocks move)
+    transformer = denoise.component("transformer")
+    whole = transformer.weight_bytes[0] + transformer.weight_bytes[1] + transformer.offload_bytes
+    assert denoise.activation_bytes["cpu"] == whole - transformer.pinned_bytes
     assert denoise.component("transformer").streamed  # the "cpu" blocks stream through group offloading
     # T5 (9.5 GB) fits neither GPU whole: split block-wise, no T5 block split, none on the CPU's side
     # of a GPU that has room.
