@@ -4,7 +4,8 @@
 #   2. the "mini" checkpoint (FLUX.1-dev's proportions, 1.2 GB) at 512 and 1024 pixels under
 #      0=16GB: planned vs CUDA-allocator peaks per stage (benchmarks/report_table.py);
 #   3. the mini checkpoint under 0=350MB,cpu=16GB: the streamed-offload path on a real GPU (the
-#      dry-run plans 85 MB of blocks resident and streams 313 MB per step; at 700MB it streamed none);
+#      dry-run plans 85 MB of blocks resident and streams 313 MB per step; at 700MB it streamed none):
+#      its PNG equals the resident run's, and its pinned host bytes are compared with the plan's;
 #   4. FLUX.2-klein-4B's real shape (random weights built on the GPU, 16 GB in bf16) at 1024x1024
 #      under 0=12GB, klein's 4 steps: planned vs measured peak per stage (issue 12).
 # Run from the repository root on the GPU machine:  bash benchmarks/gpu_smoke.sh
@@ -36,6 +37,24 @@ done
 step "mini at 1024 under 0=350MB,cpu=16GB (streamed offload)" python3 -m flux_sharded --model /tmp/mini \
   --prompt "a photo of a dog" --max-memory 0=350MB,cpu=16GB --steps 4 --height 1024 --width 1024 \
   --out "$OUT/mini-streamed" --report "$OUT/mini-streamed.json"
+# Streamed and resident blocks compute the same image (same seed, prompt, steps and size as mini-1024).
+step "streamed latents equal resident latents (mini at 1024, PNG pixels)" python3 -c "
+import sys, numpy as np
+from pathlib import Path
+from PIL import Image
+(resident,), (streamed,) = sorted(Path('$OUT/mini-1024').glob('*.png')), sorted(Path('$OUT/mini-streamed').glob('*.png'))
+difference = np.abs(np.asarray(Image.open(resident)).astype(int) - np.asarray(Image.open(streamed)).astype(int))
+print('max difference', difference.max(), 'in', resident.name)
+sys.exit(int(difference.max() != 0))"
+# Every GPU the machine has: with two, the mini transformer split block-wise over both (accelerate's
+# dispatch), to the same pixels.
+if [ "$(python3 -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
+  step "mini at 1024 split over GPUs 0 and 1" python3 -m flux_sharded --model /tmp/mini --prompt "a photo of a dog" \
+    --max-memory 0=700MB,1=700MB --steps 4 --height 1024 --width 1024 --out "$OUT/mini-split" \
+    --report "$OUT/mini-split.json"
+  step "split equals resident (PNG pixels)" cmp <(python3 -c "import numpy, PIL.Image, glob; print(numpy.asarray(PIL.Image.open(glob.glob('$OUT/mini-1024/*.png')[0])).tobytes().hex()[:10**7])") \
+    <(python3 -c "import numpy, PIL.Image, glob; print(numpy.asarray(PIL.Image.open(glob.glob('$OUT/mini-split/*.png')[0])).tobytes().hex()[:10**7])")
+fi
 step "real-shape FLUX.2-klein-4B" python3 -m flux_sharded.tiny /tmp/klein-4b --preset klein-4b --device cuda \
   --dtype bfloat16
 step "klein-4B at 1024 under 0=12GB" python3 -m flux_sharded --model /tmp/klein-4b --prompt "a photo of a dog" \

@@ -3,7 +3,9 @@
     python benchmarks/report_table.py REPORT.json [REPORT.json ...]
 
 For a GPU, "measured" is the CUDA allocator's peak during the stage (weights included), so
-measured - weights is the activation peak the planner estimated.
+measured - weights is the activation peak the planner estimated. Then, for each stage that streamed
+blocks from RAM, the host bytes pinned as planned (host_memory.py's layout) and as PyTorch's host
+allocator held them (torch.cuda.host_memory_stats' peak).
 """
 
 from __future__ import annotations
@@ -27,6 +29,17 @@ def main(paths: list[str]) -> None:
                 ratio = "-" if not peak else f"{planned / peak:.2f}"
                 print(f"| {Path(path).name} | {stage['name']} | {device} | {weights / 1e6:.1f} MB | "
                       f"{(planned - weights) / 1e6:.1f} MB | {measured} | {activation} | {ratio} |")
+    print()
+    print("| report | stage | pinned, planned | pinned, measured peak | planned / measured |")
+    print("|---|---|---|---|---|")
+    for path in paths:
+        for stage in json.loads(Path(path).read_text())["stages"]:
+            planned, measured = stage.get("pinned_bytes", 0), stage.get("peak_pinned_bytes")
+            if not planned and not measured:
+                continue
+            shown = "-" if measured is None else f"{measured / 1e6:.1f} MB"
+            ratio = "-" if not measured else f"{planned / measured:.3f}"
+            print(f"| {Path(path).name} | {stage['name']} | {planned / 1e6:.1f} MB | {shown} | {ratio} |")
 
 
 if __name__ == "__main__":
