@@ -124,17 +124,6 @@ def layout_of(modules: Iterable[torch.nn.Module]) -> HostLayout:
     return host_layout(tensor_bytes(tensor) for tensor in offloaded_tensors(modules) if is_plain(tensor))
 
 
-def subclass_pinned_bytes(modules: Iterable[torch.nn.Module]) -> int:
-    """Host bytes group offloading pins for the tensor subclasses among these modules' tensors (each
-    inner tensor on its own, rounded up to a power of two); 0 for a model without any."""
-    total = 0
-    for tensor in offloaded_tensors(modules):
-        if not is_plain(tensor) and hasattr(tensor, "__tensor_flatten__"):
-            names, _ = tensor.__tensor_flatten__()
-            total += per_tensor_pinned_bytes(tensor_bytes(getattr(tensor, name)) for name in names)
-    return total
-
-
 def pack_into_host_memory(modules: Iterable[torch.nn.Module], pin: bool) -> HostLayout:
     """Move the plain parameters and buffers of `modules` (on the CPU) into chunks laid out by
     host_layout, pinned when `pin` (a CUDA machine: torch cannot pin memory without one); each

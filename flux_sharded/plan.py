@@ -218,6 +218,7 @@ class _Components:
         self.names = self.family.names
         self._models: dict[str, torch.nn.Module] = {}
         self._sizes: dict[str, dict[str, int]] = {}
+        self._load_transients: dict[str, int] = {}
 
     def model(self, name: str) -> torch.nn.Module:
         if name not in self._models:
@@ -265,9 +266,12 @@ class _Components:
         briefly there as well. 0 for any other storage, which loads tensor by tensor as stored."""
         if self.inputs.load_method(name) != "nf4":
             return 0
-        unquantized = empty_component(self.inputs.config_root, name)
-        size = torch.finfo(self.inputs.dtype).bits // 8
-        return max((linear.weight.numel() * size for _, linear in quantized_linears(unquantized, "nf4")), default=0)
+        if name not in self._load_transients:  # one meta build, not one per placement tried
+            unquantized = empty_component(self.inputs.config_root, name)
+            size = torch.finfo(self.inputs.dtype).bits // 8
+            self._load_transients[name] = max(
+                (linear.weight.numel() * size for _, linear in quantized_linears(unquantized, "nf4")), default=0)
+        return self._load_transients[name]
 
     def top_level_bytes(self, name: str) -> int:
         """Bytes outside the block lists (embedders, final norm and projection): diffusers' group
