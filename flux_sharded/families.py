@@ -2,7 +2,7 @@
 
 A checkpoint's `model_index.json` names its pipeline class (`_class_name`); that class selects
 one `Family` here. A family lists its components (the folder name, the library and class that
-load it, the stages that load it, the activation estimate of one forward pass, a text encoder's
+load it, the stages that load it with the activation estimate of one forward pass in each, a text encoder's
 tokenizer folder, whether `--quantize METHOD` takes it as large), its
 generation defaults, whether flux-sharded can run it or only plan it, and the module with its side
 of the stages (stages/flux1.py, flux2.py). Everything else (components.py building on meta,
@@ -27,6 +27,7 @@ from typing import Callable
 from . import activations
 from .activations import Geometry
 from .errors import CheckpointError
+from .json_fields import JsonFields, is_int
 
 STAGES = ("encode", "denoise", "decode")
 
@@ -40,6 +41,8 @@ def _dtype_bytes(inputs: Geometry) -> int:
 # ---------------------------------------------------------------- activation estimates, per image (or prompt)
 # Each takes (the component's config as a dict, the plan's inputs, tiled) and returns bytes; the
 # formulas and how they were checked are in activations.py.
+
+Estimate = Callable[[dict, Geometry, bool], int]
 
 
 def _clip(config: dict, inputs: Geometry, tiled: bool) -> int:
@@ -68,7 +71,7 @@ def _flux2_transformer(config: dict, inputs: Geometry, tiled: bool) -> int:
                                                           inputs.max_sequence_length, _dtype_bytes(inputs))
 
 
-def _decoder_text_encoder(pipeline: str) -> Callable[[dict, Geometry, bool], int]:
+def _decoder_text_encoder(pipeline: str) -> Estimate:
     def estimate(config: dict, inputs: Geometry, tiled: bool) -> int:
         text_config = config.get("text_config") or config  # Mistral3 nests its language model's config
         return activations.decoder_text_encoder_activation_bytes(
@@ -96,6 +99,122 @@ def _flux2_encoded(config: dict, images: int, tokens: int, second_pass: bool) ->
     return {"prompt_embeds": shape, **({"negative_prompt_embeds": shape} if second_pass else {})}
 
 
+# ---------------------------------------------------------------- config checks, per architecture
+# Each takes (a function giving a component's config.json as JsonFields, the family, the names of its
+# transformer, VAE and text encoders) and raises CheckpointError (validate.check_checkpoint_configs).
+
+Fields = Callable[[str], JsonFields]
+
+# Generous ceilings, far above every FLUX.1 variant (19 double and 38 single blocks, width 3072,
+# T5 with 24 layers of width 4096 and 32128 tokens), yet small enough that building the component
+# on the meta device stays cheap: a config past them is damaged or hostile, not a bigger FLUX.
+MAX_LAYERS = 256
+MAX_WIDTH = 65536
+MAX_VOCAB = 1_000_000
+MAX_VAE_BLOCKS = 6  # a scale factor of 2**5 = 32; FLUX.1's VAE has 4 blocks (factor 8)
+
+
+
+def _check_flux1_configs(fields: Fields, family: Family, transformer_name: str, vae_name: str, encoders: tuple[str, ...]) -> None:
+    """FLUX.1's configs: FluxTransformer2DModel, AutoencoderKL, CLIP and T5, bounded, and the widths
+    they share (CLIP's = pooled_projection_dim, T5's = joint_attention_dim)."""
+    clip_name, t5_name = encoders
+    transformer = fields(transformer_name)
+    for name in ("num_layers", "num_single_layers"):
+        transformer.integer(name, 0, MAX_LAYERS)
+    heads = transformer.integer("num_attention_heads", 1, MAX_WIDTH)
+    head_dim = transformer.integer("attention_head_dim", 1, MAX_WIDTH)
+    if heads * head_dim > MAX_WIDTH:
+        transformer.fail(f"times num_attention_heads is {heads * head_dim}, over {MAX_WIDTH}", "attention_head_dim")
+    in_channels = transformer.integer("in_channels", 4, MAX_WIDTH)
+    if in_channels % 4:
+        transformer.fail(f"is {in_channels}, not a multiple of 4 (2x2 latent packing)", "in_channels")
+    transformer.integer("patch_size", 1, 1, optional=True)
+    joint = transformer.integer("joint_attention_dim", 1, MAX_WIDTH)
+    pooled = transformer.integer("pooled_projection_dim", 1, MAX_WIDTH)
+    transformer.boolean("guidance_embeds", optional=True)
+    rope = transformer.list_of("axes_dims_rope", is_int, "whole numbers", 3, 3, optional=True)
+    if rope is not None and sum(rope) != head_dim:
+        transformer.fail(f"sums to {sum(rope)}, not attention_head_dim {head_dim}", "axes_dims_rope")
+
+    vae = fields(vae_name)
+    _check_vae(vae, in_channels)
+    vae.number("scaling_factor")
+    if vae.data.get("shift_factor") is not None:
+        vae.number("shift_factor")
+
+    clip = fields(clip_name)
+    clip_width = clip.integer("hidden_size", 1, MAX_WIDTH)
+    clip.integer("num_hidden_layers", 1, MAX_LAYERS)
+    clip.integer("intermediate_size", 1, 4 * MAX_WIDTH)
+    clip.integer("vocab_size", 1, MAX_VOCAB)
+    clip.integer("max_position_embeddings", 1, MAX_WIDTH)
+    if clip_width != pooled:
+        clip.fail(f"is {clip_width}, but the transformer's pooled_projection_dim is {pooled}", "hidden_size")
+    t5 = fields(t5_name)
+    t5_width = t5.integer("d_model", 1, MAX_WIDTH)
+    t5.integer("num_layers", 1, MAX_LAYERS)
+    t5.integer("d_ff", 1, 4 * MAX_WIDTH)
+    t5.integer("vocab_size", 1, MAX_VOCAB)
+    t5.integer("num_heads", 1, MAX_WIDTH)
+    t5.integer("d_kv", 1, MAX_WIDTH)
+    if t5_width != joint:
+        t5.fail(f"is {t5_width}, but the transformer's joint_attention_dim is {joint}", "d_model")
+
+
+def _check_vae(vae: JsonFields, in_channels: int) -> None:
+    """Both families' VAE: bounded widths, and latent_channels matching the transformer, which takes
+    2x2 patches of the latents (in_channels = 4 x latent_channels)."""
+    vae.list_of("block_out_channels", lambda c: is_int(c) and 1 <= c <= MAX_WIDTH, "whole numbers 1..65536",
+                1, MAX_VAE_BLOCKS)
+    latent_channels = vae.integer("latent_channels", 1, MAX_WIDTH)
+    vae.integer("layers_per_block", 1, MAX_LAYERS, optional=True)
+    if 4 * latent_channels != in_channels:
+        vae.fail(f"is {latent_channels}, but the transformer takes in_channels {in_channels} = 4 x latent_channels "
+                 "(2x2 patches)", "latent_channels")
+
+
+def _check_flux2_configs(fields: Fields, family: Family, transformer_name: str, vae_name: str, encoders: tuple[str, ...]) -> None:
+    """FLUX.2's configs: Flux2Transformer2DModel, AutoencoderKLFlux2 and the decoder-only text encoder
+    (Mistral3's text_config, or Qwen3's), bounded, and the widths they share: the transformer takes
+    the stacked hidden states of len(text_encoder_out_layers) layers (joint_attention_dim = 3 x the
+    text encoder's hidden_size) and 2x2-patchified latents (in_channels = 4 x latent_channels)."""
+    (encoder_name,) = encoders
+    transformer = fields(transformer_name)
+    for name in ("num_layers", "num_single_layers"):
+        transformer.integer(name, 0, MAX_LAYERS)
+    heads = transformer.integer("num_attention_heads", 1, MAX_WIDTH)
+    head_dim = transformer.integer("attention_head_dim", 1, MAX_WIDTH)
+    if heads * head_dim > MAX_WIDTH:
+        transformer.fail(f"times num_attention_heads is {heads * head_dim}, over {MAX_WIDTH}", "attention_head_dim")
+    in_channels = transformer.integer("in_channels", 4, MAX_WIDTH)
+    joint = transformer.integer("joint_attention_dim", 1, MAX_WIDTH)
+    transformer.number("mlp_ratio", 0, optional=True)
+    transformer.boolean("guidance_embeds", optional=True)
+    rope = transformer.list_of("axes_dims_rope", is_int, "whole numbers", 4, 4, optional=True)
+    if rope is not None and sum(rope) != head_dim:
+        transformer.fail(f"sums to {sum(rope)}, not attention_head_dim {head_dim}", "axes_dims_rope")
+
+    _check_vae(fields(vae_name), in_channels)
+
+    encoder = fields(encoder_name)
+    if "text_config" in encoder.data:  # Mistral3ForConditionalGeneration: the language model's config
+        encoder = JsonFields(encoder.object("text_config"), encoder.where, encoder.fix, CheckpointError,
+                             prefix="text_config.")
+    width = encoder.integer("hidden_size", 1, MAX_WIDTH)
+    layers = encoder.integer("num_hidden_layers", 1, MAX_LAYERS)
+    encoder.integer("intermediate_size", 1, 4 * MAX_WIDTH)
+    encoder.integer("vocab_size", 1, MAX_VOCAB)
+    encoder.integer("num_attention_heads", 1, MAX_WIDTH)
+    used = encode_layers(family.pipeline)
+    if layers < used:
+        encoder.fail(f"is {layers}, but {family.pipeline} reads the hidden states of layer {used}", "num_hidden_layers")
+    stacked = len(encode_out_layers(family.pipeline))
+    if joint != stacked * width:
+        encoder.fail(f"is {width}, but the transformer's joint_attention_dim {joint} is {stacked} x the text encoder's "
+                     f"width ({stacked} stacked hidden states)", "hidden_size")
+
+
 # ---------------------------------------------------------------- the registry
 
 # A tokenizer folder is whole with one of these sets of vocabulary files (transformers builds a
@@ -112,10 +231,11 @@ class Component:
     name: str  # the checkpoint's folder and model_index.json key
     library: str  # "transformers" or "diffusers"
     class_name: str  # as in model_index.json
-    # The stages that load it ("encode", "denoise", "decode"), each planning and placing it for its
-    # own pass: a VAE that encodes reference images before denoise and decodes after it names two.
-    stages: tuple[str, ...]
-    activation: Callable[[dict, Geometry, bool], int]  # bytes of one image's (prompt's) forward pass
+    # The stages that load it ("encode", "denoise", "decode"), in stage order, each with the
+    # activation estimate of one image's (a text encoder's: one prompt's) forward pass there; each
+    # stage plans and places it for its own pass: a VAE that encodes reference images before
+    # denoise and decodes after it names two, with two estimates.
+    passes: dict[str, Estimate]
     # A decoder-only text encoder whose encode reads intermediate hidden states: only its first
     # encode_layers(pipeline) decoder layers are planned (components.encode_only).
     truncated: bool = False
@@ -127,6 +247,14 @@ class Component:
     # quantizes (FLUX.1: the transformer, 23.8 GB in bf16, and T5, 9.5 GB; CLIP's 0.25 GB and the
     # VAE's 0.17 GB gain little and lose quality).
     large: bool = False
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        return tuple(self.passes)
+
+    def activation(self, stage: str, config: dict, inputs: Geometry, tiled: bool = False) -> int:
+        """Bytes of one image's (prompt's) forward pass in `stage`, from the component's config as a dict."""
+        return self.passes[stage](config, inputs, tiled)
 
 
 @dataclass(frozen=True)
@@ -152,6 +280,14 @@ class Family:
     # The module in flux_sharded/stages/ with the family's side of the stages (what encode keeps,
     # what decode gives the VAE, why guidance is ignored): the key of stages.code.CODE.
     code: str = "flux1"
+    # Its components' config.json checks: bounds and the widths they share (the section above).
+    config_checks: Callable[[Fields, Family, str, str, tuple[str, ...]], None] = _check_flux1_configs
+
+    def check_configs(self, fields: Fields) -> None:
+        """Raises CheckpointError (through `fields`) for a config outside this family's architecture."""
+        stages = self.stage_components()
+        (transformer,), (vae,) = stages["denoise"], stages["decode"]
+        self.config_checks(fields, self, transformer, vae, stages["encode"])
 
     def component(self, name: str) -> Component:
         return next(component for component in self.components if component.name == name)
@@ -184,12 +320,12 @@ FLUX_1 = Family(
     name="FLUX.1",
     pipeline="FluxPipeline",
     components=(
-        Component("text_encoder", "transformers", "CLIPTextModel", ("encode",), _clip,
+        Component("text_encoder", "transformers", "CLIPTextModel", {"encode": _clip},
                   tokenizer="tokenizer", tokenizer_files=BPE_FILES),
-        Component("text_encoder_2", "transformers", "T5EncoderModel", ("encode",), _t5,
+        Component("text_encoder_2", "transformers", "T5EncoderModel", {"encode": _t5},
                   tokenizer="tokenizer_2", tokenizer_files=SENTENCEPIECE_FILES, large=True),
-        Component("transformer", "diffusers", "FluxTransformer2DModel", ("denoise",), _flux_transformer, large=True),
-        Component("vae", "diffusers", "AutoencoderKL", ("decode",), _vae),
+        Component("transformer", "diffusers", "FluxTransformer2DModel", {"denoise": _flux_transformer}, large=True),
+        Component("vae", "diffusers", "AutoencoderKL", {"decode": _vae}),
     ),
     steps=28,  # FluxPipeline.__call__'s defaults, so that a bare run matches diffusers
     guidance=3.5,
@@ -201,11 +337,11 @@ FLUX_2_DEV = Family(
     name="FLUX.2-dev",
     pipeline="Flux2Pipeline",
     components=(
-        Component("text_encoder", "transformers", "Mistral3ForConditionalGeneration", ("encode",),
-                  _decoder_text_encoder("Flux2Pipeline"), truncated=True, tokenizer="tokenizer",
+        Component("text_encoder", "transformers", "Mistral3ForConditionalGeneration",
+                  {"encode": _decoder_text_encoder("Flux2Pipeline")}, truncated=True, tokenizer="tokenizer",
                   tokenizer_files=BPE_FILES, large=True),
-        Component("transformer", "diffusers", "Flux2Transformer2DModel", ("denoise",), _flux2_transformer, large=True),
-        Component("vae", "diffusers", "AutoencoderKLFlux2", ("decode",), _vae),
+        Component("transformer", "diffusers", "Flux2Transformer2DModel", {"denoise": _flux2_transformer}, large=True),
+        Component("vae", "diffusers", "AutoencoderKLFlux2", {"decode": _vae}),
     ),
     steps=50,  # Flux2Pipeline.__call__'s defaults
     guidance=4.0,
@@ -215,16 +351,17 @@ FLUX_2_DEV = Family(
     encoded=_flux2_encoded,
     shared_tensors=(),
     code="flux2",
+    config_checks=_check_flux2_configs,
 )
 FLUX_2_KLEIN = Family(
     name="FLUX.2-klein",
     pipeline="Flux2KleinPipeline",
     components=(
-        Component("text_encoder", "transformers", "Qwen3ForCausalLM", ("encode",),
-                  _decoder_text_encoder("Flux2KleinPipeline"), truncated=True, tokenizer="tokenizer",
+        Component("text_encoder", "transformers", "Qwen3ForCausalLM",
+                  {"encode": _decoder_text_encoder("Flux2KleinPipeline")}, truncated=True, tokenizer="tokenizer",
                   tokenizer_files=BPE_FILES, large=True),
-        Component("transformer", "diffusers", "Flux2Transformer2DModel", ("denoise",), _flux2_transformer, large=True),
-        Component("vae", "diffusers", "AutoencoderKLFlux2", ("decode",), _vae),
+        Component("transformer", "diffusers", "Flux2Transformer2DModel", {"denoise": _flux2_transformer}, large=True),
+        Component("vae", "diffusers", "AutoencoderKLFlux2", {"decode": _vae}),
     ),
     # The published klein checkpoints are step-distilled for 4 steps (BFL's README, the model
     # cards); Flux2KleinPipeline's code default is 50. Guidance is ignored when is_distilled.
@@ -237,6 +374,7 @@ FLUX_2_KLEIN = Family(
     shared_tensors=(),
     second_pass=True,
     code="flux2",
+    config_checks=_check_flux2_configs,
 )
 FAMILIES = {family.pipeline: family for family in (FLUX_1, FLUX_2_DEV, FLUX_2_KLEIN)}
 # Every folder any family's pipeline reads (what a hub download fetches, what the weights' fingerprint covers).

@@ -231,17 +231,22 @@ class _Components:
             self._sizes[name] = module_sizes(self.model(name), self.inputs.dtype)
         return self._sizes[name]
 
-    def activation_bytes(self, name: str, images: int | None = None, tiled: bool = False) -> int:
-        """The activation peak of one forward pass of `name` over `images` images (default: the images
-        that really share a pass: min(--batch-size, images) or, for text encoders, distinct prompts)."""
-        one = self.family.component(name).activation(self.config(name), self.inputs, tiled)
+    def activation_bytes(self, name: str, stage: str, images: int | None = None, tiled: bool = False) -> int:
+        """The activation peak of one forward pass of `name` in `stage` over `images` images (default:
+        the images that really share a pass: min(--batch-size, images) or, for text encoders, distinct
+        prompts)."""
+        one = self.family.component(name).activation(stage, self.config(name), self.inputs, tiled)
         return one * (images or self.batch_size(name))
 
+    def most_activation_bytes(self, name: str) -> int:
+        """The largest activation peak of `name` over the stages that load it."""
+        return max(self.activation_bytes(name, stage) for stage in self.family.component(name).stages)
+
     def batch_size(self, name: str) -> int:
-        """How many rows share one forward pass of `name`: distinct prompts for a text encoder (its
-        family's stage "encode"), images otherwise."""
-        encodes = "encode" in self.family.component(name).stages
-        return self.inputs.batch_prompts() if encodes else self.inputs.batch_images()
+        """How many rows share one forward pass of `name`: distinct prompts for a text encoder (a
+        component with a tokenizer), images otherwise."""
+        encodes_text = self.family.component(name).tokenizer is not None
+        return self.inputs.batch_prompts() if encodes_text else self.inputs.batch_images()
 
     def config(self, name: str) -> dict:
         config = self.model(name).config
@@ -313,8 +318,8 @@ def _left_out(budget: Budget, needs: dict[str, int], stage: str) -> tuple[Budget
 
 def plan_encode(components: _Components, budget: Budget) -> StagePlan:
     names = components.family.stage_components()["encode"]
-    whole = {name: components.sizes(name)[""] + components.activation_bytes(name) for name in names}
-    least = {name: components.activation_bytes(name) + components.largest_block(name) for name in names}
+    whole = {name: components.sizes(name)[""] + components.activation_bytes(name, "encode") for name in names}
+    least = {name: components.activation_bytes(name, "encode") + components.largest_block(name) for name in names}
     usable, notes = _left_out(budget, least, "encode")
     room = {index: usable[index] for index in gpu_indices(usable)}
     planned = {}
@@ -324,7 +329,7 @@ def plan_encode(components: _Components, budget: Budget) -> StagePlan:
         best = max(room, key=lambda index: (room[index], -index), default=None)
         if best is not None and whole[name] <= room[best]:
             room[best] -= whole[name]
-            planned[name] = _whole(components, name, best)
+            planned[name] = _whole(components, name, "encode", best)
             continue
         # Fits no GPU whole: split it over the GPUs' remaining room and the CPU (see the module
         # docstring for why this beats running it on the CPU), else run it whole on the CPU.
@@ -334,28 +339,28 @@ def plan_encode(components: _Components, budget: Budget) -> StagePlan:
         if method == "nf4" and best is not None:
             # bitsandbytes' 4-bit layers run on a GPU only: the roomiest one, or a refusal.
             room[best] -= whole[name]
-            planned[name] = _whole(components, name, best)
+            planned[name] = _whole(components, name, "encode", best)
         elif method:
             # A quantized encoder loads on the CPU and moves whole (quantize_load.from_pretrained).
-            planned[name] = _whole(components, name, "cpu")
+            planned[name] = _whole(components, name, "encode", "cpu")
         elif gpu_indices(split_budget) and "cpu" in split_budget:
-            plan = _split(components, name, split_budget, streamed=False)
+            plan = _split(components, name, "encode", split_budget, streamed=False)
             for device in gpu_indices(split_budget):
                 room[device] -= plan.weight_bytes.get(device, 0) + plan.activation_bytes.get(device, 0)
             planned[name] = plan
         else:
-            planned[name] = _whole(components, name, "cpu")
+            planned[name] = _whole(components, name, "encode", "cpu")
     return StagePlan("encode", tuple(planned[name] for name in names), dict(budget), tuple(notes))
 
 
-def _whole(components: _Components, name: str, device: Device) -> ComponentPlan:
+def _whole(components: _Components, name: str, stage: str, device: Device) -> ComponentPlan:
     loading = components.load_transient(name) if device != "cpu" else 0
     return ComponentPlan(
         name=name,
         device_map={"": device},
         weight_bytes={device: components.sizes(name)[""]},
         # loading comes before the forward pass: the more of the two
-        activation_bytes={device: max(components.activation_bytes(name), loading)},
+        activation_bytes={device: max(components.activation_bytes(name, stage), loading)},
         batch_size=components.batch_size(name),
         quantization=components.inputs.load_method(name),
     )
@@ -387,13 +392,13 @@ def auto_device_map(model: torch.nn.Module, max_memory: Budget, dtype: torch.dty
     )
 
 
-def _split(components: _Components, name: str, budget: Budget, streamed: bool) -> ComponentPlan:
+def _split(components: _Components, name: str, stage: str, budget: Budget, streamed: bool) -> ComponentPlan:
     """`name` split block-wise over the budget's GPUs (then cpu, then disk), as diffusers'
     device_map="auto" does, with room on the first GPU for the offloaded blocks while they run
     there: streamed (group offloading: STREAMED_BLOCKS_IN_FLIGHT blocks and the top-level modules)
     when nothing goes to disk and `streamed`, else accelerate's hooks (HOOKED_BLOCKS_IN_FLIGHT)."""
     model, sizes = components.model(name), components.sizes(name)
-    activation = components.activation_bytes(name)
+    activation = components.activation_bytes(name, stage)
     gpus = gpu_indices(budget)
     computing = gpus or ["cpu"]
     limit = {key: value - activation if key in computing else value for key, value in budget.items()}
@@ -407,7 +412,7 @@ def _split(components: _Components, name: str, budget: Budget, streamed: bool) -
             device_map: dict[str, Device] = {"": computing[0]}
         else:
             device_map = dict(auto_device_map(model, limit, components.inputs.dtype, clean_result=False))
-        plan = _placed(components, name, device_map, computing, streamed)
+        plan = _placed(components, name, stage, device_map, computing, streamed)
         main = computing[0]
         over = plan.weight_bytes.get(main, 0) + plan.activation_bytes.get(main, 0) - budget.get(main, 0)
         if over <= 0 or main == "cpu" or plan.offload_bytes == 0 or limit.get(main, 0) <= over:
@@ -417,12 +422,12 @@ def _split(components: _Components, name: str, budget: Budget, streamed: bool) -
     return plan
 
 
-def _placed(components: _Components, name: str, device_map: dict[str, Device], computing: list[Device],
+def _placed(components: _Components, name: str, stage: str, device_map: dict[str, Device], computing: list[Device],
             streamed: bool) -> ComponentPlan:
     """The ComponentPlan of a device map: weights per device, activations on the devices that compute,
     and the offloaded blocks' room on the first GPU while they run there."""
     sizes = components.sizes(name)
-    activation = components.activation_bytes(name)
+    activation = components.activation_bytes(name, stage)
     cut = getattr(components.model(name), "encode_cut", ())  # not loaded at all (components.encode_only)
     device_map = {module: device for module, device in device_map.items() if module not in cut}
     offloaded = {module for module, device in device_map.items() if device in ("cpu", "disk")}
@@ -503,7 +508,7 @@ def plan_denoise(components: _Components, budget: Budget) -> StagePlan:
     (transformer,) = components.family.stage_components()["denoise"]  # every family denoises with one model
     # The least a GPU must hold to run any of the transformer: its activations and, since whatever
     # misses it streams through it, the streamed blocks in flight and the top-level modules.
-    least = {transformer: components.activation_bytes(transformer)
+    least = {transformer: components.activation_bytes(transformer, "denoise")
              + STREAMED_BLOCKS_IN_FLIGHT * components.largest_block(transformer)
              + components.top_level_bytes(transformer)}
     usable, notes = _left_out(budget, least, "denoise")
@@ -528,7 +533,7 @@ def plan_denoise(components: _Components, budget: Budget) -> StagePlan:
                          "offloaded, so the cpu and disk budgets are not used for it")
     elif method:  # fp8 / int8 weights stream from RAM; accelerate's disk offload cannot hold them
         usable = {key: value for key, value in usable.items() if key != "disk"}
-    plan = _split(components, transformer, usable, streamed=True)
+    plan = _split(components, transformer, "denoise", usable, streamed=True)
     plan = _compact(plan)
     return StagePlan("denoise", (plan,), stage_budget, tuple(notes))
 
@@ -555,7 +560,7 @@ def plan_decode(components: _Components, budget: Budget) -> StagePlan:
     chosen = None
     for device in candidates:
         for tiled, images in options:
-            if need_weights + components.activation_bytes(vae, images, tiled) <= budget[device]:
+            if need_weights + components.activation_bytes(vae, "decode", images, tiled) <= budget[device]:
                 chosen = (device, tiled, images)
                 break
         if chosen:
@@ -567,7 +572,7 @@ def plan_decode(components: _Components, budget: Budget) -> StagePlan:
         name=vae,
         device_map={"": device},
         weight_bytes={device: need_weights},
-        activation_bytes={device: components.activation_bytes(vae, images, tiled)},
+        activation_bytes={device: components.activation_bytes(vae, "decode", images, tiled)},
         tiled=tiled,
         batch_size=images,
         quantization=components.inputs.load_method(vae),
@@ -686,7 +691,7 @@ def _smallest_fitting(components: _Components, budget: Budget) -> Budget | None:
     """The same devices with one equal size for every GPU (or for the CPU, when no GPU is budgeted),
     the smallest that lets every stage fit, in steps of _suggestion_step; None if none does."""
     scaled = gpu_indices(budget) or ["cpu"]
-    everything = sum(components.sizes(name)[""] + components.activation_bytes(name) for name in components.names)
+    everything = sum(components.sizes(name)[""] + components.most_activation_bytes(name) for name in components.names)
     step = _suggestion_step(everything)
 
     def with_size(size: int) -> Budget:

@@ -129,8 +129,8 @@ def test_streamed_blocks_and_resident_blocks_on_two_gpus_run_in_any_order(tiny_c
     planner's own _placed (which streams the top-level modules with the "cpu" blocks)."""
     settings = settings_for(tiny_checkpoint, method)
     stages = plans(tiny_checkpoint, settings, CPU_BUDGET)
-    planned = plan_module._placed(components(tiny_checkpoint, settings), "transformer", {**TOP_LEVEL, **ORDERS[order]},
-                                  [0, 1], streamed=True)
+    planned = plan_module._placed(components(tiny_checkpoint, settings), "transformer", "denoise",
+                                  {**TOP_LEVEL, **ORDERS[order]}, [0, 1], streamed=True)
     assert planned.streamed and planned.device_map["norm_out"] == "cpu"
     stages["denoise"] = dataclasses.replace(stages["denoise"], components=(planned,))
     assert_same_pixels(staged_pixels(tiny_checkpoint, settings, stages), expected_pixels(tiny_checkpoint, method))
@@ -140,7 +140,7 @@ def test_streamed_placement_hooks_exactly_the_planned_blocks(tiny_checkpoint):
     """Each "cpu" block carries diffusers' group-offloading hook alone; each resident block keeps its
     weights on its GPU with one accelerate hook; the report's map is the plan's."""
     settings = settings_for(tiny_checkpoint, "none")
-    planned = plan_module._placed(components(tiny_checkpoint, settings), "transformer",
+    planned = plan_module._placed(components(tiny_checkpoint, settings), "transformer", "denoise",
                                   {**TOP_LEVEL, **ORDERS["streamed-then-gpu-1"]}, [0, 1], streamed=True)
     stage_plan = dataclasses.replace(plans(tiny_checkpoint, settings, CPU_BUDGET)["denoise"], components=(planned,))
     with logical_gpus():
@@ -164,7 +164,7 @@ def test_the_streamed_tensors_are_packed_into_exactly_the_host_memory_the_plan_c
     CUDA). Checked before the first forward: without a CUDA stream, group offloading moves a block
     back to the CPU as a new tensor, where on a GPU it puts back the pinned one it kept."""
     settings = settings_for(tiny_checkpoint, "none")
-    planned = plan_module._placed(components(tiny_checkpoint, settings), "transformer",
+    planned = plan_module._placed(components(tiny_checkpoint, settings), "transformer", "denoise",
                                   {**TOP_LEVEL, **ORDERS["streamed-then-gpu-1"]}, [0, 1], streamed=True)
     stage_plan = dataclasses.replace(plans(tiny_checkpoint, settings, CPU_BUDGET)["denoise"], components=(planned,))
     with logical_gpus():
@@ -185,9 +185,9 @@ def test_a_text_encoder_split_over_two_gpus_and_the_cpu_equals_the_one_piece_pip
     checkpoint = request.getfixturevalue(fixture)
     settings = settings_for(checkpoint, "none")
     parts = components(checkpoint, settings)
-    activation = parts.activation_bytes(encoder)
-    split = plan_module._split(parts, encoder, {0: activation + room[0], 1: activation + room[1], **CPU_BUDGET},
-                               streamed=False)
+    activation = parts.activation_bytes(encoder, "encode")
+    split = plan_module._split(parts, encoder, "encode",
+                               {0: activation + room[0], 1: activation + room[1], **CPU_BUDGET}, streamed=False)
     assert set(split.device_map.values()) == {0, 1, "cpu"}, split.device_map
     stages = plans(checkpoint, settings, CPU_BUDGET)
     stages["encode"] = dataclasses.replace(stages["encode"], components=tuple(
@@ -251,7 +251,7 @@ def test_adapters_loaded_before_a_streamed_placement_keep_the_resident_blocks_re
         without_adapter = model(**_inputs(model))[0]
         model.enable_adapters()
     device_map = plan_module._placed(components(tiny_checkpoint, settings_for(tiny_checkpoint, "none")),
-                                     "transformer", {**TOP_LEVEL, **ORDERS["streamed-then-gpu-1"]}, [0, 1],
+                                     "transformer", "denoise", {**TOP_LEVEL, **ORDERS["streamed-then-gpu-1"]}, [0, 1],
                                      streamed=True).device_map
     with logical_gpus(), torch.inference_mode():
         place(model, device_map, streamed=True)
@@ -270,7 +270,7 @@ def test_adapters_changed_after_a_streamed_placement_undo_it_and_the_check_says_
     helper this pins), which streams the resident blocks too; check_placement catches it."""
     model = _transformer_with_adapter(tiny_checkpoint)
     device_map = plan_module._placed(components(tiny_checkpoint, settings_for(tiny_checkpoint, "none")),
-                                     "transformer", {**TOP_LEVEL, **ORDERS["streamed-then-gpu-1"]}, [0, 1],
+                                     "transformer", "denoise", {**TOP_LEVEL, **ORDERS["streamed-then-gpu-1"]}, [0, 1],
                                      streamed=True).device_map
     with logical_gpus():
         place(model, device_map, streamed=True)

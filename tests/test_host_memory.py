@@ -113,5 +113,5 @@ def test_an_nf4_load_is_planned_with_its_largest_unpacked_weight_on_the_gpu():
     assert _Components(inputs("fp8")).load_transient("transformer") == 0 == _Components(inputs(None)).load_transient(
         "transformer")
     transformer = plan_run(inputs("nf4"), {0: 30 * 10**9}).stage("denoise").component("transformer")
-    assert components.activation_bytes("transformer") < 3072 * 18432 * 2  # 64x64 pixels: a small forward pass
+    assert components.activation_bytes("transformer", "denoise") < 3072 * 18432 * 2  # 64x64 pixels: a small forward pass
     assert transformer.activation_bytes == {0: 3072 * 18432 * 2}

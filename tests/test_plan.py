@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
 import torch
 from torch import nn
 
+from flux_sharded import families
+from flux_sharded import plan as plan_module
 from flux_sharded.checkpoint import shipped_config_dir
 from flux_sharded.components import empty_component, module_sizes
 from flux_sharded.errors import PlanError
@@ -244,3 +247,21 @@ def test_a_plan_above_the_available_ram_gets_a_note():
     assert note.startswith("note: denoise plans ") and "in RAM, but 4.00 GB is available now" in note
     assert "budget cpu=4.0GB or less" in note
     assert check_free_cpu_memory(plan, 4 * GB, ["decode"]) == []  # decode is all on a GPU
+
+
+def test_a_component_serving_two_stages_is_planned_in_each_with_that_stages_estimate():
+    """A VAE that encodes reference images before denoise and decodes after it (families.Component
+    with two passes) is placed by both stages, each time with the activation estimate of its own pass."""
+    encoding = 123 * 10**6  # an encode pass's estimate, far from the decode pass's
+    vae = families.FLUX_1.component("vae")
+    twice = dataclasses.replace(vae, passes={"encode": lambda config, geometry, tiled: encoding, **vae.passes})
+    components = plan_module._Components(inputs("FLUX.1-dev"))
+    components.family = dataclasses.replace(
+        families.FLUX_1, components=tuple(twice if c.name == "vae" else c for c in families.FLUX_1.components))
+    stages = {stage.name: stage for stage in plan_module._plan_all(components, {0: 40 * GB, "cpu": 64 * GB})}
+
+    assert [c.name for c in stages["encode"].components] == ["text_encoder", "text_encoder_2", "vae"]
+    encoded, decoded = stages["encode"].component("vae"), stages["decode"].component("vae")
+    assert encoded.activation_bytes == {0: encoding}  # one image's encode pass
+    assert decoded.activation_bytes == {0: components.activation_bytes("vae", "decode")} != {0: encoding}
+    assert encoded.weight_bytes == decoded.weight_bytes == {0: components.sizes("vae")[""]}

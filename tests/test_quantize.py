@@ -408,7 +408,7 @@ def test_quantized_blocks_stream_like_the_others_and_change_no_latent(tiny_check
     device_map = {"time_text_embed": 0, "context_embedder": 0, "x_embedder": 0, "transformer_blocks.0": 0,
                   "transformer_blocks.1": "cpu", "single_transformer_blocks": "cpu", "norm_out": "cpu",
                   "proj_out": "cpu"}
-    transformer_plan = plan_module._placed(components, "transformer", device_map, [0], streamed=True)
+    transformer_plan = plan_module._placed(components, "transformer", "denoise", device_map, [0], streamed=True)
     assert transformer_plan.streamed and transformer_plan.quantization == method
     stage_plan = dataclasses.replace(on_cpu.stage("denoise"), components=(transformer_plan,))
     assert_close_to_the_cpu(streamed_latents(checkpoint, stage_plan, encoded, "transformer_blocks.1"), expected)

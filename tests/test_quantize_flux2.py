@@ -329,7 +329,7 @@ def test_quantized_flux2_blocks_stream_like_the_others_and_change_no_latent(tiny
     on_gpu = ("pos_embed", "time_guidance_embed", "double_stream_modulation_img", "double_stream_modulation_txt",
               "single_stream_modulation", "x_embedder", "context_embedder", "transformer_blocks")
     device_map = {**dict.fromkeys(on_gpu, 0), "single_transformer_blocks": "cpu", "norm_out": "cpu", "proj_out": "cpu"}
-    transformer_plan = plan_module._placed(components, "transformer", device_map, [0], streamed=True)
+    transformer_plan = plan_module._placed(components, "transformer", "denoise", device_map, [0], streamed=True)
     assert transformer_plan.streamed and transformer_plan.quantization == method
     stage_plan = dataclasses.replace(on_cpu.stage("denoise"), components=(transformer_plan,))
     assert_close_to_the_cpu(streamed_latents(checkpoint, stage_plan, encoded, "single_transformer_blocks.0"), expected)

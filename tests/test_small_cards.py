@@ -57,7 +57,7 @@ def test_one_small_gpu_plus_ram_plans_within_every_budget(model, gpu_gb):
     streamed_blocks = [sizes[m] for m, device in transformer.device_map.items() if device == "cpu" and "blocks." in m]
     assert max(streamed_blocks) <= components.largest_block("transformer") < GB
     reserve = 2 * max(streamed_blocks) + components.top_level_bytes("transformer")
-    assert transformer.activation_bytes[0] == components.activation_bytes("transformer") + reserve
+    assert transformer.activation_bytes[0] == components.activation_bytes("transformer", "denoise") + reserve
 
 
 def test_the_largest_block_is_one_transformer_block_not_a_merged_list():
@@ -98,13 +98,13 @@ def test_flux1_dev_at_4096_fits_two_24gb_gpus_with_tiled_decode_and_no_cpu():
     assert_within_budget(plan, budget)
     vae = plan.stage("decode").component("vae")
     assert vae.tiled and vae.device_map == {"": 0}
-    untiled = plan_module._Components(inputs("FLUX.1-dev", size=4096)).activation_bytes("vae", 1, tiled=False)
+    untiled = plan_module._Components(inputs("FLUX.1-dev", size=4096)).activation_bytes("vae", "decode", 1, tiled=False)
     assert untiled > 24 * GB > vae.activation_bytes[0]
 
 
 def test_decode_runs_one_image_at_a_time_when_a_batch_does_not_fit():
     components = plan_module._Components(inputs("FLUX.1-dev", batch_size=8, images=8))
-    one = components.sizes("vae")[""] + components.activation_bytes("vae", 1)
+    one = components.sizes("vae")[""] + components.activation_bytes("vae", "decode", 1)
     stage = plan_module.plan_decode(components, {0: 3 * one})
     vae = stage.component("vae")
     assert (vae.batch_size, vae.tiled, vae.device_map) == (1, False, {"": 0}) and stage.fits
@@ -175,7 +175,7 @@ def test_streamed_offload_hooks_sit_on_exactly_the_planned_blocks_and_change_no_
     device_map = {"time_text_embed": 0, "context_embedder": 0, "x_embedder": 0, "transformer_blocks.0": 0,
                   "transformer_blocks.1": "cpu", "single_transformer_blocks": "cpu", "norm_out": "cpu",
                   "proj_out": "cpu"}
-    transformer_plan = plan_module._placed(components, "transformer", device_map, [0], streamed=True)
+    transformer_plan = plan_module._placed(components, "transformer", "denoise", device_map, [0], streamed=True)
     stage_plan = plan_module.StagePlan("denoise", (transformer_plan,), {0: 10**9, "cpu": 10**9})
     assert transformer_plan.streamed
     sizes = components.sizes("transformer")
@@ -227,7 +227,7 @@ def test_tiled_decode_equals_diffusers_tiled_pipeline(tiny_checkpoint, tmp_path)
     request = runner.RunRequest(checkpoint, settings, {"cpu": 4 * GB}, Path("unused"))
     components = plan_module._Components(runner.plan_inputs(request))
     vae = components.sizes("vae")[""]
-    tiled, whole = (vae + components.activation_bytes("vae", 1, tiled=flag) for flag in (True, False))
+    tiled, whole = (vae + components.activation_bytes("vae", "decode", 1, tiled=flag) for flag in (True, False))
     others = max(stage.planned_bytes["cpu"] for stage in plan_run(runner.plan_inputs(request), {"cpu": 4 * GB}).stages
                  if stage.name != "decode")
     budget_bytes = max(tiled, others)

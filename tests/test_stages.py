@@ -130,7 +130,7 @@ def test_denoise_with_blocks_offloaded_to_disk_equals_the_in_memory_run(tiny_che
 
     components = plan_module._Components(runner.plan_inputs(request))
     transformer_bytes = components.sizes("transformer")[""]
-    budget = {"cpu": components.activation_bytes("transformer") + transformer_bytes * 2 // 3, "disk": 10**9}
+    budget = {"cpu": components.activation_bytes("transformer", "denoise") + transformer_bytes * 2 // 3, "disk": 10**9}
     stage_plan = plan_module.plan_denoise(components, budget)
     assert stage_plan.fits
     assert 0 < stage_plan.weight_bytes["disk"] < transformer_bytes
@@ -158,7 +158,7 @@ def test_a_run_offloading_to_disk_uses_a_fresh_folder_per_stage_and_removes_it(t
         (offload / "mine.txt").write_text("the user's own file")
     request = runner.RunRequest(whole, settings_for(tiny_checkpoint), budget, tmp_path / "out", offload_folder=offload)
     components = plan_module._Components(runner.plan_inputs(request))
-    tight = {"cpu": components.activation_bytes("transformer") + components.sizes("transformer")[""] * 2 // 3,
+    tight = {"cpu": components.activation_bytes("transformer", "denoise") + components.sizes("transformer")[""] * 2 // 3,
              "disk": 10**9}
     real_plan_run = runner.plan_run
 
