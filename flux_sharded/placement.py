@@ -10,14 +10,16 @@ truth: the planner counted its bytes per device, and this module places exactly 
   previous one ran. The model's outputs come back to its main device (the lowest GPU index of the map).
 - Over GPUs with "cpu" blocks *streamed* (`ComponentPlan.streamed`; the only placement code of our
   own): diffusers' group offloading (`apply_group_offloading`, block level, one block per group)
-  keeps the "cpu" blocks in RAM and brings each to the main GPU when it runs (prefetched on a side
-  CUDA stream where there is one), moving its inputs there; the top-level modules the plan streams
-  form diffusers' own group, brought to the main GPU for each forward. Block-level group offloading
-  offloads every block of every `ModuleList`, so while it is applied the lists hold only their "cpu"
-  blocks and the resident modules are detached; then each resident module gets accelerate's
-  `AlignDevicesHook` (weights on its GPU, inputs moved there), and each streamed top-level module a
-  hook that moves its inputs to the main GPU (`InputsTo`), so any order of devices works: a last
-  block on GPU 1 after streamed blocks hands `norm_out` hidden states that its hook brings back.
+  keeps the "cpu" blocks in RAM and brings each to the main GPU when it runs, moving its inputs
+  there. A transformer's blocks are prefetched on a side CUDA stream where there is one, and its
+  streamed top-level modules form diffusers' own group, brought to the main GPU for each forward; a
+  text encoder's block list sits deeper (blocks.py: group offloading recurses into the containers by
+  `block_modules`), its top-level modules stay on the main GPU and nothing is prefetched. While
+  group offloading is applied the lists hold only their "cpu" blocks and the resident modules are
+  detached; then each resident module gets accelerate's `AlignDevicesHook` (weights on its GPU,
+  inputs moved there), and each streamed top-level module a hook that moves its inputs to the main
+  GPU (`InputsTo`), so any order of devices works: a last block on GPU 1 after streamed blocks hands
+  `norm_out` hidden states that its hook brings back.
 - A map with "disk", or "cpu" not streamed: accelerate's offload hooks, set by `from_pretrained`
   with the map (stages/denoise.py, encode.py), not here.
 
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import torch
 
+from .blocks import BlockStructure, block_structure
 from .budget import device_key
 from .errors import PlacementError
 from .host_memory import pack_into_host_memory
@@ -56,16 +59,9 @@ def placement(name: str, device_map: dict[str, Device]) -> Device:
     raise KeyError(f"{name} has no entry in the device map")
 
 
-def block_lists(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """The model's top-level block lists: what diffusers' block-level group offloading groups."""
-    return {name: child for name, child in model.named_children()
-            if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential))}
-
-
 def offloaded_blocks(model: torch.nn.Module, device_map: dict[str, Device]) -> list[str]:
     """Names of the blocks the device map puts on "cpu", in execution order."""
-    return [f"{name}.{index}" for name, blocks in block_lists(model).items() for index in range(len(blocks))
-            if placement(f"{name}.{index}", device_map) == "cpu"]
+    return [name for name in block_structure(model).blocks(model) if placement(name, device_map) == "cpu"]
 
 
 def main_device(device_map: dict[str, Device]) -> Device:
@@ -125,23 +121,29 @@ def _place_streamed(model: torch.nn.Module, device_map: dict[str, Device]) -> No
     from diffusers.hooks import apply_group_offloading
 
     main = cuda_device(main_device(device_map))
-    lists = block_lists(model)
-    units = _units(model, device_map)
+    structure = block_structure(model)
+    units = _units(model, device_map, structure)
     resident = {name: device for name, device in units.items() if device != "cpu"}
-    children = dict(model.named_children())
-    # 0) The streamed tensors into pinned chunks laid out as the plan counted them (host_memory.py):
-    #    group offloading then finds each pinned already and keeps it, instead of pinning a copy of
-    #    its own per tensor (each rounded up to a power of two) next to the original.
-    pack_into_host_memory([model.get_submodule(name) for name, device in units.items() if device == "cpu"],
-                          pin=torch.cuda.is_available())
+    # 0) Where blocks are prefetched (blocks.BlockStructure.streams), the streamed tensors into pinned
+    #    chunks laid out as the plan counted them (host_memory.py): group offloading then finds each
+    #    pinned already and keeps it, instead of pinning a copy of its own per tensor (each rounded up
+    #    to a power of two) next to the original.
+    if structure.streams:
+        pack_into_host_memory([model.get_submodule(name) for name, device in units.items() if device == "cpu"],
+                              pin=torch.cuda.is_available())
     # 1) While diffusers builds its groups, the lists hold only their "cpu" blocks and the resident
     #    top-level modules are detached, so that it groups exactly the streamed modules.
-    for name, blocks in lists.items():
-        kept = [block for index, block in enumerate(blocks) if f"{name}.{index}" not in resident]
-        model._modules[name] = type(blocks)(*kept) if isinstance(blocks, torch.nn.Sequential) else type(blocks)(kept)
-    for name in resident:
-        if name in children:
-            del model._modules[name]
+    parents = {}  # parent module -> its children as they were
+    for name in (*structure.lists, *(name for name in resident if name in structure.top_level)):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        parents.setdefault(parent, dict(parent._modules))
+        if name in structure.lists:
+            blocks = parent._modules[child]
+            kept = [block for index, block in enumerate(blocks) if f"{name}.{index}" not in resident]
+            parent._modules[child] = type(blocks)(*kept) if isinstance(blocks, torch.nn.Sequential) else type(blocks)(kept)
+        else:
+            del parent._modules[child]
     try:
         apply_group_offloading(
             model,
@@ -149,30 +151,30 @@ def _place_streamed(model: torch.nn.Module, device_map: dict[str, Device]) -> No
             offload_device=torch.device("cpu"),
             offload_type="block_level",
             num_blocks_per_group=1,  # what use_stream requires; also the least GPU memory
-            use_stream=torch.cuda.is_available(),  # a side stream to copy on, where there is one
+            use_stream=structure.streams and torch.cuda.is_available(),  # a side stream to copy on, if any
+            block_modules=structure.block_modules,
         )
     finally:
         # 2) The full model back, in its order (named_children's order is the state dict's).
-        model._modules.clear()
-        model._modules.update(children)
+        for parent, children in parents.items():
+            parent._modules.clear()
+            parent._modules.update(children)
     # 3) Resident modules: weights to their GPU, inputs moved there; streamed top-level modules: inputs
     #    moved to the main GPU, where diffusers brings their weights.
-    for name, device in _units(model, device_map).items():
+    for name, device in units.items():
         module = model.get_submodule(name)
         if device != "cpu":
             add_hook_to_module(module, AlignDevicesHook(execution_device=cuda_device(device), io_same_device=False,
                                                         place_submodules=True))
-        elif name in children and name not in lists:
+        elif name in structure.top_level:
             add_hook_to_module(module, InputsTo(main))
 
 
-def _units(model: torch.nn.Module, device_map: dict[str, Device]) -> dict[str, Device]:
-    """The streamed placement's units: each block of each block list and each other top-level module
-    that holds weights, with its device; a map that splits a unit (names a module inside it), or
-    leaves one that holds weights out, is refused."""
-    lists = block_lists(model)
-    names = [f"{name}.{index}" for name, blocks in lists.items() for index in range(len(blocks))]
-    names += [name for name, _ in model.named_children() if name not in lists]
+def _units(model: torch.nn.Module, device_map: dict[str, Device], structure: BlockStructure) -> dict[str, Device]:
+    """The streamed placement's units: each block of each block list and each top-level module
+    (blocks.py) that holds weights, with its device; a map that splits a unit (names a module inside
+    it), or leaves one that holds weights out, is refused."""
+    names = [*structure.blocks(model), *structure.top_level]
     for key in device_map:
         if key and not any(key == name or name.startswith(key + ".") for name in names):
             raise PlacementError(f"the map splits {key!r}, inside a block or top-level module; streamed placement "
@@ -185,7 +187,7 @@ def _units(model: torch.nn.Module, device_map: dict[str, Device]) -> dict[str, D
             module = model.get_submodule(name)
             if any(True for _ in (*module.parameters(), *module.buffers())):
                 raise PlacementError(f"{name} holds weights and has no entry in the map {device_map}") from None
-            # a module without weights (FLUX's rotary pos_embed) runs where its inputs are
+            # a module without weights (FLUX's rotary pos_embed, a cut lm_head) runs where its inputs are
     return units
 
 
@@ -202,7 +204,7 @@ def check_placement(model: torch.nn.Module, device_map: dict[str, Device], strea
     """
     several = len(set(device_map.values())) > 1
     main = device_key(main_device(device_map))
-    lists = block_lists(model)
+    lists = block_structure(model).lists if streamed else ()
     problems = []
     for name, planned in device_map.items():
         module = model.get_submodule(name)

@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 
 from . import host_memory
+from .blocks import BlockStructure, block_structure
 from .budget import (BINARY_TWIN, DEFAULT_CPU_FRACTION, DEFAULT_GPU_RESERVE_BYTES, UNITS, Budget, as_typed,
                      format_budget, format_bytes, gpu_indices, is_gpu, spec_size, written_binary, written_size)
 from .components import empty_component, module_sizes, no_split_modules, special_dtypes
@@ -279,11 +280,10 @@ class _Components:
         return self._load_transients[name]
 
     def top_level_bytes(self, name: str) -> int:
-        """Bytes outside the block lists (embedders, final norm and projection): diffusers' group
-        offloading moves them as one group to the GPU for every forward pass."""
+        """Bytes outside the block lists (embedders, final norm and projection; blocks.py): diffusers'
+        group offloading moves them to the GPU for every forward pass."""
         model, sizes = self.model(name), self.sizes(name)
-        return sum(sizes.get(child, 0) for child, module in model.named_children()
-                   if not isinstance(module, (torch.nn.ModuleList, torch.nn.Sequential)))
+        return sum(sizes.get(module, 0) for module in block_structure(model).top_level)
 
 
 def plan_run(inputs: PlanInputs, budget: Budget) -> RunPlan:
@@ -340,16 +340,25 @@ def plan_encode(components: _Components, budget: Budget) -> StagePlan:
             # bitsandbytes' 4-bit layers run on a GPU only: the roomiest one, or a refusal.
             room[best] -= whole[name]
             planned[name] = _whole(components, name, "encode", best)
-        elif method:
-            # A quantized encoder loads on the CPU and moves whole (quantize_load.from_pretrained).
-            planned[name] = _whole(components, name, "encode", "cpu")
         elif gpu_indices(split_budget) and "cpu" in split_budget:
-            plan = _split(components, name, "encode", split_budget, streamed=False)
+            # Blocks in the GPUs' room, the rest run on the first GPU from RAM. fp8 / int8 weights load
+            # on the CPU and stream by group offloading (placement.py), as the transformer's do; the
+            # others are offloaded by the hooks from_pretrained sets with the map (accelerate's).
+            if method:
+                split_budget = {key: value for key, value in split_budget.items() if key != "disk"}
+            plan = _split(components, name, "encode", split_budget, streamed=bool(method))
             for device in gpu_indices(split_budget):
                 room[device] -= plan.weight_bytes.get(device, 0) + plan.activation_bytes.get(device, 0)
             planned[name] = plan
         else:
             planned[name] = _whole(components, name, "encode", "cpu")
+            if room:  # GPUs are budgeted, yet the CPU computes it: say why
+                why = (f"no GPU has the {format_bytes(least[name])} left that running any of it there takes (its "
+                       "activations and its largest block); a larger GPU budget moves it there"
+                       if not gpu_indices(split_budget) else
+                       "the blocks that miss the GPUs stream from RAM, and no cpu budget is given; add one")
+                notes.append(f"note: encode runs {name} ({format_bytes(components.sizes(name)[''])}) whole on the "
+                             f"CPU, the slowest place: {why}")
     return StagePlan("encode", tuple(planned[name] for name in names), dict(budget), tuple(notes))
 
 
@@ -434,12 +443,13 @@ def _placed(components: _Components, name: str, stage: str, device_map: dict[str
     on_gpu = computing[0] != "cpu"
     streamed = streamed and on_gpu and bool(offloaded) and "disk" not in device_map.values()
     if streamed:
-        # Group offloading keeps the top-level modules (embedders, final norm) in RAM too and
-        # brings them to the first GPU for every forward pass.
-        top = {child for child, module in components.model(name).named_children()
-               if not isinstance(module, (torch.nn.ModuleList, torch.nn.Sequential))}
-        device_map = {module: ("cpu" if module.split(".")[0] in top else device)
-                      for module, device in device_map.items()}
+        structure = block_structure(components.model(name))
+        # The top-level modules (blocks.py): a transformer's (embedders, final norm) stay in RAM too,
+        # group offloading brings them to the first GPU for every forward pass; a text encoder's
+        # (embeddings, norms) stay on the first GPU (BlockStructure.streams says why).
+        top = "cpu" if structure.streams else computing[0]
+        device_map = {module: (top if structure.unit_of(module) in structure.top_level else device)
+                      for module, device in _by_unit(components.model(name), device_map, structure).items()}
         offloaded = {module for module, device in device_map.items() if device == "cpu"}
     weight_bytes: dict[Device, int] = {}
     for module, device in device_map.items():
@@ -452,15 +462,13 @@ def _placed(components: _Components, name: str, stage: str, device_map: dict[str
     if streamed:
         # RAM as PyTorch allocates it: the streamed tensors pinned (host_memory.py), and the most that
         # loading and pinning hold on top for a while (set-up, counted with the activations).
-        pinned, set_up = _streamed_host_bytes(components, name, sorted(offloaded))
-        weight_bytes["cpu"] = pinned
-        activation_bytes["cpu"] = set_up
+        weight_bytes["cpu"], pinned, activation_bytes["cpu"] = _streamed_host_bytes(components, name, sorted(offloaded))
     offload_bytes = sum(sizes.get(module, 0) for module in offloaded) if on_gpu else 0
     if offload_bytes:
         in_flight = STREAMED_BLOCKS_IN_FLIGHT if streamed else HOOKED_BLOCKS_IN_FLIGHT
         blocks_offloaded = [sizes.get(module, 0) for module in offloaded]
         room = in_flight * min(components.largest_block(name), max(blocks_offloaded))
-        if streamed:
+        if streamed and structure.streams:  # the top-level modules stream too
             room += components.top_level_bytes(name)
         activation_bytes[used[0]] = activation_bytes.get(used[0], 0) + room
     return ComponentPlan(
@@ -476,10 +484,30 @@ def _placed(components: _Components, name: str, stage: str, device_map: dict[str
     )
 
 
-def _streamed_host_bytes(components: _Components, name: str, offloaded: list[str]) -> tuple[int, int]:
-    """(pinned, set-up): the host bytes the streamed modules `offloaded` of component `name` hold
-    while the stage runs, and the most held on top of those while it loads.
+def _by_unit(model: torch.nn.Module, device_map: dict[str, Device], structure: BlockStructure) -> dict[str, Device]:
+    """The map with an entry for the whole model or for a container (blocks.py) replaced by one for
+    each block and top-level module inside it that holds weights: the units streamed placement places."""
+    units = [*structure.blocks(model), *structure.top_level]
+    expanded: dict[str, Device] = {}
+    for key, device in device_map.items():
+        if key != "" and key not in structure.containers:
+            expanded[key] = device
+            continue
+        for unit in units:
+            module = model.get_submodule(unit)
+            if (key == "" or unit.startswith(key + ".")) and any(True for _ in (*module.parameters(),
+                                                                                  *module.buffers())):
+                expanded[unit] = device
+    return expanded
 
+
+def _streamed_host_bytes(components: _Components, name: str, offloaded: list[str]) -> tuple[int, int, int]:
+    """(host, pinned, set-up): the host bytes the streamed modules `offloaded` of component `name`
+    hold while the stage runs, how many of those are pinned, and the most held on top of them while
+    it loads.
+
+    - Without a side stream (a text encoder's nested block lists: blocks.BlockStructure.streams),
+      group offloading moves the modules with `.to`: the tensors as loaded, nothing pinned.
     - Plain tensors are packed into pinned chunks (host_memory.pack_into_host_memory): the layout's
       allocated bytes; packing holds at most one of its chunks more than that.
     - A tensor subclass (torchao's int8 weights: on meta, the weight, weight_scale and
@@ -487,7 +515,7 @@ def _streamed_host_bytes(components: _Components, name: str, offloaded: list[str
       offloading itself, each inner tensor on its own (rounded up to a power of two), while its
       unpinned original is still held: both count.
     - Loading: the component is read whole into RAM before its resident blocks move to their GPUs
-      (stages/offload.py), so the set-up is at least the whole component less what stays pinned.
+      (placement.place), so the set-up is at least the whole component less what stays pinned.
     """
     model, sizes = components.model(name), components.sizes(name)  # sizes: per tensor too, as loaded
     plain: dict[int, int] = {}
@@ -498,10 +526,14 @@ def _streamed_host_bytes(components: _Components, name: str, offloaded: list[str
             for tensor_name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
                 kind = inner if converted and tensor_name.startswith("weight") else plain
                 kind.setdefault(id(tensor), sizes.get(f"{path}.{tensor_name}".lstrip("."), 0))
+    whole = components.sizes(name)[""]
+    if not block_structure(model).streams:
+        host = sum(plain.values()) + sum(inner.values())
+        return host, 0, whole - host
     layout = host_memory.host_layout(plain.values())
     pinned = layout.allocated_bytes + host_memory.per_tensor_pinned_bytes(inner.values())
-    set_up = max(layout.chunk_bytes + sum(inner.values()), components.sizes(name)[""] - pinned)
-    return pinned, set_up
+    set_up = max(layout.chunk_bytes + sum(inner.values()), whole - pinned)
+    return pinned, pinned, set_up
 
 
 def plan_denoise(components: _Components, budget: Budget) -> StagePlan:

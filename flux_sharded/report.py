@@ -157,8 +157,11 @@ class RunReport:
                 lines.append(f"{stage.name}: {format_bytes(stage.pinned_bytes)} of RAM pinned for the streamed blocks "
                              f"(planned as allocated{measured}); it is returned when the stage ends")
             seconds = stage.offload_bytes_per_step / OFFLOAD_BANDWIDTH_BYTES_PER_SECOND
-            how = ("streamed ahead of use (diffusers group offloading)" if stage.offload == "streamed"
-                   else "copied as each block runs (accelerate hooks)")
+            # Streamed blocks are prefetched on a side stream from pinned RAM, except a text encoder's
+            # (blocks.BlockStructure.streams), which pins nothing.
+            how = ("copied as each block runs (accelerate hooks)" if stage.offload != "streamed"
+                   else "streamed ahead of use (diffusers group offloading)" if stage.pinned_bytes
+                   else "copied as each block runs (diffusers group offloading)")
             step = "denoising step" if stage.name == "denoise" else "forward pass"
             lines.append(
                 f"{stage.name}: offloaded weights {how}: {format_bytes(stage.offload_bytes_per_step)} host-to-GPU per "

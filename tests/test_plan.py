@@ -265,3 +265,32 @@ def test_a_component_serving_two_stages_is_planned_in_each_with_that_stages_esti
     assert encoded.activation_bytes == {0: encoding}  # one image's encode pass
     assert decoded.activation_bytes == {0: components.activation_bytes("vae", "decode")} != {0: encoding}
     assert encoded.weight_bytes == decoded.weight_bytes == {0: components.sizes("vae")[""]}
+
+
+@pytest.mark.parametrize("model, encoder, budget", [
+    ("FLUX.2-dev", "text_encoder", {0: 16 * 2**30, "cpu": 64 * GB}),  # Mistral Small 3 in fp8: 18 GB
+    ("FLUX.1-dev", "text_encoder_2", {0: 3 * 2**30, "cpu": 32 * GB}),  # T5-XXL in fp8: 5.9 GB
+])
+def test_a_quantized_text_encoder_that_misses_the_gpu_streams_its_blocks_there(model, encoder, budget):
+    """Issue 18: a quantized (fp8) text encoder too large for the GPU ran whole on the CPU. Now its
+    first blocks fill the GPU, the rest stream from RAM (group offloading; placement.py), its
+    embeddings and norms stay on the GPU, and nothing is pinned (no side stream: blocks.py)."""
+    quantize = (("transformer", "fp8"), (encoder, "fp8"))
+    inputs_ = PlanInputs(shipped_config_dir(model), torch.bfloat16, 1024, 1024, 512, vae_scale_factor=8,
+                         quantize=quantize)
+    plan = plan_run(inputs_, budget)  # fits, or PlanError
+    planned = plan.stage("encode").component(encoder)
+    assert planned.streamed and planned.quantization == "fp8" and planned.pinned_bytes == 0
+    assert set(planned.device_map.values()) == {0, "cpu"}
+    blocks = {module for module in planned.device_map if ".layers." in module or ".block." in module}
+    assert {planned.device_map[module] for module in blocks} == {0, "cpu"}
+    assert all(device == 0 for module, device in planned.device_map.items() if module not in blocks)
+    assert planned.weight_bytes["cpu"] == sum(size for module, size in plan_module._Components(inputs_).sizes(
+        encoder).items() if planned.device_map.get(module) == "cpu")
+
+
+def test_a_text_encoder_left_on_the_cpu_while_gpus_are_budgeted_is_explained():
+    stages = plan_module._plan_all(plan_module._Components(inputs("FLUX.1-dev")), {0: 8 * 2**30})
+    (note,) = [note for note in stages[0].notes if "text_encoder_2" in note]
+    assert note == ("note: encode runs text_encoder_2 (9.52 GB) whole on the CPU, the slowest place: the blocks "
+                    "that miss the GPUs stream from RAM, and no cpu budget is given; add one")
