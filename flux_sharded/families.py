@@ -120,22 +120,11 @@ def _check_flux1_configs(fields: Fields, family: Family, transformer_name: str, 
     they share (CLIP's = pooled_projection_dim, T5's = joint_attention_dim)."""
     clip_name, t5_name = encoders
     transformer = fields(transformer_name)
-    for name in ("num_layers", "num_single_layers"):
-        transformer.integer(name, 0, MAX_LAYERS)
-    heads = transformer.integer("num_attention_heads", 1, MAX_WIDTH)
-    head_dim = transformer.integer("attention_head_dim", 1, MAX_WIDTH)
-    if heads * head_dim > MAX_WIDTH:
-        transformer.fail(f"times num_attention_heads is {heads * head_dim}, over {MAX_WIDTH}", "attention_head_dim")
-    in_channels = transformer.integer("in_channels", 4, MAX_WIDTH)
+    in_channels, joint = _check_transformer(transformer, rope_axes=3)
     if in_channels % 4:
         transformer.fail(f"is {in_channels}, not a multiple of 4 (2x2 latent packing)", "in_channels")
     transformer.integer("patch_size", 1, 1, optional=True)
-    joint = transformer.integer("joint_attention_dim", 1, MAX_WIDTH)
     pooled = transformer.integer("pooled_projection_dim", 1, MAX_WIDTH)
-    transformer.boolean("guidance_embeds", optional=True)
-    rope = transformer.list_of("axes_dims_rope", is_int, "whole numbers", 3, 3, optional=True)
-    if rope is not None and sum(rope) != head_dim:
-        transformer.fail(f"sums to {sum(rope)}, not attention_head_dim {head_dim}", "axes_dims_rope")
 
     vae = fields(vae_name)
     _check_vae(vae, in_channels)
@@ -162,6 +151,24 @@ def _check_flux1_configs(fields: Fields, family: Family, transformer_name: str, 
         t5.fail(f"is {t5_width}, but the transformer's joint_attention_dim is {joint}", "d_model")
 
 
+def _check_transformer(transformer: JsonFields, rope_axes: int) -> tuple[int, int]:
+    """Both families' transformer: bounded blocks and widths, `rope_axes` rotary axes summing to the
+    head width. Returns (in_channels, joint_attention_dim)."""
+    for name in ("num_layers", "num_single_layers"):
+        transformer.integer(name, 0, MAX_LAYERS)
+    heads = transformer.integer("num_attention_heads", 1, MAX_WIDTH)
+    head_dim = transformer.integer("attention_head_dim", 1, MAX_WIDTH)
+    if heads * head_dim > MAX_WIDTH:
+        transformer.fail(f"times num_attention_heads is {heads * head_dim}, over {MAX_WIDTH}", "attention_head_dim")
+    in_channels = transformer.integer("in_channels", 4, MAX_WIDTH)
+    joint = transformer.integer("joint_attention_dim", 1, MAX_WIDTH)
+    transformer.boolean("guidance_embeds", optional=True)
+    rope = transformer.list_of("axes_dims_rope", is_int, "whole numbers", rope_axes, rope_axes, optional=True)
+    if rope is not None and sum(rope) != head_dim:
+        transformer.fail(f"sums to {sum(rope)}, not attention_head_dim {head_dim}", "axes_dims_rope")
+    return in_channels, joint
+
+
 def _check_vae(vae: JsonFields, in_channels: int) -> None:
     """Both families' VAE: bounded widths, and latent_channels matching the transformer, which takes
     2x2 patches of the latents (in_channels = 4 x latent_channels)."""
@@ -181,19 +188,8 @@ def _check_flux2_configs(fields: Fields, family: Family, transformer_name: str, 
     text encoder's hidden_size) and 2x2-patchified latents (in_channels = 4 x latent_channels)."""
     (encoder_name,) = encoders
     transformer = fields(transformer_name)
-    for name in ("num_layers", "num_single_layers"):
-        transformer.integer(name, 0, MAX_LAYERS)
-    heads = transformer.integer("num_attention_heads", 1, MAX_WIDTH)
-    head_dim = transformer.integer("attention_head_dim", 1, MAX_WIDTH)
-    if heads * head_dim > MAX_WIDTH:
-        transformer.fail(f"times num_attention_heads is {heads * head_dim}, over {MAX_WIDTH}", "attention_head_dim")
-    in_channels = transformer.integer("in_channels", 4, MAX_WIDTH)
-    joint = transformer.integer("joint_attention_dim", 1, MAX_WIDTH)
+    in_channels, joint = _check_transformer(transformer, rope_axes=4)
     transformer.number("mlp_ratio", 0, optional=True)
-    transformer.boolean("guidance_embeds", optional=True)
-    rope = transformer.list_of("axes_dims_rope", is_int, "whole numbers", 4, 4, optional=True)
-    if rope is not None and sum(rope) != head_dim:
-        transformer.fail(f"sums to {sum(rope)}, not attention_head_dim {head_dim}", "axes_dims_rope")
 
     _check_vae(fields(vae_name), in_channels)
 
