@@ -14,9 +14,11 @@ import difflib
 import hashlib
 import json
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from .digests import file_digests
 from .errors import CheckpointError, SettingsError
 from .families import FLUX_1, PIPELINE_FOLDERS, SCHEDULER, Family, family_of
 from .validate import check_checkpoint_configs, checkpoint_family, pipeline_option, read_config
@@ -251,6 +253,12 @@ def _check_safetensors(file: Path, model: str) -> None:
     from safetensors import safe_open
 
     try:
+        if not stat.S_ISREG(os.stat(file).st_mode):
+            raise CheckpointError(f"--model: '{model}': {file} is not a regular file; download that file again")
+    except OSError as error:  # a link to nowhere (a Hugging Face cache without its blob), a link loop
+        raise CheckpointError(f"--model: '{model}': {file} cannot be opened ({error.strerror or error}: a link to a "
+                              "file that is not there, or a link loop); download that file again") from None
+    try:
         with safe_open(file, "pt"):
             return
     except Exception as error:  # safetensors' SafetensorError (its header), OSError
@@ -271,11 +279,13 @@ def _safetensors_problem(file: Path, error: Exception) -> str:
                 problem = f"its header claims {header_length} bytes but the file has {size}"
             else:
                 header = json.loads(handle.read(header_length))
+                if not isinstance(header, dict):
+                    return f"its header is a JSON {type(header).__name__}, not an object"
                 ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
                 expected = 8 + header_length + max(ends, default=0)
                 if expected != size:
                     problem = f"its tensors need {expected} bytes but the file has {size}"
-    except (OSError, ValueError, KeyError, TypeError, IndexError) as reading:
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError) as reading:
         problem = f"its header cannot be read ({type(reading).__name__})"
     return problem
 
@@ -372,36 +382,23 @@ def pipeline_tokenizer(model: str, path: Path, folder: str):
 
 # ---------------------------------------------------------------- the weights a run used
 
-FINGERPRINT_SAMPLE_BYTES = 64 * 1024
-
-
-def _file_record(file: Path, data: bytes) -> dict:
-    return {"bytes": file.stat().st_size, "sha256": hashlib.sha256(data).hexdigest()}
+def _file_record(file: Path) -> dict:
+    """A small file's entry of weights_fingerprint."""
+    return {"bytes": file.stat().st_size, "sha256": file_digests([file])[file]}
 
 
 def weights_fingerprint(path: Path) -> dict:
-    """What decides the pixels in a checkpoint folder, per component: each file's name, size and
-    sha256; for a .safetensors file, of its header (every tensor's name, dtype, shape and byte
-    range) and the first and last FINGERPRINT_SAMPLE_BYTES of its data, which a re-seeded rebuild
-    of the same shapes changes (hashing all the weights would take minutes, this milliseconds);
-    plus the hub revision when the folder is a hub snapshot."""
-    fingerprint = {}
-    for folder in PIPELINE_FOLDERS:
-        files = {}
-        for file in sorted((path / folder).iterdir()) if (path / folder).is_dir() else ():
-            if file.suffix not in PIPELINE_FILE_SUFFIXES or not file.is_file():
-                continue
-            with open(file, "rb") as handle:
-                if file.suffix == ".safetensors":
-                    head = handle.read(8)
-                    data = head + handle.read(int.from_bytes(head, "little")) if len(head) == 8 else head
-                    data += handle.read(FINGERPRINT_SAMPLE_BYTES)
-                    handle.seek(max(handle.tell(), file.stat().st_size - FINGERPRINT_SAMPLE_BYTES))
-                    data += handle.read()
-                else:
-                    data = handle.read()
-            files[file.name] = _file_record(file, data)
-        fingerprint[folder] = files
+    """What decides the pixels in a checkpoint folder, per component folder: each file's name, size
+    and SHA-256 of its whole content (digests.file_digests: a hub blob by its name, any other file
+    hashed once per version of it), so that a change of any byte between a run's start and its
+    resume is found; plus the hub revision when the folder is a hub snapshot. Raises OSError for a
+    file that cannot be read."""
+    files = {folder: [file for file in sorted((path / folder).iterdir())
+                      if file.suffix in PIPELINE_FILE_SUFFIXES and file.is_file()] if (path / folder).is_dir() else []
+             for folder in PIPELINE_FOLDERS}
+    digests = file_digests([file for each in files.values() for file in each])
+    fingerprint = {folder: {file.name: {"bytes": file.stat().st_size, "sha256": digests[file]} for file in each}
+                   for folder, each in files.items()}
     resolved = path.resolve()
     if resolved.parent.name == "snapshots":  # the Hugging Face cache: snapshots/<commit hash>
         fingerprint["revision"] = resolved.name
@@ -413,10 +410,15 @@ def fingerprint_digest(fingerprint: dict) -> str:
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _check_recorded(saved: dict | None, run_dir: Path) -> None:
+    if saved is None:  # the seal says run.json is ours: a run of a version that did not record them
+        raise SettingsError(f"--resume: the run in {run_dir} recorded no weights (run.json 'weights' is null), so "
+                            "nothing tells whether these are the ones it used: start a new run")
+
+
 def check_same_weights(saved: dict | None, current: dict, model: str, run_dir: Path) -> None:
     """A resume must use the weights that made the run's checkpoints; refuse naming the component."""
-    if saved is None:  # a run folder written before fingerprints were recorded
-        return
+    _check_recorded(saved, run_dir)
     for component in sorted(set(saved) | set(current)):
         if saved.get(component) != current.get(component):
             what = "hub revision" if component == "revision" else f"{component} files"
@@ -433,8 +435,7 @@ def check_resumed_model(saved: dict | None, model: str, folder: Path, run_dir: P
     fingerprinted whole (milliseconds); a hub id must have been one when the run started (its
     fingerprint has a hub revision), and its cached config files must match. The full check
     (check_same_weights) follows once a hub model's weights are fetched. Raises SettingsError."""
-    if saved is None:
-        return
+    _check_recorded(saved, run_dir)
     local = Path(model).expanduser().is_dir()
     from_hub = not local or Path(model).expanduser().resolve().parent.name == "snapshots"
     if from_hub != ("revision" in saved):
@@ -451,5 +452,5 @@ def check_resumed_model(saved: dict | None, model: str, folder: Path, run_dir: P
     for component, files in saved.items():  # a cached hub snapshot: its config files, if there
         for name, record in files.items() if isinstance(files, dict) else ():
             path = folder / component / name
-            if name.endswith(".json") and path.is_file() and record != _file_record(path, path.read_bytes()):
+            if name.endswith(".json") and path.is_file() and record != _file_record(path):
                 check_same_weights({component: record}, {component: None}, model, run_dir)

@@ -14,8 +14,13 @@ from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
+
+# FLUX.2-dev's transformer has 32 billion parameters, its Mistral encoder 24 billion: a config of more
+# than six times the largest is damaged or hostile, not a bigger FLUX.
+MAX_PARAMETERS = 200 * 10**9
 from accelerate.utils import compute_module_sizes
 
+from .errors import CheckpointError
 from .families import encode_layers, family_of
 from .quantize_bytes import quantized_meta, saved_nf4_layout
 
@@ -33,6 +38,21 @@ def empty_component(config_root: Path, name: str, quantization: str | None = Non
 
 
 def _empty_component(config_root: Path, name: str) -> torch.nn.Module:
+    """Built under torch.device("meta") as well as init_empty_weights: the latter moves each parameter
+    to meta once its layer made it, so every layer's weight was first allocated on the CPU (a config
+    of width 65536 asked for 16 GiB per layer, and 103 GB in all); the device context makes none. A
+    component of more than MAX_PARAMETERS parameters is refused (CheckpointError)."""
+    model = _built_on_meta(config_root, name)
+    count = sum(parameter.numel() for parameter in model.parameters())
+    if count > MAX_PARAMETERS:
+        raise CheckpointError(
+            f"--model: '{config_root}': {name}/config.json describes a {name} of {count / 1e9:,.0f} billion "
+            f"parameters, over {MAX_PARAMETERS / 1e9:.0f} billion (six times FLUX.2-dev's transformer): the config is "
+            "damaged: fetch that file again or give another --model")
+    return model
+
+
+def _built_on_meta(config_root: Path, name: str) -> torch.nn.Module:
     family = family_of(Path(config_root))
     component = family.component(name)
     folder = config_root / name
@@ -40,7 +60,7 @@ def _empty_component(config_root: Path, name: str) -> torch.nn.Module:
         import transformers
 
         config = transformers.AutoConfig.from_pretrained(folder)
-        with init_empty_weights():
+        with torch.device("meta"), init_empty_weights():
             model = getattr(transformers, component.class_name)(config)
         model.tie_weights()  # as from_pretrained does: T5's encoder.embed_tokens is `shared`
         if component.truncated:
@@ -55,7 +75,7 @@ def _empty_component(config_root: Path, name: str) -> torch.nn.Module:
     level = config_logger.level
     config_logger.setLevel(logging.ERROR)
     try:
-        with init_empty_weights():
+        with torch.device("meta"), init_empty_weights():
             return model_class.from_config(model_class.load_config(folder))
     finally:
         config_logger.setLevel(level)

@@ -19,7 +19,6 @@ the hidden-state layers FLUX.2's encode uses are read from the installed diffuse
 from __future__ import annotations
 
 import functools
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -28,6 +27,7 @@ from . import activations
 from .activations import Geometry
 from .errors import CheckpointError
 from .json_fields import JsonFields, is_int
+from .safe_read import MAX_CONFIG_BYTES, parse_json, read_regular_file
 
 STAGES = ("encode", "denoise", "decode")
 
@@ -128,7 +128,9 @@ def _check_flux1_configs(fields: Fields, family: Family, transformer_name: str, 
 
     vae = fields(vae_name)
     _check_vae(vae, in_channels)
-    vae.number("scaling_factor")
+    if not vae.number("scaling_factor") > 0:  # decode divides the latents by it: 0 gave black images
+        vae.fail(f"is {vae.data['scaling_factor']}, not a positive number (decode divides the latents by it)",
+                 "scaling_factor")
     if vae.data.get("shift_factor") is not None:
         vae.number("shift_factor")
 
@@ -419,8 +421,9 @@ def family_for(pipeline: object, model: str) -> Family:
 
 
 def family_of(config_root: Path) -> Family:
-    """The family of the checkpoint (or shipped config folder) at `config_root`."""
-    index = json.loads((Path(config_root) / "model_index.json").read_text(encoding="utf-8"))
+    """The family of the checkpoint (or shipped config folder) at `config_root`; raises OSError or
+    ValueError (safe_read's) for a model_index.json that cannot be read."""
+    index = parse_json(read_regular_file(Path(config_root) / "model_index.json", MAX_CONFIG_BYTES).decode("utf-8"))
     return family_for(index.get("_class_name") if isinstance(index, dict) else None, str(config_root))
 
 

@@ -1,4 +1,4 @@
-"""Safe file output: writability probes that leave no trace, and atomic writes."""
+"""Safe file output: writability probes that leave no trace, atomic writes, and the user's cache folder."""
 
 from __future__ import annotations
 
@@ -14,6 +14,11 @@ from .errors import SettingsError
 def check_writable_folder(folder: Path, option: str, keep_created_folders: bool = False) -> None:
     """Prove `folder` can take files by writing one, then undo everything the probe created (but
     the folders, with keep_created_folders: several processes probe the same folder at once)."""
+    try:
+        os.fsencode(folder).decode("utf-8")
+    except UnicodeDecodeError:  # safetensors and JSON take UTF-8 names only: every handoff would be unreadable
+        raise SettingsError(f"{option}: {os.fsencode(folder)!r} is not a UTF-8 path; give a folder whose name is "
+                            "UTF-8") from None
     if folder.exists() and not folder.is_dir():
         raise SettingsError(f"{option}: '{folder}' is a file, not a folder; give a folder")
     target = folder.absolute()
@@ -33,6 +38,12 @@ def check_writable_folder(folder: Path, option: str, keep_created_folders: bool 
                 path.rmdir()
             except OSError:  # gone already, or someone else's files arrived in it
                 pass
+
+
+def user_cache_dir() -> Path:
+    """flux-sharded's folder in the user's cache: $XDG_CACHE_HOME/flux-sharded, else ~/.cache/flux-sharded
+    (the key that seals run folders, seal.py; the weights' digests, digests.py)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flux-sharded"
 
 
 def atomic_write(target: Path, write: Callable[[str], None]) -> None:

@@ -6,7 +6,7 @@ klein that guides with a second pass; families.Family.encoded names them with th
 by name: a family that hands on other tensors declares them, not this module; denoise fills `latents`; decode reads `latents` and fills `images` (PIL images, which are
 written as PNGs, never saved with the handoff). Between stages the runner keeps the handoff on the
 CPU, and each stage moves it to its own execution device with `to()`. `save()`/`load()` write its
-tensors as one safetensors file plus a JSON file of the settings.
+tensors as one safetensors file plus a JSON file of the settings, each sealed (seal.py).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from . import settings as schema
-from .files import atomic_write
 from .quantize import parse_quantize
+from .seal import PLACEHOLDER, SealError, check_seal, sealed_write
 
 
 DTYPES = {name: getattr(torch, name) for name in schema.DTYPE_NAMES}
@@ -125,23 +125,34 @@ class Handoff:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write `<path>.safetensors` and `<path>.json`, each atomically (temporary name, fsync, rename)."""
+    def save(self, path: str | os.PathLike, weights: str) -> None:
+        """Write `<path>.safetensors`, then `<path>.json`, each atomically (temporary name, fsync,
+        rename) and sealed (seal.py); the JSON names the tensors file's seal and `weights` (the
+        digest of the weights that made the tensors, checkpoint.fingerprint_digest), so that a
+        resume takes neither from another run."""
         from safetensors.torch import save_file
 
         path = Path(path)
         tensors = {name: t.detach().to("cpu").contiguous() for name, t in self.tensors().items()}
-        meta = {"settings": self.settings.to_json(), "finished_stages": list(self.finished_stages)}
-        atomic_write(path.with_suffix(".safetensors"), lambda tmp: save_file(tensors, tmp))
-        atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+        tensors_seal = sealed_write(path.with_suffix(".safetensors"),
+                                    lambda tmp: save_file(tensors, tmp, metadata={"seal": PLACEHOLDER}))
+        meta = {"seal": PLACEHOLDER,  # first: seal.SEAL_WITHIN_BYTES
+                "settings": self.settings.to_json(), "finished_stages": list(self.finished_stages),
+                "weights": weights, "tensors": tensors_seal}
+        sealed_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
 
     @classmethod
     def load(cls, path: str | os.PathLike, shared: tuple[str, ...] = ()) -> "Handoff":
-        """What save() wrote; `shared`: the family's (families.Family.shared), which the files do not name."""
+        """What save() wrote, its seals checked (raises seal.SealError); `shared`: the family's
+        (families.Family.shared), which the files do not name. A resume reads the run folder's
+        handoffs with every field checked (rundir.saved_handoffs), not with this."""
         from safetensors.torch import load_file
 
         path = Path(path)
+        check_seal(path.with_suffix(".json"))
         meta = json.loads(path.with_suffix(".json").read_text())
+        if check_seal(path.with_suffix(".safetensors")) != meta["tensors"]:
+            raise SealError(f"{path.with_suffix('.safetensors')} is not the tensors file its JSON was written with")
         tensors = load_file(path.with_suffix(".safetensors"))
         return cls(
             settings=GenerationSettings.from_json(meta["settings"]),

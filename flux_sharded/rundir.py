@@ -13,6 +13,12 @@ with any number of processes takes each image's state from whichever share saved
 lists every process count that wrote here, so that the names of the files are known exactly.
 The default folder is `OUT/.flux-sharded/run-<hash of the settings>`: the same command finds
 the same folder, on every process of a launch.
+
+Every file a resume reads here is sealed (seal.py: an HMAC of its name and bytes under the user's
+key) and its seal checked before anything in it is used; a handoff's JSON names its tensors file's
+seal and the digest of the weights that made it, a kept batch the digests of its settings and
+weights, so that no file of another run, or changed by one byte, is ever used: each is refused,
+naming the file (and the files to delete to redo that work).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from .files import atomic_write
 from .handoff import GenerationSettings, Handoff
 from .safe_read import parse_json, read_regular_file
 from .checkpoint import expected_tensors
+from .seal import PLACEHOLDER, SealError, check_seal, sealed_write
 from .validate import JsonFields, check_handoff_tensors, check_share_settings, saved_run_fields, settings_fields
 
 RUN_FILE = "run.json"
@@ -130,6 +137,7 @@ class SavedRun:
 
 def write_run(run_dir: Path, saved: SavedRun) -> None:
     data = {
+        "seal": PLACEHOLDER,  # first: seal.SEAL_WITHIN_BYTES
         "format": FORMAT,
         "settings": saved.settings.to_json(),
         "max_memory": budget_to_json(saved.budget),
@@ -142,7 +150,7 @@ def write_run(run_dir: Path, saved: SavedRun) -> None:
     }
     path = run_dir / RUN_FILE
     try:
-        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
+        sealed_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
     except OSError as error:
         raise OutputError(f"could not write {path} ({error.strerror or error}); nothing was run yet: free some "
                           "space or fix the folder, then run the same command again") from None
@@ -225,31 +233,47 @@ def _settings_digest(settings: GenerationSettings) -> str:
     return hashlib.sha256(json.dumps(settings.to_json(), sort_keys=True).encode()).hexdigest()
 
 
-def save_batch_latents(path: Path, latents, settings: GenerationSettings) -> None:
-    """One batch's latents, with the digest of the batch's settings (its prompts, seeds, steps, ...)."""
+def save_batch_latents(path: Path, latents, settings: GenerationSettings, weights: str) -> None:
+    """One batch's latents, sealed (seal.py), with the digest of the batch's settings (its prompts,
+    seeds, steps, ...) and of the weights that made them (checkpoint.fingerprint_digest)."""
     from safetensors.torch import save_file
 
     tensors = {"latents": latents.detach().to("cpu").contiguous()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"settings": _settings_digest(settings)}))
+    metadata = {"seal": PLACEHOLDER, "settings": _settings_digest(settings), "weights": weights}
+    sealed_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
-def load_batch_latents(path: Path, settings: GenerationSettings, shape: tuple, dtype) -> "torch.Tensor":
-    """A batch's latents saved by save_batch_latents, checked against the batch's settings, the
-    expected shape and dtype; raises SettingsError naming the file to delete to redo that batch."""
+def load_batch_latents(path: Path, settings: GenerationSettings, shape: tuple, dtype, weights: str) -> "torch.Tensor":
+    """A batch's latents saved by save_batch_latents, checked against its seal, the batch's
+    settings, the weights' digest, the expected shape and dtype; raises SettingsError naming the
+    file to delete to redo that batch."""
     from safetensors import safe_open
 
     fix = f"delete {path.name} in {path.parent} to denoise that batch again, then resume again"
+    _check_sealed(path, fix)
     try:
         with safe_open(path, "pt") as file:
-            digest = (file.metadata() or {}).get("settings")
+            metadata = file.metadata() or {}
             tensors = {name: file.get_tensor(name) for name in file.keys()}
     except Exception as error:  # safetensors raises its own SafetensorError, OSError, ...
         reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
         raise SettingsError(f"--resume: {path} cannot be read ({reason}); {fix}") from None
-    if digest != _settings_digest(settings):
+    if metadata.get("settings") != _settings_digest(settings):
         raise SettingsError(f"--resume: {path} belongs to other settings than this batch's; {fix}")
+    if metadata.get("weights") != weights:
+        raise SettingsError(f"--resume: {path} was made with other weights than the run's (run.json 'weights'); {fix}")
     check_handoff_tensors(tensors, {"latents": shape}, dtype, f"--resume: {path}", fix)
     return tensors["latents"]
+
+
+def _check_sealed(path: Path, fix: str, data: bytes | None = None) -> str:
+    """The seal of a file of the run folder (seal.check_seal); else SettingsError naming it and `fix`."""
+    try:
+        return check_seal(path, data)
+    except SealError as error:
+        raise SettingsError(f"--resume: {path} {error}; {fix}") from None
+    except OSError as error:
+        raise SettingsError(f"--resume: {path} cannot be read ({error.strerror or error}); {fix}") from None
 
 
 def remove_stale_temporaries(folder: Path, names: list[str]) -> list[Path]:
@@ -284,7 +308,8 @@ def read_run(run_dir: Path) -> SavedRun:
     if not run_dir.is_dir():
         raise SettingsError(f"{where} is not a folder; give the run folder a run printed (it holds {RUN_FILE})")
     try:
-        data = parse_json(read_regular_file(run_dir / RUN_FILE, MAX_RUN_FILE_BYTES).decode("utf-8"))
+        raw = read_regular_file(run_dir / RUN_FILE, MAX_RUN_FILE_BYTES)
+        data = parse_json(raw.decode("utf-8"))
     except FileNotFoundError:
         runs = _runs_inside(run_dir)
         if len(runs) == 1:
@@ -296,6 +321,13 @@ def read_run(run_dir: Path) -> SavedRun:
         raise SettingsError(f"{where} is not a flux-sharded run folder (no {RUN_FILE}); give the folder a run printed") from None
     except (OSError, ValueError) as error:
         raise SettingsError(f"{where}: {RUN_FILE} cannot be read ({error}); the folder is damaged: start a new run") from None
+    try:
+        check_seal(run_dir / RUN_FILE, raw)
+    except SealError as error:
+        raise SettingsError(f"{where}: {RUN_FILE} {error}; a run is resumed only from the files flux-sharded wrote: "
+                            "restore the file, or start a new run") from None
+    if isinstance(data, dict):
+        data.pop("seal", None)
     fields = saved_run_fields(data, f"{where}: {RUN_FILE}",
                               "the file was edited or damaged: start a new run (or restore the file)", FORMAT)
     settings = GenerationSettings(**fields["settings"])
@@ -318,23 +350,24 @@ def handoff_path(run_dir: Path, stage: str, process_index: int, process_count: i
 
 
 def saved_handoffs(run_dir: Path, process_counts, run_settings: GenerationSettings, wanted,
-                   checkpoint) -> list[Handoff]:
+                   checkpoint, weights: str) -> list[Handoff]:
     """The handoffs of the latest finished stage of every share that any launch of the run (with
     each of `process_counts` processes) saved and that holds one of the images `wanted` (indices
     over the whole run). Each is checked against the run's settings for the images it names, and
-    against the model's configs; raises SettingsError naming the damaged file and which files to
-    delete to redo that stage."""
+    against the model's configs, its seals (seal.py) and `weights` (the digest of the weights the
+    run used, checkpoint.fingerprint_digest); raises SettingsError naming the damaged file and which
+    files to delete to redo that stage."""
     found = []
     for processes in sorted(set(process_counts)):
         for index in range(processes):
-            handoff = _latest_handoff(run_dir, index, processes, run_settings, set(wanted), checkpoint)
+            handoff = _latest_handoff(run_dir, index, processes, run_settings, set(wanted), checkpoint, weights)
             if handoff is not None:
                 found.append(handoff)
     return found
 
 
 def _latest_handoff(run_dir: Path, process_index: int, process_count: int, run_settings: GenerationSettings,
-                    wanted: set[int], checkpoint) -> Handoff | None:
+                    wanted: set[int], checkpoint, weights: str) -> Handoff | None:
     for position in reversed(range(len(SAVED_STAGES))):
         stage = SAVED_STAGES[position]
         path = handoff_path(run_dir, stage, process_index, process_count)
@@ -350,10 +383,16 @@ def _latest_handoff(run_dir: Path, process_index: int, process_count: int, run_s
             if not file.is_file():
                 raise SettingsError(f"--resume: {file} is missing or not a file; {fix}")
         try:
-            meta = parse_json(read_regular_file(meta_file, MAX_RUN_FILE_BYTES).decode("utf-8"))
+            raw = read_regular_file(meta_file, MAX_RUN_FILE_BYTES)
+            meta = parse_json(raw.decode("utf-8"))
         except (OSError, ValueError) as error:
             raise SettingsError(f"--resume: {meta_file} cannot be read ({error}); {fix}") from None
+        _check_sealed(meta_file, fix, raw)
         meta_fields = JsonFields(meta, f"--resume: {meta_file}", fix)
+        if meta_fields.string("weights") != weights:
+            meta_fields.fail("is not the digest of the weights the run used (run.json 'weights'): another run's file",
+                             "weights")
+        tensors_seal = meta_fields.string("tensors")
         saved_settings = GenerationSettings(**settings_fields(meta_fields.object("settings"), meta_fields.where, fix))
         finished = meta_fields.list_of("finished_stages", lambda s: isinstance(s, str), "stage names")
         if tuple(finished) != SAVED_STAGES[: position + 1]:
@@ -361,6 +400,9 @@ def _latest_handoff(run_dir: Path, process_index: int, process_count: int, run_s
         saved_settings = check_share_settings(saved_settings, run_settings, meta_file, fix)
         if not wanted & set(saved_settings.image_indices):
             return None  # another share's images: not read further
+        if _check_sealed(tensors_file, fix) != tensors_seal:
+            raise SettingsError(f"--resume: {tensors_file} is not the tensors file {meta_file.name} was written with "
+                                f"(another run's, or one written since); {fix}")
         try:
             from safetensors.torch import load_file
 

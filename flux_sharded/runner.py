@@ -158,9 +158,10 @@ def check_request(request: RunRequest, keep_created_folders: bool = False) -> li
     """check_settings, then the output folders; returns the image paths of the whole run."""
     check_settings(request)
     if request.resume and not request.out_dir.is_dir():  # run.json's out_dir is absolute (rundir.read_run)
+        what = "is a file, not a folder" if request.out_dir.exists() else "does not exist"
         raise SettingsError(
-            f"--resume: the run's image folder {request.out_dir} (run.json 'out_dir') does not exist; a resume writes "
-            "only where its run started: start a new run with --out"
+            f"--resume: the run's image folder {request.out_dir} (run.json 'out_dir') {what}; a resume writes "
+            "only where its run started: move that away and make the folder again, or start a new run with --out"
         )
     if request.resume:
         check_bound(request.run_folder, request.out_dir, request.settings)
@@ -291,7 +292,7 @@ def execute(request: RunRequest, log: Callable[[str], None] = lambda message: No
     resumed, denoised = None, {}
     if saved_run is not None:  # whatever shares saved this share's images, under any number of processes
         saved = saved_handoffs(request.run_folder, saved_run.process_counts, request.settings, positions,
-                               request.checkpoint)
+                               request.checkpoint, fingerprint_digest(saved_run.weights))
         resumed, denoised = resumed_handoff(request.settings.subset(positions), saved)
         del saved  # the rows this share needs are copied out
     if saved_run is not None:
@@ -401,7 +402,7 @@ class ShareRun:
         """The stage's checkpoint in the run folder, what a resume continues from."""
         target = handoff_path(self.request.run_folder, stage, self.process.index, self.process.count)
         with _writing(target.with_suffix(".safetensors"), self.request, self.saved):
-            handoff.save(target)
+            handoff.save(target, self.weights)
         self.saved = target
 
     def save_batch_latents(self, batch: range, latents: torch.Tensor) -> None:
@@ -409,7 +410,7 @@ class ShareRun:
         settings = self.settings
         path = batch_latents_path(self.request.run_folder, settings.image_indices[batch.start])
         with _writing(path, self.request, self.saved):
-            save_batch_latents(path, latents, settings.subset(list(batch)))
+            save_batch_latents(path, latents, settings.subset(list(batch)), self.weights)
 
     def saved_batch_latents(self, batch: range, shape: tuple) -> torch.Tensor | None:
         """The latents of `batch` an interrupted run kept, checked (rundir.load_batch_latents); None
@@ -418,7 +419,7 @@ class ShareRun:
         path = batch_latents_path(self.request.run_folder, settings.image_indices[batch.start])
         if not (self.request.resume and path.exists()):
             return None
-        return load_batch_latents(path, settings.subset(list(batch)), shape, settings.torch_dtype)
+        return load_batch_latents(path, settings.subset(list(batch)), shape, settings.torch_dtype, self.weights)
 
     def remove_batch_latents(self) -> None:
         """Every batch's own latents file, once the stage's handoff holds them all."""
@@ -455,7 +456,7 @@ def _execute_plan(request: RunRequest, checkpoint: Checkpoint, plan: RunPlan, pa
         # Taken from the shares of a launch with another number of processes: kept under this
         # share's name, so that this share's checkpoint is one file again.
         with _writing(share.saved.with_suffix(".safetensors"), request, None):
-            handoff.save(share.saved)
+            handoff.save(share.saved, weights)
     for stage in STAGES:
         interrupt.check()
         if stage.NAME in handoff.finished_stages:

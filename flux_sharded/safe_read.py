@@ -21,6 +21,8 @@ from pathlib import Path
 # Every JSON file flux-sharded reads (run.json, configs, handoff metadata, a prompts line) nests a few
 # levels; 32 is far above any of them and far below Python's recursion limit.
 MAX_JSON_DEPTH = 32
+# A checkpoint's model_index.json and config.json files: a few KiB each (a safetensors index: 100 KiB).
+MAX_CONFIG_BYTES = 16 * 2**20
 
 
 class NotARegularFile(OSError):

@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING
 from . import settings as schema
 from .budget import MAX_DEVICE_BYTES, Budget, is_gpu_key
 from .errors import CheckpointError, SettingsError
-from .families import family_for
+from .families import SCHEDULER, family_for
 from .json_fields import JsonFields, entries, is_int
+from .safe_read import MAX_CONFIG_BYTES, parse_json, read_regular_file
 
 if TYPE_CHECKING:
     import torch
@@ -42,8 +43,10 @@ MAX_PROCESS_COUNTS = 1000  # run.json's resumed_processes: one entry per resume 
 
 
 def read_config(path: Path, model: str):
+    """A checkpoint's JSON file, read as safe_read reads (a regular file of at most MAX_CONFIG_BYTES,
+    each key once, nested at most 32 deep); raises CheckpointError naming it."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return parse_json(read_regular_file(path, MAX_CONFIG_BYTES).decode("utf-8"))
     except (OSError, ValueError) as error:
         raise CheckpointError(
             f"--model: '{model}': cannot read {path.parent.name}/{path.name} ({error}); the checkpoint is damaged: "
@@ -80,8 +83,48 @@ def check_checkpoint_configs(model: str, path: Path, family=None) -> tuple[dict,
     def fields(name: str) -> JsonFields:
         return JsonFields(configs[name], f"--model: '{model}': {name}/config.json", fix, CheckpointError)
 
+    _check_component_classes(model, path, family, fields)
     family.check_configs(fields)
+    _check_scheduler(JsonFields(read_config(path / SCHEDULER / "scheduler_config.json", model),
+                                f"--model: '{model}': {SCHEDULER}/scheduler_config.json", fix, CheckpointError))
     return configs[transformer], configs[vae]
+
+
+def _check_component_classes(model: str, path: Path, family, fields) -> None:
+    """Each component is of the class its family's pipeline loads (families.Component.class_name), as
+    model_index.json names it and as its own config.json does (diffusers' `_class_name`, transformers'
+    `architectures`): a klein folder holding FLUX.2-dev's Mistral encoder built a Qwen3 from a Mistral3
+    config, and failed inside encode."""
+    index = JsonFields(read_config(path / "model_index.json", model), f"--model: '{model}': model_index.json",
+                       "the checkpoint is damaged: fetch that file again or give another --model", CheckpointError)
+    for component in family.components:
+        entry = index.data.get(component.name)
+        if entry != [component.library, component.class_name]:
+            index.fail(f"is {json.dumps(entry)}, but {family.name}'s pipeline ({family.pipeline}) loads a "
+                       f"{component.class_name} there", component.name)
+        config = fields(component.name)
+        named = config.data.get("_class_name") if component.library == "diffusers" else \
+            (config.data.get("architectures") or [None])[0]
+        if named != component.class_name:
+            config.fail(f"is {json.dumps(named)}: the folder holds another model's {component.name}, not the "
+                        f"{component.class_name} {family.name} needs",
+                        "_class_name" if component.library == "diffusers" else "architectures")
+
+
+def _check_scheduler(scheduler: "JsonFields") -> None:
+    """The scheduler every family uses (FlowMatchEulerDiscreteScheduler), with the fields its
+    set_timesteps reads of the types and ranges it takes: a broken one failed inside denoise."""
+    scheduler.string("_class_name", choices=("FlowMatchEulerDiscreteScheduler",))
+    scheduler.integer("num_train_timesteps", 1, 10**6)
+    for name in ("shift", "base_shift", "max_shift"):
+        scheduler.number(name, 0, optional=True)
+    for name in ("base_image_seq_len", "max_image_seq_len"):
+        scheduler.integer(name, 1, 2**31, optional=True)
+    for name in ("use_dynamic_shifting", "invert_sigmas", "stochastic_sampling", "use_karras_sigmas",
+                 "use_exponential_sigmas", "use_beta_sigmas"):
+        scheduler.boolean(name, optional=True)
+    scheduler.string("time_shift_type", optional=True, choices=("exponential", "linear"))
+    scheduler.number("shift_terminal", 0, optional=True)
 
 
 # ---------------------------------------------------------------- prompts

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 
 ISOLATED_VARIABLES = ("HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN",
-                      "HF_ENDPOINT", "HUGGINGFACE_HUB_CACHE", "CUDA_VISIBLE_DEVICES", "PYTORCH_CUDA_ALLOC_CONF",
+                      "HF_ENDPOINT", "HUGGINGFACE_HUB_CACHE", "XDG_CACHE_HOME", "CUDA_VISIBLE_DEVICES", "PYTORCH_CUDA_ALLOC_CONF",
                       "PYTORCH_ALLOC_CONF", "FLUX_SHARDED_DEBUG", "LOCAL_RANK", "RANK", "WORLD_SIZE",
                       "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
 ISOLATED_PREFIXES = ("ACCELERATE_",)
@@ -25,12 +25,16 @@ ISOLATED_PREFIXES = ("ACCELERATE_",)
 def _isolate_environment() -> None:
     for name in [name for name in os.environ if name in ISOLATED_VARIABLES or name.startswith(ISOLATED_PREFIXES)]:
         del os.environ[name]
-    # An empty Hugging Face home: nothing of the caller's cache is read or written.
+    # An empty Hugging Face home and user cache (the key that seals run folders, the weights'
+    # digests): nothing of the caller's cache is read or written.
     os.environ["HF_HOME"] = HF_HOME
+    os.environ["XDG_CACHE_HOME"] = USER_CACHE
 
 
 HF_HOME = tempfile.mkdtemp(prefix="flux-sharded-tests-hf-")
+USER_CACHE = tempfile.mkdtemp(prefix="flux-sharded-tests-cache-")
 atexit.register(shutil.rmtree, HF_HOME, ignore_errors=True)
+atexit.register(shutil.rmtree, USER_CACHE, ignore_errors=True)
 _isolate_environment()
 
 from pathlib import Path  # noqa: E402 (after the environment is set: the imports below read it)

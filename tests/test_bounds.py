@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 from flux_sharded.settings import MAX_IMAGES
 from flux_sharded.validate import MAX_PROCESSES
 
 from .conftest import error_line, invoke
+from .sealing import edit_sealed_json
 
 COMMON = ["--max-memory", "cpu=2GB", "--steps", "1", "--height", "32", "--width", "32", "--dtype", "float32"]
 
@@ -33,9 +32,8 @@ def _finished_run(checkpoint, out):
 def test_a_run_json_naming_more_processes_than_a_resume_can_look_for_is_refused(tiny_checkpoint, tmp_path):
     """processes 100000 and 1000 resumed counts, each within MAX_PROCESSES: main looked for 10**8 handoff names."""
     run_dir = _finished_run(tiny_checkpoint, tmp_path / "out")
-    run = json.loads((run_dir / "run.json").read_text())
-    run["processes"], run["resumed_processes"] = MAX_PROCESSES, list(range(MAX_PROCESSES - 1000, MAX_PROCESSES))
-    (run_dir / "run.json").write_text(json.dumps(run))
+    edit_sealed_json(run_dir / "run.json", lambda run: run.update(
+        processes=MAX_PROCESSES, resumed_processes=list(range(MAX_PROCESSES - 1000, MAX_PROCESSES))))
     result = invoke(["--resume", str(run_dir)])
     assert result.exit_code == 2
     launched = MAX_PROCESSES + sum(range(MAX_PROCESSES - 1000, MAX_PROCESSES))
@@ -47,10 +45,9 @@ def test_a_run_json_naming_more_processes_than_a_resume_can_look_for_is_refused(
 
 def test_a_run_json_of_more_images_than_a_run_makes_is_refused(tiny_checkpoint, tmp_path):
     run_dir = _finished_run(tiny_checkpoint, tmp_path / "out")
-    run = json.loads((run_dir / "run.json").read_text())
     count = MAX_IMAGES + 1
-    run["settings"]["prompts"], run["settings"]["seeds"] = ["a dog"] * count, list(range(count))
-    (run_dir / "run.json").write_text(json.dumps(run))
+    edit_sealed_json(run_dir / "run.json", lambda run: run["settings"].update(prompts=["a dog"] * count,
+                                                                              seeds=list(range(count))))
     result = invoke(["--resume", str(run_dir)])
     assert result.exit_code == 2
     assert error_line(result) == (

@@ -26,12 +26,15 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from safetensors.torch import load_file, save_file
+from safetensors import safe_open
 
-from flux_sharded import rundir
+from flux_sharded import rundir, seal
+from flux_sharded.checkpoint import fingerprint_digest
 from flux_sharded.handoff import GenerationSettings
 from flux_sharded.stages import decode, denoise
 
-from .conftest import assert_same_pixels, invoke
+from .conftest import assert_same_pixels, error_line, invoke
+from .sealing import edit_sealed_json, edit_sealed_tensors, write_sealed_tensors
 
 COMMON = ["--max-memory", "cpu=2GB", "--steps", "1", "--height", "32", "--width", "32", "--dtype", "float32"]
 PROMPTS = ("a dog", "a cat")
@@ -81,11 +84,11 @@ def workspace(tiny_checkpoint, finished_run, tmp_path) -> Workspace:
     for image in out.glob("*.png"):
         image.rename(reference_dir / image.name)
     (run_dir,) = (out / ".flux-sharded").iterdir()
-    edit_json(run_dir / "run.json", lambda data: data.update(out_dir=str(out)))
+    edit_sealed_json(run_dir / "run.json", lambda data: data.update(out_dir=str(out)))
     for handoff in run_dir.glob("*.json"):  # each checkpoint names its model: point them at the copy
         if handoff.name != "run.json":
-            edit_json(handoff, lambda data: data["settings"].update(model=str(checkpoint)))
-    edit_json(run_dir / "run.json", lambda data: data["settings"].update(model=str(checkpoint)))
+            edit_sealed_json(handoff, lambda data: data["settings"].update(model=str(checkpoint)))
+    edit_sealed_json(run_dir / "run.json", lambda data: data["settings"].update(model=str(checkpoint)))
     # A run made with the copy: its default folder is named by its settings (rundir.default_run_dir).
     run_dir = run_dir.rename(rundir.default_run_dir(out, rundir.read_run(run_dir).settings))
     space = Workspace(checkpoint, out, run_dir, sorted(reference_dir.glob("*.png")))
@@ -107,7 +110,8 @@ def edit_json(path: Path, change: Callable[[dict], object]) -> None:
 
 
 def run_json(change):
-    return lambda space: edit_json(space.run_dir / "run.json", change)
+    """run.json changed and sealed again: a value the tool's own writer could have put there."""
+    return lambda space: edit_sealed_json(space.run_dir / "run.json", change)
 
 
 def setting(name, value):
@@ -145,11 +149,24 @@ def truncated(relative: str, keep: float = 0.5):
 
 
 def tensors(stage: str, change: Callable[[dict], object]):
+    """The stage's tensors changed, sealed again, and named by its JSON (sealed again)."""
+    return lambda space: edit_sealed_tensors(space.run_dir / f"{stage}.safetensors", change)
+
+
+def handoff_json(stage: str, change: Callable[[dict], object]):
+    """The stage's JSON changed and sealed again."""
+    return lambda space: edit_sealed_json(space.run_dir / f"{stage}.json", change)
+
+
+def unsealed_tensors(stage: str, change: Callable[[dict], object]):
+    """The stage's tensors changed by hand, keeping their seal's field: no seal of ours matches."""
     def damage(space):
         path = space.run_dir / f"{stage}.safetensors"
+        with safe_open(path, "pt") as file:
+            metadata = file.metadata()
         loaded = load_file(path)
         change(loaded)
-        save_file(loaded, path)
+        save_file(loaded, path, metadata=metadata)
     return damage
 
 
@@ -178,6 +195,23 @@ def model_file(relative: str, content: bytes | None):
     return damage
 
 
+def weights_file(component: str, header, data_bytes: int = 0):
+    """The component's weights replaced by a safetensors file of this header and `data_bytes` zeros."""
+    def damage(space):
+        encoded = json.dumps(header).encode()
+        (space.checkpoint / component / "diffusion_pytorch_model.safetensors").write_bytes(
+            len(encoded).to_bytes(8, "little") + encoded + bytes(data_bytes))
+    return damage
+
+
+def symlink(relative: str, target: Path):
+    def damage(space):
+        path = space.checkpoint / relative
+        path.unlink()
+        path.symlink_to(target)
+    return damage
+
+
 def symlink_to_nowhere(relative: str):
     def damage(space):
         path = space.checkpoint / relative
@@ -191,6 +225,47 @@ def replaced_model_weights(space):
     path = space.checkpoint / "transformer" / "diffusion_pytorch_model.safetensors"
     loaded = load_file(path)
     save_file({name: tensor + 1 for name, tensor in loaded.items()}, path, metadata={"format": "pt"})
+
+
+def unsealed_json(relative: str, change: Callable[[dict], object]):
+    """A JSON file of the run folder edited by hand: its seal's field kept, no longer matching."""
+    return lambda space: edit_json(space.run_dir / relative, change)
+
+
+def run_weights(space) -> str:
+    """The digest of the weights the workspace's run used, as its handoffs record it."""
+    return fingerprint_digest(rundir.read_run(space.run_dir).weights)
+
+
+def kept_batch(change: Callable[[torch.Tensor], torch.Tensor], sealed: bool = True, weights: str | None = None):
+    """A run stopped inside denoise: its first batch's latents (image 0) kept as denoise keeps them
+    (rundir.save_batch_latents), changed by `change`, and no denoise handoff. Sealed by the tool's
+    writer, or (sealed=False) changed by hand afterwards."""
+    def damage(space):
+        latents = load_file(space.run_dir / "denoise.safetensors")["latents"][:1]
+        only_encode()(space)
+        settings = rundir.read_run(space.run_dir).settings.subset([0])
+        path = space.run_dir / BATCH
+        rundir.save_batch_latents(path, change(latents) if sealed else latents, settings, weights or run_weights(space))
+        if not sealed:
+            with safe_open(path, "pt") as file:
+                metadata = file.metadata()
+            save_file({"latents": change(latents).contiguous()}, path, metadata=metadata)
+    return damage
+
+
+def flipped_in_the_middle(relative: str):
+    """One byte in the middle of a model file flipped in place, its size and mtime put back."""
+    def damage(space):
+        path = space.checkpoint / relative
+        stat = path.stat()
+        with open(path, "r+b") as file:
+            file.seek(stat.st_size // 2)
+            byte = file.read(1)[0]
+            file.seek(stat.st_size // 2)
+            file.write(bytes([byte ^ 1]))
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    return damage
 
 
 def delete(*names):
@@ -267,7 +342,11 @@ CASES = {
     "out-dir-relative": Case(top("out_dir", "out"), RUN_JSON + "'out_dir' is 'out', not an absolute path"),
     "out-dir-gone": Case(top("out_dir", "/nonexistent/flux-sharded-out"),
                          "the run's image folder /nonexistent/flux-sharded-out (run.json 'out_dir') does not exist"),
-    "run-json-a-list": Case(write_file("run.json", b"[]"), "--resume '{run_dir}': run.json holds a list, not a JSON"),
+    "out-dir-a-file": Case(lambda space: ((space.out.parent / "a-file").write_text("mine"),
+                                          top("out_dir", str(space.out.parent / "a-file"))(space)),
+                           "(run.json 'out_dir') is a file, not a folder"),
+    "run-json-a-list": Case(write_file("run.json", b"[]"), "--resume '{run_dir}': run.json carries no seal of "
+                            "flux-sharded's"),
     "run-json-truncated": Case(truncated("run.json"), "run.json cannot be read"),
     # json keeps the last of two keys; 200,000 levels of nesting raised RecursionError; a FIFO hung
     "run-json-key-twice": Case(write_file("run.json", b'{"format": 1, "format": 1}'),
@@ -277,15 +356,28 @@ CASES = {
     "run-json-a-fifo": Case(fifo("run.json"), "run.json cannot be read"),
     "weights-changed": Case(replaced_model_weights, "--resume: the transformer files of the model '{checkpoint}' differ "
                             "from those the run in {run_dir} used"),
+    # one byte in the middle of a weight file, its size and mtime kept (the fingerprint hashed the
+    # first and last 64 KiB of each file: a tensor changed in the middle was not noticed)
+    **{f"{component}-weights-one-byte-in-the-middle": Case(
+        flipped_in_the_middle(f"{component}/{file}"),
+        f"--resume: the {component} files of the model '{{checkpoint}}' differ from those the run in {{run_dir}} used")
+       for component, file in (("transformer", "diffusion_pytorch_model.safetensors"),
+                               ("vae", "diffusion_pytorch_model.safetensors"), ("text_encoder_2", "model.safetensors"))},
     # the stage checkpoints: truncated, swapped, wrong shape or dtype, extra or missing tensors
-    "denoise-truncated": Case(truncated("denoise.safetensors"), "--resume: {run_dir}/denoise.safetensors cannot be "
-                              "read", fix=delete(*DENOISE_FILES)),
-    "denoise-garbage": Case(write_file("denoise.safetensors", b"\xff" * 64), "denoise.safetensors cannot be read",
+    "denoise-truncated": Case(truncated("denoise.safetensors"), "--resume: {run_dir}/denoise.safetensors does not "
+                              "match its seal", fix=delete(*DENOISE_FILES)),
+    "denoise-garbage": Case(write_file("denoise.safetensors", b"\xff" * 64), "denoise.safetensors carries no seal",
                             fix=delete(*DENOISE_FILES)),
+    # the seal covers the file's name: encode's tensors cannot stand in for denoise's
     "denoise-is-encode": Case(lambda space: shutil.copy(space.run_dir / "encode.safetensors",
                                                         space.run_dir / "denoise.safetensors"),
-                              "denoise.safetensors lacks latents; delete denoise.safetensors and denoise.json in "
-                              "{run_dir} to redo denoise from encode", fix=delete(*DENOISE_FILES)),
+                              "denoise.safetensors does not match its seal: it was changed after flux-sharded wrote "
+                              "it, or it was sealed with another key than this user's",
+                              fix=delete(*DENOISE_FILES)),
+    "denoise-is-encode-sealed": Case(lambda space: write_sealed_tensors(
+        space.run_dir / "denoise.safetensors", load_file(space.run_dir / "encode.safetensors")),
+        "denoise.safetensors lacks latents; delete denoise.safetensors and denoise.json in {run_dir} to redo denoise "
+        "from encode", fix=delete(*DENOISE_FILES)),
     "latents-wrong-shape": Case(tensors("denoise", lambda t: t.update(latents=t["latents"][:, :2].contiguous())),
                                 "latents has shape (2, 2, 16), not (2, 4, 16)", fix=delete(*DENOISE_FILES)),
     "latents-wrong-dtype": Case(tensors("denoise", lambda t: t.update(latents=t["latents"].half())),
@@ -298,15 +390,12 @@ CASES = {
                                  fix=delete(*DENOISE_FILES)),
     "denoise-safetensors-missing": Case(delete("denoise.safetensors"), "denoise.safetensors is missing or not a file",
                                         fix=delete("denoise.json")),
-    "denoise-json-other-seed": Case(lambda space: edit_json(space.run_dir / "denoise.json",
-                                                            lambda data: data["settings"].update(seeds=[5, 6])),
+    "denoise-json-other-seed": Case(handoff_json("denoise", lambda data: data["settings"].update(seeds=[5, 6])),
                                     "denoise.json belongs to other settings", fix=delete(*DENOISE_FILES)),
-    "denoise-json-indices-out-of-range": Case(lambda space: edit_json(space.run_dir / "denoise.json",
-                                                                      lambda data: data["settings"].update(indices=[0, 7])),
+    "denoise-json-indices-out-of-range": Case(handoff_json("denoise", lambda data: data["settings"].update(indices=[0, 7])),
                                               "denoise.json field 'settings.indices' names images outside 0..1",
                                               fix=delete(*DENOISE_FILES)),
-    "denoise-json-stages": Case(lambda space: edit_json(space.run_dir / "denoise.json",
-                                                        lambda data: data.update(finished_stages=["denoise"])),
+    "denoise-json-stages": Case(handoff_json("denoise", lambda data: data.update(finished_stages=["denoise"])),
                                 "field 'finished_stages' is ['denoise'], not ['encode', 'denoise']",
                                 fix=delete(*DENOISE_FILES)),
     "prompt-embeds-cut-to-10-tokens": Case(
@@ -315,14 +404,37 @@ CASES = {
     "pooled-wrong-dtype": Case(only_encode(tensors("encode", lambda t: t.update(
         pooled_prompt_embeds=t["pooled_prompt_embeds"].bfloat16()))), "pooled_prompt_embeds is bfloat16",
         fix=delete(*ENCODE_FILES)),
-    "encode-truncated": Case(only_encode(truncated("encode.safetensors", 0.9)), "encode.safetensors cannot be read",
-                             fix=delete(*ENCODE_FILES)),
-    "kept-batch-garbage": Case(only_encode(write_file(BATCH, b"\xff" * 64)), f"{BATCH} cannot be read",
+    "encode-truncated": Case(only_encode(truncated("encode.safetensors", 0.9)),
+                             "encode.safetensors does not match its seal", fix=delete(*ENCODE_FILES)),
+    "kept-batch-garbage": Case(only_encode(write_file(BATCH, b"\xff" * 64)), f"{BATCH} carries no seal",
                                fix=delete(BATCH)),
     "kept-batch-of-other-settings": Case(only_encode(lambda space: rundir.save_batch_latents(
         space.run_dir / BATCH, torch.zeros(1, 4, 16), GenerationSettings("x", ("a",), (0,), 1, 3.5, 32, 32, 512,
-                                                                         "float32"))),
+                                                                         "float32"), run_weights(space))),
         f"{BATCH} belongs to other settings than this batch's; delete {BATCH}", fix=delete(BATCH)),
+    # every file a resume reads is sealed with this user's key (seal.py): changed without it, refused
+    "run-json-steps-edited": Case(unsealed_json("run.json", lambda data: data["settings"].update(steps=2)),
+                                  "--resume '{run_dir}': run.json does not match its seal"),
+    "run-json-weights-null": Case(unsealed_json("run.json", lambda data: data.update(weights=None)),
+                                  "--resume '{run_dir}': run.json does not match its seal"),
+    # ... and one the tool's own writer could make (an earlier version's) is refused for what it says
+    "run-json-weights-null-sealed": Case(top("weights", None), "recorded no weights (run.json 'weights' is null)"),
+    "encode-of-another-run": Case(only_encode(lambda space: write_sealed_tensors(
+        space.run_dir / "encode.safetensors", {name: tensor.flip(0).contiguous() for name, tensor in
+                                               load_file(space.run_dir / "encode.safetensors").items()},
+        named_by_json=False)), "encode.safetensors is not the tensors file encode.json was written with (another "
+        "run's, or one written since)", fix=delete(*ENCODE_FILES)),
+    "latents-halved": Case(unsealed_tensors("denoise", lambda t: t.update(latents=t["latents"] * 0.5)),
+                           "{run_dir}/denoise.safetensors does not match its seal", fix=delete(*DENOISE_FILES)),
+    "latents-nan": Case(unsealed_tensors("denoise", lambda t: t["latents"].fill_(float("nan"))),
+                        "{run_dir}/denoise.safetensors does not match its seal", fix=delete(*DENOISE_FILES)),
+    "denoise-json-other-weights": Case(handoff_json("denoise", lambda data: data.update(weights="0" * 16)),
+                                       "denoise.json field 'weights' is not the digest of the weights the run used",
+                                       fix=delete(*DENOISE_FILES)),
+    "kept-batch-halved": Case(kept_batch(lambda latents: latents * 0.5, sealed=False),
+                              f"{BATCH} does not match its seal", fix=delete(BATCH)),
+    "kept-batch-of-other-weights": Case(kept_batch(lambda latents: latents, weights="0" * 16),
+                                        f"{BATCH} was made with other weights than the run's", fix=delete(BATCH)),
     # broken checkpoint folders: refused before run.json is written
     "model-index-a-list": Case(lambda space: (space.checkpoint / "model_index.json").write_text("[]"),
                                "--model: '{checkpoint}': model_index.json holds a list, not a JSON object",
@@ -341,12 +453,73 @@ CASES = {
     "transformer-config-dangling-symlink": Case(symlink_to_nowhere("transformer/config.json"),
                                                 "not a FLUX.1 diffusers checkpoint (missing transformer)",
                                                 new_run=True),
+    # within validate's bounds, yet 3.5 trillion parameters: the meta-device build allocated each
+    # layer's weight on the CPU first (103 GB for 256+256 layers), now it allocates nothing and is refused
+    "transformer-of-trillions-of-parameters": Case(config("transformer", lambda c: c.update(
+        num_layers=16, num_single_layers=16, num_attention_heads=512, attention_head_dim=128,
+        axes_dims_rope=[16, 56, 56])), "transformer/config.json describes a transformer of 3,526 billion parameters, over 200 billion", new_run=True,
+        extra=("--dry-run",)),
+    # JSON read as safe_read reads: 200,000 levels raised RecursionError; a key given twice took the last
+    "model-index-nested": Case(model_file("model_index.json", b'{"a": ' + b"[" * 200_000 + b"]" * 200_000 + b"}"),
+                               "model_index.json (nested more than 32 levels deep)", new_run=True),
+    "transformer-config-key-twice": Case(model_file("transformer/config.json", b'{"num_layers": 1, "num_layers": 9}'),
+                                         "cannot read transformer/config.json (\"num_layers\" is given twice",
+                                         new_run=True),
+    # decode divides the latents by it: 0 gave black images
+    "vae-scaling-factor-zero": Case(config("vae", lambda c: c.update(scaling_factor=0)),
+                                    "vae/config.json field 'scaling_factor' is 0, not a positive number", new_run=True),
+    "vae-scaling-factor-nan": Case(config("vae", lambda c: c.update(scaling_factor=float("nan"))),
+                                   "vae/config.json field 'scaling_factor' is NaN, not a finite number", new_run=True),
+    # a broken scheduler config failed inside denoise, after run.json
+    "scheduler-shift-a-string": Case(config("scheduler", lambda c: c.update(shift="3"), "scheduler_config.json"),
+                                     "scheduler/scheduler_config.json field 'shift' is \"3\", not a finite number",
+                                     new_run=True),
+    "scheduler-another-class": Case(config("scheduler", lambda c: c.update(_class_name="DDIMScheduler"),
+                                           "scheduler_config.json"),
+                                    "field '_class_name' is \"DDIMScheduler\", not a text (one of "
+                                    "FlowMatchEulerDiscreteScheduler)", new_run=True),
+    # a component of another model (a klein folder holding FLUX.2-dev's Mistral encoder built a Qwen3
+    # from a Mistral3 config, inside encode)
+    "t5-of-another-architecture": Case(config("text_encoder_2", lambda c: c.update(architectures=["UMT5EncoderModel"])),
+                                       "text_encoder_2/config.json field 'architectures' is \"UMT5EncoderModel\": the "
+                                       "folder holds another model's text_encoder_2, not the T5EncoderModel FLUX.1 "
+                                       "needs", new_run=True),
+    "model-index-another-t5": Case(lambda space: edit_json(space.checkpoint / "model_index.json", lambda index: index.update(
+        text_encoder_2=["transformers", "UMT5EncoderModel"])), "model_index.json field 'text_encoder_2' is "
+        "[\"transformers\", \"UMT5EncoderModel\"], but FLUX.1's pipeline (FluxPipeline) loads a T5EncoderModel there",
+        new_run=True),
+    # weight files whose header safetensors refuses, or that are links to nothing (a Hugging Face
+    # cache without its blob) or to themselves; checked once the run folder is: --overwrite
+    "transformer-weights-header-a-list": Case(weights_file("transformer", [1, 2]),
+                                              "diffusion_pytorch_model.safetensors is truncated or corrupt (its header "
+                                              "is a JSON list, not an object)", new_run=True, extra=("--overwrite",)),
+    "transformer-weights-header-a-string": Case(weights_file("transformer", "weights"),
+                                                "is truncated or corrupt (its header is a JSON str, not an object)",
+                                                new_run=True, extra=("--overwrite",)),
+    "transformer-weights-dtype-f99": Case(weights_file("transformer", {"w": {"dtype": "F99", "shape": [2],
+                                                                             "data_offsets": [0, 8]}}, 8),
+                                          "unknown variant `F99`", new_run=True, extra=("--overwrite",)),
+    "transformer-weights-overlapping-offsets": Case(weights_file("transformer", {
+        "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+        "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, 12),
+        "invalid offset for tensor", new_run=True, extra=("--overwrite",)),
+    "vae-weights-dangling-link": Case(lambda space: symlink("vae/diffusion_pytorch_model.safetensors",
+                                                            space.checkpoint / "blobs" / ("0" * 64))(space),
+                                      "vae/diffusion_pytorch_model.safetensors cannot be opened (No such file or "
+                                      "directory: a link to a file that is not there, or a link loop)",
+                                      new_run=True, extra=("--overwrite",)),
+    "vae-weights-link-loop": Case(lambda space: symlink("vae/diffusion_pytorch_model.safetensors",
+                                                        space.checkpoint / "vae" / "diffusion_pytorch_model.safetensors")(
+        space), "diffusion_pytorch_model.safetensors cannot be opened (Too many levels of symbolic links",
+        new_run=True, extra=("--overwrite",)),
     # The tokenizers are checked once the run folder is, which the copy's own run holds: --overwrite starts it again.
     "t5-tokenizer-deleted": Case(model_file("tokenizer_2/tokenizer.json", None),
                                  "tokenizer_2 lacks tokenizer.json or spiece.model", new_run=True, extra=("--overwrite",)),
     "clip-tokenizer-garbage": Case(model_file("tokenizer/tokenizer.json", b"{not json"),
                                    "tokenizer cannot be loaded", new_run=True, extra=("--overwrite",)),
     # bad inputs
+    # safetensors takes UTF-8 file names only: every handoff under such a folder was unreadable
+    "out-not-utf8": Case(lambda space: None, "--out: b'", new_run=True, extra=("--out", "{out}/caf\udce9")),
     "prompt-not-utf8": Case(lambda space: None, "--prompt: prompt 2 (b'caf?"
                             , new_run=True, extra=("--prompt", "caf\udce9")),
     "report-is-an-image": Case(lambda space: None, "is one of this run's images", new_run=True,
@@ -379,6 +552,49 @@ def test_fault(workspace, name):
         resumed = workspace.resume()
         assert resumed.exit_code == 0, resumed.output
         assert_reference_images(workspace)
+
+
+# Each kind of file a resume reads; the handoff a resume starts from is the latest one, so encode's
+# files and a kept batch are read only once denoise's handoff is gone (a run stopped before it).
+READ_ON_RESUME = {"run.json": None, "denoise.json": None, "denoise.safetensors": None,
+                  "encode.json": only_encode(), "encode.safetensors": only_encode(),
+                  BATCH: kept_batch(lambda latents: latents)}
+
+
+@pytest.mark.parametrize("name", list(READ_ON_RESUME))
+def test_a_resume_refuses_any_file_of_its_run_folder_with_one_byte_changed(workspace, name):
+    """The first, a middle and the last byte of each kind of file, each flipped alone: refused with
+    one line naming the file, nothing written; the file as the tool wrote it resumes to the
+    undisturbed run's pixels."""
+    if READ_ON_RESUME[name] is not None:
+        READ_ON_RESUME[name](workspace)
+    path = workspace.run_dir / name
+    written = path.read_bytes()
+    for position in (0, len(written) // 2, len(written) - 1):
+        path.write_bytes(written[:position] + bytes([written[position] ^ 1]) + written[position + 1:])
+        before = run_folder_files(workspace)
+        result = workspace.resume()
+        assert result.exit_code == 2, (position, result.output)
+        (line,) = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+        assert name in line and "Traceback" not in result.output
+        assert not list(workspace.out.glob("0*-a-*.png")) and run_folder_files(workspace) == before
+    path.write_bytes(written)
+    resumed = workspace.resume()
+    assert resumed.exit_code == 0, resumed.output
+    assert_reference_images(workspace)
+    assert_user_files_untouched(workspace)
+
+
+def test_a_run_folder_sealed_with_another_users_key_is_refused(workspace, tmp_path, monkeypatch):
+    """A run folder copied from someone else, every file intact: their key is not this user's."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "another-user"))
+    result = workspace.resume()
+    assert result.exit_code == 2
+    assert error_line(result) == (f"Error: --resume '{workspace.run_dir}': run.json does not match its seal: it was "
+                                  "changed after flux-sharded wrote it, or it was sealed with another key than this "
+                                  f"user's ({tmp_path}/another-user/flux-sharded/run-folder-key); a run is resumed "
+                                  "only from the files flux-sharded wrote: restore the file, or start a new run")
+    assert not list(workspace.out.glob("0*-a-*.png"))
 
 
 def run_folder_files(space: Workspace) -> dict[str, bytes | str]:
@@ -426,8 +642,8 @@ def safetensors_disk_full(tensors, filename, metadata=None):
                           'left on device" })')
 
 
-def run_json_disk_full(target, write, _real=rundir.atomic_write):
-    if Path(target).name != "run.json":  # the record in --out that binds the run folder to it comes first
+def run_json_disk_full(target, write, _real=seal.atomic_write):
+    if Path(target).name != "run.json":  # the other sealed files come after it
         return _real(target, write)
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
@@ -460,7 +676,7 @@ FAILURES = {
         safetensors_torch, "save_file", a_bug_in_a_write, 1,
         "could not write {run_dir}/encode.safetensors (TypeError: save_file() got tensors it cannot serialise), not "
         "for a lack of space or access", "resume"),
-    "disk-full-writing-run-json": Failure(rundir, "atomic_write", run_json_disk_full, 4,
+    "disk-full-writing-run-json": Failure(seal, "atomic_write", run_json_disk_full, 4,
                                           "could not write {run_dir}/run.json (No space left on device); nothing was "
                                           "run yet", "rerun"),
 }
@@ -658,7 +874,7 @@ def test_non_finite_pixels_after_decode_are_named_per_image(workspace, monkeypat
 # (SIGKILL) right after the temporary file is written, before its rename.
 KILL_AT_WRITE = """
 import os, signal, sys
-from flux_sharded import handoff, images, rundir
+from flux_sharded import images, rundir, seal
 from flux_sharded.cli import main
 
 target = sys.argv.pop(1)
@@ -672,7 +888,7 @@ def killing(real):
         return real(path, write_then_die)
     return atomic_write
 
-for module in (handoff, images, rundir):
+for module in (seal, images, rundir):
     module.atomic_write = killing(module.atomic_write)
 main(sys.argv[1:])
 """

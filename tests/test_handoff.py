@@ -20,7 +20,7 @@ def test_round_trip_keeps_every_tensor_and_setting(tmp_path):
         text_ids=torch.zeros(512, 3, dtype=torch.bfloat16),
         finished_stages=("encode",),
     )
-    handoff.save(tmp_path / "encode")
+    handoff.save(tmp_path / "encode", weights="0123456789abcdef")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["encode.json", "encode.safetensors"]
     loaded = Handoff.load(tmp_path / "encode")
     assert loaded.settings == SETTINGS
@@ -47,6 +47,6 @@ def test_a_handoff_holds_whatever_tensors_its_family_declares(tmp_path):
     picked = handoff.select([1])
     assert torch.equal(picked.reference_latents, torch.tensor([[3.0, 4.0, 5.0]]))
     assert picked.positions.shape == (5, 3) and picked.embeddings().keys() == {"reference_latents"}
-    handoff.save(tmp_path / "encode")
+    handoff.save(tmp_path / "encode", weights="0123456789abcdef")
     loaded = Handoff.load(tmp_path / "encode", shared=("positions",))
     assert sorted(loaded.tensors()) == ["positions", "reference_latents"] and loaded.latents is None

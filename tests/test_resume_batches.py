@@ -50,19 +50,19 @@ def test_a_missing_image_is_decoded_again_with_its_batch_mates(tiny_checkpoint, 
 def test_a_resume_reads_only_the_rows_of_the_images_it_makes(tiny_checkpoint, tmp_path):
     """A process of a resume with more processes than the run had keeps only its images' rows of
     the share that saved them, not the whole share."""
-    from flux_sharded.checkpoint import resolve_checkpoint
+    from flux_sharded.checkpoint import fingerprint_digest, resolve_checkpoint
     from flux_sharded.rundir import read_run, saved_handoffs
 
     args, run_dir, images = first_run(tiny_checkpoint, tmp_path / "out")
     run = read_run(run_dir)
-    checkpoint = resolve_checkpoint(str(tiny_checkpoint), need_weights=False)
-    (handoff,) = saved_handoffs(run_dir, run.process_counts, run.settings, [1, 2], checkpoint)
+    checkpoint, weights = resolve_checkpoint(str(tiny_checkpoint), need_weights=False), fingerprint_digest(run.weights)
+    (handoff,) = saved_handoffs(run_dir, run.process_counts, run.settings, [1, 2], checkpoint, weights)
     assert handoff.settings == run.settings.subset([1, 2])
     assert handoff.finished_stages == ("encode", "denoise")
     assert [tuple(tensor.shape)[0] for name, tensor in handoff.tensors().items() if name != "text_ids"] == [2, 2, 2]
-    (whole,) = saved_handoffs(run_dir, run.process_counts, run.settings, [0, 1, 2], checkpoint)
+    (whole,) = saved_handoffs(run_dir, run.process_counts, run.settings, [0, 1, 2], checkpoint, weights)
     assert torch.equal(handoff.latents, whole.latents[1:])
-    assert saved_handoffs(run_dir, run.process_counts, run.settings, [], checkpoint) == []
+    assert saved_handoffs(run_dir, run.process_counts, run.settings, [], checkpoint, weights) == []
 
 
 def test_finished_runs_say_so(tiny_checkpoint, tmp_path):

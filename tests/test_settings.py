@@ -28,6 +28,7 @@ from flux_sharded.errors import SettingsError
 from flux_sharded.handoff import GenerationSettings
 from flux_sharded.images import save_png
 from flux_sharded.rundir import SavedRun, default_run_dir, read_run, write_run
+from flux_sharded.seal import PLACEHOLDER, seal_file
 from flux_sharded.validate import check_run_image
 
 checkpoint_folder, out = Path(sys.argv[1]), Path(sys.argv[2])
@@ -55,11 +56,19 @@ write_run(run_dir, SavedRun(made(3), budget, out, None, 1))
 saved = json.loads((run_dir / "run.json").read_text())
 found["run.json"] = saved["settings"]["sharpness"]
 found["read back"] = read_run(run_dir).settings.sharpness
+
+
+def write_sealed(data):  # as the tool's own writer would (seal.py): what is checked is the value
+    data["seal"] = PLACEHOLDER
+    (run_dir / "run.json").write_text(json.dumps(data))
+    seal_file(run_dir / "run.json", "run.json")
+
+
 saved["settings"]["sharpness"] = 42
-(run_dir / "run.json").write_text(json.dumps(saved))
+write_sealed(saved)
 found["run.json refuses"] = refusal(lambda: read_run(run_dir))
 del saved["settings"]["sharpness"]  # a run.json of the version before it: the default
-(run_dir / "run.json").write_text(json.dumps(saved))
+write_sealed(saved)
 found["default"] = read_run(run_dir).settings.sharpness
 
 found["resume options"] = "sharpness" in cli.SAVED_OPTIONS
