@@ -27,6 +27,7 @@ from flux_sharded.stages import decode, encode
 from flux_sharded.checkpoint import expected_tensors
 
 from .conftest import assert_same_pixels, error_lines, one_piece_pixels
+from .sealing import edit_sealed_json, write_sealed_tensors
 
 # Short prompts fit 64 tokens; a shorter max_sequence_length keeps the 29-layer encode cheap.
 TOKENS = 64
@@ -168,12 +169,12 @@ def _finished_klein_run_without_its_image(checkpoint: Path, out: Path) -> Path:
     (lambda t: {**t, "pooled_prompt_embeds": torch.zeros(1, 4)}, "holds unexpected pooled_prompt_embeds"),
 ])
 def test_a_damaged_klein_handoff_is_refused_on_resume(tiny_klein, tmp_path, change, message):
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     out = tmp_path / "out"
     run_dir = _finished_klein_run_without_its_image(tiny_klein, out)
     saved = run_dir / "denoise.safetensors"
-    save_file(change(load_file(saved)), saved)
+    write_sealed_tensors(saved, change(load_file(saved)))  # as the tool's writer would: the check is the shape
     result = CliRunner().invoke(main, ["--resume", str(run_dir)])
     assert result.exit_code == 2, result.output
     (line,) = error_lines(result.output)
@@ -251,15 +252,12 @@ def test_two_klein_processes_equal_one_process(tiny_klein, tmp_path):
 def test_a_run_json_edited_to_quantize_a_component_klein_lacks_is_refused_on_resume(tiny_klein, tmp_path):
     """--quantize checks its components against the family on the command line; an edited run.json
     (FLUX.1's T5 named for a klein) must not get around it."""
-    import json
-
     out = tmp_path / "out"
     run_dir = _finished_klein_run_without_its_image(tiny_klein, out)
     for handoff in [*run_dir.glob("encode*"), *run_dir.glob("denoise*")]:  # so that every stage would run again
         handoff.unlink()
-    saved = json.loads((run_dir / "run.json").read_text())
-    saved["settings"]["quantize"] = "text_encoder_2=int8"
-    (run_dir / "run.json").write_text(json.dumps(saved))
+    # sealed again: one edited by hand is refused by its seal first (tests/test_faults.py)
+    edit_sealed_json(run_dir / "run.json", lambda saved: saved["settings"].update(quantize="text_encoder_2=int8"))
     result = CliRunner().invoke(main, ["--resume", str(run_dir)])
     assert result.exit_code == 2, result.output
     (line,) = error_lines(result.output)

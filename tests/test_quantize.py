@@ -24,6 +24,7 @@ from flux_sharded.quantize_bytes import stored_bytes
 
 from .conftest import assert_same_pixels, bnb_4bit_transformer_copy
 from .devices import assert_close_to_the_cpu, logical_gpus
+from .sealing import edit_sealed_json
 
 pytest.importorskip("torchao", reason="int8 needs torchao: `make test` installs it (the test extra)")
 
@@ -368,9 +369,8 @@ def test_a_resume_cannot_change_the_quantization(tiny_checkpoint, tmp_path):
 def test_a_bad_quantize_in_run_json_is_refused_on_resume(tiny_checkpoint, tmp_path):
     staged(tiny_checkpoint, tmp_path / "q", "--quantize", "int8")
     (run_dir,) = (tmp_path / "q" / ".flux-sharded").iterdir()
-    saved = json.loads((run_dir / "run.json").read_text())
-    saved["settings"]["quantize"] = "transformer=fp4"
-    (run_dir / "run.json").write_text(json.dumps(saved))
+    # sealed again: one edited by hand is refused by its seal first (tests/test_faults.py)
+    edit_sealed_json(run_dir / "run.json", lambda saved: saved["settings"].update(quantize="transformer=fp4"))
     result = CliRunner().invoke(main, ["--resume", str(run_dir)])
     assert result.exit_code == 2, result.output
     assert "'settings.quantize' is not a quantization spec" in result.output
