@@ -21,6 +21,7 @@ from pathlib import Path
 from .digests import file_digests
 from .errors import CheckpointError, SettingsError
 from .families import FLUX_1, PIPELINE_FOLDERS, SCHEDULER, Family, family_of
+from .safe_read import MAX_CONFIG_BYTES, parse_json, read_regular_file
 from .validate import check_checkpoint_configs, checkpoint_family, pipeline_option, read_config
 
 DEFAULT_MODEL = "black-forest-labs/FLUX.1-dev"
@@ -210,7 +211,9 @@ def check_weight_files(checkpoint: Checkpoint) -> None:
     Each file is opened with safetensors' own safe_open, which reads only its header and refuses
     one whose tensors do not cover the file exactly, so a truncated download fails here in
     milliseconds rather than minutes later inside a stage. Pickle (.bin) weights are refused: they
-    can run code when loaded.
+    can run code when loaded. Then the tensors against the component's config (_check_tensors):
+    weights of another shape failed inside the stage, after run.json, with diffusers' advice to
+    pass ignore_mismatched_sizes, which does not apply.
     """
     for component in checkpoint.family.names:
         folder = checkpoint.path / component
@@ -231,12 +234,54 @@ def check_weight_files(checkpoint: Checkpoint) -> None:
             _check_shards_present(index, checkpoint.model)
         for file in files:
             _check_safetensors(file, checkpoint.model)
+        _check_tensors(checkpoint, component, files)
+
+
+# The tensors bitsandbytes saves beside each quantized weight (transformers' and diffusers' layouts):
+# 4-bit: weight.absmax, weight.quant_map, weight.quant_state.bitsandbytes__nf4; 8-bit: SCB.
+QUANTIZATION_STATE_SUFFIXES = {"nf4": (".absmax", ".quant_state.bitsandbytes__nf4", ".quant_state.bitsandbytes__fp4"),
+                               "int8": (".SCB",)}
+
+
+def _check_tensors(checkpoint: Checkpoint, component: str, files: list[Path]) -> None:
+    """Every tensor of the component's weight files that its config builds (on the meta device:
+    components.empty_component) has the shape the config gives it; a component whose config.json has
+    a bitsandbytes quantization_config holds bitsandbytes' quantization state (a torchao one is
+    not checked: its tensors are saved as plain ones). Raises CheckpointError naming the file."""
+    from safetensors import safe_open
+
+    # Here, not at the top: components imports torch, which the command line imports only once the
+    # cheap checks passed (a missing --model folder is refused before it).
+    from .components import empty_component
+    from .quantize import prequantized
+
+    method = prequantized(checkpoint.path).get(component)
+    config = read_config(checkpoint.path / component / "config.json", checkpoint.model)
+    bitsandbytes = (config.get("quantization_config") or {}).get("quant_method") == "bitsandbytes"
+    names = {}
+    for file in files:
+        with safe_open(file, "pt") as handle:
+            names.update({name: (file, tuple(handle.get_slice(name).get_shape())) for name in handle.keys()})
+    where = f"--model: '{checkpoint.model}': {component}"
+    if method is not None:
+        if bitsandbytes and not any(name.endswith(QUANTIZATION_STATE_SUFFIXES[method]) for name in names):
+            raise CheckpointError(
+                f"{where}/config.json has a bitsandbytes quantization_config ({method}), but its weight files hold no "
+                "bitsandbytes quantization state: the weights are not the ones that config was saved with; fetch "
+                "the checkpoint again")
+        return  # its tensors are stored packed: the config's shapes are not theirs
+    expected = {name: tuple(tensor.shape) for name, tensor in empty_component(checkpoint.path, component).state_dict().items()}
+    for name, (file, shape) in sorted(names.items()):
+        if name in expected and shape != expected[name]:
+            raise CheckpointError(
+                f"{where}/{file.name} holds {name} of shape {shape}, but {component}/config.json makes it "
+                f"{expected[name]}: the weights belong to another model than the config; fetch the checkpoint again")
 
 
 def _check_shards_present(index: Path, model: str) -> None:
     """A sharded component lists its shards in an index; a shard never downloaded has no file at all."""
     try:
-        shards = set(json.loads(index.read_text())["weight_map"].values())
+        shards = set(parse_json(read_regular_file(index, MAX_CONFIG_BYTES).decode("utf-8"))["weight_map"].values())
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise CheckpointError(
             f"--model: '{model}': {index} cannot be read ({type(error).__name__}); download that file again"
@@ -330,6 +375,9 @@ def check_tokenizers(model: str, path: Path) -> None:
         except Exception as error:  # tokenizers and transformers raise many types; each means "damaged"
             reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
             raise CheckpointError(f"{where} cannot be loaded ({reason}); {fix}") from None
+        if component.chat_template and not getattr(tokenizer, "chat_template", None):
+            raise CheckpointError(f"{where} has no chat template (chat_template.jinja), which {family.pipeline} applies "
+                                  f"to every prompt; {fix}")
         _check_processor(model, path, folder, where)
         config = read_config(path / encoder / "config.json", model)
         vocab = (config.get("text_config") or config)["vocab_size"]  # Mistral3 nests its language model's

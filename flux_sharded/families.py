@@ -241,6 +241,9 @@ class Component:
     # which makes it whole (checkpoint.check_tokenizers).
     tokenizer: str | None = None
     tokenizer_files: tuple[tuple[str, ...], ...] = ()
+    # Whether its pipeline applies the tokenizer's chat template to every prompt (FLUX.2's encoders):
+    # without one, encode failed after run.json was written.
+    chat_template: bool = False
     # One of the family's large components, which `--quantize METHOD` without component names
     # quantizes (FLUX.1: the transformer, 23.8 GB in bf16, and T5, 9.5 GB; CLIP's 0.25 GB and the
     # VAE's 0.17 GB gain little and lose quality).
@@ -337,7 +340,7 @@ FLUX_2_DEV = Family(
     components=(
         Component("text_encoder", "transformers", "Mistral3ForConditionalGeneration",
                   {"encode": _decoder_text_encoder("Flux2Pipeline")}, truncated=True, tokenizer="tokenizer",
-                  tokenizer_files=BPE_FILES, large=True),
+                  tokenizer_files=BPE_FILES, chat_template=True, large=True),
         Component("transformer", "diffusers", "Flux2Transformer2DModel", {"denoise": _flux2_transformer}, large=True),
         Component("vae", "diffusers", "AutoencoderKLFlux2", {"decode": _vae}),
     ),
@@ -357,7 +360,7 @@ FLUX_2_KLEIN = Family(
     components=(
         Component("text_encoder", "transformers", "Qwen3ForCausalLM",
                   {"encode": _decoder_text_encoder("Flux2KleinPipeline")}, truncated=True, tokenizer="tokenizer",
-                  tokenizer_files=BPE_FILES, large=True),
+                  tokenizer_files=BPE_FILES, chat_template=True, large=True),
         Component("transformer", "diffusers", "Flux2Transformer2DModel", {"denoise": _flux2_transformer}, large=True),
         Component("vae", "diffusers", "AutoencoderKLFlux2", {"decode": _vae}),
     ),

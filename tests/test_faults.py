@@ -195,6 +195,12 @@ def model_file(relative: str, content: bytes | None):
     return damage
 
 
+def edit_tensors(path: Path, change: Callable[[dict], object]) -> None:
+    loaded = load_file(path)
+    change(loaded)
+    save_file(loaded, path, metadata={"format": "pt"})
+
+
 def weights_file(component: str, header, data_bytes: int = 0):
     """The component's weights replaced by a safetensors file of this header and `data_bytes` zeros."""
     def damage(space):
@@ -512,6 +518,18 @@ CASES = {
                                                         space.checkpoint / "vae" / "diffusion_pytorch_model.safetensors")(
         space), "diffusion_pytorch_model.safetensors cannot be opened (Too many levels of symbolic links",
         new_run=True, extra=("--overwrite",)),
+    # weights of another shape than the config makes, and a quantization_config the weights were not saved
+    # with: both failed inside a stage after run.json (with diffusers' advice to pass ignore_mismatched_sizes)
+    "transformer-weights-of-another-shape": Case(
+        lambda space: edit_tensors(space.checkpoint / "transformer" / "diffusion_pytorch_model.safetensors",
+                                   lambda t: t.update({"proj_out.bias": torch.zeros(8)})),
+        "transformer/diffusion_pytorch_model.safetensors holds proj_out.bias of shape (8,), but transformer/config.json "
+        "makes it (16,): the weights belong to another model than the config", new_run=True, extra=("--overwrite",)),
+    "t5-quantization-config-without-its-state": Case(
+        config("text_encoder_2", lambda c: c.update(quantization_config={"quant_method": "bitsandbytes",
+                                                                          "load_in_4bit": True})),
+        "text_encoder_2/config.json has a bitsandbytes quantization_config (nf4), but its weight files hold no "
+        "bitsandbytes quantization state", new_run=True, extra=("--overwrite",)),
     # The tokenizers are checked once the run folder is, which the copy's own run holds: --overwrite starts it again.
     "t5-tokenizer-deleted": Case(model_file("tokenizer_2/tokenizer.json", None),
                                  "tokenizer_2 lacks tokenizer.json or spiece.model", new_run=True, extra=("--overwrite",)),

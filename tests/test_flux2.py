@@ -249,6 +249,26 @@ def test_two_klein_processes_equal_one_process(tiny_klein, tmp_path):
         assert_same_pixels(np.asarray(Image.open(path_two)), np.asarray(Image.open(path_one)))
 
 
+def test_a_klein_without_its_chat_template_is_refused_before_run_json(tiny_klein, tmp_path):
+    """Flux2KleinPipeline applies the tokenizer's chat template to every prompt: without one, encode
+    failed after run.json was written."""
+    import shutil
+
+    copy = tmp_path / "klein"
+    shutil.copytree(tiny_klein, copy)
+    (copy / "tokenizer" / "chat_template.jinja").unlink()
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["--model", str(copy), "--prompt", "a dog", "--steps", "1", "--height", "16",
+                                       "--width", "16", "--dtype", "float32", "--max-memory", "cpu=4GB", "--out",
+                                       str(out)])
+    assert result.exit_code == 2, result.output
+    (line,) = error_lines(result.output)
+    assert line == (f"Error: --model: '{copy}': tokenizer has no chat template (chat_template.jinja), which "
+                    "Flux2KleinPipeline applies to every prompt; the checkpoint is incomplete: fetch its tokenizer "
+                    "folder again")
+    assert not list(out.rglob("run.json"))
+
+
 def test_a_run_json_edited_to_quantize_a_component_klein_lacks_is_refused_on_resume(tiny_klein, tmp_path):
     """--quantize checks its components against the family on the command line; an edited run.json
     (FLUX.1's T5 named for a klein) must not get around it."""
