@@ -14,6 +14,7 @@ else is torchrun's.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import tempfile
 
@@ -36,23 +37,39 @@ def main(argv: list[str] | None = None) -> int:
             return 128 + int(error.sigval)
         except ChildFailedError as error:  # the first failed worker printed its Error: line
             first = first_failure()
-            return first["exit_code"] if first is not None else _first_exit_code(error.failures)
+            if first is not None:
+                return first["exit_code"]
+            rank, code = _first_failed(error.failures)
+            print(_failure_line(rank, code), file=sys.stderr)  # it could say nothing itself (SIGKILL)
+            return code
         finally:
             del os.environ[FAILURE_FOLDER_VARIABLE]
     return 0
 
 
-def _first_exit_code(failures: dict) -> int:
-    """The exit code of the worker that exited by itself first, when none recorded its failure (a
-    worker killed, or one that failed outside our command line); torchrun then stops the rest
-    (SIGTERM: a negative exit code, or 143 from a worker that stops quietly), which is not what
-    went wrong. torchrun's timestamps count whole seconds: ties go to the lower rank."""
+def _first_failed(failures: dict) -> tuple[int, int]:
+    """The rank and exit code (128 + the signal, for one killed) of the worker that failed first,
+    when none recorded its failure (a worker killed, SIGKILL by the kernel's out-of-memory killer
+    say, or one that failed outside our command line); torchrun then stops the rest (SIGTERM: exit
+    code -15, or 143 from a worker that stops quietly), which is not what went wrong, whereas a
+    SIGKILL (-9) is. torchrun's timestamps count whole seconds: ties go to the lower rank."""
     def stopped(code: int) -> bool:
-        return code <= 0 or code - 128 in STOP_SIGNALS
+        return -code in STOP_SIGNALS or code - 128 in STOP_SIGNALS
 
-    ordered = sorted(failures.items(), key=lambda item: (stopped(item[1].exitcode), item[1].timestamp, item[0]))
-    code = ordered[0][1].exitcode
-    return code if code > 0 else 128 + -code
+    rank, failure = sorted(failures.items(), key=lambda item: (stopped(item[1].exitcode), item[1].timestamp,
+                                                                item[0]))[0]
+    code = failure.exitcode
+    return rank, code if code > 0 else 128 + -code
+
+
+def _failure_line(rank: int, code: int) -> str:
+    if code > 128 and code - 128 in set(signal.Signals):
+        name = signal.Signals(code - 128).name
+        why = " (the kernel's out-of-memory killer sends it when the machine runs out of RAM)" \
+            if name == "SIGKILL" else ""
+        return (f"Error: process {rank} was killed by {name}{why}; the run folder keeps what was finished: run "
+                "the same launch with --resume and the run folder to continue")
+    return f"Error: process {rank} exited with code {code} without saying why; its output above may tell"
 
 
 if __name__ == "__main__":

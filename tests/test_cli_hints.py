@@ -406,6 +406,8 @@ def test_a_refusal_under_our_torchrun_exits_with_its_code_and_one_error_line(tin
     ({0: 2, 1: 2}, 2),
     ({0: 3, 1: -15}, 3),
     ({0: -9}, 137),  # killed (SIGKILL)
+    ({0: -15, 1: -9}, 137),  # process 1 killed (the out-of-memory killer), then torchrun stopped process 0
+    ({0: 143, 1: -9}, 137),  # ... which stopped quietly
     ({0: 143, 1: 3}, 3),  # process 1 ran out of memory; process 0, stopped by torchrun's SIGTERM, stopped quietly
     ({0: 129, 1: 143}, 129),  # a closed terminal's SIGHUP, then torchrun stopped the other one
 ])
@@ -424,6 +426,27 @@ def test_our_torchrun_exits_with_the_code_of_the_process_that_failed_by_itself(m
 
     monkeypatch.setattr(torch.distributed.run, "main", failing)
     assert launch.main([]) == expected
+
+
+def test_a_killed_process_under_our_torchrun_gets_one_error_line(monkeypatch, capsys):
+    """A SIGKILLed worker says nothing (torch logs its exit code): the launch says which process and
+    why that happens, once."""
+    import torch.distributed.run
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from flux_sharded import launch
+
+    def failing(argv):
+        raise ChildFailedError("flux_sharded", {
+            rank: ProcessFailure(local_rank=rank, pid=1000 + rank, exitcode=code, error_file="/nonexistent")
+            for rank, code in {0: -15, 1: -9}.items()})
+
+    monkeypatch.setattr(torch.distributed.run, "main", failing)
+    assert launch.main([]) == 137
+    assert error_lines(capsys.readouterr().err) == [
+        "Error: process 1 was killed by SIGKILL (the kernel's out-of-memory killer sends it when the machine runs out "
+        "of RAM); the run folder keeps what was finished: run the same launch with --resume and the run folder to "
+        "continue"]
 
 
 def test_a_gpu_budget_on_a_machine_without_gpu_suggests_a_cpu_budget_it_has(tiny_checkpoint, tmp_path, monkeypatch):
