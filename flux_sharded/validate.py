@@ -114,7 +114,8 @@ def _check_component_classes(model: str, path: Path, family, fields) -> None:
 def _check_scheduler(scheduler: "JsonFields") -> None:
     """The scheduler every family uses (FlowMatchEulerDiscreteScheduler), with the fields its
     set_timesteps reads of the types and ranges it takes: a broken one failed inside denoise."""
-    scheduler.string("_class_name", choices=("FlowMatchEulerDiscreteScheduler",))
+    # diffusers writes _class_name; a config without it (the reconstructed ones) takes the pipeline's
+    scheduler.string("_class_name", optional=True, choices=("FlowMatchEulerDiscreteScheduler",))
     scheduler.integer("num_train_timesteps", 1, 10**6)
     for name in ("shift", "base_shift", "max_shift"):
         scheduler.number(name, 0, optional=True)
