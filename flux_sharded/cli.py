@@ -26,7 +26,7 @@ from .budget import (
 from .checkpoint import DEFAULT_MODEL
 from .errors import BudgetError, CheckpointError, FluxShardedError, OutputError, SettingsError
 from .families import FAMILIES, FLUX_1, VARIANT_DEFAULTS
-from .settings import DTYPE_NAMES, MAX_TEXT_TOKENS, resume_options, setting
+from .settings import DTYPE_NAMES, MAX_LORAS, MAX_TEXT_TOKENS, resume_options, setting
 
 # The default model's family's defaults (FluxPipeline.__call__'s, so that a bare run matches
 # diffusers); another family's checkpoint takes its own (families.py) unless the option is given.
@@ -150,6 +150,11 @@ class _PathParam(click.Path):
     "--quantize", default=setting("quantize").default, show_default=True, metavar="SPEC",
     help="Store weights in fewer bits, compute in --dtype: none, fp8, int8 or nf4 for the transformer and the large "
     "text encoder (T5, Mistral, Qwen3), or per component (transformer=nf4,text_encoder_2=int8).",
+)
+@click.option(
+    "--lora", "lora", multiple=True, metavar="SOURCE[:SCALE]",
+    help="Apply a LoRA: a .safetensors file or hub id (user/repo, user/repo/file.safetensors), SCALE its weight "
+    "(default 1.0); repeat for several.",
 )
 @click.option(
     "--report", "report_path", type=_PathParam(path_type=Path, dir_okay=False), default=None,
@@ -286,6 +291,10 @@ def _request(ctx: click.Context, options: dict):
         checkpoint = _resumed_checkpoint(saved.settings.model)
         check_resumed_model(saved.weights, checkpoint.model, checkpoint.path, options["resume_dir"])
         settings = saved.settings
+        from .lora import find_saved
+
+        for text in settings.lora:  # a LoRA file changed since the run began is named, not called a conflict
+            find_saved(text, options["resume_dir"])
         if given:
             _check_agrees(given, options, saved, checkpoint)
         _quiet_libraries()
@@ -328,6 +337,7 @@ def _request(ctx: click.Context, options: dict):
         dtype=options["dtype"],
         batch_size=options["batch_size"],
         quantize=_quantize_option(options["quantize"], checkpoint),
+        lora=_lora_option(options["lora"]),
     )
     budget = options["max_memory"]
     if budget is None:
@@ -355,6 +365,15 @@ def _quantize_option(spec: str, checkpoint) -> str:
     return format_quantize(chosen)
 
 
+def _lora_option(values: tuple[str, ...]) -> tuple[str, ...]:
+    """--lora's values, each found and hashed (lora.resolve), as the run records them."""
+    from .lora import resolve
+
+    if len(values) > MAX_LORAS:
+        raise SettingsError(f"--lora given {len(values)} times: at most {MAX_LORAS} LoRAs in one run")
+    return tuple(resolve(value).saved_text for value in values)
+
+
 def _check_agrees(given: list[str], options: dict, saved, checkpoint) -> None:
     """On --resume, an option that decides the pixels may be repeated but not changed."""
     from .checkpoint import model_reference
@@ -372,6 +391,8 @@ def _check_agrees(given: list[str], options: dict, saved, checkpoint) -> None:
         from .quantize import format_quantize, parse_quantize
 
         options = dict(options, quantize=format_quantize(parse_quantize(options["quantize"], checkpoint.family)))
+    if "lora" in given:
+        options = dict(options, lora=_lora_option(options["lora"]))
     for name, value in saved_values.items():
         if name in given:
             mine = options[name].absolute() if isinstance(options[name], Path) else options[name]

@@ -248,6 +248,9 @@ class Component:
     # quantizes (FLUX.1: the transformer, 23.8 GB in bf16, and T5, 9.5 GB; CLIP's 0.25 GB and the
     # VAE's 0.17 GB gain little and lose quality).
     large: bool = False
+    # diffusers loads a LoRA's weights for it (the pipeline's LoRA loader mixin takes them: FluxPipeline
+    # the transformer and CLIP, Flux2Pipeline and Flux2KleinPipeline the transformer).
+    lora: bool = False
 
     @property
     def stages(self) -> tuple[str, ...]:
@@ -308,6 +311,11 @@ class Family:
         return tuple(sorted((SCHEDULER, *self.names, *self.tokenizers)))
 
     @property
+    def lora_components(self) -> tuple[str, ...]:
+        """The components a LoRA may carry weights for (Component.lora)."""
+        return tuple(component.name for component in self.components if component.lora)
+
+    @property
     def large_components(self) -> tuple[str, ...]:
         """What `--quantize METHOD` applies to (Component.large)."""
         return tuple(component.name for component in self.components if component.large)
@@ -322,10 +330,11 @@ FLUX_1 = Family(
     pipeline="FluxPipeline",
     components=(
         Component("text_encoder", "transformers", "CLIPTextModel", {"encode": _clip},
-                  tokenizer="tokenizer", tokenizer_files=BPE_FILES),
+                  tokenizer="tokenizer", tokenizer_files=BPE_FILES, lora=True),
         Component("text_encoder_2", "transformers", "T5EncoderModel", {"encode": _t5},
                   tokenizer="tokenizer_2", tokenizer_files=SENTENCEPIECE_FILES, large=True),
-        Component("transformer", "diffusers", "FluxTransformer2DModel", {"denoise": _flux_transformer}, large=True),
+        Component("transformer", "diffusers", "FluxTransformer2DModel", {"denoise": _flux_transformer}, large=True,
+                  lora=True),
         Component("vae", "diffusers", "AutoencoderKL", {"decode": _vae}),
     ),
     steps=28,  # FluxPipeline.__call__'s defaults, so that a bare run matches diffusers
@@ -341,7 +350,8 @@ FLUX_2_DEV = Family(
         Component("text_encoder", "transformers", "Mistral3ForConditionalGeneration",
                   {"encode": _decoder_text_encoder("Flux2Pipeline")}, truncated=True, tokenizer="tokenizer",
                   tokenizer_files=BPE_FILES, chat_template=True, large=True),
-        Component("transformer", "diffusers", "Flux2Transformer2DModel", {"denoise": _flux2_transformer}, large=True),
+        Component("transformer", "diffusers", "Flux2Transformer2DModel", {"denoise": _flux2_transformer}, large=True,
+                  lora=True),
         Component("vae", "diffusers", "AutoencoderKLFlux2", {"decode": _vae}),
     ),
     steps=50,  # Flux2Pipeline.__call__'s defaults
@@ -361,7 +371,8 @@ FLUX_2_KLEIN = Family(
         Component("text_encoder", "transformers", "Qwen3ForCausalLM",
                   {"encode": _decoder_text_encoder("Flux2KleinPipeline")}, truncated=True, tokenizer="tokenizer",
                   tokenizer_files=BPE_FILES, chat_template=True, large=True),
-        Component("transformer", "diffusers", "Flux2Transformer2DModel", {"denoise": _flux2_transformer}, large=True),
+        Component("transformer", "diffusers", "Flux2Transformer2DModel", {"denoise": _flux2_transformer}, large=True,
+                  lora=True),
         Component("vae", "diffusers", "AutoencoderKLFlux2", {"decode": _vae}),
     ),
     # The published klein checkpoints are step-distilled for 4 steps (BFL's README, the model

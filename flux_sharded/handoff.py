@@ -56,7 +56,9 @@ class _Settings:
             for each in schema.saved_settings() if each.per_image})
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        """Every field, but those left out at their default (settings.Setting.omitted_at_default)."""
+        return {each.name: getattr(self, each.name) for each in schema.saved_settings()
+                if not schema.at_omitted_default(each, self)}
 
     @classmethod
     def from_json(cls, data: dict) -> "GenerationSettings":

@@ -70,13 +70,21 @@ def main_device(device_map: dict[str, Device]) -> Device:
     return min((device for device in device_map.values() if device not in ("cpu", "disk")), default="cpu")
 
 
+def placeable(device_map: dict[str, Device], streamed: bool) -> bool:
+    """Whether `place` can put a model loaded on the CPU on this map: whole, over GPUs, or with
+    streamed "cpu" blocks; not "disk", nor "cpu" blocks under accelerate's offload hooks (which
+    from_pretrained sets while it loads)."""
+    devices = set(device_map.values())
+    return not ("disk" in devices or ("cpu" in devices and len(devices) > 1 and not streamed))
+
+
 def place(model: torch.nn.Module, device_map: dict[str, Device], streamed: bool = False) -> None:
     """Place `model`, loaded whole on the CPU (fp8, int8, or any component the caller loaded so), as
     `device_map` says (see the module docstring); `streamed`: the plan's ComponentPlan.streamed.
     Then check_placement. Raises PlacementError for a map this placement cannot honour (a "disk"
     entry, "cpu" blocks not streamed: from_pretrained's hooks place those)."""
     devices = set(device_map.values())
-    if "disk" in devices or ("cpu" in devices and len(devices) > 1 and not streamed):
+    if not placeable(device_map, streamed):
         raise PlacementError(f"a component loaded on the CPU is placed by its map only whole, over GPUs, or with "
                              f"streamed cpu blocks; this map is none of those: {device_map}")
     if device_map.keys() == {""}:

@@ -50,6 +50,7 @@ from .budget import (BINARY_TWIN, DEFAULT_CPU_FRACTION, DEFAULT_GPU_RESERVE_BYTE
 from .components import empty_component, module_sizes, no_split_modules, special_dtypes
 from .errors import PlanError
 from .families import STAGES, Family, family_of
+from .lora import Adapter
 from .quantize_bytes import quantized_linears
 
 Device = int | str  # GPU index, "cpu" or "disk"
@@ -80,6 +81,7 @@ class PlanInputs:
     distinct_prompts: int | None = None  # prompts a process encodes; None: batch_size
     quantize: tuple[tuple[str, str], ...] = ()  # (component, "fp8" | "int8" | "nf4"), see quantize.py
     prequantized: tuple[str, ...] = ()  # components of `quantize` stored quantized in the checkpoint
+    adapters: tuple[Adapter, ...] = ()  # --lora, checked (stages/adapters.check_lora), in order
 
     @property
     def family(self) -> Family:
@@ -116,6 +118,7 @@ class ComponentPlan:
     batch_size: int = 1  # images (or prompts) per forward pass
     quantization: str | None = None  # applied while loading (quantize_load.from_pretrained): fp8, int8, nf4
     pinned_bytes: int = 0  # streamed: host bytes pinned for the streamed modules, as allocated (in weight_bytes["cpu"])
+    adapters: tuple[Adapter, ...] = ()  # the LoRAs loaded into it before it is placed, in --lora order
 
 
 @dataclass(frozen=True)
@@ -297,7 +300,11 @@ def plan_run(inputs: PlanInputs, budget: Budget) -> RunPlan:
 
 def _plan_all(components: "_Components", budget: Budget) -> tuple[StagePlan, ...]:
     with _quiet_accelerate():
-        return tuple(PLANNERS[name](components, budget) for name in STAGES)
+        stages = tuple(PLANNERS[name](components, budget) for name in STAGES)
+    adapters = components.inputs.adapters
+    return tuple(dataclasses.replace(stage, components=tuple(
+        dataclasses.replace(plan, adapters=tuple(each for each in adapters if plan.name in each.components))
+        for plan in stage.components)) for stage in stages)
 
 
 def _left_out(budget: Budget, needs: dict[str, int], stage: str) -> tuple[Budget, list[str]]:

@@ -17,6 +17,7 @@ JSON schema (device keys as strings: "0", "1", "cpu", "disk"):
                  "peak_pinned_bytes": int,        # measured: pinned host memory held (CUDA); null otherwise
                  "tiled": bool,                   # decode: diffusers' tiled VAE decoding
                  "notes": [str]}],                # what the planner left out or chose
+     "loras": [{"source": str, "scale": float, "sha256": str}],  # --lora, in order (lora.py)
      "images": [paths, in prompt order],
      "written": [the paths of "images" written by this call: a resumed run's missing ones]}
 """
@@ -89,6 +90,7 @@ class StageReport:
 class RunReport:
     budget: dict[str, int]
     stages: list[StageReport] = field(default_factory=list)
+    loras: list[dict] = field(default_factory=list)  # {"source", "scale", "sha256"} of each --lora
     images: list[str] = field(default_factory=list)
     written: list[str] = field(default_factory=list)
 

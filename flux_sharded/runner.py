@@ -53,7 +53,9 @@ from .families import generation_defaults
 from .files import check_writable_folder
 from .handoff import GenerationSettings, Handoff
 from .images import image_paths, save_png
+from .lora import Adapter, find_saved, parse_saved
 from .memory import PeakMemory, flush
+from .placement import placeable
 from .plan import PlanInputs, RunPlan, check_free_cpu_memory, check_free_gpu_memory, plan_run
 from .progress import stage_bar
 from .quantize import check_prequantized_dtype, format_quantize, prequantized
@@ -79,6 +81,7 @@ from .rundir import (
     write_run,
 )
 from .stages import STAGES, Stage, Work, family_code
+from .stages.adapters import check_lora
 from .settings import MAX_BATCH_SIZE, MAX_SIDE, MAX_STEPS, SEED_MAX, SEED_MIN, png_fields
 from .validate import check_prompts, check_run_image
 
@@ -240,7 +243,48 @@ def plan_inputs(request: RunRequest) -> PlanInputs:
         distinct_prompts=len(set(settings.prompts)),
         quantize=tuple(sorted({**prequantized(request.checkpoint.path), **settings.quantization}.items())),
         prequantized=tuple(sorted(prequantized(request.checkpoint.path))),
+        adapters=lora_adapters(request),
     )
+
+
+def lora_adapters(request: RunRequest) -> tuple[Adapter, ...]:
+    """The run's LoRAs (settings.lora), each found again (a file changed since the run began is
+    refused, lora.find_saved) and checked against the model (stages.adapters.check_lora), as the
+    stages load them: adapter names lora_0, lora_1, ... in --lora order. Reads the LoRA files, no
+    weight of the model."""
+    checkpoint, adapters = request.checkpoint, []
+    for index, text in enumerate(request.settings.lora):
+        lora = find_saved(text, request.run_folder if request.resume else None)
+        changes = check_lora(checkpoint.family, checkpoint.path, lora.path, lora.source)
+        adapters.append(Adapter(f"lora_{index}", lora.path, lora.scale,
+                                tuple((name, tuple(modules.items())) for name, modules in changes.items())))
+    return tuple(adapters)
+
+
+def lora_report(settings: GenerationSettings) -> list[dict]:
+    """The report's "loras": each --lora's source, scale and SHA-256, as the run recorded them."""
+    return [dict(zip(("source", "scale", "sha256"), parse_saved(text))) for text in settings.lora]
+
+
+def check_adapters_placed(plan: RunPlan) -> None:
+    """A LoRA goes into a component before it is placed (stages/adapters.py), which placement.place
+    can do whole, over GPUs or with streamed blocks; refuse, before any weight is read, a component
+    with LoRAs that the plan offloads through accelerate's hooks (disk, or a split text encoder) or
+    quantizes."""
+    for stage in plan.stages:
+        for component in stage.components:
+            if not component.adapters:
+                continue
+            if component.quantization:
+                raise SettingsError(
+                    f"--lora with --quantize {component.name}={component.quantization}: LoRAs on a quantized "
+                    f"{component.name} are not supported yet; leave {component.name} unquantized, or drop --lora")
+            if not placeable(dict(component.device_map), component.streamed):
+                raise SettingsError(
+                    f"--lora: under --max-memory {format_budget(plan.budget)} the plan offloads {component.name} "
+                    f"through accelerate's hooks ({', '.join(sorted({str(d) for d in component.device_map.values()}))}), "
+                    "where its LoRA layers could not be placed; give its GPUs room for it whole, or cpu=... instead "
+                    "of disk=... so that its blocks are streamed")
 
 
 def decode_tiled(plan: RunPlan) -> bool:
@@ -274,10 +318,12 @@ def dry_run(request: RunRequest) -> tuple[RunReport, PlanError | None]:
     check_settings(request)
     refusal = None
     try:
-        stages = plan_run(plan_inputs(request), request.budget).stages
+        plan = plan_run(plan_inputs(request), request.budget)
+        check_adapters_placed(plan)
+        stages = plan.stages
     except PlanError as error:
         stages, refusal = error.stages, error
-    report = RunReport(budget=budget_to_json(request.budget))
+    report = RunReport(budget=budget_to_json(request.budget), loras=lora_report(request.settings))
     report.stages = [plan_report(stage, request.settings) for stage in stages]
     return report, refusal
 
@@ -287,6 +333,7 @@ def execute(request: RunRequest, log: Callable[[str], None] = lambda message: No
     """Run this process's share of the images; the main process returns the whole run's report."""
     paths = check_request(request, keep_created_folders=process.several)
     plan = plan_run(plan_inputs(request), request.budget)
+    check_adapters_placed(plan)
     positions = share(process, len(request.settings.prompts), request.settings.batch_size)
     saved_run = read_run(request.run_folder) if request.resume else None
     resumed, denoised = None, {}
@@ -348,7 +395,7 @@ def execute(request: RunRequest, log: Callable[[str], None] = lambda message: No
         fingerprint = weights_fingerprint(checkpoint.path)
     # This process's share; the run folder stays the whole run's (its default hashes the settings).
     mine = dataclasses.replace(request, settings=request.settings.subset(positions), run_dir=request.run_folder)
-    report = RunReport(budget=budget_to_json(request.budget))
+    report = RunReport(budget=budget_to_json(request.budget), loras=lora_report(request.settings))
     if positions:
         encoded = request.settings.subset(encode_positions(request.settings, positions))
         report = _execute_plan(mine, checkpoint, plan, [paths[p] for p in positions], log, process, resumed,
@@ -447,7 +494,7 @@ def _execute_plan(request: RunRequest, checkpoint: Checkpoint, plan: RunPlan, pa
             say(f"[process {process.index}] {message}")
 
     settings = request.settings
-    report = RunReport(budget=budget_to_json(request.budget))
+    report = RunReport(budget=budget_to_json(request.budget), loras=lora_report(request.settings))
     handoff = resumed if resumed is not None else Handoff(settings=settings)
     share = ShareRun(request, checkpoint, paths, encoded, denoised, weights, log, process=process)
     if handoff.finished_stages:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .families import FAMILIES
+from .lora import canonical_saved
 from .quantize import format_quantize, parse_quantize
 
 DTYPE_NAMES = ("bfloat16", "float16", "float32")  # --dtype; handoff.DTYPES maps them to torch's
@@ -34,6 +35,7 @@ MAX_BATCH_SIZE = 2**20
 # A run's images (prompts x --num-images-per-prompt): run.json lists each one's prompt and seed and
 # every resume checks each one's PNG, so a job bigger than this is several runs.
 MAX_IMAGES = 100_000
+MAX_LORAS = 64  # --lora given more often than this is a mistake; it bounds what run.json may list
 # The most text tokens any family's pipeline takes (families.Family.text_token_limit); a run of a
 # family is held to its own.
 MAX_TEXT_TOKENS = max(family.text_token_limit for family in FAMILIES.values())
@@ -64,12 +66,15 @@ class Setting:
     min_items: int = 0
     max_items: int | None = None
     per_image: bool = False  # a tuple with one entry per image, as many as `prompts` has
-    # The saved text of any text it accepts ('none' for 'NONE'); raises the project's SettingsError
-    # for one it refuses.
+    # The saved text of any text it accepts ('none' for 'NONE'), of each entry of a tuple of texts;
+    # raises the project's SettingsError for one it refuses.
     canonical: Callable[[str], str] | None = None
     saved: bool = True  # a field of GenerationSettings (run.json "settings")
     # run.json may lack it (an earlier version did not write it): then `default` is the value.
     may_be_missing: bool = False
+    # At its default, left out of run.json, the settings' hash and the PNGs: a setting added later
+    # (LoRAs) keeps the folder names and images of runs without it as the versions before it made them.
+    omitted_at_default: bool = False
     # Set by its own command-line option, which on --resume must repeat the saved value or be left out.
     option: bool = False
     decides_pixels: bool = True  # false: a resume may change it (the budget)
@@ -109,6 +114,11 @@ SETTINGS: tuple[Setting, ...] = (
     # as quantize.format_quantize writes it ("transformer=fp8,text_encoder_2=fp8")
     Setting("quantize", str, "quantization spec", "none", canonical=lambda spec: format_quantize(parse_quantize(spec)),
             option=True, png="quantize", may_be_missing=True),
+    # --lora, each as lora.Lora.saved_text writes it: "SOURCE:SCALE sha256:DIGEST" (of the file's content)
+    Setting("lora", tuple, "LoRAs applied, in order", (), item=str, max_items=MAX_LORAS, canonical=canonical_saved,
+            option=True,
+            png="lora", png_text=lambda settings, position: " ; ".join(settings.lora), may_be_missing=True,
+            omitted_at_default=True),
     # Not GenerationSettings': the run's, recorded in the PNGs (runner._png_metadata) but free to change.
     Setting("max_memory", str, "the budget, budget.format_budget", saved=False, decides_pixels=False,
             png="max_memory"),
@@ -131,9 +141,20 @@ def resume_options() -> tuple[str, ...]:
 
 def png_fields(settings, position: int, run: dict[str, str]) -> dict[str, str]:
     """The PNG text fields of the image at `position`: every setting with a `png` field, from
-    `settings` (GenerationSettings) or, for a run's setting that is not one of its fields, `run`."""
+    `settings` (GenerationSettings) or, for a run's setting that is not one of its fields, `run`;
+    one `omitted_at_default` at its default is left out."""
     return {each.png: each.png_value(settings, position) if each.saved else run[each.name]
-            for each in SETTINGS if each.png}
+            for each in SETTINGS if each.png and not (each.saved and at_omitted_default(each, settings))}
+
+
+def at_omitted_default(each: Setting, settings) -> bool:
+    """Whether `settings` (GenerationSettings) leaves `each` out of what it records (omitted_at_default)."""
+    return each.omitted_at_default and getattr(settings, each.name) == each.default
+
+
+def png_field_names() -> tuple[str, ...]:
+    """Every PNG text field a setting may record."""
+    return tuple(each.png for each in SETTINGS if each.png)
 
 
 def fields_not_deciding() -> tuple[str, ...]:

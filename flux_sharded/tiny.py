@@ -527,6 +527,82 @@ def _build_real_klein(configs: Path, seed: int, device: str, dtype: str):
 
 
 # Written into every checkpoint this module builds: only a folder holding it may be replaced.
+# The layers build_tiny_lora adapts, by their diffusers names in FLUX.1's transformer (kohya's
+# sd-scripts names them after BFL's original modules, KOHYA_FLUX1 says how), FLUX.2's, and CLIP's.
+LORA_TARGETS = {
+    "FluxPipeline": ("attn.to_q", "attn.to_v", "attn.to_out.0", "ff.net.0.proj", "norm1.linear", "proj_out",
+                     "proj_mlp"),
+    "Flux2Pipeline": ("attn.to_q", "attn.to_v", "attn.to_out.0", "ff.linear_in", "attn.to_qkv_mlp_proj"),
+    # kohya trains CLIP's attention whole (q, k, v, out): diffusers converts its attention keys only then
+    "text_encoder": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1"),
+}
+KOHYA_FLUX1 = {  # diffusers module of block i -> kohya's key (diffusers' _convert_kohya_flux_lora_to_diffusers)
+    "transformer_blocks.{i}.attn.to_out.0": "lora_unet_double_blocks_{i}_img_attn_proj",
+    "transformer_blocks.{i}.ff.net.0.proj": "lora_unet_double_blocks_{i}_img_mlp_0",
+    "transformer_blocks.{i}.norm1.linear": "lora_unet_double_blocks_{i}_img_mod_lin",
+    "single_transformer_blocks.{i}.proj_out": "lora_unet_single_blocks_{i}_linear2",
+}
+
+
+def build_tiny_lora(checkpoint: str | Path, out_file: str | Path, seed: int = 0, kind: str = "diffusers",
+                    rank: int = 4, text_encoder: bool = False, strength: float = 1.0) -> Path:
+    """A random LoRA for a checkpoint built here, in diffusers' format (the pipeline's
+    save_lora_weights) or kohya's (`lora_unet_..._lora_down.weight`, `lora_up.weight`, `alpha`, and
+    `lora_te1_...` for CLIP), over the LORA_TARGETS layers of every block (KOHYA_FLUX1's for kohya).
+    lora_B (up) is random too, not PEFT's zeros, so that the LoRA changes the pixels; `strength`
+    scales it. text_encoder: also CLIP's layers (FLUX.1). Returns the file."""
+    import torch
+    from safetensors.torch import save_file
+
+    from .components import empty_component
+    from .families import family_of
+
+    checkpoint, out_file = Path(checkpoint), Path(out_file)
+    family = family_of(checkpoint)
+    generator = torch.Generator().manual_seed(seed)
+
+    def pair(linear) -> tuple:
+        down = torch.randn(rank, linear.in_features, generator=generator) / math.sqrt(linear.in_features)
+        up = torch.randn(linear.out_features, rank, generator=generator) * strength / math.sqrt(rank)
+        return down, up
+
+    def layers(name: str, suffixes: tuple[str, ...]) -> dict:
+        model = empty_component(checkpoint, name)
+        return {module: pair(linear) for module, linear in model.named_modules()
+                if isinstance(linear, torch.nn.Linear) and module.endswith(suffixes)}
+
+    family_targets = LORA_TARGETS["FluxPipeline" if family.pipeline == "FluxPipeline" else "Flux2Pipeline"]
+    transformer = layers("transformer", family_targets)
+    clip = layers("text_encoder", LORA_TARGETS["text_encoder"]) if text_encoder else {}
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "kohya":
+        tensors = {}
+        for module, (down, up) in transformer.items():
+            block = module.split(".")[1] if module.count(".") else ""
+            for pattern, kohya in KOHYA_FLUX1.items():
+                if module == pattern.format(i=block):
+                    key = kohya.format(i=block)
+                    tensors |= {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up,
+                                f"{key}.alpha": torch.tensor(float(rank) / 2)}
+        for module, (down, up) in clip.items():
+            key = "lora_te1_text_model_" + module.replace(".", "_")
+            tensors |= {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up,
+                        f"{key}.alpha": torch.tensor(float(rank))}
+        save_file(tensors, str(out_file))
+        return out_file
+    import diffusers
+
+    def named(pairs: dict) -> dict:
+        return {f"{module}.lora_{part}.weight": tensor for module, (down, up) in pairs.items()
+                for part, tensor in (("A", down), ("B", up))}
+
+    layers_of = {"transformer_lora_layers": named(transformer)}
+    if clip:
+        layers_of["text_encoder_lora_layers"] = named(clip)
+    getattr(diffusers, family.pipeline).save_lora_weights(out_file.parent, weight_name=out_file.name, **layers_of)
+    return out_file
+
+
 MARKER = ".flux-sharded-tiny"
 
 

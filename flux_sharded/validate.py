@@ -167,14 +167,26 @@ def settings_fields(data, where: str, fix: str, prefix: str = "settings.") -> di
 
 
 def _list_field(settings: JsonFields, each) -> tuple:
-    if each.item is str:
+    if each.item is str and each.canonical is not None:  # each entry in its saved grammar (lora.parse_saved)
+        check, what = (lambda item: isinstance(item, str) and _canonical_or_none(each, item) is not None), \
+            f"texts of {each.name} as this version writes them"
+    elif each.item is str:
         check, what = (lambda item: isinstance(item, str) and item.strip() != ""), "non-empty texts"
     else:
         low, high = each.low, each.high
         check = lambda item: is_int(item) and (low is None or item >= low) and (high is None or item <= high)
         what = f"whole numbers {low}..{high}" if high is not None else f"whole numbers >= {low}"
     found = settings.list_of(each.name, check, what, each.min_items, each.max_items, optional=each.optional)
-    return each.default if found is None else tuple(found)
+    if found is None:
+        return each.default
+    return tuple(found if each.canonical is None else (each.canonical(item) for item in found))
+
+
+def _canonical_or_none(each, item: str) -> str | None:
+    try:
+        return each.canonical(item)
+    except SettingsError:
+        return None
 
 
 def _field(settings: JsonFields, each):
@@ -290,7 +302,8 @@ def check_run_image(path: Path, expected: dict[str, str]) -> None:
     if found is None or found.get("software") != expected["software"]:
         raise SettingsError(f"--resume: {path} exists but is not an image flux-sharded wrote (not a PNG with its "
                             f"settings); {fix}")
-    for field, value in expected.items():
+    for field in dict.fromkeys([*expected, *schema.png_field_names()]):
+        value = expected.get(field)  # None: a field the run leaves out (a setting at its omitted default)
         # a field that does not decide the pixels (settings.fields_not_deciding: the budget) may differ
         if field not in schema.fields_not_deciding() and found.get(field) != value:
             raise SettingsError(f"--resume: {path} exists but is not this run's image: its {field} is "

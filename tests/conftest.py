@@ -133,15 +133,20 @@ def nf4_dev(tmp_path_factory) -> Path:
 
 def one_piece_pixels(checkpoint: Path, prompt: str, seed: int, steps: int, height: int, width: int,
                      dtype: torch.dtype = torch.float32, guidance: float = 3.5,
-                     max_sequence_length: int = 512) -> np.ndarray:
+                     max_sequence_length: int = 512, loras: tuple = ()) -> np.ndarray:
     """The checkpoint's diffusers pipeline (model_index.json's FluxPipeline, Flux2KleinPipeline, ...),
-    whole, on the CPU: the reference every staged image must equal."""
+    whole, on the CPU: the reference every staged image must equal. loras: (file, scale) pairs,
+    loaded as diffusers' documentation does it: load_lora_weights for each, then set_adapters."""
     import json
 
     import diffusers
 
     pipeline_class = getattr(diffusers, json.loads((Path(checkpoint) / "model_index.json").read_text())["_class_name"])
     pipeline = pipeline_class.from_pretrained(checkpoint, dtype=dtype)
+    for index, (path, _) in enumerate(loras):
+        pipeline.load_lora_weights(str(path), adapter_name=f"lora_{index}")
+    if loras:
+        pipeline.set_adapters([f"lora_{index}" for index in range(len(loras))], [scale for _, scale in loras])
     pipeline.set_progress_bar_config(disable=True)
     image = pipeline(
         prompt=prompt,

@@ -217,7 +217,8 @@ def test_every_family_has_code_that_provides_the_whole_family_protocol():
     from flux_sharded.stages.code import CODE, FamilyCode, family_code
 
     members = [name for name, value in vars(FamilyCode).items() if inspect.isfunction(value) and not name.startswith("_")]
-    assert set(members) == {"encode_batch", "vae_latents", "guidance_ignored", "guidance_note"}
+    assert set(members) == {"encode_batch", "vae_latents", "guidance_ignored", "guidance_note", "lora_state_dict",
+                            "load_lora"}
     for family in FAMILIES.values():
         code = family_code(family)
         assert code is CODE[family.code]

@@ -35,6 +35,14 @@ class FamilyCode(Protocol):
     def guidance_note(self, checkpoint: "Checkpoint", guidance: float) -> str | None:
         """The note for a --guidance the checkpoint ignores, or None."""
 
+    def lora_state_dict(self, family: Family, path) -> tuple[dict[str, "torch.Tensor"], dict | None]:
+        """(the LoRA file's weights converted by the family's pipeline, COMPONENT.-prefixed; its network
+        alphas or None), as the pipeline's load_lora_weights reads them."""
+
+    def load_lora(self, family: Family, name: str, model, state_dict: dict, alphas: dict | None,
+                  adapter_name: str) -> None:
+        """Inject one LoRA into component `name` (families.Family.lora_components) as load_lora_weights does."""
+
 
 CODE: dict[str, FamilyCode] = {"flux1": flux1, "flux2": flux2}
 

@@ -21,6 +21,7 @@ from ..budget import device_key
 from ..handoff import Handoff
 from ..placement import check_placement, place
 from ..quantize_load import load_quantized
+from .adapters import load_adapters
 from .interface import Share, Work
 
 NAME = "denoise"
@@ -64,19 +65,24 @@ def load(checkpoint, stage_plan, dtype: torch.dtype, offload_folder=None):
 
     plan = stage_plan.component("transformer")
     device_map = dict(plan.device_map)
-    transformer_class = getattr(diffusers, checkpoint.family.component("transformer").class_name)
+    family = checkpoint.family
+    transformer_class = getattr(diffusers, family.component("transformer").class_name)
     if plan.quantization:
         return _pipeline(checkpoint, load_quantized(transformer_class, checkpoint.path, "transformer", plan, dtype))
+    # Loaded on the CPU first where placement.place puts it: streamed blocks, and any LoRA (adapters
+    # go into a component before it is placed, stages/adapters.py).
+    on_cpu = plan.streamed or bool(plan.adapters)
     transformer = transformer_class.from_pretrained(
         checkpoint.path,
         subfolder="transformer",
-        device_map={"": "cpu"} if plan.streamed else device_map,
+        device_map={"": "cpu"} if on_cpu else device_map,
         offload_folder=offload_folder,
         dtype=dtype,
         use_safetensors=True,
     )
-    if plan.streamed:
-        place(transformer, device_map, streamed=True)
+    if on_cpu:
+        load_adapters(family, "transformer", transformer, plan.adapters)
+        place(transformer, device_map, streamed=plan.streamed)
     else:
         check_placement(transformer, device_map, streamed=False)
     return _pipeline(checkpoint, transformer)

@@ -25,8 +25,9 @@ from ..checkpoint import pipeline_tokenizer
 from ..components import encode_only
 from ..families import encode_layers
 from ..handoff import Handoff
-from ..placement import check_placement
+from ..placement import check_placement, place
 from ..quantize_load import load_quantized
+from .adapters import load_adapters
 from .code import family_code, pipeline_family
 from .interface import Share, Work
 
@@ -61,11 +62,17 @@ def load(checkpoint, stage_plan, dtype: torch.dtype, offload_folder=None):
             encoders[name] = load_quantized(model_class, checkpoint.path, name, plan, dtype)
             continue
         # transformers reports the weights of the cut layers as unexpected keys: they are meant to stay unread.
+        # An encoder with LoRAs loads on the CPU, takes them, then is placed (stages/adapters.py).
         with _quiet("transformers.modeling_utils"):
             encoders[name] = model_class.from_pretrained(
-                checkpoint.path, subfolder=name, device_map=plan.device_map, dtype=dtype, use_safetensors=True,
+                checkpoint.path, subfolder=name, device_map={"": "cpu"} if plan.adapters else plan.device_map,
+                dtype=dtype, use_safetensors=True,
             )
-        check_placement(encoders[name], dict(plan.device_map), streamed=False)
+        if plan.adapters:
+            load_adapters(family, name, encoders[name], plan.adapters)
+            place(encoders[name], dict(plan.device_map))
+        else:
+            check_placement(encoders[name], dict(plan.device_map), streamed=False)
     others = {name: None for name in family.names if name not in encoders}
     tokenizers = {folder: tokenizer for folder in family.tokenizers
                   if (tokenizer := pipeline_tokenizer(checkpoint.model, checkpoint.path, folder)) is not None}

@@ -40,3 +40,25 @@ def guidance_note(checkpoint, guidance: float) -> str | None:
         return None
     return (f"note: {checkpoint.model}'s transformer has no guidance embedding (guidance_embeds false, as "
             f"FLUX.1-schnell): --guidance {guidance:g} has no effect")
+
+
+def lora_state_dict(family, path) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """(state dict with COMPONENT.-prefixed keys, network alphas) of a LoRA file, converted from any
+    format FluxPipeline reads (kohya, XLabs, ai-toolkit, ...), as its load_lora_weights reads it."""
+    import diffusers
+
+    return getattr(diffusers, family.pipeline).lora_state_dict(str(path), return_alphas=True)
+
+
+def load_lora(family, name: str, model, state_dict: dict, alphas: dict | None, adapter_name: str) -> None:
+    """Inject one LoRA's layers into component `name` (the transformer, or CLIP), as
+    FluxPipeline.load_lora_weights does (its default low_cpu_mem_usage with PEFT, tests pin it)."""
+    import diffusers
+
+    pipeline_class = getattr(diffusers, family.pipeline)
+    if name == "transformer":
+        pipeline_class.load_lora_into_transformer(state_dict, network_alphas=alphas, transformer=model,
+                                                  adapter_name=adapter_name, low_cpu_mem_usage=True)
+    else:
+        pipeline_class.load_lora_into_text_encoder(state_dict, network_alphas=alphas, text_encoder=model, prefix=name,
+                                                   adapter_name=adapter_name, low_cpu_mem_usage=True)

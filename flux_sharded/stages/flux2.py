@@ -60,3 +60,20 @@ def guidance_note(checkpoint, guidance: float) -> str | None:
     """The note for a --guidance the checkpoint ignores, or None."""
     reason = guidance_ignored(checkpoint)
     return f"note: {checkpoint.model}: {reason}, so --guidance {guidance:g} has no effect" if reason else None
+
+
+def lora_state_dict(family, path) -> tuple[dict[str, torch.Tensor], None]:
+    """(state dict with COMPONENT.-prefixed keys, None: no network alphas) of a LoRA file, converted
+    from any format Flux2Pipeline and Flux2KleinPipeline read (kohya, ai-toolkit, LoKr, ...)."""
+    import diffusers
+
+    return getattr(diffusers, family.pipeline).lora_state_dict(str(path)), None
+
+
+def load_lora(family, name: str, model, state_dict: dict, alphas: None, adapter_name: str) -> None:
+    """Inject one LoRA's layers into the transformer (the only component FLUX.2's loader takes), as
+    Flux2LoraLoaderMixin.load_lora_weights does (its default low_cpu_mem_usage with PEFT)."""
+    import diffusers
+
+    getattr(diffusers, family.pipeline).load_lora_into_transformer(state_dict, transformer=model,
+                                                                   adapter_name=adapter_name, low_cpu_mem_usage=True)

@@ -1,0 +1,241 @@
+"""--lora: the staged PNG equals diffusers' one-piece pipeline with the same LoRAs loaded the same
+way (load_lora_weights, set_adapters), on every family; each LoRA is part of the run (run.json, the
+run's hash, the PNGs, --report, --resume); every bad LoRA is one Error line before anything is written.
+
+The LoRAs are built here, offline (flux_sharded.tiny.build_tiny_lora), with random non-zero up
+weights, so that each changes the pixels (checked: else equality would prove nothing)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from flux_sharded.families import FAMILIES
+from flux_sharded.tiny import build_tiny_lora
+
+from .conftest import assert_same_pixels, error_line, invoke, one_piece_pixels
+
+PROMPT, SEED, STEPS, SIZE, TOKENS = "a photo of a dog", 7, 2, 32, 64
+
+
+def _run(checkpoint: Path, out: Path, *extra: str):
+    return invoke(["--model", str(checkpoint), "--prompt", PROMPT, "--seed", str(SEED), "--steps", str(STEPS),
+                   "--height", str(SIZE), "--width", str(SIZE), "--dtype", "float32", "--max-memory", "cpu=4GB",
+                   "--max-sequence-length", str(TOKENS), "--out", str(out), "--report", str(out.parent / "report.json"),
+                   *extra])
+
+
+def _image(out: Path) -> Path:
+    (path,) = out.glob("*.png")
+    return path
+
+
+def _reference(checkpoint: Path, loras=()) -> np.ndarray:
+    guidance = FAMILIES[json.loads((checkpoint / "model_index.json").read_text())["_class_name"]].guidance
+    return one_piece_pixels(checkpoint, PROMPT, SEED, STEPS, SIZE, SIZE, guidance=guidance,
+                            max_sequence_length=TOKENS, loras=loras)
+
+
+# (checkpoint fixture, [(LoRA format, seed, scale), ...]): one LoRA, and two with different scales
+CASES = [
+    ("tiny_checkpoint", [("diffusers", 1, 1.0)]),
+    ("tiny_checkpoint", [("kohya", 2, 0.8), ("diffusers", 3, -0.5)]),
+    ("tiny_klein", [("diffusers", 4, 1.0)]),
+    ("tiny_klein", [("diffusers", 5, 0.6), ("diffusers", 6, 1.3)]),
+    ("tiny_dev", [("diffusers", 7, 1.0)]),
+    ("tiny_dev", [("diffusers", 8, 0.6), ("diffusers", 9, 1.3)]),
+]
+
+
+@pytest.mark.parametrize("fixture, loras", CASES, ids=lambda case: case if isinstance(case, str) else
+                         "+".join(f"{kind}:{scale:g}" for kind, _, scale in case))
+def test_staged_png_with_loras_equals_one_piece_pipeline_with_them(request, tmp_path, fixture, loras):
+    checkpoint = request.getfixturevalue(fixture)
+    flux1 = fixture == "tiny_checkpoint"
+    files = [(build_tiny_lora(checkpoint, tmp_path / f"lora-{index}.safetensors", seed=seed, kind=kind,
+                              text_encoder=flux1), scale) for index, (kind, seed, scale) in enumerate(loras)]
+    result = _run(checkpoint, tmp_path / "out", *[arg for path, scale in files for arg in ("--lora", f"{path}:{scale}")])
+    assert result.exit_code == 0, result.output
+    staged = np.asarray(Image.open(_image(tmp_path / "out")))
+    assert_same_pixels(staged, _reference(checkpoint, files))
+    assert staged.std() > 10
+    # the LoRAs change the pixels: the equality above is not that of two runs without them
+    assert np.abs(staged.astype(int) - _reference(checkpoint)).max() > 5
+
+
+def test_a_kohya_loras_clip_weights_apply_in_encode(tiny_checkpoint, tmp_path):
+    """FLUX.1 kohya LoRAs carry CLIP weights (lora_te1_...): the encode applies them, so CLIP's pooled
+    embedding changes while T5's embeddings (no LoRA) stay as they were."""
+    lora = build_tiny_lora(tiny_checkpoint, tmp_path / "kohya.safetensors", seed=2, kind="kohya", text_encoder=True)
+    embeddings = {}
+    for name, extra in (("plain", []), ("lora", ["--lora", str(lora)])):
+        assert _run(tiny_checkpoint, tmp_path / name, *extra).exit_code == 0
+        (encoded,) = (tmp_path / name / ".flux-sharded").glob("run-*/encode.safetensors")
+        embeddings[name] = load_file(encoded)
+    assert not torch.equal(embeddings["plain"]["pooled_prompt_embeds"], embeddings["lora"]["pooled_prompt_embeds"])
+    assert torch.equal(embeddings["plain"]["prompt_embeds"], embeddings["lora"]["prompt_embeds"])
+
+
+def test_each_lora_is_part_of_the_run(tiny_checkpoint, tmp_path):
+    """Its source, SHA-256 and scale in run.json, the run folder's name, the PNG and --report; a
+    run without LoRAs records none (old run folders keep their names)."""
+    lora = build_tiny_lora(tiny_checkpoint, tmp_path / "style.safetensors", seed=1)
+    digest = hashlib.sha256(lora.read_bytes()).hexdigest()
+    recorded = f"{lora.absolute()}:0.5 sha256:{digest}"
+    folders = {}
+    for name, extra in (("plain", []), ("half", ["--lora", f"{lora}:0.5"]), ("full", ["--lora", str(lora)])):
+        assert _run(tiny_checkpoint, tmp_path / name, *extra).exit_code == 0
+        (run_json,) = (tmp_path / name / ".flux-sharded").glob("run-*/run.json")
+        folders[name] = run_json.parent.name
+        settings = json.loads(run_json.read_text())["settings"]
+        text = Image.open(_image(tmp_path / name)).text
+        if name == "plain":
+            assert "lora" not in settings and "lora" not in text
+        if name == "half":
+            assert settings["lora"] == [recorded]
+            assert text["lora"] == recorded
+            assert json.loads((tmp_path / "report.json").read_text())["loras"] == [
+                {"source": str(lora.absolute()), "scale": 0.5, "sha256": digest}]
+    assert len(set(folders.values())) == 3  # the LoRA and its scale decide the run's hash
+
+
+def test_resume_refuses_a_lora_file_changed_since_the_run_began(tiny_checkpoint, tmp_path):
+    lora = build_tiny_lora(tiny_checkpoint, tmp_path / "style.safetensors", seed=1)
+    assert _run(tiny_checkpoint, tmp_path / "out", "--lora", str(lora)).exit_code == 0
+    (run_dir,) = (tmp_path / "out" / ".flux-sharded").glob("run-*")
+    build_tiny_lora(tiny_checkpoint, lora, seed=2)  # same name, other weights
+    result = invoke(["--resume", str(run_dir)])
+    assert result.exit_code == 2
+    line = error_line(result)
+    assert f"the LoRA file {lora.absolute()} changed since the run in {run_dir} began" in line
+    assert "restore that file, or start a new run" in line
+
+
+def _control_lora(checkpoint: Path, path: Path) -> Path:
+    """A LoRA that widens x_embedder's input, as FLUX.1 Canny/Depth Control LoRAs do (diffusers would
+    expand the transformer's layer)."""
+    config = json.loads((checkpoint / "transformer" / "config.json").read_text())
+    inner = config["num_attention_heads"] * config["attention_head_dim"]
+    diffusers.FluxPipeline.save_lora_weights(path.parent, weight_name=path.name, transformer_lora_layers={
+        "x_embedder.lora_A.weight": torch.randn(4, 2 * config["in_channels"]),
+        "x_embedder.lora_B.weight": torch.randn(inner, 4)})
+    return path
+
+
+def _bad_lora(kind: str, tmp_path: Path, flux1: Path, klein: Path) -> tuple[Path, Path]:
+    """(checkpoint, LoRA source) of each kind of bad LoRA."""
+    if kind == "text file":
+        (tmp_path / "notes.safetensors").write_text("not a tensor file\n")
+        return flux1, tmp_path / "notes.safetensors"
+    if kind == "truncated":
+        whole = build_tiny_lora(flux1, tmp_path / "whole.safetensors").read_bytes()
+        (tmp_path / "cut.safetensors").write_bytes(whole[: len(whole) // 2])
+        return flux1, tmp_path / "cut.safetensors"
+    if kind == "full checkpoint":
+        return flux1, flux1 / "transformer" / "diffusion_pytorch_model.safetensors"
+    if kind == "FLUX.1 LoRA on FLUX.2":
+        return klein, build_tiny_lora(flux1, tmp_path / "flux1.safetensors")
+    if kind == "FLUX.2 LoRA on FLUX.1":
+        return flux1, build_tiny_lora(klein, tmp_path / "flux2.safetensors")
+    if kind == "kohya FLUX.1 LoRA on FLUX.2":
+        return klein, build_tiny_lora(flux1, tmp_path / "kohya.safetensors", kind="kohya", text_encoder=True)
+    if kind == "control LoRA":
+        return flux1, _control_lora(flux1, tmp_path / "canny.safetensors")
+    if kind == "no tensors of the model's":
+        save_file({"lora_unet_unknown_block.lora_down.weight": torch.ones(2, 2)}, tmp_path / "odd.safetensors")
+        return flux1, tmp_path / "odd.safetensors"
+    raise ValueError(kind)
+
+
+BAD_LORAS = {  # kind -> what its Error line says
+    "text file": "is not a whole safetensors file",
+    "truncated": "is not a whole safetensors file",
+    "full checkpoint": "holds no LoRA weights",
+    "FLUX.1 LoRA on FLUX.2": "has no linear layer",
+    "FLUX.2 LoRA on FLUX.1": "has no linear layer",
+    "kohya FLUX.1 LoRA on FLUX.2": "has no linear layer",
+    "control LoRA": "widens transformer layer 'x_embedder' from 16 to 32 input features",
+    "no tensors of the model's": "diffusers cannot read it as a FLUX.1 LoRA",
+}
+
+
+@pytest.mark.parametrize("kind", BAD_LORAS)
+def test_a_bad_lora_is_one_error_line_and_nothing_is_written(tiny_checkpoint, tiny_klein, tmp_path, kind):
+    checkpoint, lora = _bad_lora(kind, tmp_path, tiny_checkpoint, tiny_klein)
+    out = tmp_path / "out"
+    result = _run(checkpoint, out, "--lora", str(lora))
+    assert result.exit_code == 2, result.output
+    line = error_line(result)
+    assert line.startswith(f"Error: --lora '{lora}': ") and BAD_LORAS[kind] in line, line
+    assert "give a" in line  # the fix
+    assert not out.exists() and not (tmp_path / "report.json").exists()
+    dry = _run(checkpoint, out, "--lora", str(lora), "--dry-run")  # refused as well, before any weight is read
+    assert dry.exit_code == 2 and BAD_LORAS[kind] in error_line(dry)
+
+
+@pytest.mark.parametrize("value, message", [
+    ("style.safetensors:strong", "--lora 'style.safetensors:strong': the scale 'strong' is not a number"),
+    ("style.safetensors:nan", "the scale must be a finite number"),
+    ("./missing.safetensors", "--lora: './missing.safetensors' is neither a file that exists nor a hub id"),
+])
+def test_a_bad_lora_value_is_one_error_line(tiny_checkpoint, tmp_path, value, message):
+    result = _run(tiny_checkpoint, tmp_path / "out", "--lora", value)
+    assert result.exit_code == 2
+    assert message in error_line(result)
+    assert not (tmp_path / "out").exists()
+
+
+def _hub_cache(hf_home: Path, repo_id: str, files: dict[str, Path]) -> None:
+    """A Hugging Face cache holding `files` of `repo_id` at one revision, as huggingface_hub lays it out."""
+    commit = "0" * 40
+    repo = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    for name, source in files.items():
+        target = repo / "snapshots" / commit / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(source.read_bytes())
+
+
+def _offline(args: list[str], hf_home: Path) -> subprocess.CompletedProcess:
+    environment = dict(os.environ, HF_HOME=str(hf_home), HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "flux_sharded", *args], capture_output=True, text=True, env=environment,
+                          timeout=300)
+
+
+def test_a_hub_lora_is_found_offline_in_the_cache_and_refused_when_not_there(tiny_checkpoint, tmp_path):
+    lora = build_tiny_lora(tiny_checkpoint, tmp_path / "lora.safetensors", seed=1)
+    _hub_cache(tmp_path / "hf", "someone/style", {"pytorch_lora_weights.safetensors": lora})
+    _hub_cache(tmp_path / "hf", "someone/pack", {"a.safetensors": lora, "sub/b.safetensors": lora})
+    common = ["--model", str(tiny_checkpoint), "--prompt", "a dog", "--height", "32", "--width", "32",
+              "--max-memory", "cpu=4GB", "--dry-run"]
+    for source in ("someone/style:0.5", "someone/pack/sub/b.safetensors"):
+        found = _offline([*common, "--lora", source], tmp_path / "hf")
+        assert found.returncode == 0, found.stderr
+    several = _offline([*common, "--lora", "someone/pack"], tmp_path / "hf")
+    assert several.returncode == 2
+    assert ("Error: --lora: the hub repository 'someone/pack' holds 2 .safetensors files (a.safetensors, "
+            "sub/b.safetensors); name one: --lora someone/pack/FILE") in several.stderr
+    missing = _offline([*common, "--lora", "someone/other"], tmp_path / "hf")
+    assert missing.returncode == 2
+    (line,) = [line for line in missing.stderr.splitlines() if line.startswith("Error: ")]
+    assert line == ("Error: --lora: 'someone/other' is not a local file and HF_HUB_OFFLINE is set and it is not in the "
+                    "Hugging Face cache; unset HF_HUB_OFFLINE to let flux-sharded fetch it, or give a local "
+                    ".safetensors file")
+
+
+def test_every_familys_lora_components_are_its_pipelines():
+    """families.Component.lora says what the pipeline's LoRA loader takes (its _lora_loadable_modules)."""
+    for family in FAMILIES.values():
+        assert set(family.lora_components) == set(getattr(diffusers, family.pipeline)._lora_loadable_modules)
