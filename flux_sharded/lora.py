@@ -50,8 +50,9 @@ class Adapter:
     name: str  # "lora_0", "lora_1", ... in --lora order
     path: Path
     scale: float
-    # {component: {module: the adapter's parameters there}} (stages/adapters.check_lora)
-    changes: tuple[tuple[str, tuple[tuple[str, int], ...]], ...] = ()
+    # ((component, ((module, (shape of each adapter tensor there, ...)), ...)), ...): what PEFT adds
+    # to each layer it wraps (stages/adapters.check_lora), which the plan counts
+    changes: tuple[tuple[str, tuple[tuple[str, tuple[tuple[int, ...], ...]], ...]], ...] = ()
 
     @property
     def components(self) -> tuple[str, ...]:

@@ -51,6 +51,7 @@ from .components import empty_component, module_sizes, no_split_modules, special
 from .errors import PlanError
 from .families import STAGES, Family, family_of
 from .lora import Adapter
+from .quantize import LORA_MERGE
 from .quantize_bytes import quantized_linears
 
 Device = int | str  # GPU index, "cpu" or "disk"
@@ -119,6 +120,7 @@ class ComponentPlan:
     quantization: str | None = None  # applied while loading (quantize_load.from_pretrained): fp8, int8, nf4
     pinned_bytes: int = 0  # streamed: host bytes pinned for the streamed modules, as allocated (in weight_bytes["cpu"])
     adapters: tuple[Adapter, ...] = ()  # the LoRAs loaded into it before it is placed, in --lora order
+    adapter_bytes: int = 0  # their unfused tensors' bytes, counted in weight_bytes on the devices of their layers
 
 
 @dataclass(frozen=True)
@@ -226,9 +228,31 @@ class _Components:
 
     def model(self, name: str) -> torch.nn.Module:
         if name not in self._models:
-            self._models[name] = empty_component(self.inputs.config_root, name, self.inputs.method(name),
-                                                 self.inputs.dtype)
+            model = empty_component(self.inputs.config_root, name, self.inputs.method(name), self.inputs.dtype)
+            for module, shapes in self.adapter_shapes(name):
+                for index, shape in enumerate(shapes):  # counted where the layer it wraps is placed
+                    model.get_submodule(module).register_parameter(
+                        f"planned_adapter_{index}", torch.nn.Parameter(torch.empty(shape, device="meta")))
+            self._models[name] = model
         return self._models[name]
+
+    def adapter_shapes(self, name: str) -> list[tuple[str, list[tuple[int, ...]]]]:
+        """[(module, shapes of the adapter tensors PEFT adds to it)] for the LoRAs of component `name`
+        that stay unfused (quantize.LORA_MERGE: fp8 fuses them into the weights, adding nothing). PEFT
+        keeps them in the component's dtype."""
+        if LORA_MERGE.get(self.inputs.method(name)) == "fused":
+            return []
+        shapes: dict[str, list[tuple[int, ...]]] = {}
+        for adapter in self.inputs.adapters:
+            for component, modules in adapter.changes:
+                for module, tensors in modules if component == name else ():
+                    shapes.setdefault(module, []).extend(tensors)
+        return list(shapes.items())
+
+    def adapter_bytes(self, name: str) -> int:
+        """Bytes of the unfused adapters of component `name`, as the plan counts them (in its weights)."""
+        size = torch.finfo(self.inputs.dtype).bits // 8
+        return sum(math.prod(shape) * size for _, shapes in self.adapter_shapes(name) for shape in shapes)
 
     def sizes(self, name: str) -> dict[str, int]:
         if name not in self._sizes:
@@ -303,7 +327,8 @@ def _plan_all(components: "_Components", budget: Budget) -> tuple[StagePlan, ...
         stages = tuple(PLANNERS[name](components, budget) for name in STAGES)
     adapters = components.inputs.adapters
     return tuple(dataclasses.replace(stage, components=tuple(
-        dataclasses.replace(plan, adapters=tuple(each for each in adapters if plan.name in each.components))
+        dataclasses.replace(plan, adapters=tuple(each for each in adapters if plan.name in each.components),
+                            adapter_bytes=components.adapter_bytes(plan.name))
         for plan in stage.components)) for stage in stages)
 
 

@@ -14,6 +14,7 @@ JSON schema (device keys as strings: "0", "1", "cpu", "disk"):
                  "offload_bytes_per_image": int,  # the same over a whole image (steps, shared by a batch)
                  "offload": "none" | "streamed" | "hooks",  # diffusers group offloading or accelerate hooks
                  "pinned_bytes": int,             # planned host bytes pinned for streamed blocks (0: none)
+                 "adapter_bytes": int,            # planned bytes of unfused LoRA adapters (in weight_bytes)
                  "peak_pinned_bytes": int,        # measured: pinned host memory held (CUDA); null otherwise
                  "tiled": bool,                   # decode: diffusers' tiled VAE decoding
                  "notes": [str]}],                # what the planner left out or chose
@@ -57,6 +58,7 @@ class StageReport:
     offload: str = "none"  # "streamed" (diffusers group offloading), "hooks" (accelerate) or "none"
     tiled: bool = False  # decode: tiled VAE decoding
     pinned_bytes: int = 0  # planned host bytes pinned for streamed blocks, as PyTorch allocates them
+    adapter_bytes: int = 0  # planned bytes of the unfused LoRA adapters, part of weight_bytes
     peak_pinned_bytes: int | None = None  # measured: the most pinned host memory PyTorch held (CUDA only)
     notes: list[str] = field(default_factory=list)
 
@@ -75,6 +77,7 @@ class StageReport:
             offload=("streamed" if all(c.streamed for c in offloading) else "hooks") if offloading else "none",
             tiled=any(component.tiled for component in stage_plan.components),
             pinned_bytes=stage_plan.pinned_bytes,
+            adapter_bytes=sum(component.adapter_bytes for component in stage_plan.components),
             notes=list(stage_plan.notes),
             name=stage_plan.name,
             device_map={

@@ -58,7 +58,7 @@ from .memory import PeakMemory, flush
 from .placement import placeable
 from .plan import PlanInputs, RunPlan, check_free_cpu_memory, check_free_gpu_memory, plan_run
 from .progress import stage_bar
-from .quantize import check_prequantized_dtype, format_quantize, prequantized
+from .quantize import LORA_MERGE, check_prequantized_dtype, format_quantize, prequantized
 from .report import RunReport, StageReport
 from .rundir import (
     SAVED_STAGES,
@@ -266,25 +266,34 @@ def lora_report(settings: GenerationSettings) -> list[dict]:
     return [dict(zip(("source", "scale", "sha256"), parse_saved(text))) for text in settings.lora]
 
 
-def check_adapters_placed(plan: RunPlan) -> None:
+def check_adapters_placed(plan: RunPlan, request: RunRequest) -> None:
     """A LoRA goes into a component before it is placed (stages/adapters.py), which placement.place
     can do whole, over GPUs or with streamed blocks; refuse, before any weight is read, a component
-    with LoRAs that the plan offloads through accelerate's hooks (disk, or a split text encoder) or
-    quantizes."""
+    with LoRAs that the plan offloads through accelerate's hooks (disk, or a split text encoder), or
+    that is quantized otherwise than quantize.LORA_MERGE says (nf4, a text encoder, a checkpoint's
+    own quantization)."""
+    family, stored = request.checkpoint.family, prequantized(request.checkpoint.path)
     for stage in plan.stages:
         for component in stage.components:
+            name = component.name
             if not component.adapters:
                 continue
-            if component.quantization:
-                raise SettingsError(
-                    f"--lora with --quantize {component.name}={component.quantization}: LoRAs on a quantized "
-                    f"{component.name} are not supported yet; leave {component.name} unquantized, or drop --lora")
+            if name in stored:
+                raise SettingsError(f"--lora: the checkpoint stores {name} quantized ({stored[name]}), which takes no "
+                                    "LoRA here; use the checkpoint in --dtype (with --quantize fp8 or int8), or drop "
+                                    "--lora")
+            method, library = component.quantization, family.component(name).library
+            if method and (method not in LORA_MERGE or library != "diffusers"):
+                fix = (f"leave {name} in --dtype" if library != "diffusers"
+                       else f"use --quantize {name}={' or '.join(LORA_MERGE)}")
+                raise SettingsError(f"--lora with --quantize {name}={method}: LoRAs go into a quantized transformer "
+                                    f"in {' or '.join(LORA_MERGE)} only; {fix}, or drop --lora")
             if not placeable(dict(component.device_map), component.streamed):
+                devices = ", ".join(sorted({str(device) for device in component.device_map.values()}))
                 raise SettingsError(
-                    f"--lora: under --max-memory {format_budget(plan.budget)} the plan offloads {component.name} "
-                    f"through accelerate's hooks ({', '.join(sorted({str(d) for d in component.device_map.values()}))}), "
-                    "where its LoRA layers could not be placed; give its GPUs room for it whole, or cpu=... instead "
-                    "of disk=... so that its blocks are streamed")
+                    f"--lora: under --max-memory {format_budget(plan.budget)} the plan offloads {name} through "
+                    f"accelerate's hooks ({devices}), where its LoRA layers could not be placed; give its GPUs room for "
+                    "it whole, or cpu=... instead of disk=... so that its blocks are streamed")
 
 
 def decode_tiled(plan: RunPlan) -> bool:
@@ -319,7 +328,7 @@ def dry_run(request: RunRequest) -> tuple[RunReport, PlanError | None]:
     refusal = None
     try:
         plan = plan_run(plan_inputs(request), request.budget)
-        check_adapters_placed(plan)
+        check_adapters_placed(plan, request)
         stages = plan.stages
     except PlanError as error:
         stages, refusal = error.stages, error
@@ -333,7 +342,7 @@ def execute(request: RunRequest, log: Callable[[str], None] = lambda message: No
     """Run this process's share of the images; the main process returns the whole run's report."""
     paths = check_request(request, keep_created_folders=process.several)
     plan = plan_run(plan_inputs(request), request.budget)
-    check_adapters_placed(plan)
+    check_adapters_placed(plan, request)
     positions = share(process, len(request.settings.prompts), request.settings.batch_size)
     saved_run = read_run(request.run_folder) if request.resume else None
     resumed, denoised = None, {}

@@ -239,3 +239,110 @@ def test_every_familys_lora_components_are_its_pipelines():
     """families.Component.lora says what the pipeline's LoRA loader takes (its _lora_loadable_modules)."""
     for family in FAMILIES.values():
         assert set(family.lora_components) == set(getattr(diffusers, family.pipeline)._lora_loadable_modules)
+
+
+def _one_piece_quantized(checkpoint: Path, method: str, lora: Path, scale: float) -> np.ndarray:
+    """diffusers' FluxPipeline with the LoRA and a quantized transformer, in the order
+    quantize.LORA_MERGE gives: fp8 fused into the float32 weights (fuse_lora, unload_lora_weights),
+    then cast by layerwise casting; int8 quantized at load (TorchAoConfig), the LoRA beside it."""
+    dtype = torch.float32
+    if method == "int8":
+        from torchao.quantization import Int8WeightOnlyConfig
+
+        transformer = diffusers.FluxTransformer2DModel.from_pretrained(
+            checkpoint, subfolder="transformer", dtype=dtype,
+            quantization_config=diffusers.TorchAoConfig(Int8WeightOnlyConfig()))
+        pipeline = diffusers.FluxPipeline.from_pretrained(checkpoint, transformer=transformer, dtype=dtype)
+    else:
+        pipeline = diffusers.FluxPipeline.from_pretrained(checkpoint, dtype=dtype)
+    pipeline.load_lora_weights(str(lora), adapter_name="lora_0")
+    pipeline.set_adapters(["lora_0"], [scale])
+    if method == "fp8":
+        pipeline.fuse_lora(components=["transformer"])
+        pipeline.unload_lora_weights()
+        pipeline.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
+    pipeline.set_progress_bar_config(disable=True)
+    image = pipeline(PROMPT, height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=3.5,
+                     max_sequence_length=TOKENS, generator=torch.Generator("cpu").manual_seed(SEED)).images[0]
+    return np.asarray(image)
+
+
+@pytest.mark.parametrize("method", ["fp8", "int8"])
+def test_a_lora_on_a_quantized_transformer_equals_the_one_piece_pipeline_done_the_same_way(tiny_checkpoint, tmp_path,
+                                                                                           method):
+    lora = build_tiny_lora(tiny_checkpoint, tmp_path / "lora.safetensors", seed=1)
+    out = tmp_path / method
+    result = _run(tiny_checkpoint, out, "--quantize", f"transformer={method}", "--lora", f"{lora}:0.8")
+    assert result.exit_code == 0, result.output
+    staged = np.asarray(Image.open(_image(out)))
+    assert_same_pixels(staged, _one_piece_quantized(tiny_checkpoint, method, lora, 0.8))
+    plain = _run(tiny_checkpoint, tmp_path / "plain", "--quantize", f"transformer={method}")
+    assert plain.exit_code == 0
+    assert np.abs(staged.astype(int) - np.asarray(Image.open(_image(tmp_path / "plain")))).max() > 5
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--quantize", "transformer=nf4", "--max-memory", "0=4GB,cpu=4GB"],
+     "--lora with --quantize transformer=nf4: LoRAs go into a quantized transformer in fp8 or int8 only; use "
+     "--quantize transformer=fp8 or int8, or drop --lora"),
+    (["--quantize", "text_encoder=int8"],
+     "--lora with --quantize text_encoder=int8: LoRAs go into a quantized transformer in fp8 or int8 only; leave "
+     "text_encoder in --dtype, or drop --lora"),
+])
+def test_a_lora_on_a_component_it_cannot_go_into_is_refused_before_any_weight_is_read(tiny_checkpoint, tmp_path,
+                                                                                      extra, message):
+    """nf4 (bitsandbytes places as it loads; planned here for a GPU this machine lacks, so only the
+    dry-run gets that far), a quantized CLIP: refused by the plan, the dry-run's too."""
+    lora = build_tiny_lora(tiny_checkpoint, tmp_path / "lora.safetensors", seed=1, text_encoder=True)
+    for dry in ([["--dry-run"]] if "transformer=nf4" in extra else [[], ["--dry-run"]]):
+        result = _run(tiny_checkpoint, tmp_path / "out", "--lora", str(lora), *extra, *dry)
+        assert result.exit_code == 2, result.output
+        assert error_line(result) == f"Error: {message}"
+        assert not (tmp_path / "out").exists()
+
+
+def _dry_run_stages(checkpoint: Path, tmp_path: Path, *extra: str) -> dict:
+    report = tmp_path / "plan.json"
+    result = invoke(["--model", str(checkpoint), "--prompt", PROMPT, "--height", str(SIZE), "--width", str(SIZE),
+                     "--max-memory", "cpu=4GB", "--dry-run", "--report", str(report), *extra])
+    assert result.exit_code == 0, result.output
+    return {stage["name"]: stage for stage in json.loads(report.read_text())["stages"]}
+
+
+def _stored_adapter_bytes(checkpoint: Path, name: str, lora: Path, dtype: torch.dtype, method: str | None) -> int:
+    """The bytes of the adapter tensors PEFT holds once stages/adapters.py loaded the LoRA into `name`."""
+    from flux_sharded.families import family_of
+    from flux_sharded.lora import Adapter
+    from flux_sharded.quantize_load import from_pretrained
+    from flux_sharded.stages.adapters import load_adapters
+
+    family = family_of(checkpoint)
+    library = __import__(family.component(name).library)
+    model = from_pretrained(getattr(library, family.component(name).class_name), checkpoint, name, method, dtype)
+    load_adapters(family, name, model, (Adapter("lora_0", lora, 1.0),))
+    return sum(tensor.numel() * tensor.element_size() for key, tensor in model.named_parameters() if "lora_" in key)
+
+
+@pytest.mark.parametrize("dtype, method", [("float32", None), ("bfloat16", None), ("bfloat16", "int8")])
+def test_the_plan_counts_each_adapters_bytes_as_they_are_stored(tiny_checkpoint, tmp_path, dtype, method):
+    """The dry-run counts the unfused adapters (lora_A, lora_B of every layer wrapped) in the weights of
+    the device of their layer: exactly what PEFT stores, for CLIP in encode and the transformer in denoise."""
+    lora = build_tiny_lora(tiny_checkpoint, tmp_path / "lora.safetensors", seed=1, text_encoder=True)
+    quantize = ["--quantize", f"transformer={method}"] if method else []
+    plain = _dry_run_stages(tiny_checkpoint, tmp_path, "--dtype", dtype, *quantize)
+    planned = _dry_run_stages(tiny_checkpoint, tmp_path, "--dtype", dtype, *quantize, "--lora", str(lora))
+    for stage, component in (("encode", "text_encoder"), ("denoise", "transformer")):
+        stored = _stored_adapter_bytes(tiny_checkpoint, component, lora, getattr(torch, dtype),
+                                       method if component == "transformer" else None)
+        assert stored > 0
+        assert planned[stage]["adapter_bytes"] == stored
+        assert planned[stage]["weight_bytes"]["cpu"] - plain[stage]["weight_bytes"]["cpu"] == stored
+    assert planned["decode"]["adapter_bytes"] == 0
+
+
+def test_an_fp8_transformer_fuses_its_lora_and_plans_no_adapter_bytes(tiny_checkpoint, tmp_path):
+    lora = build_tiny_lora(tiny_checkpoint, tmp_path / "lora.safetensors", seed=1)
+    plain = _dry_run_stages(tiny_checkpoint, tmp_path, "--quantize", "transformer=fp8")
+    fused = _dry_run_stages(tiny_checkpoint, tmp_path, "--quantize", "transformer=fp8", "--lora", str(lora))
+    assert fused["denoise"]["adapter_bytes"] == 0
+    assert fused["denoise"]["weight_bytes"] == plain["denoise"]["weight_bytes"]

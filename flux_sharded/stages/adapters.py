@@ -35,9 +35,10 @@ LOKR_KEY = re.compile(r"^(?P<module>.+)\.lokr_\w+$")
 LORA_MARKERS = ("lora", "lokr", "alpha", "processor")
 
 
-def check_lora(family: Family, config_root: Path, path: Path, source: str) -> dict[str, dict[str, int]]:
+def check_lora(family: Family, config_root: Path, path: Path, source: str) -> dict[str, dict[str, tuple]]:
     """What the LoRA file at `path` changes in the checkpoint at `config_root`: {component: {module:
-    the adapter's parameters there}}, checked against the components built on the meta device.
+    the shapes of the adapter's tensors there (lora_A, lora_B, ...), as PEFT injects them}}, checked
+    against the components built on the meta device.
 
     Raises SettingsError, naming `source` and the fix, for a file that is not a safetensors file
     (text, truncated), one with no LoRA weights (a full checkpoint), one diffusers cannot convert
@@ -65,7 +66,7 @@ def check_lora(family: Family, config_root: Path, path: Path, source: str) -> di
         reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
         raise SettingsError(f"{what}: diffusers cannot read it as a {family.name} LoRA ({reason}); is it a LoRA "
                             f"for another model? give a {family.name} LoRA") from None
-    changed: dict[str, dict[str, int]] = {}
+    changed: dict[str, dict[str, tuple]] = {}
     foreign = sorted({key.split(".", 1)[0] for key in state_dict} - set(family.lora_components))
     if foreign:
         raise SettingsError(f"{what}: it holds weights for {', '.join(foreign)}, which {family.pipeline} loads no "
@@ -100,11 +101,11 @@ def _peft_keys(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> dict
 
 
 def _check_layers(model: torch.nn.Module, weights: dict[str, torch.Tensor], what: str, family: Family,
-                  name: str) -> dict[str, int]:
-    """{module: the adapter's parameters} for the LoRA weights of one component, each checked
-    against the module it wraps (`model` on the meta device); raises SettingsError."""
+                  name: str) -> dict[str, tuple]:
+    """{module: the shapes of the adapter's tensors} for the LoRA weights of one component, each
+    checked against the module it wraps (`model` on the meta device); raises SettingsError."""
     modules = dict(model.named_modules())
-    counts: dict[str, int] = {}
+    shapes: dict[str, tuple] = {}
     for key, tensor in weights.items():
         match = LORA_KEY.match(key) or LOKR_KEY.match(key)
         if match is None and "lora" in key:
@@ -129,14 +130,16 @@ def _check_layers(model: torch.nn.Module, weights: dict[str, torch.Tensor], what
         if part == "B" and tensor.shape[0] != module.out_features:
             raise SettingsError(f"{what}: its {name} layer '{module_name}' has {tensor.shape[0]} outputs, the model's "
                                 f"{module.out_features}: a LoRA for another model? give a {family.name} LoRA")
-        counts[module_name] = counts.get(module_name, 0) + tensor.numel()
-    return counts
+        shapes[module_name] = (*shapes.get(module_name, ()), tuple(tensor.shape))
+    return shapes
 
 
-def load_adapters(family: Family, name: str, model: torch.nn.Module, adapters: tuple[Adapter, ...]) -> None:
+def load_adapters(family: Family, name: str, model: torch.nn.Module, adapters: tuple[Adapter, ...],
+                  fuse: bool = False) -> None:
     """Load `adapters` into component `name` (on the CPU, not yet placed) with diffusers' loaders,
     then give each its weight, as `pipeline.load_lora_weights(path, adapter_name=...)` for each and
-    `pipeline.set_adapters(names, weights)` would."""
+    `pipeline.set_adapters(names, weights)` would; fuse (a diffusers model): then merge them into
+    the weights and drop the adapter layers, as `pipeline.fuse_lora()` and `unload_lora_weights()`."""
     if not adapters:
         return
     code = family_code(family)
@@ -147,6 +150,9 @@ def load_adapters(family: Family, name: str, model: torch.nn.Module, adapters: t
     names, weights = [adapter.name for adapter in adapters], [adapter.scale for adapter in adapters]
     if hasattr(model, "set_adapters"):  # a diffusers model (ModelMixin's PEFT support)
         model.set_adapters(names, weights)
+        if fuse:
+            model.fuse_lora(lora_scale=1.0, adapter_names=names)
+            model.unload_lora()
     else:  # a transformers text encoder: what LoraBaseMixin.set_adapters calls for one
         from diffusers.loaders.lora_base import set_adapters_for_text_encoder
 

@@ -68,7 +68,11 @@ def load(checkpoint, stage_plan, dtype: torch.dtype, offload_folder=None):
     family = checkpoint.family
     transformer_class = getattr(diffusers, family.component("transformer").class_name)
     if plan.quantization:
-        return _pipeline(checkpoint, load_quantized(transformer_class, checkpoint.path, "transformer", plan, dtype))
+        def adapt(model, fuse: bool) -> None:
+            load_adapters(family, "transformer", model, plan.adapters, fuse=fuse)
+
+        return _pipeline(checkpoint, load_quantized(transformer_class, checkpoint.path, "transformer", plan, dtype,
+                                                    adapt=adapt if plan.adapters else None))
     # Loaded on the CPU first where placement.place puts it: streamed blocks, and any LoRA (adapters
     # go into a component before it is placed, stages/adapters.py).
     on_cpu = plan.streamed or bool(plan.adapters)
