@@ -337,3 +337,59 @@ def test_a_quantized_text_encoder_split_over_a_gpu_and_ram_streams_its_nested_bl
         encoded = encode.run(pipeline, Handoff(settings))
     for name, tensor in expected.named.items():
         assert_close_to_the_cpu(encoded.named[name], tensor)
+
+
+def _lora_settings(checkpoint: Path, lora: Path, quantize: str = "none") -> GenerationSettings:
+    """test_lora's image with `lora` at scale 0.8, as the command line records it."""
+    from flux_sharded.lora import resolve
+
+    from . import test_lora
+
+    return GenerationSettings(str(checkpoint), (test_lora.PROMPT,), (test_lora.SEED,), test_lora.STEPS, 3.5,
+                              test_lora.SIZE, test_lora.SIZE, test_lora.TOKENS, "float32", quantize=quantize,
+                              lora=(resolve(f"{lora}:0.8").saved_text,))
+
+
+def _lora_expected(checkpoint: Path, lora: Path, method: str) -> np.ndarray:
+    from . import test_lora
+
+    if method == "none":
+        return one_piece_pixels(checkpoint, test_lora.PROMPT, test_lora.SEED, test_lora.STEPS, test_lora.SIZE,
+                                test_lora.SIZE, max_sequence_length=test_lora.TOKENS, loras=((lora, 0.8),))
+    return test_lora._one_piece_quantized(checkpoint, method, lora, 0.8)
+
+
+@pytest.mark.parametrize("method", ["none", "int8"])
+def test_a_transformer_with_a_lora_split_over_two_gpus_equals_the_one_piece_pipeline(tiny_checkpoint, tmp_path,
+                                                                                     method):
+    """The LoRA goes into the transformer on the CPU; accelerate's dispatch then puts each block, its
+    adapters with it, on the GPU the plan chose (the plan counts them there)."""
+    from flux_sharded.tiny import build_tiny_lora
+
+    lora = build_tiny_lora(tiny_checkpoint, tmp_path / "lora.safetensors", seed=1, text_encoder=True)
+    settings = _lora_settings(tiny_checkpoint, lora, "none" if method == "none" else f"transformer={method}")
+    stages = plans(tiny_checkpoint, settings, {0: 600_000, 1: 600_000, **CPU_BUDGET})
+    transformer = stages["denoise"].component("transformer")
+    assert transformer.adapters and transformer.adapter_bytes > 0
+    assert set(transformer.device_map.values()) == {0, 1}
+    assert stages["encode"].component("text_encoder").adapters  # CLIP's LoRA, in encode
+    assert_same_pixels(staged_pixels(tiny_checkpoint, settings, stages), _lora_expected(tiny_checkpoint, lora, method))
+
+
+@pytest.mark.parametrize("method", ["none", "fp8"])
+def test_a_transformer_with_a_lora_and_streamed_blocks_equals_the_one_piece_pipeline(tiny_checkpoint, tmp_path,
+                                                                                     method):
+    """Adapters loaded before group offloading is applied: the streamed blocks carry theirs from RAM,
+    the resident blocks stay resident (placement.check_placement), the pixels are the one-piece's."""
+    from flux_sharded.tiny import build_tiny_lora
+
+    lora = build_tiny_lora(tiny_checkpoint, tmp_path / "lora.safetensors", seed=1)
+    settings = _lora_settings(tiny_checkpoint, lora, "none" if method == "none" else f"transformer={method}")
+    stages = plans(tiny_checkpoint, settings, CPU_BUDGET)
+    adapters = stages["denoise"].component("transformer").adapters
+    planned = plan_module._placed(components(tiny_checkpoint, settings), "transformer",
+                                  {**TOP_LEVEL, **ORDERS["streamed-then-gpu-1"]}, [0, 1], streamed=True)
+    stages["denoise"] = dataclasses.replace(stages["denoise"], components=(dataclasses.replace(planned,
+                                                                                              adapters=adapters),))
+    assert planned.streamed and adapters
+    assert_same_pixels(staged_pixels(tiny_checkpoint, settings, stages), _lora_expected(tiny_checkpoint, lora, method))
