@@ -180,3 +180,19 @@ def decoder_text_encoder_activation_bytes(text_config: dict, sequence_length: in
     attention = 2 * heads * sequence_length**2 * dtype_bytes + 4 * sequence_length * width * dtype_bytes
     mask = sequence_length**2 * dtype_bytes
     return _with_margin(kept + max(mlp, attention) + mask)
+
+
+def adapter_activation_bytes(shapes: list[tuple[str, list[tuple[int, ...]]]], tokens: int, dtype_bytes: int) -> int:
+    """What unfused LoRA adapters add to a component's activation peak, per image (prompt): PEFT's
+    LoRA layer computes `result + lora_B(lora_A(x)) * scaling` after the base layer, so beside the
+    base output it briefly holds lora_A's (S x rank) and two tensors of the layer's output width
+    (lora_B's output, then it scaled) before the sum replaces the base output; the largest wrapped
+    layer sets the peak (one adapter at a time: the next starts once the sum is made). `shapes`:
+    [(module, [lora_A (rank, in), lora_B (out, rank), ...])] (plan._Components.adapter_shapes)."""
+    largest = 0
+    for _, tensors in shapes:
+        matrices = [shape for shape in tensors if len(shape) == 2]
+        if matrices:  # lora_B is (out, rank): the largest first dimension; the rank, the smallest side
+            out, rank = max(shape[0] for shape in matrices), max(min(shape) for shape in matrices)
+            largest = max(largest, (rank + 2 * out) * tokens)
+    return _with_margin(largest * dtype_bytes) if largest else 0

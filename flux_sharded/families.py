@@ -50,6 +50,15 @@ def _clip(config: dict, inputs: Geometry, tiled: bool) -> int:
     return activations.text_encoder_activation_bytes(config, config["max_position_embeddings"], _dtype_bytes(inputs))
 
 
+def _clip_tokens(config: dict, inputs: Geometry) -> int:
+    return config["max_position_embeddings"]  # its full window, as _clip says
+
+
+def _transformer_tokens(config: dict, inputs: Geometry) -> int:
+    # the single blocks see the image and text tokens together (FLUX.1 and FLUX.2 alike)
+    return activations.image_tokens(inputs.height, inputs.width, inputs.vae_scale_factor) + inputs.max_sequence_length
+
+
 def _t5(config: dict, inputs: Geometry, tiled: bool) -> int:
     return activations.text_encoder_activation_bytes(config, inputs.max_sequence_length, _dtype_bytes(inputs))
 
@@ -249,8 +258,9 @@ class Component:
     # VAE's 0.17 GB gain little and lose quality).
     large: bool = False
     # diffusers loads a LoRA's weights for it (the pipeline's LoRA loader mixin takes them: FluxPipeline
-    # the transformer and CLIP, Flux2Pipeline and Flux2KleinPipeline the transformer).
-    lora: bool = False
+    # the transformer and CLIP, Flux2Pipeline and Flux2KleinPipeline the transformer): the tokens of one
+    # image (prompt) its layers see, from its config and the geometry; None: it takes no LoRA.
+    lora_tokens: Callable[[dict, Geometry], int] | None = None
 
     @property
     def stages(self) -> tuple[str, ...]:
@@ -312,8 +322,8 @@ class Family:
 
     @property
     def lora_components(self) -> tuple[str, ...]:
-        """The components a LoRA may carry weights for (Component.lora)."""
-        return tuple(component.name for component in self.components if component.lora)
+        """The components a LoRA may carry weights for (Component.lora_tokens)."""
+        return tuple(component.name for component in self.components if component.lora_tokens)
 
     @property
     def large_components(self) -> tuple[str, ...]:
@@ -330,11 +340,11 @@ FLUX_1 = Family(
     pipeline="FluxPipeline",
     components=(
         Component("text_encoder", "transformers", "CLIPTextModel", {"encode": _clip},
-                  tokenizer="tokenizer", tokenizer_files=BPE_FILES, lora=True),
+                  tokenizer="tokenizer", tokenizer_files=BPE_FILES, lora_tokens=_clip_tokens),
         Component("text_encoder_2", "transformers", "T5EncoderModel", {"encode": _t5},
                   tokenizer="tokenizer_2", tokenizer_files=SENTENCEPIECE_FILES, large=True),
         Component("transformer", "diffusers", "FluxTransformer2DModel", {"denoise": _flux_transformer}, large=True,
-                  lora=True),
+                  lora_tokens=_transformer_tokens),
         Component("vae", "diffusers", "AutoencoderKL", {"decode": _vae}),
     ),
     steps=28,  # FluxPipeline.__call__'s defaults, so that a bare run matches diffusers
@@ -351,7 +361,7 @@ FLUX_2_DEV = Family(
                   {"encode": _decoder_text_encoder("Flux2Pipeline")}, truncated=True, tokenizer="tokenizer",
                   tokenizer_files=BPE_FILES, chat_template=True, large=True),
         Component("transformer", "diffusers", "Flux2Transformer2DModel", {"denoise": _flux2_transformer}, large=True,
-                  lora=True),
+                  lora_tokens=_transformer_tokens),
         Component("vae", "diffusers", "AutoencoderKLFlux2", {"decode": _vae}),
     ),
     steps=50,  # Flux2Pipeline.__call__'s defaults
@@ -372,7 +382,7 @@ FLUX_2_KLEIN = Family(
                   {"encode": _decoder_text_encoder("Flux2KleinPipeline")}, truncated=True, tokenizer="tokenizer",
                   tokenizer_files=BPE_FILES, chat_template=True, large=True),
         Component("transformer", "diffusers", "Flux2Transformer2DModel", {"denoise": _flux2_transformer}, large=True,
-                  lora=True),
+                  lora_tokens=_transformer_tokens),
         Component("vae", "diffusers", "AutoencoderKLFlux2", {"decode": _vae}),
     ),
     # The published klein checkpoints are step-distilled for 4 steps (BFL's README, the model

@@ -47,6 +47,7 @@ from . import host_memory
 from .blocks import BlockStructure, block_structure
 from .budget import (BINARY_TWIN, DEFAULT_CPU_FRACTION, DEFAULT_GPU_RESERVE_BYTES, UNITS, Budget, as_typed,
                      format_budget, format_bytes, gpu_indices, is_gpu, spec_size, written_binary, written_size)
+from .activations import adapter_activation_bytes
 from .components import empty_component, module_sizes, no_split_modules, special_dtypes
 from .errors import PlanError
 from .families import STAGES, Family, family_of
@@ -262,9 +263,17 @@ class _Components:
     def activation_bytes(self, name: str, stage: str, images: int | None = None, tiled: bool = False) -> int:
         """The activation peak of one forward pass of `name` in `stage` over `images` images (default:
         the images that really share a pass: min(--batch-size, images) or, for text encoders, distinct
-        prompts)."""
+        prompts), its unfused LoRAs' included."""
         one = self.family.component(name).activation(stage, self.config(name), self.inputs, tiled)
-        return one * (images or self.batch_size(name))
+        return (one + self.adapter_activation_bytes(name)) * (images or self.batch_size(name))
+
+    def adapter_activation_bytes(self, name: str) -> int:
+        """What its unfused LoRAs add to one image's (prompt's) activation peak (activations.py)."""
+        shapes = self.adapter_shapes(name)
+        if not shapes:
+            return 0
+        tokens = self.family.component(name).lora_tokens(self.config(name), self.inputs)
+        return adapter_activation_bytes(shapes, tokens, torch.finfo(self.inputs.dtype).bits // 8)
 
     def most_activation_bytes(self, name: str) -> int:
         """The largest activation peak of `name` over the stages that load it."""

@@ -346,3 +346,23 @@ def test_an_fp8_transformer_fuses_its_lora_and_plans_no_adapter_bytes(tiny_check
     fused = _dry_run_stages(tiny_checkpoint, tmp_path, "--quantize", "transformer=fp8", "--lora", str(lora))
     assert fused["denoise"]["adapter_bytes"] == 0
     assert fused["denoise"]["weight_bytes"] == plain["denoise"]["weight_bytes"]
+
+
+def test_the_plan_adds_the_adapters_activations(tiny_checkpoint, tmp_path):
+    """Unfused adapters add their transient tensors (lora_A's output and two of the widest wrapped
+    layer's output width, over the tokens the component sees) to each computing device's activations."""
+    from flux_sharded.activations import ACTIVATION_MARGIN
+
+    lora = build_tiny_lora(tiny_checkpoint, tmp_path / "lora.safetensors", seed=1, rank=4, text_encoder=True)
+    plain = _dry_run_stages(tiny_checkpoint, tmp_path)
+    planned = _dry_run_stages(tiny_checkpoint, tmp_path, "--lora", str(lora))
+    config = json.loads((tiny_checkpoint / "transformer" / "config.json").read_text())
+    widest = max(6 * config["num_attention_heads"] * config["attention_head_dim"], 4 * config["num_attention_heads"]
+                 * config["attention_head_dim"])  # norm1.linear (6 x inner), ff.net.0.proj (4 x inner)
+    tokens = (SIZE // 16) ** 2 + 512  # the dry-run's default max_sequence_length for FLUX.1
+    expected = int((4 + 2 * widest) * tokens * 2 * ACTIVATION_MARGIN)  # bfloat16
+    added = {stage: planned[stage]["planned_bytes"]["cpu"] - planned[stage]["weight_bytes"]["cpu"]
+             - (plain[stage]["planned_bytes"]["cpu"] - plain[stage]["weight_bytes"]["cpu"])
+             for stage in ("encode", "denoise")}
+    assert abs(added["denoise"] - expected) <= 1
+    assert added["encode"] == 0  # CLIP's, with its adapters, stays below T5's peak, which the stage plans
