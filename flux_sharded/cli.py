@@ -399,8 +399,12 @@ def _check_agrees(given: list[str], options: dict, saved, checkpoint) -> None:
             if name == "model":  # as the run saved it: a local folder by its absolute path
                 mine = model_reference(mine)
             if mine != value:
-                raise SettingsError(f"--resume: --{name.replace('_', '-')} {options[name]} conflicts with the saved "
-                                    f"run's {value}; drop it to continue the run, or start a new run")
+                option = f"--{name.replace('_', '-')}"
+                shown = (" ".join(f"{option} {each}" for each in options[name]) if isinstance(options[name], tuple)
+                         else f"{option} {options[name]}")
+                saved = "; ".join(value) or "none" if isinstance(value, tuple) else value
+                raise SettingsError(f"--resume: {shown} conflicts with the saved run's {saved}; drop it to continue "
+                                    "the run, or start a new run")
 
 
 def _prompt_lines(prompts, prompts_file):

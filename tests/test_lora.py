@@ -114,6 +114,13 @@ def test_resume_refuses_a_lora_file_changed_since_the_run_began(tiny_checkpoint,
     lora = build_tiny_lora(tiny_checkpoint, tmp_path / "style.safetensors", seed=1)
     assert _run(tiny_checkpoint, tmp_path / "out", "--lora", str(lora)).exit_code == 0
     (run_dir,) = (tmp_path / "out" / ".flux-sharded").glob("run-*")
+    repeated = invoke(["--resume", str(run_dir), "--lora", str(lora)])  # the run's own LoRA may be repeated
+    assert repeated.exit_code == 0, repeated.output
+    other = build_tiny_lora(tiny_checkpoint, tmp_path / "other.safetensors", seed=3)
+    changed = invoke(["--resume", str(run_dir), "--lora", f"{other}:0.5"])
+    assert changed.exit_code == 2
+    assert error_line(changed).startswith(f"Error: --resume: --lora {other.absolute()}:0.5 sha256:")
+    assert error_line(changed).endswith("; drop it to continue the run, or start a new run")
     build_tiny_lora(tiny_checkpoint, lora, seed=2)  # same name, other weights
     result = invoke(["--resume", str(run_dir)])
     assert result.exit_code == 2
