@@ -373,3 +373,32 @@ def test_the_plan_adds_the_adapters_activations(tiny_checkpoint, tmp_path):
              for stage in ("encode", "denoise")}
     assert abs(added["denoise"] - expected) <= 1
     assert added["encode"] == 0  # CLIP's, with its adapters, stays below T5's peak, which the stage plans
+
+
+def test_a_lora_on_a_component_offloaded_by_accelerates_hooks_is_refused(tiny_checkpoint, tmp_path):
+    """A map with "disk" (or "cpu" blocks under accelerate's hooks) is placed by from_pretrained as it
+    loads, before any adapter could go in: such a plan is refused, naming the way out."""
+    import dataclasses
+
+    from flux_sharded import runner
+    from flux_sharded.checkpoint import resolve_checkpoint
+    from flux_sharded.errors import SettingsError
+    from flux_sharded.handoff import GenerationSettings
+    from flux_sharded.lora import resolve
+    from flux_sharded.plan import plan_run
+
+    lora = build_tiny_lora(tiny_checkpoint, tmp_path / "lora.safetensors", seed=1)
+    settings = GenerationSettings(str(tiny_checkpoint), (PROMPT,), (SEED,), STEPS, 3.5, SIZE, SIZE, TOKENS, "float32",
+                                  lora=(resolve(str(lora)).saved_text,))
+    budget = {0: 10**9, "cpu": 10**9, "disk": 10**9}
+    request = runner.RunRequest(resolve_checkpoint(str(tiny_checkpoint)), settings, budget, tmp_path)
+    plan = plan_run(runner.plan_inputs(request), budget)
+    runner.check_adapters_placed(plan, request)  # whole on GPU 0: placed after the LoRA went in
+    denoise = plan.stage("denoise")
+    on_disk = dataclasses.replace(denoise.component("transformer"), streamed=False, device_map={
+        "transformer_blocks": 0, "single_transformer_blocks": "disk", "": 0})
+    plan = dataclasses.replace(plan, stages=tuple(dataclasses.replace(stage, components=(on_disk,))
+                                                  if stage.name == "denoise" else stage for stage in plan.stages))
+    with pytest.raises(SettingsError, match=r"the plan offloads transformer through accelerate's hooks \(0, disk\), "
+                                            r"where its LoRA layers could not be placed; give its GPUs room"):
+        runner.check_adapters_placed(plan, request)
