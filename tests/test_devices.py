@@ -387,7 +387,7 @@ def test_a_transformer_with_a_lora_and_streamed_blocks_equals_the_one_piece_pipe
     settings = _lora_settings(tiny_checkpoint, lora, "none" if method == "none" else f"transformer={method}")
     stages = plans(tiny_checkpoint, settings, CPU_BUDGET)
     adapters = stages["denoise"].component("transformer").adapters
-    planned = plan_module._placed(components(tiny_checkpoint, settings), "transformer",
+    planned = plan_module._placed(components(tiny_checkpoint, settings), "transformer", "denoise",
                                   {**TOP_LEVEL, **ORDERS["streamed-then-gpu-1"]}, [0, 1], streamed=True)
     stages["denoise"] = dataclasses.replace(stages["denoise"], components=(dataclasses.replace(planned,
                                                                                               adapters=adapters),))
