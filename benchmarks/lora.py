@@ -3,16 +3,17 @@ adapter bytes, and what fusing does to the pixels of a quantized transformer.
 
     python benchmarks/lora.py [--preset mini] [--work .cache/bench] [--rank 16]
 
-1) Runs the command line (256x256, 4 steps, one image, bfloat16, --max-memory cpu=4GB) with 0, 1
+1) Runs the command line (256x256, 4 steps, one image, float32, --max-memory cpu=4GB) with 0, 1
    and 3 random LoRAs (flux_sharded.tiny.build_tiny_lora: every attention and feed-forward layer of
    every block, CLIP's attention and fc1, rank --rank), and takes each stage's load and run seconds
    and planned adapter bytes from --report; the stored bytes are counted on the component loaded as
-   the stage loads it (stages/adapters.load_adapters), every lora_ tensor PEFT holds.
-2) Fused or not, under fp8 and int8 (one LoRA, diffusers' one-piece FluxPipeline in bfloat16): the
+   the stage loads it (stages/adapters.load_adapters), every lora_ tensor PEFT holds. float32: this
+   machine's CPU has no bfloat16 kernels for the VAE's convolutions (minutes per decode).
+2) Fused or not, under fp8 and int8 (one LoRA, diffusers' one-piece FluxPipeline in float32): the
    mean absolute pixel difference from the unquantized image with the same LoRA, for the LoRA kept
    as adapters (fp8: loaded before the layerwise cast, which then stores the adapters in fp8 too,
    since an adapter added after the cast fails on the CPU; int8: PEFT's torchao layer) and fused
-   into the bfloat16 weights before quantizing (fuse_lora, unload_lora_weights, then the cast or
+   into the float32 weights before quantizing (fuse_lora, unload_lora_weights, then the cast or
    torchao's quantize_).
 Prints Markdown tables, then one JSON line.
 """
@@ -88,7 +89,8 @@ def _staged(checkpoint: Path, loras: list[Path], out: Path) -> dict:
     """One run of the command line in a child process (its imports and peak are its own)."""
     report = out / "report.json"
     command = [sys.executable, "-m", "flux_sharded", "--model", str(checkpoint), "--prompt", PROMPT, "--seed",
-               str(SEED), "--steps", str(STEPS), "--height", str(SIZE), "--width", str(SIZE), "--max-memory",
+               str(SEED), "--steps", str(STEPS), "--height", str(SIZE), "--width", str(SIZE), "--dtype", "float32",
+               "--max-memory",
                "cpu=4GB", "--out", str(out), "--report", str(report), "--overwrite",
                *[arg for lora in loras for arg in ("--lora", str(lora))]]
     subprocess.run(command, check=True, capture_output=True, text=True)
@@ -96,7 +98,7 @@ def _staged(checkpoint: Path, loras: list[Path], out: Path) -> dict:
 
 
 def _stored(checkpoint: Path, name: str, loras: list[Path]) -> int:
-    """Bytes of the adapter tensors the component holds once the stage loaded its LoRAs (bfloat16)."""
+    """Bytes of the adapter tensors the component holds once the stage loaded its LoRAs (float32)."""
     import diffusers
     import transformers
 
@@ -107,17 +109,17 @@ def _stored(checkpoint: Path, name: str, loras: list[Path]) -> int:
     family = family_of(checkpoint)
     component = family.component(name)
     library = diffusers if component.library == "diffusers" else transformers
-    model = getattr(library, component.class_name).from_pretrained(checkpoint, subfolder=name, dtype=torch.bfloat16)
+    model = getattr(library, component.class_name).from_pretrained(checkpoint, subfolder=name, dtype=torch.float32)
     load_adapters(family, name, model, tuple(Adapter(f"lora_{index}", path, 1.0) for index, path in enumerate(loras)))
     return sum(tensor.numel() * tensor.element_size() for key, tensor in model.named_parameters() if "lora_" in key)
 
 
 def _one_piece(checkpoint: Path, lora: Path | None, method: str | None, fused: bool) -> np.ndarray:
-    """FluxPipeline's image in bfloat16, its transformer quantized by `method` with `lora` kept as
+    """FluxPipeline's image in float32, its transformer quantized by `method` with `lora` kept as
     adapters or fused first (module docstring)."""
     import diffusers
 
-    dtype = torch.bfloat16
+    dtype = torch.float32
     pipeline = diffusers.FluxPipeline.from_pretrained(checkpoint, dtype=dtype)
     if method == "int8" and not fused:
         from torchao.quantization import Int8WeightOnlyConfig
