@@ -70,7 +70,7 @@ def load(checkpoint, stage_plan, dtype: torch.dtype, offload_folder=None):
             )
         if plan.adapters:
             load_adapters(family, name, encoders[name], plan.adapters)
-            place(encoders[name], dict(plan.device_map))
+            place(encoders[name], dict(plan.device_map), streamed=plan.streamed)
         else:
             check_placement(encoders[name], dict(plan.device_map), streamed=False)
     others = {name: None for name in family.names if name not in encoders}
