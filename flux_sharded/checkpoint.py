@@ -477,6 +477,17 @@ def check_same_weights(saved: dict | None, current: dict, model: str, run_dir: P
             )
 
 
+def check_unchanged_weights(checkpoint: Checkpoint, digest: str, stage: str, resume_command: str) -> None:
+    """Before a stage loads its weights: the checkpoint's files are still those the run began with
+    (`digest`: fingerprint_digest of its fingerprint; a file changed since is hashed again,
+    digests.py), so that one run never mixes two sets of weights. Raises CheckpointError."""
+    if fingerprint_digest(weights_fingerprint(checkpoint.path)) != digest:
+        raise CheckpointError(
+            f"--model: the files of '{checkpoint.model}' changed while the run was going on, before {stage} loaded "
+            f"them; its images would mix two sets of weights: restore those files and continue with: "
+            f"{resume_command}, or start a new run with them")
+
+
 def check_resumed_model(saved: dict | None, model: str, folder: Path, run_dir: Path) -> None:
     """Before a resume plans anything: the model run.json names (`model`, read from `folder`) is the
     one whose weights the run recorded, as far as the files at hand tell. A local folder is

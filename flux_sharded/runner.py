@@ -32,6 +32,7 @@ from .budget import Budget, budget_to_json, format_budget, format_bytes, gpu_ind
 from .checkpoint import (
     Checkpoint,
     check_same_weights,
+    check_unchanged_weights,
     check_tokenizers,
     check_weight_files,
     fingerprint_digest,
@@ -522,6 +523,7 @@ def _execute_plan(request: RunRequest, checkpoint: Checkpoint, plan: RunPlan, pa
         work = stage.todo(handoff, share)
         if work is None:
             continue
+        check_unchanged_weights(checkpoint, weights, stage.NAME, request.resume_command)
         result = _run_stage(stage, request, checkpoint, plan.stage(stage.NAME), work, process, share.saved)
         handoff = stage.finish(result.output, share)
         result.report.images = len(handoff.settings.prompts)

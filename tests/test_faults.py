@@ -728,6 +728,41 @@ def test_failure_while_running(tiny_checkpoint, finished_run, tmp_path, monkeypa
         assert_same_pixels(np.asarray(Image.open(image)), np.asarray(Image.open(reference)))
 
 
+def test_weights_changed_between_two_stages_of_a_run_are_refused(tiny_checkpoint, finished_run, tmp_path, monkeypatch):
+    """One byte in the middle of the transformer's weights flipped once encode's handoff is saved (its
+    size and mtime put back): denoise does not load them, the run stops with one line, encode's work
+    is kept; the weights restored, the resume makes the undisturbed run's pixels."""
+    import shutil
+
+    from flux_sharded import runner
+
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(tiny_checkpoint, checkpoint)
+    weights = checkpoint / "transformer" / "diffusion_pytorch_model.safetensors"
+    original = weights.read_bytes()
+    out, run_dir = tmp_path / "out", tmp_path / "run"
+
+    def save_then_change_the_weights(share, handoff, stage, _real=runner.ShareRun.save_handoff):
+        _real(share, handoff, stage)
+        if stage == "encode":
+            flipped_in_the_middle("transformer/diffusion_pytorch_model.safetensors")(
+                Workspace(checkpoint, out, run_dir, []))
+
+    monkeypatch.setattr(runner.ShareRun, "save_handoff", save_then_change_the_weights)
+    result = invoke(["--model", str(checkpoint), *COMMON, "--out", str(out), "--run-dir", str(run_dir), *prompt_args()])
+    monkeypatch.undo()
+    assert result.exit_code == 2, result.output
+    assert error_line(result).startswith(f"Error: --model: the files of '{checkpoint}' changed while the run was going "
+                                         "on, before denoise loaded them; its images would mix two sets of weights")
+    assert (run_dir / "encode.json").exists() and not (run_dir / "denoise.json").exists()
+    assert not list(out.glob("*.png"))
+    weights.write_bytes(original)
+    resumed = invoke(["--resume", str(run_dir)])
+    assert resumed.exit_code == 0, resumed.output
+    for image, reference in zip(sorted(out.glob("*.png")), sorted(finished_run.glob("*.png")), strict=True):
+        assert_same_pixels(np.asarray(Image.open(image)), np.asarray(Image.open(reference)))
+
+
 def test_debug_variable_shows_the_traceback(tiny_checkpoint, tmp_path, monkeypatch):
     monkeypatch.setattr(decode, "run", a_bug)
     monkeypatch.setenv("FLUX_SHARDED_DEBUG", "1")
