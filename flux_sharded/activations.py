@@ -155,6 +155,33 @@ def flux2_transformer_activation_bytes(config: dict, height: int, width: int, va
     return _with_margin(block + loop)
 
 
+def flux3_transformer_activation_bytes(config: dict, height: int, width: int, vae_scale_factor: int,
+                                       sequence_length: int, dtype_bytes: int, reference_tokens: int = 0) -> int:
+    """Flux3Transformer2DModel forward (FLUX.3 klein, base and distilled), peak inside a joint
+    single block, plus the loop's tensors. An estimate, derived like the FLUX.2 one and checked the
+    same way.
+
+    With S = text + image + reference tokens and D = heads x head_dim: FLUX.3 modulates per token,
+    so every token keeps its early and single-block modulations (2 x 3 D) for the whole forward; a
+    single block holds the normed inputs and their concatenation, q, k, v, the SwiGLU input (2 x
+    mlp_ratio D = 6 D) and output (3 D), the attention output and the sum: about 25 S x D tensors in
+    the model dtype, plus 8 bytes per S x D of float32 temporaries (the q/k RMS norms are kept in
+    float32, rotary tables). Measured with memory.TensorBytesTracker on scaled-down random
+    transformers (widths 128-256, 384-1264 tokens, with and without reference tokens, CPU flash
+    attention: no S x S scores): peak / (S x D x b) = 24.3-26.4; the formula gives 27 in float32 and
+    29 in bfloat16 before the margin (tests/test_families.py keeps it within 1.0-1.6 x). The loop
+    adds the latents, the noise prediction and the stepped latents (3 x image tokens x in_channels)
+    and the prompt embeddings (text tokens x joint_attention_dim). The per-mode blocks attend within
+    one mode and hold less. FLUX.3 at 1024x1024 with 640 text tokens in bf16: 0.87 GB before the margin.
+    """
+    tokens_image = image_tokens(height, width, vae_scale_factor)
+    tokens = tokens_image + sequence_length + reference_tokens
+    width_model = config["num_attention_heads"] * config["attention_head_dim"]
+    block = tokens * width_model * (25 * dtype_bytes + 8)
+    loop = (3 * tokens_image * config["in_channels"] + sequence_length * config["joint_attention_dim"]) * dtype_bytes
+    return _with_margin(block + loop)
+
+
 def decoder_text_encoder_activation_bytes(text_config: dict, sequence_length: int, dtype_bytes: int,
                                           layers: int) -> int:
     """A decoder-only language model (Mistral, Qwen3) run as FLUX.2's text encoder: a forward pass

@@ -10,9 +10,10 @@ that module runs. Here:
 - a FLUX transformer holds its block lists itself: no containers, the embedders, modulations and
   the final norm and projection are its top-level modules;
 - a text encoder holds them deeper (T5: `encoder.block`; Qwen3: `model.layers`; Mistral 3:
-  `model.language_model.layers`; CLIP: `encoder.layers`): the modules on the way are *containers*,
-  recursed into (`block_modules`, by their names), and each container's other children (embeddings,
-  norms, rotary tables) are top-level modules too.
+  `model.language_model.layers`; CLIP: `encoder.layers`), and FLUX.3's transformer some of them in
+  a ModuleDict (`mode_blocks.image`): the modules on the way are *containers*, recursed into
+  (`block_modules`, by their names), and each container's other children (embeddings, norms, rotary
+  tables) are top-level modules too.
 
 A container is a child that holds, outside any block list, a list of the model's no-split blocks
 (`_no_split_modules`: T5Block, Qwen3DecoderLayer, ...).
@@ -32,25 +33,24 @@ class BlockStructure:
     lists: tuple[str, ...]  # dotted names of the block lists, in the model's order
     containers: tuple[str, ...]  # dotted names of the modules recursed into on the way to them
     top_level: tuple[str, ...]  # dotted names of every other child of the model or of a container
+    # Whether the top-level modules stream with the blocks and group offloading may prefetch on a
+    # side CUDA stream (`use_stream`): only when every top-level module (and weight) outside the
+    # blocks is the model's own, as in a FLUX.1/FLUX.2 transformer, or FLUX.3's whose containers
+    # (`mode_blocks`) hold block lists alone. Otherwise (a text encoder) the top-level modules stay on
+    # the first GPU and blocks move without prefetching:
+    # - a container's forward is not the only caller of its top-level modules (Mistral3Model calls
+    #   `language_model.embed_tokens` itself), so the container's group (brought to the GPU when the
+    #   container runs) may still be in RAM when they run;
+    # - diffusers (0.42.1) gives the model and each such container its own lazy-prefetch hook, and
+    #   the second registers the layer-tracking hook the first already set on the same blocks ("Hook
+    #   with name ... already exists"); a text encoder runs once per batch of prompts, where
+    #   prefetching saves little.
+    streams: bool
 
     @property
     def block_modules(self) -> list[str] | None:
         """diffusers' `block_modules`: the containers' own names (it matches children by name)."""
         return [name.rpartition(".")[2] for name in self.containers] or None
-
-    @property
-    def streams(self) -> bool:
-        """Whether the top-level modules stream with the blocks and group offloading may prefetch on
-        a side CUDA stream (`use_stream`): only without containers (a FLUX transformer). With them (a
-        text encoder) the top-level modules stay on the first GPU and blocks move without prefetching:
-        - a container's forward is not the only caller of its top-level modules (Mistral3Model calls
-          `language_model.embed_tokens` itself), so the container's group (brought to the GPU when
-          the container runs) may still be in RAM when they run;
-        - diffusers (0.42.1) gives the model and each container its own lazy-prefetch hook, and the
-          second registers the layer-tracking hook the first already set on the same blocks ("Hook
-          with name ... already exists"); a text encoder runs once per batch of prompts, where
-          prefetching saves little."""
-        return not self.containers
 
     def blocks(self, model: torch.nn.Module) -> list[str]:
         """Every block's dotted name, in execution order."""
@@ -102,4 +102,7 @@ def block_structure(model: torch.nn.Module) -> BlockStructure:
     if len(set(container_names)) < len(container_names) or others & set(container_names):
         raise ValueError(f"{type(model).__name__}: containers {containers} share a name with another module; "
                          "diffusers' block_modules matches children by name")
-    return BlockStructure(tuple(lists), tuple(containers), tuple(top_level))
+    own = all("." not in name for name in top_level) and not any(
+        True for name in containers for _ in (*model.get_submodule(name).parameters(recurse=False),
+                                              *model.get_submodule(name).buffers(recurse=False)))
+    return BlockStructure(tuple(lists), tuple(containers), tuple(top_level), streams=own)

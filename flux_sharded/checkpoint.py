@@ -32,6 +32,8 @@ SHIPPED_CONFIGS = {
     "black-forest-labs/FLUX.2-dev": "FLUX.2-dev",
     "black-forest-labs/FLUX.2-klein-4B": "FLUX.2-klein-4B",
     "black-forest-labs/FLUX.2-klein-9B": "FLUX.2-klein-9B",
+    "black-forest-labs/flux-3-image-klein": "FLUX.3-klein",  # reconstructed configs: configs/README.md
+    "black-forest-labs/flux-3-image-klein-base": "FLUX.3-klein-base",
 }
 
 

@@ -126,9 +126,9 @@ def encode_only(model: torch.nn.Module, layers: int) -> torch.nn.Module:
       final-normed one, which after the cut would be hidden_states[layers] itself;
     - `lm_head` (made an identity): the logits are thrown away (FLUX.2-dev's 0.67 B parameters;
       Qwen3-4B ties it to the embeddings, so only compute is saved there);
-    - Mistral3's Pixtral vision tower and multimodal projector (0.44 B): text-only prompts pass no
-      pixel_values; they serve only the pipeline's optional caption upsampling, which flux-sharded
-      does not offer.
+    - Mistral3's Pixtral vision tower and multimodal projector (0.44 B), Qwen3-VL's vision tower
+      (`visual`, 0.415 B): text-only prompts pass no pixel_values; they serve only the pipelines'
+      optional caption upsampling, which flux-sharded does not offer.
     The cut keeps the module names of the full model (model.language_model.layers.0, ...) and lists
     the modules it replaced in `model.encode_cut`, which plans leave out of their device maps: a
     loader must build this cut model, not load the full one with the plan's map.
@@ -138,7 +138,7 @@ def encode_only(model: torch.nn.Module, layers: int) -> torch.nn.Module:
     decoder.layers = decoder.layers[:layers]
     cut = [(decoder, "norm"), (model, "lm_head")]
     inner = getattr(model, "model", None)
-    cut += [(inner, part) for part in ("vision_tower", "multi_modal_projector") if hasattr(inner, part)]
+    cut += [(inner, part) for part in ("vision_tower", "multi_modal_projector", "visual") if hasattr(inner, part)]
     owners = {id(module): name for name, module in model.named_modules()}
     model.encode_cut = tuple(f"{owners[id(owner)]}.{part}".lstrip(".") for owner, part in cut)
     for owner, part in cut:

@@ -18,6 +18,7 @@ the hidden-state layers FLUX.2's encode uses are read from the installed diffuse
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +78,11 @@ def _vae(config: dict, inputs: Geometry, tiled: bool) -> int:
 
 def _flux2_transformer(config: dict, inputs: Geometry, tiled: bool) -> int:
     return activations.flux2_transformer_activation_bytes(config, inputs.height, inputs.width, inputs.vae_scale_factor,
+                                                          inputs.max_sequence_length, _dtype_bytes(inputs))
+
+
+def _flux3_transformer(config: dict, inputs: Geometry, tiled: bool) -> int:
+    return activations.flux3_transformer_activation_bytes(config, inputs.height, inputs.width, inputs.vae_scale_factor,
                                                           inputs.max_sequence_length, _dtype_bytes(inputs))
 
 
@@ -208,6 +214,13 @@ def _check_flux2_configs(fields: Fields, family: Family, transformer_name: str, 
     if "text_config" in encoder.data:  # Mistral3ForConditionalGeneration: the language model's config
         encoder = JsonFields(encoder.object("text_config"), encoder.where, encoder.fix, CheckpointError,
                              prefix="text_config.")
+    _check_stacked_text_encoder(encoder, family, joint)
+
+
+def _check_stacked_text_encoder(encoder: JsonFields, family: Family, joint: int) -> None:
+    """A decoder-only text encoder whose hidden states the encode stacks (FLUX.2, FLUX.3): bounded,
+    deep enough for the deepest layer read, and as wide as the transformer's joint_attention_dim
+    divided by the number of stacked layers."""
     width = encoder.integer("hidden_size", 1, MAX_WIDTH)
     layers = encoder.integer("num_hidden_layers", 1, MAX_LAYERS)
     encoder.integer("intermediate_size", 1, 4 * MAX_WIDTH)
@@ -220,6 +233,25 @@ def _check_flux2_configs(fields: Fields, family: Family, transformer_name: str, 
     if joint != stacked * width:
         encoder.fail(f"is {width}, but the transformer's joint_attention_dim {joint} is {stacked} x the text encoder's "
                      f"width ({stacked} stacked hidden states)", "hidden_size")
+
+
+def _check_flux3_configs(fields: Fields, family: Family, transformer_name: str, vae_name: str,
+                         encoders: tuple[str, ...]) -> None:
+    """FLUX.3's configs: Flux3Transformer2DModel, AutoencoderKLFlux2 and Qwen3-VL's language model,
+    bounded, and the widths they share: the transformer takes the stacked hidden states of
+    len(text_encoder_out_layers) layers (joint_attention_dim = 8 x the text encoder's hidden_size)
+    and 2x2-patchified latents (in_channels = 4 x latent_channels)."""
+    (encoder_name,) = encoders
+    transformer = fields(transformer_name)
+    in_channels, joint = _check_transformer(transformer, rope_axes=4)
+    transformer.integer("cond_in_channels", 1, MAX_WIDTH, optional=True)
+    transformer.number("mlp_ratio", 0, optional=True)
+    transformer.boolean("flow_map", optional=True)
+    _check_vae(fields(vae_name), in_channels)
+    encoder = fields(encoder_name)
+    encoder = JsonFields(encoder.object("text_config"), encoder.where, encoder.fix, CheckpointError,
+                         prefix="text_config.")
+    _check_stacked_text_encoder(encoder, family, joint)
 
 
 # ---------------------------------------------------------------- the registry
@@ -398,7 +430,44 @@ FLUX_2_KLEIN = Family(
     code="flux2",
     config_checks=_check_flux2_configs,
 )
-FAMILIES = {family.pipeline: family for family in (FLUX_1, FLUX_2_DEV, FLUX_2_KLEIN)}
+# FLUX.3 klein (FLUX 3 Image Klein): diffusers 0.42.1 runs it only through its modular pipelines
+# (modular_pipelines/flux3), which flux-sharded plans but does not run yet (runs=False). Defaults
+# are the blocks' own: the step-distilled "flow map" checkpoint 16 steps without guidance, the base
+# checkpoint 50 steps with classifier-free guidance on an empty negative prompt (scale 3.5). The
+# encode right-pads each prompt to a multiple of 80 tokens up to max_sequence_length (8192 in
+# diffusers): flux-sharded plans 640 (8 x 80, so a prompt of up to 640 tokens is padded exactly as
+# diffusers pads it), and --max-sequence-length up to 8192 plans longer ones.
+_FLUX_3_COMPONENTS = (
+    Component("text_encoder", "transformers", "Qwen3VLForConditionalGeneration",
+              {"encode": _decoder_text_encoder("Flux3ModularPipeline")}, truncated=True, tokenizer="tokenizer",
+              tokenizer_files=BPE_FILES, large=True),
+    Component("transformer", "diffusers", "Flux3Transformer2DModel", {"denoise": _flux3_transformer}, large=True),
+    Component("vae", "diffusers", "AutoencoderKLFlux2", {"decode": _vae}),
+)
+FLUX_3_KLEIN = Family(
+    name="FLUX.3-klein",
+    pipeline="Flux3DistilledModularPipeline",
+    components=_FLUX_3_COMPONENTS,
+    steps=16,  # Flux3DistilledAutoBlocks' denoise default
+    guidance=0.0,  # no classifier-free guidance: the flow map jumps to target_timestep each step
+    max_sequence_length=640,
+    sample_size=128,  # 1024x1024, the blocks' default size
+    runs=False,
+    text_token_limit=8192,
+    encoded=_flux2_encoded,
+    shared_tensors=(),
+    code="flux3",
+    config_checks=_check_flux3_configs,
+)
+FLUX_3_KLEIN_BASE = dataclasses.replace(
+    FLUX_3_KLEIN,
+    name="FLUX.3-klein-base",
+    pipeline="Flux3ModularPipeline",
+    steps=50,  # Flux3AutoBlocks' denoise default
+    guidance=3.5,  # the guider's default scale (BFL's README says 4)
+    second_pass=True,
+)
+FAMILIES = {family.pipeline: family for family in (FLUX_1, FLUX_2_DEV, FLUX_2_KLEIN, FLUX_3_KLEIN, FLUX_3_KLEIN_BASE)}
 # Every folder any family's pipeline reads (what a hub download fetches, what the weights' fingerprint covers).
 PIPELINE_FOLDERS = tuple(sorted({folder for family in FAMILIES.values() for folder in family.folders}))
 
@@ -451,6 +520,11 @@ def family_of(config_root: Path) -> Family:
     return family_for(index.get("_class_name") if isinstance(index, dict) else None, str(config_root))
 
 
+# diffusers' modular pipelines and the blocks they run (FLUX.3 has no one-piece pipeline class).
+MODULAR_PIPELINES = {"Flux3ModularPipeline": "Flux3AutoBlocks",
+                     "Flux3DistilledModularPipeline": "Flux3DistilledAutoBlocks"}
+
+
 @functools.lru_cache(maxsize=None)
 def encode_out_layers(pipeline: str) -> tuple[int, ...]:
     """The hidden states FLUX.2's encode stacks into the prompt embeddings: the pipeline's
@@ -461,6 +535,11 @@ def encode_out_layers(pipeline: str) -> tuple[int, ...]:
 
     import diffusers
 
+    if pipeline in MODULAR_PIPELINES:
+        # FLUX.3: the text_encoder block's own input default ((4, 8, ..., 32) in diffusers 0.42.1)
+        blocks = getattr(diffusers.modular_pipelines, MODULAR_PIPELINES[pipeline])()
+        inputs = {param.name: param.default for param in blocks.sub_blocks["text_encoder"].inputs}
+        return tuple(inputs["text_encoder_out_layers"])
     return tuple(inspect.signature(getattr(diffusers, pipeline).__call__).parameters["text_encoder_out_layers"].default)
 
 

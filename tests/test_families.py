@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from flux_sharded import plan as plan_module
-from flux_sharded.activations import decoder_text_encoder_activation_bytes, flux2_transformer_activation_bytes
+from flux_sharded.activations import (decoder_text_encoder_activation_bytes, flux2_transformer_activation_bytes,
+                                      flux3_transformer_activation_bytes)
 from flux_sharded.checkpoint import SHIPPED_CONFIGS, resolve_checkpoint, shipped_config_dir
 from flux_sharded.components import empty_component, encode_only
 from flux_sharded.families import FAMILIES, FLUX_1, encode_layers, encode_out_layers, family_of
@@ -27,6 +28,7 @@ from .conftest import error_lines, invoke
 
 GB = 10**9
 FLUX_2 = {"FLUX.2-dev": "Flux2Pipeline", "FLUX.2-klein-4B": "Flux2KleinPipeline", "FLUX.2-klein-9B": "Flux2KleinPipeline"}
+FLUX_3 = {"FLUX.3-klein": "Flux3DistilledModularPipeline", "FLUX.3-klein-base": "Flux3ModularPipeline"}
 
 
 # ---------------------------------------------------------------- the registry
@@ -40,7 +42,7 @@ def test_flux1_stages_and_classes_come_from_the_family():
         assert index[component.name] == [component.library, component.class_name]
 
 
-@pytest.mark.parametrize("folder", ["FLUX.1-dev", "FLUX.1-schnell", *FLUX_2])
+@pytest.mark.parametrize("folder", ["FLUX.1-dev", "FLUX.1-schnell", *FLUX_2, *FLUX_3])
 def test_each_shipped_checkpoint_selects_its_family_and_names_its_classes(folder):
     index = json.loads((shipped_config_dir(folder) / "model_index.json").read_text())
     family = family_of(shipped_config_dir(folder))
@@ -351,3 +353,90 @@ def test_each_family_lists_the_folders_of_its_pipeline(name):
     index = json.loads((folder / "model_index.json").read_text())
     parts = sorted(key for key, value in index.items() if isinstance(value, list) and value[0] is not None)
     assert family_of(folder).folders == tuple(parts)
+
+
+# ---------------------------------------------------------------- FLUX.3 klein: planned, not run yet
+
+# configs/README.md: parameters x 2 bytes (bf16); the text encoder as the encode cuts it (3.62 B).
+FLUX_3_PUBLISHED = {"transformer": {"FLUX.3-klein": 11_097_363_968, "FLUX.3-klein-base": 11_076_916_736},
+                    "text_encoder": 7_240_000_000, "vae": 168_092_230}
+FLUX_3_HUB = {"FLUX.3-klein": "black-forest-labs/flux-3-image-klein",
+              "FLUX.3-klein-base": "black-forest-labs/flux-3-image-klein-base"}
+
+
+@pytest.mark.parametrize("folder", list(FLUX_3))
+@pytest.mark.parametrize("budget", ["0=12GiB,cpu=32GB", "0=8GiB,cpu=32GB"])
+def test_flux3_hub_ids_plan_offline_within_2_percent_of_the_published_sizes(folder, budget):
+    checkpoint = resolve_checkpoint(FLUX_3_HUB[folder], need_weights=False)
+    assert checkpoint.path == shipped_config_dir(folder) and checkpoint.family.pipeline == FLUX_3[folder]
+    inputs = PlanInputs(checkpoint.path, torch.bfloat16, 1024, 1024, checkpoint.family.max_sequence_length,
+                        vae_scale_factor=checkpoint.vae_scale_factor)
+    plan = plan_run(inputs, _budget(budget))  # fits, or PlanError
+    for stage in plan.stages:
+        for component in stage.components:
+            planned = sum(size for device, size in component.weight_bytes.items())
+            published = FLUX_3_PUBLISHED[component.name]
+            published = published[folder] if isinstance(published, dict) else published
+            assert abs(planned - published) <= 0.02 * published, f"{component.name}: {planned} vs {published}"
+    transformer = plan.stage("denoise").component("transformer")
+    assert transformer.streamed == budget.startswith("0=8GiB")  # 11.1 GB: on a 12 GiB card whole, on 8 GiB streamed
+    assert bool(transformer.pinned_bytes) == transformer.streamed  # its blocks are prefetched (blocks.py)
+
+
+def test_flux3_runs_are_refused_in_one_line_and_dry_runs_name_the_familys_defaults():
+    run = invoke(["--model", FLUX_3_HUB["FLUX.3-klein"], "--prompt", "a dog"])
+    assert run.exit_code == 2 and error_lines(run.output) == [
+        "Error: --model 'black-forest-labs/flux-3-image-klein' is FLUX.3-klein (Flux3DistilledModularPipeline): "
+        "FLUX.3-klein runs are not implemented yet; --dry-run plans them (add --dry-run to see the plan under your "
+        "--max-memory)"]
+    for folder, defaults in [("FLUX.3-klein", "16 steps, guidance 0, 640 prompt tokens"),
+                             ("FLUX.3-klein-base", "50 steps, guidance 3.5, 640 prompt tokens")]:
+        dry = invoke(["--model", FLUX_3_HUB[folder], "--prompt", "a dog", "--max-memory", "0=12GiB,cpu=32GB",
+                      "--dry-run"])
+        assert dry.exit_code == 0 and defaults in dry.output, dry.output
+
+
+def test_flux3_encode_reads_the_installed_blocks_layers_and_the_meta_encoder_is_cut_to_them():
+    assert encode_out_layers("Flux3ModularPipeline") == (4, 8, 12, 16, 20, 24, 28, 32)
+    assert encode_layers("Flux3DistilledModularPipeline") == 32
+    model = empty_component(shipped_config_dir("FLUX.3-klein"), "text_encoder")
+    assert len(model.get_decoder().layers) == 32
+    assert isinstance(model.model.visual, torch.nn.Identity) and isinstance(model.lm_head, torch.nn.Identity)
+
+
+@pytest.mark.parametrize(
+    "heads, head_dim, dtype, image_side, text_tokens, reference_side",
+    [(4, 32, torch.float32, 16, 128, 0), (8, 32, torch.bfloat16, 32, 240, 0), (4, 64, torch.bfloat16, 24, 80, 0),
+     (4, 32, torch.float32, 16, 160, 16)],
+)
+def test_flux3_transformer_estimate_bounds_the_measured_peak(heads, head_dim, dtype, image_side, text_tokens,
+                                                             reference_side):
+    from diffusers import Flux3Transformer2DModel
+
+    torch.manual_seed(0)
+    model = Flux3Transformer2DModel(
+        in_channels=16, cond_in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=head_dim,
+        num_attention_heads=heads, joint_attention_dim=96, timestep_channels=32, mlp_ratio=3.0,
+        axes_dims_rope=(head_dim // 4,) * 4).to(dtype).eval()
+    for name, module in model.named_modules():  # as from_pretrained(dtype=...) keeps them: the q/k RMS norms
+        if set(name.split(".")) & set(model._keep_in_fp32_modules):
+            module.float()
+    latents = torch.randn(1, image_side * image_side, 16, dtype=dtype)
+    embeds = torch.randn(1, text_tokens, 96, dtype=dtype)
+    timestep = torch.tensor([0.5], dtype=dtype)
+    image_ids = torch.cartesian_prod(torch.arange(1), torch.arange(image_side), torch.arange(image_side),
+                                     torch.arange(1))
+    text_ids = torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(text_tokens))
+    inputs, references = [latents, embeds, timestep, image_ids, text_ids], {}
+    if reference_side:
+        references = dict(
+            image_cond_hidden_states=torch.randn(1, reference_side * reference_side, 16, dtype=dtype),
+            image_cond_ids=torch.cartesian_prod(torch.arange(1, 2), torch.arange(reference_side),
+                                                torch.arange(reference_side), torch.arange(1)))
+        inputs += list(references.values())
+    with torch.inference_mode(), TensorBytesTracker(inputs) as tracker:
+        model(hidden_states=latents, encoder_hidden_states=embeds, timestep=timestep, img_ids=image_ids,
+              txt_ids=text_ids, **references)
+    planned = flux3_transformer_activation_bytes(model.config, image_side * 16, image_side * 16, 8, text_tokens,
+                                                 torch.finfo(dtype).bits // 8, reference_side * reference_side)
+    assert 1.0 <= planned / tracker.peak_bytes <= MOST_OVER, f"planned {planned} vs measured {tracker.peak_bytes}"
