@@ -26,13 +26,14 @@ from .budget import (
 from .checkpoint import DEFAULT_MODEL
 from .errors import BudgetError, CheckpointError, FluxShardedError, OutputError, SettingsError
 from .families import FAMILIES, FLUX_1, VARIANT_DEFAULTS
-from .settings import DTYPE_NAMES, MAX_LORAS, MAX_TEXT_TOKENS, resume_options, setting
+from .settings import DTYPE_NAMES, MAX_LORAS, resume_options, setting
 
 # The default model's family's defaults (FluxPipeline.__call__'s, so that a bare run matches
 # diffusers); another family's checkpoint takes its own (families.py) unless the option is given.
 DEFAULT_STEPS = FLUX_1.steps
 DEFAULT_GUIDANCE = FLUX_1.guidance
 DEFAULT_MAX_SEQUENCE_LENGTH = FLUX_1.max_sequence_length
+DEFAULT_TEXT_TOKEN_LIMIT = FLUX_1.text_token_limit
 DEBUG_VARIABLE = "FLUX_SHARDED_DEBUG"  # =1: an error also prints the traceback of its cause
 # PYTORCH_CUDA_ALLOC_CONF unless the user set it: expandable segments grow one mapping per stream
 # instead of cutting fixed segments, so what group offloading's side stream frees is reused rather
@@ -138,9 +139,13 @@ class _PathParam(click.Path):
 @click.option("--width", type=int, default=None, help="Image width in pixels. Default: 128 x the VAE factor (1024).")
 @click.option(
     "--max-sequence-length", type=int, default=DEFAULT_MAX_SEQUENCE_LENGTH,
-    help=f"T5 prompt tokens (1-{MAX_TEXT_TOKENS}). Default: {DEFAULT_MAX_SEQUENCE_LENGTH} "
-    "(" + ", ".join(f"{name} {defaults['max_sequence_length']}" for name, defaults in VARIANT_DEFAULTS.items()
-                    if defaults["max_sequence_length"] != DEFAULT_MAX_SEQUENCE_LENGTH) + ").",
+    help="Prompt tokens the text encoder reads. Default: the model's ("
+    + ", ".join(f"{f.name} {f.max_sequence_length}" for f in FAMILIES.values()) + "; "
+    + ", ".join(f"{name} {defaults['max_sequence_length']}" for name, defaults in VARIANT_DEFAULTS.items()
+                if defaults["max_sequence_length"] != DEFAULT_MAX_SEQUENCE_LENGTH)
+    + f"); at most {DEFAULT_TEXT_TOKEN_LIMIT} (" + ", ".join(
+        f"{f.name} {f.text_token_limit}" for f in FAMILIES.values() if f.text_token_limit != DEFAULT_TEXT_TOKEN_LIMIT)
+    + ").",
 )
 @click.option(
     "--dtype", type=click.Choice(DTYPE_NAMES), default=setting("dtype").default, show_default=True,
