@@ -440,3 +440,17 @@ def test_flux3_transformer_estimate_bounds_the_measured_peak(heads, head_dim, dt
     planned = flux3_transformer_activation_bytes(model.config, image_side * 16, image_side * 16, 8, text_tokens,
                                                  torch.finfo(dtype).bits // 8, reference_side * reference_side)
     assert 1.0 <= planned / tracker.peak_bytes <= MOST_OVER, f"planned {planned} vs measured {tracker.peak_bytes}"
+
+
+def test_a_flux3_text_encoder_too_shallow_for_the_stacked_layers_is_refused(tmp_path):
+    folder = tmp_path / "klein"
+    shutil.copytree(shipped_config_dir("FLUX.3-klein"), folder)
+    config_file = folder / "text_encoder" / "config.json"
+    config = json.loads(config_file.read_text())
+    config["text_config"]["num_hidden_layers"] = 30
+    config_file.write_text(json.dumps(config))
+    result = invoke(["--model", str(folder), "--prompt", "a dog", "--max-memory", "0=12GiB,cpu=32GB", "--dry-run"])
+    assert result.exit_code == 2 and error_lines(result.output) == [
+        f"Error: --model: '{folder}': text_encoder/config.json field 'text_config.num_hidden_layers' is 30, but "
+        "Flux3DistilledModularPipeline reads the hidden states of layer 32; the checkpoint is damaged or not "
+        "FLUX.3-klein: fetch that file again or give another --model"]
