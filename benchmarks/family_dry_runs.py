@@ -1,9 +1,9 @@
 """The dry-run plans of every model family on common budgets, from the shipped configs alone (no
 weights, no GPU): FLUX.1-dev, FLUX.2-dev, FLUX.2-klein-9B and -4B on 2x24 GB, 2x16 GB and 1x12 GB
 cards, each with cpu=M GB of RAM for what misses the cards; then FLUX.2 with --quantize (the
-family's transformer and text encoder) on the cards it should fit.
+family's transformer and text encoder) on the cards it should fit; then FLUX.3 klein on 12 and 8 GB.
 
-    python benchmarks/family_dry_runs.py [--size 1024] [--cpu-gb 64]
+    python benchmarks/family_dry_runs.py [--size 1024] [--cpu-gb 64] [--models FLUX.3-klein ...]
 
 Per plan: the planned bytes per device of each stage (weights counted exactly on the meta device,
 activations estimated), what streams host-to-GPU per denoising step and per image (at the family's
@@ -46,6 +46,8 @@ SCENARIOS = (
     Scenario("FLUX.2-klein-9B", {0: 12}, "fp8"),
     Scenario("FLUX.2-klein-9B", {0: 12}, "nf4"),
     Scenario("FLUX.2-klein-4B", {0: 8}, "nf4"),
+    # FLUX.3 klein (planned only; reconstructed configs: flux_sharded/configs/README.md)
+    *(Scenario(model, cards) for model in ("FLUX.3-klein", "FLUX.3-klein-base") for cards in ({0: 12}, {0: 8})),
 )
 
 
@@ -59,18 +61,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--cpu-gb", type=int, default=64)
+    parser.add_argument("--models", nargs="+", help="only these shipped configs (default: every scenario's)")
     args = parser.parse_args()
-    print(f"{args.size}x{args.size}, bfloat16, 512 prompt tokens, batch size 1, cpu={args.cpu_gb}GB; GB = 10^9 bytes")
+    print(f"{args.size}x{args.size}, bfloat16, each family's default prompt tokens (512; FLUX.3 640), batch size 1, "
+          f"cpu={args.cpu_gb}GB; GB = 10^9 bytes")
     print("| model | --quantize | budget | fits | encode GB per device | denoise GB per device | decode GB | "
           "streamed per step | per image (steps) | copy s/step at 25 GB/s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for scenario in SCENARIOS:
+        if args.models and scenario.model not in args.models:
+            continue
         model = scenario.model
         family = family_of(shipped_config_dir(model))
         quantize = tuple((name, scenario.quantize) for name in family.large_components) if scenario.quantize else ()
-        inputs = PlanInputs(shipped_config_dir(model), torch.bfloat16, args.size, args.size, 512, vae_scale_factor=8,
-                            quantize=quantize)
+        inputs = PlanInputs(shipped_config_dir(model), torch.bfloat16, args.size, args.size, family.max_sequence_length,
+                            vae_scale_factor=8, quantize=quantize)
         budget = {**{index: gb * 10**9 for index, gb in scenario.cards.items()}, "cpu": args.cpu_gb * 10**9}
         spec = ",".join(f"{key}={value // 10**9}GB" for key, value in budget.items())
         try:
