@@ -440,7 +440,7 @@ FLUX_2_KLEIN = Family(
 _FLUX_3_COMPONENTS = (
     Component("text_encoder", "transformers", "Qwen3VLForConditionalGeneration",
               {"encode": _decoder_text_encoder("Flux3ModularPipeline")}, truncated=True, tokenizer="tokenizer",
-              tokenizer_files=BPE_FILES, large=True),
+              tokenizer_files=BPE_FILES, chat_template=True, large=True),  # add_generation_prompt=True
     Component("transformer", "diffusers", "Flux3Transformer2DModel", {"denoise": _flux3_transformer}, large=True),
     Component("vae", "diffusers", "AutoencoderKLFlux2", {"decode": _vae}),
 )
