@@ -96,8 +96,8 @@ def check_bound(run_dir: Path, out_dir: Path, settings: GenerationSettings, wher
     more precise about an edited field."""
     if _is_default(run_dir, out_dir, settings):
         return
-    try:
-        record = json.loads(_binding_path(out_dir, run_dir).read_text(encoding="utf-8"))
+    try:  # a regular file of at most 64 KiB (a FIFO in its place hung the resume)
+        record = parse_json(read_regular_file(_binding_path(out_dir, run_dir), 64 * 1024).decode("utf-8"))
     except (OSError, ValueError):
         record = None
     if record == _binding(run_dir, settings):

@@ -415,3 +415,20 @@ def test_a_lora_on_a_component_offloaded_by_accelerates_hooks_is_refused(tiny_ch
     with pytest.raises(SettingsError, match=r"the plan offloads transformer through accelerate's hooks \(0, disk\), "
                                             r"where its LoRA layers could not be placed; give its GPUs room"):
         runner.check_adapters_placed(plan, request)
+
+
+def test_a_kohya_lora_whose_clip_part_diffusers_cannot_convert_is_one_error_line(tiny_checkpoint, tmp_path):
+    """Found by the fresh-clone tester: a kohya file training only CLIP's first q_proj made diffusers'
+    converter raise ("Could not automatically infer state dict type"), a traceback and exit 1."""
+    full = build_tiny_lora(tiny_checkpoint, tmp_path / "full.safetensors", seed=2, kind="kohya", text_encoder=True)
+    weights = load_file(str(full))
+    kept = {key: tensor for key, tensor in weights.items()
+            if not key.startswith("lora_te1_") or "layers_0_self_attn_q_proj" in key}
+    lora = tmp_path / "q-only.safetensors"
+    save_file(kept, str(lora))
+    result = invoke(["--model", str(tiny_checkpoint), "--prompt", "a dog", "--lora", str(lora),
+                     "--max-memory", "cpu=4GB", "--out", str(tmp_path / "out"), "--dry-run"])
+    assert result.exit_code == 2, result.output
+    (line,) = error_lines(result.output)
+    assert line.startswith(f"Error: --lora '{lora}': diffusers cannot convert its text_encoder weights")
+    assert "Traceback" not in result.output

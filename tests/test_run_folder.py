@@ -128,3 +128,18 @@ def test_resume_with_another_run_dir_is_refused(tiny_checkpoint, tmp_path):
         f"Error: --resume {run_dir} --run-dir {other}: a run continues in the folder it was saved in, which --resume "
         f"names; drop --run-dir (or give --resume {other} to continue the run saved there)")
     assert not other.exists()
+
+
+def test_a_run_dir_record_that_is_a_fifo_is_refused_not_waited_on(tiny_checkpoint, tmp_path):
+    """Found by the fresh-clone tester: the record in --out was read with read_text, and a FIFO in
+    its place (no writer) hung the resume for ever."""
+    import os
+
+    out, run_dir = tmp_path / "out", tmp_path / "run"
+    _run(tiny_checkpoint, out, "--run-dir", str(run_dir))
+    (record,) = (out / ".flux-sharded").glob("run-dir-*.json")
+    record.unlink()
+    os.mkfifo(record)
+    result = invoke(["--resume", str(run_dir)])
+    assert result.exit_code == 2, result.output
+    assert error_line(result).endswith(NOT_STARTED_THERE.format(elsewhere=out))

@@ -79,7 +79,12 @@ def check_lora(family: Family, config_root: Path, path: Path, source: str) -> di
                    if key.startswith(f"{name}.")}
         if weights:
             model = empty_component(config_root, name)
-            changed[name] = _check_layers(model, _peft_keys(model, weights), what, family, name)
+            try:
+                peft_weights = _peft_keys(model, weights)
+            except ValueError as error:  # diffusers' converters: "Could not automatically infer state dict type"
+                raise SettingsError(f"{what}: diffusers cannot convert its {name} weights ({str(error)[:200]}); give "
+                                    f"a LoRA file diffusers' {family.pipeline}.load_lora_weights reads") from None
+            changed[name] = _check_layers(model, peft_weights, what, family, name)
     if not changed:
         raise SettingsError(f"{what}: it holds no weights for {family.name}'s {' or '.join(family.lora_components)}: "
                             f"a LoRA for another model? give a {family.name} LoRA")
