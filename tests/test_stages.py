@@ -220,6 +220,9 @@ def test_every_family_has_code_that_provides_the_whole_family_protocol():
     assert set(members) == {"encode_batch", "vae_latents", "guidance_ignored", "guidance_note", "lora_state_dict",
                             "load_lora"}
     for family in FAMILIES.values():
+        if not family.runs:  # planned only (FLUX.3): no stage calls its code, and a run is refused before
+            assert family.code not in CODE
+            continue
         code = family_code(family)
         assert code is CODE[family.code]
         for name in members:
