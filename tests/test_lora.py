@@ -432,3 +432,16 @@ def test_a_kohya_lora_whose_clip_part_diffusers_cannot_convert_is_one_error_line
     (line,) = error_lines(result.output)
     assert line.startswith(f"Error: --lora '{lora}': diffusers cannot convert its text_encoder weights")
     assert "Traceback" not in result.output
+
+
+def test_two_loras_print_no_library_warning(tiny_checkpoint, tmp_path):
+    """peft warned "Already found a `peft_config` attribute" on the second adapter, on every run with
+    two. Run as a process: pytest would capture the warning itself, away from the output checked."""
+    loras = [build_tiny_lora(tiny_checkpoint, tmp_path / f"lora-{seed}.safetensors", seed=seed) for seed in (1, 2)]
+    result = subprocess.run(
+        [sys.executable, "-m", "flux_sharded", "--model", str(tiny_checkpoint), "--prompt", "a dog", "--max-memory",
+         "cpu=2GB", "--steps", "1", "--height", "32", "--width", "32", "--out", str(tmp_path / "out"),
+         "--lora", f"{loras[0]}:0.5", "--lora", str(loras[1])],
+        capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr
+    assert "warn" not in result.stderr.lower() and "peft" not in result.stderr, result.stderr

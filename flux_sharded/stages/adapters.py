@@ -16,6 +16,7 @@ placed. A component is therefore loaded on the CPU, given its adapters, then pla
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -152,7 +153,11 @@ def load_adapters(family: Family, name: str, model: torch.nn.Module, adapters: t
     code = family_code(family)
     for adapter in adapters:
         state_dict, alphas = code.lora_state_dict(family, adapter.path)
-        code.load_lora(family, name, model, state_dict, alphas, adapter.name)
+        with warnings.catch_warnings():
+            # peft warns on every adapter after the first ("Already found a `peft_config` attribute ...
+            # multiple adapters"): several adapters are what --lora asked for, so it is not the user's news.
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            code.load_lora(family, name, model, state_dict, alphas, adapter.name)
         del state_dict  # the adapter's layers hold their own copies now
     names, weights = [adapter.name for adapter in adapters], [adapter.scale for adapter in adapters]
     if hasattr(model, "set_adapters"):  # a diffusers model (ModelMixin's PEFT support)
