@@ -16,17 +16,16 @@ what the LoRA holds is checked against the model by stages/adapters.py.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from .digests import file_digests
 from .errors import CheckpointError, SettingsError
 
 # diffusers' LORA_WEIGHT_NAME_SAFE: the file save_lora_weights writes, which load_lora_weights
 # takes from a repository holding several .safetensors files.
 DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
-HASH_CHUNK_BYTES = 2**24
 SAVED_HASH = " sha256:"  # between `SOURCE:SCALE` and the digest in a saved text
 
 
@@ -86,7 +85,7 @@ def resolve(text: str) -> Lora:
     file or hub LoRA that cannot be found), each naming the value and the fix."""
     source, scale = split_option(text)
     path, source = _locate(source)
-    return Lora(source, scale, file_sha256(path), path)
+    return Lora(source, scale, file_digests([path])[path], path)
 
 
 def parse_saved(text: str) -> tuple[str, float, str]:
@@ -114,7 +113,7 @@ def find_saved(text: str, run_dir: Path | None = None) -> Lora:
     (a resume must apply the bytes that made the run's images), CheckpointError if it is gone."""
     source, scale, digest = parse_saved(text)
     path, source = _locate(source)
-    found = file_sha256(path)
+    found = file_digests([path])[path]
     if found != digest and run_dir is None:
         raise SettingsError(f"--lora: the LoRA file {path} changed while the run started; run it again")
     if found != digest:
@@ -122,14 +121,6 @@ def find_saved(text: str, run_dir: Path | None = None) -> Lora:
             f"--resume: the LoRA file {path} changed since the run in {run_dir} began (SHA-256 {found[:12]}..., "
             f"the run's {digest[:12]}...); its images would mix both: restore that file, or start a new run with it")
     return Lora(source, scale, digest, path)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(HASH_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _locate(source: str) -> tuple[Path, str]:
