@@ -226,6 +226,7 @@ class _Components:
         self._models: dict[str, torch.nn.Module] = {}
         self._sizes: dict[str, dict[str, int]] = {}
         self._load_transients: dict[str, int] = {}
+        self._structures: dict[str, BlockStructure] = {}
 
     def model(self, name: str) -> torch.nn.Module:
         if name not in self._models:
@@ -318,8 +319,14 @@ class _Components:
     def top_level_bytes(self, name: str) -> int:
         """Bytes outside the block lists (embedders, final norm and projection; blocks.py): diffusers'
         group offloading moves them to the GPU for every forward pass."""
-        model, sizes = self.model(name), self.sizes(name)
-        return sum(sizes.get(module, 0) for module in block_structure(model).top_level)
+        sizes = self.sizes(name)
+        return sum(sizes.get(module, 0) for module in self.structure(name).top_level)
+
+    def structure(self, name: str) -> BlockStructure:
+        """The component's block structure (blocks.py), read once per plan: every placement round asks."""
+        if name not in self._structures:
+            self._structures[name] = block_structure(self.model(name))
+        return self._structures[name]
 
 
 def plan_run(inputs: PlanInputs, budget: Budget) -> RunPlan:
@@ -484,7 +491,7 @@ def _placed(components: _Components, name: str, stage: str, device_map: dict[str
     on_gpu = computing[0] != "cpu"
     streamed = streamed and on_gpu and bool(offloaded) and "disk" not in device_map.values()
     if streamed:
-        structure = block_structure(components.model(name))
+        structure = components.structure(name)
         # The top-level modules (blocks.py): a transformer's (embedders, final norm) stay in RAM too,
         # group offloading brings them to the first GPU for every forward pass; a text encoder's
         # (embeddings, norms) stay on the first GPU (BlockStructure.streams says why).
@@ -568,7 +575,7 @@ def _streamed_host_bytes(components: _Components, name: str, offloaded: list[str
                 kind = inner if converted and tensor_name.startswith("weight") else plain
                 kind.setdefault(id(tensor), sizes.get(f"{path}.{tensor_name}".lstrip("."), 0))
     whole = components.sizes(name)[""]
-    if not block_structure(model).streams:
+    if not components.structure(name).streams:
         host = sum(plain.values()) + sum(inner.values())
         return host, 0, whole - host
     layout = host_memory.host_layout(plain.values())
