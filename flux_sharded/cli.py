@@ -12,21 +12,11 @@ import click
 from click.core import ParameterSource
 
 from . import __version__, interrupt
-from .activations import ACTIVATION_MARGIN
-from .budget import (
-    DEFAULT_CPU_FRACTION,
-    DEFAULT_GPU_RESERVE_BYTES,
-    EXAMPLE,
-    UNITS_HELP,
-    Budget,
-    default_budget,
-    format_budget,
-    parse_budget,
-)
+from .budget import EXAMPLE, UNITS_HELP, Budget, parse_budget
 from .checkpoint import DEFAULT_MODEL
 from .errors import BudgetError, CheckpointError, FluxShardedError, OutputError, SettingsError
 from .families import FAMILIES, FLUX_1, VARIANT_DEFAULTS
-from .settings import DTYPE_NAMES, MAX_LORAS, resume_options, setting
+from .settings import DTYPE_NAMES, image_options, resume_options, setting
 
 # The default model's family's defaults (FluxPipeline.__call__'s, so that a bare run matches
 # diffusers); another family's checkpoint takes its own (families.py) unless the option is given.
@@ -45,12 +35,6 @@ CUDA_ALLOC_CONF = "expandable_segments:True"
 # setting of the schema set by an option of its own (settings.resume_options), and the folders.
 PROMPT_OPTIONS = ("prompts", "prompts_file", "num_images_per_prompt", "seed")
 SAVED_OPTIONS = (*PROMPT_OPTIONS, *resume_options(), "out_dir", "run_dir")
-
-
-def _gpu_count() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 class BudgetType(click.ParamType):
@@ -267,9 +251,8 @@ def _request(ctx: click.Context, options: dict):
 
     The cheap checks (numbers, paths, the model's folder) run before torch, diffusers and
     transformers are imported (seconds), so that a typo is refused at once."""
-    from .checkpoint import model_reference, resolve_checkpoint
-    from .families import generation_defaults
-    from .progress import quiet_import_noise
+    from .checkpoint import resolve_checkpoint
+    from .progress import quiet_import_noise, quiet_libraries
 
     quiet_import_noise()  # before anything imports diffusers (reading a FLUX.2 checkpoint does)
 
@@ -302,7 +285,7 @@ def _request(ctx: click.Context, options: dict):
             find_saved(text, options["resume_dir"])
         if given:
             _check_agrees(given, options, saved, checkpoint)
-        _quiet_libraries()
+        quiet_libraries()
         from . import runner
 
         return runner.RunRequest(
@@ -320,63 +303,20 @@ def _request(ctx: click.Context, options: dict):
             "yet; "
             "--dry-run plans them (add --dry-run to see the plan under your --max-memory)"
         )
-    defaults = generation_defaults(family, checkpoint.transformer_config, checkpoint.is_distilled)
-    for name in ("steps", "guidance", "max_sequence_length"):  # the model's defaults
-        if ctx.get_parameter_source(name) == ParameterSource.DEFAULT:
-            options[name] = defaults[name]
-    _quiet_libraries()
-    from . import runner
-    from .handoff import GenerationSettings
-    from .prompts import expand
+    from . import api
+    from .distributed import local_processes
 
-    prompts, seeds = expand(lines, options["seed"], options["num_images_per_prompt"])
-    settings = GenerationSettings(
-        model=model_reference(options["model"]),
-        prompts=prompts,
-        seeds=seeds,
-        steps=options["steps"],
-        guidance=options["guidance"],
-        height=checkpoint.default_size if options["height"] is None else options["height"],
-        width=checkpoint.default_size if options["width"] is None else options["width"],
-        max_sequence_length=options["max_sequence_length"],
-        dtype=options["dtype"],
-        batch_size=options["batch_size"],
-        quantize=_quantize_option(options["quantize"], checkpoint),
-        lora=_lora_option(options["lora"]),
-    )
-    budget = options["max_memory"]
-    if budget is None:
-        from .distributed import local_processes
+    def note(message: str) -> None:
+        click.echo(message, err=True)
 
-        processes = local_processes()
-        budget = default_budget(processes)
-        gpus = (f"each GPU's free memory less {DEFAULT_GPU_RESERVE_BYTES / 2**30:.0f} GiB, "
-                if budget.gpus else "")
-        shared = f" shared by this machine's {processes} processes" if processes > 1 else ""
-        click.echo(f"note: no --max-memory given: using {format_budget(budget)} ({gpus}{DEFAULT_CPU_FRACTION:.0%} of "
-                   f"the free RAM{shared})", err=True)
-    return runner.RunRequest(
-        checkpoint, settings, budget, options["out_dir"],
-        options["offload_folder"], run_dir=options["run_dir"], overwrite=options["overwrite"],
-    )
-
-
-def _quantize_option(spec: str, checkpoint) -> str:
-    """--quantize, parsed and checked against the checkpoint (a pre-quantized component is refused)."""
-    from .quantize import check_prequantized, format_quantize, parse_quantize
-
-    chosen = parse_quantize(spec, checkpoint.family)
-    check_prequantized(checkpoint.path, chosen)
-    return format_quantize(chosen)
-
-
-def _lora_option(values: tuple[str, ...]) -> tuple[str, ...]:
-    """--lora's values, each found and hashed (lora.resolve), as the run records them."""
-    from .lora import resolve
-
-    if len(values) > MAX_LORAS:
-        raise SettingsError(f"--lora given {len(values)} times: at most {MAX_LORAS} LoRAs in one run")
-    return tuple(resolve(value).saved_text for value in values)
+    model = api.Model(checkpoint, offload_folder=options["offload_folder"], log=note,
+                      max_memory=options["max_memory"] or api.resolve_budget(None, note, local_processes()),
+                      dtype=options["dtype"], quantize=options["quantize"], lora=options["lora"])
+    # The model's defaults (api.Model.defaults) for the settings not given
+    given = {each.name: options[each.name] for each in image_options()
+             if ctx.get_parameter_source(each.name) != ParameterSource.DEFAULT}
+    return model.request(lines, options["seed"], options["num_images_per_prompt"], options["out_dir"],
+                         options["run_dir"], options["overwrite"], **given)
 
 
 def _check_agrees(given: list[str], options: dict, saved, checkpoint) -> None:
@@ -397,7 +337,9 @@ def _check_agrees(given: list[str], options: dict, saved, checkpoint) -> None:
 
         options = dict(options, quantize=format_quantize(parse_quantize(options["quantize"], checkpoint.family)))
     if "lora" in given:
-        options = dict(options, lora=_lora_option(options["lora"]))
+        from .api import lora_texts
+
+        options = dict(options, lora=lora_texts(options["lora"]))
     for name, value in saved_values.items():
         if name in given:
             mine = options[name].absolute() if isinstance(options[name], Path) else options[name]
@@ -424,40 +366,20 @@ def _prompt_lines(prompts, prompts_file):
 
 
 def _run(request, options: dict, process) -> None:
-    from . import runner
-    from .budget import check_gpus
+    from . import api
 
-    settings, budget = request.settings, request.budget
     if options["dry_run"]:
-        missing = [key for key in budget.gpus if key >= _gpu_count()]
-        if missing:
-            click.echo(f"note: planning for GPU(s) {', '.join(map(str, missing))}, which this machine does not have",
-                       err=True)
-        if "disk" in budget and request.offload_folder is None:
-            click.echo("note: a run with this disk entry will need --offload-folder DIR, for the weights it puts on "
-                       "disk", err=True)
-        report, refusal = runner.dry_run(request)
-        for note in [*report.notes(), *filter(None, [runner.ignored_guidance_note(request)])]:
+        plan = api.dry_run(request)
+        for note in plan.notes:
             click.echo(note, err=True)
-        click.echo(f"plan for {settings.width}x{settings.height}, {settings.steps} steps, guidance {settings.guidance:g}, "
-                   f"{settings.max_sequence_length} prompt tokens, batch size {settings.batch_size}, {settings.dtype}, "
-                   f"--max-memory {format_budget(budget)}; activations are estimates with a "
-                   f"{ACTIVATION_MARGIN - 1:.0%} margin (flux_sharded/activations.py)")
+        click.echo(plan.summary)
+        report, refusal = plan.report, plan.refusal
     else:
-        check_gpus(budget, _gpu_count())
-        from .quantize import check_available
-
-        from .quantize import prequantized
-
-        # nf4 without CUDA (asked for, or a pre-quantized 4-bit checkpoint), a missing optional package
-        check_available({**prequantized(request.checkpoint.path), **settings.quantization},
-                        {c.name: c.library for c in request.checkpoint.family.components})
         if options["report_path"] is not None:
-            runner.check_report_path(request, options["report_path"])
-        from .progress import library_logs_above_bars
+            from .runner import check_report_path
 
-        with library_logs_above_bars():
-            report = runner.execute(request, log=lambda message: click.echo(message, err=True), process=process)
+            check_report_path(request, options["report_path"])
+        report = api.run(request, log=lambda message: click.echo(message, err=True), process=process)
         refusal = None
         if report is None:  # not the main process: the main one reports for everyone
             return
@@ -473,21 +395,6 @@ def _run(request, options: dict, process) -> None:
                               "the images are written (the table above is the report)") from None
     for path in report.written:
         click.echo(f"wrote {path}")
-
-
-def _quiet_libraries() -> None:
-    """Our stage lines replace the libraries' per-file loading bars; transformers' import-time notes
-    (e.g. about torchvision, which FLUX does not use) are not the user's concern. diffusers' warnings,
-    such as a truncated prompt, stay (printed above the bars, a truncation once: progress.py)."""
-    from .progress import quiet_import_noise
-
-    quiet_import_noise()
-    import diffusers.utils.logging
-    import transformers.utils.logging
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    diffusers.utils.logging.disable_progress_bar()
 
 
 def _check_report_path(path: Path) -> None:

@@ -17,6 +17,12 @@ def is_number(value) -> bool:
     return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
 
 
+def _shown(value) -> str:
+    """The value as JSON writes it; one given from Python (api.py's keyword arguments) may be of no
+    JSON type, and is shown as repr() shows it."""
+    return json.dumps(value, default=repr)
+
+
 class JsonFields:
     """Checks fields of one JSON object; every failure names the file, the field and the fix."""
 
@@ -42,7 +48,7 @@ class JsonFields:
         if value is None and optional:
             return None
         if not is_int(value):
-            self.fail(f"is {json.dumps(value)}, not a whole number", field)
+            self.fail(f"is {_shown(value)}, not a whole number", field)
         if (low is not None and value < low) or (high is not None and value > high):
             self.fail(f"is {value}, outside {low if low is not None else '...'}..{high if high is not None else '...'}",
                       field)
@@ -53,7 +59,7 @@ class JsonFields:
         if value is None and optional:
             return None
         if not is_number(value) or (low is not None and value < low):
-            self.fail(f"is {json.dumps(value)}, not a finite number" + (f" >= {low}" if low is not None else ""), field)
+            self.fail(f"is {_shown(value)}, not a finite number" + (f" >= {low}" if low is not None else ""), field)
         return value
 
     def string(self, field: str, optional=False, choices=None):
@@ -62,7 +68,7 @@ class JsonFields:
             return None
         if not isinstance(value, str) or (choices is not None and value not in choices):
             allowed = f" (one of {', '.join(choices)})" if choices else ""
-            self.fail(f"is {json.dumps(value)}, not a text{allowed}", field)
+            self.fail(f"is {_shown(value)}, not a text{allowed}", field)
         return value
 
     def boolean(self, field: str, optional=False):
@@ -70,7 +76,7 @@ class JsonFields:
         if value is None and optional:
             return None
         if not isinstance(value, bool):
-            self.fail(f"is {json.dumps(value)}, not true or false", field)
+            self.fail(f"is {_shown(value)}, not true or false", field)
         return value
 
     def list_of(self, field: str, check, what: str, low_length: int = 0, high_length: int | None = None,
@@ -79,7 +85,7 @@ class JsonFields:
         if value is None and optional:
             return None
         if not isinstance(value, list) or not all(check(item) for item in value):
-            self.fail(f"is {json.dumps(value)[:80]}, not a list of {what}", field)
+            self.fail(f"is {_shown(value)[:80]}, not a list of {what}", field)
         if len(value) < low_length or (high_length is not None and len(value) > high_length):
             wanted = (f"{low_length}" if low_length == high_length else f"at least {low_length}" if high_length is None
                       else f"{low_length} to {high_length}")
@@ -91,7 +97,7 @@ class JsonFields:
         if value is None and optional:
             return None
         if not isinstance(value, dict):
-            self.fail(f"is {json.dumps(value)[:80]}, not a JSON object", field)
+            self.fail(f"is {_shown(value)[:80]}, not a JSON object", field)
         return value
 
 

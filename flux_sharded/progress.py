@@ -1,8 +1,10 @@
-"""One progress bar per stage, and the libraries' warnings printed above it, not onto its line.
+"""One progress bar per stage, progress events for a caller's callback, and the libraries' noise:
+silenced where it is not the user's concern, printed above the bars where it is.
 
 diffusers and transformers log through their own stderr handlers, which know nothing of a bar
 being drawn: a warning lands in the middle of the bar's line. While a stage's bar is up, their
 records go through `tqdm.write` instead (which clears the bar, prints the line, redraws it).
+The command line and the Python API (api.py) silence the libraries the same way: quiet_libraries.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import contextlib
 import logging
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
@@ -29,6 +32,21 @@ def quiet_import_noise() -> None:
     """Silence the libraries' import-time warnings that are not the user's concern (errors stay)."""
     for name in IMPORT_NOISE_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def quiet_libraries() -> None:
+    """Our stage lines replace the libraries' per-file loading bars; transformers' import-time notes
+    (e.g. about torchvision, which FLUX does not use) are not the user's concern. diffusers' warnings,
+    such as a truncated prompt, stay (printed above the bars, a truncation once: library_logs_above_bars)."""
+    quiet_import_noise()
+    import diffusers.utils.logging  # here, not at the top: the command line reads this module before its checks
+    import transformers.utils.logging
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.disable_progress_bar()
+
+
 # FluxPipeline.encode_prompt warns, for every batch and each text encoder, with the whole text it
 # cut off (a 1 MB prompt: 2 MB of warnings). Said once per run, short.
 TRUNCATION_LOGGER = "diffusers.pipelines.flux.pipeline_flux"
@@ -82,6 +100,18 @@ def library_logs_above_bars() -> Iterator[None]:
         truncation.removeFilter(once)
         for logger, handlers, propagate in saved:
             logger.handlers, logger.propagate = handlers, propagate
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a run stands, as a progress callback sees it (runner.execute's on_progress): sent when
+    a stage starts, after each denoising step, and as each image of a stage is done."""
+
+    stage: str  # "encode", "denoise" or "decode"
+    images_done: int  # of the stage's images
+    images: int  # the stage's images (encode: the distinct prompts it encodes)
+    step: int | None = None  # denoise: the step just finished of the current batch, 1-based
+    steps: int | None = None  # denoise: the steps of each batch
 
 
 def stage_bar(name: str, images: int, shown: bool) -> tqdm:

@@ -58,7 +58,7 @@ from .lora import Adapter, find_saved, parse_saved
 from .memory import PeakMemory, flush
 from .placement import placeable
 from .plan import PlanInputs, RunPlan, check_free_cpu_memory, check_free_gpu_memory, plan_run
-from .progress import stage_bar
+from .progress import Progress, stage_bar
 from .quantize import LORA_MERGE, check_prequantized_dtype, format_quantize, prequantized
 from .report import RunReport, StageReport
 from .rundir import (
@@ -339,8 +339,10 @@ def dry_run(request: RunRequest) -> tuple[RunReport, PlanError | None]:
 
 
 def execute(request: RunRequest, log: Callable[[str], None] = lambda message: None,
-            process: Process = SINGLE_PROCESS) -> RunReport | None:
-    """Run this process's share of the images; the main process returns the whole run's report."""
+            process: Process = SINGLE_PROCESS,
+            on_progress: Callable[[Progress], None] | None = None) -> RunReport | None:
+    """Run this process's share of the images; the main process returns the whole run's report.
+    `on_progress` is called as the share's stages go (progress.Progress), besides the bars."""
     paths = check_request(request, keep_created_folders=process.several)
     plan = plan_run(plan_inputs(request), request.budget)
     check_adapters_placed(plan, request)
@@ -409,7 +411,7 @@ def execute(request: RunRequest, log: Callable[[str], None] = lambda message: No
     if positions:
         encoded = request.settings.subset(encode_positions(request.settings, positions))
         report = _execute_plan(mine, checkpoint, plan, [paths[p] for p in positions], log, process, resumed,
-                               denoised, encoded, fingerprint_digest(fingerprint))
+                               denoised, encoded, fingerprint_digest(fingerprint), on_progress)
     reports = gather(process, report)
     finish(process)  # every share is finished now
     if process.is_local_main and saved_run is not None:
@@ -495,7 +497,7 @@ class ShareRun:
 
 def _execute_plan(request: RunRequest, checkpoint: Checkpoint, plan: RunPlan, paths: list[Path], log,
                   process: Process, resumed: Handoff | None, denoised: dict, encoded: GenerationSettings,
-                  weights: str) -> RunReport:
+                  weights: str, on_progress: Callable[[Progress], None] | None = None) -> RunReport:
     """This share's stages; `encoded`: the prompts its encode runs on (distributed.encode_positions)."""
     if not process.is_main:  # each process says what it did with its own share, named as its errors are
         say = log
@@ -524,7 +526,8 @@ def _execute_plan(request: RunRequest, checkpoint: Checkpoint, plan: RunPlan, pa
         if work is None:
             continue
         check_unchanged_weights(checkpoint, weights, stage.NAME, request.resume_command)
-        result = _run_stage(stage, request, checkpoint, plan.stage(stage.NAME), work, process, share.saved)
+        result = _run_stage(stage, request, checkpoint, plan.stage(stage.NAME), work, process, share.saved,
+                            on_progress)
         handoff = stage.finish(result.output, share)
         result.report.images = len(handoff.settings.prompts)
         if stage.NAME in SAVED_STAGES:  # the handoff waits in RAM for the next stage; decode's images are written
@@ -549,23 +552,27 @@ class _StageResult:
 
 
 def _run_stage(stage: Stage, request: RunRequest, checkpoint: Checkpoint, stage_plan, work: Work, process: Process,
-               saved: Path | None) -> _StageResult:
+               saved: Path | None, on_progress: Callable[[Progress], None] | None = None) -> _StageResult:
     """Load, run, release and flush one stage; failures become the project's errors with the way on."""
     handoff = work.handoff
     settings = handoff.settings
     stage_report = plan_report(stage_plan, settings)
     stage_report.process, stage_report.images = process.index, len(settings.prompts)
     progress = stage_bar(stage.NAME, len(settings.prompts), shown=process.is_main)
+    tell = on_progress or (lambda event: None)
+    tell(Progress(stage.NAME, 0, len(settings.prompts)))
 
     def on_step(step: int, steps: int) -> None:
         interrupt.check()  # a Ctrl-C that a finalizer or a library swallowed still stops the run here
         first, last = progress.n + 1, min(progress.n + settings.batch_size, len(settings.prompts))  # this batch's
         images = f"image {first}" if first == last else f"images {first}-{last}"
         progress.set_postfix_str(f"step {step}/{steps} of {images}", refresh=True)
+        tell(Progress(stage.NAME, progress.n, len(settings.prompts), step, steps))
 
     def on_image_done(images: int) -> None:
         interrupt.check()
         progress.update(images)
+        tell(Progress(stage.NAME, progress.n, len(settings.prompts)))
 
     with (
         _stage_offload_folder(request.offload_folder, stage_plan, process) as offload_folder,

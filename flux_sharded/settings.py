@@ -9,7 +9,9 @@ Derived from it, and nowhere written again:
 - cli: the options whose value on --resume must agree with the saved run (`option`), and the
   defaults shown in --help;
 - the PNG text fields (`png`: runner._png_metadata writes them, validate.check_run_image compares
-  those that decide the pixels).
+  those that decide the pixels);
+- the Python API's keyword arguments (api.py): `open_model` takes the option settings that decide
+  which weights load (`opens`), `Model.generate` and `Model.plan` the others.
 
 Adding a setting is one entry in SETTINGS plus its command-line option. This module imports no
 torch (the command line reads it before torch).
@@ -77,6 +79,9 @@ class Setting:
     omitted_at_default: bool = False
     # Set by its own command-line option, which on --resume must repeat the saved value or be left out.
     option: bool = False
+    # Decides which weights load (the model, their dtype, quantization, LoRAs): the Python API takes
+    # it when a model is opened (api.open_model), an option setting without it on each generate call.
+    opens: bool = False
     decides_pixels: bool = True  # false: a resume may change it (the budget)
     # The PNG text field that records it, and how, from (settings, image position); None: not recorded.
     png: str | None = None
@@ -95,7 +100,8 @@ class Setting:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("model", str, "Hub id or local diffusers folder (a folder kept absolute)", option=True, png="model"),
+    Setting("model", str, "Hub id or local diffusers folder (a folder kept absolute)", option=True, opens=True,
+            png="model"),
     Setting("prompts", tuple, "one per image, in order", item=str, min_items=1, max_items=MAX_IMAGES, per_image=True,
             png="prompt"),
     Setting("seeds", tuple, "one per image", item=int, low=SEED_MIN, high=SEED_MAX, per_image=True, png="seed"),
@@ -106,17 +112,18 @@ SETTINGS: tuple[Setting, ...] = (
             png_text=lambda settings, position: f"{settings.width}x{settings.height}"),
     Setting("max_sequence_length", int, "text tokens", FAMILY, low=1, high=MAX_TEXT_TOKENS, option=True,
             png="max_sequence_length"),
-    Setting("dtype", str, "weights and compute dtype", "bfloat16", choices=DTYPE_NAMES, option=True, png="dtype"),
+    Setting("dtype", str, "weights and compute dtype", "bfloat16", choices=DTYPE_NAMES, option=True, opens=True,
+            png="dtype"),
     Setting("indices", tuple, "each image's index over the whole run (several processes); () = 0, 1, ...", (),
             item=int, low=0, per_image=True, may_be_missing=True),
     Setting("batch_size", int, "images per forward pass", 1, low=1, high=MAX_BATCH_SIZE, option=True,
             png="batch_size", may_be_missing=True),
     # as quantize.format_quantize writes it ("transformer=fp8,text_encoder_2=fp8")
     Setting("quantize", str, "quantization spec", "none", canonical=lambda spec: format_quantize(parse_quantize(spec)),
-            option=True, png="quantize", may_be_missing=True),
+            option=True, opens=True, png="quantize", may_be_missing=True),
     # --lora, each as lora.Lora.saved_text writes it: "SOURCE:SCALE sha256:DIGEST" (of the file's content)
     Setting("lora", tuple, "LoRAs applied, in order", (), item=str, max_items=MAX_LORAS, canonical=canonical_saved,
-            option=True,
+            option=True, opens=True,
             png="lora", png_text=lambda settings, position: " ; ".join(settings.lora), may_be_missing=True,
             omitted_at_default=True),
     # Not GenerationSettings': the run's, recorded in the PNGs (runner._png_metadata) but free to change.
@@ -137,6 +144,17 @@ def saved_settings() -> tuple[Setting, ...]:
 def resume_options() -> tuple[str, ...]:
     """The settings set by an option of their own, which --resume checks against the saved run."""
     return tuple(each.name for each in SETTINGS if each.option)
+
+
+def open_options() -> tuple[Setting, ...]:
+    """The option settings given when a model is opened (`opens`), in the schema's order."""
+    return tuple(each for each in SETTINGS if each.option and each.opens)
+
+
+def image_options() -> tuple[Setting, ...]:
+    """The option settings given per generate call (the Python API) or run (the CLI): every option
+    setting that does not decide which weights load, in the schema's order."""
+    return tuple(each for each in SETTINGS if each.option and not each.opens)
 
 
 def png_fields(settings, position: int, run: dict[str, str]) -> dict[str, str]:

@@ -162,7 +162,7 @@ def settings_fields(data, where: str, fix: str, prefix: str = "settings.") -> di
         settings.fail("is not a setting this version knows", unknown[0])
     for each in saved:
         if each.type is not tuple:
-            values[each.name] = _field(settings, each)
+            values[each.name] = setting_field(settings, each)
     return {each.name: values[each.name] for each in saved}
 
 
@@ -189,7 +189,9 @@ def _canonical_or_none(each, item: str) -> str | None:
         return None
 
 
-def _field(settings: JsonFields, each):
+def setting_field(settings: JsonFields, each):
+    """The value of the schema's setting `each` (not a tuple) in `settings`, of its type and range,
+    in its canonical text; its default when optional and left out. Raises the JsonFields' error."""
     if each.type is int:
         found = settings.integer(each.name, each.low, each.high, optional=each.optional)
     elif each.type is float:

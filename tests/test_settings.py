@@ -72,6 +72,14 @@ write_sealed(saved)
 found["default"] = read_run(run_dir).settings.sharpness
 
 found["resume options"] = "sharpness" in cli.SAVED_OPTIONS
+import inspect
+
+from flux_sharded import api
+
+found["api"] = "sharpness" in inspect.signature(api.Model.generate).parameters
+with api.open_model(str(checkpoint_folder), max_memory="cpu=2GB", dtype="float32") as model:
+    found["api refuses"] = refusal(lambda: model.plan(sharpness=10))
+    found["api plans"] = model.plan(sharpness=4).fits
 run = SavedRun(made(3), budget, out, None, 1)
 found["resume refuses"] = refusal(lambda: cli._check_agrees(["sharpness"], {"sharpness": 4}, run, checkpoint))
 found["resume agrees"] = refusal(lambda: cli._check_agrees(["sharpness"], {"sharpness": 3}, run, checkpoint))
@@ -97,6 +105,9 @@ def test_a_setting_added_to_the_schema_alone_reaches_hash_run_json_resume_and_me
     assert (found["run.json"], found["read back"], found["default"]) == (3, 3, 2)
     assert "field 'settings.sharpness' is 42, outside 0..9" in found["run.json refuses"]
     assert found["resume options"] is True
+    assert found["api"] is True  # a keyword argument of generate() and plan()
+    assert "plan(): field 'sharpness' is 10, outside 0..9" in found["api refuses"]
+    assert found["api plans"] is True
     assert found["resume refuses"] == ("--resume: --sharpness 4 conflicts with the saved run's 3; drop it to continue "
                                        "the run, or start a new run")
     assert found["resume agrees"] is None

@@ -1,0 +1,337 @@
+"""The public Python API: open a model under a memory budget, see its plan, generate images, close it.
+
+    import flux_sharded
+
+    with flux_sharded.open_model("black-forest-labs/FLUX.1-dev", max_memory="0=16GB,cpu=64GB") as model:
+        print(model.plan(height=768, width=768))     # what `flux-sharded --dry-run` prints
+        result = model.generate("a photo of a dog", seed=0, steps=28)
+        result.images[0].save("dog.png")             # PIL images; .info holds the PNG's text fields
+        print(result.report.table())                 # the per-stage report (planned and measured bytes)
+
+The command line is a thin layer over this module: cli.py parses options and prints, this module
+builds the run's request (checkpoint, settings, budget) and hands it to runner.py. The keyword
+arguments come from the settings schema (settings.py), nowhere listed again: `open_model` takes the
+option settings that decide which weights load (`Setting.opens`: dtype, quantize, lora), and
+`generate` and `plan` the others (steps, guidance, height, width, ...), each defaulting to the
+model's own as on the command line. A bad argument raises a FluxShardedError subclass (errors.py:
+SettingsError, BudgetError, CheckpointError, PlanError, ...) whose message names it and the fix, the
+exception the command line prints as its one `Error: ...` line.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from PIL import Image
+
+from . import runner
+from .activations import ACTIVATION_MARGIN
+from .budget import DEFAULT_CPU_FRACTION, DEFAULT_GPU_RESERVE_BYTES, Budget, check_gpus, default_budget, \
+    format_budget, parse_budget
+from .checkpoint import DEFAULT_MODEL, Checkpoint, model_reference, resolve_checkpoint
+from .errors import PlanError, SettingsError
+from .families import generation_defaults
+from .handoff import GenerationSettings
+from .json_fields import JsonFields
+from .lora import resolve as resolve_lora
+from .progress import Progress, library_logs_above_bars, quiet_libraries
+from .prompts import PromptLine, expand
+from .quantize import check_available, check_prequantized, format_quantize, parse_quantize, prequantized
+from .report import RunReport
+from .settings import FAMILY, MAX_LORAS, Setting, image_options, open_options
+from .validate import setting_field
+
+LOGGER = logging.getLogger("flux_sharded")  # the runner's lines (budget, notes), silent unless configured
+# The prompt a plan is made for when none is given: a plan depends on the number of images and of
+# distinct prompts (batch bounds), never on the text.
+PLAN_PROMPT = "a photo"
+
+
+def gpu_count() -> int:
+    """The GPUs this process sees."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def resolve_budget(max_memory: str | Budget | None, log: Callable[[str], None], processes: int = 1) -> Budget:
+    """`max_memory` in the command line's grammar (budget.parse_budget: "0=16GB,cpu=64GB"), a Budget
+    as is, or None: the machine's free memory (budget.default_budget), which is logged. GPU indices
+    are checked against this machine when a run starts, not here: a plan may be for another one."""
+    if isinstance(max_memory, Budget):
+        return max_memory
+    if max_memory is not None:
+        if not isinstance(max_memory, str):
+            raise SettingsError(f"max_memory={max_memory!r}: give a text such as '0=16GB,cpu=64GB' (the command "
+                                "line's --max-memory), or None for the machine's free memory")
+        return parse_budget(max_memory, gpu_count=None)
+    budget = default_budget(processes)
+    gpus = f"each GPU's free memory less {DEFAULT_GPU_RESERVE_BYTES / 2**30:.0f} GiB, " if budget.gpus else ""
+    shared = f" shared by this machine's {processes} processes" if processes > 1 else ""
+    log(f"note: no --max-memory given: using {format_budget(budget)} ({gpus}{DEFAULT_CPU_FRACTION:.0%} of the free "
+        f"RAM{shared})")
+    return budget
+
+
+def _checked(function: str, given: dict[str, Any], accepted: tuple[Setting, ...]) -> dict[str, Any]:
+    """`given` keyword arguments, each a setting of `accepted` of its type and range (the schema's),
+    in its canonical form; raises SettingsError naming an unknown keyword or a bad value."""
+    given = {name: value for name, value in given.items() if value is not None}  # None: the default
+    names = [each.name for each in accepted]
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise SettingsError(f"{function}: unknown keyword argument '{unknown[0]}'; it takes {', '.join(names)}")
+    fields = JsonFields(given, f"{function}:", "leave it out (or None) for the model's default",
+                        SettingsError)
+    checked = {}
+    for each in accepted:
+        if each.name not in given:
+            continue
+        if each.type is tuple:  # LoRAs: a text or a sequence of texts, each resolved when the model opens
+            value = given[each.name]
+            value = (value,) if isinstance(value, str) else value
+            if not isinstance(value, Sequence) or not all(isinstance(item, str) for item in value):
+                fields.fail(f"is {value!r}, not a text or a list of texts", each.name)
+            checked[each.name] = tuple(value)
+        elif each.canonical is not None:  # a text checked against the model when it opens (quantize: _quantize)
+            checked[each.name] = fields.string(each.name)
+        else:
+            checked[each.name] = setting_field(fields, each)
+    return checked
+
+
+def _quantize(spec: str, checkpoint: Checkpoint) -> str:
+    """--quantize, parsed and checked against the checkpoint (a pre-quantized component is refused)."""
+    chosen = parse_quantize(spec, checkpoint.family)
+    check_prequantized(checkpoint.path, chosen)
+    return format_quantize(chosen)
+
+
+def lora_texts(values: tuple[str, ...]) -> tuple[str, ...]:
+    """--lora's values, each found and hashed (lora.resolve), as the run records them."""
+    if len(values) > MAX_LORAS:
+        raise SettingsError(f"--lora given {len(values)} times: at most {MAX_LORAS} LoRAs in one run")
+    return tuple(resolve_lora(value).saved_text for value in values)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Every stage's plan, as `flux-sharded --dry-run` prints it (str() gives the same lines).
+
+    `report.stages`: one report.StageReport per stage (device map, planned weights and activation
+    bytes per device, offloaded bytes, notes), not measured; `refusal`: the PlanError of a stage
+    that does not fit the budget (None when all fit); `notes`: what the planner chose or left out."""
+
+    report: RunReport
+    refusal: PlanError | None
+    notes: tuple[str, ...]
+    summary: str  # "plan for 1024x1024, 28 steps, ...": the settings the plan is for
+
+    @property
+    def fits(self) -> bool:
+        return self.refusal is None
+
+    @property
+    def stages(self) -> list:
+        return self.report.stages
+
+    def __str__(self) -> str:
+        lines = [*self.notes, self.summary, *([self.report.table()] if self.stages else [])]
+        return "\n".join(lines + ([f"Error: {self.refusal}"] if self.refusal else []))
+
+
+def dry_run(request: runner.RunRequest) -> Plan:
+    """The plan of `request` from its configs alone (no weight is read), with the notes the command
+    line's --dry-run prints; raises the settings' errors, returns a budget's refusal in the Plan."""
+    settings, budget = request.settings, request.budget
+    notes = []
+    missing = [key for key in budget.gpus if key >= gpu_count()]
+    if missing:
+        notes.append(f"note: planning for GPU(s) {', '.join(map(str, missing))}, which this machine does not have")
+    if "disk" in budget and request.offload_folder is None:
+        notes.append("note: a run with this disk entry will need --offload-folder DIR, for the weights it puts on disk")
+    report, refusal = runner.dry_run(request)
+    notes += [*report.notes(), *filter(None, [runner.ignored_guidance_note(request)])]
+    summary = (f"plan for {settings.width}x{settings.height}, {settings.steps} steps, guidance {settings.guidance:g}, "
+               f"{settings.max_sequence_length} prompt tokens, batch size {settings.batch_size}, {settings.dtype}, "
+               f"--max-memory {format_budget(budget)}; activations are estimates with a "
+               f"{ACTIVATION_MARGIN - 1:.0%} margin (flux_sharded/activations.py)")
+    return Plan(report, refusal, tuple(notes), summary)
+
+
+def run(request: runner.RunRequest, log: Callable[[str], None], process: runner.Process = runner.SINGLE_PROCESS,
+        on_progress: Callable[[Progress], None] | None = None) -> RunReport | None:
+    """Check what a run needs of this machine (its GPUs, the quantization backends), then run it
+    (runner.execute) with the libraries' warnings above the bars; the main process's report."""
+    check_gpus(request.budget, gpu_count())
+    checkpoint = request.checkpoint
+    # nf4 without CUDA (asked for, or a pre-quantized 4-bit checkpoint), a missing optional package
+    check_available({**prequantized(checkpoint.path), **request.settings.quantization},
+                    {component.name: component.library for component in checkpoint.family.components})
+    with library_logs_above_bars():
+        return runner.execute(request, log=log, process=process, on_progress=on_progress)
+
+
+@dataclass
+class Generation:
+    """What Model.generate made: the images in prompt order (PIL, each loaded from its PNG, with
+    the PNG's text fields in `.info`: prompt, seed, steps, ... as settings.png_fields writes them),
+    the run's per-stage report, and the PNGs' paths (none when no out_dir was given)."""
+
+    images: list[Image.Image]
+    report: RunReport
+    paths: list[Path] = field(default_factory=list)
+
+    @property
+    def metadata(self) -> list[dict[str, str]]:
+        """Each image's PNG text fields."""
+        return [dict(image.text) for image in self.images]
+
+
+class Model:
+    """A FLUX checkpoint opened under a memory budget (see open_model); generate() runs the three
+    stages for some prompts, plan() shows how they would be placed, close() frees what it holds."""
+
+    def __init__(self, model: str | Path | Checkpoint = DEFAULT_MODEL, *, max_memory: str | Budget | None = None,
+                 offload_folder: str | Path | None = None, log: Callable[[str], None] | None = None, **settings):
+        if not isinstance(model, (str, Path, Checkpoint)):
+            raise SettingsError(f"open_model(): model={model!r}: give a hub id (owner/name) or a local folder")
+        opened = _checked("open_model()", settings, tuple(each for each in open_options() if each.name != "model"))
+        self.log = log or LOGGER.info
+        quiet_libraries()  # before the checkpoint is read: reading a FLUX.2 one imports diffusers
+        # a Checkpoint: resolved already (the command line checks the folder before importing torch)
+        self.checkpoint = model if isinstance(model, Checkpoint) else resolve_checkpoint(str(model), need_weights=False)
+        self.model = model_reference(self.checkpoint.model)
+        defaults = {each.name: each.default for each in open_options()}
+        self.dtype = opened.get("dtype", defaults["dtype"])
+        self.quantize = _quantize(opened.get("quantize", defaults["quantize"]), self.checkpoint)
+        self.lora = lora_texts(opened.get("lora", defaults["lora"]))
+        self.budget = resolve_budget(max_memory, self.log)
+        self.offload_folder = Path(offload_folder).expanduser() if offload_folder is not None else None
+        self.closed = False
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Free what the model holds; a later generate() or plan() raises SettingsError."""
+        self.closed = True
+
+    def defaults(self) -> dict[str, Any]:
+        """Each per-call setting's value when not given: the checkpoint's (families.generation_defaults,
+        its default image size) or the schema's."""
+        checkpoint = self.checkpoint
+        model = {**generation_defaults(checkpoint.family, checkpoint.transformer_config, checkpoint.is_distilled),
+                 "height": checkpoint.default_size, "width": checkpoint.default_size}
+        return {each.name: model[each.name] if each.default is FAMILY else each.default for each in image_options()}
+
+    def request(self, lines: list[PromptLine], seed: int, num_images_per_prompt: int, out_dir: Path,
+                run_dir: Path | None = None, overwrite: bool = False, **settings) -> runner.RunRequest:
+        """The runner's request for these prompts (seed k + image k, as prompts.expand gives them) and
+        per-call settings, checked already (the rest: the model's defaults)."""
+        if self.closed:
+            raise SettingsError("this model is closed; open another with flux_sharded.open_model(...)")
+        prompts, seeds = expand(lines, seed, num_images_per_prompt)
+        generation = GenerationSettings(model=self.model, prompts=prompts, seeds=seeds, dtype=self.dtype,
+                                        quantize=self.quantize, lora=self.lora, **{**self.defaults(), **settings})
+        return runner.RunRequest(self.checkpoint, generation, self.budget, out_dir, self.offload_folder,
+                                 run_dir=run_dir, overwrite=overwrite)
+
+    def plan(self, prompt: str | Sequence[str] | None = None, *, seed: int = 0, num_images_per_prompt: int = 1,
+             **settings) -> Plan:
+        """How every stage would be placed for these prompts and settings (the dry-run): no weight is
+        read. The plan depends on the number of images, not on their text (PLAN_PROMPT when none)."""
+        lines = _prompt_lines(PLAN_PROMPT if prompt is None else prompt)
+        checked = _checked("plan()", settings, image_options())
+        return dry_run(self.request(lines, seed, num_images_per_prompt, Path("."), **checked))
+
+    def generate(self, prompt: str | Sequence[str], *, seed: int = 0, num_images_per_prompt: int = 1,
+                 out_dir: str | Path | None = None, run_dir: str | Path | None = None, overwrite: bool = False,
+                 progress: Callable[[Progress], None] | None = None, **settings) -> Generation:
+        """Images of `prompt` (a text, or a list: one image each, times num_images_per_prompt); image k
+        uses seed + k, as on the command line, so the same arguments give the CLI's pixels.
+
+        The PNGs and the run folder are written to `out_dir` (the images then stay there, and an
+        interrupted call can be resumed with `flux-sharded --resume`); without one, to a temporary
+        folder removed before this returns. `progress` is called as the stages go (progress.Progress)."""
+        family = self.checkpoint.family
+        if not family.runs:
+            raise SettingsError(f"model '{self.model}' is {family.name} ({family.pipeline}): {family.name} runs are "
+                                "not implemented yet; plan() plans them")
+        lines = _prompt_lines(prompt)
+        checked = _checked("generate()", settings, image_options())
+        for name, value in (("seed", seed), ("num_images_per_prompt", num_images_per_prompt)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise SettingsError(f"generate(): {name}={value!r}: give a whole number")
+        if num_images_per_prompt < 1:
+            raise SettingsError(f"generate(): num_images_per_prompt={num_images_per_prompt}: give at least 1")
+        temporary = None if out_dir is not None else Path(tempfile.mkdtemp(prefix="flux-sharded-"))
+        try:
+            folder = Path(out_dir).expanduser() if out_dir is not None else temporary
+            request = self.request(lines, seed, num_images_per_prompt, folder,
+                                   Path(run_dir).expanduser() if run_dir is not None else None, overwrite, **checked)
+            report = run(request, self.log, on_progress=progress)
+            images = [_read_image(Path(path)) for path in report.images]
+        finally:
+            if temporary is not None:
+                shutil.rmtree(temporary, ignore_errors=True)
+        if temporary is not None:  # the files are gone: the report names none
+            report.images, report.written = [], []
+            return Generation(images, report)
+        return Generation(images, report, [Path(path) for path in report.images])
+
+
+def open_model(model: str = DEFAULT_MODEL, *, max_memory: str | Budget | None = None,
+               offload_folder: str | Path | None = None, log: Callable[[str], None] | None = None,
+               **settings) -> Model:
+    """Open a FLUX checkpoint (a hub id or a local diffusers folder) under a memory budget.
+
+    `max_memory`: the command line's --max-memory grammar ("0=16GB,1=16GB,cpu=64GB"; a disk=SIZE
+    entry needs `offload_folder`), or None for each GPU's free memory less 1 GiB plus 80% of the
+    free RAM. The other keywords are the settings that decide which weights load (dtype, quantize,
+    lora; settings.open_options). Only the configs are read here; the weights are read by each
+    stage as it runs. `log`: where the run's lines go (default: the "flux_sharded" logger)."""
+    return Model(model, max_memory=max_memory, offload_folder=offload_folder, log=log, **settings)
+
+
+def _prompt_lines(prompt) -> list[PromptLine]:
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, Sequence) or not prompts or not all(isinstance(each, str) for each in prompts):
+        raise SettingsError(f"prompt={prompt!r}: give a text, or a non-empty list of texts (one image each)")
+    return [PromptLine(each) for each in prompts]
+
+
+def _read_image(path: Path) -> Image.Image:
+    """The PNG, loaded into memory (its file may be removed next), with its text fields in .info."""
+    with Image.open(path) as image:
+        image.load()
+    return image
+
+
+def _keyword(each: Setting, default: Any) -> inspect.Parameter:
+    annotation = {"int": int, "float": float, "str": str}.get(each.type.__name__, Any)
+    return inspect.Parameter(each.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+
+def _with_settings(function, settings: tuple[Setting, ...], default) -> None:
+    """Give `function` a signature that lists the schema's settings in place of **settings, so that
+    help() and editors show them (their value when left out: `default`, the model's own)."""
+    signature = inspect.signature(function)
+    fixed = [parameter for parameter in signature.parameters.values()
+             if parameter.kind is not inspect.Parameter.VAR_KEYWORD]
+    function.__signature__ = signature.replace(parameters=[*fixed, *(_keyword(each, default) for each in settings)])
+
+
+_with_settings(Model.generate, image_options(), None)
+_with_settings(Model.plan, image_options(), None)
+_with_settings(Model.__init__, tuple(each for each in open_options() if each.name != "model"), None)
+_with_settings(open_model, tuple(each for each in open_options() if each.name != "model"), None)

@@ -1,0 +1,177 @@
+"""The Python API (flux_sharded.api): the command line's images, plan and errors, from Python."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import flux_sharded
+from flux_sharded import api
+from flux_sharded.errors import BudgetError, CheckpointError, FluxShardedError, SettingsError
+from flux_sharded.progress import Progress
+from flux_sharded.settings import image_options
+
+from .conftest import assert_same_pixels, invoke
+
+SETTINGS = {"steps": 2, "height": 32, "width": 48, "guidance": 4.0, "max_sequence_length": 16}
+CLI_SETTINGS = ["--steps", "2", "--height", "32", "--width", "48", "--guidance", "4.0", "--max-sequence-length", "16",
+                "--dtype", "float32", "--max-memory", "cpu=2GB"]
+
+
+def cli_images(checkpoint: Path, out: Path, *args: str) -> list[Path]:
+    result = invoke(["--model", str(checkpoint), *CLI_SETTINGS, "--out", str(out), *args])
+    assert result.exit_code == 0, result.output
+    return sorted(out.glob("*.png"))
+
+
+@pytest.fixture
+def model(tiny_checkpoint):
+    with flux_sharded.open_model(str(tiny_checkpoint), max_memory="cpu=2GB", dtype="float32") as opened:
+        yield opened
+
+
+def test_the_api_makes_the_command_lines_images_and_metadata(tiny_checkpoint, tmp_path, model):
+    """Two prompts, two images each, seed 7 (image k: seed + k), batches of two: the same PNG pixels
+    and text fields as the command line's, the API's images in prompt order."""
+    expected = cli_images(tiny_checkpoint, tmp_path / "cli", "--prompt", "a dog", "--prompt", "a red cat",
+                          "--num-images-per-prompt", "2", "--seed", "7", "--batch-size", "2")
+    result = model.generate(["a dog", "a red cat"], seed=7, num_images_per_prompt=2, batch_size=2, **SETTINGS)
+    assert len(result.images) == len(expected) == 4
+    for image, path in zip(result.images, expected, strict=True):
+        with Image.open(path) as cli_image:
+            assert_same_pixels(np.asarray(image), np.asarray(cli_image))
+            assert image.text == cli_image.text
+    assert [metadata["seed"] for metadata in result.metadata] == ["7", "8", "9", "10"]
+    assert [stage.name for stage in result.report.stages] == ["encode", "denoise", "decode"]
+    assert all(stage.peak_bytes for stage in result.report.stages)  # measured, as the CLI's report
+
+
+def test_without_out_dir_nothing_stays_on_disk(tmp_path, model, monkeypatch):
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))  # where the call's temporary folder goes
+    result = model.generate("a dog", **SETTINGS)
+    assert result.images[0].size == (48, 32)
+    assert result.paths == [] and result.report.images == []
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_with_out_dir_the_pngs_stay_and_the_run_can_be_resumed(tmp_path, model):
+    result = model.generate("a dog", out_dir=tmp_path / "out", **SETTINGS)
+    assert result.paths == sorted((tmp_path / "out").glob("*.png"))
+    assert len(result.paths) == 1
+    again = invoke(["--resume", str(next((tmp_path / "out" / ".flux-sharded").iterdir()))])
+    assert again.exit_code == 0, again.output
+    assert "nothing to do" in again.output
+
+
+def test_the_plan_is_the_dry_run(tiny_checkpoint, model):
+    plan = model.plan(**SETTINGS)
+    assert plan.fits and [stage.name for stage in plan.stages] == ["encode", "denoise", "decode"]
+    assert all(stage.peak_bytes is None for stage in plan.stages)  # planned, not measured
+    dry_run = invoke(["--model", str(tiny_checkpoint), "--prompt", "a dog", *CLI_SETTINGS, "--dry-run"])
+    assert dry_run.exit_code == 0, dry_run.output
+    assert f"{plan.summary}\n{plan.report.table()}\n" in dry_run.output
+
+
+def test_a_plan_over_budget_is_refused_in_the_plan_not_raised(tiny_checkpoint):
+    with flux_sharded.open_model(str(tiny_checkpoint), max_memory="cpu=100KB", dtype="float32") as model:
+        plan = model.plan(**SETTINGS)
+    assert not plan.fits
+    assert "does not fit" in str(plan.refusal) or "fit" in str(plan.refusal)
+    assert str(plan).splitlines()[-1] == f"Error: {plan.refusal}"
+
+
+def test_the_progress_callback_follows_every_stage(model):
+    events: list[Progress] = []
+    model.generate(["a dog", "a cat"], progress=events.append, **SETTINGS)
+    assert [event.stage for event in events if event.images_done == 0 and event.step is None] == \
+        ["encode", "denoise", "decode"]  # each stage announced as it starts
+    finished = [event for event in events if event.images_done == event.images]
+    assert {event.stage for event in finished} == {"encode", "denoise", "decode"}
+    steps = [(event.step, event.steps) for event in events if event.stage == "denoise" and event.step]
+    assert steps == [(1, 2), (2, 2)] * 2  # two images, one batch each
+
+
+# (where, keyword arguments, error class, message fragment)
+MISTAKES = [
+    ("generate", {"steps": 0}, SettingsError, "generate(): field 'steps' is 0, outside 1..100000"),
+    ("generate", {"steps": "many"}, SettingsError, "field 'steps' is \"many\", not a whole number"),
+    ("generate", {"steps": 2.5}, SettingsError, "field 'steps' is 2.5, not a whole number"),
+    ("generate", {"stepz": 3}, SettingsError, "generate(): unknown keyword argument 'stepz'; it takes steps,"),
+    ("generate", {"guidance": float("nan")}, SettingsError, "field 'guidance' is NaN, not a finite number >= 0"),
+    ("generate", {"height": 50}, SettingsError, "--height 50 is not a positive multiple of 16"),
+    ("generate", {"prompt": []}, SettingsError, "prompt=[]: give a text, or a non-empty list of texts"),
+    ("generate", {"prompt": "   "}, SettingsError, "an empty prompt cannot be generated"),
+    ("generate", {"num_images_per_prompt": 0}, SettingsError, "num_images_per_prompt=0: give at least 1"),
+    ("generate", {"seed": "zero"}, SettingsError, "seed='zero': give a whole number"),
+    ("generate", {"dtype": "float32"}, SettingsError, "unknown keyword argument 'dtype'"),  # given when opening
+    ("plan", {"batch_size": 0}, SettingsError, "plan(): field 'batch_size' is 0, outside 1..1048576"),
+    ("open", {"max_memory": "cpu=16XB"}, BudgetError, "'XB' is an unknown unit"),
+    ("open", {"max_memory": 16}, SettingsError, "max_memory=16: give a text such as '0=16GB,cpu=64GB'"),
+    ("open", {"dtype": "int8"}, SettingsError, "field 'dtype' is \"int8\", not a text (one of"),
+    ("open", {"quantize": "transformer=fp3"}, SettingsError, "fp3"),
+    ("open", {"lora": [1]}, SettingsError, "field 'lora' is [1], not a text or a list of texts"),
+    ("open", {"steps": 2}, SettingsError, "open_model(): unknown keyword argument 'steps'; it takes dtype, quantize"),
+    ("open", {"model": "/nonexistent/flux"}, CheckpointError, "/nonexistent/flux"),
+]
+
+
+@pytest.mark.parametrize("where, arguments, error, message", MISTAKES, ids=[str(case[1]) for case in MISTAKES])
+def test_a_bad_argument_raises_the_projects_error_naming_it(tiny_checkpoint, tmp_path, where, arguments, error,
+                                                            message):
+    out = tmp_path / "out"
+    with pytest.raises(error) as raised:
+        if where == "open":
+            flux_sharded.open_model(**{"model": str(tiny_checkpoint), "max_memory": "cpu=2GB", **arguments})
+        else:
+            with flux_sharded.open_model(str(tiny_checkpoint), max_memory="cpu=2GB", dtype="float32") as model:
+                call = model.generate if where == "generate" else model.plan
+                call(**{"prompt": "a dog", **SETTINGS, **({"out_dir": out} if where == "generate" else {}),
+                        **arguments})
+    assert message in str(raised.value)
+    assert isinstance(raised.value, FluxShardedError)  # what the command line prints as one Error line
+    assert not out.exists()
+
+
+def test_a_closed_model_refuses_to_generate(model):
+    model.close()
+    with pytest.raises(SettingsError, match="this model is closed"):
+        model.generate("a dog", **SETTINGS)
+
+
+def test_the_keyword_arguments_are_the_schemas_settings():
+    """help() shows every per-call setting of the schema, none written out by hand."""
+    generate = inspect.signature(api.Model.generate).parameters
+    assert [each.name for each in image_options()] == [name for name in generate if name in
+                                                       {each.name for each in image_options()}]
+    assert {"dtype", "quantize", "lora"} <= set(inspect.signature(flux_sharded.open_model).parameters)
+
+
+API_RUN = """
+import sys
+import flux_sharded
+
+with flux_sharded.open_model(sys.argv[1], max_memory="cpu=2GB", dtype="float32") as model:
+    model.generate("a dog", steps=1, height=32, width=32)
+print("done")
+"""
+BAR_NAMES = ("encode:", "denoise:", "decode:")
+
+
+def test_the_libraries_say_nothing_in_a_fresh_process(tiny_checkpoint, tmp_path):
+    """As on the command line (progress.quiet_libraries): stderr holds the stage bars alone, none
+    of the libraries' import notes or loading bars."""
+    result = subprocess.run([sys.executable, "-c", API_RUN, str(tiny_checkpoint)], capture_output=True, text=True,
+                            timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "done\n"
+    said = [line for line in result.stderr.replace("\r", "\n").splitlines()
+            if line.strip() and not line.startswith(BAR_NAMES)]
+    assert said == [], json.dumps(said, indent=1)
