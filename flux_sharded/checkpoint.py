@@ -14,6 +14,7 @@ import difflib
 import hashlib
 import json
 import os
+import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -272,12 +273,89 @@ def _check_tensors(checkpoint: Checkpoint, component: str, files: list[Path]) ->
                 "bitsandbytes quantization state: the weights are not the ones that config was saved with; fetch "
                 "the checkpoint again")
         return  # its tensors are stored packed: the config's shapes are not theirs
-    expected = {name: tuple(tensor.shape) for name, tensor in empty_component(checkpoint.path, component).state_dict().items()}
-    for name, (file, shape) in sorted(names.items()):
-        if name in expected and shape != expected[name]:
+    model = empty_component(checkpoint.path, component)
+    spec = checkpoint.family.component(component)
+    as_loaded = _renaming(model) if spec.library == "transformers" else (lambda name: name)
+    found = {as_loaded(name): (file, name, shape) for name, (file, shape) in names.items()}
+    expected = _saved_tensors(model)
+    for name, (file, saved_name, shape) in sorted(found.items()):
+        if name in expected and shape != expected[name][0]:
             raise CheckpointError(
-                f"{where}/{file.name} holds {name} of shape {shape}, but {component}/config.json makes it "
-                f"{expected[name]}: the weights belong to another model than the config; fetch the checkpoint again")
+                f"{where}/{file.name} holds {saved_name} of shape {shape}, but {component}/config.json makes it "
+                f"{expected[name][0]}: the weights belong to another model than the config; fetch the checkpoint again")
+    _check_tensor_names(model, expected, {name: saved for name, (_, saved, _) in found.items()}, where,
+                        cut=spec.truncated)
+
+
+def _renaming(model):
+    """name -> name: a transformers model's tensor name, as its weight file has it, renamed as its
+    from_pretrained renames it. save_pretrained writes some models under their original names
+    (Mistral3's `language_model.model.*`, which transformers 5 loads as `model.language_model.*`).
+    transformers' own mapping and renaming functions (get_model_conversion_mapping, which peft also
+    calls; rename_source_key), pinned by tests/test_faults.py's cases on the tiny FLUX.2-dev,
+    whose Mistral3 is saved so."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    meta = model.state_dict()
+    return lambda name: rename_source_key(name, renamings, converters, model.base_model_prefix, meta)[0]
+
+
+def _saved_tensors(model) -> dict[str, tuple[tuple, tuple[str, ...]]]:
+    """name -> (shape, every name of that tensor) for what a component's weight files hold: its
+    state_dict with each tied tensor once (T5's `shared.weight` is also `encoder.embed_tokens.weight`:
+    a file holds either name), keyed by the name it has first, as every other tensor by its own."""
+    groups: dict[int, tuple[tuple, list[str]]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        groups.setdefault(id(tensor), (tuple(tensor.shape), []))[1].append(name)
+    return {names[0]: (shape, tuple(names)) for shape, names in groups.values()}
+
+
+def _ignored(model, which: str):
+    """The library's own patterns of tensor names its from_pretrained does not report as missing or
+    unexpected (`_keys_to_ignore_on_load_missing` / `_unexpected`, class attributes of transformers'
+    and diffusers' models), with the two transformers adds itself: old checkpoints' persistent
+    `position_ids` (CLIP's) and `rotary_emb.inv_freq` buffers."""
+    patterns = set(getattr(model, f"_keys_to_ignore_on_load_{which}", None) or ())
+    if which == "unexpected":
+        patterns |= {r"(^|\.)position_ids$", r"rotary_emb\.inv_freq"}
+    return re.compile("|".join(f"({pattern})" for pattern in patterns)) if patterns else None
+
+
+def _check_tensor_names(model, expected: dict[str, tuple[tuple, tuple[str, ...]]], found: dict[str, str], where: str,
+                        cut: bool) -> None:
+    """The weight files hold every tensor the config builds, and nothing more. Both ran silently
+    wrong before: a missing text-encoder tensor was left at transformers' random initialization (a
+    diffusers component failed inside its stage, after run.json), and a config of fewer blocks than
+    the weights dropped the rest without a word. A cut text encoder (components.encode_only) builds
+    less than its files hold, so its extras are expected. `found`: each file tensor's name as
+    loaded -> as saved. Raises CheckpointError naming the first tensors and the count."""
+    skip_missing = _ignored(model, "missing")
+    missing = [name for name, (_, names) in expected.items()
+               if not any(alias in found for alias in names) and not (skip_missing and skip_missing.search(name))]
+    if missing:
+        raise CheckpointError(
+            f"{where}'s weight files lack {_some(missing)}, which its config.json builds: the download is incomplete "
+            "or the weights belong to another model than the config; fetch the checkpoint again")
+    if cut:
+        return
+    skip_extra = _ignored(model, "unexpected")
+    known = {alias for _, names in expected.values() for alias in names}
+    extra = [saved for name, saved in found.items() if name not in known and not (skip_extra and skip_extra.search(name))]
+    if extra:
+        raise CheckpointError(
+            f"{where}'s weight files hold {_some(extra)}, which its config.json does not build: the config describes "
+            "a smaller model than the weights (fewer layers or blocks); fetch the checkpoint again")
+
+
+def _some(names: list[str]) -> str:
+    """The first three of `names` in order, and how many more."""
+    names = sorted(names)
+    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+    return ", ".join(names[:3]) + more
 
 
 def _check_shards_present(index: Path, model: str) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 from huggingface_hub.utils import filter_repo_objects
@@ -106,3 +108,42 @@ def test_a_weight_file_whose_header_safetensors_refuses_is_refused_before_any_st
     message = str(refused.value)
     assert message.startswith(f"--model: 'm': {file} is truncated or corrupt (safetensors: ")  # its own reason
     assert "invalid shape, data type, or offset" in message and message.endswith("; download that file again")
+
+
+def _without_tensor(checkpoint: Path, copy: Path, component: str, name: str) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(checkpoint, copy)
+    (file,) = (copy / component).glob("*.safetensors")
+    tensors = load_file(file)
+    del tensors[name]
+    save_file(tensors, file, metadata={"format": "pt"})
+    return copy
+
+
+def test_a_mistral3_saved_under_its_original_names_is_checked_as_transformers_loads_it(tiny_dev, tmp_path):
+    """transformers 5 saves Mistral3 as `language_model.model.*` and loads it as
+    `model.language_model.*` (its conversion mapping): the tiny FLUX.2-dev's encoder, saved so, passes
+    whole; one tensor the cut encoder reads, taken out, is named as loaded; one of a layer after the
+    cut (a layer FLUX.2's encode never reads) may be missing."""
+    from flux_sharded.checkpoint import check_weight_files, read_checkpoint
+
+    check_weight_files(read_checkpoint(str(tiny_dev), tiny_dev))
+    broken = _without_tensor(tiny_dev, tmp_path / "broken", "text_encoder",
+                             "language_model.model.layers.0.self_attn.q_proj.weight")
+    with pytest.raises(CheckpointError) as refused:
+        check_weight_files(read_checkpoint(str(broken), broken))
+    assert str(refused.value) == (
+        f"--model: '{broken}': text_encoder's weight files lack model.language_model.layers.0.self_attn.q_proj.weight, "
+        "which its config.json builds: the download is incomplete or the weights belong to another model than the "
+        "config; fetch the checkpoint again")
+    cut = _without_tensor(tiny_dev, tmp_path / "cut", "text_encoder", "language_model.lm_head.weight")
+    check_weight_files(read_checkpoint(str(cut), cut))
+
+
+def test_a_qwen3_tensor_missing_is_refused_before_any_stage(tiny_klein, tmp_path):
+    from flux_sharded.checkpoint import check_weight_files, read_checkpoint
+
+    broken = _without_tensor(tiny_klein, tmp_path / "broken", "text_encoder", "model.embed_tokens.weight")
+    with pytest.raises(CheckpointError, match=r"text_encoder's weight files lack model.embed_tokens.weight, which"):
+        check_weight_files(read_checkpoint(str(broken), broken))
