@@ -515,16 +515,17 @@ def _file_record(file: Path) -> dict:
     return {"bytes": file.stat().st_size, "sha256": file_digests([file])[file]}
 
 
-def weights_fingerprint(path: Path) -> dict:
+def weights_fingerprint(path: Path, trust_blob_names: bool = False) -> dict:
     """What decides the pixels in a checkpoint folder, per component folder: each file's name, size
     and SHA-256 of its whole content (digests.file_digests: a hub blob by its name, any other file
     hashed once per version of it), so that a change of any byte between a run's start and its
-    resume is found; plus the hub revision when the folder is a hub snapshot. Raises OSError for a
-    file that cannot be read."""
+    resume is found; plus the hub revision when the folder is a hub snapshot. `trust_blob_names`:
+    only a new run's first fingerprint takes a hub blob never seen before by its name (see
+    file_digests). Raises OSError for a file that cannot be read."""
     files = {folder: [file for file in sorted((path / folder).iterdir())
                       if file.suffix in PIPELINE_FILE_SUFFIXES and file.is_file()] if (path / folder).is_dir() else []
              for folder in PIPELINE_FOLDERS}
-    digests = file_digests([file for each in files.values() for file in each])
+    digests = file_digests([file for each in files.values() for file in each], trust_blob_names)
     fingerprint = {folder: {file.name: {"bytes": file.stat().st_size, "sha256": digests[file]} for file in each}
                    for folder, each in files.items()}
     resolved = path.resolve()

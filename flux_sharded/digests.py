@@ -5,8 +5,9 @@ and a resume refuses weights that differ by a single byte anywhere. Reading FLUX
 at every start would delay the first image by minutes, so:
 
 - a file of a Hugging Face cache (a snapshot's link to `blobs/<64 hex digits>`) is named by its
-  SHA-256, the hub's content hash of an LFS file: the first time it is seen, its name is its digest
-  and nothing is read;
+  SHA-256, the hub's content hash of an LFS file: the first time a new run sees it, its name is its
+  digest and nothing is read (a check against a run's recorded digests hashes a blob it has no
+  record of: file_digests' trust_blob_names);
 - any other file is hashed whole, once (a small one every time: cheaper than a cache entry);
 - the digest is recorded in the user's cache folder (DIGESTS_FILE) under the file's real path with
   its identity: device, inode, size, mtime_ns and ctime_ns. A file whose identity is unchanged is
@@ -80,9 +81,12 @@ def _write_records(records: dict) -> None:
         pass
 
 
-def file_digests(paths: list[Path]) -> dict[Path, str]:
+def file_digests(paths: list[Path], trust_blob_names: bool = True) -> dict[Path, str]:
     """The SHA-256 (64 hex digits) of each file's whole content, as this module's docstring says;
-    raises OSError for a file that cannot be read."""
+    raises OSError for a file that cannot be read. `trust_blob_names` False: a blob without a
+    record of its identity is hashed whole too. A check against digests recorded earlier (a resume,
+    the check before each stage) passes False: with the record lost (the cache folder cleared), a
+    blob changed since would be taken by its name again and pass for the one the run used."""
     records = _read_records()
     digests, changed = {}, False
     for path in paths:
@@ -98,7 +102,7 @@ def file_digests(paths: list[Path]) -> dict[Path, str]:
         # A blob seen for the first time is taken by its name; one seen before with another
         # identity has changed since, and its name no longer vouches for it.
         named = real.parent.name == "blobs" and _HEX64.fullmatch(real.name)
-        digests[path] = real.name if named and entry is None else _hash(real)
+        digests[path] = real.name if named and entry is None and trust_blob_names else _hash(real)
         records.pop(str(real), None)  # re-inserted last: the newest are kept
         records[str(real)] = {"identity": identity, "sha256": digests[path],
                               "racy": time.time_ns() - stat.st_ctime_ns < RACY_NS}

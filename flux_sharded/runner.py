@@ -374,7 +374,7 @@ def execute(request: RunRequest, log: Callable[[str], None] = lambda message: No
         checkpoint = resolve_checkpoint(request.checkpoint.model, need_weights=True)
         check_weight_files(checkpoint)
         check_tokenizers(checkpoint.model, checkpoint.path)
-        fingerprint = weights_fingerprint(checkpoint.path)
+        fingerprint = weights_fingerprint(checkpoint.path, trust_blob_names=saved_run is None)
         if saved_run is not None:
             check_same_weights(saved_run.weights, fingerprint, checkpoint.model, request.run_folder)
         if saved_run is not None and not request.overwrite:  # an existing image counts only if it is the run's

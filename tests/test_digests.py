@@ -73,3 +73,39 @@ def test_a_damaged_record_file_costs_a_hash_and_nothing_else(tmp_path):
     user_cache_dir().mkdir(parents=True, exist_ok=True)
     (user_cache_dir() / DIGESTS_FILE).write_text('{"files": ' + "[" * 100 + "]" * 100 + "}")
     assert file_digests([path]) == {path: hashlib.sha256(BIG).hexdigest()}
+
+
+def test_a_blob_without_a_record_is_hashed_when_a_check_asks_for_it(tmp_path):
+    """Only a new run takes a blob never seen before by its name: a check against a run's recorded
+    digests (trust_blob_names False) hashes it, so a blob changed after the record was lost (the
+    cache folder cleared) is found."""
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    name = hashlib.sha256(BIG).hexdigest()
+    (blobs / name).write_bytes(BIG)
+    changed = flip_middle_byte_keeping_mtime(blobs / name)
+    (user_cache_dir() / DIGESTS_FILE).unlink(missing_ok=True)
+    assert file_digests([blobs / name]) == {blobs / name: name}  # a new run: its name
+    (user_cache_dir() / DIGESTS_FILE).unlink()
+    assert file_digests([blobs / name], trust_blob_names=False) == {blobs / name: hashlib.sha256(changed).hexdigest()}
+
+
+def test_a_weights_fingerprint_hashes_a_blob_it_has_no_record_of_unless_a_new_run_asks(tmp_path):
+    """checkpoint.weights_fingerprint, as a resume and the check before each stage call it, after a
+    transformer blob changed (size and mtime kept) and the user's cache folder was cleared: the
+    blob's content, not its name, so check_same_weights refuses it; the runner's new run alone
+    passes trust_blob_names (a first run does not read 24 GB to learn what the hub named it)."""
+    from flux_sharded.checkpoint import weights_fingerprint
+
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshots" / ("0" * 40)
+    blobs.mkdir()
+    (snapshot / "transformer").mkdir(parents=True)
+    name = hashlib.sha256(BIG).hexdigest()
+    (blobs / name).write_bytes(BIG)
+    (snapshot / "transformer" / "diffusion_pytorch_model.safetensors").symlink_to(blobs / name)
+    recorded = weights_fingerprint(snapshot, trust_blob_names=True)
+    assert recorded["transformer"]["diffusion_pytorch_model.safetensors"]["sha256"] == name
+    changed = flip_middle_byte_keeping_mtime(blobs / name)
+    (user_cache_dir() / DIGESTS_FILE).unlink()
+    assert weights_fingerprint(snapshot)["transformer"]["diffusion_pytorch_model.safetensors"]["sha256"] == (
+        hashlib.sha256(changed).hexdigest())
