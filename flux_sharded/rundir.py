@@ -23,11 +23,14 @@ naming the file (and the files to delete to redo that work).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import re
 import shlex
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -300,6 +303,28 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # someone else's process
         return True
     return True
+
+
+@contextlib.contextmanager
+def run_folder_lock(run_dir: Path, where: str, resume_command: str) -> Iterator[None]:
+    """Held while one process runs the run in `run_dir` (made if missing): an exclusive flock on the
+    folder itself, taken without waiting and let go when the process ends, however it ends (the
+    kernel drops the lock of a killed process). Two processes resuming one run, or starting the
+    same run in one --out, each wrote the other's handoffs and images over: the second is refused.
+    `where`: the option the refusal names (--resume, or --out for a new run). Raises SettingsError."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SettingsError(
+                f"{where}: the run in {run_dir} is being run right now by another flux-sharded process; two "
+                f"would write over each other's files: let that one finish or stop it, then continue with: "
+                f"{resume_command}") from None
+        yield
+    finally:
+        os.close(descriptor)
 
 
 def read_run(run_dir: Path) -> SavedRun:

@@ -74,6 +74,7 @@ from .rundir import (
     load_batch_latents,
     our_files,
     read_run,
+    run_folder_lock,
     remove_stale_temporaries,
     remove_superseded,
     resumed_handoff,
@@ -342,8 +343,18 @@ def execute(request: RunRequest, log: Callable[[str], None] = lambda message: No
             process: Process = SINGLE_PROCESS,
             on_progress: Callable[[Progress], None] | None = None) -> RunReport | None:
     """Run this process's share of the images; the main process returns the whole run's report.
-    `on_progress` is called as the share's stages go (progress.Progress), besides the bars."""
+    `on_progress` is called as the share's stages go (progress.Progress), besides the bars. The
+    main process holds the run folder's lock (rundir.run_folder_lock) from before it reads a
+    resumed run, or before a new run's first write, to its end."""
+    with contextlib.ExitStack() as held:
+        return _execute(request, log, process, on_progress, held)
+
+
+def _execute(request: RunRequest, log: Callable[[str], None], process: Process,
+             on_progress: Callable[[Progress], None] | None, held: contextlib.ExitStack) -> RunReport | None:
     paths = check_request(request, keep_created_folders=process.several)
+    if request.resume and process.is_main:
+        held.enter_context(run_folder_lock(request.run_folder, "--resume", request.resume_command))
     plan = plan_run(plan_inputs(request), request.budget)
     check_adapters_placed(plan, request)
     positions = share(process, len(request.settings.prompts), request.settings.batch_size)
@@ -389,6 +400,8 @@ def execute(request: RunRequest, log: Callable[[str], None] = lambda message: No
         remove_stale_temporaries(request.run_folder, [path.name for path in our_files(request.run_folder, counts, images)])
         remove_stale_temporaries(request.out_dir, [path.name for path in paths])
         if not request.resume:
+            if process.is_main:
+                held.enter_context(run_folder_lock(request.run_folder, "--out", request.resume_command))
             clear_run(request.run_folder, process.count, images)  # an earlier run's must not be resumed into this one
             bind_out_dir(request.run_folder, request.out_dir, request.settings)
             write_run(request.run_folder, SavedRun(request.settings, request.budget, request.out_dir,

@@ -423,3 +423,38 @@ def with_dtype(args, dtype):
     args = list(args)
     args[args.index("--dtype") + 1] = dtype
     return args
+
+
+def test_a_run_another_process_is_running_is_refused_until_it_ends(tiny_checkpoint, tmp_path):
+    """Two resumes of one run (or a resume and the same command with --overwrite) wrote over each
+    other's handoffs and images. While another process holds the run folder's lock (an flock on the
+    folder, as a running flux-sharded holds it), a resume and a new run into that folder are each
+    refused with one line, nothing written; once it is let go, the resume makes the same image."""
+    import fcntl
+
+    out = tmp_path / "out"
+    args = ["--model", str(tiny_checkpoint), *COMMON, "--out", str(out), "--prompt", "a dog"]
+    first = invoke(args)
+    assert first.exit_code == 0, first.output
+    (image,) = out.glob("*.png")
+    expected = pixels(image)
+    image.unlink()  # a run stopped before its image was written
+    run_dir = next((out / ".flux-sharded").iterdir())
+    before = {path.name: path.read_bytes() for path in run_dir.iterdir()}
+    other = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)  # the other process's hold
+    try:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        for attempt, option in ((["--resume", str(run_dir)], "--resume"), ([*args, "--overwrite"], "--out")):
+            refused = invoke(attempt)
+            assert refused.exit_code == 2, refused.output
+            assert error_lines(refused.output) == [
+                f"Error: {option}: the run in {run_dir} is being run right now by another flux-sharded process; two "
+                "would write over each other's files: let that one finish or stop it, then continue with: "
+                f"flux-sharded --resume {run_dir}"]
+            assert "Traceback" not in refused.output and not list(out.glob("*.png"))
+            assert {path.name: path.read_bytes() for path in run_dir.iterdir()} == before
+    finally:
+        os.close(other)
+    resumed = invoke(["--resume", str(run_dir)])
+    assert resumed.exit_code == 0, resumed.output
+    assert_same_pixels(pixels(image), expected)
