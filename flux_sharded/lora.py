@@ -58,10 +58,15 @@ class Adapter:
         return tuple(name for name, _ in self.changes)
 
 
+# The bound of a LoRA's scale, ComfyUI's LoraLoader's (strength_model: -100..100): a scale of 1e30
+# ran to a black image, with a note that blamed the checkpoint's weights.
+MAX_SCALE = 100.0
+
+
 def split_option(text: str) -> tuple[str, float]:
     """'SOURCE[:SCALE]' -> (SOURCE, SCALE); SCALE defaults to 1.0. A SOURCE that is an existing
     file is taken whole (a file name may hold a colon). Raises SettingsError for a scale that is
-    not a finite number."""
+    not a number within -MAX_SCALE..MAX_SCALE."""
     text = text.strip()
     if not text:
         raise SettingsError("--lora: empty; give a LoRA file or hub id, e.g. --lora style.safetensors:0.8")
@@ -73,8 +78,10 @@ def split_option(text: str) -> tuple[str, float]:
     except ValueError:
         raise SettingsError(f"--lora '{text}': the scale '{scale_text}' is not a number; give SOURCE:SCALE, e.g. "
                             f"--lora {source or 'style.safetensors'}:0.8") from None
-    if not math.isfinite(scale):
-        raise SettingsError(f"--lora '{text}': the scale must be a finite number, e.g. --lora {source}:0.8")
+    if not (math.isfinite(scale) and abs(scale) <= MAX_SCALE):
+        raise SettingsError(f"--lora '{text}': the scale {scale_text} is outside -{MAX_SCALE:g}..{MAX_SCALE:g} (a "
+                            f"LoRA's usual weights lie in 0..1.5; larger ones overflow to NaN, a black image); e.g. "
+                            f"--lora {source or 'style.safetensors'}:0.8")
     if not source:
         raise SettingsError(f"--lora '{text}': no file or hub id before the scale; e.g. --lora style.safetensors:0.8")
     return source, scale
@@ -96,7 +103,7 @@ def parse_saved(text: str) -> tuple[str, float, str]:
         scale = float(scale_text)
     except ValueError:
         scale = math.nan
-    if not (found and colon and source and math.isfinite(scale) and len(digest) == 64
+    if not (found and colon and source and math.isfinite(scale) and abs(scale) <= MAX_SCALE and len(digest) == 64
             and all(c in "0123456789abcdef" for c in digest)):
         raise SettingsError(f"--lora: '{text}' is not SOURCE:SCALE sha256:DIGEST")
     return source, scale, digest

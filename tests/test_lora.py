@@ -193,7 +193,11 @@ def test_a_bad_lora_is_one_error_line_and_nothing_is_written(tiny_checkpoint, ti
 
 @pytest.mark.parametrize("value, message", [
     ("style.safetensors:strong", "--lora 'style.safetensors:strong': the scale 'strong' is not a number"),
-    ("style.safetensors:nan", "the scale must be a finite number"),
+    ("style.safetensors:nan", "the scale nan is outside -100..100"),
+    # ran to a black image whose note blamed the checkpoint's weights
+    ("style.safetensors:1e30", "--lora 'style.safetensors:1e30': the scale 1e30 is outside -100..100 (a LoRA's usual "
+                               "weights lie in 0..1.5; larger ones overflow to NaN, a black image); e.g. --lora "
+                               "style.safetensors:0.8"),
     ("./missing.safetensors", "--lora: './missing.safetensors' is neither a file that exists nor a hub id"),
 ])
 def test_a_bad_lora_value_is_one_error_line(tiny_checkpoint, tmp_path, value, message):

@@ -41,8 +41,10 @@ def _decoded(share: Share, missing: list[int]) -> list[int]:
 
 
 def _hint(settings) -> str:
-    return ("float16 overflows where bfloat16, with float32's range, does not: use --dtype bfloat16"
-            if settings.dtype == "float16" else "are the checkpoint's weights sound?")
+    if settings.dtype == "float16":
+        return "float16 overflows where bfloat16, with float32's range, does not: use --dtype bfloat16"
+    return "are the checkpoint's weights and the --lora scales sound?" if settings.lora else (
+        "are the checkpoint's weights sound?")
 
 
 def _black(handoff: Handoff, positions: list[int]) -> list[int]:
