@@ -258,7 +258,7 @@ def _request(ctx: click.Context, options: dict):
 
     for name in ("num_images_per_prompt", "batch_size", "gpus_per_process"):
         if options[name] is not None and options[name] < 1:
-            raise SettingsError(f"--{name.replace('_', '-')} {options[name]}: give at least 1")
+            raise SettingsError(f"{_option_of(name)} {options[name]}: give at least 1")
     if options["report_path"] is not None:
         _check_report_path(options["report_path"])
     given = [name for name in SAVED_OPTIONS if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE]
@@ -346,12 +346,17 @@ def _check_agrees(given: list[str], options: dict, saved, checkpoint) -> None:
             if name == "model":  # as the run saved it: a local folder by its absolute path
                 mine = model_reference(mine)
             if mine != value:
-                option = f"--{name.replace('_', '-')}"
+                option = _option_of(name)
                 shown = (" ".join(f"{option} {each}" for each in options[name]) if isinstance(options[name], tuple)
                          else f"{option} {options[name]}")
                 saved = "; ".join(value) or "none" if isinstance(value, tuple) else value
                 raise SettingsError(f"--resume: {shown} conflicts with the saved run's {saved}; drop it to continue "
                                     "the run, or start a new run")
+
+
+def _option_of(name: str) -> str:
+    """The command line option that sets the parameter `name` (out_dir -> --out), as click declares it."""
+    return next(param.opts[0] for param in main.params if param.name == name)
 
 
 def _prompt_lines(prompts, prompts_file):

@@ -261,6 +261,8 @@ def test_a_ctrl_c_that_a_library_wrapped_in_its_own_error_reads_as_an_interrupti
     [
         (["--steps", "3"], "--resume: --steps 3 conflicts with the saved run's 2"),
         (["--height", "64"], "--resume: --height 64 conflicts with the saved run's 32"),
+        # named as the option the user types (it said --out-dir)
+        (["--out", "elsewhere"], "--resume: --out elsewhere conflicts with the saved run's /"),
         (["--prompt", "another"], "the prompts or seeds given differ from the saved run's"),
         (["--dry-run"], "--resume and --dry-run cannot go together"),
     ],
