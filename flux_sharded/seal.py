@@ -95,9 +95,22 @@ def _key(path: Path) -> bytes:
     return bytes.fromhex(key.decode())
 
 
+def _keep_private(path: Path) -> None:
+    """The key made readable by others (a copy with cp, a umask of 022 and an editor's save) lets
+    them seal files this user's resumes would take: it is made 0600 again, as it was made. Not ours
+    to change (another owner's), it is left as it is."""
+    try:
+        if os.stat(path).st_mode & 0o077:
+            os.chmod(path, 0o600)
+    except OSError:
+        pass
+
+
 def _mac(name: str, head: bytes, start: int, end: int, rest) -> str:
     """HMAC of `name` and the bytes `head` + `rest` (an iterable of chunks), head[start:end] read as zeros."""
-    mac = hmac.new(_key(key_path()), name.encode("utf-8", "surrogateescape") + b"\0", hashlib.sha256)
+    path = key_path()
+    _keep_private(path)  # each time: the key is read once per process
+    mac = hmac.new(_key(path), name.encode("utf-8", "surrogateescape") + b"\0", hashlib.sha256)
     mac.update(head[:start])
     mac.update(b"0" * (end - start))
     mac.update(head[end:])
@@ -144,6 +157,10 @@ def _checked(name: str, head: bytes, rest) -> str:
     found = _SEAL.search(head[:SEAL_WITHIN_BYTES])
     if found is None:
         raise SealError("carries no seal of flux-sharded's (written by an earlier version, or not by flux-sharded)")
+    if not key_path().exists():  # a new key would be made, and every seal read as "changed"
+        raise SealError(f"cannot be checked: the key that sealed it, {key_path()}, is gone (the user's cache folder "
+                        "was cleared, or the run folder was made on another machine or by another user: copying "
+                        "that key file back lets it be resumed)")
     if not hmac.compare_digest(_mac(name, head, found.start(1), found.end(1), rest).encode(), found.group(1)):
         raise SealError(f"does not match its seal: it was changed after flux-sharded wrote it, or it was sealed with "
                         f"another key than this user's ({key_path()})")

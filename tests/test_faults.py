@@ -627,6 +627,10 @@ def test_a_resume_refuses_any_file_of_its_run_folder_with_one_byte_changed(works
 def test_a_run_folder_sealed_with_another_users_key_is_refused(workspace, tmp_path, monkeypatch):
     """A run folder copied from someone else, every file intact: their key is not this user's."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "another-user"))
+    key = tmp_path / "another-user" / "flux-sharded" / "run-folder-key"
+    key.parent.mkdir(parents=True)
+    key.write_text("ab" * 32 + "\n")
+    key.chmod(0o600)
     result = workspace.resume()
     assert result.exit_code == 2
     assert error_line(result) == (f"Error: --resume '{workspace.run_dir}': run.json does not match its seal: it was "
@@ -1034,3 +1038,27 @@ def test_out_of_memory_on_the_cpu_under_a_resource_limit(tiny_checkpoint, tmp_pa
     assert resumed.exit_code == 0, resumed.output
     assert "denoise: finished earlier" in resumed.output
     assert len(list(out.glob("*.png"))) == 1
+
+
+def test_a_lost_key_is_named_as_lost_not_as_a_changed_file(workspace, tmp_path, monkeypatch):
+    """The user's cache folder cleared (the key with it): every seal read as "changed after
+    flux-sharded wrote it", and a new key was made. It says the key is gone and makes none."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cleared"))
+    result = workspace.resume()
+    assert result.exit_code == 2
+    assert error_line(result).startswith(
+        f"Error: --resume '{workspace.run_dir}': run.json cannot be checked: the key that sealed it, "
+        f"{tmp_path}/cleared/flux-sharded/run-folder-key, is gone (the user's cache folder was cleared, or the run "
+        "folder was made on another machine or by another user: copying that key file back lets it be resumed)")
+    assert not (tmp_path / "cleared" / "flux-sharded" / "run-folder-key").exists()
+    assert not list(workspace.out.glob("0*-a-*.png"))
+
+
+def test_a_key_others_can_read_is_made_private_again(workspace):
+    """A key others can read lets them seal files this user's resumes would take."""
+    from flux_sharded.seal import key_path
+
+    key_path().chmod(0o644)
+    resumed = workspace.resume()
+    assert resumed.exit_code == 0, resumed.output
+    assert key_path().stat().st_mode & 0o777 == 0o600
