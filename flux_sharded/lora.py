@@ -119,6 +119,10 @@ def find_saved(text: str, run_dir: Path | None = None) -> Lora:
     """The LoRA a run recorded, found again; raises SettingsError if its file's content changed since
     (a resume must apply the bytes that made the run's images), CheckpointError if it is gone."""
     source, scale, digest = parse_saved(text)
+    if run_dir is not None and source.startswith("/") and not Path(source).exists():
+        raise CheckpointError(
+            f"--resume: the LoRA file {source}, which the run in {run_dir} applies (run.json 'settings.lora'), is "
+            f"gone; restore it (SHA-256 {digest[:12]}...), or start a new run")
     path, source = _locate(source)
     found = file_digests([path])[path]
     if found != digest and run_dir is None:
@@ -137,6 +141,9 @@ def _locate(source: str) -> tuple[Path, str]:
         return path.absolute(), str(path.absolute())
     if path.is_dir():
         raise SettingsError(f"--lora: '{source}' is a folder; give the LoRA's .safetensors file in it")
+    if path.exists():  # neither a file nor a folder: reading it could wait forever (a FIFO)
+        raise SettingsError(f"--lora: '{source}' is not a regular file (a pipe, a device or a socket); give the "
+                            "LoRA's .safetensors file")
     parts = source.split("/")
     if source.startswith((".", "/", "~")) or len(parts) < 2 or not all(parts):
         raise SettingsError(f"--lora: '{source}' is neither a file that exists nor a hub id (user/repo or "

@@ -127,6 +127,22 @@ def test_resume_refuses_a_lora_file_changed_since_the_run_began(tiny_checkpoint,
     line = error_line(result)
     assert f"the LoRA file {lora.absolute()} changed since the run in {run_dir} began" in line
     assert "restore that file, or start a new run" in line
+    lora.unlink()  # it said "--lora: '...' is neither a file that exists nor a hub id", as if the user had typed it
+    gone = invoke(["--resume", str(run_dir)])
+    assert gone.exit_code == 2
+    assert error_line(gone).startswith(
+        f"Error: --resume: the LoRA file {lora.absolute()}, which the run in {run_dir} applies (run.json "
+        "'settings.lora'), is gone; restore it (SHA-256 ")
+
+
+def test_a_lora_that_is_a_pipe_is_refused_without_reading_it(tiny_checkpoint, tmp_path):
+    """Reading a FIFO waits for a writer forever; one named like a hub id was taken for one."""
+    (tmp_path / "loras").mkdir()
+    os.mkfifo(tmp_path / "loras" / "style")
+    result = _run(tiny_checkpoint, tmp_path / "out", "--lora", str(tmp_path / "loras" / "style"))
+    assert result.exit_code == 2
+    assert error_line(result) == (f"Error: --lora: '{tmp_path / 'loras' / 'style'}' is not a regular file (a pipe, a "
+                                  "device or a socket); give the LoRA's .safetensors file")
 
 
 def _control_lora(checkpoint: Path, path: Path) -> Path:
