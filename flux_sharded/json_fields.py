@@ -66,9 +66,10 @@ class JsonFields:
         value = self._value(field, optional)
         if value is None and optional:
             return None
-        if not isinstance(value, str) or (choices is not None and value not in choices):
-            allowed = f" (one of {', '.join(choices)})" if choices else ""
-            self.fail(f"is {_shown(value)}, not a text{allowed}", field)
+        if not isinstance(value, str):
+            self.fail(f"is {_shown(value)}, not a text" + (f" (one of {', '.join(choices)})" if choices else ""), field)
+        if choices is not None and value not in choices:
+            self.fail(f"is {_shown(value)}, not one of {', '.join(choices)}", field)
         return value
 
     def boolean(self, field: str, optional=False):

@@ -313,7 +313,7 @@ CASES = {
     "guidance-a-string": Case(setting("guidance", "nan"), RUN_JSON + "'settings.guidance' is \"nan\""),
     "height-a-float": Case(setting("height", 32.0), RUN_JSON + "'settings.height' is 32.0, not a whole number"),
     "width-missing": Case(dropped_setting("width"), RUN_JSON + "'settings.width' is missing"),
-    "dtype-unknown": Case(setting("dtype", "float64"), RUN_JSON + "'settings.dtype' is \"float64\", not a text (one of"),
+    "dtype-unknown": Case(setting("dtype", "float64"), RUN_JSON + "'settings.dtype' is \"float64\", not one of"),
     "max-sequence-length-too-long": Case(setting("max_sequence_length", 9000),
                                          RUN_JSON + "'settings.max_sequence_length' is 9000, outside 1..8192"),
     "batch-size-zero": Case(setting("batch_size", 0), RUN_JSON + "'settings.batch_size' is 0, outside 1..1048576"),
@@ -482,8 +482,8 @@ CASES = {
                                      new_run=True),
     "scheduler-another-class": Case(config("scheduler", lambda c: c.update(_class_name="DDIMScheduler"),
                                            "scheduler_config.json"),
-                                    "field '_class_name' is \"DDIMScheduler\", not a text (one of "
-                                    "FlowMatchEulerDiscreteScheduler)", new_run=True),
+                                    "field '_class_name' is \"DDIMScheduler\", not one of "
+                                    "FlowMatchEulerDiscreteScheduler", new_run=True),
     # a component of another model (a klein folder holding FLUX.2-dev's Mistral encoder built a Qwen3
     # from a Mistral3 config, inside encode)
     "t5-of-another-architecture": Case(config("text_encoder_2", lambda c: c.update(architectures=["UMT5EncoderModel"])),
