@@ -329,12 +329,14 @@ class _Components:
         return self._structures[name]
 
 
-def plan_run(inputs: PlanInputs, budget: Budget) -> RunPlan:
-    """Plan every stage; raises PlanError (naming each stage that does not fit, and the ways out)."""
+def plan_run(inputs: PlanInputs, budget: Budget, to_run: tuple[str, ...] = STAGES) -> RunPlan:
+    """Plan every stage; raises PlanError (naming each stage that does not fit, and the ways out)
+    when one of `to_run` does not fit: a resume under a smaller budget runs only the stages left."""
     components = _Components(inputs)
     stages = _plan_all(components, budget)
-    if not all(stage.fits for stage in stages):
-        raise PlanError(_refusal(stages, components, budget), stages)
+    if not all(stage.fits for stage in stages if stage.name in to_run):
+        raise PlanError(_refusal(tuple(stage for stage in stages if stage.name in to_run), components, budget),
+                        stages)
     return RunPlan(budget=budget.copy(), stages=stages)  # a Budget's copy keeps the units it was written in
 
 

@@ -355,8 +355,6 @@ def _execute(request: RunRequest, log: Callable[[str], None], process: Process,
     paths = check_request(request, keep_created_folders=process.several)
     if request.resume and process.is_main:
         held.enter_context(run_folder_lock(request.run_folder, "--resume", request.resume_command))
-    plan = plan_run(plan_inputs(request), request.budget)
-    check_adapters_placed(plan, request)
     positions = share(process, len(request.settings.prompts), request.settings.batch_size)
     saved_run = read_run(request.run_folder) if request.resume else None
     resumed, denoised = None, {}
@@ -365,9 +363,12 @@ def _execute(request: RunRequest, log: Callable[[str], None], process: Process,
                                request.checkpoint, fingerprint_digest(saved_run.weights))
         resumed, denoised = resumed_handoff(request.settings.subset(positions), saved)
         del saved  # the rows this share needs are copied out
+    to_run = [stage.NAME for stage in STAGES if resumed is None or stage.NAME not in resumed.finished_stages]
+    # The stages left must fit (a resume under a smaller budget was refused for a finished stage).
+    plan = plan_run(plan_inputs(request), request.budget, tuple(to_run))
+    check_adapters_placed(plan, request)
     if saved_run is not None:
         check_same_decode(request, plan, saved_run, paths)
-    to_run = [stage.NAME for stage in STAGES if resumed is None or stage.NAME not in resumed.finished_stages]
     for note in check_free_gpu_memory(plan, free_gpu_bytes(request.budget), to_run):
         log(note)
     for note in check_free_cpu_memory(plan, psutil.virtual_memory().available, to_run, local_processes()):

@@ -460,3 +460,21 @@ def test_a_run_another_process_is_running_is_refused_until_it_ends(tiny_checkpoi
     resumed = invoke(["--resume", str(run_dir)])
     assert resumed.exit_code == 0, resumed.output
     assert_same_pixels(pixels(image), expected)
+
+
+def test_a_resume_under_a_smaller_budget_plans_only_the_stages_left(tiny_checkpoint, tmp_path):
+    """A run stopped before decode, resumed with a budget that encode (24 MB of activations) would
+    not fit but decode does: it was refused for encode, which it does not run again."""
+    out = tmp_path / "out"
+    first = invoke(["--model", str(tiny_checkpoint), *COMMON, "--out", str(out), "--prompt", "a dog"])
+    assert first.exit_code == 0, first.output
+    (image,) = out.glob("*.png")
+    expected = pixels(image)
+    image.unlink()
+    run_dir = next((out / ".flux-sharded").iterdir())
+    new_run = invoke(["--model", str(tiny_checkpoint), *COMMON, "--max-memory", "cpu=10MB", "--prompt", "a dog",
+                      "--dry-run"])
+    assert new_run.exit_code == 2 and "Error: encode (" in new_run.output, new_run.output  # encode: no room
+    resumed = invoke(["--resume", str(run_dir), "--max-memory", "cpu=10MB"])
+    assert resumed.exit_code == 0, resumed.output
+    assert_same_pixels(pixels(image), expected)
