@@ -458,6 +458,14 @@ def check_tokenizers(model: str, path: Path) -> None:
         if component.chat_template and not getattr(tokenizer, "chat_template", None):
             raise CheckpointError(f"{where} has no chat template (chat_template.jinja), which {family.pipeline} applies "
                                   f"to every prompt; {fix}")
+        if component.chat_template:  # a template that does not render failed inside encode, after run.json
+            try:
+                tokenizer.apply_chat_template([{"role": "user", "content": "a dog"}], tokenize=False,
+                                              add_generation_prompt=True)
+            except Exception as error:  # jinja2's TemplateError kinds, and what a template raises itself
+                reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+                raise CheckpointError(f"{where}'s chat template does not render ({type(error).__name__}: {reason}); "
+                                      f"{fix}") from None
         _check_processor(model, path, folder, where)
         config = read_config(path / encoder / "config.json", model)
         vocab = (config.get("text_config") or config)["vocab_size"]  # Mistral3 nests its language model's

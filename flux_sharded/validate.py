@@ -17,6 +17,7 @@ fingerprint of the weights) are checkpoint.py's, which reads its configs through
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -126,6 +127,14 @@ def _check_scheduler(scheduler: "JsonFields") -> None:
         scheduler.boolean(name, optional=True)
     scheduler.string("time_shift_type", optional=True, choices=("exponential", "linear"))
     scheduler.number("shift_terminal", 0, optional=True)
+    # What the scheduler's __init__ refuses (diffusers 0.42.1), which failed inside denoise.
+    sigmas = [name for name in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+              if scheduler.data.get(name)]
+    if len(sigmas) > 1:
+        scheduler.fail(f"is true, and so is {sigmas[0]}: the scheduler takes one kind of sigmas at most", sigmas[1])
+    if sigmas == ["use_beta_sigmas"] and importlib.util.find_spec("scipy") is None:
+        raise scheduler.error(f"{scheduler.where} field 'use_beta_sigmas' is true: the scheduler's beta sigmas need "
+                              "scipy, which flux-sharded does not install: pip install scipy")
 
 
 # ---------------------------------------------------------------- prompts

@@ -147,3 +147,17 @@ def test_a_qwen3_tensor_missing_is_refused_before_any_stage(tiny_klein, tmp_path
     broken = _without_tensor(tiny_klein, tmp_path / "broken", "text_encoder", "model.embed_tokens.weight")
     with pytest.raises(CheckpointError, match=r"text_encoder's weight files lack model.embed_tokens.weight, which"):
         check_weight_files(read_checkpoint(str(broken), broken))
+
+
+def test_a_chat_template_that_does_not_render_is_refused_before_any_stage(tiny_klein, tmp_path):
+    """Flux2KleinPipeline renders every prompt through the Qwen3 tokenizer's chat template: a broken
+    one failed inside encode, after run.json."""
+    from flux_sharded.checkpoint import check_tokenizers
+
+    broken = tmp_path / "klein"
+    shutil.copytree(tiny_klein, broken)
+    (broken / "tokenizer" / "chat_template.jinja").write_text("{% for message in messages %}{{ message.content }")
+    with pytest.raises(CheckpointError) as refused:
+        check_tokenizers(str(broken), broken)
+    assert str(refused.value).startswith(f"--model: '{broken}': tokenizer's chat template does not render (")
+    assert str(refused.value).endswith("; the checkpoint is incomplete: fetch its tokenizer folder again")

@@ -480,6 +480,12 @@ CASES = {
     "scheduler-shift-a-string": Case(config("scheduler", lambda c: c.update(shift="3"), "scheduler_config.json"),
                                      "scheduler/scheduler_config.json field 'shift' is \"3\", not a finite number",
                                      new_run=True),
+    "scheduler-karras-and-beta-sigmas": Case(config("scheduler", lambda c: c.update(use_karras_sigmas=True,
+                                                                            use_beta_sigmas=True),
+                                                    "scheduler_config.json"),
+                                             "scheduler/scheduler_config.json field 'use_beta_sigmas' is true, and so "
+                                             "is use_karras_sigmas: the scheduler takes one kind of sigmas at most",
+                                             new_run=True),
     "scheduler-another-class": Case(config("scheduler", lambda c: c.update(_class_name="DDIMScheduler"),
                                            "scheduler_config.json"),
                                     "field '_class_name' is \"DDIMScheduler\", not one of "
@@ -1062,3 +1068,18 @@ def test_a_key_others_can_read_is_made_private_again(workspace):
     resumed = workspace.resume()
     assert resumed.exit_code == 0, resumed.output
     assert key_path().stat().st_mode & 0o777 == 0o600
+
+
+def test_beta_sigmas_without_scipy_are_refused_before_the_run(workspace, monkeypatch):
+    """diffusers' scheduler needs scipy for beta sigmas and raised inside denoise; whether scipy is
+    installed here is the environment's, so its absence is what find_spec reports for it."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: None if name == "scipy" else real(name, *rest))
+    edit_json(workspace.checkpoint / "scheduler" / "scheduler_config.json", lambda c: c.update(use_beta_sigmas=True))
+    result = workspace.new_run()
+    assert result.exit_code == 2
+    assert error_line(result) == (f"Error: --model: '{workspace.checkpoint}': scheduler/scheduler_config.json field "
+                                  "'use_beta_sigmas' is true: the scheduler's beta sigmas need scipy, which "
+                                  "flux-sharded does not install: pip install scipy")
