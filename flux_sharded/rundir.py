@@ -38,7 +38,6 @@ import torch
 
 from .budget import Budget, budget_to_json
 from .errors import OutputError, SettingsError
-from .files import atomic_write
 from .handoff import GenerationSettings, Handoff
 from .safe_read import parse_json, read_regular_file
 from .checkpoint import expected_tensors
@@ -63,9 +62,9 @@ def default_run_dir(out_dir: Path, settings: GenerationSettings) -> Path:
 # A run folder is bound to the image folder its run started with, so that a run.json whose out_dir
 # or settings were edited (or a run folder from someone else) cannot make a resume write elsewhere:
 # the default folder by its place (OUT/.flux-sharded/run-<digest of the settings>), any other by a
-# record the run writes into OUT/.flux-sharded when it starts, named by the run folder's real path
-# and holding the settings' digest. Nothing in the run folder itself can vouch for it: it is the
-# file that may have been edited.
+# record the run writes into OUT/.flux-sharded when it starts, named by the run folder's real path,
+# holding the settings' digest and sealed (seal.py) like the run folder's files. Nothing in the run
+# folder itself can vouch for it: it is the file that may have been edited.
 def _binding_path(out_dir: Path, run_dir: Path) -> Path:
     name = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:16]
     return out_dir / RUNS_FOLDER / f"run-dir-{name}.json"
@@ -85,9 +84,9 @@ def bind_out_dir(run_dir: Path, out_dir: Path, settings: GenerationSettings) -> 
     if _is_default(run_dir, out_dir, settings):
         return
     path = _binding_path(out_dir, run_dir)
-    record = _binding(run_dir, settings)
+    record = {"seal": PLACEHOLDER, **_binding(run_dir, settings)}  # the seal first: seal.SEAL_WITHIN_BYTES
     try:
-        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(record) + "\n"))
+        sealed_write(path, lambda tmp: Path(tmp).write_text(json.dumps(record) + "\n"))
     except OSError as error:
         raise OutputError(f"could not write {path} ({error.strerror or error}); nothing was run yet: free some "
                           "space or fix the folder, then run the same command again") from None
@@ -99,9 +98,12 @@ def check_bound(run_dir: Path, out_dir: Path, settings: GenerationSettings, wher
     more precise about an edited field."""
     if _is_default(run_dir, out_dir, settings):
         return
-    try:  # a regular file of at most 64 KiB (a FIFO in its place hung the resume)
-        record = parse_json(read_regular_file(_binding_path(out_dir, run_dir), 64 * 1024).decode("utf-8"))
-    except (OSError, ValueError):
+    try:  # a regular file of at most 64 KiB (a FIFO in its place hung the resume), sealed by this user
+        data = read_regular_file(_binding_path(out_dir, run_dir), 64 * 1024)
+        check_seal(_binding_path(out_dir, run_dir), data)
+        record = parse_json(data.decode("utf-8"))
+        record.pop("seal")
+    except (OSError, ValueError, AttributeError, KeyError):  # SealError is a ValueError
         record = None
     if record == _binding(run_dir, settings):
         return

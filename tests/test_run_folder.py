@@ -3,6 +3,7 @@ folder's files of our names that no run of ours wrote are never replaced, whatev
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -143,3 +144,22 @@ def test_a_run_dir_record_that_is_a_fifo_is_refused_not_waited_on(tiny_checkpoin
     result = invoke(["--resume", str(run_dir)])
     assert result.exit_code == 2, result.output
     assert error_line(result).endswith(NOT_STARTED_THERE.format(elsewhere=out))
+
+
+def test_a_run_dir_record_written_by_hand_is_refused(tiny_checkpoint, tmp_path):
+    """The record in --out that binds a run folder elsewhere to it is sealed like the run folder's
+    files: one written by hand with the right fields (anyone who can read run.json can compute
+    them) vouches for nothing; the record flux-sharded wrote resumes."""
+    out, run_dir = tmp_path / "out", tmp_path / "run"
+    _run(tiny_checkpoint, out, "--run-dir", str(run_dir))
+    (record,) = (out / ".flux-sharded").glob("run-dir-*.json")
+    written = record.read_text()
+    fields = json.loads(written)
+    del fields["seal"]
+    record.write_text(json.dumps(fields) + "\n")
+    result = invoke(["--resume", str(run_dir)])
+    assert result.exit_code == 2, result.output
+    assert error_line(result).endswith(NOT_STARTED_THERE.format(elsewhere=out))
+    record.write_text(written)
+    resumed = invoke(["--resume", str(run_dir)])
+    assert resumed.exit_code == 0, resumed.output
