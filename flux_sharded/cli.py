@@ -355,8 +355,9 @@ def _check_agrees(given: list[str], options: dict, saved, checkpoint) -> None:
 
 
 def _option_of(name: str) -> str:
-    """The command line option that sets the parameter `name` (out_dir -> --out), as click declares it."""
-    return next(param.opts[0] for param in main.params if param.name == name)
+    """The command line option that sets the parameter `name` (out_dir -> --out), as click declares it;
+    a setting's own option is named after it (settings.py)."""
+    return next((param.opts[0] for param in main.params if param.name == name), f"--{name.replace('_', '-')}")
 
 
 def _prompt_lines(prompts, prompts_file):
