@@ -249,8 +249,8 @@ QUANTIZATION_STATE_SUFFIXES = {"nf4": (".absmax", ".quant_state.bitsandbytes__nf
 def _check_tensors(checkpoint: Checkpoint, component: str, files: list[Path]) -> None:
     """Every tensor of the component's weight files that its config builds (on the meta device:
     components.empty_component) has the shape the config gives it; a component whose config.json has
-    a bitsandbytes quantization_config holds bitsandbytes' quantization state (a torchao one is
-    not checked: its tensors are saved as plain ones). Raises CheckpointError naming the file."""
+    a bitsandbytes quantization_config holds bitsandbytes' quantization state, and one with a torchao
+    quantization_config torchao's safetensors layout. Raises CheckpointError naming the file."""
     from safetensors import safe_open
 
     # Here, not at the top: components imports torch, which the command line imports only once the
@@ -260,14 +260,22 @@ def _check_tensors(checkpoint: Checkpoint, component: str, files: list[Path]) ->
 
     method = prequantized(checkpoint.path).get(component)
     config = read_config(checkpoint.path / component / "config.json", checkpoint.model)
-    bitsandbytes = (config.get("quantization_config") or {}).get("quant_method") == "bitsandbytes"
-    names = {}
+    quant_method = (config.get("quantization_config") or {}).get("quant_method")
+    names, torchao_layout = {}, False
     for file in files:
         with safe_open(file, "pt") as handle:
             names.update({name: (file, tuple(handle.get_slice(name).get_shape())) for name in handle.keys()})
+            # torchao's safetensors layout (flatten_tensor_state_dict) lists its tensor subclasses here
+            torchao_layout |= "tensor_names" in (handle.metadata() or {})
     where = f"--model: '{checkpoint.model}': {component}"
     if method is not None:
-        if bitsandbytes and not any(name.endswith(QUANTIZATION_STATE_SUFFIXES[method]) for name in names):
+        if quant_method == "torchao" and not torchao_layout:
+            raise CheckpointError(
+                f"{where}/config.json has a torchao quantization_config, but its weight files hold no torchao "
+                "tensors (no 'tensor_names' in their metadata): the weights are not the ones that config was saved "
+                "with; fetch the checkpoint again")
+        if quant_method == "bitsandbytes" and not any(name.endswith(QUANTIZATION_STATE_SUFFIXES[method])
+                                                      for name in names):
             raise CheckpointError(
                 f"{where}/config.json has a bitsandbytes quantization_config ({method}), but its weight files hold no "
                 "bitsandbytes quantization state: the weights are not the ones that config was saved with; fetch "
@@ -344,7 +352,8 @@ def _check_tensor_names(model, expected: dict[str, tuple[tuple, tuple[str, ...]]
         return
     skip_extra = _ignored(model, "unexpected")
     known = {alias for _, names in expected.values() for alias in names}
-    extra = [saved for name, saved in found.items() if name not in known and not (skip_extra and skip_extra.search(name))]
+    extra = [saved for name, saved in found.items()
+             if name not in known and not (skip_extra and skip_extra.search(name))]
     if extra:
         raise CheckpointError(
             f"{where}'s weight files hold {_some(extra)}, which its config.json does not build: the config describes "

@@ -173,6 +173,16 @@ def prequantized(config_root) -> dict[str, str]:
     return found
 
 
+def stored_by_torchao(config_root) -> set[str]:
+    """The pre-quantized components whose quantization_config is torchao's (prequantized read it)."""
+    import json
+    from pathlib import Path
+
+    return {component for component in prequantized(config_root)
+            if json.loads((Path(config_root) / component / "config.json").read_text())["quantization_config"].get(
+                "quant_method") == "torchao"}
+
+
 def check_prequantized(config_root, chosen: dict[str, str]) -> None:
     """Refuse --quantize on a component that is quantized already."""
     for component, method in prequantized(config_root).items():

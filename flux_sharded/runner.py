@@ -59,7 +59,7 @@ from .memory import PeakMemory, flush
 from .placement import placeable
 from .plan import PlanInputs, RunPlan, check_free_cpu_memory, check_free_gpu_memory, plan_run
 from .progress import Progress, stage_bar
-from .quantize import LORA_MERGE, check_prequantized_dtype, format_quantize, prequantized
+from .quantize import LORA_MERGE, check_prequantized_dtype, format_quantize, prequantized, stored_by_torchao
 from .report import RunReport, StageReport
 from .rundir import (
     SAVED_STAGES,
@@ -268,6 +268,26 @@ def lora_report(settings: GenerationSettings) -> list[dict]:
     return [dict(zip(("source", "scale", "sha256"), parse_saved(text))) for text in settings.lora]
 
 
+def check_prequantized_placed(plan: RunPlan, request: RunRequest) -> None:
+    """A component the checkpoint stores quantized by torchao loads by its device map only onto GPUs:
+    diffusers' and transformers' torchao quantizers refuse "cpu" or "disk" in the map of a
+    pre-quantized model (diffusers 0.42.1: validate_environment), which failed inside the stage,
+    after run.json. Refused before any weight is read, with the ways that work."""
+    for name in sorted(stored_by_torchao(request.checkpoint.path)):
+        for stage in plan.stages:
+            component = next((each for each in stage.components if each.name == name), None)
+            if component is None:
+                continue
+            devices = dict(component.device_map).values()
+            off_gpu = sorted({str(device) for device in devices if device in ("cpu", "disk")})
+            if off_gpu:
+                raise SettingsError(
+                    f"--max-memory: the checkpoint stores {name} quantized by torchao, which loads only onto GPUs "
+                    f"(diffusers refuses {' and '.join(off_gpu)} in the device map of a pre-quantized torchao model), "
+                    f"but the plan puts part of it on {' and '.join(off_gpu)}: give the GPUs room for all of it, or "
+                    f"use the unquantized checkpoint with --quantize {name}=int8")
+
+
 def check_adapters_placed(plan: RunPlan, request: RunRequest) -> None:
     """A LoRA goes into a component before it is placed (stages/adapters.py), which placement.place
     can do whole, over GPUs or with streamed blocks; refuse, before any weight is read, a component
@@ -331,6 +351,7 @@ def dry_run(request: RunRequest) -> tuple[RunReport, PlanError | None]:
     try:
         plan = plan_run(plan_inputs(request), request.budget)
         check_adapters_placed(plan, request)
+        check_prequantized_placed(plan, request)
         stages = plan.stages
     except PlanError as error:
         stages, refusal = error.stages, error
@@ -367,6 +388,7 @@ def _execute(request: RunRequest, log: Callable[[str], None], process: Process,
     # The stages left must fit (a resume under a smaller budget was refused for a finished stage).
     plan = plan_run(plan_inputs(request), request.budget, tuple(to_run))
     check_adapters_placed(plan, request)
+    check_prequantized_placed(plan, request)
     if saved_run is not None:
         check_same_decode(request, plan, saved_run, paths)
     for note in check_free_gpu_memory(plan, free_gpu_bytes(request.budget), to_run):

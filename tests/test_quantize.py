@@ -439,3 +439,32 @@ def test_a_prequantized_component_saved_for_another_dtype_is_refused_before_anyt
     assert (f"Error: --dtype bfloat16: text_encoder_2 in {prequantized_t5_checkpoint} is pre-quantized to compute in "
             "float32") in result.output and "run with --dtype float32" in result.output
     assert "Traceback" not in result.output and not out.exists()
+
+
+def test_a_torchao_checkpoint_is_recognised_and_refused_where_diffusers_cannot_load_it(tiny_checkpoint, tmp_path):
+    """A transformer saved by diffusers with torchao's int8 (TorchAoConfig, safetensors): its files
+    pass the checks as torchao's layout (its config says torchao and its metadata lists torchao's
+    tensors); a plan that puts part of it on the CPU is refused before anything is written, since
+    diffusers' torchao quantizer refuses "cpu" in a pre-quantized model's device map (it failed
+    inside denoise, after run.json)."""
+    import diffusers
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    from flux_sharded.checkpoint import check_weight_files, read_checkpoint
+
+    checkpoint = tmp_path / "int8"
+    shutil.copytree(tiny_checkpoint, checkpoint)
+    shutil.rmtree(checkpoint / "transformer")
+    diffusers.FluxTransformer2DModel.from_pretrained(
+        tiny_checkpoint, subfolder="transformer", torch_dtype=torch.bfloat16,
+        quantization_config=diffusers.TorchAoConfig(Int8WeightOnlyConfig())).save_pretrained(checkpoint / "transformer")
+    check_weight_files(read_checkpoint(str(checkpoint), checkpoint))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["--model", str(checkpoint), "--prompt", "a dog", "--height", "32", "--width",
+                                       "32", "--steps", "1", "--max-memory", "cpu=2GB", "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert [line for line in result.output.splitlines() if line.startswith("Error: ")] == [
+        "Error: --max-memory: the checkpoint stores transformer quantized by torchao, which loads only onto GPUs "
+        "(diffusers refuses cpu in the device map of a pre-quantized torchao model), but the plan puts part of it on "
+        "cpu: give the GPUs room for all of it, or use the unquantized checkpoint with --quantize transformer=int8"]
+    assert not out.exists()
