@@ -201,6 +201,11 @@ def edit_tensors(path: Path, change: Callable[[dict], object]) -> None:
     save_file(loaded, path, metadata={"format": "pt"})
 
 
+def weight_tensors(relative: str, change: Callable[[dict], object]):
+    """The checkpoint's weight file `relative` with its tensors changed by `change`."""
+    return lambda space: edit_tensors(space.checkpoint / relative, change)
+
+
 def weights_file(component: str, header, data_bytes: int = 0):
     """The component's weights replaced by a safetensors file of this header and `data_bytes` zeros."""
     def damage(space):
@@ -527,29 +532,29 @@ CASES = {
     # weights of another shape than the config makes, and a quantization_config the weights were not saved
     # with: both failed inside a stage after run.json (with diffusers' advice to pass ignore_mismatched_sizes)
     "transformer-weights-of-another-shape": Case(
-        lambda space: edit_tensors(space.checkpoint / "transformer" / "diffusion_pytorch_model.safetensors",
-                                   lambda t: t.update({"proj_out.bias": torch.zeros(8)})),
+        weight_tensors("transformer/diffusion_pytorch_model.safetensors",
+                       lambda t: t.update({"proj_out.bias": torch.zeros(8)})),
         "transformer/diffusion_pytorch_model.safetensors holds proj_out.bias of shape (8,), but transformer/config.json "
         "makes it (16,): the weights belong to another model than the config", new_run=True, extra=("--overwrite",)),
     # a tensor missing from the weights, or a config of fewer blocks than the weights: a text encoder
     # ran to exit 0 with that tensor at transformers' random initialization, a transformer with the
     # blocks the config left out dropped; a missing transformer tensor failed inside denoise
     "t5-tensor-missing": Case(
-        lambda space: edit_tensors(space.checkpoint / "text_encoder_2" / "model.safetensors",
-                                   lambda t: t.pop("encoder.block.0.layer.1.DenseReluDense.wo.weight")),
+        weight_tensors("text_encoder_2/model.safetensors",
+                       lambda t: t.pop("encoder.block.0.layer.1.DenseReluDense.wo.weight")),
         "--model: '{checkpoint}': text_encoder_2's weight files lack encoder.block.0.layer.1.DenseReluDense.wo.weight, "
         "which its config.json builds: the download is incomplete", new_run=True, extra=("--overwrite",)),
     "transformer-tensor-missing": Case(
-        lambda space: edit_tensors(space.checkpoint / "transformer" / "diffusion_pytorch_model.safetensors",
-                                   lambda t: [t.pop(name) for name in list(t) if name.startswith("norm_out.")]),
+        weight_tensors("transformer/diffusion_pytorch_model.safetensors",
+                       lambda t: [t.pop(name) for name in list(t) if name.startswith("norm_out.")]),
         "transformer's weight files lack norm_out.linear.bias, norm_out.linear.weight, which its config.json builds",
         new_run=True, extra=("--overwrite",)),
     "transformer-config-of-fewer-blocks": Case(
         config("transformer", lambda c: c.update(num_single_layers=c["num_single_layers"] - 1)),
         "transformer's weight files hold single_transformer_blocks.", new_run=True, extra=("--overwrite",)),
     "clip-extra-tensor": Case(
-        lambda space: edit_tensors(space.checkpoint / "text_encoder" / "model.safetensors",
-                                   lambda t: t.update({"text_model.encoder.layers.99.mlp.fc1.bias": torch.zeros(4)})),
+        weight_tensors("text_encoder/model.safetensors",
+                       lambda t: t.update({"text_model.encoder.layers.99.mlp.fc1.bias": torch.zeros(4)})),
         "text_encoder's weight files hold text_model.encoder.layers.99.mlp.fc1.bias, which its config.json does not "
         "build: the config describes a smaller model than the weights", new_run=True, extra=("--overwrite",)),
     "transformer-torchao-config-over-plain-weights": Case(
