@@ -162,8 +162,8 @@ def test_a_run_offloading_to_disk_uses_a_fresh_folder_per_stage_and_removes_it(t
              "disk": 10**9}
     real_plan_run = runner.plan_run
 
-    def plan_with_denoise_on_disk(inputs, budget):
-        plan = real_plan_run(inputs, budget)
+    def plan_with_denoise_on_disk(inputs, budget, *to_run):
+        plan = real_plan_run(inputs, budget, *to_run)
         on_disk = plan_module.plan_denoise(plan_module._Components(inputs), tight)
         return dataclasses.replace(plan, stages=tuple(on_disk if s.name == "denoise" else s for s in plan.stages))
 
