@@ -115,7 +115,7 @@ MISTAKES = [
     ("plan", {"batch_size": 0}, SettingsError, "plan(): field 'batch_size' is 0, outside 1..1048576"),
     ("open", {"max_memory": "cpu=16XB"}, BudgetError, "'XB' is an unknown unit"),
     ("open", {"max_memory": 16}, SettingsError, "max_memory=16: give a text such as '0=16GB,cpu=64GB'"),
-    ("open", {"dtype": "int8"}, SettingsError, "field 'dtype' is \"int8\", not a text (one of"),
+    ("open", {"dtype": "int8"}, SettingsError, "field 'dtype' is \"int8\", not one of"),
     ("open", {"quantize": "transformer=fp3"}, SettingsError, "fp3"),
     ("open", {"lora": [1]}, SettingsError, "field 'lora' is [1], not a text or a list of texts"),
     ("open", {"steps": 2}, SettingsError, "open_model(): unknown keyword argument 'steps'; it takes dtype, quantize"),

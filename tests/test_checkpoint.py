@@ -161,3 +161,18 @@ def test_a_chat_template_that_does_not_render_is_refused_before_any_stage(tiny_k
         check_tokenizers(str(broken), broken)
     assert str(refused.value).startswith(f"--model: '{broken}': tokenizer's chat template does not render (")
     assert str(refused.value).endswith("; the checkpoint is incomplete: fetch its tokenizer folder again")
+
+
+def test_a_torchao_quantization_config_over_plain_weights_is_refused(tiny_checkpoint, tmp_path):
+    """Weights saved without torchao's layout under a config that says torchao (on a machine with a
+    GPU the run's placement checks pass, and the load failed inside denoise)."""
+    from flux_sharded.checkpoint import check_weight_files, read_checkpoint
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_checkpoint, broken)
+    config = json.loads((broken / "transformer" / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "torchao", "quant_type": {}}
+    (broken / "transformer" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="transformer/config.json has a torchao quantization_config, but its "
+                                              "weight files hold no torchao tensors"):
+        check_weight_files(read_checkpoint(str(broken), broken))

@@ -557,10 +557,6 @@ CASES = {
                        lambda t: t.update({"text_model.encoder.layers.99.mlp.fc1.bias": torch.zeros(4)})),
         "text_encoder's weight files hold text_model.encoder.layers.99.mlp.fc1.bias, which its config.json does not "
         "build: the config describes a smaller model than the weights", new_run=True, extra=("--overwrite",)),
-    "transformer-torchao-config-over-plain-weights": Case(
-        config("transformer", lambda c: c.update(quantization_config={"quant_method": "torchao", "quant_type": {}})),
-        "transformer/config.json has a torchao quantization_config, but its weight files hold no torchao tensors",
-        new_run=True, extra=("--overwrite",)),
     "t5-quantization-config-without-its-state": Case(
         config("text_encoder_2", lambda c: c.update(quantization_config={"quant_method": "bitsandbytes",
                                                                           "load_in_4bit": True})),
