@@ -32,7 +32,11 @@ from typing import Any, Callable
 import torch
 from PIL import Image
 
-from . import runner
+from .progress import Progress, library_logs_above_bars, quiet_import_noise, quiet_libraries
+
+quiet_import_noise()  # before the imports below bring in diffusers, whose torchao import warns
+
+from . import runner  # noqa: E402 (and below)
 from .activations import ACTIVATION_MARGIN
 from .budget import DEFAULT_CPU_FRACTION, DEFAULT_GPU_RESERVE_BYTES, Budget, check_gpus, default_budget, \
     format_budget, parse_budget
@@ -42,7 +46,6 @@ from .families import generation_defaults
 from .handoff import GenerationSettings
 from .json_fields import JsonFields
 from .lora import resolve as resolve_lora
-from .progress import Progress, library_logs_above_bars, quiet_libraries
 from .prompts import PromptLine, expand
 from .quantize import check_available, check_prequantized, format_quantize, parse_quantize, prequantized
 from .report import RunReport
@@ -146,9 +149,10 @@ class Plan:
         return "\n".join(lines + ([f"Error: {self.refusal}"] if self.refusal else []))
 
 
-def dry_run(request: runner.RunRequest) -> Plan:
+def dry_run(request: runner.RunRequest, keeps_weights: bool = False) -> Plan:
     """The plan of `request` from its configs alone (no weight is read), with the notes the command
-    line's --dry-run prints; raises the settings' errors, returns a budget's refusal in the Plan."""
+    line's --dry-run prints; raises the settings' errors, returns a budget's refusal in the Plan.
+    `keeps_weights`: for a Model, which keeps weights between calls (each stage's kept_bytes)."""
     settings, budget = request.settings, request.budget
     notes = []
     missing = [key for key in budget.gpus if key >= gpu_count()]
@@ -156,7 +160,7 @@ def dry_run(request: runner.RunRequest) -> Plan:
         notes.append(f"note: planning for GPU(s) {', '.join(map(str, missing))}, which this machine does not have")
     if "disk" in budget and request.offload_folder is None:
         notes.append("note: a run with this disk entry will need --offload-folder DIR, for the weights it puts on disk")
-    report, refusal = runner.dry_run(request)
+    report, refusal = runner.dry_run(request, keeps_weights)
     notes += [*report.notes(), *filter(None, [runner.ignored_guidance_note(request)])]
     summary = (f"plan for {settings.width}x{settings.height}, {settings.steps} steps, guidance {settings.guidance:g}, "
                f"{settings.max_sequence_length} prompt tokens, batch size {settings.batch_size}, {settings.dtype}, "
@@ -166,16 +170,18 @@ def dry_run(request: runner.RunRequest) -> Plan:
 
 
 def run(request: runner.RunRequest, log: Callable[[str], None], process: runner.Process = runner.SINGLE_PROCESS,
-        on_progress: Callable[[Progress], None] | None = None) -> RunReport | None:
+        on_progress: Callable[[Progress], None] | None = None,
+        kept: runner.KeptStages | None = None) -> RunReport | None:
     """Check what a run needs of this machine (its GPUs, the quantization backends), then run it
-    (runner.execute) with the libraries' warnings above the bars; the main process's report."""
+    (runner.execute) with the libraries' warnings above the bars; the main process's report.
+    `kept`: the loaded stages kept between runs (a Model's), None to keep nothing (the CLI)."""
     check_gpus(request.budget, gpu_count())
     checkpoint = request.checkpoint
     # nf4 without CUDA (asked for, or a pre-quantized 4-bit checkpoint), a missing optional package
     check_available({**prequantized(checkpoint.path), **request.settings.quantization},
                     {component.name: component.library for component in checkpoint.family.components})
     with library_logs_above_bars():
-        return runner.execute(request, log=log, process=process, on_progress=on_progress)
+        return runner.execute(request, log=log, process=process, on_progress=on_progress, kept=kept)
 
 
 @dataclass
@@ -196,7 +202,12 @@ class Generation:
 
 class Model:
     """A FLUX checkpoint opened under a memory budget (see open_model); generate() runs the three
-    stages for some prompts, plan() shows how they would be placed, close() frees what it holds."""
+    stages for some prompts, plan() shows how they would be placed, close() frees what it holds.
+
+    Weights kept between calls: a stage the plan places wholly in RAM stays loaded after a call
+    while the budget's cpu entry leaves room for it beside every stage's own plan
+    (plan.kept_between_calls; each stage's kept_bytes in plan() and in the report), so that the
+    next call with the same placement reads none of its weights again."""
 
     def __init__(self, model: str | Path | Checkpoint = DEFAULT_MODEL, *, max_memory: str | Budget | None = None,
                  offload_folder: str | Path | None = None, log: Callable[[str], None] | None = None, **settings):
@@ -214,6 +225,7 @@ class Model:
         self.lora = lora_texts(opened.get("lora", defaults["lora"]))
         self.budget = resolve_budget(max_memory, self.log)
         self.offload_folder = Path(offload_folder).expanduser() if offload_folder is not None else None
+        self.kept = runner.KeptStages()
         self.closed = False
 
     def __enter__(self) -> "Model":
@@ -223,7 +235,9 @@ class Model:
         self.close()
 
     def close(self) -> None:
-        """Free what the model holds; a later generate() or plan() raises SettingsError."""
+        """Free what the model holds (the weights kept between calls); a later generate() or plan()
+        raises SettingsError."""
+        self.kept.clear()
         self.closed = True
 
     def defaults(self) -> dict[str, Any]:
@@ -252,7 +266,7 @@ class Model:
         read. The plan depends on the number of images, not on their text (PLAN_PROMPT when none)."""
         lines = _prompt_lines(PLAN_PROMPT if prompt is None else prompt)
         checked = _checked("plan()", settings, image_options())
-        return dry_run(self.request(lines, seed, num_images_per_prompt, Path("."), **checked))
+        return dry_run(self.request(lines, seed, num_images_per_prompt, Path("."), **checked), keeps_weights=True)
 
     def generate(self, prompt: str | Sequence[str], *, seed: int = 0, num_images_per_prompt: int = 1,
                  out_dir: str | Path | None = None, run_dir: str | Path | None = None, overwrite: bool = False,
@@ -279,7 +293,7 @@ class Model:
             folder = Path(out_dir).expanduser() if out_dir is not None else temporary
             request = self.request(lines, seed, num_images_per_prompt, folder,
                                    Path(run_dir).expanduser() if run_dir is not None else None, overwrite, **checked)
-            report = run(request, self.log, on_progress=progress)
+            report = run(request, self.log, on_progress=progress, kept=self.kept)
             images = [_read_image(Path(path)) for path in report.images]
         finally:
             if temporary is not None:

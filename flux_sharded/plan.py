@@ -123,6 +123,14 @@ class ComponentPlan:
     adapters: tuple[Adapter, ...] = ()  # the LoRAs loaded into it before it is placed, in --lora order
     adapter_bytes: int = 0  # their unfused tensors' bytes, counted in weight_bytes on the devices of their layers
 
+    @property
+    def loaded_as(self) -> tuple:
+        """What a stage's load reads of this plan (stages/*.load: the map, streaming, quantization,
+        LoRAs, tiled and one-image decoding): two plans equal here load the same component placed
+        the same way, whatever their byte counts (another image size)."""
+        return (self.name, tuple(self.device_map.items()), self.streamed, self.quantization, self.adapters,
+                self.tiled, self.batch_size == 1)
+
 
 @dataclass(frozen=True)
 class StagePlan:
@@ -193,6 +201,32 @@ class RunPlan:
 
     def stage(self, name: str) -> StagePlan:
         return next(stage for stage in self.stages if stage.name == name)
+
+
+def kept_between_calls(plan: RunPlan) -> dict[str, int]:
+    """The stages whose loaded components stay in host memory between the Python API's calls
+    (api.Model), with the RAM each keeps (its weights on "cpu"):
+
+    - only a stage placed wholly in RAM: every module of every component on "cpu" (none on a GPU,
+      streamed or on disk), so that keeping it holds no GPU memory and moves nothing;
+    - taken in stage order while the budget still holds: for every stage, its planned CPU bytes
+      plus the weights the other kept stages hold never exceed the budget's cpu entry (a stage that
+      is kept counts its own weights once, in its plan).
+
+    Empty for a plan that does not fit. The weights of a stage not kept are read again each call."""
+    if not all(stage.fits for stage in plan.stages):
+        return {}
+    cpu = plan.budget.get("cpu", 0)
+    kept: dict[str, int] = {}
+    for stage in plan.stages:
+        if not all(set(component.device_map.values()) == {"cpu"} and not component.streamed
+                   for component in stage.components):
+            continue
+        trial = {**kept, stage.name: stage.weight_bytes.get("cpu", 0)}
+        if all(other.planned_bytes.get("cpu", 0) + sum(size for name, size in trial.items() if name != other.name)
+               <= cpu for other in plan.stages):
+            kept = trial
+    return kept
 
 
 def _ordered(per_device: dict[Device, int]) -> dict[Device, int]:

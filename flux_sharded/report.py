@@ -16,6 +16,8 @@ JSON schema (device keys as strings: "0", "1", "cpu", "disk"):
                  "pinned_bytes": int,             # planned host bytes pinned for streamed blocks (0: none)
                  "adapter_bytes": int,            # planned bytes of unfused LoRA adapters (in weight_bytes)
                  "peak_pinned_bytes": int,        # measured: pinned host memory held (CUDA); null otherwise
+                 "kept_bytes": int,               # RAM its weights stay in between the Python API's calls (0: none)
+                 "weights_kept": bool,            # measured: this call took them from there, reading nothing
                  "tiled": bool,                   # decode: diffusers' tiled VAE decoding
                  "notes": [str]}],                # what the planner left out or chose
      "loras": [{"source": str, "scale": float, "sha256": str}],  # --lora, in order (lora.py)
@@ -60,6 +62,8 @@ class StageReport:
     pinned_bytes: int = 0  # planned host bytes pinned for streamed blocks, as PyTorch allocates them
     adapter_bytes: int = 0  # planned bytes of the unfused LoRA adapters, part of weight_bytes
     peak_pinned_bytes: int | None = None  # measured: the most pinned host memory PyTorch held (CUDA only)
+    kept_bytes: int = 0  # RAM its weights stay in between the Python API's calls (plan.kept_between_calls)
+    weights_kept: bool = False  # measured: the stage's components came from that RAM, no weight was read
     notes: list[str] = field(default_factory=list)
 
     @classmethod
@@ -152,6 +156,10 @@ class RunReport:
         """Under the table: for each stage that offloads, what it copies host-to-GPU and what that costs."""
         lines = []
         for stage in self.stages:
+            if stage.kept_bytes:
+                lines.append(f"{stage.name}: its weights stay in RAM between calls ({format_bytes(stage.kept_bytes)}, "
+                             "counted against the cpu budget of every stage)"
+                             + ("; this call read none" if stage.weights_kept else ""))
             if stage.tiled:
                 lines.append(f"{stage.name}: tiled VAE decoding (the whole image's activations do not fit)")
             if not stage.offload_bytes_per_step:

@@ -57,7 +57,7 @@ from .images import image_paths, save_png
 from .lora import Adapter, find_saved, parse_saved
 from .memory import PeakMemory, flush
 from .placement import placeable
-from .plan import PlanInputs, RunPlan, check_free_cpu_memory, check_free_gpu_memory, plan_run
+from .plan import PlanInputs, RunPlan, check_free_cpu_memory, check_free_gpu_memory, kept_between_calls, plan_run
 from .progress import Progress, stage_bar
 from .quantize import LORA_MERGE, check_prequantized_dtype, format_quantize, prequantized, stored_by_torchao
 from .report import RunReport, StageReport
@@ -344,35 +344,73 @@ def plan_report(stage_plan, settings: GenerationSettings) -> StageReport:
                                  images=len(settings.prompts))
 
 
-def dry_run(request: RunRequest) -> tuple[RunReport, PlanError | None]:
-    """Every stage's plan as a report without measurements, and the refusal if a stage does not fit."""
+def dry_run(request: RunRequest, keeps_weights: bool = False) -> tuple[RunReport, PlanError | None]:
+    """Every stage's plan as a report without measurements, and the refusal if a stage does not fit;
+    `keeps_weights`: for a caller that keeps weights between calls (KeptStages), each stage's
+    kept_bytes (plan.kept_between_calls)."""
     check_settings(request)
-    refusal = None
+    refusal, kept = None, {}
     try:
         plan = plan_run(plan_inputs(request), request.budget)
         check_adapters_placed(plan, request)
         check_prequantized_placed(plan, request)
         stages = plan.stages
+        kept = kept_between_calls(plan) if keeps_weights else {}
     except PlanError as error:
         stages, refusal = error.stages, error
     report = RunReport(budget=budget_to_json(request.budget), loras=lora_report(request.settings))
     report.stages = [plan_report(stage, request.settings) for stage in stages]
+    for stage in report.stages:
+        stage.kept_bytes = kept.get(stage.name, 0)
     return report, refusal
+
+
+class KeptStages:
+    """Stages' loaded components kept in host memory between runs (the Python API's Model holds
+    one): stage name -> what it was loaded as and the loaded object. execute keeps only the stages
+    its plan keeps (plan.kept_between_calls) and drops the others before any stage runs; a stage
+    is taken out while it runs, so that a failure leaves nothing half-used behind."""
+
+    def __init__(self):
+        self._loaded: dict[str, tuple[tuple, object]] = {}
+
+    def __contains__(self, stage: str) -> bool:
+        return stage in self._loaded
+
+    def retain(self, stages) -> None:
+        """Drop every stage not in `stages` (the references: the memory is freed by the collector)."""
+        for name in [name for name in self._loaded if name not in stages]:
+            del self._loaded[name]
+
+    def take(self, stage: str, key: tuple):
+        """The stage's loaded components if they were loaded as `key` says, else None; either way
+        none stay here until `keep` puts them back."""
+        found = self._loaded.pop(stage, None)
+        return found[1] if found is not None and found[0] == key else None
+
+    def keep(self, stage: str, key: tuple, loaded) -> None:
+        self._loaded[stage] = (key, loaded)
+
+    def clear(self) -> None:
+        self._loaded.clear()
 
 
 def execute(request: RunRequest, log: Callable[[str], None] = lambda message: None,
             process: Process = SINGLE_PROCESS,
-            on_progress: Callable[[Progress], None] | None = None) -> RunReport | None:
+            on_progress: Callable[[Progress], None] | None = None,
+            kept: KeptStages | None = None) -> RunReport | None:
     """Run this process's share of the images; the main process returns the whole run's report.
-    `on_progress` is called as the share's stages go (progress.Progress), besides the bars. The
-    main process holds the run folder's lock (rundir.run_folder_lock) from before it reads a
-    resumed run, or before a new run's first write, to its end."""
+    `on_progress` is called as the share's stages go (progress.Progress), besides the bars; `kept`:
+    the loaded stages a caller keeps between runs, which this run takes and keeps as its plan says
+    (plan.kept_between_calls). The main process holds the run folder's lock (rundir.run_folder_lock)
+    from before it reads a resumed run, or before a new run's first write, to its end."""
     with contextlib.ExitStack() as held:
-        return _execute(request, log, process, on_progress, held)
+        return _execute(request, log, process, on_progress, held, kept)
 
 
 def _execute(request: RunRequest, log: Callable[[str], None], process: Process,
-             on_progress: Callable[[Progress], None] | None, held: contextlib.ExitStack) -> RunReport | None:
+             on_progress: Callable[[Progress], None] | None, held: contextlib.ExitStack,
+             kept: KeptStages | None = None) -> RunReport | None:
     paths = check_request(request, keep_created_folders=process.several)
     if request.resume and process.is_main:
         held.enter_context(run_folder_lock(request.run_folder, "--resume", request.resume_command))
@@ -389,6 +427,9 @@ def _execute(request: RunRequest, log: Callable[[str], None], process: Process,
     plan = plan_run(plan_inputs(request), request.budget, tuple(to_run))
     check_adapters_placed(plan, request)
     check_prequantized_placed(plan, request)
+    keeps = kept_between_calls(plan) if kept is not None else {}
+    if kept is not None:
+        kept.retain(keeps)  # before any stage runs: what this plan does not keep is no longer held
     if saved_run is not None:
         check_same_decode(request, plan, saved_run, paths)
     for note in check_free_gpu_memory(plan, free_gpu_bytes(request.budget), to_run):
@@ -447,7 +488,8 @@ def _execute(request: RunRequest, log: Callable[[str], None], process: Process,
     if positions:
         encoded = request.settings.subset(encode_positions(request.settings, positions))
         report = _execute_plan(mine, checkpoint, plan, [paths[p] for p in positions], log, process, resumed,
-                               denoised, encoded, fingerprint_digest(fingerprint), on_progress)
+                               denoised, encoded, fingerprint_digest(fingerprint), on_progress,
+                               _Keeping(kept, keeps) if kept is not None else None)
     reports = gather(process, report)
     finish(process)  # every share is finished now
     if process.is_local_main and saved_run is not None:
@@ -533,7 +575,8 @@ class ShareRun:
 
 def _execute_plan(request: RunRequest, checkpoint: Checkpoint, plan: RunPlan, paths: list[Path], log,
                   process: Process, resumed: Handoff | None, denoised: dict, encoded: GenerationSettings,
-                  weights: str, on_progress: Callable[[Progress], None] | None = None) -> RunReport:
+                  weights: str, on_progress: Callable[[Progress], None] | None = None,
+                  keeping: "_Keeping | None" = None) -> RunReport:
     """This share's stages; `encoded`: the prompts its encode runs on (distributed.encode_positions)."""
     if not process.is_main:  # each process says what it did with its own share, named as its errors are
         say = log
@@ -563,7 +606,7 @@ def _execute_plan(request: RunRequest, checkpoint: Checkpoint, plan: RunPlan, pa
             continue
         check_unchanged_weights(checkpoint, weights, stage.NAME, request.resume_command)
         result = _run_stage(stage, request, checkpoint, plan.stage(stage.NAME), work, process, share.saved,
-                            on_progress)
+                            on_progress, keeping, weights)
         handoff = stage.finish(result.output, share)
         result.report.images = len(handoff.settings.prompts)
         if stage.NAME in SAVED_STAGES:  # the handoff waits in RAM for the next stage; decode's images are written
@@ -581,6 +624,14 @@ def free_gpu_bytes(budget: Budget) -> dict[int, int]:
     return {index: torch.cuda.mem_get_info(index)[0] for index in gpu_indices(budget)}
 
 
+@dataclass(frozen=True)
+class _Keeping:
+    """A run's side of KeptStages: the store, and the RAM each stage it keeps holds (by the plan)."""
+
+    store: KeptStages
+    stages: dict[str, int]  # plan.kept_between_calls
+
+
 @dataclass
 class _StageResult:
     report: StageReport
@@ -588,8 +639,11 @@ class _StageResult:
 
 
 def _run_stage(stage: Stage, request: RunRequest, checkpoint: Checkpoint, stage_plan, work: Work, process: Process,
-               saved: Path | None, on_progress: Callable[[Progress], None] | None = None) -> _StageResult:
-    """Load, run, release and flush one stage; failures become the project's errors with the way on."""
+               saved: Path | None, on_progress: Callable[[Progress], None] | None = None,
+               keeping: _Keeping | None = None, weights: str = "") -> _StageResult:
+    """Load, run, release and flush one stage; failures become the project's errors with the way on.
+    A stage that `keeping` keeps is taken from its store when it was loaded as this plan loads it
+    (the same weights, dtype and placement: ComponentPlan.loaded_as), and put back after it ran."""
     handoff = work.handoff
     settings = handoff.settings
     stage_report = plan_report(stage_plan, settings)
@@ -614,13 +668,22 @@ def _run_stage(stage: Stage, request: RunRequest, checkpoint: Checkpoint, stage_
         _stage_offload_folder(request.offload_folder, stage_plan, process) as offload_folder,
         PeakMemory(gpu_indices=gpu_indices(request.budget)) as peak,
     ):
+        keeps = keeping is not None and stage.NAME in keeping.stages
+        key = (str(checkpoint.path), weights, settings.dtype, tuple(c.loaded_as for c in stage_plan.components))
+        loaded = None
         try:
             started = time.perf_counter()
-            loaded = stage.load(checkpoint, stage_plan, settings.torch_dtype, offload_folder)
+            loaded = keeping.store.take(stage.NAME, key) if keeps else None
+            stage_report.weights_kept = loaded is not None
+            if loaded is None:
+                loaded = stage.load(checkpoint, stage_plan, settings.torch_dtype, offload_folder)
             loaded_at = time.perf_counter()
             stage_report.device_map = stage.device_map(loaded)
             output = stage.run(loaded, handoff, on_image_done, on_step=on_step, **work.options)
             finished = time.perf_counter()
+            if keeps:  # only after a run that went through: a failed one may leave it half-used
+                keeping.store.keep(stage.NAME, key, loaded)
+                stage_report.kept_bytes = keeping.stages[stage.NAME]
         except FluxShardedError:
             raise
         except (torch.OutOfMemoryError, MemoryError) as error:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import inspect
 import json
 import os
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -77,7 +80,10 @@ def test_the_plan_is_the_dry_run(tiny_checkpoint, model):
     assert all(stage.peak_bytes is None for stage in plan.stages)  # planned, not measured
     dry_run = invoke(["--model", str(tiny_checkpoint), "--prompt", "a dog", *CLI_SETTINGS, "--dry-run"])
     assert dry_run.exit_code == 0, dry_run.output
-    assert f"{plan.summary}\n{plan.report.table()}\n" in dry_run.output
+    # the same table; the API's plan adds what stays in RAM between its calls (the CLI keeps nothing)
+    once = dataclasses.replace(plan.report, stages=[dataclasses.replace(stage, kept_bytes=0) for stage in plan.stages])
+    assert f"{plan.summary}\n{once.table()}\n" in dry_run.output
+    assert "stay in RAM" in plan.report.table() and "stay in RAM" not in dry_run.output
 
 
 def test_a_plan_over_budget_is_refused_in_the_plan_not_raised(tiny_checkpoint):
@@ -156,9 +162,10 @@ def test_the_keyword_arguments_are_the_schemas_settings():
 
 API_RUN = """
 import sys
-import flux_sharded
+import weakref
+from flux_sharded import api
 
-with flux_sharded.open_model(sys.argv[1], max_memory="cpu=2GB", dtype="float32") as model:
+with api.open_model(sys.argv[1], max_memory="cpu=2GB", dtype="float32") as model:
     model.generate("a dog", steps=1, height=32, width=32)
 print("done")
 """
@@ -175,3 +182,83 @@ def test_the_libraries_say_nothing_in_a_fresh_process(tiny_checkpoint, tmp_path)
     said = [line for line in result.stderr.replace("\r", "\n").splitlines()
             if line.strip() and not line.startswith(BAR_NAMES)]
     assert said == [], json.dumps(said, indent=1)
+
+
+# ---------------------------------------------------------------- weights kept between calls
+
+
+@pytest.fixture
+def loads(monkeypatch) -> list[tuple[str, str, weakref.ref]]:
+    """Every model read from a checkpoint, counted where the libraries read weights: diffusers' and
+    transformers' from_pretrained, which every stage's load calls (class, subfolder, a weak
+    reference to the model it returned)."""
+    import diffusers
+    import transformers
+
+    found = []
+    for base in (diffusers.ModelMixin, transformers.PreTrainedModel):
+        original = base.__dict__["from_pretrained"].__func__
+
+        def counted(cls, *args, _original=original, **kwargs):
+            model = _original(cls, *args, **kwargs)
+            found.append((cls.__name__, kwargs.get("subfolder"), weakref.ref(model)))
+            return model
+
+        monkeypatch.setattr(base, "from_pretrained", classmethod(counted))
+    return found
+
+
+def stage_bytes(plan: api.Plan, field: str, stage: str) -> int:
+    return getattr(next(each for each in plan.stages if each.name == stage), field).get("cpu", 0)
+
+
+def test_a_second_call_reads_no_weight_the_plan_kept_and_makes_the_command_lines_pixels(tiny_checkpoint, tmp_path,
+                                                                                         model, loads):
+    plan = model.plan(**SETTINGS)
+    assert {stage.name: stage.kept_bytes for stage in plan.stages} == \
+        {stage.name: stage.weight_bytes["cpu"] for stage in plan.stages}  # all of them, each its weights
+    assert "its weights stay in RAM between calls" in str(plan)
+    model.generate("a dog", **SETTINGS)
+    assert sorted(subfolder for _, subfolder, _ in loads) == ["text_encoder", "text_encoder_2", "transformer", "vae"]
+    second = model.generate("a red cat", seed=3, **SETTINGS)
+    assert len(loads) == 4  # nothing read again
+    assert all(stage.weights_kept for stage in second.report.stages)
+    (expected,) = cli_images(tiny_checkpoint, tmp_path / "cli", "--prompt", "a red cat", "--seed", "3")
+    with Image.open(expected) as cli_image:
+        assert_same_pixels(np.asarray(second.images[0]), np.asarray(cli_image))
+
+
+def test_a_stage_kept_only_while_every_stage_still_fits_the_cpu_budget(tiny_checkpoint, loads):
+    """A budget with room for encode's plan beside decode's weights, not beside the transformer's:
+    encode and decode stay, denoise is read again on every call."""
+    with flux_sharded.open_model(str(tiny_checkpoint), max_memory="cpu=2GB", dtype="float32") as roomy:
+        plan = roomy.plan(**SETTINGS)
+    cpu = stage_bytes(plan, "planned_bytes", "encode") + stage_bytes(plan, "weight_bytes", "decode")
+    assert stage_bytes(plan, "planned_bytes", "encode") + stage_bytes(plan, "weight_bytes", "denoise") > cpu
+    with flux_sharded.open_model(str(tiny_checkpoint), max_memory=f"cpu={cpu}B", dtype="float32") as tight:
+        plan = tight.plan(**SETTINGS)
+        kept = {stage.name: stage.kept_bytes for stage in plan.stages if stage.kept_bytes}
+        assert list(kept) == ["encode", "decode"]
+        for stage in plan.stages:  # never over the budget, the kept weights of the others counted
+            assert stage.planned_bytes["cpu"] + sum(size for name, size in kept.items() if name != stage.name) <= cpu
+        tight.generate("a dog", **SETTINGS)
+        tight.generate("a dog", seed=1, **SETTINGS)
+    assert sorted(subfolder for _, subfolder, _ in loads) == ["text_encoder", "text_encoder_2", "transformer",
+                                                               "transformer", "vae"]
+
+
+def test_a_stage_placed_on_a_gpu_is_not_kept(tiny_checkpoint):
+    """Keeping it would hold GPU memory between calls: only stages wholly in RAM stay (planned for
+    a GPU this machine need not have)."""
+    with flux_sharded.open_model(str(tiny_checkpoint), max_memory="0=16GB,cpu=2GB", dtype="float32") as model:
+        plan = model.plan(**SETTINGS)
+    assert plan.fits and all(0 in [int(k) for k in stage.planned_bytes if k.isdigit()] for stage in plan.stages)
+    assert [stage.kept_bytes for stage in plan.stages] == [0, 0, 0]
+
+
+def test_close_frees_the_kept_weights(model, loads):
+    model.generate("a dog", **SETTINGS)
+    assert all(reference() is not None for _, _, reference in loads)  # kept
+    model.close()
+    gc.collect()
+    assert [reference() for _, _, reference in loads] == [None] * 4
