@@ -56,6 +56,8 @@ LOGGER = logging.getLogger("flux_sharded")  # the runner's lines (budget, notes)
 # The prompt a plan is made for when none is given: a plan depends on the number of images and of
 # distinct prompts (batch bounds), never on the text.
 PLAN_PROMPT = "a photo"
+# The settings open_model takes besides the model, which is its first argument.
+OPENED = tuple(each for each in open_options() if each.name != "model")
 
 
 def gpu_count() -> int:
@@ -82,7 +84,7 @@ def resolve_budget(max_memory: str | Budget | None, log: Callable[[str], None], 
     return budget
 
 
-def _checked(function: str, given: dict[str, Any], accepted: tuple[Setting, ...]) -> dict[str, Any]:
+def checked_settings(function: str, given: dict[str, Any], accepted: tuple[Setting, ...]) -> dict[str, Any]:
     """`given` keyword arguments, each a setting of `accepted` of its type and range (the schema's),
     in its canonical form; raises SettingsError naming an unknown keyword or a bad value."""
     given = {name: value for name, value in given.items() if value is not None}  # None: the default
@@ -213,7 +215,7 @@ class Model:
                  offload_folder: str | Path | None = None, log: Callable[[str], None] | None = None, **settings):
         if not isinstance(model, (str, Path, Checkpoint)):
             raise SettingsError(f"open_model(): model={model!r}: give a hub id (owner/name) or a local folder")
-        opened = _checked("open_model()", settings, tuple(each for each in open_options() if each.name != "model"))
+        opened = checked_settings("open_model()", settings, OPENED)
         self.log = log or LOGGER.info
         quiet_libraries()  # before the checkpoint is read: reading a FLUX.2 one imports diffusers
         # a Checkpoint: resolved already (the command line checks the folder before importing torch)
@@ -265,7 +267,7 @@ class Model:
         """How every stage would be placed for these prompts and settings (the dry-run): no weight is
         read. The plan depends on the number of images, not on their text (PLAN_PROMPT when none)."""
         lines = _prompt_lines(PLAN_PROMPT if prompt is None else prompt)
-        checked = _checked("plan()", settings, image_options())
+        checked = checked_settings("plan()", settings, image_options())
         return dry_run(self.request(lines, seed, num_images_per_prompt, Path("."), **checked), keeps_weights=True)
 
     def generate(self, prompt: str | Sequence[str], *, seed: int = 0, num_images_per_prompt: int = 1,
@@ -282,7 +284,7 @@ class Model:
             raise SettingsError(f"model '{self.model}' is {family.name} ({family.pipeline}): {family.name} runs are "
                                 "not implemented yet; plan() plans them")
         lines = _prompt_lines(prompt)
-        checked = _checked("generate()", settings, image_options())
+        checked = checked_settings("generate()", settings, image_options())
         for name, value in (("seed", seed), ("num_images_per_prompt", num_images_per_prompt)):
             if not isinstance(value, int) or isinstance(value, bool):
                 raise SettingsError(f"generate(): {name}={value!r}: give a whole number")
@@ -293,15 +295,29 @@ class Model:
             folder = Path(out_dir).expanduser() if out_dir is not None else temporary
             request = self.request(lines, seed, num_images_per_prompt, folder,
                                    Path(run_dir).expanduser() if run_dir is not None else None, overwrite, **checked)
-            report = run(request, self.log, on_progress=progress, kept=self.kept)
-            images = [_read_image(Path(path)) for path in report.images]
+            generation = self.run(request, progress)
         finally:
             if temporary is not None:
                 shutil.rmtree(temporary, ignore_errors=True)
         if temporary is not None:  # the files are gone: the report names none
-            report.images, report.written = [], []
-            return Generation(images, report)
-        return Generation(images, report, [Path(path) for path in report.images])
+            generation.report.images, generation.report.written, generation.paths = [], [], []
+        return generation
+
+    def check(self, request: runner.RunRequest) -> None:
+        """Everything of `request` checkable without weights: its settings (runner.check_settings)
+        and that its plan fits the budget (the PlanError of the stage that does not)."""
+        plan = dry_run(request, keeps_weights=True)
+        if plan.refusal is not None:
+            raise plan.refusal
+
+    def run(self, request: runner.RunRequest, progress: Callable[[Progress], None] | None = None) -> Generation:
+        """Run a request made by `request` (or one continuing a run folder: resume=True), keeping
+        weights between calls as its plan says; its images read back from its PNGs."""
+        if self.closed:
+            raise SettingsError("this model is closed; open another with flux_sharded.open_model(...)")
+        report = run(request, self.log, on_progress=progress, kept=self.kept)
+        return Generation([_read_image(Path(path)) for path in report.images], report,
+                          [Path(path) for path in report.images])
 
 
 def open_model(model: str = DEFAULT_MODEL, *, max_memory: str | Budget | None = None,
@@ -347,5 +363,5 @@ def _with_settings(function, settings: tuple[Setting, ...], default) -> None:
 
 _with_settings(Model.generate, image_options(), None)
 _with_settings(Model.plan, image_options(), None)
-_with_settings(Model.__init__, tuple(each for each in open_options() if each.name != "model"), None)
-_with_settings(open_model, tuple(each for each in open_options() if each.name != "model"), None)
+_with_settings(Model.__init__, OPENED, None)
+_with_settings(open_model, OPENED, None)

@@ -52,7 +52,7 @@ class BudgetType(click.ParamType):
             self.fail(str(error).removeprefix("--max-memory: "), param, ctx)
 
 
-class _OneLineErrors(click.Command):
+class OneLineErrors(click.Command):
     """click answers a bad option value with its usage and a hint before the error; a user mistake
     here is one `Error: ...` line (exit 2) like every other, naming the option and the fix."""
 
@@ -86,7 +86,7 @@ class _PathParam(click.Path):
         return super().convert(value, param, ctx)
 
 
-@click.command("flux-sharded", cls=_OneLineErrors,
+@click.command("flux-sharded", cls=OneLineErrors,
                context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--prompt", "prompts", multiple=True, metavar="TEXT", help="Text to draw; repeat for several images.")
 @click.option(

@@ -1,0 +1,336 @@
+"""`flux-sharded serve`: one model under one budget, kept open, answering HTTP (the `serve` extra:
+FastAPI and uvicorn).
+
+    POST /v1/images/generations   OpenAI's images API: prompt, n, size "WIDTHxHEIGHT", response_format
+                                  b64_json; our settings as extensions named as the CLI options with
+                                  underscores (seed, steps, guidance, max_sequence_length)
+    GET  /v1/models               the one model
+
+Every accepted request is written to OUT/requests/<id>.json (its prompt, settings and seeds: a
+request without a seed gets a random one, recorded there and in its PNGs) before it is queued, and
+runs with its run folder under OUT/runs/, so that a server stopped at any moment (SIGKILL
+included) runs its unanswered requests again on restart, resuming their run folders, and keeps
+their images in OUT (its client is gone). A worker thread runs the queue in arrival order: the
+requests waiting when a run starts that share its settings join it, up to --max-batch images, so
+that each stage runs once for all of them (encode every prompt, then denoise, then decode), and
+the weights the plan keeps stay loaded between runs (api.Model).
+
+A bad request is answered 4xx with OpenAI's error object naming the field ({"error": {"message",
+"type", "param", "code"}}), never a 500 with a traceback; no field names a path on the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import hashlib
+import json
+import re
+import secrets
+import socket
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from . import api
+from .cli import BudgetType, OneLineErrors
+from .checkpoint import DEFAULT_MODEL
+from .errors import FluxShardedError, PlanError
+from .files import atomic_write
+from .prompts import PromptLine
+from .rundir import holds_our_run
+from .settings import DTYPE_NAMES, image_options, setting
+
+DEFAULT_PORT = 8000  # what OpenAI-compatible local servers commonly listen on (vLLM, LocalAI)
+MAX_BODY_BYTES = 1 * 2**20  # a request is a prompt and a few numbers; anything larger is refused (413)
+DRAINED_BYTES = 64 * MAX_BODY_BYTES  # past this a body is cut off unread, the connection with it
+MAX_PROMPT_CHARACTERS = 32_000  # OpenAI's images API limit for a prompt
+# Fields of OpenAI's request that change nothing here, accepted so that clients work unchanged:
+# `model` (one model per server), `user`, and the quality and style hints of OpenAI's own models.
+IGNORED_FIELDS = ("model", "user", "quality", "style", "moderation", "background")
+# Our settings a request may give (the CLI options, underscores): every per-call setting of the
+# schema, less the batch size, which the server chooses (batch mates change the pixels' rounding).
+EXTENSION_SETTINGS = tuple(each for each in image_options() if each.name not in ("batch_size", "height", "width"))
+BACKLOG = 2048  # uvicorn's default backlog
+SIZE = re.compile(r"^([1-9][0-9]{0,6})x([1-9][0-9]{0,6})$")
+
+
+class RequestError(Exception):
+    """A request the server refuses: HTTP `status`, OpenAI's error object naming `param`."""
+
+    def __init__(self, message: str, param: str | None, status: int = 400):
+        super().__init__(message)
+        self.param, self.status = param, status
+
+    def response(self) -> JSONResponse:
+        return error_response(str(self), self.param, self.status)
+
+
+def error_response(message: str, param: str | None, status: int) -> JSONResponse:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status)
+
+
+@dataclass(frozen=True)
+class Job:
+    """An accepted request, as OUT/requests/<id>.json keeps it: each image's seed fixed."""
+
+    id: str
+    prompt: str
+    seeds: tuple[int, ...]  # one per image
+    settings: dict  # the extension settings given, and the size: image_options() names
+
+    @property
+    def key(self) -> str:
+        """Jobs of one key can share a run (the same settings)."""
+        return json.dumps(self.settings, sort_keys=True)
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "prompt": self.prompt, "seeds": list(self.seeds), "settings": self.settings}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Job":
+        return cls(data["id"], data["prompt"], tuple(data["seeds"]), data["settings"])
+
+
+class Server:
+    """The model, the queue and the output folder; the worker thread runs the queue."""
+
+    def __init__(self, model: api.Model, out_dir: Path, max_images: int, max_batch: int):
+        self.model, self.out_dir, self.max_images, self.max_batch = model, out_dir, max_images, max_batch
+        self.requests = out_dir / "requests"
+        self.requests.mkdir(parents=True, exist_ok=True)
+        self.waiting: list[Job] = []
+        self.answers: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
+        self.lock = threading.Condition()
+        self.stopping = False
+        for path in sorted(self.requests.glob("*.json"), key=lambda path: path.stat().st_mtime_ns):
+            record = json.loads(path.read_text())
+            if "images" not in record:  # accepted, not answered: run again (its run folder resumed)
+                self.waiting.append(Job.from_json(record))
+        self.worker = threading.Thread(target=self._work, name="flux-sharded-queue", daemon=True)
+
+    # ---- accepting
+
+    def job(self, body: dict) -> Job:
+        """The request's job, every field checked (RequestError naming the first bad one)."""
+        known = {"prompt", "n", "size", "response_format", "seed", *IGNORED_FIELDS,
+                 *(each.name for each in EXTENSION_SETTINGS)}
+        unknown = sorted(set(body) - known)
+        if unknown:
+            raise RequestError(f"'{unknown[0]}' is not a field this server takes; it takes {', '.join(sorted(known))}",
+                               unknown[0])
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise RequestError("'prompt' must be a non-empty text", "prompt")
+        if len(prompt) > MAX_PROMPT_CHARACTERS:
+            raise RequestError(f"'prompt' has {len(prompt)} characters; at most {MAX_PROMPT_CHARACTERS}", "prompt")
+        n = body.get("n", 1)
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= self.max_images:
+            raise RequestError(f"'n' is {json.dumps(n)}; give 1 to {self.max_images} images", "n")
+        if body.get("response_format", "b64_json") not in ("b64_json", None):
+            raise RequestError(f"'response_format' {json.dumps(body['response_format'])} is not served; use "
+                               "b64_json (the server keeps no public image URLs)", "response_format")
+        settings = {}
+        for each in EXTENSION_SETTINGS:
+            if body.get(each.name) is not None:
+                try:
+                    settings.update(api.checked_settings("request", {each.name: body[each.name]}, image_options()))
+                except FluxShardedError as error:
+                    raise RequestError(str(error), each.name) from None
+        size = body.get("size")
+        if size is not None and size != "auto":
+            match = SIZE.match(size) if isinstance(size, str) else None
+            if match is None:
+                raise RequestError(f"'size' {json.dumps(size)} is not WIDTHxHEIGHT (e.g. 1024x768) or auto", "size")
+            settings["width"], settings["height"] = int(match.group(1)), int(match.group(2))
+        seed = body.get("seed")
+        if seed is None:
+            seed = secrets.randbits(32)  # recorded in the request's file and in each PNG
+        elif not isinstance(seed, int) or isinstance(seed, bool):
+            raise RequestError(f"'seed' is {json.dumps(seed)}, not a whole number", "seed")
+        job = Job(uuid.uuid4().hex, prompt, tuple(seed + k for k in range(n)), settings)
+        try:  # the settings and the budget, before anything is accepted (no weight is read)
+            self.model.check(self._request(job, [job]))
+        except PlanError as error:
+            raise RequestError(f"the server's --max-memory cannot hold this request: {error}", "size") from None
+        except FluxShardedError as error:
+            raise RequestError(str(error), _param(str(error))) from None
+        return job
+
+    def accept(self, job: Job, loop: asyncio.AbstractEventLoop) -> asyncio.Future:
+        """Keep the job on disk, then queue it; the future is set when its images are written."""
+        answer = loop.create_future()
+        atomic_write(self.requests / f"{job.id}.json", lambda tmp: Path(tmp).write_text(json.dumps(job.to_json())))
+        with self.lock:
+            self.answers[job.id] = (loop, answer)
+            self.waiting.append(job)
+            self.lock.notify()
+        return answer
+
+    # ---- running
+
+    def _request(self, first: Job, jobs: list[Job]):
+        lines = [PromptLine(job.prompt, seed) for job in jobs for seed in job.seeds]
+        batch = hashlib.sha256(" ".join(job.id for job in jobs).encode()).hexdigest()[:16]
+        request = self.model.request(lines, 0, 1, self.out_dir / "runs" / batch, **first.settings)
+        if holds_our_run(request.run_folder):  # a run a stopped server began: continue it
+            request = dataclasses.replace(request, resume=True)
+        return request
+
+    def _next(self) -> list[Job] | None:
+        """The oldest waiting job and those right behind it with its settings, up to max_batch images."""
+        with self.lock:
+            while not self.waiting and not self.stopping:
+                self.lock.wait()
+            if self.stopping:
+                return None
+            jobs, images = [], 0
+            for job in self.waiting:
+                if job.key != self.waiting[0].key or (jobs and images + len(job.seeds) > self.max_batch):
+                    break  # arrival order: a job of other settings waits for the next run, and so do those after it
+                jobs.append(job)
+                images += len(job.seeds)
+            del self.waiting[: len(jobs)]
+            return jobs
+
+    def _work(self) -> None:
+        while (jobs := self._next()) is not None:
+            try:
+                generation = self.model.run(self._request(jobs[0], jobs))
+                failure = None
+            except FluxShardedError as error:
+                generation, failure = None, str(error)
+            except Exception as error:  # a bug or a library's failure: said to the clients, the server goes on
+                generation, failure = None, f"{type(error).__name__}: {error}"
+            position = 0
+            for job in jobs:
+                paths = generation.paths[position: position + len(job.seeds)] if generation else []
+                position += len(job.seeds)
+                if generation is not None:
+                    record = {**job.to_json(), "images": [str(path) for path in paths]}
+                    atomic_write(self.requests / f"{job.id}.json",
+                                 lambda tmp, record=record: Path(tmp).write_text(json.dumps(record)))
+                with self.lock:
+                    loop, answer = self.answers.pop(job.id, (None, None))
+                if answer is not None:
+                    result = (paths, failure)
+                    loop.call_soon_threadsafe(lambda answer=answer, result=result: answer.done() or
+                                              answer.set_result(result))
+
+    def stop(self) -> None:
+        with self.lock:
+            self.stopping = True
+            self.lock.notify()
+
+
+def _param(message: str) -> str | None:
+    """The request field a settings error is about (its message names the CLI option)."""
+    for option, field in (("--height", "size"), ("--width", "size"), ("--seed", "seed"), ("--prompt", "prompt")):
+        if option in message:
+            return field
+    return next((each.name for each in EXTENSION_SETTINGS if f"--{each.name.replace('_', '-')}" in message), None)
+
+
+def create_app(server: Server) -> FastAPI:
+    app = FastAPI(title="flux-sharded", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(RequestError)
+    async def refused(request: Request, error: RequestError) -> JSONResponse:
+        return error.response()
+
+    @app.exception_handler(Exception)
+    async def failed(request: Request, error: Exception) -> JSONResponse:  # a bug: no traceback to the client
+        return error_response(f"the server failed ({type(error).__name__}); its log says more", None, 500)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": server.model.model, "object": "model", "created": 0,
+                                            "owned_by": "flux-sharded"}]}
+
+    @app.post("/v1/images/generations")
+    async def generations(request: Request) -> JSONResponse:
+        body = await _json_body(request)
+        job = server.job(body)
+        paths, failure = await server.accept(job, asyncio.get_running_loop())
+        if failure is not None:
+            return error_response(failure, None, 500)
+        data = [{"b64_json": base64.b64encode(path.read_bytes()).decode(), "seed": seed, "revised_prompt": job.prompt}
+                for path, seed in zip(paths, job.seeds, strict=True)]
+        return JSONResponse({"created": int(time.time()), "data": data})
+
+    return app
+
+
+async def _json_body(request: Request) -> dict:
+    """The body as a JSON object; at most MAX_BODY_BYTES kept. A larger one is read on (discarded)
+    up to DRAINED_BYTES before the 413, so that a client still sending can read the answer."""
+    body, size = b"", 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size <= MAX_BODY_BYTES:
+            body += chunk
+        elif size > DRAINED_BYTES:
+            break
+    if size > MAX_BODY_BYTES:
+        raise RequestError(f"the body has more than {MAX_BODY_BYTES} bytes; at most {MAX_BODY_BYTES}", None, 413)
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError) as error:
+        raise RequestError(f"the body is not JSON ({error})", None) from None
+    if not isinstance(data, dict):
+        raise RequestError("the body must be a JSON object", None)
+    return data
+
+
+@click.command("flux-sharded serve", cls=OneLineErrors,
+               context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Hub id or local diffusers folder.")
+@click.option("--max-memory", type=BudgetType(), default=None, help="Per-device budget, as flux-sharded's.")
+@click.option("--dtype", type=click.Choice(DTYPE_NAMES), default=setting("dtype").default, show_default=True)
+@click.option("--quantize", default=setting("quantize").default, show_default=True, metavar="SPEC")
+@click.option("--lora", multiple=True, metavar="SOURCE[:SCALE]", help="As flux-sharded's; repeat for several.")
+@click.option("--offload-folder", type=click.Path(path_type=Path, file_okay=False), default=None)
+@click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False), default=Path("flux-sharded-server"),
+              show_default=True, help="Folder for the requests, their run folders and images.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every network).")
+@click.option("--port", type=int, default=DEFAULT_PORT, show_default=True, help="Port; 0 picks a free one.")
+@click.option("--max-images", type=click.IntRange(1, 64), default=4, show_default=True, help="Images per request (n).")
+@click.option("--max-batch", type=click.IntRange(1, 1024), default=8, show_default=True,
+              help="Images of queued requests that one run makes together.")
+def main(**options) -> None:
+    """Serve one model over HTTP: OpenAI's POST /v1/images/generations and GET /v1/models."""
+    try:
+        model = api.open_model(options["model"], max_memory=options["max_memory"], dtype=options["dtype"],
+                               quantize=options["quantize"], lora=options["lora"],
+                               offload_folder=options["offload_folder"],
+                               log=lambda message: click.echo(message, err=True))
+        server = Server(model, options["out_dir"], options["max_images"], options["max_batch"])
+    except FluxShardedError as error:
+        click.echo(f"Error: {error}", err=True)
+        sys.exit(error.exit_code)
+    listening = socket.socket(socket.AF_INET6 if ":" in options["host"] else socket.AF_INET)
+    try:
+        listening.bind((options["host"], options["port"]))
+        listening.listen(BACKLOG)  # now: a client that connects before uvicorn starts waits, not refused
+    except OSError as error:
+        click.echo(f"Error: --host {options['host']} --port {options['port']}: cannot listen there "
+                   f"({error.strerror or error}); give another --port (0 picks a free one)", err=True)
+        sys.exit(2)
+    host, port = listening.getsockname()[:2]
+    click.echo(f"serving {model.model} on http://{host}:{port} ({len(server.waiting)} request(s) resumed)", err=True)
+    server.worker.start()
+    try:
+        uvicorn.Server(uvicorn.Config(create_app(server), log_level="warning")).run(sockets=[listening])
+    finally:
+        server.stop()
+        model.close()
