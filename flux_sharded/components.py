@@ -10,6 +10,7 @@ text encoders are counted as their encode uses them (encode_only).
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 
 import torch
@@ -23,6 +24,13 @@ from accelerate.utils import compute_module_sizes
 from .errors import CheckpointError
 from .families import encode_layers, family_of
 from .quantize_bytes import quantized_meta, saved_nf4_layout
+
+# accelerate's init_empty_weights patches torch.nn.Module.register_parameter for every thread of the
+# process, and from_pretrained (diffusers, transformers) does the same while it loads: a component
+# built on meta here while another thread loads weights gives that thread meta parameters, and two
+# such contexts left in the other order leave the patch in place for good. Held by every meta build
+# here and by the runner around each stage's load (a server plans a request while it runs others).
+MODULE_PATCH_LOCK = threading.RLock()
 
 
 def empty_component(config_root: Path, name: str, quantization: str | None = None,
@@ -60,7 +68,7 @@ def _built_on_meta(config_root: Path, name: str) -> torch.nn.Module:
         import transformers
 
         config = transformers.AutoConfig.from_pretrained(folder)
-        with torch.device("meta"), init_empty_weights():
+        with MODULE_PATCH_LOCK, torch.device("meta"), init_empty_weights():
             model = getattr(transformers, component.class_name)(config)
         model.tie_weights()  # as from_pretrained does: T5's encoder.embed_tokens is `shared`
         if component.truncated:
@@ -75,7 +83,7 @@ def _built_on_meta(config_root: Path, name: str) -> torch.nn.Module:
     level = config_logger.level
     config_logger.setLevel(logging.ERROR)
     try:
-        with torch.device("meta"), init_empty_weights():
+        with MODULE_PATCH_LOCK, torch.device("meta"), init_empty_weights():
             return model_class.from_config(model_class.load_config(folder))
     finally:
         config_logger.setLevel(level)

@@ -39,6 +39,7 @@ from .checkpoint import (
     resolve_checkpoint,
     weights_fingerprint,
 )
+from .components import MODULE_PATCH_LOCK
 from .distributed import (
     Process,
     encode_positions,
@@ -676,7 +677,8 @@ def _run_stage(stage: Stage, request: RunRequest, checkpoint: Checkpoint, stage_
             loaded = keeping.store.take(stage.NAME, key) if keeps else None
             stage_report.weights_kept = loaded is not None
             if loaded is None:
-                loaded = stage.load(checkpoint, stage_plan, settings.torch_dtype, offload_folder)
+                with MODULE_PATCH_LOCK:  # no plan builds on meta in another thread meanwhile
+                    loaded = stage.load(checkpoint, stage_plan, settings.torch_dtype, offload_folder)
             loaded_at = time.perf_counter()
             stage_report.device_map = stage.device_map(loaded)
             output = stage.run(loaded, handoff, on_image_done, on_step=on_step, **work.options)

@@ -9,11 +9,13 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import weakref
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import flux_sharded
@@ -162,6 +164,7 @@ def test_the_keyword_arguments_are_the_schemas_settings():
 
 API_RUN = """
 import sys
+import threading
 import weakref
 from flux_sharded import api
 
@@ -262,3 +265,32 @@ def test_close_frees_the_kept_weights(model, loads):
     model.close()
     gc.collect()
     assert [reference() for _, _, reference in loads] == [None] * 4
+
+
+def test_plans_made_in_another_thread_while_a_stage_loads_leave_its_weights_alone(tiny_checkpoint, tmp_path):
+    """A server plans each request as it arrives, while its worker loads a stage: the meta-device
+    builds of the plan (accelerate's init_empty_weights patches torch.nn.Module for every thread)
+    must not make the loaded parameters meta, nor leave the patch behind."""
+    register_parameter = torch.nn.Module.register_parameter
+    stop = threading.Event()
+    images = []
+    with flux_sharded.open_model(str(tiny_checkpoint), max_memory="cpu=2GB", dtype="float32") as planner:
+
+        def plan_until_stopped():
+            while not stop.is_set():
+                planner.plan(**SETTINGS)
+
+        thread = threading.Thread(target=plan_until_stopped)
+        thread.start()
+        try:
+            for seed in range(3):  # a model of its own each time: every stage loads, beside the plans
+                with flux_sharded.open_model(str(tiny_checkpoint), max_memory="cpu=2GB", dtype="float32") as model:
+                    images.append(model.generate("a dog", seed=seed, **SETTINGS).images[0])
+        finally:
+            stop.set()
+            thread.join()
+    assert torch.nn.Module.register_parameter is register_parameter
+    expected = cli_images(tiny_checkpoint, tmp_path / "cli", "--prompt", "a dog", "--num-images-per-prompt", "3")
+    for image, path in zip(images, expected, strict=True):
+        with Image.open(path) as cli_image:
+            assert_same_pixels(np.asarray(image), np.asarray(cli_image))

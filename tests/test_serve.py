@@ -167,22 +167,29 @@ def test_a_killed_server_runs_its_accepted_requests_again_on_restart(tiny_checkp
     its images are the command line's; the client is gone, so they stay in the output folder."""
     out = tmp_path / "served"
 
-    def start() -> tuple[subprocess.Popen, str, str]:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "flux_sharded", "serve", "--model", str(tiny_checkpoint), "--max-memory", "cpu=2GB",
-             "--dtype", "float32", "--port", "0", "--out", str(out)],
-            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
-        line = until(lambda: process.stderr.readline(), STARTUP_SECONDS, "the server's first line")
+    def start(name: str) -> tuple[subprocess.Popen, str, str]:
+        log = tmp_path / f"{name}.log"  # a file, not a pipe nobody reads on: the bars would fill it
+        with log.open("w") as stderr:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "flux_sharded", "serve", "--model", str(tiny_checkpoint), "--max-memory",
+                 "cpu=2GB", "--dtype", "float32", "--port", "0", "--out", str(out)],
+                stderr=stderr, cwd=tmp_path)
+
+        def first_line():
+            assert process.poll() is None, log.read_text()
+            return log.read_text().partition("\n")[0] if "\n" in log.read_text() else None
+
+        line = until(first_line, STARTUP_SECONDS, "the server's first line")
         assert line.startswith("serving "), line
         return process, line.split(" on ")[1].split()[0], line
 
-    process, url, _ = start()
+    process, url, _ = start("first")
     body = request_body(seed=3, n=2, steps=20)  # 20 steps: the kill most likely lands inside the run
     threading.Thread(target=post, args=(url, body), daemon=True).start()
     until(lambda: list((out / "requests").glob("*.json")), 120, "the request to be accepted")
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=60)
-    restarted, _, said = start()
+    restarted, _, said = start("restarted")
     assert "(1 request(s) resumed)" in said  # killed before it was answered (the run takes seconds)
     try:
         record = until(lambda: (data := json.loads(next((out / "requests").glob("*.json")).read_text()))
