@@ -44,7 +44,7 @@ from fastapi.responses import JSONResponse
 from . import api
 from .cli import BudgetType, OneLineErrors
 from .checkpoint import DEFAULT_MODEL
-from .errors import FluxShardedError, PlanError
+from .errors import FluxShardedError, PlanError, SettingsError
 from .files import atomic_write
 from .prompts import PromptLine
 from .rundir import holds_our_run
@@ -114,9 +114,18 @@ class Server:
         self.lock = threading.Condition()
         self.stopping = False
         for path in sorted(self.requests.glob("*.json"), key=lambda path: path.stat().st_mtime_ns):
-            record = json.loads(path.read_text())
+            try:
+                record = json.loads(path.read_text())
+                job = Job.from_json(record)
+                if (job.id != path.stem or not isinstance(job.prompt, str) or not isinstance(job.settings, dict)
+                        or not all(isinstance(seed, int) for seed in job.seeds)):
+                    raise ValueError("its id, prompt, seeds or settings are not this server's")
+                api.checked_settings("its settings", job.settings, image_options())
+            except (OSError, ValueError, KeyError, TypeError, FluxShardedError) as error:
+                raise SettingsError(f"--out: {path} is not a request this server wrote ({error}); move it out of "
+                                    f"{self.requests}") from None
             if "images" not in record:  # accepted, not answered: run again (its run folder resumed)
-                self.waiting.append(Job.from_json(record))
+                self.waiting.append(job)
         self.worker = threading.Thread(target=self._work, name="flux-sharded-queue", daemon=True)
 
     # ---- accepting

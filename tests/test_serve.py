@@ -233,3 +233,17 @@ def test_a_port_in_use_is_one_error_line(tiny_checkpoint, tmp_path):
     assert result.returncode == 2
     assert result.stderr.splitlines()[-1] == (f"Error: --host 127.0.0.1 --port {port}: cannot listen there (Address "
                                               "already in use); give another --port (0 picks a free one)")
+
+
+def test_a_damaged_request_file_stops_the_start_with_one_line(tiny_checkpoint, tmp_path):
+    requests = tmp_path / "out" / "requests"
+    requests.mkdir(parents=True)
+    (requests / "0123.json").write_text(json.dumps({"id": "0123", "prompt": "a dog", "seeds": [0],
+                                                    "settings": {"steps": -4}}))
+    result = subprocess.run([sys.executable, "-m", "flux_sharded", "serve", "--model", str(tiny_checkpoint),
+                             "--max-memory", "cpu=2GB", "--port", "0", "--out", str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=STARTUP_SECONDS)
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1] == (
+        f"Error: --out: {requests / '0123.json'} is not a request this server wrote (its settings: field 'steps' is "
+        f"-4, outside 1..100000; leave it out (or None) for the model's default); move it out of {requests}")
