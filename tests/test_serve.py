@@ -179,19 +179,26 @@ def test_a_killed_server_runs_its_accepted_requests_again_on_restart(tiny_checkp
             assert process.poll() is None, log.read_text()
             return log.read_text().partition("\n")[0] if "\n" in log.read_text() else None
 
-        line = until(first_line, STARTUP_SECONDS, "the server's first line")
-        assert line.startswith("serving "), line
+        try:
+            line = until(first_line, STARTUP_SECONDS, "the server's first line")
+            assert line.startswith("serving "), line
+        except BaseException:
+            process.kill()  # no server left behind by a failed start
+            process.wait(timeout=60)
+            raise
         return process, line.split(" on ")[1].split()[0], line
 
     process, url, _ = start("first")
-    body = request_body(seed=3, n=2, steps=20)  # 20 steps: the kill most likely lands inside the run
-    threading.Thread(target=post, args=(url, body), daemon=True).start()
-    until(lambda: list((out / "requests").glob("*.json")), 120, "the request to be accepted")
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=60)
-    restarted, _, said = start("restarted")
-    assert "(1 request(s) resumed)" in said  # killed before it was answered (the run takes seconds)
     try:
+        body = request_body(seed=3, n=2, steps=20)  # 20 steps: the kill lands inside the run
+        threading.Thread(target=post, args=(url, body), daemon=True).start()
+        until(lambda: list((out / "requests").glob("*.json")), 120, "the request to be accepted")
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+    restarted, _, said = start("restarted")
+    try:
+        assert "(1 request(s) resumed)" in said  # killed before it was answered (the run takes seconds)
         record = until(lambda: (data := json.loads(next((out / "requests").glob("*.json")).read_text()))
                        .get("images") and data, 600, "the resumed request to be answered")
     finally:
