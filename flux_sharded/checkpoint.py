@@ -444,6 +444,10 @@ def expected_tensors(stage: str, settings, checkpoint: Checkpoint) -> dict[str, 
 MIN_TOKENIZER_VOCAB = 16
 
 
+# The user turn a chat template is tried with before any stage: it must render, and keep the prompt.
+CHAT_PROBE = "a photo of a dog"
+
+
 def check_tokenizers(model: str, path: Path) -> None:
     """The tokenizer of each text encoder of the checkpoint's family has its vocabulary files, loads,
     and gives ids its text encoder has."""
@@ -469,12 +473,14 @@ def check_tokenizers(model: str, path: Path) -> None:
                                   f"to every prompt; {fix}")
         if component.chat_template:  # a template that does not render failed inside encode, after run.json
             try:
-                tokenizer.apply_chat_template([{"role": "user", "content": "a dog"}], tokenize=False,
-                                              add_generation_prompt=True)
+                rendered = tokenizer.apply_chat_template([{"role": "user", "content": CHAT_PROBE}], tokenize=False,
+                                                         add_generation_prompt=True)
             except Exception as error:  # jinja2's TemplateError kinds, and what a template raises itself
                 reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
                 raise CheckpointError(f"{where}'s chat template does not render ({type(error).__name__}: {reason}); "
                                       f"{fix}") from None
+            if CHAT_PROBE not in rendered:  # every prompt would give the same image
+                raise CheckpointError(f"{where}'s chat template leaves the prompt out of the text it renders; {fix}")
         _check_processor(model, path, folder, where)
         config = read_config(path / encoder / "config.json", model)
         vocab = (config.get("text_config") or config)["vocab_size"]  # Mistral3 nests its language model's

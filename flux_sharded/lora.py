@@ -119,10 +119,11 @@ def find_saved(text: str, run_dir: Path | None = None) -> Lora:
     """The LoRA a run recorded, found again; raises SettingsError if its file's content changed since
     (a resume must apply the bytes that made the run's images), CheckpointError if it is gone."""
     source, scale, digest = parse_saved(text)
-    if run_dir is not None and source.startswith("/") and not Path(source).exists():
+    if run_dir is not None and source.startswith("/") and not Path(source).is_file():
+        now = "not a regular file now (a pipe, a device or a folder)" if Path(source).exists() else "gone"
         raise CheckpointError(
             f"--resume: the LoRA file {source}, which the run in {run_dir} applies (run.json 'settings.lora'), is "
-            f"gone; restore it (SHA-256 {digest[:12]}...), or start a new run")
+            f"{now}; restore it (SHA-256 {digest[:12]}...), or start a new run")
     path, source = _locate(source)
     found = file_digests([path])[path]
     if found != digest and run_dir is None:

@@ -253,8 +253,9 @@ def _quiet_accelerate():
 class _Components:
     """Meta models and their sizes, built once per plan (and reused by the refusal search)."""
 
-    def __init__(self, inputs: PlanInputs):
+    def __init__(self, inputs: PlanInputs, to_run: tuple[str, ...] = STAGES):
         self.inputs = inputs
+        self.to_run = to_run  # the stages a refusal's ways out must fit (a resume's: those left)
         self.family = inputs.family
         self.names = self.family.names
         self._models: dict[str, torch.nn.Module] = {}
@@ -366,11 +367,10 @@ class _Components:
 def plan_run(inputs: PlanInputs, budget: Budget, to_run: tuple[str, ...] = STAGES) -> RunPlan:
     """Plan every stage; raises PlanError (naming each stage that does not fit, and the ways out)
     when one of `to_run` does not fit: a resume under a smaller budget runs only the stages left."""
-    components = _Components(inputs)
+    components = _Components(inputs, to_run)
     stages = _plan_all(components, budget)
-    if not all(stage.fits for stage in stages if stage.name in to_run):
-        raise PlanError(_refusal(tuple(stage for stage in stages if stage.name in to_run), components, budget),
-                        stages)
+    if not all(stage.fits for stage in _left(components, stages)):
+        raise PlanError(_refusal(_left(components, stages), components, budget), stages)
     return RunPlan(budget=budget.copy(), stages=stages)  # a Budget's copy keeps the units it was written in
 
 
@@ -799,8 +799,13 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def _left(components: _Components, stages: tuple[StagePlan, ...]) -> tuple[StagePlan, ...]:
+    """The stages of `stages` the run still has to run (components.to_run)."""
+    return tuple(stage for stage in stages if stage.name in components.to_run)
+
+
 def _fits_with(components: _Components, budget: Budget) -> bool:
-    return all(stage.fits for stage in _plan_all(components, budget))
+    return all(stage.fits for stage in _left(components, _plan_all(components, budget)))
 
 
 def _smallest_fitting(components: _Components, budget: Budget) -> Budget | None:
@@ -832,7 +837,7 @@ def _suggestion_step(everything: int) -> int:
 
 def _cpu_needed(components: _Components, budget: Budget) -> int | None:
     """RAM the run would use if the CPU had room for everything that misses the GPUs."""
-    stages = _plan_all(components, dict(budget, cpu=10**15))
+    stages = _left(components, _plan_all(components, dict(budget, cpu=10**15)))
     if not all(stage.fits for stage in stages):
         return None
     return max(stage.planned_bytes.get("cpu", 0) for stage in stages)
@@ -850,7 +855,7 @@ def _with_disk(components: _Components, budget: Budget, ram: int) -> Budget | No
     DEFAULT_CPU_FRACTION of the available RAM) and the smallest disk= that lets every stage fit;
     None if none does."""
     cpu = budget.get("cpu") or int(ram * DEFAULT_CPU_FRACTION)
-    stages = _plan_all(components, dict(budget, cpu=cpu, disk=10**15))
+    stages = _left(components, _plan_all(components, dict(budget, cpu=cpu, disk=10**15)))
     if not all(stage.fits for stage in stages):
         return None
     disk = max(stage.planned_bytes.get("disk", 0) for stage in stages)

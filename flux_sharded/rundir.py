@@ -320,13 +320,30 @@ def run_folder_lock(run_dir: Path, where: str, resume_command: str) -> Iterator[
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise SettingsError(
-                f"{where}: the run in {run_dir} is being run right now by another flux-sharded process; two "
-                f"would write over each other's files: let that one finish or stop it, then continue with: "
-                f"{resume_command}") from None
+            raise SettingsError(_busy(run_dir, where, resume_command)) from None
         yield
     finally:
         os.close(descriptor)
+
+
+def check_not_running(run_dir: Path, where: str, resume_command: str) -> None:
+    """Refuse (SettingsError) a run folder another process holds the lock of (run_folder_lock), so
+    that a command given while it runs is not told to resume it or start it again with --overwrite."""
+    try:
+        descriptor = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return  # no folder: nobody runs it
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise SettingsError(_busy(run_dir, where, resume_command)) from None
+    finally:
+        os.close(descriptor)  # lets go of the lock, if it was taken here
+
+
+def _busy(run_dir: Path, where: str, resume_command: str) -> str:
+    return (f"{where}: the run in {run_dir} is being run right now by another flux-sharded process; two would "
+            f"write over each other's files: let that one finish or stop it, then continue with: {resume_command}")
 
 
 def read_run(run_dir: Path) -> SavedRun:

@@ -68,6 +68,7 @@ from .rundir import (
     batch_latents_path,
     bind_out_dir,
     check_bound,
+    check_not_running,
     clear_run,
     default_run_dir,
     handoff_path,
@@ -83,6 +84,7 @@ from .rundir import (
     saved_handoffs,
     write_run,
 )
+from .seal import check_key
 from .stages import STAGES, Stage, Work, family_code
 from .stages.adapters import check_lora
 from .settings import MAX_BATCH_SIZE, MAX_SIDE, MAX_STEPS, SEED_MAX, SEED_MIN, png_fields
@@ -412,6 +414,8 @@ def execute(request: RunRequest, log: Callable[[str], None] = lambda message: No
 def _execute(request: RunRequest, log: Callable[[str], None], process: Process,
              on_progress: Callable[[Progress], None] | None, held: contextlib.ExitStack,
              kept: KeptStages | None = None) -> RunReport | None:
+    if process.is_main and not request.resume:  # a run going on now is neither to resume nor to start again
+        check_not_running(request.run_folder, "--out", request.resume_command)
     paths = check_request(request, keep_created_folders=process.several)
     if request.resume and process.is_main:
         held.enter_context(run_folder_lock(request.run_folder, "--resume", request.resume_command))
@@ -466,6 +470,7 @@ def _execute(request: RunRequest, log: Callable[[str], None], process: Process,
         remove_stale_temporaries(request.out_dir, [path.name for path in paths])
         if not request.resume:
             if process.is_main:
+                check_key()  # a damaged key is refused before the run folder is made
                 held.enter_context(run_folder_lock(request.run_folder, "--out", request.resume_command))
             clear_run(request.run_folder, process.count, images)  # an earlier run's must not be resumed into this one
             bind_out_dir(request.run_folder, request.out_dir, request.settings)

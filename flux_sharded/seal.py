@@ -100,10 +100,17 @@ def _keep_private(path: Path) -> None:
     them seal files this user's resumes would take: it is made 0600 again, as it was made. Not ours
     to change (another owner's), it is left as it is."""
     try:
-        if os.stat(path).st_mode & 0o077:
+        mode = os.lstat(path).st_mode
+        if stat.S_ISREG(mode) and mode & 0o077:  # a link's target is not ours to change
             os.chmod(path, 0o600)
     except OSError:
         pass
+
+
+def check_key() -> None:
+    """The user's key is readable and whole (made if there is none); else the error _key raises.
+    A new run checks it before it makes its run folder, so that a damaged key leaves nothing behind."""
+    _key(key_path())
 
 
 def _mac(name: str, head: bytes, start: int, end: int, rest) -> str:

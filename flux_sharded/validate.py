@@ -127,6 +127,14 @@ def _check_scheduler(scheduler: "JsonFields") -> None:
         scheduler.boolean(name, optional=True)
     scheduler.string("time_shift_type", optional=True, choices=("exponential", "linear"))
     scheduler.number("shift_terminal", 0, optional=True)
+    if scheduler.data.get("shift") == 0:  # every sigma 0: NaN latents, a black image
+        scheduler.fail("is 0, not a positive number (the sigmas are scaled by it)", "shift")
+    # The pipelines interpolate the shift between these (calculate_shift, diffusers' defaults 256 and
+    # 4096 when absent): equal ones divided by zero inside denoise.
+    base, most = scheduler.data.get("base_image_seq_len", 256), scheduler.data.get("max_image_seq_len", 4096)
+    if most <= base:
+        scheduler.fail(f"is {most}, not above base_image_seq_len {base} (the pipelines interpolate the shift between "
+                       "them)", "max_image_seq_len")
     # What the scheduler's __init__ refuses (diffusers 0.42.1), which failed inside denoise.
     sigmas = [name for name in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
               if scheduler.data.get(name)]

@@ -176,3 +176,15 @@ def test_a_torchao_quantization_config_over_plain_weights_is_refused(tiny_checkp
     with pytest.raises(CheckpointError, match="transformer/config.json has a torchao quantization_config, but its "
                                               "weight files hold no torchao tensors"):
         check_weight_files(read_checkpoint(str(broken), broken))
+
+
+def test_a_chat_template_that_leaves_the_prompt_out_is_refused(tiny_klein, tmp_path):
+    """One that renders a constant text gave every prompt the same image (found by the fresh-clone tester)."""
+    from flux_sharded.checkpoint import check_tokenizers
+
+    broken = tmp_path / "klein"
+    shutil.copytree(tiny_klein, broken)
+    (broken / "tokenizer" / "chat_template.jinja").write_text("constant text, no prompt")
+    with pytest.raises(CheckpointError, match=r"tokenizer's chat template leaves the prompt out of the text it renders; "
+                                              r"the checkpoint is incomplete"):
+        check_tokenizers(str(broken), broken)

@@ -485,6 +485,14 @@ CASES = {
     "scheduler-shift-a-string": Case(config("scheduler", lambda c: c.update(shift="3"), "scheduler_config.json"),
                                      "scheduler/scheduler_config.json field 'shift' is \"3\", not a finite number",
                                      new_run=True),
+    "scheduler-seq-lens-equal": Case(config("scheduler", lambda c: c.update(base_image_seq_len=4096,
+                                                                    max_image_seq_len=4096), "scheduler_config.json"),
+                                     "scheduler/scheduler_config.json field 'max_image_seq_len' is 4096, not above "
+                                     "base_image_seq_len 4096", new_run=True),
+    "scheduler-shift-zero": Case(config("scheduler", lambda c: c.update(shift=0.0, use_dynamic_shifting=False),
+                                        "scheduler_config.json"),
+                                 "scheduler/scheduler_config.json field 'shift' is 0, not a positive number",
+                                 new_run=True),
     "scheduler-karras-and-beta-sigmas": Case(config("scheduler", lambda c: c.update(use_karras_sigmas=True,
                                                                             use_beta_sigmas=True),
                                                     "scheduler_config.json"),
@@ -1088,3 +1096,34 @@ def test_beta_sigmas_without_scipy_are_refused_before_the_run(workspace, monkeyp
     assert error_line(result) == (f"Error: --model: '{workspace.checkpoint}': scheduler/scheduler_config.json field "
                                   "'use_beta_sigmas' is true: the scheduler's beta sigmas need scipy, which "
                                   "flux-sharded does not install: pip install scipy")
+
+
+def test_a_key_that_is_a_link_keeps_its_targets_mode(workspace, tmp_path):
+    """Making a key private again must not change a file elsewhere that the key links to."""
+    from flux_sharded.seal import key_path
+
+    target = tmp_path / "elsewhere-key"
+    target.write_bytes(key_path().read_bytes())
+    target.chmod(0o644)
+    key_path().unlink()
+    key_path().symlink_to(target)
+    try:
+        resumed = workspace.resume()
+        assert resumed.exit_code == 0, resumed.output
+        assert target.stat().st_mode & 0o777 == 0o644
+    finally:
+        key_path().unlink()
+        key_path().write_bytes(target.read_bytes())
+        key_path().chmod(0o600)
+
+
+def test_a_damaged_key_leaves_no_run_folder_behind(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    key = tmp_path / "cache" / "flux-sharded" / "run-folder-key"
+    key.parent.mkdir(parents=True)
+    key.write_text("")
+    out = tmp_path / "out"
+    result = invoke(["--model", str(tiny_checkpoint), *COMMON, "--out", str(out), *prompt_args()])
+    assert result.exit_code == 2
+    assert error_line(result).startswith(f"Error: the key that seals run folders, {key}, is damaged")
+    assert not out.exists()

@@ -133,6 +133,12 @@ def test_resume_refuses_a_lora_file_changed_since_the_run_began(tiny_checkpoint,
     assert error_line(gone).startswith(
         f"Error: --resume: the LoRA file {lora.absolute()}, which the run in {run_dir} applies (run.json "
         "'settings.lora'), is gone; restore it (SHA-256 ")
+    os.mkfifo(lora)  # named as --lora too
+    piped = invoke(["--resume", str(run_dir)])
+    assert piped.exit_code == 2
+    assert error_line(piped).startswith(
+        f"Error: --resume: the LoRA file {lora.absolute()}, which the run in {run_dir} applies (run.json "
+        "'settings.lora'), is not a regular file now (a pipe, a device or a folder); restore it (SHA-256 ")
 
 
 def test_a_lora_that_is_a_pipe_is_refused_without_reading_it(tiny_checkpoint, tmp_path):

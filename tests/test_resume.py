@@ -446,7 +446,9 @@ def test_a_run_another_process_is_running_is_refused_until_it_ends(tiny_checkpoi
     other = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)  # the other process's hold
     try:
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        for attempt, option in ((["--resume", str(run_dir)], "--resume"), ([*args, "--overwrite"], "--out")):
+        # the same command (it said "--run-dir ... already holds a run ... start it again with --overwrite")
+        for attempt, option in ((["--resume", str(run_dir)], "--resume"), ([*args, "--overwrite"], "--out"),
+                                (args, "--out")):
             refused = invoke(attempt)
             assert refused.exit_code == 2, refused.output
             assert error_lines(refused.output) == [
@@ -476,5 +478,28 @@ def test_a_resume_under_a_smaller_budget_plans_only_the_stages_left(tiny_checkpo
                       "--dry-run"])
     assert new_run.exit_code == 2 and "Error: encode (" in new_run.output, new_run.output  # encode: no room
     resumed = invoke(["--resume", str(run_dir), "--max-memory", "cpu=10MB"])
+    assert resumed.exit_code == 0, resumed.output
+    assert_same_pixels(pixels(image), expected)
+
+
+def test_a_decode_left_under_too_small_a_budget_is_told_what_decode_needs(tiny_checkpoint, tmp_path):
+    """The ways out of a resume's refusal fit the stages it still runs: it suggested encode's 17 MB
+    for a resume that only decodes (found by the fresh-clone tester)."""
+    import re
+
+    out = tmp_path / "out"
+    first = invoke(["--model", str(tiny_checkpoint), *COMMON, "--out", str(out), "--prompt", "a dog"])
+    assert first.exit_code == 0, first.output
+    (image,) = out.glob("*.png")
+    expected = pixels(image)
+    image.unlink()
+    run_dir = next((out / ".flux-sharded").iterdir())
+    refused = invoke(["--resume", str(run_dir), "--max-memory", "cpu=100KB"])
+    assert refused.exit_code == 2, refused.output
+    (line,) = error_lines(refused.output)
+    assert line.startswith("Error: decode (vae: ")
+    suggested = re.search(r"Ways out: --max-memory (cpu=[0-9.]+[KM]B)", line).group(1)
+    assert suggested.endswith("KB"), line  # decode's few hundred KB, not encode's MB
+    resumed = invoke(["--resume", str(run_dir), "--max-memory", suggested])
     assert resumed.exit_code == 0, resumed.output
     assert_same_pixels(pixels(image), expected)
