@@ -45,11 +45,12 @@ from .errors import PlanError, SettingsError
 from .families import generation_defaults
 from .handoff import GenerationSettings
 from .json_fields import JsonFields
+from .input_images import InputImage, read_image
 from .lora import resolve as resolve_lora
 from .prompts import PromptLine, expand
 from .quantize import check_available, check_prequantized, format_quantize, parse_quantize, prequantized
 from .report import RunReport
-from .settings import FAMILY, MAX_LORAS, Setting, image_options, open_options
+from .settings import FAMILY, MAX_INPUT_IMAGES, MAX_LORAS, Setting, image_options, open_options
 from .validate import setting_field
 
 LOGGER = logging.getLogger("flux_sharded")  # the runner's lines (budget, notes), silent unless configured
@@ -116,6 +117,14 @@ def _quantize(spec: str, checkpoint: Checkpoint) -> str:
     chosen = parse_quantize(spec, checkpoint.family)
     check_prequantized(checkpoint.path, chosen)
     return format_quantize(chosen)
+
+
+def image_inputs(values: tuple[str, ...]) -> tuple[InputImage, ...]:
+    """--image's values, each read, checked whole and hashed (input_images.read_image), in order."""
+    if len(values) > MAX_INPUT_IMAGES:
+        raise SettingsError(f"--image given {len(values)} times: no pipeline here takes more than "
+                            f"{MAX_INPUT_IMAGES} input image(s); give at most {MAX_INPUT_IMAGES}")
+    return tuple(read_image(str(value)) for value in values)
 
 
 def lora_texts(values: tuple[str, ...]) -> tuple[str, ...]:
@@ -257,10 +266,13 @@ class Model:
         if self.closed:
             raise SettingsError("this model is closed; open another with flux_sharded.open_model(...)")
         prompts, seeds = expand(lines, seed, num_images_per_prompt)
+        inputs = image_inputs(settings.pop("images", ()))  # read once, before anything is written
         generation = GenerationSettings(model=self.model, prompts=prompts, seeds=seeds, dtype=self.dtype,
-                                        quantize=self.quantize, lora=self.lora, **{**self.defaults(), **settings})
+                                        quantize=self.quantize, lora=self.lora,
+                                        images=tuple(each.saved_text for each in inputs),
+                                        **{**self.defaults(), **settings})
         return runner.RunRequest(self.checkpoint, generation, self.budget, out_dir, self.offload_folder,
-                                 run_dir=run_dir, overwrite=overwrite)
+                                 run_dir=run_dir, overwrite=overwrite, input_images=inputs)
 
     def plan(self, prompt: str | Sequence[str] | None = None, *, seed: int = 0, num_images_per_prompt: int = 1,
              **settings) -> Plan:

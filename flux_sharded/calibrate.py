@@ -43,7 +43,7 @@ def measure_activations(checkpoint_path: Path, dtype: str, height: int, width: i
     request = runner.RunRequest(checkpoint, settings, {"cpu": 10**12}, Path("unused"))
     plan = plan_run(runner.plan_inputs(request), request.budget)
     handoff, results = Handoff(settings), []
-    for stage in STAGES:
+    for stage in (stage for stage in STAGES if stage.NAME in settings.stages):
         loaded = stage.load(checkpoint, plan.stage(stage.NAME), settings.torch_dtype)
         modules = [loaded] if isinstance(loaded, torch.nn.Module) else list(loaded.components.values())
         existing = [tensor for module in modules if isinstance(module, torch.nn.Module)

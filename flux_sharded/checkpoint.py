@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .digests import file_digests
 from .errors import CheckpointError, SettingsError
-from .families import FLUX_1, PIPELINE_FOLDERS, SCHEDULER, Family, family_of
+from .families import FLUX_1, IMAGE_STAGE, PIPELINE_FOLDERS, SCHEDULER, Family, family_of
 from .safe_read import MAX_CONFIG_BYTES, parse_json, read_regular_file
 from .validate import check_checkpoint_configs, checkpoint_family, pipeline_option, read_config
 
@@ -426,10 +426,13 @@ def _safetensors_problem(file: Path, error: Exception) -> str:
 
 def expected_tensors(stage: str, settings, checkpoint: Checkpoint) -> dict[str, tuple]:
     """Name -> shape of every tensor a stage checkpoint holds, from the settings and the checkpoint's
-    configs: the embeddings its family's encode keeps (families.Family.encoded), then the packed latents."""
+    configs: the embeddings its family's encode keeps (families.Family.encoded), the encoded input
+    images (families.Family.inputs_encoded, from encode_image on), then the packed latents."""
     config = checkpoint.transformer_config
     shapes = checkpoint.family.encoded(config, len(settings.prompts), settings.max_sequence_length,
                                        checkpoint.second_pass_guidance(settings.guidance))
+    if IMAGE_STAGE in settings.stages and stage in (IMAGE_STAGE, "denoise"):  # kept from encode_image on
+        shapes.update(checkpoint.family.inputs_encoded(config, checkpoint.vae_scale_factor, settings))
     if stage == "denoise":
         factor = checkpoint.vae_scale_factor
         patches = (settings.height // (2 * factor)) * (settings.width // (2 * factor))

@@ -146,6 +146,14 @@ class _PathParam(click.Path):
     "(default 1.0); repeat for several.",
 )
 @click.option(
+    "--image", "images", multiple=True, metavar="PATH",
+    help="Input image (PNG, JPEG, ...): FLUX.1 redraws it (image-to-image, --strength).",
+)
+@click.option(
+    "--strength", type=float, default=setting("strength").default, show_default=True,
+    help="Image-to-image: how much of the --image is redrawn, above 0 and at most 1.",
+)
+@click.option(
     "--report", "report_path", type=_PathParam(path_type=Path, dir_okay=False), default=None,
     help="Also write the per-stage report as JSON to this file.",
 )
@@ -340,6 +348,10 @@ def _check_agrees(given: list[str], options: dict, saved, checkpoint) -> None:
         from .api import lora_texts
 
         options = dict(options, lora=lora_texts(options["lora"]))
+    if "images" in given:
+        from .api import image_inputs
+
+        options = dict(options, images=tuple(each.saved_text for each in image_inputs(options["images"])))
     for name, value in saved_values.items():
         if name in given:
             mine = options[name].absolute() if isinstance(options[name], Path) else options[name]

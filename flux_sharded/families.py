@@ -30,7 +30,12 @@ from .errors import CheckpointError
 from .json_fields import JsonFields, is_int
 from .safe_read import MAX_CONFIG_BYTES, parse_json, read_regular_file
 
-STAGES = ("encode", "denoise", "decode")
+# encode_image runs only for a run with input images (--image): the VAE encodes them before denoise.
+STAGES = ("encode", "encode_image", "denoise", "decode")
+IMAGE_STAGE = "encode_image"
+# The handoff tensor that holds random generators' states (torch.Generator.get_state(), bytes), not
+# values in the run's dtype (stages/flux1.py keeps them for image-to-image).
+GENERATOR_STATES = "input_generator_states"
 
 
 def _dtype_bytes(inputs: Geometry) -> int:
@@ -76,6 +81,13 @@ def _vae(config: dict, inputs: Geometry, tiled: bool) -> int:
     return activations.vae_decode_activation_bytes(config, inputs.height, inputs.width, _dtype_bytes(inputs))
 
 
+def _vae_encode(config: dict, inputs: Geometry, tiled: bool) -> int:
+    # one input image at a time, the largest the run encodes; AutoencoderKLFlux2 encodes with the
+    # same Encoder and tiling code as AutoencoderKL
+    return max((activations.vae_encode_activation_bytes(config, height, width, _dtype_bytes(inputs), tiled)
+                for height, width in inputs.input_sizes), default=0)
+
+
 def _flux2_transformer(config: dict, inputs: Geometry, tiled: bool) -> int:
     return activations.flux2_transformer_activation_bytes(config, inputs.height, inputs.width, inputs.vae_scale_factor,
                                                           inputs.max_sequence_length, _dtype_bytes(inputs))
@@ -112,6 +124,29 @@ def _flux2_encoded(config: dict, images: int, tokens: int, second_pass: bool) ->
     # joint_attention_dim = len(text_encoder_out_layers) x the text encoder's width (validate.py)
     shape = (images, tokens, config["joint_attention_dim"])
     return {"prompt_embeds": shape, **({"negative_prompt_embeds": shape} if second_pass else {})}
+
+
+# ---------------------------------------------------------------- the encoded input images encode_image hands on
+# Each takes (the transformer's config as a dict, the VAE's scale factor, the run's settings) and
+# returns name -> shape of what the family's encode_image keeps for the whole run's input images
+# (stages/flux1.py computes them; a resume checks saved ones); {} for a run without input images.
+
+
+def _flux1_inputs(config: dict, vae_scale_factor: int, settings) -> dict[str, tuple]:
+    if not settings.images:
+        return {}
+    import torch
+
+    images, factor = len(settings.prompts), vae_scale_factor
+    return {
+        # the input image encoded at the run's size, sampled (FluxImg2ImgPipeline._encode_vae_image)
+        "input_latents": (images, config["in_channels"] // 4, settings.height // factor, settings.width // factor),
+        GENERATOR_STATES: (images, torch.Generator().get_state().numel()),  # each image's, after sampling
+    }
+
+
+def _no_inputs(config: dict, vae_scale_factor: int, settings) -> dict[str, tuple]:
+    return {}
 
 
 # ---------------------------------------------------------------- config checks, per architecture
@@ -320,6 +355,8 @@ class Family:
     encoded: Callable[[dict, int, int, bool], dict[str, tuple]] = _flux1_encoded
     # Those of `encoded` shared by every image, without a batch dimension (FLUX.1's text_ids).
     shared_tensors: tuple[str, ...] = ("text_ids",)
+    # name -> shape of the encoded input images encode_image keeps (handoff.INPUT_PREFIX...)
+    inputs_encoded: Callable[[dict, int, object], dict[str, tuple]] = _no_inputs
     # Guides with a second transformer pass on the empty prompt when the checkpoint is not
     # step-distilled and guidance is above 1 (Flux2KleinPipeline's do_classifier_free_guidance).
     second_pass: bool = False
@@ -328,6 +365,12 @@ class Family:
     code: str = "flux1"
     # Its components' config.json checks: bounds and the widths they share (the section above).
     config_checks: Callable[[Fields, Family, str, str, tuple[str, ...]], None] = _check_flux1_configs
+    # The diffusers pipeline class that takes input images (--image) for this family's checkpoints,
+    # and how many it takes; None and 0: the family takes none.
+    image_pipeline: str | None = None
+    max_images: int = 0
+    # Whether the image pipeline takes a strength (how much of the input image is noised: image-to-image).
+    strength: bool = False
 
     def check_configs(self, fields: Fields) -> None:
         """Raises CheckpointError (through `fields`) for a config outside this family's architecture."""
@@ -377,13 +420,17 @@ FLUX_1 = Family(
                   tokenizer="tokenizer_2", tokenizer_files=SENTENCEPIECE_FILES, large=True),
         Component("transformer", "diffusers", "FluxTransformer2DModel", {"denoise": _flux_transformer}, large=True,
                   lora_tokens=_transformer_tokens),
-        Component("vae", "diffusers", "AutoencoderKL", {"decode": _vae}),
+        Component("vae", "diffusers", "AutoencoderKL", {"encode_image": _vae_encode, "decode": _vae}),
     ),
     steps=28,  # FluxPipeline.__call__'s defaults, so that a bare run matches diffusers
     guidance=3.5,
     max_sequence_length=512,
     sample_size=128,
     runs=True,
+    image_pipeline="FluxImg2ImgPipeline",  # image-to-image from one input image
+    max_images=1,
+    strength=True,
+    inputs_encoded=_flux1_inputs,
 )
 FLUX_2_DEV = Family(
     name="FLUX.2-dev",
@@ -394,7 +441,7 @@ FLUX_2_DEV = Family(
                   tokenizer_files=BPE_FILES, chat_template=True, large=True),
         Component("transformer", "diffusers", "Flux2Transformer2DModel", {"denoise": _flux2_transformer}, large=True,
                   lora_tokens=_transformer_tokens),
-        Component("vae", "diffusers", "AutoencoderKLFlux2", {"decode": _vae}),
+        Component("vae", "diffusers", "AutoencoderKLFlux2", {"encode_image": _vae_encode, "decode": _vae}),
     ),
     steps=50,  # Flux2Pipeline.__call__'s defaults
     guidance=4.0,
@@ -415,7 +462,7 @@ FLUX_2_KLEIN = Family(
                   tokenizer_files=BPE_FILES, chat_template=True, large=True),
         Component("transformer", "diffusers", "Flux2Transformer2DModel", {"denoise": _flux2_transformer}, large=True,
                   lora_tokens=_transformer_tokens),
-        Component("vae", "diffusers", "AutoencoderKLFlux2", {"decode": _vae}),
+        Component("vae", "diffusers", "AutoencoderKLFlux2", {"encode_image": _vae_encode, "decode": _vae}),
     ),
     # The published klein checkpoints are step-distilled for 4 steps (BFL's README, the model
     # cards); Flux2KleinPipeline's code default is 50. Guidance is ignored when is_distilled.

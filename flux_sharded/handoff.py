@@ -3,7 +3,9 @@
 encode fills the embeddings its model family's pipeline takes (FLUX.1: `prompt_embeds`,
 `pooled_prompt_embeds` and `text_ids`; FLUX.2: `prompt_embeds`, and `negative_prompt_embeds` for a
 klein that guides with a second pass; families.Family.encoded names them with their shapes), held
-by name: a family that hands on other tensors declares them, not this module; denoise fills `latents`; decode reads `latents` and fills `images` (PIL images, which are
+by name: a family that hands on other tensors declares them, not this module; encode_image (a run
+with input images) adds the encoded images, each tensor named INPUT_PREFIX... (stages/flux1.py
+says which); denoise fills `latents`; decode reads `latents` and fills `images` (PIL images, which are
 written as PNGs, never saved with the handoff). Between stages the runner keeps the handoff on the
 CPU, and each stage moves it to its own execution device with `to()`. `save()`/`load()` write its
 tensors as one safetensors file plus a JSON file of the settings, each sealed (seal.py).
@@ -20,11 +22,15 @@ from pathlib import Path
 import torch
 
 from . import settings as schema
+from .families import IMAGE_STAGE, STAGES
 from .quantize import parse_quantize
 from .seal import PLACEHOLDER, SealError, check_seal, sealed_write
 
 
 DTYPES = {name: getattr(torch, name) for name in schema.DTYPE_NAMES}
+# The names of the tensors encode_image keeps of the input images (the family's, e.g.
+# input_latents) begin with this: denoise hands them to the pipeline as its image, not as embeddings.
+INPUT_PREFIX = "input_"
 
 
 class _Settings:
@@ -38,6 +44,11 @@ class _Settings:
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        """The stages this run goes through (families.STAGES): encode_image only with input images."""
+        return tuple(stage for stage in STAGES if stage != IMAGE_STAGE or self.images)
 
     @property
     def image_indices(self) -> tuple[int, ...]:
@@ -122,7 +133,11 @@ class Handoff:
     def embeddings(self) -> dict[str, torch.Tensor]:
         """The per-image tensors the pipeline's __call__ takes by these names (prompt_embeds, ...)."""
         return {name: tensor for name, tensor in self.tensors().items()
-                if name not in self.shared and name != "latents"}
+                if name not in self.shared and name != "latents" and not name.startswith(INPUT_PREFIX)}
+
+    def inputs(self) -> dict[str, torch.Tensor]:
+        """The encoded input images, per image (encode_image's: INPUT_PREFIX...)."""
+        return {name: tensor for name, tensor in self.tensors().items() if name.startswith(INPUT_PREFIX)}
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())

@@ -54,12 +54,13 @@ class JsonFields:
                       field)
         return value
 
-    def number(self, field: str, low: float | None = None, optional=False):
+    def number(self, field: str, low: float | None = None, optional=False, high: float | None = None):
         value = self._value(field, optional)
         if value is None and optional:
             return None
-        if not is_number(value) or (low is not None and value < low):
-            self.fail(f"is {_shown(value)}, not a finite number" + (f" >= {low}" if low is not None else ""), field)
+        if not is_number(value) or (low is not None and value < low) or (high is not None and value > high):
+            self.fail(f"is {_shown(value)}, not a finite number" + (f" >= {low}" if low is not None else "")
+                      + (f" <= {high}" if high is not None else ""), field)
         return value
 
     def string(self, field: str, optional=False, choices=None):

@@ -22,6 +22,9 @@ forward pass (min(--batch-size, images or distinct prompts)). Then, promises:
   a side CUDA stream prefetching the next block while one runs), so the GPU that runs them keeps
   room for STREAMED_BLOCKS_IN_FLIGHT of the largest block plus the top-level modules; weights on
   "disk" go through accelerate's synchronous hooks (one block in flight).
+- encode_image (a run with input images only): the whole VAE as decode places it, its activations
+  those of one encode at the largest size the image pipeline encodes an input at
+  (activations.vae_encode_activation_bytes), tiled (diffusers' tiled encoding) when that does not fit.
 - decode: the whole VAE on the GPU with the largest budget that holds it, trying in turn the
   whole batch, one image at a time, then diffusers' tiled decoding (`vae.enable_tiling()`), and
   only then the CPU (same order).
@@ -50,7 +53,7 @@ from .budget import (BINARY_TWIN, DEFAULT_CPU_FRACTION, DEFAULT_GPU_RESERVE_BYTE
 from .activations import adapter_activation_bytes
 from .components import empty_component, module_sizes, no_split_modules, special_dtypes
 from .errors import PlanError
-from .families import STAGES, Family, family_of
+from .families import IMAGE_STAGE, STAGES, Family, family_of
 from .lora import Adapter
 from .quantize import LORA_MERGE
 from .quantize_bytes import quantized_linears
@@ -84,6 +87,14 @@ class PlanInputs:
     quantize: tuple[tuple[str, str], ...] = ()  # (component, "fp8" | "int8" | "nf4"), see quantize.py
     prequantized: tuple[str, ...] = ()  # components of `quantize` stored quantized in the checkpoint
     adapters: tuple[Adapter, ...] = ()  # --lora, checked (stages/adapters.check_lora), in order
+    # (height, width) of each input image as the VAE encodes it (stages/flux1.py: the run's size);
+    # () for a run without input images, which has no encode_image stage
+    input_sizes: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        """The stages planned (families.STAGES): encode_image only with input images."""
+        return tuple(stage for stage in STAGES if stage != IMAGE_STAGE or self.input_sizes)
 
     @property
     def family(self) -> Family:
@@ -376,7 +387,7 @@ def plan_run(inputs: PlanInputs, budget: Budget, to_run: tuple[str, ...] = STAGE
 
 def _plan_all(components: "_Components", budget: Budget) -> tuple[StagePlan, ...]:
     with _quiet_accelerate():
-        stages = tuple(PLANNERS[name](components, budget) for name in STAGES)
+        stages = tuple(PLANNERS[name](components, budget) for name in components.inputs.stages)
     adapters = components.inputs.adapters
     return tuple(dataclasses.replace(stage, components=tuple(
         dataclasses.replace(plan, adapters=tuple(each for each in adapters if plan.name in each.components),
@@ -663,11 +674,21 @@ def _compact(plan: ComponentPlan) -> ComponentPlan:
 
 
 def plan_decode(components: _Components, budget: Budget) -> StagePlan:
+    """The VAE whole on one device (_plan_vae), decoding a batch of images."""
+    return _plan_vae(components, budget, "decode", components.inputs.batch_images())
+
+
+def plan_encode_image(components: _Components, budget: Budget) -> StagePlan:
+    """The VAE whole on one device (_plan_vae), encoding one input image at a time (the pipelines
+    encode an image once per call, whatever the batch)."""
+    return _plan_vae(components, budget, IMAGE_STAGE, 1)
+
+
+def _plan_vae(components: _Components, budget: Budget, stage: str, batch: int) -> StagePlan:
     """The VAE whole on one device: the first of GPUs (largest budget first) then cpu, and on it the
     first of batch, one image, tiled batch, tiled one image whose weights + activations fit."""
-    (vae,) = components.family.stage_components()["decode"]  # every family decodes with one VAE
+    (vae,) = components.family.stage_components()[stage]  # every family encodes and decodes with one VAE
     need_weights = components.sizes(vae)[""]
-    batch = components.inputs.batch_images()
     options = [(False, batch), (False, 1), (True, batch), (True, 1)]
     options = list(dict.fromkeys(options))  # batch 1: two options fewer
     candidates = sorted(gpu_indices(budget), key=lambda index: (-budget[index], index))
@@ -676,7 +697,7 @@ def plan_decode(components: _Components, budget: Budget) -> StagePlan:
     chosen = None
     for device in candidates:
         for tiled, images in options:
-            if need_weights + components.activation_bytes(vae, "decode", images, tiled) <= budget[device]:
+            if need_weights + components.activation_bytes(vae, stage, images, tiled) <= budget[device]:
                 chosen = (device, tiled, images)
                 break
         if chosen:
@@ -688,21 +709,22 @@ def plan_decode(components: _Components, budget: Budget) -> StagePlan:
         name=vae,
         device_map={"": device},
         weight_bytes={device: need_weights},
-        activation_bytes={device: components.activation_bytes(vae, "decode", images, tiled)},
+        activation_bytes={device: components.activation_bytes(vae, stage, images, tiled)},
         tiled=tiled,
         batch_size=images,
         quantization=components.inputs.load_method(vae),
     )
     notes = []
+    what = "decoding" if stage == "decode" else "encoding"
     if tiled:
-        notes.append(f"note: decode uses tiled VAE decoding on {device} (diffusers' vae.enable_tiling()): the whole "
+        notes.append(f"note: {stage} uses tiled VAE {what} on {device} (diffusers' vae.enable_tiling()): the whole "
                      "image's activations do not fit there")
     elif images < batch:
-        notes.append(f"note: decode runs one image at a time on {device}: a batch of {batch} does not fit")
-    return StagePlan("decode", (plan,), dict(budget), tuple(notes))
+        notes.append(f"note: {stage} runs one image at a time on {device}: a batch of {batch} does not fit")
+    return StagePlan(stage, (plan,), dict(budget), tuple(notes))
 
 
-PLANNERS = {"encode": plan_encode, "denoise": plan_denoise, "decode": plan_decode}
+PLANNERS = {"encode": plan_encode, IMAGE_STAGE: plan_encode_image, "denoise": plan_denoise, "decode": plan_decode}
 
 
 def _refusal(stages: tuple[StagePlan, ...], components: _Components, budget: Budget) -> str:

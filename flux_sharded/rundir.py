@@ -2,6 +2,7 @@
 
     RUN_DIR/run.json                      settings, budget, output folder (written before any stage)
     RUN_DIR/encode.safetensors + .json    the handoff after encode (prompt embeddings)
+    RUN_DIR/encode_image.safetensors + .json   after encode_image (+ the encoded input images; --image only)
     RUN_DIR/denoise.safetensors + .json   the handoff after denoise (latents)
 
 Every file is written atomically (temporary name, fsync, rename), so a process killed at any
@@ -49,7 +50,12 @@ RUN_FILE = "run.json"
 # its seeds fit several times over.
 MAX_RUN_FILE_BYTES = 256 * 2**20
 FORMAT = 1
-SAVED_STAGES = ("encode", "denoise")  # decode's output is the images themselves
+SAVED_STAGES = ("encode", "encode_image", "denoise")  # decode's output is the images themselves
+
+
+def saved_stages(settings: GenerationSettings) -> tuple[str, ...]:
+    """The saved stages a run goes through (encode_image only with input images), in order."""
+    return tuple(stage for stage in SAVED_STAGES if stage in settings.stages)
 
 
 RUNS_FOLDER = ".flux-sharded"  # inside --out: the default run folders
@@ -175,7 +181,7 @@ def our_files(run_dir: Path, process_counts, images: int) -> list[Path]:
 
 # Every name a run writes in its run folder besides run.json (our_files lists them exactly once the
 # process counts are known): handoff_path's and batch_latents_path's.
-_HANDOFF_NAME = re.compile(r"(encode|denoise)(-process-\d+-of-\d+)?\.(json|safetensors)"
+_HANDOFF_NAME = re.compile(r"(encode|encode_image|denoise)(-process-\d+-of-\d+)?\.(json|safetensors)"
                            r"|denoise-batch-from-image-\d+\.safetensors")
 
 
@@ -412,15 +418,16 @@ def saved_handoffs(run_dir: Path, process_counts, run_settings: GenerationSettin
 
 def _latest_handoff(run_dir: Path, process_index: int, process_count: int, run_settings: GenerationSettings,
                     wanted: set[int], checkpoint, weights: str) -> Handoff | None:
-    for position in reversed(range(len(SAVED_STAGES))):
-        stage = SAVED_STAGES[position]
+    stages = saved_stages(run_settings)
+    for position in reversed(range(len(stages))):
+        stage = stages[position]
         path = handoff_path(run_dir, stage, process_index, process_count)
         tensors_file, meta_file = path.with_suffix(".safetensors"), path.with_suffix(".json")
         # Handoff.save writes the tensors, then the JSON: tensors without their JSON are a write
         # that a kill cut short (redone, and replaced, by this run), not a damaged checkpoint.
         if not meta_file.exists():
             continue
-        redo = f"{'the start' if position == 0 else SAVED_STAGES[position - 1]}"
+        redo = f"{'the start' if position == 0 else stages[position - 1]}"
         fix = (f"delete {tensors_file.name} and {meta_file.name} in {run_dir} to redo {stage} from {redo}, "
                "then resume again")
         for file in (tensors_file, meta_file):
@@ -439,8 +446,8 @@ def _latest_handoff(run_dir: Path, process_index: int, process_count: int, run_s
         tensors_seal = meta_fields.string("tensors")
         saved_settings = GenerationSettings(**settings_fields(meta_fields.object("settings"), meta_fields.where, fix))
         finished = meta_fields.list_of("finished_stages", lambda s: isinstance(s, str), "stage names")
-        if tuple(finished) != SAVED_STAGES[: position + 1]:
-            meta_fields.fail(f"is {finished}, not {list(SAVED_STAGES[: position + 1])}", "finished_stages")
+        if tuple(finished) != stages[: position + 1]:
+            meta_fields.fail(f"is {finished}, not {list(stages[: position + 1])}", "finished_stages")
         saved_settings = check_share_settings(saved_settings, run_settings, meta_file, fix)
         if not wanted & set(saved_settings.image_indices):
             return None  # another share's images: not read further
@@ -469,8 +476,9 @@ def resumed_handoff(settings: GenerationSettings, saved: list[Handoff]) -> tuple
     """This share's handoff (`settings`: the share's), taken row by row from the handoffs earlier
     launches saved (saved_handoffs), whichever share each was: the denoised latents when every image
     of the share has them, else the prompt embeddings when every image has them, else None (encode
-    runs again). Also returns {image index: latents row} of every image of the share found denoised,
-    for denoise to take whole batches of."""
+    runs again); between the two, for a run with input images, the embeddings and the encoded images
+    when every image has both. Also returns {image index: latents row} of every image of the share
+    found denoised, for denoise to take whole batches of."""
     wanted = settings.image_indices
     rows, latents = {}, {}  # image index -> (handoff, row); -> latents row
     for handoff in saved:
@@ -487,14 +495,19 @@ def resumed_handoff(settings: GenerationSettings, saved: list[Handoff]) -> tuple
 
     denoised = all(index in latents for index in wanted)
     first = rows[wanted[0]][0]
+    stages = saved_stages(settings)
+    images_encoded = all(rows[index][0].inputs() for index in wanted)
+    finished = stages if denoised else stages[:2] if images_encoded else stages[:1]
     handoff = Handoff(
         settings=settings,
         # the embeddings the family's pipeline takes (FLUX.1: T5 and CLIP pooled; FLUX.2: one or two)
         **{name: stack(name) for name in first.embeddings()},
+        # the encoded input images (encode_image's), when every image has them
+        **({name: stack(name) for name in first.inputs()} if images_encoded else {}),
         # the same for every image (FLUX.1's text positions)
         **{name: tensor for name, tensor in first.tensors().items() if name in first.shared},
         latents=torch.stack([latents[index] for index in wanted]) if denoised else None,
         shared=first.shared,
-        finished_stages=SAVED_STAGES if denoised else SAVED_STAGES[:1],
+        finished_stages=finished,
     )
     return handoff, latents

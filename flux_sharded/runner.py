@@ -51,10 +51,11 @@ from .distributed import (
     wait_for_everyone,
 )
 from .errors import FluxShardedError, OutputError, PlanError, SettingsError, StageError, StageOutOfMemory
-from .families import generation_defaults
+from .families import FAMILIES, IMAGE_STAGE, generation_defaults
 from .files import check_writable_folder
 from .handoff import GenerationSettings, Handoff
 from .images import image_paths, save_png
+from .input_images import InputImage, find_saved as find_saved_image, parse_saved as parse_saved_image
 from .lora import Adapter, find_saved, parse_saved
 from .memory import PeakMemory, flush
 from .placement import placeable
@@ -87,7 +88,7 @@ from .rundir import (
 from .seal import check_key
 from .stages import STAGES, Stage, Work, family_code
 from .stages.adapters import check_lora
-from .settings import MAX_BATCH_SIZE, MAX_SIDE, MAX_STEPS, SEED_MAX, SEED_MIN, png_fields
+from .settings import DEFAULT_STRENGTH, MAX_BATCH_SIZE, MAX_SIDE, MAX_STEPS, SEED_MAX, SEED_MIN, png_fields
 from .validate import check_prompts, check_run_image
 
 SINGLE_PROCESS = Process(index=0, count=1)
@@ -103,6 +104,9 @@ class RunRequest:
     run_dir: Path | None = None  # stage checkpoints; None: rundir.default_run_dir
     resume: bool = False  # continue the run saved in run_dir
     overwrite: bool = False  # replace existing images
+    # settings.images read and decoded once (input_images.read_image), in order; () : the runner
+    # reads them itself where it needs them (input_images.find_saved)
+    input_images: tuple[InputImage, ...] = ()
 
     @property
     def run_folder(self) -> Path:
@@ -160,6 +164,38 @@ def check_settings(request: RunRequest) -> None:
         raise SettingsError(
             f"--max-sequence-length {settings.max_sequence_length}: use 1 to {family.text_token_limit} tokens"
         )
+    check_image_settings(settings, family)
+
+
+def check_image_settings(settings: GenerationSettings, family) -> None:
+    """--image and --strength against the family's image pipeline (families.Family.image_pipeline)."""
+    takers = ", ".join(sorted({f.name for f in FAMILIES.values() if f.max_images and f.runs}))
+    if settings.images and not family.max_images:
+        raise SettingsError(f"--image: {family.name} ({family.pipeline}) takes no input image here; leave out "
+                            f"--image, or use a checkpoint that takes one ({takers})")
+    if len(settings.images) > family.max_images:
+        raise SettingsError(f"--image given {len(settings.images)} times: {family.image_pipeline} takes at most "
+                            f"{family.max_images} input image(s); give at most {family.max_images}")
+    strength = settings.strength
+    if not 0 < strength <= 1:  # also refuses nan
+        raise SettingsError(f"--strength {strength}: give a number above 0 and at most 1 (the share of the "
+                            f"schedule redrawn from the input image; default {DEFAULT_STRENGTH:g})")
+    if strength != DEFAULT_STRENGTH and not family.strength:
+        raise SettingsError(f"--strength {strength:g}: {family.name}'s {family.image_pipeline or family.pipeline} "
+                            "takes no strength; leave out --strength")
+    if strength != DEFAULT_STRENGTH and not settings.images:
+        raise SettingsError(f"--strength {strength:g} needs an input image to redraw: give --image PATH, or leave "
+                            "out --strength")
+    if settings.images and family.strength and img2img_steps(settings.steps, strength) < 1:
+        raise SettingsError(
+            f"--strength {strength:g} with --steps {settings.steps} leaves no denoising step ({family.image_pipeline} "
+            f"runs steps - int(steps x (1 - strength)) of them): raise --strength or --steps")
+
+
+def img2img_steps(steps: int, strength: float) -> int:
+    """The steps an image-to-image run denoises: FluxImg2ImgPipeline.get_timesteps skips the first
+    int(steps - steps x strength) of the schedule (tests/test_images.py pins it to the installed one)."""
+    return steps - int(max(steps - min(steps * strength, steps), 0))
 
 
 def check_request(request: RunRequest, keep_created_folders: bool = False) -> list[Path]:
@@ -249,6 +285,8 @@ def plan_inputs(request: RunRequest) -> PlanInputs:
         quantize=tuple(sorted({**prequantized(request.checkpoint.path), **settings.quantization}.items())),
         prequantized=tuple(sorted(prequantized(request.checkpoint.path))),
         adapters=lora_adapters(request),
+        input_sizes=family_code(request.checkpoint.family).input_sizes(
+            settings, [parse_saved_image(text)[1] for text in settings.images]) if settings.images else (),
     )
 
 
@@ -266,9 +304,32 @@ def lora_adapters(request: RunRequest) -> tuple[Adapter, ...]:
     return tuple(adapters)
 
 
-def lora_report(settings: GenerationSettings) -> list[dict]:
-    """The report's "loras": each --lora's source, scale and SHA-256, as the run recorded them."""
-    return [dict(zip(("source", "scale", "sha256"), parse_saved(text))) for text in settings.lora]
+def new_report(request: RunRequest) -> RunReport:
+    """A report of the run's budget, LoRAs and input images, without stages yet."""
+    settings = request.settings
+    loras = [dict(zip(("source", "scale", "sha256"), parse_saved(text))) for text in settings.lora]
+    inputs = []
+    for text in settings.images:
+        path, (width, height), digest = parse_saved_image(text)
+        inputs.append({"path": str(path), "width": width, "height": height, "sha256": digest})
+    return RunReport(budget=budget_to_json(request.budget), loras=loras, inputs=inputs)
+
+
+def input_images(request: RunRequest, resumed: Handoff | None) -> tuple[InputImage, ...]:
+    """The run's input images, decoded, for encode_image; () when it has none or a resumed run
+    encoded them already. On a resume every input file that still exists must hold the bytes the
+    run began with (refused otherwise, input_images.find_saved); one that is gone is needed only
+    while encode_image has not finished."""
+    settings = request.settings
+    if request.input_images:
+        return request.input_images
+    encoded = resumed is not None and IMAGE_STAGE in resumed.finished_stages
+    found = []
+    for text in settings.images:
+        if encoded and not parse_saved_image(text)[0].exists():
+            continue
+        found.append(find_saved_image(text, request.run_folder if request.resume else None))
+    return () if encoded else tuple(found)
 
 
 def check_prequantized_placed(plan: RunPlan, request: RunRequest) -> None:
@@ -361,7 +422,7 @@ def dry_run(request: RunRequest, keeps_weights: bool = False) -> tuple[RunReport
         kept = kept_between_calls(plan) if keeps_weights else {}
     except PlanError as error:
         stages, refusal = error.stages, error
-    report = RunReport(budget=budget_to_json(request.budget), loras=lora_report(request.settings))
+    report = new_report(request)
     report.stages = [plan_report(stage, request.settings) for stage in stages]
     for stage in report.stages:
         stage.kept_bytes = kept.get(stage.name, 0)
@@ -437,6 +498,7 @@ def _execute(request: RunRequest, log: Callable[[str], None], process: Process,
         kept.retain(keeps)  # before any stage runs: what this plan does not keep is no longer held
     if saved_run is not None:
         check_same_decode(request, plan, saved_run, paths)
+    inputs = input_images(request, resumed)
     for note in check_free_gpu_memory(plan, free_gpu_bytes(request.budget), to_run):
         log(note)
     for note in check_free_cpu_memory(plan, psutil.virtual_memory().available, to_run, local_processes()):
@@ -490,12 +552,12 @@ def _execute(request: RunRequest, log: Callable[[str], None], process: Process,
         fingerprint = weights_fingerprint(checkpoint.path)
     # This process's share; the run folder stays the whole run's (its default hashes the settings).
     mine = dataclasses.replace(request, settings=request.settings.subset(positions), run_dir=request.run_folder)
-    report = RunReport(budget=budget_to_json(request.budget), loras=lora_report(request.settings))
+    report = new_report(request)
     if positions:
         encoded = request.settings.subset(encode_positions(request.settings, positions))
         report = _execute_plan(mine, checkpoint, plan, [paths[p] for p in positions], log, process, resumed,
                                denoised, encoded, fingerprint_digest(fingerprint), on_progress,
-                               _Keeping(kept, keeps) if kept is not None else None)
+                               _Keeping(kept, keeps) if kept is not None else None, inputs)
     reports = gather(process, report)
     finish(process)  # every share is finished now
     if process.is_local_main and saved_run is not None:
@@ -524,6 +586,11 @@ class ShareRun:
     process: Process = SINGLE_PROCESS  # this share's, which names its checkpoints
     saved: Path | None = None  # the latest stage checkpoint on disk, named when a later step fails
     written: list[str] = dataclasses.field(default_factory=list)  # the images written, absolute
+    inputs: tuple[InputImage, ...] = ()  # the run's input images, while encode_image has not run
+
+    def input_images(self) -> list:
+        """The run's input images (PIL, RGB, settings.images' order) for encode_image."""
+        return [each.image for each in self.inputs]
 
     @property
     def settings(self) -> GenerationSettings:
@@ -582,7 +649,7 @@ class ShareRun:
 def _execute_plan(request: RunRequest, checkpoint: Checkpoint, plan: RunPlan, paths: list[Path], log,
                   process: Process, resumed: Handoff | None, denoised: dict, encoded: GenerationSettings,
                   weights: str, on_progress: Callable[[Progress], None] | None = None,
-                  keeping: "_Keeping | None" = None) -> RunReport:
+                  keeping: "_Keeping | None" = None, inputs: tuple[InputImage, ...] = ()) -> RunReport:
     """This share's stages; `encoded`: the prompts its encode runs on (distributed.encode_positions)."""
     if not process.is_main:  # each process says what it did with its own share, named as its errors are
         say = log
@@ -591,9 +658,9 @@ def _execute_plan(request: RunRequest, checkpoint: Checkpoint, plan: RunPlan, pa
             say(f"[process {process.index}] {message}")
 
     settings = request.settings
-    report = RunReport(budget=budget_to_json(request.budget), loras=lora_report(request.settings))
+    report = new_report(request)
     handoff = resumed if resumed is not None else Handoff(settings=settings)
-    share = ShareRun(request, checkpoint, paths, encoded, denoised, weights, log, process=process)
+    share = ShareRun(request, checkpoint, paths, encoded, denoised, weights, log, process=process, inputs=inputs)
     if handoff.finished_stages:
         share.saved = handoff_path(request.run_folder, handoff.finished_stages[-1], process.index, process.count)
     if share.saved is not None and not share.saved.with_suffix(".json").exists():
@@ -603,6 +670,8 @@ def _execute_plan(request: RunRequest, checkpoint: Checkpoint, plan: RunPlan, pa
             handoff.save(share.saved, weights)
     for stage in STAGES:
         interrupt.check()
+        if stage.NAME not in settings.stages:  # encode_image in a run without input images
+            continue
         if stage.NAME in handoff.finished_stages:
             log(f"{stage.NAME}: finished earlier, its handoff is in {request.run_folder}")
             continue

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .families import FAMILIES
+from .input_images import canonical_saved as canonical_image
 from .lora import canonical_saved
 from .quantize import format_quantize, parse_quantize
 
@@ -38,6 +39,11 @@ MAX_BATCH_SIZE = 2**20
 # every resume checks each one's PNG, so a job bigger than this is several runs.
 MAX_IMAGES = 100_000
 MAX_LORAS = 64  # --lora given more often than this is a mistake; it bounds what run.json may list
+# The most input images any family's pipeline takes (families.Family.max_images); a run of a family
+# is held to its own.
+MAX_INPUT_IMAGES = max(family.max_images for family in FAMILIES.values())
+# FluxImg2ImgPipeline.__call__'s default strength (tests/test_images.py reads it from the installed diffusers).
+DEFAULT_STRENGTH = 0.6
 # The most text tokens any family's pipeline takes (families.Family.text_token_limit); a run of a
 # family is held to its own.
 MAX_TEXT_TOKENS = max(family.text_token_limit for family in FAMILIES.values())
@@ -77,6 +83,9 @@ class Setting:
     # At its default, left out of run.json, the settings' hash and the PNGs: a setting added later
     # (LoRAs) keeps the folder names and images of runs without it as the versions before it made them.
     omitted_at_default: bool = False
+    # Recorded only for runs it applies to (strength: runs with an input image), and left out of
+    # run.json, the settings' hash and the PNGs of the others, at its default.
+    applies: Callable[[Any], bool] | None = None
     # Set by its own command-line option, which on --resume must repeat the saved value or be left out.
     option: bool = False
     # Decides which weights load (the model, their dtype, quantization, LoRAs): the Python API takes
@@ -126,6 +135,15 @@ SETTINGS: tuple[Setting, ...] = (
             option=True, opens=True,
             png="lora", png_text=lambda settings, position: " ; ".join(settings.lora), may_be_missing=True,
             omitted_at_default=True),
+    # --image, each as input_images.InputImage.saved_text writes it: "PATH sha256:DIGEST" (of the file's content)
+    Setting("images", tuple, "input images, in order", (), item=str, max_items=MAX_INPUT_IMAGES,
+            canonical=canonical_image, option=True, png="image",
+            png_text=lambda settings, position: " ; ".join(settings.images), may_be_missing=True,
+            omitted_at_default=True),
+    # image-to-image: the share of the schedule run from the noised input image (FluxImg2ImgPipeline's
+    # strength); checked in (0, 1] by runner.check_settings
+    Setting("strength", float, "how much of the input image is redrawn", DEFAULT_STRENGTH, low=0, high=1,
+            option=True, png="strength", may_be_missing=True, applies=lambda settings: bool(settings.images)),
     # Not GenerationSettings': the run's, recorded in the PNGs (runner._png_metadata) but free to change.
     Setting("max_memory", str, "the budget, budget.format_budget", saved=False, decides_pixels=False,
             png="max_memory"),
@@ -166,8 +184,10 @@ def png_fields(settings, position: int, run: dict[str, str]) -> dict[str, str]:
 
 
 def at_omitted_default(each: Setting, settings) -> bool:
-    """Whether `settings` (GenerationSettings) leaves `each` out of what it records (omitted_at_default)."""
-    return each.omitted_at_default and getattr(settings, each.name) == each.default
+    """Whether `settings` (GenerationSettings) leaves `each` out of what it records: at its default,
+    when it is omitted_at_default or does not apply to the run (Setting.applies)."""
+    omitted = each.omitted_at_default or (each.applies is not None and not each.applies(settings))
+    return omitted and getattr(settings, each.name) == each.default
 
 
 def png_field_names() -> tuple[str, ...]:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from . import settings as schema
 from .budget import MAX_DEVICE_BYTES, Budget, is_gpu_key
 from .errors import CheckpointError, SettingsError
-from .families import SCHEDULER, family_for
+from .families import GENERATOR_STATES, SCHEDULER, family_for
 from .json_fields import JsonFields, entries, is_int
 from .safe_read import MAX_CONFIG_BYTES, parse_json, read_regular_file
 
@@ -212,7 +212,7 @@ def setting_field(settings: JsonFields, each):
     if each.type is int:
         found = settings.integer(each.name, each.low, each.high, optional=each.optional)
     elif each.type is float:
-        found = settings.number(each.name, each.low, optional=each.optional)
+        found = settings.number(each.name, each.low, optional=each.optional, high=each.high)
         found = None if found is None else float(found)
     else:
         found = settings.string(each.name, optional=each.optional, choices=each.choices or None)
@@ -299,9 +299,12 @@ def check_handoff_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, 
         if tuple(tensor.shape) != shape:
             raise SettingsError(f"{where}: {name} has shape {tuple(tensor.shape)}, not {shape} (from the run's "
                                 f"settings and the model's configs); {fix}")
-        if tensor.dtype != dtype:
-            raise SettingsError(f"{where}: {name} is {str(tensor.dtype).removeprefix('torch.')}, not the run's "
-                                f"{str(dtype).removeprefix('torch.')}; {fix}")
+        import torch  # here: the command line reads this module before torch; tensors mean torch is loaded
+
+        wanted, whose = (torch.uint8, "generator states'") if name == GENERATOR_STATES else (dtype, "run's")
+        if tensor.dtype != wanted:
+            raise SettingsError(f"{where}: {name} is {str(tensor.dtype).removeprefix('torch.')}, not the {whose} "
+                                f"{str(wanted).removeprefix('torch.')}; {fix}")
 
 
 # ---------------------------------------------------------------- images found on --resume

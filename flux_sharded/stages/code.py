@@ -43,6 +43,22 @@ class FamilyCode(Protocol):
                   adapter_name: str) -> None:
         """Inject one LoRA into component `name` (families.Family.lora_components) as load_lora_weights does."""
 
+    def input_sizes(self, settings, sizes: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+        """(height, width) at which the VAE encodes each input image of (width, height) `sizes`, as
+        the image pipeline resizes it: what the plan counts encode_image's activations for."""
+
+    def encode_images(self, pipeline, images: list, settings, batch: range) -> dict[str, "torch.Tensor"]:
+        """{name (handoff.INPUT_PREFIX...): (len(batch), ...) rows}: the input images (PIL, RGB) as the
+        image pipeline (holding the VAE) encodes them for the images of `batch`."""
+
+    def image_pipeline(self, pipeline, settings):
+        """The pipeline denoise calls: `pipeline` (the family's, holding the transformer) for a run
+        without input images, else the image pipeline sharing its components."""
+
+    def image_arguments(self, inputs: dict[str, "torch.Tensor"], settings, batch: range) -> dict:
+        """The keyword arguments the image pipeline's __call__ takes for the encoded input images of
+        `batch` (`inputs`: their rows, encode_images' tensors), its generators included."""
+
 
 CODE: dict[str, FamilyCode] = {"flux1": flux1, "flux2": flux2}
 
@@ -53,5 +69,7 @@ def family_code(family: Family) -> FamilyCode:
 
 
 def pipeline_family(pipeline) -> Family:
-    """The family (families.py) of a diffusers pipeline object, by its class."""
-    return FAMILIES[type(pipeline).__name__]
+    """The family (families.py) of a diffusers pipeline object, by its class: the family's own
+    pipeline, or the one that takes its input images (families.Family.image_pipeline)."""
+    name = type(pipeline).__name__
+    return FAMILIES.get(name) or next(family for family in FAMILIES.values() if family.image_pipeline == name)

@@ -13,17 +13,15 @@ in bf16 for FLUX.1) plus decoder activations, which grow with H*W and dominate.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 
 import numpy as np
 import torch
 
 from ..budget import device_key
 from ..handoff import Handoff
-from ..placement import check_placement
-from ..quantize_load import load_quantized
 from .code import family_code, pipeline_family
 from .interface import Share, Work
+from .vae import vae_pipeline
 
 NAME = "decode"
 
@@ -82,29 +80,9 @@ def finish(output: Handoff, share: Share) -> Handoff:
 
 
 def load(checkpoint, stage_plan, dtype: torch.dtype, offload_folder=None):
-    """The family's pipeline holding only the VAE, on the plan's device; tiled decoding (diffusers'
-    `enable_tiling`) when the plan says so, and one image at a time (diffusers' `enable_slicing`)
-    when the plan's decode batch is one image."""
-    import diffusers
-
-    plan = stage_plan.component("vae")
-    vae_class = getattr(diffusers, checkpoint.family.component("vae").class_name)
-    if plan.quantization:
-        vae = load_quantized(vae_class, checkpoint.path, "vae", plan, dtype)
-    else:
-        vae = vae_class.from_pretrained(
-            checkpoint.path, subfolder="vae", device_map=dict(plan.device_map), dtype=dtype, use_safetensors=True,
-        )
-        check_placement(vae, dict(plan.device_map), streamed=False)
-    if plan.tiled:
-        vae.enable_tiling()
-    if plan.batch_size == 1:  # a whole batch's activations do not fit (or the batch is one image)
-        vae.enable_slicing()
-    pipeline_class = getattr(diffusers, checkpoint.family.pipeline)
-    # Built directly: from_pretrained would also load the tokenizers and scheduler, unused here.
-    parts = {name: None for name in inspect.signature(pipeline_class.__init__).parameters
-             if name in checkpoint.family.folders}
-    return pipeline_class(**{**parts, "vae": vae})
+    """The family's pipeline holding only the VAE, on the plan's device (stages/vae.py): tiled
+    decoding and one image at a time where the plan says so."""
+    return vae_pipeline(checkpoint, stage_plan, dtype, checkpoint.family.pipeline)
 
 
 # Set in the `info` of an image whose decoded values held NaN or infinity (a float16 overflow in

@@ -6,7 +6,8 @@ and the scheduler. Runs the family's pipeline's own denoising loop (__call__ wit
 and no VAE) so that the numbers are exactly the one-piece pipeline's; the latents are taken, packed,
 after the last step (what decode unpacks: stages/flux1.py, flux2.py).
 Reads from the handoff: the embeddings (prompt_embeds, ...), settings (seeds, steps, guidance,
-size). Writes: latents; each batch's as it finishes, in the run folder (todo), so that an
+size), and for a run with input images their encoded tensors (encode_image's), which the family's
+image pipeline takes instead of the images (stages/flux1.py: FluxImg2ImgPipeline). Writes: latents; each batch's as it finishes, in the run folder (todo), so that an
 interruption loses at most one batch. Memory: the transformer's weights (FLUX.1 in bf16: 23.8 GB) plus the
 activations of one forward pass over (H/16)*(W/16) image tokens and max_sequence_length text tokens.
 """
@@ -22,6 +23,7 @@ from ..handoff import Handoff
 from ..placement import check_placement, place
 from ..quantize_load import load_quantized
 from .adapters import load_adapters
+from .code import family_code, pipeline_family
 from .interface import Share, Work
 
 NAME = "denoise"
@@ -134,10 +136,12 @@ def run(pipeline, handoff: Handoff, on_image_done=None, on_step=None, finished_b
     settings = handoff.settings
     finished_batches = finished_batches or {}
     latents = []
+    code = family_code(pipeline_family(pipeline))
+    caller = code.image_pipeline(pipeline, settings)  # FluxImg2ImgPipeline, ... for a run with input images
 
     def step_done(pipe, step, timestep, callback_kwargs):
         if on_step:
-            on_step(step + 1, settings.steps)
+            on_step(step + 1, pipe.num_timesteps)  # image-to-image runs fewer than --steps (--strength)
         if step + 1 == pipe.num_timesteps:
             raise _Denoised(callback_kwargs["latents"])  # (B, tokens, 4*latent_channels), packed
         return {}
@@ -149,17 +153,20 @@ def run(pipeline, handoff: Handoff, on_image_done=None, on_step=None, finished_b
             else:
                 # One batch's rows on the GPU at a time: the rest of the run's wait in RAM.
                 rows = handoff.select(list(batch)).to(pipeline._execution_device)
+                arguments = {"generator": [torch.Generator("cpu").manual_seed(settings.seeds[p]) for p in batch]}
+                if rows.inputs():  # the encoded input images, and the generators as their encode left them
+                    arguments.update(code.image_arguments(rows.inputs(), settings, batch))
                 try:
-                    pipeline(
+                    caller(
                         **rows.embeddings(),
                         num_inference_steps=settings.steps,
                         guidance_scale=settings.guidance,
                         height=settings.height,
                         width=settings.width,
                         max_sequence_length=settings.max_sequence_length,
-                        generator=[torch.Generator("cpu").manual_seed(settings.seeds[p]) for p in batch],
                         output_type="latent",
                         callback_on_step_end=step_done,
+                        **arguments,
                     )
                 except _Denoised as denoised:
                     latents.append(denoised.latents.to("cpu"))

@@ -62,3 +62,60 @@ def load_lora(family, name: str, model, state_dict: dict, alphas: dict | None, a
     else:
         pipeline_class.load_lora_into_text_encoder(state_dict, network_alphas=alphas, text_encoder=model, prefix=name,
                                                    adapter_name=adapter_name, low_cpu_mem_usage=True)
+
+
+# ---------------------------------------------------------------- image-to-image (FluxImg2ImgPipeline)
+# FluxImg2ImgPipeline.prepare_latents encodes the image with the VAE, *sampling* its latent
+# distribution with each image's generator (_encode_vae_image), and then draws the noise from the
+# same generators. encode_image therefore does the first half with the pipeline's own preprocessing
+# and _encode_vae_image and keeps, besides the latents, each generator's state after it; denoise
+# hands the latents to __call__ as its image (a tensor of latent_channels channels, which the
+# pipeline takes as encoded) with generators set to those states, so the pipeline's own timesteps,
+# strength and noise follow exactly as in one call (tests/test_images.py compares the PNGs).
+
+def input_sizes(settings, sizes: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    """(height, width) the VAE encodes each input image at: FluxImg2ImgPipeline resizes it to the run's size."""
+    return tuple((settings.height, settings.width) for _ in sizes)
+
+
+def encode_images(pipeline, images: list, settings, batch: range) -> dict[str, torch.Tensor]:
+    """{"input_latents": (len(batch), C, H/f, W/f), "input_generator_states": (len(batch), state
+    bytes) uint8}: the one input image resized to the run's size by the pipeline's image processor and
+    encoded as FluxImg2ImgPipeline.prepare_latents encodes it for this batch."""
+    (image,) = images
+    pixels = pipeline.image_processor.preprocess(image, height=settings.height, width=settings.width)
+    # __call__ makes it float32, prepare_latents the prompt embeddings' dtype (the run's) on the execution device
+    pixels = pixels.to(dtype=torch.float32).to(device=pipeline.vae.device, dtype=settings.torch_dtype)
+    generators = [torch.Generator("cpu").manual_seed(settings.seeds[position]) for position in batch]
+    latents = pipeline._encode_vae_image(image=pixels, generator=generators)  # (1, C, H/f, W/f)
+    return {"input_latents": latents.expand(len(batch), *latents.shape[1:]).contiguous(),
+            "input_generator_states": torch.stack([generator.get_state() for generator in generators])}
+
+
+def image_pipeline(pipeline, settings):
+    """FluxImg2ImgPipeline sharing `pipeline`'s transformer and scheduler when the run has an input
+    image; its latent channels and image processor set as a VAE would set them (it has none), so that
+    it takes the encoded latents as they are."""
+    if not settings.images:
+        return pipeline
+    import diffusers
+    from diffusers.image_processor import VaeImageProcessor
+
+    # Built from the same components, not by from_pipe, which casts them all to one dtype (float32 by default).
+    image_pipeline = diffusers.FluxImg2ImgPipeline(**pipeline.components)
+    image_pipeline.set_progress_bar_config(disable=True)
+    image_pipeline.vae_scale_factor = pipeline.vae_scale_factor
+    image_pipeline.latent_channels = pipeline.transformer.config.in_channels // 4  # 2x2 packing
+    image_pipeline.image_processor = VaeImageProcessor(vae_scale_factor=2 * pipeline.vae_scale_factor,
+                                                       vae_latent_channels=image_pipeline.latent_channels)
+    return image_pipeline
+
+
+def image_arguments(inputs: dict[str, torch.Tensor], settings, batch: range) -> dict:
+    """FluxImg2ImgPipeline.__call__'s image, strength and generators for the encoded rows of `batch`."""
+    generators = []
+    for state in inputs["input_generator_states"]:
+        generator = torch.Generator("cpu")
+        generator.set_state(state.to("cpu").clone())  # a tensor of its own: set_state reads a row's storage from its start
+        generators.append(generator)
+    return {"image": inputs["input_latents"], "strength": settings.strength, "generator": generators}

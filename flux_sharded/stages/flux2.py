@@ -77,3 +77,23 @@ def load_lora(family, name: str, model, state_dict: dict, alphas: None, adapter_
 
     getattr(diffusers, family.pipeline).load_lora_into_transformer(state_dict, transformer=model,
                                                                    adapter_name=adapter_name, low_cpu_mem_usage=True)
+
+
+# FLUX.2 takes no input image here yet (families.Family.max_images is 0: --image is refused before
+# any stage); the family protocol's image members say so.
+
+def input_sizes(settings, sizes: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    return ()
+
+
+def encode_images(pipeline, images: list, settings, batch: range) -> dict[str, torch.Tensor]:
+    raise NotImplementedError("FLUX.2 input images are refused before any stage runs")
+
+
+def image_pipeline(pipeline, settings):
+    """The family's pipeline: a FLUX.2 run has no input image yet."""
+    return pipeline
+
+
+def image_arguments(inputs: dict[str, torch.Tensor], settings, batch: range) -> dict:
+    raise NotImplementedError("FLUX.2 input images are refused before any stage runs")

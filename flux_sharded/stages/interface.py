@@ -46,6 +46,9 @@ class Share(Protocol):
     def write_image(self, position: int, image) -> None:
         """The share's image `position` as a PNG with the settings that made it."""
 
+    def input_images(self) -> list:
+        """The run's input images (PIL, RGB, in --image order), decoded once; for encode_image."""
+
 
 @dataclass(frozen=True)
 class Work:

@@ -1,0 +1,37 @@
+"""The VAE as encode_image and decode load it: whole on the plan's one device, in a pipeline of the
+family's that holds nothing else."""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from ..placement import check_placement
+from ..quantize_load import load_quantized
+
+
+def vae_pipeline(checkpoint, stage_plan, dtype: torch.dtype, pipeline_name: str):
+    """The pipeline class `pipeline_name` holding only the checkpoint's VAE, on the plan's device;
+    tiled (diffusers' `enable_tiling`, which covers encode and decode) when the plan says so, and
+    one image at a time (diffusers' `enable_slicing`) when the plan's batch is one image."""
+    import diffusers
+
+    plan = stage_plan.component("vae")
+    vae_class = getattr(diffusers, checkpoint.family.component("vae").class_name)
+    if plan.quantization:
+        vae = load_quantized(vae_class, checkpoint.path, "vae", plan, dtype)
+    else:
+        vae = vae_class.from_pretrained(
+            checkpoint.path, subfolder="vae", device_map=dict(plan.device_map), dtype=dtype, use_safetensors=True,
+        )
+        check_placement(vae, dict(plan.device_map), streamed=False)
+    if plan.tiled:
+        vae.enable_tiling()
+    if plan.batch_size == 1:  # a whole batch's activations do not fit (or the batch is one image)
+        vae.enable_slicing()
+    pipeline_class = getattr(diffusers, pipeline_name)
+    # Built directly: from_pretrained would also load the tokenizers and scheduler, unused here.
+    parts = {name: None for name in inspect.signature(pipeline_class.__init__).parameters
+             if name in checkpoint.family.folders}
+    return pipeline_class(**{**parts, "vae": vae})

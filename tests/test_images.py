@@ -1,0 +1,319 @@
+"""Input images (--image): FLUX.1 image-to-image staged (encode, encode_image, denoise, decode)
+equals diffusers' one-piece FluxImg2ImgPipeline; the input is part of the run (run.json, the
+run's hash, the PNG, --report, resume); every bad input is one Error line with nothing written."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from flux_sharded import runner
+from flux_sharded.families import IMAGE_STAGE
+from flux_sharded.input_images import read_image
+from flux_sharded.settings import DEFAULT_STRENGTH
+from flux_sharded.stages import STAGES
+
+from .conftest import assert_same_pixels, error_line, invoke
+
+STEPS, SEED, STRENGTH = 4, 5, 0.6
+
+
+def photo(path: Path, size=(40, 56), mode="RGB", seed=0) -> Path:
+    """A random image of `size` (width, height); smooth enough that resizing it matters."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 255, (size[1] // 4, size[0] // 4, 3), dtype=np.uint8)
+    Image.fromarray(small).resize(size, Image.BILINEAR).convert(mode).save(path)
+    return path
+
+
+def one_piece_img2img(checkpoint: Path, image_path: Path, prompts: list[str], seeds: list[int], size: int,
+                      strength: float = STRENGTH, steps: int = STEPS) -> list[np.ndarray]:
+    """diffusers' FluxImg2ImgPipeline, whole, on the CPU, with the image as diffusers' load_image reads it."""
+    import diffusers
+    from diffusers.utils import load_image
+
+    pipeline = diffusers.FluxImg2ImgPipeline.from_pretrained(checkpoint, dtype=torch.float32)
+    pipeline.set_progress_bar_config(disable=True)
+    images = pipeline(prompt=prompts, image=load_image(str(image_path)), strength=strength, height=size, width=size,
+                      num_inference_steps=steps, guidance_scale=3.5,
+                      generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds]).images
+    return [np.asarray(image) for image in images]
+
+
+def img2img_args(checkpoint, image_path, out, size=32, *extra):
+    return ["--model", str(checkpoint), "--prompt", "a photo of a dog", "--image", str(image_path),
+            "--strength", str(STRENGTH), "--steps", str(STEPS), "--seed", str(SEED), "--height", str(size),
+            "--width", str(size), "--dtype", "float32", "--max-memory", "cpu=4GB", "--out", str(out), *extra]
+
+
+def written(out: Path) -> list[Path]:
+    return sorted(out.glob("*.png"))
+
+
+@pytest.mark.parametrize("fixture, size", [("tiny_checkpoint", 64), ("tiny_checkpoint_f2", 24)])
+def test_staged_img2img_png_equals_the_one_piece_pipeline(request, tmp_path, fixture, size):
+    checkpoint = request.getfixturevalue(fixture)
+    image_path = photo(tmp_path / "in.png")
+    result = invoke(img2img_args(checkpoint, image_path, tmp_path / "out", size, "--report", str(tmp_path / "r.json")))
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert [stage["name"] for stage in report["stages"]] == ["encode", "encode_image", "denoise", "decode"]
+    (staged,) = [np.asarray(Image.open(path)) for path in report["images"]]
+    (expected,) = one_piece_img2img(checkpoint, image_path, ["a photo of a dog"], [SEED], size)
+    assert_same_pixels(staged, expected)
+    assert staged.std() > 10
+    # the input decides the pixels: the text-to-image of the same seed differs
+    plain = invoke(["--model", str(checkpoint), "--prompt", "a photo of a dog", "--steps", str(STEPS), "--seed",
+                    str(SEED), "--height", str(size), "--width", str(size), "--dtype", "float32", "--max-memory",
+                    "cpu=4GB", "--out", str(tmp_path / "plain")])
+    assert plain.exit_code == 0, plain.output
+    assert np.abs(np.asarray(Image.open(written(tmp_path / "plain")[0])).astype(int) - staged).max() > 0
+
+
+def test_a_batch_of_two_equals_the_one_piece_pipeline_called_with_the_batch(tiny_checkpoint, tmp_path):
+    """The pipeline encodes its one input image with the batch's first generator and draws each
+    image's noise from its own: encode_image keeps each generator as the batch left it."""
+    image_path = photo(tmp_path / "in.png", size=(48, 32))
+    result = invoke(img2img_args(tiny_checkpoint, image_path, tmp_path / "out", 32, "--num-images-per-prompt", "2",
+                                 "--batch-size", "2"))
+    assert result.exit_code == 0, result.output
+    expected = one_piece_img2img(tiny_checkpoint, image_path, ["a photo of a dog"] * 2, [SEED, SEED + 1], 32)
+    for path, reference in zip(written(tmp_path / "out"), expected, strict=True):
+        assert_same_pixels(np.asarray(Image.open(path)), reference)
+
+
+def test_strength_matters_and_its_default_and_steps_are_the_pipelines(tiny_checkpoint, tmp_path):
+    import diffusers
+
+    call = inspect.signature(diffusers.FluxImg2ImgPipeline.__call__).parameters
+    assert call["strength"].default == DEFAULT_STRENGTH
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler()
+    pipeline = diffusers.FluxImg2ImgPipeline(scheduler, None, None, None, None, None, None)
+    for steps, strength in [(4, 0.6), (28, 0.6), (10, 0.05), (10, 0.1), (3, 1.0), (7, 0.33)]:
+        scheduler.set_timesteps(steps)
+        assert pipeline.get_timesteps(steps, strength, "cpu")[1] == runner.img2img_steps(steps, strength)
+    image_path = photo(tmp_path / "in.png")
+    pixels = []
+    for strength in ("0.6", "0.9"):
+        args = img2img_args(tiny_checkpoint, image_path, tmp_path / strength)
+        args[args.index("--strength") + 1] = strength
+        assert invoke(args).exit_code == 0
+        pixels.append(np.asarray(Image.open(written(tmp_path / strength)[0])).astype(int))
+    assert np.abs(pixels[0] - pixels[1]).max() > 0
+
+
+def test_the_input_is_part_of_the_run(tiny_checkpoint, tmp_path):
+    """Its path, size and SHA-256 in run.json, the run folder's name, the PNG and --report."""
+    image_path = photo(tmp_path / "in.png")
+    digest = hashlib.sha256(image_path.read_bytes()).hexdigest()
+    recorded = f"{image_path.absolute()} 40x56 sha256:{digest}"
+    folders = {}
+    for name, seed in (("first", 0), ("second", 1)):
+        photo(image_path, seed=seed)
+        out = tmp_path / name
+        assert invoke(img2img_args(tiny_checkpoint, image_path, out, 32, "--report", str(out / "r.json"))).exit_code == 0
+        (run_json,) = (out / ".flux-sharded").glob("run-*/run.json")
+        folders[name] = run_json.parent.name
+        if name == "first":
+            settings = json.loads(run_json.read_text())["settings"]
+            assert settings["images"] == [recorded] and settings["strength"] == STRENGTH
+            text = Image.open(written(out)[0]).text
+            assert text["image"] == recorded and text["strength"] == str(STRENGTH)
+            assert json.loads((out / "r.json").read_text())["inputs"] == [
+                {"path": str(image_path.absolute()), "width": 40, "height": 56, "sha256": digest}]
+    assert folders["first"] != folders["second"]  # the image's content decides the run's hash
+
+
+@pytest.mark.parametrize("failing", ["encode_image", "denoise", "decode"])
+def test_resume_from_each_stage_boundary_gives_the_same_png(tiny_checkpoint, tmp_path, monkeypatch, failing):
+    image_path = photo(tmp_path / "in.png")
+    assert invoke(img2img_args(tiny_checkpoint, image_path, tmp_path / "reference")).exit_code == 0
+    out = tmp_path / "out"
+    stage = next(stage for stage in STAGES if stage.NAME == failing)
+    with monkeypatch.context() as patch:
+        patch.setattr(stage, "run", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("stopped for the test")))
+        failed = invoke(img2img_args(tiny_checkpoint, image_path, out))
+    assert failed.exit_code == 1 and f"{failing} failed" in error_line(failed)
+    (run_dir,) = (out / ".flux-sharded").glob("run-*")
+    if failing != "encode_image":  # encoded and kept: the resume does not need the file
+        image_path.rename(tmp_path / "moved.png")
+    loads = []
+    for each in STAGES:
+        monkeypatch.setattr(each, "load", lambda *a, _real=each.load, _name=each.NAME, **k: loads.append(_name)
+                            or _real(*a, **k))
+    resumed = invoke(["--resume", str(run_dir)])
+    assert resumed.exit_code == 0, resumed.output
+    assert loads == [name for name in ("encode_image", "denoise", "decode")
+                     if ("encode_image", "denoise", "decode").index(name) >= ("encode_image", "denoise",
+                                                                               "decode").index(failing)]
+    assert_same_pixels(np.asarray(Image.open(written(out)[0])), np.asarray(Image.open(written(tmp_path / "reference")[0])))
+
+
+def test_resume_refuses_an_input_changed_or_gone_while_it_is_still_needed(tiny_checkpoint, tmp_path, monkeypatch):
+    image_path = photo(tmp_path / "in.png")
+    out = tmp_path / "out"
+    stage = next(stage for stage in STAGES if stage.NAME == IMAGE_STAGE)
+    with monkeypatch.context() as patch:
+        patch.setattr(stage, "run", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("stopped for the test")))
+        assert invoke(img2img_args(tiny_checkpoint, image_path, out)).exit_code == 1
+    (run_dir,) = (out / ".flux-sharded").glob("run-*")
+    photo(image_path, seed=3)  # same name, other pixels
+    changed = invoke(["--resume", str(run_dir)])
+    assert changed.exit_code == 2
+    assert error_line(changed).startswith(f"Error: --resume: the input image {image_path.absolute()} changed since "
+                                          f"the run in {run_dir} began")
+    image_path.unlink()
+    gone = invoke(["--resume", str(run_dir)])
+    assert gone.exit_code == 2
+    assert error_line(gone).startswith(f"Error: --resume: the run in {run_dir} has not encoded its input images yet "
+                                       f"and needs {image_path.absolute()} again")
+    assert not written(out)
+
+
+def test_resume_after_encode_image_refuses_an_input_that_changed(tiny_checkpoint, tmp_path, monkeypatch):
+    image_path = photo(tmp_path / "in.png")
+    out = tmp_path / "out"
+    stage = next(stage for stage in STAGES if stage.NAME == "denoise")
+    with monkeypatch.context() as patch:
+        patch.setattr(stage, "run", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("stopped for the test")))
+        assert invoke(img2img_args(tiny_checkpoint, image_path, out)).exit_code == 1
+    (run_dir,) = (out / ".flux-sharded").glob("run-*")
+    photo(image_path, seed=3)
+    changed = invoke(["--resume", str(run_dir)])
+    assert changed.exit_code == 2 and "changed since" in error_line(changed)
+    again = invoke(["--resume", str(run_dir), "--image", str(image_path)])  # a conflicting --image is named
+    assert again.exit_code == 2 and error_line(again).startswith(f"Error: --resume: --image {image_path.absolute()}")
+
+
+@pytest.mark.parametrize("mode", ["P", "RGBA", "L", "CMYK", "LA"])
+def test_other_modes_are_converted_as_diffusers_load_image_converts_them(tmp_path, mode):
+    from diffusers.utils import load_image
+
+    path = photo(tmp_path / ("in.jpg" if mode == "CMYK" else "in.png"), mode=mode)
+    converted = read_image(str(path)).image
+    assert converted.mode == "RGB"
+    assert np.array_equal(np.asarray(converted), np.asarray(load_image(str(path))))
+
+
+def _png_claiming(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header claims width x height pixels, with one row of data: what a decompression
+    bomb's header looks like to PIL, without the gigabytes."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def bad_inputs(tmp_path: Path) -> dict[str, Path]:
+    text = tmp_path / "notes.png"
+    text.write_text("not an image at all")
+    whole = photo(tmp_path / "whole.png", size=(64, 64))
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(whole.read_bytes()[: len(whole.read_bytes()) // 2])
+    deep = tmp_path / "deep.png"
+    Image.fromarray(np.full((16, 16), 40000, dtype=np.uint16)).save(deep)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    return {"text": text, "truncated": truncated, "bomb": _png_claiming(tmp_path / "bomb.png", 30000, 30000),
+            "deep": deep, "folder": folder, "missing": tmp_path / "missing.png", "good": whole}
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        (["--image", "{text}"], "--image '{text}' is not an image PIL can read; give a PNG, JPEG or WebP file"),
+        (["--image", "{truncated}"], "--image '{truncated}' is damaged or truncated ("),
+        (["--image", "{bomb}"], "--image '{bomb}' has more pixels than PIL decodes safely ("),
+        (["--image", "{deep}"], "--image '{deep}' has I;16 pixels (more than 8 bits per channel), which converting"),
+        (["--image", "{folder}"], "--image '{folder}' is a folder; give an image file in it"),
+        (["--image", "{missing}"], "--image '{missing}': no such file; check the path"),
+        (["--image", "{good}", "--image", "{good}"], "--image given 2 times: "),
+        (["--image", "{good}", "--strength", "0"], "--strength 0.0: give a number above 0 and at most 1"),
+        (["--image", "{good}", "--strength", "1.5"], "--strength 1.5: give a number above 0 and at most 1"),
+        (["--image", "{good}", "--strength", "nan"], "--strength nan: give a number above 0 and at most 1"),
+        (["--strength", "0.8"], "--strength 0.8 needs an input image to redraw: give --image PATH"),
+        (["--image", "{good}", "--strength", "1e-20", "--steps", "4"],  # 4 - 4e-20 rounds to 4: int() skips all 4
+         "--strength 1e-20 with --steps 4 leaves no denoising step"),
+    ],
+)
+def test_each_bad_input_is_one_error_line_and_nothing_is_written(tiny_checkpoint, tmp_path, case, message):
+    paths = bad_inputs(tmp_path)
+    args = [part.format(**paths) for part in case]
+    out = tmp_path / "out"
+    base = ["--model", str(tiny_checkpoint), "--prompt", "a dog", "--steps", "4", "--height", "32", "--width", "32",
+            "--max-memory", "cpu=2GB", "--out", str(out)]
+    result = invoke(base + args)
+    assert result.exit_code == 2, result.output
+    assert error_line(result).startswith("Error: " + message.format(**paths)), error_line(result)
+    if "given 2 times" in message:  # FLUX.1's image pipeline takes one
+        assert error_line(result).endswith("give at most 1")
+    assert not out.exists()
+
+
+def test_an_image_for_a_family_that_takes_none_is_refused(tiny_klein, tmp_path):
+    image_path = photo(tmp_path / "in.png")
+    out = tmp_path / "out"
+    result = invoke(["--model", str(tiny_klein), "--prompt", "a dog", "--image", str(image_path), "--height", "32",
+                     "--width", "32", "--max-memory", "cpu=2GB", "--out", str(out)])
+    assert result.exit_code == 2
+    assert error_line(result).startswith("Error: --image: FLUX.2-klein (Flux2KleinPipeline) takes no input image "
+                                         "here; leave out --image")
+    assert not out.exists()
+
+
+def test_the_plan_counts_the_vae_encode_at_the_run_size(tiny_checkpoint, tmp_path):
+    """encode_image's estimate (activations.vae_encode_activation_bytes) bounds the measured peak of
+    the stage's run and is within the margin's reach of it."""
+    from flux_sharded.checkpoint import resolve_checkpoint
+    from flux_sharded.handoff import GenerationSettings, Handoff
+    from flux_sharded.memory import TensorBytesTracker
+    from flux_sharded.plan import plan_run
+    from flux_sharded.stages import encode_image
+
+    image = read_image(str(photo(tmp_path / "in.png")))
+    settings = GenerationSettings(str(tiny_checkpoint), ("a dog",), (0,), 4, 3.5, 128, 96, 64, "float32",
+                                  images=(image.saved_text,))
+    checkpoint = resolve_checkpoint(str(tiny_checkpoint))
+    request = runner.RunRequest(checkpoint, settings, {"cpu": 10**12}, tmp_path, input_images=(image,))
+    plan = plan_run(runner.plan_inputs(request), request.budget).stage(IMAGE_STAGE)
+    pipeline = encode_image.load(checkpoint, plan, torch.float32)
+    weights = [*pipeline.vae.parameters(), *pipeline.vae.buffers()]
+    with TensorBytesTracker(existing=weights) as tracker:
+        encode_image.run(pipeline, Handoff(settings), images=[image.image])
+    planned = plan.activation_bytes["cpu"]
+    assert 1.0 <= planned / tracker.peak_bytes <= 1.6, (planned, tracker.peak_bytes)
+
+
+def test_dry_run_of_flux_dev_image_to_image_plans_the_vae_encode_at_the_run_size(tmp_path):
+    """Offline, from the shipped configs: encode_image holds FLUX.1-dev's VAE and one encode's
+    activations at 1024x1024 (4 x 128 channels x 1024^2 pixels x 2 bytes + the image, with the margin)."""
+    from flux_sharded.activations import vae_encode_activation_bytes
+    from flux_sharded.checkpoint import shipped_config_dir
+
+    image_path = photo(tmp_path / "in.png", size=(800, 600))
+    result = invoke(["--prompt", "a dog", "--image", str(image_path), "--max-memory", "0=24GiB,cpu=64GB", "--dry-run",
+                     "--report", str(tmp_path / "plan.json")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "plan.json").read_text())
+    assert [stage["name"] for stage in report["stages"]] == ["encode", "encode_image", "denoise", "decode"]
+    stage = report["stages"][1]
+    config = json.loads((shipped_config_dir("FLUX.1-dev") / "vae" / "config.json").read_text())
+    activation = vae_encode_activation_bytes(config, 1024, 1024, 2)
+    assert activation == int((4 * 128 + 3) * 1024 * 1024 * 2 * 1.15)
+    assert stage["planned_bytes"] == {"0": stage["weight_bytes"]["0"] + activation}
+    assert 160e6 < stage["weight_bytes"]["0"] < 170e6  # the VAE in bf16
+    assert report["inputs"] == [{"path": str(image_path.absolute()), "width": 800, "height": 600,
+                                 "sha256": hashlib.sha256(image_path.read_bytes()).hexdigest()}]
+    assert {p.name for p in tmp_path.iterdir()} == {"in.png", "plan.json"}  # nothing else written
