@@ -154,7 +154,7 @@ def vae_tiled_decode_activation_bytes(config: dict, height: int, width: int, dty
 
 
 def flux2_transformer_activation_bytes(config: dict, height: int, width: int, vae_scale_factor: int,
-                                       sequence_length: int, dtype_bytes: int) -> int:
+                                       sequence_length: int, dtype_bytes: int, reference_tokens: int = 0) -> int:
     """Flux2Transformer2DModel forward (FLUX.2-dev, klein), peak inside a single-stream block, plus
     the loop's tensors. An estimate, derived like the FLUX.1 one and checked the same way.
 
@@ -170,12 +170,16 @@ def flux2_transformer_activation_bytes(config: dict, height: int, width: int, va
     keeps it within 1.0-1.6 x). The denoising loop adds the latents, the noise prediction and the
     stepped latents (3 x image tokens x in_channels) and the prompt embeddings (text tokens x
     joint_attention_dim). FLUX.2-dev at 1024x1024 and 512 tokens in bf16: 1.4 GB before the margin.
+    Reference images (image=[...]) add their packed tokens to S (the pipeline concatenates them to the
+    latents for every forward pass) and, held for the whole loop, to the latents (reference tokens x
+    in_channels).
     """
     tokens_image = image_tokens(height, width, vae_scale_factor)
-    tokens = tokens_image + sequence_length
+    tokens = tokens_image + sequence_length + reference_tokens
     width_model = config["num_attention_heads"] * config["attention_head_dim"]
     block = tokens * width_model * (20 * dtype_bytes + 8)
-    loop = (3 * tokens_image * config["in_channels"] + sequence_length * config["joint_attention_dim"]) * dtype_bytes
+    loop = ((3 * tokens_image + reference_tokens) * config["in_channels"]
+            + sequence_length * config["joint_attention_dim"]) * dtype_bytes
     return _with_margin(block + loop)
 
 

@@ -36,6 +36,11 @@ IMAGE_STAGE = "encode_image"
 # The handoff tensor that holds random generators' states (torch.Generator.get_state(), bytes), not
 # values in the run's dtype (stages/flux1.py keeps them for image-to-image).
 GENERATOR_STATES = "input_generator_states"
+# Handoff tensors whose dtype is their own, not the run's: name -> torch dtype name.
+INPUT_DTYPES = {GENERATOR_STATES: "uint8", "input_latent_ids": "int64"}  # input_latent_ids: FLUX.2's positions
+# Flux2Pipeline and Flux2KleinPipeline shrink a reference image above this many pixels to it
+# (Flux2ImageProcessor._resize_to_target_area), then crop it to multiples of 2 x the VAE's factor.
+REFERENCE_MAX_AREA = 1024 * 1024
 
 
 def _dtype_bytes(inputs: Geometry) -> int:
@@ -65,6 +70,31 @@ def _transformer_tokens(config: dict, inputs: Geometry) -> int:
     return activations.image_tokens(inputs.height, inputs.width, inputs.vae_scale_factor) + inputs.max_sequence_length
 
 
+def _flux2_transformer_tokens(config: dict, inputs: Geometry) -> int:
+    # FLUX.2 adds its reference images' tokens to the image tokens (Flux2Pipeline.__call__'s loop)
+    return _transformer_tokens(config, inputs) + _reference_tokens(inputs)
+
+
+def _reference_tokens(inputs: Geometry) -> int:
+    """The tokens of every reference image, at the sizes the VAE encodes them (plan.PlanInputs.input_sizes)."""
+    return sum(activations.image_tokens(height, width, inputs.vae_scale_factor) for height, width in inputs.input_sizes)
+
+
+def reference_size(size: tuple[int, int], vae_scale_factor: int) -> tuple[int, int]:
+    """(height, width) at which Flux2Pipeline / Flux2KleinPipeline encode a reference image of
+    (width, height) `size`: shrunk to REFERENCE_MAX_AREA pixels when larger (as
+    Flux2ImageProcessor._resize_to_target_area rounds), then cropped down to multiples of 2 x the VAE's
+    factor (__call__'s step 4; tests/test_images.py checks it against the encoded shapes)."""
+    import math
+
+    width, height = size
+    if width * height > REFERENCE_MAX_AREA:
+        scale = math.sqrt(REFERENCE_MAX_AREA / (width * height))
+        width, height = int(width * scale), int(height * scale)
+    multiple = 2 * vae_scale_factor
+    return (height // multiple) * multiple, (width // multiple) * multiple
+
+
 def _t5(config: dict, inputs: Geometry, tiled: bool) -> int:
     return activations.text_encoder_activation_bytes(config, inputs.max_sequence_length, _dtype_bytes(inputs))
 
@@ -90,7 +120,8 @@ def _vae_encode(config: dict, inputs: Geometry, tiled: bool) -> int:
 
 def _flux2_transformer(config: dict, inputs: Geometry, tiled: bool) -> int:
     return activations.flux2_transformer_activation_bytes(config, inputs.height, inputs.width, inputs.vae_scale_factor,
-                                                          inputs.max_sequence_length, _dtype_bytes(inputs))
+                                                          inputs.max_sequence_length, _dtype_bytes(inputs),
+                                                          _reference_tokens(inputs))
 
 
 def _flux3_transformer(config: dict, inputs: Geometry, tiled: bool) -> int:
@@ -142,6 +173,21 @@ def _flux1_inputs(config: dict, vae_scale_factor: int, settings) -> dict[str, tu
         # the input image encoded at the run's size, sampled (FluxImg2ImgPipeline._encode_vae_image)
         "input_latents": (images, config["in_channels"] // 4, settings.height // factor, settings.width // factor),
         GENERATOR_STATES: (images, torch.Generator().get_state().numel()),  # each image's, after sampling
+    }
+
+
+def _flux2_inputs(config: dict, vae_scale_factor: int, settings) -> dict[str, tuple]:
+    if not settings.images:
+        return {}
+    from .input_images import parse_saved
+
+    images, sizes = len(settings.prompts), [reference_size(parse_saved(text)[1], vae_scale_factor)
+                                            for text in settings.images]
+    tokens = sum(activations.image_tokens(height, width, vae_scale_factor) for height, width in sizes)
+    return {
+        # every reference's packed tokens, one after another (Flux2Pipeline.prepare_image_latents)
+        "input_latents": (images, tokens, config["in_channels"]),
+        "input_latent_ids": (images, tokens, 4),  # their (T, H, W, L) positions
     }
 
 
@@ -371,6 +417,10 @@ class Family:
     max_images: int = 0
     # Whether the image pipeline takes a strength (how much of the input image is noised: image-to-image).
     strength: bool = False
+    # The smallest side and the most elongated aspect ratio of an input image the image pipeline takes
+    # (Flux2ImageProcessor.check_image_input's defaults for FLUX.2; tests/test_images.py reads them).
+    min_image_side: int = 1
+    max_image_aspect: float = float("inf")
 
     def check_configs(self, fields: Fields) -> None:
         """Raises CheckpointError (through `fields`) for a config outside this family's architecture."""
@@ -440,7 +490,7 @@ FLUX_2_DEV = Family(
                   {"encode": _decoder_text_encoder("Flux2Pipeline")}, truncated=True, tokenizer="tokenizer",
                   tokenizer_files=BPE_FILES, chat_template=True, large=True),
         Component("transformer", "diffusers", "Flux2Transformer2DModel", {"denoise": _flux2_transformer}, large=True,
-                  lora_tokens=_transformer_tokens),
+                  lora_tokens=_flux2_transformer_tokens),
         Component("vae", "diffusers", "AutoencoderKLFlux2", {"encode_image": _vae_encode, "decode": _vae}),
     ),
     steps=50,  # Flux2Pipeline.__call__'s defaults
@@ -452,6 +502,11 @@ FLUX_2_DEV = Family(
     shared_tensors=(),
     code="flux2",
     config_checks=_check_flux2_configs,
+    image_pipeline="Flux2Pipeline",  # reference images (image=[...])
+    max_images=10,  # the references FLUX.2-dev is made for (BFL's model card); diffusers sets no limit
+    min_image_side=64,
+    max_image_aspect=8,
+    inputs_encoded=_flux2_inputs,
 )
 FLUX_2_KLEIN = Family(
     name="FLUX.2-klein",
@@ -461,7 +516,7 @@ FLUX_2_KLEIN = Family(
                   {"encode": _decoder_text_encoder("Flux2KleinPipeline")}, truncated=True, tokenizer="tokenizer",
                   tokenizer_files=BPE_FILES, chat_template=True, large=True),
         Component("transformer", "diffusers", "Flux2Transformer2DModel", {"denoise": _flux2_transformer}, large=True,
-                  lora_tokens=_transformer_tokens),
+                  lora_tokens=_flux2_transformer_tokens),
         Component("vae", "diffusers", "AutoencoderKLFlux2", {"encode_image": _vae_encode, "decode": _vae}),
     ),
     # The published klein checkpoints are step-distilled for 4 steps (BFL's README, the model
@@ -476,6 +531,11 @@ FLUX_2_KLEIN = Family(
     second_pass=True,
     code="flux2",
     config_checks=_check_flux2_configs,
+    image_pipeline="Flux2KleinPipeline",  # reference images (image=[...])
+    max_images=4,  # klein's multi-reference editing (BFL's model card); diffusers sets no limit
+    min_image_side=64,
+    max_image_aspect=8,
+    inputs_encoded=_flux2_inputs,
 )
 # FLUX.3 klein (FLUX 3 Image Klein): diffusers 0.42.1 runs it only through its modular pipelines
 # (modular_pipelines/flux3), which flux-sharded plans but does not run yet (runs=False). Defaults

@@ -176,6 +176,13 @@ def check_image_settings(settings: GenerationSettings, family) -> None:
     if len(settings.images) > family.max_images:
         raise SettingsError(f"--image given {len(settings.images)} times: {family.image_pipeline} takes at most "
                             f"{family.max_images} input image(s); give at most {family.max_images}")
+    for text in settings.images:
+        path, (width, height), _ = parse_saved_image(text)
+        if min(width, height) < family.min_image_side or max(width, height) > family.max_image_aspect * min(width, height):
+            raise SettingsError(
+                f"--image {path}: {width}x{height} pixels; {family.image_pipeline} takes images of at least "
+                f"{family.min_image_side} pixels a side and at most {family.max_image_aspect:g}:1; give a larger or "
+                "less elongated image")
     strength = settings.strength
     if not 0 < strength <= 1:  # also refuses nan
         raise SettingsError(f"--strength {strength}: give a number above 0 and at most 1 (the share of the "
@@ -286,7 +293,8 @@ def plan_inputs(request: RunRequest) -> PlanInputs:
         prequantized=tuple(sorted(prequantized(request.checkpoint.path))),
         adapters=lora_adapters(request),
         input_sizes=family_code(request.checkpoint.family).input_sizes(
-            settings, [parse_saved_image(text)[1] for text in settings.images]) if settings.images else (),
+            settings, [parse_saved_image(text)[1] for text in settings.images], request.checkpoint.vae_scale_factor)
+        if settings.images else (),
     )
 
 

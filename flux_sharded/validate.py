@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from . import settings as schema
 from .budget import MAX_DEVICE_BYTES, Budget, is_gpu_key
 from .errors import CheckpointError, SettingsError
-from .families import GENERATOR_STATES, SCHEDULER, family_for
+from .families import INPUT_DTYPES, SCHEDULER, family_for
 from .json_fields import JsonFields, entries, is_int
 from .safe_read import MAX_CONFIG_BYTES, parse_json, read_regular_file
 
@@ -301,9 +301,9 @@ def check_handoff_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, 
                                 f"settings and the model's configs); {fix}")
         import torch  # here: the command line reads this module before torch; tensors mean torch is loaded
 
-        wanted, whose = (torch.uint8, "generator states'") if name == GENERATOR_STATES else (dtype, "run's")
+        wanted, whose = (getattr(torch, INPUT_DTYPES[name]), "") if name in INPUT_DTYPES else (dtype, "the run's ")
         if tensor.dtype != wanted:
-            raise SettingsError(f"{where}: {name} is {str(tensor.dtype).removeprefix('torch.')}, not the {whose} "
+            raise SettingsError(f"{where}: {name} is {str(tensor.dtype).removeprefix('torch.')}, not {whose}"
                                 f"{str(wanted).removeprefix('torch.')}; {fix}")
 
 

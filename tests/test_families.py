@@ -291,10 +291,13 @@ MOST_OVER = 1.6
 
 
 @pytest.mark.parametrize(
-    "heads, head_dim, dtype, image_side, text_tokens",
-    [(4, 32, torch.float32, 16, 128), (8, 32, torch.bfloat16, 32, 256), (4, 64, torch.bfloat16, 24, 64)],
+    "heads, head_dim, dtype, image_side, text_tokens, references",
+    [(4, 32, torch.float32, 16, 128, 0), (8, 32, torch.bfloat16, 32, 256, 0), (4, 64, torch.bfloat16, 24, 64, 0),
+     # reference images' tokens, concatenated to the latents as Flux2Pipeline's loop does (one and three)
+     (4, 32, torch.float32, 16, 128, 1), (8, 32, torch.bfloat16, 16, 128, 3)],
 )
-def test_flux2_transformer_estimate_bounds_the_measured_peak(heads, head_dim, dtype, image_side, text_tokens):
+def test_flux2_transformer_estimate_bounds_the_measured_peak(heads, head_dim, dtype, image_side, text_tokens,
+                                                            references):
     from diffusers import Flux2Transformer2DModel
 
     torch.manual_seed(0)
@@ -302,18 +305,20 @@ def test_flux2_transformer_estimate_bounds_the_measured_peak(heads, head_dim, dt
                   num_attention_heads=heads, joint_attention_dim=96, timestep_guidance_channels=32, mlp_ratio=3.0,
                   axes_dims_rope=(head_dim // 4,) * 4, guidance_embeds=False)
     model = Flux2Transformer2DModel(**config).to(dtype).eval()
-    latents = torch.randn(1, image_side * image_side, 16, dtype=dtype)
+    # the image and each reference image_side x image_side tokens, at times 0, 10, 20, ... as the pipeline sets them
+    latents = torch.randn(1, (1 + references) * image_side * image_side, 16, dtype=dtype)
     embeds = torch.randn(1, text_tokens, 96, dtype=dtype)
     timestep = torch.tensor([0.5], dtype=dtype)
-    image_ids = torch.cartesian_prod(torch.arange(1), torch.arange(image_side), torch.arange(image_side),
-                                     torch.arange(1))[None]
+    image_ids = torch.cat([torch.cartesian_prod(torch.tensor([10 * time]), torch.arange(image_side),
+                                                torch.arange(image_side), torch.arange(1))
+                           for time in range(1 + references)])[None]
     text_ids = torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(text_tokens))[None]
     with torch.inference_mode(), TensorBytesTracker([latents, embeds, timestep, image_ids, text_ids]) as tracker:
         model(hidden_states=latents, encoder_hidden_states=embeds, timestep=timestep, img_ids=image_ids,
               txt_ids=text_ids)
     # Pixels whose packed latents are image_side x image_side tokens (VAE factor 8, 2x2 packing).
     planned = flux2_transformer_activation_bytes(model.config, image_side * 16, image_side * 16, 8, text_tokens,
-                                                 torch.finfo(dtype).bits // 8)
+                                                 torch.finfo(dtype).bits // 8, references * image_side * image_side)
     assert 1.0 <= planned / tracker.peak_bytes <= MOST_OVER, f"planned {planned} vs measured {tracker.peak_bytes}"
 
 

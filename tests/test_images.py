@@ -262,15 +262,16 @@ def test_each_bad_input_is_one_error_line_and_nothing_is_written(tiny_checkpoint
     assert not out.exists()
 
 
-def test_an_image_for_a_family_that_takes_none_is_refused(tiny_klein, tmp_path):
-    image_path = photo(tmp_path / "in.png")
-    out = tmp_path / "out"
-    result = invoke(["--model", str(tiny_klein), "--prompt", "a dog", "--image", str(image_path), "--height", "32",
-                     "--width", "32", "--max-memory", "cpu=2GB", "--out", str(out)])
+def test_an_image_for_a_family_that_takes_none_is_refused(tmp_path):
+    """FLUX.3 klein (planned only) takes no input image: a dry-run with one is refused, offline."""
+    image_path = photo(tmp_path / "in.png", size=(64, 64))
+    result = invoke(["--model", "black-forest-labs/flux-3-image-klein", "--prompt", "a dog", "--image",
+                     str(image_path), "--max-memory", "0=24GiB", "--dry-run", "--report", str(tmp_path / "plan.json")])
     assert result.exit_code == 2
-    assert error_line(result).startswith("Error: --image: FLUX.2-klein (Flux2KleinPipeline) takes no input image "
-                                         "here; leave out --image")
-    assert not out.exists()
+    assert error_line(result) == ("Error: --image: FLUX.3-klein (Flux3DistilledModularPipeline) takes no input image "
+                                  "here; leave out --image, or use a checkpoint that takes one (FLUX.1, FLUX.2-dev, "
+                                  "FLUX.2-klein)")
+    assert not (tmp_path / "plan.json").exists()
 
 
 def test_the_plan_counts_the_vae_encode_at_the_run_size(tiny_checkpoint, tmp_path):
@@ -317,3 +318,98 @@ def test_dry_run_of_flux_dev_image_to_image_plans_the_vae_encode_at_the_run_size
     assert report["inputs"] == [{"path": str(image_path.absolute()), "width": 800, "height": 600,
                                  "sha256": hashlib.sha256(image_path.read_bytes()).hexdigest()}]
     assert {p.name for p in tmp_path.iterdir()} == {"in.png", "plan.json"}  # nothing else written
+
+
+# ---------------------------------------------------------------- FLUX.2 reference images
+
+def one_piece_references(checkpoint: Path, image_paths: list[Path], seed: int, size: int, guidance: float,
+                         steps: int = 2) -> np.ndarray:
+    """The checkpoint's Flux2Pipeline / Flux2KleinPipeline, whole, with image=[...] as load_image reads them."""
+    import diffusers
+    from diffusers.utils import load_image
+
+    name = json.loads((checkpoint / "model_index.json").read_text())["_class_name"]
+    pipeline = getattr(diffusers, name).from_pretrained(checkpoint, dtype=torch.float32)
+    pipeline.set_progress_bar_config(disable=True)
+    image = pipeline(prompt="a photo of a dog", image=[load_image(str(path)) for path in image_paths], height=size,
+                     width=size, num_inference_steps=steps, guidance_scale=guidance,
+                     generator=torch.Generator("cpu").manual_seed(seed)).images[0]
+    return np.asarray(image)
+
+
+@pytest.mark.parametrize("fixture, sizes, guidance", [
+    ("tiny_dev", [(96, 80), (64, 72)], 4.0),  # FLUX.2-dev with two references
+    ("tiny_klein", [(80, 64)], 1.0),  # klein with one
+])
+def test_staged_references_png_equals_the_one_piece_pipeline(request, tmp_path, fixture, sizes, guidance):
+    checkpoint = request.getfixturevalue(fixture)
+    paths = [photo(tmp_path / f"ref{index}.png", size=size, seed=index) for index, size in enumerate(sizes)]
+    out = tmp_path / "out"
+    args = ["--model", str(checkpoint), "--prompt", "a photo of a dog", "--steps", "2", "--seed", str(SEED),
+            "--height", "32", "--width", "32", "--dtype", "float32", "--max-memory", "cpu=4GB", "--out", str(out),
+            "--report", str(tmp_path / "r.json")]
+    for path in paths:
+        args += ["--image", str(path)]
+    result = invoke(args)
+    assert result.exit_code == 0, result.output
+    staged = np.asarray(Image.open(written(out)[0]))
+    assert_same_pixels(staged, one_piece_references(checkpoint, paths, SEED, 32, guidance))
+    # the references decide the pixels
+    plain = invoke(args[: args.index("--image")] + ["--out", str(tmp_path / "plain")])
+    assert plain.exit_code == 0, plain.output
+    assert np.abs(np.asarray(Image.open(written(tmp_path / "plain")[0])).astype(int) - staged).max() > 0
+
+
+def test_resume_of_a_reference_run_after_encode_image_needs_no_reference(tiny_klein, tmp_path, monkeypatch):
+    paths = [photo(tmp_path / "ref.png", size=(80, 64))]
+    args = ["--model", str(tiny_klein), "--prompt", "a photo of a dog", "--steps", "2", "--seed", str(SEED),
+            "--height", "32", "--width", "32", "--dtype", "float32", "--max-memory", "cpu=4GB", "--image", str(paths[0])]
+    assert invoke(args + ["--out", str(tmp_path / "reference")]).exit_code == 0
+    stage = next(stage for stage in STAGES if stage.NAME == "denoise")
+    with monkeypatch.context() as patch:
+        patch.setattr(stage, "run", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("stopped for the test")))
+        assert invoke(args + ["--out", str(tmp_path / "out")]).exit_code == 1
+    paths[0].unlink()
+    (run_dir,) = (tmp_path / "out" / ".flux-sharded").glob("run-*")
+    resumed = invoke(["--resume", str(run_dir)])
+    assert resumed.exit_code == 0, resumed.output
+    assert_same_pixels(np.asarray(Image.open(written(tmp_path / "out")[0])),
+                       np.asarray(Image.open(written(tmp_path / "reference")[0])))
+
+
+def test_reference_sizes_are_the_pipelines(tmp_path):
+    """families.reference_size (what the plan and a resume's checks count) against Flux2Pipeline's own
+    step 4 on images above and below its 1024^2 area, and its image checks' limits."""
+    import diffusers
+    from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
+
+    from flux_sharded.families import FLUX_2_DEV, reference_size
+    from flux_sharded.stages import flux2
+
+    check = inspect.signature(Flux2ImageProcessor.check_image_input).parameters
+    assert (check["min_side_length"].default, check["max_aspect_ratio"].default) == (
+        FLUX_2_DEV.min_image_side, FLUX_2_DEV.max_image_aspect)
+    pipeline = diffusers.Flux2Pipeline(diffusers.FlowMatchEulerDiscreteScheduler(), None, None, None, None)
+    pipeline.vae_scale_factor = 8
+    for size in [(1500, 900), (1030, 1030), (64, 200), (333, 77)]:
+        (condition,) = flux2._condition_images(pipeline, [Image.new("RGB", size)])
+        assert tuple(condition.shape[-2:]) == reference_size(size, 8), size
+
+
+def test_more_references_than_the_pipeline_takes_and_small_ones_are_refused(tiny_klein, tmp_path):
+    out = tmp_path / "out"
+    base = ["--model", str(tiny_klein), "--prompt", "a dog", "--max-memory", "cpu=2GB", "--out", str(out)]
+    many = [part for index in range(5) for part in ("--image", str(photo(tmp_path / f"{index}.png", (64, 64))))]
+    result = invoke(base + many)
+    assert result.exit_code == 2
+    assert error_line(result) == ("Error: --image given 5 times: Flux2KleinPipeline takes at most 4 input image(s); "
+                                  "give at most 4")
+    small = photo(tmp_path / "small.png", size=(40, 56))
+    result = invoke(base + ["--image", str(small)])
+    assert result.exit_code == 2
+    assert error_line(result) == (f"Error: --image {small.absolute()}: 40x56 pixels; Flux2KleinPipeline takes images "
+                                  "of at least 64 pixels a side and at most 8:1; give a larger or less elongated image")
+    result = invoke(base + ["--image", str(photo(tmp_path / "ok.png", (64, 64))), "--strength", "0.5"])
+    assert result.exit_code == 2
+    assert error_line(result).startswith("Error: --strength 0.5: FLUX.2-klein's Flux2KleinPipeline takes no strength")
+    assert not out.exists()

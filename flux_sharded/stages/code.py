@@ -43,7 +43,7 @@ class FamilyCode(Protocol):
                   adapter_name: str) -> None:
         """Inject one LoRA into component `name` (families.Family.lora_components) as load_lora_weights does."""
 
-    def input_sizes(self, settings, sizes: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    def input_sizes(self, settings, sizes: list[tuple[int, int]], vae_scale_factor: int) -> tuple[tuple[int, int], ...]:
         """(height, width) at which the VAE encodes each input image of (width, height) `sizes`, as
         the image pipeline resizes it: what the plan counts encode_image's activations for."""
 
@@ -55,9 +55,9 @@ class FamilyCode(Protocol):
         """The pipeline denoise calls: `pipeline` (the family's, holding the transformer) for a run
         without input images, else the image pipeline sharing its components."""
 
-    def image_arguments(self, inputs: dict[str, "torch.Tensor"], settings, batch: range) -> dict:
-        """The keyword arguments the image pipeline's __call__ takes for the encoded input images of
-        `batch` (`inputs`: their rows, encode_images' tensors), its generators included."""
+    def image_arguments(self, pipeline, inputs: dict[str, "torch.Tensor"], settings, batch: range) -> dict:
+        """The keyword arguments the image pipeline (image_pipeline's) __call__ takes for the encoded
+        input images of `batch` (`inputs`: their rows, encode_images' tensors), its generators included."""
 
 
 CODE: dict[str, FamilyCode] = {"flux1": flux1, "flux2": flux2}

@@ -73,7 +73,7 @@ def load_lora(family, name: str, model, state_dict: dict, alphas: dict | None, a
 # pipeline takes as encoded) with generators set to those states, so the pipeline's own timesteps,
 # strength and noise follow exactly as in one call (tests/test_images.py compares the PNGs).
 
-def input_sizes(settings, sizes: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+def input_sizes(settings, sizes: list[tuple[int, int]], vae_scale_factor: int) -> tuple[tuple[int, int], ...]:
     """(height, width) the VAE encodes each input image at: FluxImg2ImgPipeline resizes it to the run's size."""
     return tuple((settings.height, settings.width) for _ in sizes)
 
@@ -111,7 +111,7 @@ def image_pipeline(pipeline, settings):
     return image_pipeline
 
 
-def image_arguments(inputs: dict[str, torch.Tensor], settings, batch: range) -> dict:
+def image_arguments(pipeline, inputs: dict[str, torch.Tensor], settings, batch: range) -> dict:
     """FluxImg2ImgPipeline.__call__'s image, strength and generators for the encoded rows of `batch`."""
     generators = []
     for state in inputs["input_generator_states"]:

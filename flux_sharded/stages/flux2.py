@@ -79,21 +79,79 @@ def load_lora(family, name: str, model, state_dict: dict, alphas: None, adapter_
                                                                    adapter_name=adapter_name, low_cpu_mem_usage=True)
 
 
-# FLUX.2 takes no input image here yet (families.Family.max_images is 0: --image is refused before
-# any stage); the family protocol's image members say so.
+# ---------------------------------------------------------------- reference images (image=[...])
+# Flux2Pipeline / Flux2KleinPipeline.__call__ shrink each reference to at most 1024^2 pixels, crop it
+# to multiples of 2 x the VAE's factor (its step 4) and encode them all with prepare_image_latents
+# (the VAE's mode, no generator) into one run of packed tokens with their positions. encode_image
+# does step 4 and prepare_image_latents with the VAE; denoise calls __call__ with images of the same
+# sizes whose encoding is replaced by the kept tokens (the pipeline reads of its VAE only the dtype
+# it passes on, and the device: _EncodedReferencesVae), so the loop, noise and positions are the
+# pipeline's own (tests/test_images.py compares the PNGs).
 
-def input_sizes(settings, sizes: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
-    return ()
+def input_sizes(settings, sizes: list[tuple[int, int]], vae_scale_factor: int) -> tuple[tuple[int, int], ...]:
+    """(height, width) the VAE encodes each reference of (width, height) `sizes` at (families.reference_size)."""
+    from ..families import reference_size
+
+    return tuple(reference_size(size, vae_scale_factor) for size in sizes)
+
+
+def _condition_images(pipeline, images: list) -> list[torch.Tensor]:
+    """Each reference as Flux2Pipeline.__call__'s step 4 makes it: checked, shrunk to 1024^2 pixels
+    when larger, cropped to multiples of 2 x the VAE's factor, preprocessed to (1, 3, h, w)."""
+    from ..families import REFERENCE_MAX_AREA
+
+    processor, conditions = pipeline.image_processor, []
+    for image in images:
+        processor.check_image_input(image)
+        width, height = image.size
+        if width * height > REFERENCE_MAX_AREA:
+            image = processor._resize_to_target_area(image, REFERENCE_MAX_AREA)
+            width, height = image.size
+        multiple = pipeline.vae_scale_factor * 2
+        width, height = (width // multiple) * multiple, (height // multiple) * multiple
+        conditions.append(processor.preprocess(image, height=height, width=width, resize_mode="crop"))
+    return conditions
 
 
 def encode_images(pipeline, images: list, settings, batch: range) -> dict[str, torch.Tensor]:
-    raise NotImplementedError("FLUX.2 input images are refused before any stage runs")
+    """{"input_latents": (len(batch), reference tokens, in_channels), "input_latent_ids":
+    (len(batch), reference tokens, 4) int64}: every reference encoded as __call__ encodes them."""
+    latents, ids = pipeline.prepare_image_latents(images=_condition_images(pipeline, images), batch_size=len(batch),
+                                                  generator=None, device=pipeline.vae.device, dtype=pipeline.vae.dtype)
+    return {"input_latents": latents, "input_latent_ids": ids}
+
+
+class _EncodedReferencesVae(torch.nn.Module):
+    """What Flux2Pipeline.__call__ reads of its VAE when the references come encoded: the dtype it
+    hands prepare_image_latents (replaced by image_arguments) and the device DiffusionPipeline.device
+    takes from its first model. Holds no weights."""
+
+    def __init__(self, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.dtype, self.device = dtype, device
 
 
 def image_pipeline(pipeline, settings):
-    """The family's pipeline: a FLUX.2 run has no input image yet."""
+    """`pipeline` itself; for a run with references, given _EncodedReferencesVae in place of its VAE."""
+    if settings.images:
+        device = pipeline._execution_device  # the transformer's, found before the stand-in comes first
+        pipeline.vae = _EncodedReferencesVae(settings.torch_dtype, device)
     return pipeline
 
 
-def image_arguments(inputs: dict[str, torch.Tensor], settings, batch: range) -> dict:
-    raise NotImplementedError("FLUX.2 input images are refused before any stage runs")
+def image_arguments(pipeline, inputs: dict[str, torch.Tensor], settings, batch: range) -> dict:
+    """__call__'s image=[...] for the encoded rows of `batch`: blank images of the references' sizes
+    (what step 4 reads of them), their encoding replaced by the kept tokens and positions."""
+    from PIL import Image
+
+    from ..families import reference_size
+    from ..input_images import parse_saved
+
+    latents, ids = inputs["input_latents"], inputs["input_latent_ids"]
+
+    def prepare_image_latents(images, batch_size, generator, device, dtype):
+        return latents.to(device), ids.to(device)
+
+    pipeline.prepare_image_latents = prepare_image_latents
+    sizes = [reference_size(parse_saved(text)[1], pipeline.vae_scale_factor) for text in settings.images]
+    return {"image": [Image.new("RGB", (width, height)) for height, width in sizes]}
