@@ -1,5 +1,5 @@
-"""Input images in the plan: FLUX.2-dev with 0, 1 and 3 reference images of 1024x1024 and FLUX.1-dev
-image-to-image, planned from the shipped configs alone (no weights, no GPU), then the estimates of
+"""Input images in the plan: FLUX.2-dev with 0, 1 and 3 reference images of 1024x1024, FLUX.1 Kontext
+with its input image and FLUX.1-dev image-to-image, planned from the shipped configs alone (no weights, no GPU), then the estimates of
 the reference tokens' transformer activations and of the VAE encode against TensorBytesTracker on
 small random models (the measured peaks on the CPU).
 
@@ -19,7 +19,8 @@ import torch
 from _env import environment
 from diffusers import AutoencoderKL, Flux2Transformer2DModel
 
-from flux_sharded.activations import flux2_transformer_activation_bytes, image_tokens, vae_encode_activation_bytes
+from flux_sharded.activations import (flux2_transformer_activation_bytes, image_tokens, transformer_activation_bytes,
+                                     vae_encode_activation_bytes)
 from flux_sharded.budget import parse_budget
 from flux_sharded.checkpoint import shipped_config_dir
 from flux_sharded.errors import PlanError
@@ -40,8 +41,9 @@ class Scenario:
 
 SCENARIOS = tuple(Scenario("FLUX.2-dev", references, budget, quantize)
                   for quantize in (None, "fp8") for budget in ("0=24GiB,cpu=64GB", "0=24GiB,1=24GiB,cpu=64GB")
-                  for references in (0, 1, 3)) + (
-    Scenario("FLUX.1-dev", 0, "0=24GiB,cpu=64GB"), Scenario("FLUX.1-dev", 1, "0=24GiB,cpu=64GB"))
+                  for references in (0, 1, 3)) + tuple(
+    Scenario(model, inputs, budget) for model in ("FLUX.1-Kontext-dev", "FLUX.1-dev") for inputs in (0, 1)
+    for budget in ("0=24GiB,cpu=64GB", "0=24GiB,1=24GiB,cpu=64GB"))
 
 
 def _gb(size: int) -> str:
@@ -54,14 +56,15 @@ def plan_row(scenario: Scenario) -> dict:
     quantize = tuple((name, scenario.quantize) for name in family.large_components) if scenario.quantize else ()
     inputs = PlanInputs(root, torch.bfloat16, SIZE, SIZE, TEXT_TOKENS, vae_scale_factor=8, quantize=quantize,
                         input_sizes=((SIZE, SIZE),) * scenario.references)
-    references = scenario.references if family.name.startswith("FLUX.2") else 0
+    # FLUX.2's references and Kontext's input join the transformer's tokens; image-to-image's does not
+    references = scenario.references if family.name.startswith(("FLUX.2", "FLUX.1-Kontext")) else 0
     tokens = image_tokens(SIZE, SIZE, 8) + TEXT_TOKENS + references * image_tokens(SIZE, SIZE, 8)
     row = {"model": scenario.model, "quantize": scenario.quantize or "none", "budget": scenario.budget,
            "inputs": scenario.references, "tokens": tokens}
     config = json.loads((root / "transformer" / "config.json").read_text())
-    if family.name.startswith("FLUX.2"):
-        row["transformer_activation_bytes"] = flux2_transformer_activation_bytes(
-            config, SIZE, SIZE, 8, TEXT_TOKENS, 2, references * image_tokens(SIZE, SIZE, 8))
+    estimate = flux2_transformer_activation_bytes if family.name.startswith("FLUX.2") else transformer_activation_bytes
+    row["transformer_activation_bytes"] = estimate(config, SIZE, SIZE, 8, TEXT_TOKENS, 2,
+                                                   references * image_tokens(SIZE, SIZE, 8))
     try:
         plan, fits = plan_run(inputs, parse_budget(scenario.budget, gpu_count=None)), True
         stages = plan.stages

@@ -46,7 +46,7 @@ def image_tokens(height: int, width: int, vae_scale_factor: int) -> int:
 
 
 def transformer_activation_bytes(config: dict, height: int, width: int, vae_scale_factor: int,
-                                 sequence_length: int, dtype_bytes: int) -> int:
+                                 sequence_length: int, dtype_bytes: int, reference_tokens: int = 0) -> int:
     """FluxTransformer2DModel forward, peak inside a single-stream block, plus the loop's tensors.
 
     With S = image + text tokens and D = heads x head_dim, the single block holds at its peak
@@ -56,12 +56,15 @@ def transformer_activation_bytes(config: dict, height: int, width: int, vae_scal
     (S x D x b): 15.3 in float32, 17.5 in bfloat16; the formula gives 15.5 and 18.
     The denoising loop adds the latents, the noise prediction and the stepped latents
     (3 x image tokens x in_channels) and the T5 embeddings (text tokens x joint_attention_dim).
+    FLUX.1 Kontext's input image adds its packed tokens to S (FluxKontextPipeline concatenates them
+    to the latents for every forward pass) and, kept for the loop, to the latents.
     """
     tokens_image = image_tokens(height, width, vae_scale_factor)
-    tokens = tokens_image + sequence_length
+    tokens = tokens_image + sequence_length + reference_tokens
     width_model = config["num_attention_heads"] * config["attention_head_dim"]
     block = tokens * width_model * (13 * dtype_bytes + 10)
-    loop = (3 * tokens_image * config["in_channels"] + sequence_length * config["joint_attention_dim"]) * dtype_bytes
+    loop = ((3 * tokens_image + reference_tokens) * config["in_channels"]
+            + sequence_length * config["joint_attention_dim"]) * dtype_bytes
     return _with_margin(block + loop)
 
 

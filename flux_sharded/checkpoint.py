@@ -30,6 +30,7 @@ DEFAULT_MODEL = "black-forest-labs/FLUX.1-dev"
 SHIPPED_CONFIGS = {
     "black-forest-labs/FLUX.1-dev": "FLUX.1-dev",
     "black-forest-labs/FLUX.1-schnell": "FLUX.1-schnell",
+    "black-forest-labs/FLUX.1-Kontext-dev": "FLUX.1-Kontext-dev",  # FLUX.1-dev's components, FluxKontextPipeline
     "black-forest-labs/FLUX.2-dev": "FLUX.2-dev",
     "black-forest-labs/FLUX.2-klein-4B": "FLUX.2-klein-4B",
     "black-forest-labs/FLUX.2-klein-9B": "FLUX.2-klein-9B",
@@ -106,7 +107,7 @@ def resolve_checkpoint(model: str, need_weights: bool = True) -> Checkpoint:
     """A local folder as is; otherwise a hub id through the normal Hugging Face cache.
 
     With need_weights=False only configs are needed (planning): the cache, then the configs shipped
-    in this package (SHIPPED_CONFIGS: FLUX.1-dev, -schnell, FLUX.2-dev, -klein-4B, -klein-9B), then a
+    in this package (SHIPPED_CONFIGS: FLUX.1-dev, -schnell, -Kontext-dev, FLUX.2-dev, -klein-4B, -klein-9B), then a
     download of the JSON files alone.
     """
     path = Path(model).expanduser()

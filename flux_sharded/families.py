@@ -9,6 +9,7 @@ of the stages (stages/flux1.py, flux2.py). Everything else (components.py buildi
 plan.py's stages, the stages, the checkpoint checks, the hub download's folders) derives from it.
 
     FluxPipeline        FLUX.1 (dev, schnell): CLIP + T5 -> FluxTransformer2DModel -> AutoencoderKL
+    FluxKontextPipeline FLUX.1 Kontext: FLUX.1's components, editing one input image
     Flux2Pipeline       FLUX.2-dev: Mistral Small 3 -> Flux2Transformer2DModel -> AutoencoderKLFlux2
     Flux2KleinPipeline  FLUX.2-klein (4B, 9B): Qwen3 -> Flux2Transformer2DModel -> AutoencoderKLFlux2
 
@@ -70,6 +71,11 @@ def _transformer_tokens(config: dict, inputs: Geometry) -> int:
     return activations.image_tokens(inputs.height, inputs.width, inputs.vae_scale_factor) + inputs.max_sequence_length
 
 
+def _flux_kontext_tokens(config: dict, inputs: Geometry) -> int:
+    # FLUX.1 Kontext adds its input image's tokens to the image tokens (FluxKontextPipeline.__call__'s loop)
+    return _transformer_tokens(config, inputs) + _reference_tokens(inputs)
+
+
 def _flux2_transformer_tokens(config: dict, inputs: Geometry) -> int:
     # FLUX.2 adds its reference images' tokens to the image tokens (Flux2Pipeline.__call__'s loop)
     return _transformer_tokens(config, inputs) + _reference_tokens(inputs)
@@ -78,6 +84,21 @@ def _flux2_transformer_tokens(config: dict, inputs: Geometry) -> int:
 def _reference_tokens(inputs: Geometry) -> int:
     """The tokens of every reference image, at the sizes the VAE encodes them (plan.PlanInputs.input_sizes)."""
     return sum(activations.image_tokens(height, width, inputs.vae_scale_factor) for height, width in inputs.input_sizes)
+
+
+def kontext_size(size: tuple[int, int], vae_scale_factor: int) -> tuple[int, int]:
+    """(height, width) at which FluxKontextPipeline encodes its input image of (width, height) `size`:
+    the preferred resolution (diffusers' PREFERRED_KONTEXT_RESOLUTIONS) nearest its aspect ratio, cut to
+    multiples of 2 x the VAE's factor (__call__'s step 3 with _auto_resize; tests/test_images.py checks
+    it against the encoded shapes)."""
+    from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
+
+    width, height = size
+    multiple = 2 * vae_scale_factor
+    # the image processor's get_default_height_width first cuts the image's own size to multiples of 2f
+    aspect = (width // multiple * multiple) / (height // multiple * multiple)
+    _, width, height = min((abs(aspect - w / h), w, h) for w, h in PREFERRED_KONTEXT_RESOLUTIONS)
+    return (height // multiple) * multiple, (width // multiple) * multiple
 
 
 def reference_size(size: tuple[int, int], vae_scale_factor: int) -> tuple[int, int]:
@@ -102,6 +123,13 @@ def _t5(config: dict, inputs: Geometry, tiled: bool) -> int:
 def _flux_transformer(config: dict, inputs: Geometry, tiled: bool) -> int:
     return activations.transformer_activation_bytes(config, inputs.height, inputs.width, inputs.vae_scale_factor,
                                                     inputs.max_sequence_length, _dtype_bytes(inputs))
+
+
+def _kontext_transformer(config: dict, inputs: Geometry, tiled: bool) -> int:
+    # FLUX.1 Kontext: the input image's tokens join the sequence (FluxKontextPipeline's loop)
+    return activations.transformer_activation_bytes(config, inputs.height, inputs.width, inputs.vae_scale_factor,
+                                                    inputs.max_sequence_length, _dtype_bytes(inputs),
+                                                    _reference_tokens(inputs))
 
 
 def _vae(config: dict, inputs: Geometry, tiled: bool) -> int:
@@ -174,6 +202,18 @@ def _flux1_inputs(config: dict, vae_scale_factor: int, settings) -> dict[str, tu
         "input_latents": (images, config["in_channels"] // 4, settings.height // factor, settings.width // factor),
         GENERATOR_STATES: (images, torch.Generator().get_state().numel()),  # each image's, after sampling
     }
+
+
+def _kontext_inputs(config: dict, vae_scale_factor: int, settings) -> dict[str, tuple]:
+    if not settings.images:
+        return {}
+    from .input_images import parse_saved
+
+    (text,) = settings.images
+    height, width = kontext_size(parse_saved(text)[1], vae_scale_factor)
+    # the input image encoded at its preferred resolution (the VAE's mode, FluxKontextPipeline._encode_vae_image)
+    return {"input_latents": (len(settings.prompts), config["in_channels"] // 4, height // vae_scale_factor,
+                              width // vae_scale_factor)}
 
 
 def _flux2_inputs(config: dict, vae_scale_factor: int, settings) -> dict[str, tuple]:
@@ -482,6 +522,22 @@ FLUX_1 = Family(
     strength=True,
     inputs_encoded=_flux1_inputs,
 )
+# FLUX.1 Kontext (black-forest-labs/FLUX.1-Kontext-dev): FLUX.1-dev's components and shapes, run by
+# FluxKontextPipeline, which edits one input image (optional) whose tokens join the transformer's
+# sequence. Defaults are FluxKontextPipeline.__call__'s (28 steps, guidance 3.5).
+FLUX_1_KONTEXT = dataclasses.replace(
+    FLUX_1,
+    name="FLUX.1-Kontext",
+    pipeline="FluxKontextPipeline",
+    components=tuple(
+        dataclasses.replace(component, passes={"denoise": _kontext_transformer}, lora_tokens=_flux_kontext_tokens)
+        if component.name == "transformer" else component for component in FLUX_1.components),
+    code="kontext",
+    image_pipeline="FluxKontextPipeline",
+    max_images=1,
+    strength=False,
+    inputs_encoded=_kontext_inputs,
+)
 FLUX_2_DEV = Family(
     name="FLUX.2-dev",
     pipeline="Flux2Pipeline",
@@ -574,7 +630,8 @@ FLUX_3_KLEIN_BASE = dataclasses.replace(
     guidance=3.5,  # the guider's default scale (BFL's README says 4)
     second_pass=True,
 )
-FAMILIES = {family.pipeline: family for family in (FLUX_1, FLUX_2_DEV, FLUX_2_KLEIN, FLUX_3_KLEIN, FLUX_3_KLEIN_BASE)}
+FAMILIES = {family.pipeline: family for family in (FLUX_1, FLUX_1_KONTEXT, FLUX_2_DEV, FLUX_2_KLEIN, FLUX_3_KLEIN,
+                                                   FLUX_3_KLEIN_BASE)}
 # Every folder any family's pipeline reads (what a hub download fetches, what the weights' fingerprint covers).
 PIPELINE_FOLDERS = tuple(sorted({folder for family in FAMILIES.values() for folder in family.folders}))
 

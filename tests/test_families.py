@@ -35,14 +35,14 @@ FLUX_3 = {"FLUX.3-klein": "Flux3DistilledModularPipeline", "FLUX.3-klein-base": 
 
 
 def test_flux1_stages_and_classes_come_from_the_family():
-    assert FLUX_1.stage_components() == {"encode": ("text_encoder", "text_encoder_2"), "denoise": ("transformer",),
-                                         "decode": ("vae",)}
+    assert FLUX_1.stage_components() == {"encode": ("text_encoder", "text_encoder_2"), "encode_image": ("vae",),
+                                         "denoise": ("transformer",), "decode": ("vae",)}
     index = json.loads((shipped_config_dir("FLUX.1-dev") / "model_index.json").read_text())
     for component in FLUX_1.components:
         assert index[component.name] == [component.library, component.class_name]
 
 
-@pytest.mark.parametrize("folder", ["FLUX.1-dev", "FLUX.1-schnell", *FLUX_2, *FLUX_3])
+@pytest.mark.parametrize("folder", ["FLUX.1-dev", "FLUX.1-schnell", "FLUX.1-Kontext-dev", *FLUX_2, *FLUX_3])
 def test_each_shipped_checkpoint_selects_its_family_and_names_its_classes(folder):
     index = json.loads((shipped_config_dir(folder) / "model_index.json").read_text())
     family = family_of(shipped_config_dir(folder))
@@ -78,7 +78,7 @@ def test_a_misspelt_flux2_hub_id_names_the_near_match(tmp_path, monkeypatch, typ
     assert f"did you mean {meant}?" in line
 
 
-@pytest.mark.parametrize("class_name", ['"StableDiffusionPipeline"', '"FluxKontextPipeline"', "null"])
+@pytest.mark.parametrize("class_name", ['"StableDiffusionPipeline"', '"FluxFillPipeline"', "null"])
 def test_an_unsupported_pipeline_is_refused_naming_the_supported_ones(tiny_checkpoint, tmp_path, class_name):
     other = tmp_path / "other"
     shutil.copytree(tiny_checkpoint, other)

@@ -269,8 +269,8 @@ def test_an_image_for_a_family_that_takes_none_is_refused(tmp_path):
                      str(image_path), "--max-memory", "0=24GiB", "--dry-run", "--report", str(tmp_path / "plan.json")])
     assert result.exit_code == 2
     assert error_line(result) == ("Error: --image: FLUX.3-klein (Flux3DistilledModularPipeline) takes no input image "
-                                  "here; leave out --image, or use a checkpoint that takes one (FLUX.1, FLUX.2-dev, "
-                                  "FLUX.2-klein)")
+                                  "here; leave out --image, or use a checkpoint that takes one (FLUX.1, FLUX.1-Kontext, "
+                                  "FLUX.2-dev, FLUX.2-klein)")
     assert not (tmp_path / "plan.json").exists()
 
 
@@ -413,3 +413,86 @@ def test_more_references_than_the_pipeline_takes_and_small_ones_are_refused(tiny
     assert result.exit_code == 2
     assert error_line(result).startswith("Error: --strength 0.5: FLUX.2-klein's Flux2KleinPipeline takes no strength")
     assert not out.exists()
+
+
+# ---------------------------------------------------------------- FLUX.1 Kontext
+
+@pytest.fixture(scope="module")
+def tiny_kontext(tiny_checkpoint, tmp_path_factory) -> Path:
+    """The tiny FLUX.1 checkpoint as FLUX.1-Kontext-dev is one: FLUX.1's components, FluxKontextPipeline."""
+    import shutil
+
+    copy = tmp_path_factory.mktemp("ckpt") / "kontext"
+    shutil.copytree(tiny_checkpoint, copy)
+    index = json.loads((copy / "model_index.json").read_text())
+    (copy / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxKontextPipeline"}))
+    return copy
+
+
+def one_piece_kontext(checkpoint: Path, image_path: Path | None, seed: int, size: int, steps: int = 2) -> np.ndarray:
+    """FluxKontextPipeline, whole, with the run's area as max_area (what the staged run passes)."""
+    import diffusers
+    from diffusers.utils import load_image
+
+    pipeline = diffusers.FluxKontextPipeline.from_pretrained(checkpoint, dtype=torch.float32)
+    pipeline.set_progress_bar_config(disable=True)
+    image = None if image_path is None else load_image(str(image_path))
+    return np.asarray(pipeline(prompt="a photo of a dog", image=image, height=size, width=size, max_area=size * size,
+                               num_inference_steps=steps, guidance_scale=3.5,
+                               generator=torch.Generator("cpu").manual_seed(seed)).images[0])
+
+
+@pytest.mark.parametrize("with_image", [True, False])
+def test_staged_kontext_png_equals_the_one_piece_pipeline(tiny_kontext, tmp_path, with_image):
+    image_path = photo(tmp_path / "in.png", size=(72, 48))
+    out = tmp_path / "out"
+    args = ["--model", str(tiny_kontext), "--prompt", "a photo of a dog", "--steps", "2", "--seed", str(SEED),
+            "--height", "32", "--width", "32", "--dtype", "float32", "--max-memory", "cpu=4GB", "--out", str(out),
+            "--report", str(tmp_path / "r.json")] + (["--image", str(image_path)] if with_image else [])
+    result = invoke(args)
+    assert result.exit_code == 0, result.output
+    staged = np.asarray(Image.open(written(out)[0]))
+    assert staged.shape == (32, 32, 3)
+    assert_same_pixels(staged, one_piece_kontext(tiny_kontext, image_path if with_image else None, SEED, 32))
+    stages = [stage["name"] for stage in json.loads((tmp_path / "r.json").read_text())["stages"]]
+    assert ("encode_image" in stages) == with_image
+
+
+def test_kontext_input_size_and_tokens_are_the_pipelines(tiny_kontext, tmp_path):
+    """families.kontext_size (the plan's and a resume's) against the encoded latents' shape, and
+    the transformer's plan counting the input image's tokens."""
+    from flux_sharded.checkpoint import resolve_checkpoint
+    from flux_sharded.families import kontext_size
+    from flux_sharded.plan import plan_run
+    from flux_sharded.stages import kontext
+    from flux_sharded.stages.vae import vae_pipeline
+
+    image = read_image(str(photo(tmp_path / "in.png", size=(120, 64))))
+    checkpoint = resolve_checkpoint(str(tiny_kontext))
+    settings_args = (str(tiny_kontext), ("a dog",), (0,), 2, 3.5, 32, 32, 64, "float32")
+    from flux_sharded.handoff import GenerationSettings
+
+    with_image = GenerationSettings(*settings_args, images=(image.saved_text,))
+    request = runner.RunRequest(checkpoint, with_image, {"cpu": 10**12}, tmp_path, input_images=(image,))
+    plan = plan_run(runner.plan_inputs(request), request.budget)
+    pipeline = vae_pipeline(checkpoint, plan.stage(IMAGE_STAGE), torch.float32, "FluxKontextPipeline")
+    latents = kontext.encode_images(pipeline, [image.image], with_image, range(1))["input_latents"]
+    height, width = kontext_size(image.size, 8)
+    assert tuple(latents.shape[-2:]) == (height // 8, width // 8)
+    plain = plan_run(runner.plan_inputs(runner.RunRequest(checkpoint, GenerationSettings(*settings_args),
+                                                          {"cpu": 10**12}, tmp_path)), request.budget)
+    assert plan.stage("denoise").activation_bytes["cpu"] > plain.stage("denoise").activation_bytes["cpu"]
+
+
+def test_dry_run_of_flux_kontext_dev_plans_offline_with_its_input(tmp_path):
+    image_path = photo(tmp_path / "in.png", size=(1200, 800))
+    result = invoke(["--model", "black-forest-labs/FLUX.1-Kontext-dev", "--prompt", "a dog", "--image",
+                     str(image_path), "--max-memory", "0=24GiB,cpu=64GB", "--dry-run", "--report",
+                     str(tmp_path / "plan.json")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "plan.json").read_text())
+    assert [stage["name"] for stage in report["stages"]] == ["encode", "encode_image", "denoise", "decode"]
+    result = invoke(["--model", "black-forest-labs/FLUX.1-Kontext-dev", "--prompt", "a dog", "--image",
+                     str(image_path), "--strength", "0.5", "--max-memory", "0=24GiB,cpu=64GB", "--dry-run"])
+    assert result.exit_code == 2
+    assert error_line(result).startswith("Error: --strength 0.5: FLUX.1-Kontext's FluxKontextPipeline takes no strength")

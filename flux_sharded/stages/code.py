@@ -2,7 +2,8 @@
 
 What differs between the families' pipelines once their components are loaded: what encode keeps
 of encode_prompt, what decode gives vae.decode, and why a checkpoint ignores --guidance. One module
-per family implements it (flux1.py: FluxPipeline; flux2.py: Flux2Pipeline and Flux2KleinPipeline),
+per family implements it (flux1.py: FluxPipeline; kontext.py: FluxKontextPipeline; flux2.py:
+Flux2Pipeline and Flux2KleinPipeline),
 and CODE maps each family's `code` (families.Family.code) to it; tests/test_stages.py checks that
 every family has one that provides the whole protocol.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 from ..families import FAMILIES, Family
-from . import flux1, flux2
+from . import flux1, flux2, kontext
 
 if TYPE_CHECKING:
     import torch
@@ -55,12 +56,14 @@ class FamilyCode(Protocol):
         """The pipeline denoise calls: `pipeline` (the family's, holding the transformer) for a run
         without input images, else the image pipeline sharing its components."""
 
-    def image_arguments(self, pipeline, inputs: dict[str, "torch.Tensor"], settings, batch: range) -> dict:
-        """The keyword arguments the image pipeline (image_pipeline's) __call__ takes for the encoded
-        input images of `batch` (`inputs`: their rows, encode_images' tensors), its generators included."""
+    def call_arguments(self, pipeline, inputs: dict[str, "torch.Tensor"], settings, batch: range) -> dict:
+        """The keyword arguments the image pipeline (image_pipeline's) __call__ takes besides the
+        embeddings: for the encoded input images of `batch` (`inputs`: their rows, encode_images'
+        tensors, {} without input images), their generators included, and what the family adds to
+        every call (Kontext: max_area)."""
 
 
-CODE: dict[str, FamilyCode] = {"flux1": flux1, "flux2": flux2}
+CODE: dict[str, FamilyCode] = {"flux1": flux1, "flux2": flux2, "kontext": kontext}
 
 
 def family_code(family: Family) -> FamilyCode:

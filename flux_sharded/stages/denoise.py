@@ -154,8 +154,8 @@ def run(pipeline, handoff: Handoff, on_image_done=None, on_step=None, finished_b
                 # One batch's rows on the GPU at a time: the rest of the run's wait in RAM.
                 rows = handoff.select(list(batch)).to(pipeline._execution_device)
                 arguments = {"generator": [torch.Generator("cpu").manual_seed(settings.seeds[p]) for p in batch]}
-                if rows.inputs():  # the encoded input images, and the generators as their encode left them
-                    arguments.update(code.image_arguments(caller, rows.inputs(), settings, batch))
+                # the encoded input images (and the generators as their encode left them), what the family adds
+                arguments.update(code.call_arguments(caller, rows.inputs(), settings, batch))
                 try:
                     caller(
                         **rows.embeddings(),

@@ -111,8 +111,11 @@ def image_pipeline(pipeline, settings):
     return image_pipeline
 
 
-def image_arguments(pipeline, inputs: dict[str, torch.Tensor], settings, batch: range) -> dict:
-    """FluxImg2ImgPipeline.__call__'s image, strength and generators for the encoded rows of `batch`."""
+def call_arguments(pipeline, inputs: dict[str, torch.Tensor], settings, batch: range) -> dict:
+    """FluxImg2ImgPipeline.__call__'s image, strength and generators for the encoded rows of `batch`;
+    nothing for a run without an input image."""
+    if not inputs:
+        return {}
     generators = []
     for state in inputs["input_generator_states"]:
         generator = torch.Generator("cpu")

@@ -123,7 +123,7 @@ def encode_images(pipeline, images: list, settings, batch: range) -> dict[str, t
 
 class _EncodedReferencesVae(torch.nn.Module):
     """What Flux2Pipeline.__call__ reads of its VAE when the references come encoded: the dtype it
-    hands prepare_image_latents (replaced by image_arguments) and the device DiffusionPipeline.device
+    hands prepare_image_latents (replaced by call_arguments) and the device DiffusionPipeline.device
     takes from its first model. Holds no weights."""
 
     def __init__(self, dtype: torch.dtype, device: torch.device):
@@ -139,9 +139,12 @@ def image_pipeline(pipeline, settings):
     return pipeline
 
 
-def image_arguments(pipeline, inputs: dict[str, torch.Tensor], settings, batch: range) -> dict:
+def call_arguments(pipeline, inputs: dict[str, torch.Tensor], settings, batch: range) -> dict:
     """__call__'s image=[...] for the encoded rows of `batch`: blank images of the references' sizes
-    (what step 4 reads of them), their encoding replaced by the kept tokens and positions."""
+    (what step 4 reads of them), their encoding replaced by the kept tokens and positions; nothing for a
+    run without references."""
+    if not inputs:
+        return {}
     from PIL import Image
 
     from ..families import reference_size
