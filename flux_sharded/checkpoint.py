@@ -90,6 +90,11 @@ class Checkpoint:
         Flux2KleinPipeline's do_classifier_free_guidance, guidance above 1 and a checkpoint not step-distilled)."""
         return self.family.second_pass and guidance > 1 and not self.is_distilled
 
+    def second_pass(self, settings) -> bool:
+        """Whether denoise runs a second transformer pass per step on negative embeddings: klein's
+        guidance (second_pass_guidance) or FLUX.1's true classifier-free guidance (--true-cfg above 1)."""
+        return self.second_pass_guidance(settings.guidance) or settings.true_cfg > 1
+
     @property
     def default_size(self) -> int:
         """The pipeline's default height and width: its default_sample_size latent pixels."""
@@ -431,7 +436,7 @@ def expected_tensors(stage: str, settings, checkpoint: Checkpoint) -> dict[str, 
     images (families.Family.inputs_encoded, from encode_image on), then the packed latents."""
     config = checkpoint.transformer_config
     shapes = checkpoint.family.encoded(config, len(settings.prompts), settings.max_sequence_length,
-                                       checkpoint.second_pass_guidance(settings.guidance))
+                                       checkpoint.second_pass(settings))
     if IMAGE_STAGE in settings.stages and stage in (IMAGE_STAGE, "denoise"):  # kept from encode_image on
         shapes.update(checkpoint.family.inputs_encoded(config, checkpoint.vae_scale_factor, settings))
     if stage == "denoise":

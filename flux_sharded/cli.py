@@ -155,6 +155,14 @@ class _PathParam(click.Path):
     help="Image-to-image: how much of the --image is redrawn, above 0 and at most 1.",
 )
 @click.option(
+    "--negative-prompt", default=setting("negative_prompt").default, metavar="TEXT",
+    help="What --true-cfg guides away from (FLUX.1, Kontext). Default: the empty prompt.",
+)
+@click.option(
+    "--true-cfg", type=float, default=setting("true_cfg").default, show_default=True,
+    help="True classifier-free guidance scale: above 1, a second transformer pass per step on --negative-prompt.",
+)
+@click.option(
     "--report", "report_path", type=_PathParam(path_type=Path, dir_okay=False), default=None,
     help="Also write the per-stage report as JSON to this file.",
 )

@@ -172,10 +172,13 @@ def _decoder_text_encoder(pipeline: str) -> Estimate:
 
 
 def _flux1_encoded(config: dict, images: int, tokens: int, second_pass: bool) -> dict[str, tuple]:
+    embeds, pooled = (images, tokens, config["joint_attention_dim"]), (images, config["pooled_projection_dim"])
     return {
-        "prompt_embeds": (images, tokens, config["joint_attention_dim"]),  # T5's last hidden state
-        "pooled_prompt_embeds": (images, config["pooled_projection_dim"]),  # CLIP's pooled output
+        "prompt_embeds": embeds,  # T5's last hidden state
+        "pooled_prompt_embeds": pooled,  # CLIP's pooled output
         "text_ids": (tokens, 3),  # zeros
+        # true classifier-free guidance: the negative prompt's, one row per image
+        **({"negative_prompt_embeds": embeds, "negative_pooled_prompt_embeds": pooled} if second_pass else {}),
     }
 
 
@@ -457,6 +460,8 @@ class Family:
     max_images: int = 0
     # Whether the image pipeline takes a strength (how much of the input image is noised: image-to-image).
     strength: bool = False
+    # Whether the pipeline takes a negative prompt with true classifier-free guidance (true_cfg_scale).
+    true_cfg: bool = False
     # The smallest side and the most elongated aspect ratio of an input image the image pipeline takes
     # (Flux2ImageProcessor.check_image_input's defaults for FLUX.2; tests/test_images.py reads them).
     min_image_side: int = 1
@@ -520,6 +525,7 @@ FLUX_1 = Family(
     image_pipeline="FluxImg2ImgPipeline",  # image-to-image from one input image
     max_images=1,
     strength=True,
+    true_cfg=True,
     inputs_encoded=_flux1_inputs,
 )
 # FLUX.1 Kontext (black-forest-labs/FLUX.1-Kontext-dev): FLUX.1-dev's components and shapes, run by

@@ -165,6 +165,14 @@ def check_settings(request: RunRequest) -> None:
             f"--max-sequence-length {settings.max_sequence_length}: use 1 to {family.text_token_limit} tokens"
         )
     check_image_settings(settings, family)
+    if not 1 <= settings.true_cfg < math.inf:  # also refuses nan
+        raise SettingsError(f"--true-cfg {settings.true_cfg}: give a finite scale of 1 or more (1: off; e.g. 4)")
+    if settings.true_cfg > 1 and not family.true_cfg:
+        raise SettingsError(f"--true-cfg {settings.true_cfg:g}: {family.name}'s {family.pipeline} takes no negative "
+                            "prompt; leave out --true-cfg and --negative-prompt")
+    if settings.negative_prompt and settings.true_cfg <= 1:
+        raise SettingsError("--negative-prompt has no effect without true classifier-free guidance: add --true-cfg "
+                            "SCALE above 1 (e.g. 4; a second transformer pass per step), or leave it out")
 
 
 def check_image_settings(settings: GenerationSettings, family) -> None:
@@ -411,8 +419,10 @@ def check_same_decode(request: RunRequest, plan: RunPlan, saved: SavedRun, paths
 
 
 def plan_report(stage_plan, settings: GenerationSettings) -> StageReport:
-    """The plan's side of a stage's report; denoise runs one transformer forward per step."""
-    return StageReport.from_plan(stage_plan, steps=settings.steps if stage_plan.name == "denoise" else 1,
+    """The plan's side of a stage's report; denoise runs one transformer forward per step, two with
+    true classifier-free guidance (--true-cfg: the negative prompt's pass)."""
+    passes = settings.steps * (2 if settings.true_cfg > 1 else 1)
+    return StageReport.from_plan(stage_plan, steps=passes if stage_plan.name == "denoise" else 1,
                                  images=len(settings.prompts))
 
 

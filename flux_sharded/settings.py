@@ -144,6 +144,12 @@ SETTINGS: tuple[Setting, ...] = (
     # strength); checked in (0, 1] by runner.check_settings
     Setting("strength", float, "how much of the input image is redrawn", DEFAULT_STRENGTH, low=0, high=1,
             option=True, png="strength", may_be_missing=True, applies=lambda settings: bool(settings.images)),
+    # true classifier-free guidance (FluxPipeline's true_cfg_scale): above 1, a second transformer pass per
+    # step on --negative-prompt, checked by runner.check_settings
+    Setting("true_cfg", float, "true classifier-free guidance scale (1: off)", 1.0, low=1, option=True,
+            png="true_cfg", may_be_missing=True, omitted_at_default=True),
+    Setting("negative_prompt", str, "what true CFG guides away from", "", option=True, png="negative_prompt",
+            may_be_missing=True, applies=lambda settings: settings.true_cfg > 1),
     # Not GenerationSettings': the run's, recorded in the PNGs (runner._png_metadata) but free to change.
     Setting("max_memory", str, "the budget, budget.format_budget", saved=False, decides_pixels=False,
             png="max_memory"),

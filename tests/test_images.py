@@ -429,7 +429,8 @@ def tiny_kontext(tiny_checkpoint, tmp_path_factory) -> Path:
     return copy
 
 
-def one_piece_kontext(checkpoint: Path, image_path: Path | None, seed: int, size: int, steps: int = 2) -> np.ndarray:
+def one_piece_kontext(checkpoint: Path, image_path: Path | None, seed: int, size: int, steps: int = 2,
+                      **guidance) -> np.ndarray:
     """FluxKontextPipeline, whole, with the run's area as max_area (what the staged run passes)."""
     import diffusers
     from diffusers.utils import load_image
@@ -438,22 +439,25 @@ def one_piece_kontext(checkpoint: Path, image_path: Path | None, seed: int, size
     pipeline.set_progress_bar_config(disable=True)
     image = None if image_path is None else load_image(str(image_path))
     return np.asarray(pipeline(prompt="a photo of a dog", image=image, height=size, width=size, max_area=size * size,
-                               num_inference_steps=steps, guidance_scale=3.5,
+                               num_inference_steps=steps, guidance_scale=3.5, **guidance,
                                generator=torch.Generator("cpu").manual_seed(seed)).images[0])
 
 
-@pytest.mark.parametrize("with_image", [True, False])
-def test_staged_kontext_png_equals_the_one_piece_pipeline(tiny_kontext, tmp_path, with_image):
+@pytest.mark.parametrize("with_image, true_cfg", [(True, False), (False, False), (True, True)])
+def test_staged_kontext_png_equals_the_one_piece_pipeline(tiny_kontext, tmp_path, with_image, true_cfg):
     image_path = photo(tmp_path / "in.png", size=(72, 48))
     out = tmp_path / "out"
     args = ["--model", str(tiny_kontext), "--prompt", "a photo of a dog", "--steps", "2", "--seed", str(SEED),
             "--height", "32", "--width", "32", "--dtype", "float32", "--max-memory", "cpu=4GB", "--out", str(out),
-            "--report", str(tmp_path / "r.json")] + (["--image", str(image_path)] if with_image else [])
+            "--report", str(tmp_path / "r.json")] + (["--image", str(image_path)] if with_image else []) + (
+        ["--true-cfg", "3", "--negative-prompt", "blurry"] if true_cfg else [])
     result = invoke(args)
     assert result.exit_code == 0, result.output
     staged = np.asarray(Image.open(written(out)[0]))
     assert staged.shape == (32, 32, 3)
-    assert_same_pixels(staged, one_piece_kontext(tiny_kontext, image_path if with_image else None, SEED, 32))
+    guidance = {"true_cfg_scale": 3.0, "negative_prompt": "blurry"} if true_cfg else {}
+    assert_same_pixels(staged, one_piece_kontext(tiny_kontext, image_path if with_image else None, SEED, 32,
+                                                 **guidance))
     stages = [stage["name"] for stage in json.loads((tmp_path / "r.json").read_text())["stages"]]
     assert ("encode_image" in stages) == with_image
 
@@ -496,3 +500,51 @@ def test_dry_run_of_flux_kontext_dev_plans_offline_with_its_input(tmp_path):
                      str(image_path), "--strength", "0.5", "--max-memory", "0=24GiB,cpu=64GB", "--dry-run"])
     assert result.exit_code == 2
     assert error_line(result).startswith("Error: --strength 0.5: FLUX.1-Kontext's FluxKontextPipeline takes no strength")
+
+
+# ---------------------------------------------------------------- negative prompt, true classifier-free guidance
+
+@pytest.mark.parametrize("negative", ["blurry, low quality", ""])
+def test_true_cfg_with_a_negative_prompt_equals_the_one_piece_pipeline(tiny_checkpoint, tmp_path, negative):
+    import diffusers
+
+    out = tmp_path / "out"
+    args = ["--model", str(tiny_checkpoint), "--prompt", "a photo of a dog", "--steps", "2", "--seed", str(SEED),
+            "--height", "32", "--width", "32", "--dtype", "float32", "--max-memory", "cpu=4GB", "--out", str(out),
+            "--true-cfg", "4", "--negative-prompt", negative, "--report", str(tmp_path / "r.json")]
+    result = invoke(args)
+    assert result.exit_code == 0, result.output
+    pipeline = diffusers.FluxPipeline.from_pretrained(tiny_checkpoint, dtype=torch.float32)
+    pipeline.set_progress_bar_config(disable=True)
+    expected = np.asarray(pipeline(prompt="a photo of a dog", negative_prompt=negative, true_cfg_scale=4.0, height=32,
+                                   width=32, num_inference_steps=2,
+                                   generator=torch.Generator("cpu").manual_seed(SEED)).images[0])
+    staged = np.asarray(Image.open(written(out)[0]))
+    assert_same_pixels(staged, expected)
+    text = Image.open(written(out)[0]).text
+    assert text["true_cfg"] == "4.0" and text["negative_prompt"] == negative
+    plain = invoke(args[: args.index("--true-cfg")] + ["--out", str(tmp_path / "plain")])
+    assert plain.exit_code == 0
+    assert np.abs(np.asarray(Image.open(written(tmp_path / "plain")[0])).astype(int) - staged).max() > 0
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--negative-prompt", "blurry"], "--negative-prompt has no effect without true classifier-free guidance"),
+    (["--true-cfg", "0.5"], "--true-cfg 0.5: give a finite scale of 1 or more"),
+    (["--true-cfg", "inf"], "--true-cfg inf: give a finite scale of 1 or more"),
+])
+def test_bad_true_cfg_options_are_one_error_line(tiny_checkpoint, tmp_path, extra, message):
+    out = tmp_path / "out"
+    result = invoke(["--model", str(tiny_checkpoint), "--prompt", "a dog", "--max-memory", "cpu=2GB", "--out",
+                     str(out), *extra])
+    assert result.exit_code == 2
+    assert error_line(result).startswith(f"Error: {message}")
+    assert not out.exists()
+
+
+def test_true_cfg_on_flux2_is_refused(tiny_klein, tmp_path):
+    result = invoke(["--model", str(tiny_klein), "--prompt", "a dog", "--max-memory", "cpu=2GB", "--out",
+                     str(tmp_path / "out"), "--true-cfg", "3"])
+    assert result.exit_code == 2
+    assert error_line(result).startswith("Error: --true-cfg 3: FLUX.2-klein's Flux2KleinPipeline takes no negative "
+                                         "prompt")

@@ -16,8 +16,12 @@ def encode_batch(pipeline, prompts: list[str], settings) -> tuple[dict[str, torc
     prompt_embeds, pooled_prompt_embeds, text_ids = pipeline.encode_prompt(
         prompt=prompts, prompt_2=None, num_images_per_prompt=1, max_sequence_length=settings.max_sequence_length,
     )
-    return ({"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled_prompt_embeds},
-            {"text_ids": text_ids})
+    rows = {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled_prompt_embeds}
+    if settings.true_cfg > 1:  # __call__'s do_true_cfg: the negative prompt encoded as the prompt is
+        rows["negative_prompt_embeds"], rows["negative_pooled_prompt_embeds"], _ = pipeline.encode_prompt(
+            prompt=[settings.negative_prompt] * len(prompts), prompt_2=None, num_images_per_prompt=1,
+            max_sequence_length=settings.max_sequence_length)
+    return rows, {"text_ids": text_ids}
 
 
 def vae_latents(pipeline, vae, packed: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -112,13 +116,14 @@ def image_pipeline(pipeline, settings):
 
 
 def call_arguments(pipeline, inputs: dict[str, torch.Tensor], settings, batch: range) -> dict:
-    """FluxImg2ImgPipeline.__call__'s image, strength and generators for the encoded rows of `batch`;
-    nothing for a run without an input image."""
+    """FluxImg2ImgPipeline.__call__'s image, strength and generators for the encoded rows of `batch`
+    (nothing for a run without an input image), and true_cfg_scale (--true-cfg)."""
+    guidance = {"true_cfg_scale": settings.true_cfg}
     if not inputs:
-        return {}
+        return guidance
     generators = []
     for state in inputs["input_generator_states"]:
         generator = torch.Generator("cpu")
         generator.set_state(state.to("cpu").clone())  # a tensor of its own: set_state reads a row's storage from its start
         generators.append(generator)
-    return {"image": inputs["input_latents"], "strength": settings.strength, "generator": generators}
+    return {"image": inputs["input_latents"], "strength": settings.strength, "generator": generators, **guidance}

@@ -56,7 +56,7 @@ def image_pipeline(pipeline, settings):
 
 
 def call_arguments(pipeline, inputs: dict[str, torch.Tensor], settings, batch: range) -> dict:
-    """The run's own area as max_area (so that __call__ keeps --height/--width), and the encoded
-    input image of the rows of `batch`, if any."""
+    """The run's own area as max_area (so that __call__ keeps --height/--width), true_cfg_scale
+    (--true-cfg), and the encoded input image of the rows of `batch`, if any."""
     image = {"image": inputs["input_latents"]} if inputs else {}
-    return {"max_area": settings.height * settings.width, **image}
+    return {"max_area": settings.height * settings.width, "true_cfg_scale": settings.true_cfg, **image}
