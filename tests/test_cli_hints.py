@@ -17,7 +17,7 @@ from .conftest import error_line, error_lines, invoke
 
 ROOT = Path(__file__).resolve().parents[1]
 KNOWN = ("the checkpoints flux-sharded knows are black-forest-labs/FLUX.1-dev, black-forest-labs/FLUX.1-schnell, "
-         "black-forest-labs/FLUX.2-dev, black-forest-labs/FLUX.2-klein-4B, black-forest-labs/FLUX.2-klein-9B, "
+         "black-forest-labs/FLUX.1-Kontext-dev, black-forest-labs/FLUX.2-dev, black-forest-labs/FLUX.2-klein-4B, black-forest-labs/FLUX.2-klein-9B, "
          "black-forest-labs/flux-3-image-klein and black-forest-labs/flux-3-image-klein-base")
 
 
