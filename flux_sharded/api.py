@@ -269,8 +269,8 @@ class Model:
         inputs = image_inputs(settings.pop("images", ()))  # read once, before anything is written
         generation = GenerationSettings(model=self.model, prompts=prompts, seeds=seeds, dtype=self.dtype,
                                         quantize=self.quantize, lora=self.lora,
-                                        images=tuple(each.saved_text for each in inputs),
-                                        **{**self.defaults(), **settings})
+                                        **{**self.defaults(), **settings,
+                                           "images": tuple(each.saved_text for each in inputs)})
         return runner.RunRequest(self.checkpoint, generation, self.budget, out_dir, self.offload_folder,
                                  run_dir=run_dir, overwrite=overwrite, input_images=inputs)
 
