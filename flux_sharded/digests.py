@@ -82,12 +82,12 @@ def _write_records(records: dict) -> None:
         pass
 
 
-def file_digests(paths: list[Path], trust_blob_names: bool = True) -> dict[Path, str]:
+def file_digests(paths: list[Path], trust_blob_names: bool = False) -> dict[Path, str]:
     """The SHA-256 (64 hex digits) of each file's whole content, as this module's docstring says;
-    raises OSError for a file that cannot be read. `trust_blob_names` False: a blob without a
-    record of its identity is hashed whole too. A check against digests recorded earlier (a resume,
-    the check before each stage) passes False: with the record lost (the cache folder cleared), a
-    blob changed since would be taken by its name again and pass for the one the run used."""
+    raises OSError for a file that cannot be read. `trust_blob_names`: a blob without a record of
+    its identity is taken by its name; only a new run's first look passes True. A check against
+    digests recorded earlier (a resume, the check before each stage) must not: with the record lost
+    (the cache folder cleared), a blob changed since would pass for the one the run used."""
     records = _read_records()
     digests, to_hash, seen = {}, {}, {}
     for path in paths:

@@ -92,7 +92,7 @@ def resolve(text: str) -> Lora:
     file or hub LoRA that cannot be found), each naming the value and the fix."""
     source, scale = split_option(text)
     path, source = _locate(source)
-    return Lora(source, scale, file_digests([path])[path], path)
+    return Lora(source, scale, file_digests([path], trust_blob_names=True)[path], path)  # a new run's first look
 
 
 def parse_saved(text: str) -> tuple[str, float, str]:
