@@ -427,6 +427,17 @@ def with_dtype(args, dtype):
     return args
 
 
+def _stopped_before_decode(checkpoint: Path, out: Path) -> tuple[Path, np.ndarray, Path]:
+    """A one-image run into `out`, its image then removed (a run stopped before decode wrote it):
+    (the image's path, its pixels, the run folder)."""
+    first = invoke(["--model", str(checkpoint), *COMMON, "--out", str(out), "--prompt", "a dog"])
+    assert first.exit_code == 0, first.output
+    (image,) = out.glob("*.png")
+    expected = pixels(image)
+    image.unlink()
+    return image, expected, next((out / ".flux-sharded").iterdir())
+
+
 def test_a_run_another_process_is_running_is_refused_until_it_ends(tiny_checkpoint, tmp_path):
     """Two resumes of one run (or a resume and the same command with --overwrite) wrote over each
     other's handoffs and images. While another process holds the run folder's lock (an flock on the
@@ -436,12 +447,7 @@ def test_a_run_another_process_is_running_is_refused_until_it_ends(tiny_checkpoi
 
     out = tmp_path / "out"
     args = ["--model", str(tiny_checkpoint), *COMMON, "--out", str(out), "--prompt", "a dog"]
-    first = invoke(args)
-    assert first.exit_code == 0, first.output
-    (image,) = out.glob("*.png")
-    expected = pixels(image)
-    image.unlink()  # a run stopped before its image was written
-    run_dir = next((out / ".flux-sharded").iterdir())
+    image, expected, run_dir = _stopped_before_decode(tiny_checkpoint, out)
     before = {path.name: path.read_bytes() for path in run_dir.iterdir()}
     other = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)  # the other process's hold
     try:
@@ -467,13 +473,7 @@ def test_a_run_another_process_is_running_is_refused_until_it_ends(tiny_checkpoi
 def test_a_resume_under_a_smaller_budget_plans_only_the_stages_left(tiny_checkpoint, tmp_path):
     """A run stopped before decode, resumed with a budget that encode (24 MB of activations) would
     not fit but decode does: it was refused for encode, which it does not run again."""
-    out = tmp_path / "out"
-    first = invoke(["--model", str(tiny_checkpoint), *COMMON, "--out", str(out), "--prompt", "a dog"])
-    assert first.exit_code == 0, first.output
-    (image,) = out.glob("*.png")
-    expected = pixels(image)
-    image.unlink()
-    run_dir = next((out / ".flux-sharded").iterdir())
+    image, expected, run_dir = _stopped_before_decode(tiny_checkpoint, tmp_path / "out")
     new_run = invoke(["--model", str(tiny_checkpoint), *COMMON, "--max-memory", "cpu=10MB", "--prompt", "a dog",
                       "--dry-run"])
     assert new_run.exit_code == 2 and "Error: encode (" in new_run.output, new_run.output  # encode: no room
@@ -487,13 +487,7 @@ def test_a_decode_left_under_too_small_a_budget_is_told_what_decode_needs(tiny_c
     for a resume that only decodes (found by the fresh-clone tester)."""
     import re
 
-    out = tmp_path / "out"
-    first = invoke(["--model", str(tiny_checkpoint), *COMMON, "--out", str(out), "--prompt", "a dog"])
-    assert first.exit_code == 0, first.output
-    (image,) = out.glob("*.png")
-    expected = pixels(image)
-    image.unlink()
-    run_dir = next((out / ".flux-sharded").iterdir())
+    image, expected, run_dir = _stopped_before_decode(tiny_checkpoint, tmp_path / "out")
     refused = invoke(["--resume", str(run_dir), "--max-memory", "cpu=100KB"])
     assert refused.exit_code == 2, refused.output
     (line,) = error_lines(refused.output)
