@@ -6,6 +6,18 @@ FastAPI and uvicorn).
                                   underscores (seed, steps, guidance, max_sequence_length)
     GET  /v1/models               the one model
 
+and its own, for programs that want every setting and the progress, and for the web page at `/`:
+
+    GET  /v1/flux/settings        the per-request settings (the schema's: name, type, range, help)
+                                  with the model's defaults, and the budget
+    POST /v1/flux/plan            the plan of a request (the dry-run, no weight read) as JSON
+    POST /v1/flux/generations     prompt, n, seed and every per-request setting named as the CLI's
+                                  options (height, width, steps, ...); answered as server-sent
+                                  events: accepted, started, progress (each stage, each step),
+                                  image (b64_json and its PNG text fields), done, or error
+    GET  /                        the web page (web/index.html): a prompt, the settings, the plan
+                                  as a per-stage, per-device memory chart, progress, a gallery
+
 Every accepted request is written to OUT/requests/<id>.json (its prompt, settings and seeds: a
 request without a seed gets a random one, recorded there and in its PNGs) before it is queued, and
 runs with its run folder under OUT/runs/, so that a server stopped at any moment (SIGKILL
@@ -25,6 +37,7 @@ import asyncio
 import base64
 import dataclasses
 import hashlib
+import io
 import json
 import re
 import secrets
@@ -35,11 +48,13 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import click
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from PIL import Image
 
 from . import api
 from .cli import BudgetType, OneLineErrors
@@ -58,8 +73,15 @@ MAX_PROMPT_CHARACTERS = 32_000  # OpenAI's images API limit for a prompt
 # `model` (one model per server), `user`, and the quality and style hints of OpenAI's own models.
 IGNORED_FIELDS = ("model", "user", "quality", "style", "moderation", "background")
 # Our settings a request may give (the CLI options, underscores): every per-call setting of the
-# schema, less the batch size, which the server chooses (batch mates change the pixels' rounding).
-EXTENSION_SETTINGS = tuple(each for each in image_options() if each.name not in ("batch_size", "height", "width"))
+# schema, less the batch size, which the server chooses (batch mates change the pixels' rounding),
+# and the input images with their strength: the command line reads images from paths, and no
+# request names a path on the server.
+NATIVE_SETTINGS = tuple(each for each in image_options() if each.name not in ("batch_size", "images", "strength"))
+# OpenAI's endpoint takes the size as its own `size` field, the rest as extensions.
+EXTENSION_SETTINGS = tuple(each for each in NATIVE_SETTINGS if each.name not in ("height", "width"))
+# The native endpoint's fields besides the settings; OpenAI's adds size and response_format.
+REQUEST_FIELDS = ("prompt", "n", "seed")
+WEB_PAGE = Path(__file__).with_name("web") / "index.html"
 BACKLOG = 2048  # uvicorn's default backlog
 SIZE = re.compile(r"^([1-9][0-9]{0,6})x([1-9][0-9]{0,6})$")
 
@@ -111,6 +133,7 @@ class Server:
         self.requests.mkdir(parents=True, exist_ok=True)
         self.waiting: list[Job] = []
         self.answers: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
+        self.listeners: dict[str, tuple[asyncio.AbstractEventLoop, Callable[[str, dict], None]]] = {}
         self.lock = threading.Condition()
         self.stopping = False
         for path in sorted(self.requests.glob("*.json"), key=lambda path: path.stat().st_mtime_ns):
@@ -130,10 +153,25 @@ class Server:
 
     # ---- accepting
 
-    def job(self, body: dict) -> Job:
-        """The request's job, every field checked (RequestError naming the first bad one)."""
-        known = {"prompt", "n", "size", "response_format", "seed", *IGNORED_FIELDS,
-                 *(each.name for each in EXTENSION_SETTINGS)}
+    def job(self, body: dict, native: bool = False) -> Job:
+        """The request's job, every field checked and its plan within the budget (RequestError
+        naming the first bad field): OpenAI's request with our extensions, or (`native`) the native
+        endpoint's, NATIVE_SETTINGS by name."""
+        job = self._parsed(body, native)
+        try:  # the settings and the budget, before anything is accepted (no weight is read)
+            self.model.check(self._request(job, [job]))
+        except PlanError as error:
+            raise RequestError(f"the server's --max-memory cannot hold this request: {error}",
+                               "height" if native else "size") from None
+        except FluxShardedError as error:
+            raise RequestError(str(error), _param(str(error), native)) from None
+        return job
+
+    def _parsed(self, body: dict, native: bool) -> Job:
+        """The request's job, each field checked alone (RequestError naming the first bad one)."""
+        accepted = NATIVE_SETTINGS if native else EXTENSION_SETTINGS
+        known = {*REQUEST_FIELDS, *(each.name for each in accepted),
+                 *(() if native else ("size", "response_format", *IGNORED_FIELDS))}
         unknown = sorted(set(body) - known)
         if unknown:
             raise RequestError(f"'{unknown[0]}' is not a field this server takes; it takes {', '.join(sorted(known))}",
@@ -150,7 +188,7 @@ class Server:
             raise RequestError(f"'response_format' {json.dumps(body['response_format'])} is not served; use "
                                "b64_json (the server keeps no public image URLs)", "response_format")
         settings = {}
-        for each in EXTENSION_SETTINGS:
+        for each in accepted:
             if body.get(each.name) is not None:
                 try:
                     settings.update(api.checked_settings("request", {each.name: body[each.name]}, image_options()))
@@ -167,21 +205,43 @@ class Server:
             seed = secrets.randbits(32)  # recorded in the request's file and in each PNG
         elif not isinstance(seed, int) or isinstance(seed, bool):
             raise RequestError(f"'seed' is {json.dumps(seed)}, not a whole number", "seed")
-        job = Job(uuid.uuid4().hex, prompt, tuple(seed + k for k in range(n)), settings)
-        try:  # the settings and the budget, before anything is accepted (no weight is read)
-            self.model.check(self._request(job, [job]))
-        except PlanError as error:
-            raise RequestError(f"the server's --max-memory cannot hold this request: {error}", "size") from None
-        except FluxShardedError as error:
-            raise RequestError(str(error), _param(str(error))) from None
-        return job
+        return Job(uuid.uuid4().hex, prompt, tuple(seed + k for k in range(n)), settings)
 
-    def accept(self, job: Job, loop: asyncio.AbstractEventLoop) -> asyncio.Future:
-        """Keep the job on disk, then queue it; the future is set when its images are written."""
+    def plan(self, body: dict) -> dict:
+        """The plan of a native request (its prompt may be left out: a plan does not depend on the
+        text), as JSON: `fits`, `refusal` (the budget's one line, or None), `summary`, `notes` and
+        `report` (report.RunReport.to_json: the budget and, per stage, the planned weights and
+        weights + activations per device, in bytes). A plan that does not fit is an answer, not a
+        refusal: the page draws it."""
+        job = self._parsed({**body, "prompt": body.get("prompt") or api.PLAN_PROMPT}, native=True)
+        try:
+            plan = self.model.plan(job.prompt, seed=job.seeds[0], num_images_per_prompt=len(job.seeds),
+                                   **job.settings)
+        except FluxShardedError as error:
+            raise RequestError(str(error), _param(str(error), native=True)) from None
+        return {"fits": plan.fits, "refusal": None if plan.fits else str(plan.refusal), "summary": plan.summary,
+                "notes": list(plan.notes), "report": plan.report.to_json()}
+
+    def described_settings(self) -> dict:
+        """What the web page builds its form from: each native setting (name, type, help, range,
+        choices) with the model's default, the model and the budget (bytes per device)."""
+        defaults = self.model.defaults()
+        fields = [{"name": each.name, "type": each.type.__name__, "help": each.help, "default": defaults[each.name],
+                   "low": each.low, "high": each.high, "choices": list(each.choices)} for each in NATIVE_SETTINGS]
+        return {"model": self.model.model, "max_images": self.max_images, "settings": fields,
+                "max_memory": self.model.budget.to_json()}
+
+    def accept(self, job: Job, loop: asyncio.AbstractEventLoop,
+               listener: Callable[[str, dict], None] | None = None) -> asyncio.Future:
+        """Keep the job on disk, then queue it; the future is set when its images are written.
+        `listener(event, data)`, called in `loop`, hears its run start ("started": the requests and
+        images run together) and progress ("progress": progress.Progress's fields)."""
         answer = loop.create_future()
         atomic_write(self.requests / f"{job.id}.json", lambda tmp: Path(tmp).write_text(json.dumps(job.to_json())))
         with self.lock:
             self.answers[job.id] = (loop, answer)
+            if listener is not None:
+                self.listeners[job.id] = (loop, listener)
             self.waiting.append(job)
             self.lock.notify()
         return answer
@@ -212,10 +272,19 @@ class Server:
             del self.waiting[: len(jobs)]
             return jobs
 
+    def _tell(self, jobs: list[Job], event: str, data: dict) -> None:
+        """Say `event` to the listeners of `jobs` (each in its own event loop)."""
+        with self.lock:
+            listening = [self.listeners[job.id] for job in jobs if job.id in self.listeners]
+        for loop, listener in listening:
+            loop.call_soon_threadsafe(listener, event, data)
+
     def _work(self) -> None:
         while (jobs := self._next()) is not None:
+            self._tell(jobs, "started", {"requests": len(jobs), "images": sum(len(job.seeds) for job in jobs)})
             try:
-                generation = self.model.run(self._request(jobs[0], jobs))
+                generation = self.model.run(self._request(jobs[0], jobs),
+                                            lambda progress: self._tell(jobs, "progress", dataclasses.asdict(progress)))
                 failure = None
             except FluxShardedError as error:
                 generation, failure = None, str(error)
@@ -231,6 +300,7 @@ class Server:
                                  lambda tmp, record=record: Path(tmp).write_text(json.dumps(record)))
                 with self.lock:
                     loop, answer = self.answers.pop(job.id, (None, None))
+                    self.listeners.pop(job.id, None)
                 if answer is not None:
                     result = (paths, failure)
                     loop.call_soon_threadsafe(lambda answer=answer, result=result: answer.done() or
@@ -242,12 +312,13 @@ class Server:
             self.lock.notify()
 
 
-def _param(message: str) -> str | None:
+def _param(message: str, native: bool = False) -> str | None:
     """The request field a settings error is about (its message names the CLI option)."""
-    for option, field in (("--height", "size"), ("--width", "size"), ("--seed", "seed"), ("--prompt", "prompt")):
+    size = () if native else (("--height", "size"), ("--width", "size"))
+    for option, field in (*size, ("--seed", "seed"), ("--prompt", "prompt")):
         if option in message:
             return field
-    return next((each.name for each in EXTENSION_SETTINGS if f"--{each.name.replace('_', '-')}" in message), None)
+    return next((each.name for each in NATIVE_SETTINGS if f"--{each.name.replace('_', '-')}" in message), None)
 
 
 def create_app(server: Server) -> FastAPI:
@@ -277,7 +348,53 @@ def create_app(server: Server) -> FastAPI:
                 for path, seed in zip(paths, job.seeds, strict=True)]
         return JSONResponse({"created": int(time.time()), "data": data})
 
+    @app.get("/v1/flux/settings")
+    async def settings() -> dict:
+        return server.described_settings()
+
+    @app.post("/v1/flux/plan")
+    async def plan(request: Request) -> dict:
+        body = await _json_body(request)
+        return await asyncio.to_thread(server.plan, body)  # reads configs only, yet not in the event loop
+
+    @app.post("/v1/flux/generations")
+    async def native_generations(request: Request) -> StreamingResponse:
+        job = server.job(await _json_body(request), native=True)  # refused here: a 4xx JSON error, no stream
+        events: asyncio.Queue = asyncio.Queue()
+        answer = server.accept(job, asyncio.get_running_loop(), lambda event, data: events.put_nowait((event, data)))
+        answer.add_done_callback(lambda _: events.put_nowait(None))
+        return StreamingResponse(_event_stream(job, answer, events), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-store"})
+
+    @app.get("/")
+    async def page() -> HTMLResponse:
+        return HTMLResponse(WEB_PAGE.read_text(encoding="utf-8"), headers={"Cache-Control": "no-store"})
+
     return app
+
+
+def _event(name: str, data: dict) -> str:
+    """One server-sent event (the data on one line: JSON escapes newlines)."""
+    return f"event: {name}\ndata: {json.dumps(data)}\n\n"
+
+
+async def _event_stream(job: Job, answer: asyncio.Future, events: asyncio.Queue):
+    """The native endpoint's answer: accepted, then started and progress as the run goes, then each
+    image (b64_json, seed, PNG text fields) and done, or one error (OpenAI's error object)."""
+    yield _event("accepted", {"id": job.id, "seeds": list(job.seeds), "settings": job.settings})
+    while (event := await events.get()) is not None:
+        yield _event(*event)
+    paths, failure = answer.result()
+    if failure is not None:
+        yield _event("error", {"error": {"message": failure, "type": "server_error", "param": None, "code": None}})
+        return
+    for index, (path, seed) in enumerate(zip(paths, job.seeds, strict=True)):
+        png = path.read_bytes()
+        with Image.open(io.BytesIO(png)) as image:
+            metadata = dict(image.text)
+        yield _event("image", {"index": index, "seed": seed, "b64_json": base64.b64encode(png).decode(),
+                               "metadata": metadata})
+    yield _event("done", {"id": job.id, "images": len(paths)})
 
 
 async def _json_body(request: Request) -> dict:
@@ -317,7 +434,8 @@ async def _json_body(request: Request) -> dict:
 @click.option("--max-batch", type=click.IntRange(1, 1024), default=8, show_default=True,
               help="Images of queued requests that one run makes together.")
 def main(**options) -> None:
-    """Serve one model over HTTP: OpenAI's POST /v1/images/generations and GET /v1/models."""
+    """Serve one model over HTTP: OpenAI's POST /v1/images/generations and GET /v1/models, the native
+    /v1/flux/ endpoints (settings, plan, generations with progress as server-sent events) and a web page at /."""
     try:
         model = api.open_model(options["model"], max_memory=options["max_memory"], dtype=options["dtype"],
                                quantize=options["quantize"], lora=options["lora"],

@@ -22,6 +22,10 @@ import openai
 import pytest
 import uvicorn
 from PIL import Image
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
 
 import flux_sharded
 from flux_sharded.serve import MAX_BODY_BYTES, MAX_PROMPT_CHARACTERS, Server, create_app
@@ -125,6 +129,12 @@ def post(url: str, body: bytes) -> tuple[int, dict]:
         return error.code, json.loads(error.read())
 
 
+def post_until_killed(url: str, body: bytes) -> None:
+    """post(), from a client whose server is killed before it answers."""
+    with pytest.raises(OSError):  # http.client.RemoteDisconnected, or a reset connection
+        post(url, body)
+
+
 def request_body(**fields) -> bytes:
     return json.dumps({"prompt": "a dog", "size": SIZE, **fields}).encode()
 
@@ -145,6 +155,8 @@ REFUSALS = [
     (request_body(seed=1.5), 400, "seed", "not a whole number"),
     (request_body(response_format="url"), 400, "response_format", "use b64_json"),
     (request_body(out_dir="/etc"), 400, "out_dir", "'out_dir' is not a field this server takes"),
+    # input images are read from paths: no request names a path on the server
+    (request_body(images=["/etc/hostname"]), 400, "images", "'images' is not a field this server takes"),
     (request_body(size="65536x65536"), 400, "size", "cannot hold this request"),
 ]
 
@@ -160,6 +172,135 @@ def test_a_bad_request_is_refused_naming_the_field(server, body, status, param, 
     assert message in answer["error"]["message"]
     assert "Traceback" not in answer["error"]["message"]
     assert set((queue.out_dir / "requests").iterdir()) == before  # nothing accepted
+
+
+def events(url: str, body: dict) -> list[tuple[str, dict]]:
+    """The native endpoint's server-sent events, each (name, data), in order."""
+    request = urllib.request.Request(f"{url}/v1/flux/generations", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=600) as response:
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        text = response.read().decode()
+    said = []
+    for block in filter(None, text.split("\n\n")):
+        name, data = block.split("\n")
+        said.append((name.removeprefix("event: "), json.loads(data.removeprefix("data: "))))
+    return said
+
+
+def test_the_native_endpoint_streams_each_stage_and_the_command_lines_pixels(server, tiny_checkpoint, tmp_path):
+    url, _ = server
+    said = events(url, {"prompt": "a dog", "n": 2, "seed": 5, "steps": 2, "height": 32, "width": 48})
+    names = [name for name, _ in said]
+    assert names[:2] == ["accepted", "started"] and names[-3:] == ["image", "image", "done"]
+    progress = [data for name, data in said if name == "progress"]
+    assert [stage for stage in dict.fromkeys(each["stage"] for each in progress)] == ["encode", "denoise", "decode"]
+    assert [each["step"] for each in progress if each["step"]] == [1, 2] * 2  # two images, one per batch
+    assert progress[-1] == {"stage": "decode", "images_done": 2, "images": 2, "step": None, "steps": None}
+    expected = cli_images(tiny_checkpoint, tmp_path, "--prompt", "a dog", "--seed", "5", "--num-images-per-prompt", "2")
+    images = [data for name, data in said if name == "image"]
+    assert [each["seed"] for each in images] == [5, 6]
+    for data, path in zip(images, expected, strict=True):
+        served, metadata = pixels(data["b64_json"])
+        with Image.open(path) as image:
+            assert_same_pixels(served, np.asarray(image))
+            assert metadata == data["metadata"] == dict(image.text)
+
+
+def native(url: str, path: str, body: bytes) -> tuple[int, dict]:
+    request = urllib.request.Request(f"{url}{path}", data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=600) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+@pytest.mark.parametrize("path", ["/v1/flux/generations", "/v1/flux/plan"])
+@pytest.mark.parametrize("body, param, message", [
+    ({"prompt": "a dog", "size": SIZE}, "size", "'size' is not a field this server takes"),
+    ({"prompt": "a dog", "height": 50, "width": 48}, "height", "--height 50 is not a positive multiple of 16"),
+    ({"prompt": "a dog", "steps": 0}, "steps", "field 'steps' is 0"),
+    ({"prompt": "a dog", "strength": 0.5}, "strength", "'strength' is not a field this server takes"),
+], ids=["size", "height", "steps", "strength"])
+def test_the_native_endpoints_refuse_a_bad_field_naming_it(server, path, body, param, message):
+    url, queue = server
+    before = set((queue.out_dir / "requests").iterdir())
+    code, answer = native(url, path, json.dumps(body).encode())
+    assert (code, answer["error"]["param"]) == (400, param)
+    assert message in answer["error"]["message"]
+    assert set((queue.out_dir / "requests").iterdir()) == before
+
+
+def test_the_plan_endpoint_answers_a_plan_over_the_budget_with_its_refusal(server):
+    url, _ = server
+    code, plan = native(url, "/v1/flux/plan", json.dumps({"height": 32, "width": 48, "steps": 2}).encode())
+    assert code == 200 and plan["fits"] and plan["refusal"] is None
+    assert [stage["name"] for stage in plan["report"]["stages"]] == ["encode", "denoise", "decode"]
+    assert plan["report"]["budget"] == {"cpu": 2 * 10**9}
+    for stage in plan["report"]["stages"]:
+        assert 0 < stage["weight_bytes"]["cpu"] < stage["planned_bytes"]["cpu"] <= 2 * 10**9
+    code, plan = native(url, "/v1/flux/plan", json.dumps({"height": 65536, "width": 65536}).encode())
+    assert code == 200 and not plan["fits"]
+    assert "--max-memory" in plan["refusal"]
+
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+
+
+@pytest.fixture
+def browser():
+    """Debian's headless chromium, driven by selenium through Debian's chromedriver (`.ci/run`
+    installs both: apt-get install chromium chromium-driver). The flags keep it off the network."""
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        pytest.skip("Debian's chromium and chromium-driver are not installed (apt-get install chromium "
+                    "chromium-driver; .ci/run does)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1300,1000"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    yield driver
+    driver.quit()
+
+
+def test_the_web_page_submits_a_prompt_and_shows_the_image_and_the_memory_chart(server, browser, tiny_checkpoint,
+                                                                                 tmp_path):
+    url, _ = server
+    browser.get(f"{url}/")
+    chart = "#memory-chart rect.{}[data-stage='{}'][data-device='cpu']"
+    WebDriverWait(browser, 60).until(lambda page: page.find_elements(By.CSS_SELECTOR, chart.format("weights", "decode")))
+    for name, value in (("steps", "2"), ("height", "32"), ("width", "48")):
+        field = browser.find_element(By.ID, f"setting-{name}")
+        field.clear()
+        field.send_keys(value)
+    browser.find_element(By.ID, "prompt").send_keys("a cat")
+    browser.find_element(By.ID, "seed").send_keys("9")
+    browser.find_element(By.ID, "generate").click()
+    WebDriverWait(browser, 600).until(lambda page: page.find_elements(By.CSS_SELECTOR, "#gallery img"))
+    assert browser.find_element(By.ID, "error").text == ""
+    # the chart: each stage's weights and activations drawn against the budget, as the plan says
+    for stage in ("encode", "denoise", "decode"):
+        weights, activations, budget = (browser.find_element(By.CSS_SELECTOR, chart.format(kind, stage))
+                                        for kind in ("weights", "activations", "budget"))
+        assert 0 < float(weights.get_attribute("width")) and 0 < float(activations.get_attribute("width"))
+        assert float(weights.get_attribute("width")) + float(activations.get_attribute("width")) <= \
+            float(budget.get_attribute("width"))
+    assert "plan for 48x32, 2 steps" in browser.find_element(By.ID, "plan-summary").text
+    # progress: every stage done
+    for stage in ("encode", "denoise", "decode"):
+        bar = browser.find_element(By.CSS_SELECTOR, f"#progress .stage[data-stage='{stage}'] progress")
+        assert bar.get_attribute("value") == bar.get_attribute("max") == "1"
+    # the gallery: the command line's pixels, and their metadata
+    source = browser.find_element(By.CSS_SELECTOR, "#gallery img").get_attribute("src")
+    assert source.startswith("data:image/png;base64,")
+    served, metadata = pixels(source.removeprefix("data:image/png;base64,"))
+    (expected,) = cli_images(tiny_checkpoint, tmp_path, "--prompt", "a cat", "--seed", "9")
+    with Image.open(expected) as image:
+        assert_same_pixels(served, np.asarray(image))
+    assert browser.find_element(By.CSS_SELECTOR, "#gallery dd[data-field='seed']").text == metadata["seed"] == "9"
 
 
 def test_a_killed_server_runs_its_accepted_requests_again_on_restart(tiny_checkpoint, tmp_path):
@@ -191,7 +332,7 @@ def test_a_killed_server_runs_its_accepted_requests_again_on_restart(tiny_checkp
     process, url, _ = start("first")
     try:
         body = request_body(seed=3, n=2, steps=20)  # 20 steps: the kill lands inside the run
-        threading.Thread(target=post, args=(url, body), daemon=True).start()
+        threading.Thread(target=post_until_killed, args=(url, body), daemon=True).start()
         until(lambda: list((out / "requests").glob("*.json")), 120, "the request to be accepted")
     finally:
         process.send_signal(signal.SIGKILL)
