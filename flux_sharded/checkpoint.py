@@ -523,10 +523,11 @@ def _processor_class(model: str, path: Path, folder: str) -> str | None:
 
 def pipeline_tokenizer(model: str, path: Path, folder: str):
     """None when the pipeline's from_pretrained loads the tokenizer folder `folder` itself; else
-    the tokenizer to pass it instead: a processor whose image processor needs a library that is not
-    installed (FLUX.2-dev's PixtralProcessor: torchvision) is replaced by the tokenizer inside it
-    (AutoTokenizer on the same folder). For text prompts Flux2Pipeline calls nothing but its
-    apply_chat_template, which gives the same ids and attention masks (flux_sharded/configs/README.md).
+    what to pass it instead: a processor that cannot be built here (FLUX.2-dev's PixtralProcessor
+    and FLUX.3's Qwen3VLProcessor need torchvision for their image and video processors: an
+    ImportError, or transformers 5.24's AttributeError on VIDEO_PROCESSOR_MAPPING) is replaced by a
+    TextProcessor of the tokenizer inside it (AutoTokenizer on the same folder) and the processor's
+    chat template. For text prompts the pipelines call nothing else (flux_sharded/configs/README.md).
     Raises what transformers raises for a damaged folder."""
     import transformers
 
@@ -535,9 +536,35 @@ def pipeline_tokenizer(model: str, path: Path, folder: str):
         return None
     try:
         getattr(transformers, class_name).from_pretrained(path / folder)
-    except ImportError:
-        return transformers.AutoTokenizer.from_pretrained(path / folder)
+    except (ImportError, AttributeError):
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path / folder)
+        # chat_template.jinja (or the older chat_template.json), as every processor reads it (the
+        # base class's: PixtralProcessor's own raises for want of torchvision)
+        template = transformers.ProcessorMixin.get_processor_dict(str(path / folder))[0].get("chat_template")
+        return TextProcessor(tokenizer, template or tokenizer.chat_template)
     return None
+
+
+class TextProcessor:
+    """The text side of a multimodal processor (PixtralProcessor, Qwen3VLProcessor) for text-only
+    prompts: its `tokenizer`, and apply_chat_template rendering the processor's chat template. A
+    processor renders a conversation of text messages with the same jinja renderer and special tokens
+    as its tokenizer does (ProcessorMixin.apply_chat_template with tokenize=False; tests/test_flux3.py
+    compares them); every other attribute is the tokenizer's."""
+
+    def __init__(self, tokenizer, chat_template: str | None):
+        self.tokenizer, self.chat_template = tokenizer, chat_template
+
+    def apply_chat_template(self, conversation, **kwargs):
+        return self.tokenizer.apply_chat_template(conversation, chat_template=self.chat_template, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        return self.tokenizer(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        if name in ("tokenizer", "chat_template"):  # not set yet (copy, pickle): no recursion
+            raise AttributeError(name)
+        return getattr(self.tokenizer, name)
 
 
 # ---------------------------------------------------------------- the weights a run used

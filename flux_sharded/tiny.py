@@ -1,6 +1,7 @@
 """Build a complete small random FLUX checkpoint offline, in the diffusers folder layout.
 
-    python -m flux_sharded.tiny DIR [--family FLUX.1|FLUX.2-klein|FLUX.2-dev] [--preset tiny|small|mini]
+    python -m flux_sharded.tiny DIR [--family FLUX.1|FLUX.2-klein|FLUX.2-dev|FLUX.3-klein|FLUX.3-klein-base]
+                                [--preset tiny|small|mini]
                                 [--vae-scale-factor 8] [--seed 0]
 
 Every component has the real classes of FLUX.1-dev, with its configs scaled down: transformer,
@@ -24,6 +25,11 @@ that decoding without them would give other pixels). The text
 encoders are 16 wide but as deep as the pipeline's encode reads (families.encode_layers: 27 for
 klein, 30 for dev) plus two layers the encode must not need. klein is built step-distilled
 (`is_distilled`, as the published klein checkpoints) unless `distilled=False`.
+
+`--family FLUX.3-klein` / `FLUX.3-klein-base` (preset tiny only) builds what diffusers' FLUX.3
+modular pipelines load (build_tiny_flux3_checkpoint): the step-distilled "flow map" or the base
+transformer, a Qwen3-VL text encoder deep enough for the encode's deepest stacked layer, and a
+Qwen3VLProcessor folder.
 """
 
 from __future__ import annotations
@@ -161,11 +167,12 @@ QWEN3_CHAT_TEMPLATE = (
 )
 
 
-def _qwen2_tokenizer(corpus: list[str]):
-    """A Qwen2 tokenizer (byte-level BPE, <|endoftext|> as padding) with a Qwen3-style chat template."""
+def _qwen2_tokenizer(corpus: list[str], extra_specials: tuple[str, ...] = ()):
+    """A Qwen2 tokenizer (byte-level BPE, <|endoftext|> as padding) with a Qwen3-style chat template,
+    and `extra_specials` as special tokens too."""
     from transformers import Qwen2Tokenizer
 
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", *extra_specials]
     vocab, merges = _byte_level_bpe(corpus, specials)
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=512)
     tokenizer.add_special_tokens({"additional_special_tokens": specials[1:]})
@@ -358,6 +365,31 @@ FLUX2_FAMILIES = ("FLUX.2-klein", "FLUX.2-dev")
 FLUX2_EXTRA_LAYERS = 2
 
 
+def _tiny_flux2_vae(vae_scale_factor: int, latent_channels: int):
+    """FLUX.2's VAE (AutoencoderKLFlux2, FLUX.3's too), 8 channels per block, log2(factor) + 1 blocks,
+    with random batch-norm statistics: a fresh BatchNorm2d has mean 0, variance 1, and un-normalising
+    with those would change nothing. Draws from torch's global generator (the caller seeds it)."""
+    import torch
+    from diffusers import AutoencoderKLFlux2
+
+    if vae_scale_factor < 1 or 2 ** round(math.log2(vae_scale_factor)) != vae_scale_factor:
+        raise ValueError(f"vae_scale_factor must be a power of two, got {vae_scale_factor}")
+    vae_blocks = round(math.log2(vae_scale_factor)) + 1
+    vae = AutoencoderKLFlux2(
+        down_block_types=("DownEncoderBlock2D",) * vae_blocks,
+        up_block_types=("UpDecoderBlock2D",) * vae_blocks,
+        block_out_channels=(8,) * vae_blocks,
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=4,
+        sample_size=32,
+    )
+    with torch.no_grad():
+        vae.bn.running_mean.normal_(0.0, 0.5)
+        vae.bn.running_var.uniform_(0.5, 1.5)
+    return vae
+
+
 def build_tiny_flux2_checkpoint(out_dir: str | Path, family: str = "FLUX.2-klein", vae_scale_factor: int = 8,
                                 seed: int = 0, distilled: bool = True, text_width: int = 16) -> Path:
     """A tiny random FLUX.2-klein (Flux2KleinPipeline) or FLUX.2-dev (Flux2Pipeline) checkpoint at
@@ -366,17 +398,14 @@ def build_tiny_flux2_checkpoint(out_dir: str | Path, family: str = "FLUX.2-klein
     deep; transformer 2 heads of 16, one double and one single block; VAE 8 channels per block, 4
     latent channels (16 after 2x2 patches), random batch-norm statistics. distilled: klein's is_distilled."""
     import torch
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
 
     from .checkpoint import shipped_config_dir
     from .families import FAMILIES, encode_layers, encode_out_layers
 
     if family not in FLUX2_FAMILIES:
         raise ValueError(f"family must be one of {', '.join(FLUX2_FAMILIES)}, got {family!r}")
-    if vae_scale_factor < 1 or 2 ** round(math.log2(vae_scale_factor)) != vae_scale_factor:
-        raise ValueError(f"vae_scale_factor must be a power of two, got {vae_scale_factor}")
     pipeline_name = next(f.pipeline for f in FAMILIES.values() if f.name == family)
-    vae_blocks = round(math.log2(vae_scale_factor)) + 1
     width, latent_channels, head_dim = text_width, 4, 16
     layers = encode_layers(pipeline_name) + FLUX2_EXTRA_LAYERS
     corpus = _corpus(seed)
@@ -419,18 +448,7 @@ def build_tiny_flux2_checkpoint(out_dir: str | Path, family: str = "FLUX.2-klein
         axes_dims_rope=(head_dim // 4,) * 4,
         guidance_embeds=not klein,  # FLUX.2-dev is guidance-distilled; klein guides with a second pass, if at all
     )
-    vae = AutoencoderKLFlux2(
-        down_block_types=("DownEncoderBlock2D",) * vae_blocks,
-        up_block_types=("UpDecoderBlock2D",) * vae_blocks,
-        block_out_channels=(8,) * vae_blocks,
-        layers_per_block=1,
-        latent_channels=latent_channels,
-        norm_num_groups=4,
-        sample_size=32,
-    )
-    with torch.no_grad():  # a fresh BatchNorm2d has mean 0, variance 1: un-normalising would change nothing
-        vae.bn.running_mean.normal_(0.0, 0.5)
-        vae.bn.running_var.uniform_(0.5, 1.5)
+    vae = _tiny_flux2_vae(vae_scale_factor, latent_channels)
     configs = shipped_config_dir("FLUX.2-klein-4B" if klein else "FLUX.2-dev")
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(configs / "scheduler")
     import diffusers
@@ -439,6 +457,80 @@ def build_tiny_flux2_checkpoint(out_dir: str | Path, family: str = "FLUX.2-klein
                       transformer=transformer)
     pipeline = getattr(diffusers, pipeline_name)(**components, **({"is_distilled": distilled} if klein else {}))
     return _save(pipeline, Path(out_dir))
+
+
+FLUX3_FAMILIES = ("FLUX.3-klein", "FLUX.3-klein-base")
+# The special tokens Qwen3VLProcessor looks up in its tokenizer (image and video placeholders).
+QWEN3_VL_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+
+
+def build_tiny_flux3_checkpoint(out_dir: str | Path, family: str = "FLUX.3-klein", vae_scale_factor: int = 8,
+                                seed: int = 0, text_width: int = 16) -> Path:
+    """A tiny random FLUX.3 klein checkpoint at `out_dir` (atomically, as build_tiny_checkpoint):
+    "FLUX.3-klein" is step-distilled (the transformer's flow_map, Flux3DistilledModularPipeline),
+    "FLUX.3-klein-base" is not (Flux3ModularPipeline). model_index.json is the shipped configs' (the
+    modular pipelines read it for want of a modular_model_index.json). A Qwen3VLForConditionalGeneration
+    `text_width` wide and encode_layers + 2 deep (a one-block vision tower the encode never runs), with
+    a byte-level BPE Qwen2 tokenizer, a Qwen3-style chat template and the image and video
+    preprocessor configs of a Qwen3VLProcessor folder; a Flux3Transformer2DModel of 2 heads of 16, one
+    block per mode and one single block; the VAE of build_tiny_flux2_checkpoint."""
+    import torch
+    import transformers
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux3Transformer2DModel
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    from .checkpoint import shipped_config_dir
+    from .families import FAMILIES, encode_layers, encode_out_layers
+
+    if family not in FLUX3_FAMILIES:
+        raise ValueError(f"family must be one of {', '.join(FLUX3_FAMILIES)}, got {family!r}")
+    pipeline_name = next(f.pipeline for f in FAMILIES.values() if f.name == family)
+    width, latent_channels, head_dim = text_width, 4, 16
+    tokenizer = _qwen2_tokenizer(_corpus(seed), QWEN3_VL_TOKENS)
+    token = dict(zip(("vision_start_token_id", "vision_end_token_id", "image_token_id", "video_token_id"),
+                     tokenizer.convert_tokens_to_ids(list(QWEN3_VL_TOKENS))))
+
+    torch.manual_seed(seed)
+    text_encoder = transformers.Qwen3VLForConditionalGeneration(transformers.Qwen3VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width,
+                         num_hidden_layers=encode_layers(pipeline_name) + FLUX2_EXTRA_LAYERS, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=width // 2, max_position_embeddings=1024,
+                         # Qwen3-VL's interleaved multimodal rotary sections sum to head_dim / 2
+                         rope_parameters={"rope_type": "default", "rope_theta": 5000000,
+                                          "mrope_section": [width // 8, width // 16, width // 16],
+                                          "mrope_interleaved": True},
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True),
+        vision_config=dict(depth=1, hidden_size=width, intermediate_size=2 * width, num_heads=2, patch_size=4,
+                           out_hidden_size=width, num_position_embeddings=16, deepstack_visual_indexes=[0]),
+        tie_word_embeddings=True, **token))
+    transformer = Flux3Transformer2DModel(
+        in_channels=4 * latent_channels,
+        cond_in_channels=4 * latent_channels,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=head_dim,
+        num_attention_heads=2,
+        # the encode stacks the hidden states of len(text_encoder_out_layers) layers
+        joint_attention_dim=len(encode_out_layers(pipeline_name)) * width,
+        timestep_channels=32,
+        mlp_ratio=2.0,
+        axes_dims_rope=(head_dim // 4,) * 4,
+        flow_map=family == "FLUX.3-klein",
+    )
+    vae = _tiny_flux2_vae(vae_scale_factor, latent_channels)
+    configs = shipped_config_dir(family)
+
+    def write(folder: Path) -> None:
+        text_encoder.save_pretrained(folder / "text_encoder")
+        tokenizer.save_pretrained(folder / "tokenizer")  # with chat_template.jinja, which the processor reads too
+        transformers.Qwen2VLImageProcessorPil(patch_size=4, merge_size=2).save_pretrained(folder / "tokenizer")
+        Qwen3VLVideoProcessor(patch_size=4, merge_size=2).save_pretrained(folder / "tokenizer")
+        transformer.save_pretrained(folder / "transformer")
+        vae.save_pretrained(folder / "vae")
+        FlowMatchEulerDiscreteScheduler.from_pretrained(configs / "scheduler").save_pretrained(folder / "scheduler")
+        shutil.copyfile(configs / "model_index.json", folder / "model_index.json")
+
+    return _save(write, Path(out_dir))
 
 
 def build_real_shape(out_dir: Path, configs: Path, seed: int, device: str, dtype: str) -> Path:
@@ -622,11 +714,16 @@ def check_replaceable(out_dir: Path) -> None:
 
 
 def _save(pipeline, out_dir: Path) -> Path:
+    """`pipeline` (a diffusers pipeline, or a function writing the checkpoint into the folder it is
+    given) saved at `out_dir`, atomically: written beside it, then renamed."""
     check_replaceable(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        pipeline.save_pretrained(staging, safe_serialization=True)
+        if hasattr(pipeline, "save_pretrained"):
+            pipeline.save_pretrained(staging, safe_serialization=True)
+        else:
+            pipeline(staging)
         (staging / MARKER).write_text("built by python -m flux_sharded.tiny: this folder may be replaced by it\n")
         check_replaceable(out_dir)  # again: the build took a while
         if out_dir.exists():
@@ -694,8 +791,8 @@ def _memory_shortage(preset: str, device: str, dtype: str) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flux_sharded.tiny", description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", help="folder to write (a new or empty one, or a checkpoint built here earlier)")
-    parser.add_argument("--family", choices=["FLUX.1", *FLUX2_FAMILIES], default="FLUX.1",
-                        help="pipeline to build (default: FLUX.1); FLUX.2 families take preset tiny only")
+    parser.add_argument("--family", choices=["FLUX.1", *FLUX2_FAMILIES, *FLUX3_FAMILIES], default="FLUX.1",
+                        help="pipeline to build (default: FLUX.1); FLUX.2 and FLUX.3 families take preset tiny only")
     parser.add_argument("--vae-scale-factor", type=int, default=8, help="VAE downsampling: 1, 2, 4, 8, ...")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and tokenizer corpus")
     parser.add_argument("--preset", choices=sorted([*PRESETS, *REAL_SHAPES]), default="tiny",
@@ -741,7 +838,8 @@ def main(argv: list[str] | None = None) -> int:
                   "klein-4b / klein-9b, the real FLUX.2-klein shapes); drop --preset, --dtype and --device",
                   file=sys.stderr)
             return 2
-        path = build_tiny_flux2_checkpoint(args.out_dir, args.family, args.vae_scale_factor, args.seed)
+        build = build_tiny_flux3_checkpoint if args.family in FLUX3_FAMILIES else build_tiny_flux2_checkpoint
+        path = build(args.out_dir, args.family, args.vae_scale_factor, args.seed)
     else:
         path = build_tiny_checkpoint(args.out_dir, args.vae_scale_factor, args.seed, args.preset, args.device,
                                      args.dtype)

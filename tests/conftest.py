@@ -1,4 +1,4 @@
-"""Tiny random FLUX.1 and FLUX.2 checkpoints, built offline once per test session, the one-piece
+"""Tiny random FLUX.1, FLUX.2 and FLUX.3 checkpoints, built offline once per test session, the one-piece
 reference, and an environment of the tests' own.
 
 The environment: the variables below change what the libraries do (huggingface_hub reads
@@ -44,8 +44,11 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 
+from flux_sharded.checkpoint import pipeline_tokenizer  # noqa: E402
 from flux_sharded.cli import main  # noqa: E402
-from flux_sharded.tiny import NF4_CPU_TEXT_WIDTH, build_tiny_checkpoint, build_tiny_flux2_checkpoint  # noqa: E402
+from flux_sharded.families import MODULAR_PIPELINES  # noqa: E402
+from flux_sharded.tiny import (NF4_CPU_TEXT_WIDTH, build_tiny_checkpoint, build_tiny_flux2_checkpoint,  # noqa: E402
+                               build_tiny_flux3_checkpoint)
 
 
 @pytest.fixture(autouse=True)
@@ -112,6 +115,19 @@ def tiny_dev(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_flux3(tmp_path_factory) -> Path:
+    """FLUX.3 klein step-distilled (Flux3DistilledModularPipeline), VAE scale factor 8."""
+    return build_tiny_flux3_checkpoint(tmp_path_factory.mktemp("ckpt") / "flux3", "FLUX.3-klein", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux3_base(tmp_path_factory) -> Path:
+    """FLUX.3 klein base (Flux3ModularPipeline: classifier-free guidance), VAE scale factor 2."""
+    return build_tiny_flux3_checkpoint(tmp_path_factory.mktemp("ckpt") / "flux3-base", "FLUX.3-klein-base",
+                                       vae_scale_factor=2, seed=1)
+
+
+@pytest.fixture(scope="session")
 def nf4_checkpoint(tmp_path_factory) -> Path:
     """The tiny FLUX.1 with a T5 that bitsandbytes' 4-bit CPU kernels run on every CPU (NF4_CPU_TEXT_WIDTH)."""
     return build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "nf4", seed=0, text_width=NF4_CPU_TEXT_WIDTH)
@@ -141,7 +157,10 @@ def one_piece_pixels(checkpoint: Path, prompt: str, seed: int, steps: int, heigh
 
     import diffusers
 
-    pipeline_class = getattr(diffusers, json.loads((Path(checkpoint) / "model_index.json").read_text())["_class_name"])
+    pipeline_name = json.loads((Path(checkpoint) / "model_index.json").read_text())["_class_name"]
+    if pipeline_name in MODULAR_PIPELINES:
+        return modular_pixels(checkpoint, pipeline_name, prompt, seed, steps, height, width, dtype, guidance)
+    pipeline_class = getattr(diffusers, pipeline_name)
     pipeline = pipeline_class.from_pretrained(checkpoint, dtype=dtype)
     for index, (path, _) in enumerate(loras):
         pipeline.load_lora_weights(str(path), adapter_name=f"lora_{index}")
@@ -157,6 +176,33 @@ def one_piece_pixels(checkpoint: Path, prompt: str, seed: int, steps: int, heigh
         max_sequence_length=max_sequence_length,
         generator=torch.Generator("cpu").manual_seed(seed),
     ).images[0]
+    return np.asarray(image)
+
+
+def modular_pixels(checkpoint: Path, pipeline_name: str, prompt: str, seed: int, steps: int, height: int,
+                   width: int, dtype: torch.dtype, guidance: float) -> np.ndarray:
+    """FLUX.3's reference: the modular pipeline's auto blocks (families.MODULAR_PIPELINES) without the
+    prompt upsampler, in one piece as diffusers' documentation runs them: init_pipeline on the
+    checkpoint, load_components, one prompt per call; for the base model a classifier-free guider
+    of scale `guidance`. Its tokenizer is what the encode takes where the Qwen3VLProcessor cannot
+    be built (checkpoint.pipeline_tokenizer; tests/test_flux3.py pins it to the processor's rendering)."""
+    import diffusers
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    blocks = getattr(diffusers.modular_pipelines, MODULAR_PIPELINES[pipeline_name])()
+    blocks.sub_blocks.pop("prompt_upsampler")
+    pipeline = blocks.init_pipeline(str(checkpoint))
+    pipeline.load_components(names=["text_encoder", "transformer", "vae", "scheduler"], dtype=dtype)
+    tokenizer = pipeline_tokenizer(str(checkpoint), Path(checkpoint), "tokenizer")
+    if tokenizer is not None:
+        pipeline.update_components(tokenizer=tokenizer)
+    else:
+        pipeline.load_components(names=["tokenizer"])
+    if "guider" in pipeline.component_names:
+        pipeline.update_components(guider=ClassifierFreeGuidance(guidance_scale=guidance))
+    pipeline.set_progress_bar_config(disable=True)
+    (image,) = pipeline(prompt=prompt, height=height, width=width, num_inference_steps=steps,
+                        generator=torch.Generator("cpu").manual_seed(seed), output="images")
     return np.asarray(image)
 
 
