@@ -7,6 +7,8 @@
         result = model.generate("a photo of a dog", seed=0, steps=28)
         result.images[0].save("dog.png")             # PIL images; .info holds the PNG's text fields
         print(result.report.table())                 # the per-stage report (planned and measured bytes)
+        for event in model.generate_iter("a cat"):   # progress.Progress events, then the Generation
+            print(event)
 
 The command line is a thin layer over this module: cli.py parses options and prints, this module
 builds the run's request (checkpoint, settings, budget) and hands it to runner.py. The keyword
@@ -20,11 +22,14 @@ exception the command line prints as its one `Error: ...` line.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
+import queue
 import shutil
 import tempfile
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -50,6 +55,7 @@ from .lora import resolve as resolve_lora
 from .prompts import PromptLine, expand
 from .quantize import check_available, check_prequantized, format_quantize, parse_quantize, prequantized
 from .report import RunReport
+from .rundir import holds_our_run
 from .settings import FAMILY, MAX_INPUT_IMAGES, MAX_LORAS, Setting, image_options, open_options
 from .validate import setting_field
 
@@ -284,13 +290,17 @@ class Model:
 
     def generate(self, prompt: str | Sequence[str], *, seed: int = 0, num_images_per_prompt: int = 1,
                  out_dir: str | Path | None = None, run_dir: str | Path | None = None, overwrite: bool = False,
-                 progress: Callable[[Progress], None] | None = None, **settings) -> Generation:
+                 resume: bool = False, progress: Callable[[Progress], None] | None = None,
+                 **settings) -> Generation:
         """Images of `prompt` (a text, or a list: one image each, times num_images_per_prompt); image k
         uses seed + k, as on the command line, so the same arguments give the CLI's pixels.
 
-        The PNGs and the run folder are written to `out_dir` (the images then stay there, and an
-        interrupted call can be resumed with `flux-sharded --resume`); without one, to a temporary
-        folder removed before this returns. `progress` is called as the stages go (progress.Progress)."""
+        The PNGs and the run folder are written to `out_dir` (the images then stay there); without
+        one, to a temporary folder removed before this returns. A call stopped before its end (an
+        error, a signal, generate_iter left early) leaves its run folder in `out_dir`: the same call
+        with `resume=True` continues it (its finished stages are not run again), as does
+        `flux-sharded --resume`; without `resume`, a run folder in the way is refused (SettingsError),
+        and `overwrite=True` starts it again. `progress` is called as the stages go (progress.Progress)."""
         family = self.checkpoint.family
         if not family.runs:
             raise SettingsError(f"model '{self.model}' is {family.name} ({family.pipeline}): {family.name} runs are "
@@ -307,6 +317,8 @@ class Model:
             folder = Path(out_dir).expanduser() if out_dir is not None else temporary
             request = self.request(lines, seed, num_images_per_prompt, folder,
                                    Path(run_dir).expanduser() if run_dir is not None else None, overwrite, **checked)
+            if resume and not overwrite and holds_our_run(request.run_folder):
+                request = dataclasses.replace(request, resume=True)
             generation = self.run(request, progress)
         finally:
             if temporary is not None:
@@ -314,6 +326,42 @@ class Model:
         if temporary is not None:  # the files are gone: the report names none
             generation.report.images, generation.report.written, generation.paths = [], [], []
         return generation
+
+    def generate_iter(self, prompt: str | Sequence[str], **arguments) -> Iterator[Progress | Generation]:
+        """generate() as an iterator: each progress.Progress as the stages go (a stage's start, each
+        denoising step, each image done), then the Generation, last. Takes generate()'s arguments
+        but `progress`; raises what generate() raises, at the first next() for a bad argument.
+
+        Leaving the loop early (break, or an exception in its body) stops the run at its next
+        event, a denoising step or an image, and returns once it has stopped: with an `out_dir`, its
+        run folder keeps the work done, which the same call with `resume=True` continues."""
+        if "progress" in arguments:
+            raise SettingsError("generate_iter(): it yields the progress itself; call generate() for a callback")
+        events: queue.Queue = queue.Queue()
+        stop = threading.Event()
+
+        def progress(event: Progress) -> None:
+            if stop.is_set():
+                raise _Stopped()  # out of the runner, which releases the stage as for any error
+            events.put(event)
+
+        def work() -> None:
+            try:
+                events.put(_Finished(self.generate(prompt, progress=progress, **arguments), None))
+            except BaseException as error:  # handed to the caller's thread, raised there
+                events.put(_Finished(None, error))
+
+        worker = threading.Thread(target=work, name="flux-sharded-generate", daemon=True)
+        worker.start()
+        try:
+            while not isinstance(event := events.get(), _Finished):
+                yield event
+        finally:
+            stop.set()
+            worker.join()
+        if event.error is not None:
+            raise event.error
+        yield event.generation
 
     def check(self, request: runner.RunRequest) -> None:
         """Everything of `request` checkable without weights: its settings (runner.check_settings)
@@ -330,6 +378,18 @@ class Model:
         report = run(request, self.log, on_progress=progress, kept=self.kept)
         return Generation([_read_image(Path(path)) for path in report.images], report,
                           [Path(path) for path in report.images])
+
+
+class _Stopped(Exception):
+    """The caller of Model.generate_iter left its loop: the run stops at its next event."""
+
+
+@dataclass(frozen=True)
+class _Finished:
+    """generate_iter's last event from its worker: the generation, or what stopped it."""
+
+    generation: Generation | None
+    error: BaseException | None
 
 
 def open_model(model: str = DEFAULT_MODEL, *, max_memory: str | Budget | None = None,
@@ -375,5 +435,9 @@ def _with_settings(function, settings: tuple[Setting, ...], default) -> None:
 
 _with_settings(Model.generate, image_options(), None)
 _with_settings(Model.plan, image_options(), None)
+# generate_iter takes generate()'s arguments, less the callback it replaces
+Model.generate_iter.__signature__ = inspect.signature(Model.generate).replace(
+    parameters=[each for each in inspect.signature(Model.generate).parameters.values() if each.name != "progress"],
+    return_annotation="Iterator[Progress | Generation]")
 _with_settings(Model.__init__, OPENED, None)
 _with_settings(open_model, OPENED, None)

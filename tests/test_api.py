@@ -107,6 +107,36 @@ def test_the_progress_callback_follows_every_stage(model):
     assert steps == [(1, 2), (2, 2)] * 2  # two images, one batch each
 
 
+def test_generate_iter_yields_the_callbacks_events_then_the_generation(model):
+    called: list[Progress] = []
+    expected = model.generate(["a dog", "a cat"], seed=3, progress=called.append, **SETTINGS)
+    *events, generation = model.generate_iter(["a dog", "a cat"], seed=3, **SETTINGS)
+    assert events == called
+    assert isinstance(generation, api.Generation)
+    for image, other in zip(generation.images, expected.images, strict=True):
+        assert_same_pixels(np.asarray(image), np.asarray(other))
+
+
+def test_leaving_generate_iter_early_stops_the_run_and_resume_continues_it(model, tmp_path):
+    """A break at the first denoising step: the run stops there (no thread left running, no PNG),
+    its run folder keeps the encode, and the same call with resume=True finishes it without
+    encoding again, to the pixels of an uninterrupted call."""
+    out = tmp_path / "out"
+    for event in model.generate_iter(["a dog", "a cat"], out_dir=out, **SETTINGS):
+        if event.stage == "denoise" and event.step == 1:
+            break
+    assert "flux-sharded-generate" not in [thread.name for thread in threading.enumerate()]
+    assert list(out.glob("*.png")) == []
+    with pytest.raises(SettingsError, match="already holds a run"):
+        model.generate(["a dog", "a cat"], out_dir=out, **SETTINGS)
+    called: list[Progress] = []
+    resumed = model.generate(["a dog", "a cat"], out_dir=out, resume=True, progress=called.append, **SETTINGS)
+    assert "encode" not in {event.stage for event in called}
+    fresh = model.generate(["a dog", "a cat"], **SETTINGS)
+    for image, other in zip(resumed.images, fresh.images, strict=True):
+        assert_same_pixels(np.asarray(image), np.asarray(other))
+
+
 # (where, keyword arguments, error class, message fragment)
 MISTAKES = [
     ("generate", {"steps": 0}, SettingsError, "generate(): field 'steps' is 0, outside 1..100000"),
