@@ -29,7 +29,7 @@ def serve() -> None:
     main(args=sys.argv[2:], prog_name="flux-sharded serve")
 
 
-SERVE_PACKAGES = ("fastapi", "uvicorn", "starlette")
+SERVE_PACKAGES = ("fastapi", "uvicorn", "starlette", "python_multipart")
 
 
 if __name__ == "__main__":

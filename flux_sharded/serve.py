@@ -4,6 +4,9 @@ FastAPI and uvicorn).
     POST /v1/images/generations   OpenAI's images API: prompt, n, size "WIDTHxHEIGHT", response_format
                                   b64_json; our settings as extensions named as the CLI options with
                                   underscores (seed, steps, guidance, max_sequence_length)
+    POST /v1/images/edits         OpenAI's edits, a multipart form: image (one file or several:
+                                  Kontext's, FLUX.2's references, FLUX.1 image-to-image), prompt,
+                                  and the fields above; strength besides
     GET  /v1/models               the one model
 
 and its own, for programs that want every setting and the progress, and for the web page at `/`:
@@ -41,6 +44,7 @@ import io
 import json
 import re
 import secrets
+import shutil
 import socket
 import sys
 import threading
@@ -51,19 +55,23 @@ from pathlib import Path
 from typing import Callable
 
 import click
+import python_multipart  # noqa: F401 (starlette parses the edits' forms with it, imported late: missing, said at start)
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from PIL import Image
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
 
 from . import api
 from .cli import BudgetType, OneLineErrors
 from .checkpoint import DEFAULT_MODEL
 from .errors import FluxShardedError, PlanError, SettingsError
 from .files import atomic_write
+from .input_images import decode
 from .prompts import PromptLine
 from .rundir import holds_our_run
-from .settings import DTYPE_NAMES, image_options, setting
+from .settings import DTYPE_NAMES, MAX_INPUT_IMAGES, image_options, setting
 
 DEFAULT_PORT = 8000  # what OpenAI-compatible local servers commonly listen on (vLLM, LocalAI)
 MAX_BODY_BYTES = 1 * 2**20  # a request is a prompt and a few numbers; anything larger is refused (413)
@@ -76,9 +84,15 @@ IGNORED_FIELDS = ("model", "user", "quality", "style", "moderation", "background
 # schema, less the batch size, which the server chooses (batch mates change the pixels' rounding),
 # and the input images with their strength: the command line reads images from paths, and no
 # request names a path on the server.
-NATIVE_SETTINGS = tuple(each for each in image_options() if each.name not in ("batch_size", "images", "strength"))
+INPUT_IMAGE_SETTINGS = ("images", "strength")
+NATIVE_SETTINGS = tuple(each for each in image_options() if each.name not in ("batch_size", *INPUT_IMAGE_SETTINGS))
 # OpenAI's endpoint takes the size as its own `size` field, the rest as extensions.
 EXTENSION_SETTINGS = tuple(each for each in NATIVE_SETTINGS if each.name not in ("height", "width"))
+# OpenAI's edits endpoint takes the input images as uploaded files (kept in OUT/inputs, named by the
+# server), and what they decide besides: image-to-image's strength.
+EDIT_SETTINGS = (*EXTENSION_SETTINGS, *(each for each in image_options() if each.name == "strength"))
+MAX_UPLOAD_BYTES = 64 * 2**20  # an edit's whole form: OpenAI takes images of up to 50 MB
+IMAGE_FIELDS = ("image", "image[]")  # OpenAI's client sends a list of images as image[]
 # The native endpoint's fields besides the settings; OpenAI's adds size and response_format.
 REQUEST_FIELDS = ("prompt", "n", "seed")
 WEB_PAGE = Path(__file__).with_name("web") / "index.html"
@@ -153,11 +167,11 @@ class Server:
 
     # ---- accepting
 
-    def job(self, body: dict, native: bool = False) -> Job:
+    def job(self, body: dict, native: bool = False, inputs: tuple[str, ...] = ()) -> Job:
         """The request's job, every field checked and its plan within the budget (RequestError
         naming the first bad field): OpenAI's request with our extensions, or (`native`) the native
-        endpoint's, NATIVE_SETTINGS by name."""
-        job = self._parsed(body, native)
+        endpoint's, NATIVE_SETTINGS by name. `inputs`: an edit's images, files of the server's."""
+        job = self._parsed(body, native, inputs)
         try:  # the settings and the budget, before anything is accepted (no weight is read)
             self.model.check(self._request(job, [job]))
         except PlanError as error:
@@ -167,9 +181,9 @@ class Server:
             raise RequestError(str(error), _param(str(error), native)) from None
         return job
 
-    def _parsed(self, body: dict, native: bool) -> Job:
+    def _parsed(self, body: dict, native: bool, inputs: tuple[str, ...] = ()) -> Job:
         """The request's job, each field checked alone (RequestError naming the first bad one)."""
-        accepted = NATIVE_SETTINGS if native else EXTENSION_SETTINGS
+        accepted = NATIVE_SETTINGS if native else EDIT_SETTINGS if inputs else EXTENSION_SETTINGS
         known = {*REQUEST_FIELDS, *(each.name for each in accepted),
                  *(() if native else ("size", "response_format", *IGNORED_FIELDS))}
         unknown = sorted(set(body) - known)
@@ -200,12 +214,40 @@ class Server:
             if match is None:
                 raise RequestError(f"'size' {json.dumps(size)} is not WIDTHxHEIGHT (e.g. 1024x768) or auto", "size")
             settings["width"], settings["height"] = int(match.group(1)), int(match.group(2))
+        if inputs:
+            settings["images"] = inputs
         seed = body.get("seed")
         if seed is None:
             seed = secrets.randbits(32)  # recorded in the request's file and in each PNG
         elif not isinstance(seed, int) or isinstance(seed, bool):
             raise RequestError(f"'seed' is {json.dumps(seed)}, not a whole number", "seed")
         return Job(uuid.uuid4().hex, prompt, tuple(seed + k for k in range(n)), settings)
+
+    def edit_job(self, body: dict, uploads: list[bytes]) -> Job:
+        """An edit's job (OpenAI's images.edit): the uploaded images, each decoded whole before it
+        is kept in OUT/inputs/<folder>/ (in the request's order), and the fields as job() checks
+        them; a refused edit keeps no file."""
+        if not uploads:
+            raise RequestError("'image' is missing: give the image(s) to edit as files of the form", "image")
+        if len(uploads) > MAX_INPUT_IMAGES:
+            raise RequestError(f"'image' has {len(uploads)} files; no pipeline here takes more than {MAX_INPUT_IMAGES}",
+                               "image")
+        for position, data in enumerate(uploads, 1):
+            try:
+                decode(data, f"'image' file {position}")
+            except FluxShardedError as error:
+                raise RequestError(str(error), "image") from None
+        folder = self.out_dir / "inputs" / uuid.uuid4().hex
+        folder.mkdir(parents=True)
+        try:
+            paths = []
+            for position, data in enumerate(uploads):
+                paths.append(str(folder / f"image-{position}"))
+                atomic_write(Path(paths[-1]), lambda tmp, data=data: Path(tmp).write_bytes(data))
+            return self.job(body, inputs=tuple(paths))
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
 
     def plan(self, body: dict) -> dict:
         """The plan of a native request (its prompt may be left out: a plan does not depend on the
@@ -315,10 +357,11 @@ class Server:
 def _param(message: str, native: bool = False) -> str | None:
     """The request field a settings error is about (its message names the CLI option)."""
     size = () if native else (("--height", "size"), ("--width", "size"))
-    for option, field in (*size, ("--seed", "seed"), ("--prompt", "prompt")):
+    for option, field in (*size, ("--seed", "seed"), ("--prompt", "prompt"), ("--image", "image")):
         if option in message:
             return field
-    return next((each.name for each in NATIVE_SETTINGS if f"--{each.name.replace('_', '-')}" in message), None)
+    return next((each.name for each in (*NATIVE_SETTINGS, *EDIT_SETTINGS)
+                 if f"--{each.name.replace('_', '-')}" in message), None)
 
 
 def create_app(server: Server) -> FastAPI:
@@ -339,14 +382,12 @@ def create_app(server: Server) -> FastAPI:
 
     @app.post("/v1/images/generations")
     async def generations(request: Request) -> JSONResponse:
-        body = await _json_body(request)
-        job = server.job(body)
-        paths, failure = await server.accept(job, asyncio.get_running_loop())
-        if failure is not None:
-            return error_response(failure, None, 500)
-        data = [{"b64_json": base64.b64encode(path.read_bytes()).decode(), "seed": seed, "revised_prompt": job.prompt}
-                for path, seed in zip(paths, job.seeds, strict=True)]
-        return JSONResponse({"created": int(time.time()), "data": data})
+        return await _answer(server, server.job(await _json_body(request)))
+
+    @app.post("/v1/images/edits")
+    async def edits(request: Request) -> JSONResponse:
+        body, uploads = await _form_body(request)
+        return await _answer(server, await asyncio.to_thread(server.edit_job, body, uploads))
 
     @app.get("/v1/flux/settings")
     async def settings() -> dict:
@@ -371,6 +412,16 @@ def create_app(server: Server) -> FastAPI:
         return HTMLResponse(WEB_PAGE.read_text(encoding="utf-8"), headers={"Cache-Control": "no-store"})
 
     return app
+
+
+async def _answer(server: Server, job: Job) -> JSONResponse:
+    """OpenAI's answer to an accepted job, once its images are written."""
+    paths, failure = await server.accept(job, asyncio.get_running_loop())
+    if failure is not None:
+        return error_response(failure, None, 500)
+    data = [{"b64_json": base64.b64encode(path.read_bytes()).decode(), "seed": seed, "revised_prompt": job.prompt}
+            for path, seed in zip(paths, job.seeds, strict=True)]
+    return JSONResponse({"created": int(time.time()), "data": data})
 
 
 def _event(name: str, data: dict) -> str:
@@ -416,6 +467,50 @@ async def _json_body(request: Request) -> dict:
     if not isinstance(data, dict):
         raise RequestError("the body must be a JSON object", None)
     return data
+
+
+async def _form_body(request: Request) -> tuple[dict, list[bytes]]:
+    """An edit's multipart form (OpenAI's images.edit): its fields, numbers parsed from their text
+    (a form's values are texts), and its image files' bytes in order. At most MAX_UPLOAD_BYTES,
+    said by Content-Length before anything is read."""
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise RequestError("an edit is a multipart/form-data form (OpenAI's images.edit): the image files and "
+                           "the fields", None, 415)
+    length = request.headers.get("content-length", "")
+    if not length.isdigit():
+        raise RequestError("the form's size is not given (Content-Length); send it with one", None, 411)
+    if int(length) > MAX_UPLOAD_BYTES:
+        raise RequestError(f"the form has {length} bytes; at most {MAX_UPLOAD_BYTES}", None, 413)
+    try:
+        form = await request.form(max_files=MAX_INPUT_IMAGES + 1, max_fields=64, max_part_size=MAX_BODY_BYTES)
+    except (MultiPartException, HTTPException, ValueError) as error:
+        raise RequestError(f"the form cannot be read ({getattr(error, 'detail', None) or error})", None) from None
+    body, uploads = {}, []
+    try:
+        numbers = {"n", "seed", *(each.name for each in EDIT_SETTINGS if each.type in (int, float))}
+        for name, value in form.multi_items():
+            if name in IMAGE_FIELDS:
+                if isinstance(value, str):
+                    raise RequestError("'image' must be a file of the form, not a text", "image")
+                uploads.append(await value.read())
+            elif not isinstance(value, str):
+                raise RequestError(f"'{name}' is a file; only 'image' is", name)
+            elif name in body:
+                raise RequestError(f"'{name}' is given twice", name)
+            else:
+                body[name] = _number(value) if name in numbers else value
+    finally:
+        await form.close()
+    return body, uploads
+
+
+def _number(text: str):
+    """A form's text as the JSON number it spells ("28", "3.5"), else the text (refused by its field's check)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else text
 
 
 @click.command("flux-sharded serve", cls=OneLineErrors,

@@ -4,6 +4,7 @@ pixels, concurrent clients, refusals naming the field, and requests resumed afte
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import signal
@@ -172,6 +173,66 @@ def test_a_bad_request_is_refused_naming_the_field(server, body, status, param, 
     assert message in answer["error"]["message"]
     assert "Traceback" not in answer["error"]["message"]
     assert set((queue.out_dir / "requests").iterdir()) == before  # nothing accepted
+
+
+def photo_bytes(size=(48, 32), seed=0) -> bytes:
+    """A PNG of random pixels."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(
+        buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_an_edit_through_the_openai_client_gets_the_command_lines_image_to_image_pixels(server, tiny_checkpoint,
+                                                                                        tmp_path):
+    url, queue = server
+    data = photo_bytes()
+    answer = client(url).images.edit(image=("dog.png", data, "image/png"), prompt="a dog", size=SIZE,
+                                     response_format="b64_json", extra_body={"seed": 5, "strength": 0.8, **EXTENSIONS})
+    (tmp_path / "dog.png").write_bytes(data)
+    (expected,) = cli_images(tiny_checkpoint, tmp_path / "cli", "--prompt", "a dog", "--seed", "5", "--image",
+                             str(tmp_path / "dog.png"), "--strength", "0.8")
+    served, metadata = pixels(answer.data[0].b64_json)
+    with Image.open(expected) as image:
+        assert_same_pixels(served, np.asarray(image))
+        assert metadata["strength"] == image.text["strength"] == "0.8"
+    # the input kept by the server, as uploaded, and named in the image's metadata
+    (kept,) = (queue.out_dir / "inputs").glob("*/image-0")
+    assert kept.read_bytes() == data
+    assert metadata["image"] == f"{kept} 48x32 sha256:{hashlib.sha256(data).hexdigest()}"
+
+
+def edit(url: str, files: list[tuple[str, bytes]], **fields) -> tuple[int, dict]:
+    """POST /v1/images/edits as a multipart form, as OpenAI's client sends it."""
+    boundary = "flux-sharded-test-boundary"
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+             for name, value in {"prompt": "a dog", "size": SIZE, **fields}.items()]
+    parts += [f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="in.png"\r\n'
+              f'Content-Type: image/png\r\n\r\n'.encode() + data + b"\r\n" for name, data in files]
+    request = urllib.request.Request(f"{url}/v1/images/edits", data=b"".join(parts) + f"--{boundary}--\r\n".encode(),
+                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    try:
+        with urllib.request.urlopen(request, timeout=600) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+@pytest.mark.parametrize("files, fields, param, message", [
+    ([], {}, "image", "'image' is missing"),
+    ([("image", b"not an image")], {}, "image", "'image' file 1"),
+    ([("image[]", photo_bytes()), ("image[]", photo_bytes(seed=1))], {}, "image", "--image"),
+    ([("image", photo_bytes())], {"strength": "2"}, "strength", "field 'strength' is 2"),
+    ([("image", photo_bytes())], {"steps": "many"}, "steps", "field 'steps' is \"many\""),
+    ([("image", photo_bytes()), ("mask", b"x")], {}, "mask", "'mask' is a file; only 'image' is"),
+], ids=["no-image", "not-an-image", "two-for-img2img", "strength", "steps", "file-field"])
+def test_a_bad_edit_is_refused_naming_the_field_and_keeps_no_file(server, files, fields, param, message):
+    url, queue = server
+    before = {*(queue.out_dir / "requests").iterdir(), *(queue.out_dir / "inputs").glob("*/*")}
+    code, answer = edit(url, files, **fields)
+    assert (code, answer["error"]["param"]) == (400, param), answer
+    assert message in answer["error"]["message"]
+    assert {*(queue.out_dir / "requests").iterdir(), *(queue.out_dir / "inputs").glob("*/*")} == before
 
 
 def events(url: str, body: dict) -> list[tuple[str, dict]]:
