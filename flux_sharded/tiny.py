@@ -620,7 +620,7 @@ def _build_real_klein(configs: Path, seed: int, device: str, dtype: str):
 
 # Written into every checkpoint this module builds: only a folder holding it may be replaced.
 # The layers build_tiny_lora adapts, by their diffusers names in FLUX.1's transformer (kohya's
-# sd-scripts names them after BFL's original modules, KOHYA_FLUX1 says how), FLUX.2's, and CLIP's.
+# sd-scripts names them after BFL's original modules, BFL_FLUX1 says how), FLUX.2's, and CLIP's.
 LORA_TARGETS = {
     "FluxPipeline": ("attn.to_q", "attn.to_v", "attn.to_out.0", "ff.net.0.proj", "norm1.linear", "proj_out",
                      "proj_mlp"),
@@ -628,21 +628,40 @@ LORA_TARGETS = {
     # kohya trains CLIP's attention whole (q, k, v, out): diffusers converts its attention keys only then
     "text_encoder": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1"),
 }
-KOHYA_FLUX1 = {  # diffusers module of block i -> kohya's key (diffusers' _convert_kohya_flux_lora_to_diffusers)
-    "transformer_blocks.{i}.attn.to_out.0": "lora_unet_double_blocks_{i}_img_attn_proj",
-    "transformer_blocks.{i}.ff.net.0.proj": "lora_unet_double_blocks_{i}_img_mlp_0",
-    "transformer_blocks.{i}.norm1.linear": "lora_unet_double_blocks_{i}_img_mod_lin",
-    "single_transformer_blocks.{i}.proj_out": "lora_unet_single_blocks_{i}_linear2",
+# diffusers module of block i -> BFL's original module, which kohya's sd-scripts (lora_unet_ + the
+# name with underscores) and ComfyUI (diffusion_model. + the name) key their LoRAs by (diffusers'
+# _convert_kohya_flux_lora_to_diffusers reads both)
+BFL_FLUX1 = {
+    "transformer_blocks.{i}.attn.to_out.0": "double_blocks.{i}.img_attn.proj",
+    "transformer_blocks.{i}.ff.net.0.proj": "double_blocks.{i}.img_mlp.0",
+    "transformer_blocks.{i}.norm1.linear": "double_blocks.{i}.img_mod.lin",
+    "single_transformer_blocks.{i}.proj_out": "single_blocks.{i}.linear2",
 }
+# XLabs' FLUX.1 LoRAs (diffusers' _convert_xlabs_flux_lora_to_diffusers): attention only, one
+# down/up pair per BFL projection, q, k and v fused (one down shared, the up split in three)
+XLABS_FLUX1 = {
+    "transformer_blocks.{i}.attn.to_out.0": "double_blocks.{i}.processor.proj_lora1",
+    "transformer_blocks.{i}.attn.to_add_out": "double_blocks.{i}.processor.proj_lora2",
+    "single_transformer_blocks.{i}.proj_out": "single_blocks.{i}.processor.proj_lora",
+}
+XLABS_QKV_FLUX1 = {  # the fused projection -> the diffusers module whose shape each third has
+    "double_blocks.{i}.processor.qkv_lora1": "transformer_blocks.{i}.attn.to_q",
+    "double_blocks.{i}.processor.qkv_lora2": "transformer_blocks.{i}.attn.add_q_proj",
+    "single_blocks.{i}.processor.qkv_lora": "single_transformer_blocks.{i}.attn.to_q",
+}
+LORA_KINDS = ("diffusers", "kohya", "comfyui", "xlabs")
 
 
 def build_tiny_lora(checkpoint: str | Path, out_file: str | Path, seed: int = 0, kind: str = "diffusers",
                     rank: int = 4, text_encoder: bool = False, strength: float = 1.0) -> Path:
-    """A random LoRA for a checkpoint built here, in diffusers' format (the pipeline's
-    save_lora_weights) or kohya's (`lora_unet_..._lora_down.weight`, `lora_up.weight`, `alpha`, and
-    `lora_te1_...` for CLIP), over the LORA_TARGETS layers of every block (KOHYA_FLUX1's for kohya).
-    lora_B (up) is random too, not PEFT's zeros, so that the LoRA changes the pixels; `strength`
-    scales it. text_encoder: also CLIP's layers (FLUX.1). Returns the file."""
+    """A random LoRA for a checkpoint built here, in one of LORA_KINDS: diffusers' format (the
+    pipeline's save_lora_weights), or for FLUX.1 kohya's (`lora_unet_..._lora_down.weight`,
+    `lora_up.weight`, `alpha`, and `lora_te1_...` for CLIP), ComfyUI's (the same keyed
+    `diffusion_model.double_blocks.0.img_attn.proj...`, and `text_encoders.clip_l.transformer....`
+    for CLIP) or XLabs' (XLABS_FLUX1, XLABS_QKV_FLUX1; no CLIP), over the LORA_TARGETS layers of
+    every block (BFL_FLUX1's for kohya and ComfyUI). lora_B (up) is random too, not PEFT's zeros, so
+    that the LoRA changes the pixels; `strength` scales it. text_encoder: also CLIP's layers
+    (FLUX.1). Returns the file."""
     import torch
     from safetensors.torch import save_file
 
@@ -663,23 +682,45 @@ def build_tiny_lora(checkpoint: str | Path, out_file: str | Path, seed: int = 0,
         return {module: pair(linear) for module, linear in model.named_modules()
                 if isinstance(linear, torch.nn.Linear) and module.endswith(suffixes)}
 
+    if kind not in LORA_KINDS or (kind != "diffusers" and family.pipeline != "FluxPipeline"):
+        raise ValueError(f"kind {kind!r}: one of {LORA_KINDS}; all but diffusers for FLUX.1 only")
     family_targets = LORA_TARGETS["FluxPipeline" if family.pipeline == "FluxPipeline" else "Flux2Pipeline"]
     transformer = layers("transformer", family_targets)
-    clip = layers("text_encoder", LORA_TARGETS["text_encoder"]) if text_encoder else {}
+    clip = layers("text_encoder", LORA_TARGETS["text_encoder"]) if text_encoder and kind != "xlabs" else {}
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    if kind == "kohya":
+    if kind in ("kohya", "comfyui"):
         tensors = {}
         for module, (down, up) in transformer.items():
             block = module.split(".")[1] if module.count(".") else ""
-            for pattern, kohya in KOHYA_FLUX1.items():
+            for pattern, bfl in BFL_FLUX1.items():
                 if module == pattern.format(i=block):
-                    key = kohya.format(i=block)
+                    name = bfl.format(i=block)
+                    key = "lora_unet_" + name.replace(".", "_") if kind == "kohya" else "diffusion_model." + name
                     tensors |= {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up,
                                 f"{key}.alpha": torch.tensor(float(rank) / 2)}
         for module, (down, up) in clip.items():
-            key = "lora_te1_text_model_" + module.replace(".", "_")
+            key = ("lora_te1_text_model_" + module.replace(".", "_") if kind == "kohya"
+                   else "text_encoders.clip_l.transformer.text_model." + module)
             tensors |= {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up,
                         f"{key}.alpha": torch.tensor(float(rank))}
+        save_file(tensors, str(out_file))
+        return out_file
+    if kind == "xlabs":
+        model = empty_component(checkpoint, "transformer")
+        modules = dict(model.named_modules())
+        blocks = {"transformer_blocks": len(model.transformer_blocks),
+                  "single_transformer_blocks": len(model.single_transformer_blocks)}
+        tensors = {}
+        for patterns, fused in ((XLABS_FLUX1, 1), (XLABS_QKV_FLUX1, 3)):
+            for first, second in patterns.items():
+                module_pattern, key_pattern = (first, second) if fused == 1 else (second, first)
+                for i in range(blocks[module_pattern.split(".")[0]]):
+                    linear = modules[module_pattern.format(i=i)]
+                    down, up = pair(linear)
+                    if fused == 3:  # q, k and v: one down, three ups stacked
+                        up = torch.cat([up, *(pair(linear)[1] for _ in range(2))])
+                    key = key_pattern.format(i=i)
+                    tensors |= {f"{key}.down.weight": down, f"{key}.up.weight": up}
         save_file(tensors, str(out_file))
         return out_file
     import diffusers

@@ -51,6 +51,9 @@ def _reference(checkpoint: Path, loras=()) -> np.ndarray:
 CASES = [
     ("tiny_checkpoint", [("diffusers", 1, 1.0)]),
     ("tiny_checkpoint", [("kohya", 2, 0.8), ("diffusers", 3, -0.5)]),
+    # the other formats diffusers converts for FLUX.1: ComfyUI's (BFL names under diffusion_model., CLIP
+    # under text_encoders.clip_l) and XLabs' (fused q, k, v)
+    ("tiny_checkpoint", [("comfyui", 10, 0.9), ("xlabs", 11, 1.2)]),
     ("tiny_klein", [("diffusers", 4, 1.0)]),
     ("tiny_klein", [("diffusers", 5, 0.6), ("diffusers", 6, 1.3)]),
     ("tiny_dev", [("diffusers", 7, 1.0)]),
