@@ -47,7 +47,7 @@ from .budget import DEFAULT_CPU_FRACTION, DEFAULT_GPU_RESERVE_BYTES, Budget, che
     format_budget, parse_budget
 from .checkpoint import DEFAULT_MODEL, Checkpoint, model_reference, resolve_checkpoint
 from .errors import PlanError, SettingsError
-from .families import generation_defaults
+from .families import generation_defaults, reference_size
 from .handoff import GenerationSettings
 from .json_fields import JsonFields
 from .input_images import InputImage, read_image
@@ -273,12 +273,24 @@ class Model:
             raise SettingsError("this model is closed; open another with flux_sharded.open_model(...)")
         prompts, seeds = expand(lines, seed, num_images_per_prompt)
         inputs = image_inputs(settings.pop("images", ()))  # read once, before anything is written
+        mask = settings.pop("mask", "")
+        masks = (read_image(str(mask), "--mask"),) if mask else ()
         generation = GenerationSettings(model=self.model, prompts=prompts, seeds=seeds, dtype=self.dtype,
                                         quantize=self.quantize, lora=self.lora,
-                                        **{**self.defaults(), **settings,
-                                           "images": tuple(each.saved_text for each in inputs)})
+                                        **{**self.defaults(), **self.inpaint_size(inputs, masks), **settings,
+                                           "images": tuple(each.saved_text for each in inputs),
+                                           "mask": "".join(each.saved_text for each in masks)})
         return runner.RunRequest(self.checkpoint, generation, self.budget, out_dir, self.offload_folder,
-                                 run_dir=run_dir, overwrite=overwrite, input_images=inputs)
+                                 run_dir=run_dir, overwrite=overwrite, input_images=inputs + masks)
+
+    def inpaint_size(self, inputs: tuple[InputImage, ...], masks: tuple[InputImage, ...]) -> dict[str, int]:
+        """{"height", "width"} of an inpainting run whose pipeline paints at its input image's size
+        (families.Family.inpaint_at_image_size: klein), the defaults where none are given; else {}."""
+        family = self.checkpoint.family
+        if not (masks and len(inputs) == 1 and family.inpaint_at_image_size):
+            return {}
+        height, width = reference_size(inputs[0].size, self.checkpoint.vae_scale_factor)
+        return {"height": height, "width": width}
 
     def plan(self, prompt: str | Sequence[str] | None = None, *, seed: int = 0, num_images_per_prompt: int = 1,
              **settings) -> Plan:

@@ -151,8 +151,12 @@ class _PathParam(click.Path):
     "reference (repeat for several).",
 )
 @click.option(
+    "--mask", default=setting("mask").default, metavar="PATH",
+    help="Inpainting mask for the --image, of its size: white is redrawn, black kept (FLUX.1, FLUX.2-klein).",
+)
+@click.option(
     "--strength", type=float, default=setting("strength").default, show_default=True,
-    help="Image-to-image: how much of the --image is redrawn, above 0 and at most 1.",
+    help="Image-to-image and inpainting: how much of the --image is redrawn, above 0 and at most 1.",
 )
 @click.option(
     "--negative-prompt", default=setting("negative_prompt").default, metavar="TEXT",
@@ -362,6 +366,10 @@ def _check_agrees(given: list[str], options: dict, saved, checkpoint) -> None:
         from .api import image_inputs
 
         options = dict(options, images=tuple(each.saved_text for each in image_inputs(options["images"])))
+    if options.get("mask"):
+        from .input_images import read_image
+
+        options = dict(options, mask=read_image(options["mask"], "--mask").saved_text)
     for name, value in saved_values.items():
         if name in given:
             mine = options[name].absolute() if isinstance(options[name], Path) else options[name]

@@ -200,10 +200,13 @@ def _flux1_inputs(config: dict, vae_scale_factor: int, settings) -> dict[str, tu
     import torch
 
     images, factor = len(settings.prompts), vae_scale_factor
+    packed = (images, activations.image_tokens(settings.height, settings.width, factor), config["in_channels"])
     return {
         # the input image encoded at the run's size, sampled (FluxImg2ImgPipeline._encode_vae_image)
         "input_latents": (images, config["in_channels"] // 4, settings.height // factor, settings.width // factor),
         GENERATOR_STATES: (images, torch.Generator().get_state().numel()),  # each image's, after sampling
+        # inpainting: FluxInpaintPipeline.prepare_mask_latents' packed mask and masked image
+        **({"input_mask": packed, "input_masked_latents": packed} if settings.mask else {}),
     }
 
 
@@ -222,6 +225,15 @@ def _kontext_inputs(config: dict, vae_scale_factor: int, settings) -> dict[str, 
 def _flux2_inputs(config: dict, vae_scale_factor: int, settings) -> dict[str, tuple]:
     if not settings.images:
         return {}
+    if settings.mask:  # Flux2KleinInpaintPipeline: the run's size is its input image's (runner.check_image_settings)
+        factor = 2 * vae_scale_factor
+        return {
+            # the input image encoded (the VAE's mode), patchified and normalised (_encode_vae_image)
+            "input_latents": (len(settings.prompts), config["in_channels"], settings.height // factor,
+                              settings.width // factor),
+            "input_mask": (len(settings.prompts),  # prepare_mask_latents' packed mask, one channel
+                           activations.image_tokens(settings.height, settings.width, vae_scale_factor), 1),
+        }
     from .input_images import parse_saved
 
     images, sizes = len(settings.prompts), [reference_size(parse_saved(text)[1], vae_scale_factor)
@@ -460,6 +472,11 @@ class Family:
     max_images: int = 0
     # Whether the image pipeline takes a strength (how much of the input image is noised: image-to-image).
     strength: bool = False
+    # The diffusers pipeline class that inpaints one input image under a --mask (it takes a strength),
+    # None: the family does no inpainting; and whether it paints at the input image's own size (capped
+    # and cut as its references are: reference_size) rather than at --height/--width.
+    inpaint_pipeline: str | None = None
+    inpaint_at_image_size: bool = False
     # Whether the pipeline takes a negative prompt with true classifier-free guidance (true_cfg_scale).
     true_cfg: bool = False
     # The smallest side and the most elongated aspect ratio of an input image the image pipeline takes
@@ -525,6 +542,7 @@ FLUX_1 = Family(
     image_pipeline="FluxImg2ImgPipeline",  # image-to-image from one input image
     max_images=1,
     strength=True,
+    inpaint_pipeline="FluxInpaintPipeline",
     true_cfg=True,
     inputs_encoded=_flux1_inputs,
 )
@@ -542,6 +560,7 @@ FLUX_1_KONTEXT = dataclasses.replace(
     image_pipeline="FluxKontextPipeline",
     max_images=1,
     strength=False,
+    inpaint_pipeline=None,
     inputs_encoded=_kontext_inputs,
 )
 FLUX_2_DEV = Family(
@@ -594,6 +613,8 @@ FLUX_2_KLEIN = Family(
     code="flux2",
     config_checks=_check_flux2_configs,
     image_pipeline="Flux2KleinPipeline",  # reference images (image=[...])
+    inpaint_pipeline="Flux2KleinInpaintPipeline",
+    inpaint_at_image_size=True,  # __call__'s step 2 takes the input image's size
     max_images=4,  # klein's multi-reference editing (BFL's model card); diffusers sets no limit
     min_image_side=64,
     max_image_aspect=8,

@@ -9,7 +9,10 @@ more than 8 bits per channel (PIL's modes I, I;16, F: converting them to 8-bit R
 diffusers.utils.load_image does clips every value above 255, a white image). Every other mode
 (palette, grey, CMYK, alpha) is converted as diffusers.utils.load_image converts it: EXIF
 orientation applied, then `convert("RGB")` (an alpha channel is dropped), which is what the
-pipelines' documentation feeds them.
+pipelines' documentation feeds them. A `--mask` is read the same way (the inpainting pipelines' mask
+processor then makes it grey and binary), but one with transparent pixels is refused: the pipelines
+drop the alpha channel, so a mask painted as transparency (as some editors save it) would be read by
+its colours alone, not as drawn.
 
 A run records each input as one text (`saved_text`): `PATH WxH sha256:DIGEST` (its size in pixels, which
 the plan reads on a resume that no longer has the file), so that the run's hash,
@@ -62,7 +65,8 @@ def saved_text(path: Path, size: tuple[int, int], sha256: str) -> str:
 
 
 def read_image(text: str, option: str = "--image") -> InputImage:
-    """An --image value, read once, hashed and decoded whole. Raises SettingsError naming the value and the fix."""
+    """An --image (or --mask) value, read once, hashed and decoded whole. Raises SettingsError naming
+    the value and the fix."""
     path = Path(text).expanduser().absolute()
     what = f"{option} '{text}'"
     if not text.strip():
@@ -80,12 +84,13 @@ def read_image(text: str, option: str = "--image") -> InputImage:
                             "image") from None
     except OSError as error:
         raise SettingsError(f"{what} cannot be read ({error.strerror or error}); check the file") from None
-    return InputImage(path, hashlib.sha256(data).hexdigest(), decode(data, what))
+    return InputImage(path, hashlib.sha256(data).hexdigest(), decode(data, what, mask=option == "--mask"))
 
 
-def decode(data: bytes, what: str):
+def decode(data: bytes, what: str, mask: bool = False):
     """The image in `data`, every pixel decoded, converted to RGB as diffusers.utils.load_image
-    converts it; raises SettingsError (`what` names the value) for anything else."""
+    converts it; raises SettingsError (`what` names the value) for anything else, and for a `mask`
+    with transparent pixels (the module's docstring says why)."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
@@ -105,6 +110,11 @@ def decode(data: bytes, what: str):
     if image.mode.split(";")[0] in WIDE_MODES:
         raise SettingsError(f"{what} has {image.mode} pixels (more than 8 bits per channel), which converting to "
                             "the pipelines' 8-bit RGB would clip; save it as an 8-bit RGB PNG or JPEG")
+    if mask and (image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info) \
+            and image.convert("RGBA").getchannel("A").getextrema()[0] < 255:
+        raise SettingsError(f"{what} has transparent pixels, which the inpainting pipelines ignore (they read a "
+                            "mask's grey levels: white is redrawn, black kept); save the mask as an opaque "
+                            "black-and-white image")
     return ImageOps.exif_transpose(image).convert("RGB")
 
 
@@ -130,19 +140,21 @@ def canonical_saved(text: str) -> str:
     return saved_text(*parse_saved(text))
 
 
-def find_saved(text: str, run_dir: Path | None = None) -> InputImage:
-    """The input image a run recorded, read again; raises SettingsError if it is gone or its content
-    changed since (a resume must encode the bytes the run began with)."""
+def find_saved(text: str, run_dir: Path | None = None, option: str = "--image") -> InputImage:
+    """The input image (or `option` --mask: the mask) a run recorded, read again; raises
+    SettingsError if it is gone or its content changed since (a resume must encode the bytes the run
+    began with)."""
     path, _, digest = parse_saved(text)
     where = f"the run in {run_dir}" if run_dir else "the run"
     try:
-        found = read_image(str(path))
+        found = read_image(str(path), option)
     except SettingsError as error:
         raise SettingsError(f"--resume: {where} has not encoded its input images yet and needs {path} again, "
                             f"which cannot be used now ({str(error).split(': ', 1)[-1]}); restore it, or start a new "
                             "run") from None
     if found.sha256 != digest:
+        what = "mask" if option == "--mask" else "input image"
         raise SettingsError(
-            f"--resume: the input image {path} changed since {where} began (SHA-256 {found.sha256[:12]}..., the "
+            f"--resume: the {what} {path} changed since {where} began (SHA-256 {found.sha256[:12]}..., the "
             f"run's {digest[:12]}...); its images would mix both: restore that file, or start a new run with it")
     return found

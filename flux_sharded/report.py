@@ -22,6 +22,7 @@ JSON schema (device keys as strings: "0", "1", "cpu", "disk"):
                  "notes": [str]}],                # what the planner left out or chose
      "loras": [{"source": str, "scale": float, "sha256": str}],  # --lora, in order (lora.py)
      "inputs": [{"path": str, "width": int, "height": int, "sha256": str}],  # --image, in order (input_images.py)
+     "mask": {"path": str, "width": int, "height": int, "sha256": str} | null,  # --mask
      "images": [paths, in prompt order],
      "written": [the paths of "images" written by this call: a resumed run's missing ones]}
 """
@@ -100,6 +101,7 @@ class RunReport:
     stages: list[StageReport] = field(default_factory=list)
     loras: list[dict] = field(default_factory=list)  # {"source", "scale", "sha256"} of each --lora
     inputs: list[dict] = field(default_factory=list)  # {"path", "width", "height", "sha256"} of each --image
+    mask: dict | None = None  # the same of --mask
     images: list[str] = field(default_factory=list)
     written: list[str] = field(default_factory=list)
 

@@ -51,7 +51,7 @@ from .distributed import (
     wait_for_everyone,
 )
 from .errors import FluxShardedError, OutputError, PlanError, SettingsError, StageError, StageOutOfMemory
-from .families import FAMILIES, IMAGE_STAGE, generation_defaults
+from .families import FAMILIES, IMAGE_STAGE, generation_defaults, reference_size
 from .files import check_writable_folder
 from .handoff import GenerationSettings, Handoff
 from .images import image_paths, save_png
@@ -104,8 +104,8 @@ class RunRequest:
     run_dir: Path | None = None  # stage checkpoints; None: rundir.default_run_dir
     resume: bool = False  # continue the run saved in run_dir
     overwrite: bool = False  # replace existing images
-    # settings.images read and decoded once (input_images.read_image), in order; () : the runner
-    # reads them itself where it needs them (input_images.find_saved)
+    # settings.images, then settings.mask (if any), read and decoded once (input_images.read_image), in
+    # order; () : the runner reads them itself where it needs them (input_images.find_saved)
     input_images: tuple[InputImage, ...] = ()
 
     @property
@@ -164,7 +164,7 @@ def check_settings(request: RunRequest) -> None:
         raise SettingsError(
             f"--max-sequence-length {settings.max_sequence_length}: use 1 to {family.text_token_limit} tokens"
         )
-    check_image_settings(settings, family)
+    check_image_settings(settings, family, request.checkpoint.vae_scale_factor)
     if not 1 <= settings.true_cfg < math.inf:  # also refuses nan
         raise SettingsError(f"--true-cfg {settings.true_cfg}: give a finite scale of 1 or more (1: off; e.g. 4)")
     if settings.true_cfg > 1 and not family.true_cfg:
@@ -175,8 +175,9 @@ def check_settings(request: RunRequest) -> None:
                             "SCALE above 1 (e.g. 4; a second transformer pass per step), or leave it out")
 
 
-def check_image_settings(settings: GenerationSettings, family) -> None:
-    """--image and --strength against the family's image pipeline (families.Family.image_pipeline)."""
+def check_image_settings(settings: GenerationSettings, family, vae_scale_factor: int) -> None:
+    """--image, --mask and --strength against the family's image and inpainting pipelines
+    (families.Family.image_pipeline, inpaint_pipeline)."""
     takers = ", ".join(sorted({f.name for f in FAMILIES.values() if f.max_images and f.runs}))
     if settings.images and not family.max_images:
         raise SettingsError(f"--image: {family.name} ({family.pipeline}) takes no input image here; leave out "
@@ -191,20 +192,50 @@ def check_image_settings(settings: GenerationSettings, family) -> None:
                 f"--image {path}: {width}x{height} pixels; {family.image_pipeline} takes images of at least "
                 f"{family.min_image_side} pixels a side and at most {family.max_image_aspect:g}:1; give a larger or "
                 "less elongated image")
+    if settings.mask:
+        check_mask_settings(settings, family, vae_scale_factor)
+    pipeline = family.inpaint_pipeline if settings.mask else family.image_pipeline
+    takes_strength = family.strength or bool(settings.mask)  # every inpainting pipeline takes one
     strength = settings.strength
     if not 0 < strength <= 1:  # also refuses nan
         raise SettingsError(f"--strength {strength}: give a number above 0 and at most 1 (the share of the "
                             f"schedule redrawn from the input image; default {DEFAULT_STRENGTH:g})")
-    if strength != DEFAULT_STRENGTH and not family.strength:
-        raise SettingsError(f"--strength {strength:g}: {family.name}'s {family.image_pipeline or family.pipeline} "
+    if strength != DEFAULT_STRENGTH and not takes_strength:
+        raise SettingsError(f"--strength {strength:g}: {family.name}'s {pipeline or family.pipeline} "
                             "takes no strength; leave out --strength")
     if strength != DEFAULT_STRENGTH and not settings.images:
         raise SettingsError(f"--strength {strength:g} needs an input image to redraw: give --image PATH, or leave "
                             "out --strength")
-    if settings.images and family.strength and img2img_steps(settings.steps, strength) < 1:
+    if settings.images and takes_strength and img2img_steps(settings.steps, strength) < 1:
         raise SettingsError(
-            f"--strength {strength:g} with --steps {settings.steps} leaves no denoising step ({family.image_pipeline} "
+            f"--strength {strength:g} with --steps {settings.steps} leaves no denoising step ({pipeline} "
             f"runs steps - int(steps x (1 - strength)) of them): raise --strength or --steps")
+
+
+def check_mask_settings(settings: GenerationSettings, family, vae_scale_factor: int) -> None:
+    """--mask against --image and the family's inpainting pipeline (families.Family.inpaint_pipeline)."""
+    takers = ", ".join(f"{f.name} ({f.inpaint_pipeline})" for f in FAMILIES.values() if f.inpaint_pipeline)
+    if not family.inpaint_pipeline:
+        raise SettingsError(f"--mask: {family.name} ({family.pipeline}) does no inpainting here; leave out --mask, "
+                            f"or use a checkpoint that does ({takers})")
+    if not settings.images:
+        raise SettingsError("--mask needs the image it paints into: give --image PATH, or leave out --mask")
+    if len(settings.images) > 1:
+        raise SettingsError(f"--image given {len(settings.images)} times: {family.inpaint_pipeline} paints into one "
+                            "image under --mask; give --image once")
+    (image_path, size, _), (mask_path, mask_size, _) = parse_saved_image(settings.images[0]), \
+        parse_saved_image(settings.mask)
+    if mask_size != size:
+        raise SettingsError(f"--mask {mask_path}: {mask_size[0]}x{mask_size[1]} pixels, but the --image {image_path} "
+                            f"is {size[0]}x{size[1]}; give a mask of the image's size (white where it is redrawn)")
+    if family.inpaint_at_image_size:
+        height, width = reference_size(size, vae_scale_factor)
+        if (settings.height, settings.width) != (height, width):
+            raise SettingsError(
+                f"--height {settings.height} --width {settings.width}: {family.inpaint_pipeline} paints at its input "
+                f"image's size, {width}x{height} for the {size[0]}x{size[1]} --image (at most 1024x1024 pixels, cut "
+                f"to multiples of 2 x the VAE's factor); leave out --height and --width, or give --height {height} "
+                f"--width {width}")
 
 
 def img2img_steps(steps: int, strength: float) -> int:
@@ -324,27 +355,31 @@ def new_report(request: RunRequest) -> RunReport:
     """A report of the run's budget, LoRAs and input images, without stages yet."""
     settings = request.settings
     loras = [dict(zip(("source", "scale", "sha256"), parse_saved(text))) for text in settings.lora]
-    inputs = []
-    for text in settings.images:
-        path, (width, height), digest = parse_saved_image(text)
-        inputs.append({"path": str(path), "width": width, "height": height, "sha256": digest})
-    return RunReport(budget=budget_to_json(request.budget), loras=loras, inputs=inputs)
+    inputs = [_report_input(text) for text in settings.images]
+    mask = _report_input(settings.mask) if settings.mask else None
+    return RunReport(budget=budget_to_json(request.budget), loras=loras, inputs=inputs, mask=mask)
+
+
+def _report_input(text: str) -> dict:
+    path, (width, height), digest = parse_saved_image(text)
+    return {"path": str(path), "width": width, "height": height, "sha256": digest}
 
 
 def input_images(request: RunRequest, resumed: Handoff | None) -> tuple[InputImage, ...]:
-    """The run's input images, decoded, for encode_image; () when it has none or a resumed run
-    encoded them already. On a resume every input file that still exists must hold the bytes the
-    run began with (refused otherwise, input_images.find_saved); one that is gone is needed only
-    while encode_image has not finished."""
+    """The run's input images, then its mask (if any), decoded, for encode_image; () when it has none
+    or a resumed run encoded them already. On a resume every input file that still exists must hold
+    the bytes the run began with (refused otherwise, input_images.find_saved); one that is gone is
+    needed only while encode_image has not finished."""
     settings = request.settings
     if request.input_images:
         return request.input_images
     encoded = resumed is not None and IMAGE_STAGE in resumed.finished_stages
     found = []
-    for text in settings.images:
+    for option, text in [*(("--image", text) for text in settings.images), *([("--mask", settings.mask)]
+                                                                             if settings.mask else [])]:
         if encoded and not parse_saved_image(text)[0].exists():
             continue
-        found.append(find_saved_image(text, request.run_folder if request.resume else None))
+        found.append(find_saved_image(text, request.run_folder if request.resume else None, option))
     return () if encoded else tuple(found)
 
 
@@ -604,11 +639,15 @@ class ShareRun:
     process: Process = SINGLE_PROCESS  # this share's, which names its checkpoints
     saved: Path | None = None  # the latest stage checkpoint on disk, named when a later step fails
     written: list[str] = dataclasses.field(default_factory=list)  # the images written, absolute
-    inputs: tuple[InputImage, ...] = ()  # the run's input images, while encode_image has not run
+    inputs: tuple[InputImage, ...] = ()  # the run's input images and mask, while encode_image has not run
 
     def input_images(self) -> list:
         """The run's input images (PIL, RGB, settings.images' order) for encode_image."""
-        return [each.image for each in self.inputs]
+        return [each.image for each in self.inputs[:len(self.settings.images)]]
+
+    def input_mask(self):
+        """The run's --mask (PIL, RGB) for encode_image, or None."""
+        return self.inputs[len(self.settings.images)].image if self.settings.mask else None
 
     @property
     def settings(self) -> GenerationSettings:

@@ -140,8 +140,11 @@ SETTINGS: tuple[Setting, ...] = (
             canonical=canonical_image, option=True, png="image",
             png_text=lambda settings, position: " ; ".join(settings.images), may_be_missing=True,
             omitted_at_default=True),
-    # image-to-image: the share of the schedule run from the noised input image (FluxImg2ImgPipeline's
-    # strength); checked in (0, 1] by runner.check_settings
+    # --mask, as --image is recorded ("PATH WxH sha256:DIGEST"); "" for none. Inpainting: white is redrawn.
+    Setting("mask", str, "inpainting mask", "", canonical=lambda text: canonical_image(text) if text else "",
+            option=True, png="mask", may_be_missing=True, omitted_at_default=True),
+    # image-to-image and inpainting: the share of the schedule run from the noised input image
+    # (FluxImg2ImgPipeline's and the inpainting pipelines' strength); checked in (0, 1] by runner.check_settings
     Setting("strength", float, "how much of the input image is redrawn", DEFAULT_STRENGTH, low=0, high=1,
             option=True, png="strength", may_be_missing=True, applies=lambda settings: bool(settings.images)),
     # true classifier-free guidance (FluxPipeline's true_cfg_scale): above 1, a second transformer pass per

@@ -35,6 +35,15 @@ def photo(path: Path, size=(40, 56), mode="RGB", seed=0) -> Path:
     return path
 
 
+def mask(path: Path, size=(40, 56)) -> Path:
+    """A black mask of `size` (width, height) with a white rectangle (the part redrawn) and a grey edge."""
+    pixels = np.zeros((size[1], size[0]), dtype=np.uint8)
+    pixels[size[1] // 5: size[1] * 3 // 4, size[0] // 8: size[0] * 2 // 3] = 255
+    pixels[size[1] // 5, :] = 128  # grey: binarised by FLUX.1's mask processor, kept by klein's bilinear one
+    Image.fromarray(pixels).save(path)
+    return path
+
+
 def one_piece_img2img(checkpoint: Path, image_path: Path, prompts: list[str], seeds: list[int], size: int,
                       strength: float = STRENGTH, steps: int = STEPS) -> list[np.ndarray]:
     """diffusers' FluxImg2ImgPipeline, whole, on the CPU, with the image as diffusers' load_image reads it."""
@@ -226,8 +235,14 @@ def bad_inputs(tmp_path: Path) -> dict[str, Path]:
     Image.fromarray(np.full((16, 16), 40000, dtype=np.uint16)).save(deep)
     folder = tmp_path / "folder"
     folder.mkdir()
+    transparent = mask(tmp_path / "transparent.png", (64, 64))
+    Image.open(transparent).convert("LA").save(transparent)  # opaque...
+    pixels = np.asarray(Image.open(transparent)).copy()
+    pixels[:8, :8, 1] = 0  # ...but for one corner
+    Image.fromarray(pixels, "LA").save(transparent)
     return {"text": text, "truncated": truncated, "bomb": _png_claiming(tmp_path / "bomb.png", 30000, 30000),
-            "deep": deep, "folder": folder, "missing": tmp_path / "missing.png", "good": whole}
+            "deep": deep, "folder": folder, "missing": tmp_path / "missing.png", "good": whole,
+            "small": mask(tmp_path / "small.png", (40, 56)), "transparent": transparent}
 
 
 @pytest.mark.parametrize(
@@ -246,6 +261,12 @@ def bad_inputs(tmp_path: Path) -> dict[str, Path]:
         (["--strength", "0.8"], "--strength 0.8 needs an input image to redraw: give --image PATH"),
         (["--image", "{good}", "--strength", "1e-20", "--steps", "4"],  # 4 - 4e-20 rounds to 4: int() skips all 4
          "--strength 1e-20 with --steps 4 leaves no denoising step"),
+        (["--image", "{good}", "--mask", "{text}"], "--mask '{text}' is not an image PIL can read"),
+        (["--mask", "{good}"], "--mask needs the image it paints into: give --image PATH, or leave out --mask"),
+        (["--image", "{good}", "--mask", "{small}"], "--mask {small}: 40x56 pixels, but the --image {good} is 64x64; "
+         "give a mask of the image's size"),
+        (["--image", "{good}", "--mask", "{transparent}"], "--mask '{transparent}' has transparent pixels, which the "
+         "inpainting pipelines ignore"),
     ],
 )
 def test_each_bad_input_is_one_error_line_and_nothing_is_written(tiny_checkpoint, tmp_path, case, message):
@@ -274,9 +295,11 @@ def test_an_image_for_a_family_that_takes_none_is_refused(tmp_path):
     assert not (tmp_path / "plan.json").exists()
 
 
-def test_the_plan_counts_the_vae_encode_at_the_run_size(tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("masked", [False, True])
+def test_the_plan_counts_the_vae_encode_at_the_run_size(tiny_checkpoint, tmp_path, masked):
     """encode_image's estimate (activations.vae_encode_activation_bytes) bounds the measured peak of
-    the stage's run and is within the margin's reach of it."""
+    the stage's run and is within the margin's reach of it; inpainting's second encode (the masked
+    image) follows the first, so one encode's activations are its peak too."""
     from flux_sharded.checkpoint import resolve_checkpoint
     from flux_sharded.handoff import GenerationSettings, Handoff
     from flux_sharded.memory import TensorBytesTracker
@@ -284,15 +307,16 @@ def test_the_plan_counts_the_vae_encode_at_the_run_size(tiny_checkpoint, tmp_pat
     from flux_sharded.stages import encode_image
 
     image = read_image(str(photo(tmp_path / "in.png")))
+    masks = (read_image(str(mask(tmp_path / "mask.png")), "--mask"),) if masked else ()
     settings = GenerationSettings(str(tiny_checkpoint), ("a dog",), (0,), 4, 3.5, 128, 96, 64, "float32",
-                                  images=(image.saved_text,))
+                                  images=(image.saved_text,), mask="".join(each.saved_text for each in masks))
     checkpoint = resolve_checkpoint(str(tiny_checkpoint))
-    request = runner.RunRequest(checkpoint, settings, {"cpu": 10**12}, tmp_path, input_images=(image,))
+    request = runner.RunRequest(checkpoint, settings, {"cpu": 10**12}, tmp_path, input_images=(image, *masks))
     plan = plan_run(runner.plan_inputs(request), request.budget).stage(IMAGE_STAGE)
     pipeline = encode_image.load(checkpoint, plan, torch.float32)
     weights = [*pipeline.vae.parameters(), *pipeline.vae.buffers()]
     with TensorBytesTracker(existing=weights) as tracker:
-        encode_image.run(pipeline, Handoff(settings), images=[image.image])
+        encode_image.run(pipeline, Handoff(settings), images=[image.image], mask=masks[0].image if masks else None)
     planned = plan.activation_bytes["cpu"]
     assert 1.0 <= planned / tracker.peak_bytes <= 1.6, (planned, tracker.peak_bytes)
 
@@ -548,3 +572,141 @@ def test_true_cfg_on_flux2_is_refused(tiny_klein, tmp_path):
     assert result.exit_code == 2
     assert error_line(result).startswith("Error: --true-cfg 3: FLUX.2-klein's Flux2KleinPipeline takes no negative "
                                          "prompt")
+
+
+# ---------------------------------------------------------------- inpainting (--mask)
+
+INPAINT_STRENGTH = 0.7
+
+
+def inpaint_args(checkpoint: Path, image_path: Path, mask_path: Path, out: Path, *extra) -> list[str]:
+    return ["--model", str(checkpoint), "--prompt", "a photo of a dog", "--image", str(image_path), "--mask",
+            str(mask_path), "--strength", str(INPAINT_STRENGTH), "--steps", "2", "--seed", str(SEED), "--dtype",
+            "float32", "--max-memory", "cpu=4GB", "--out", str(out), *extra]
+
+
+def one_piece_inpaint(checkpoint: Path, image_path: Path, mask_path: Path, **size) -> np.ndarray:
+    """The family's inpainting pipeline (FluxInpaintPipeline, Flux2KleinInpaintPipeline), whole, on the
+    CPU, with the image and mask as diffusers' load_image reads them."""
+    import diffusers
+    from diffusers.utils import load_image
+
+    family = {"FluxPipeline": "FluxInpaintPipeline", "Flux2KleinPipeline": "Flux2KleinInpaintPipeline"}
+    name = family[json.loads((checkpoint / "model_index.json").read_text())["_class_name"]]
+    pipeline = getattr(diffusers, name).from_pretrained(checkpoint, dtype=torch.float32)
+    pipeline.set_progress_bar_config(disable=True)
+    guidance = 3.5 if name == "FluxInpaintPipeline" else 1.0  # the families' defaults
+    return np.asarray(pipeline(prompt="a photo of a dog", image=load_image(str(image_path)),
+                               mask_image=load_image(str(mask_path)), strength=INPAINT_STRENGTH,
+                               num_inference_steps=2, guidance_scale=guidance,
+                               generator=torch.Generator("cpu").manual_seed(SEED), **size).images[0])
+
+
+@pytest.mark.parametrize("fixture, image_size, size_args", [
+    ("tiny_checkpoint", (40, 56), ["--height", "32", "--width", "32"]),  # FLUX.1: painted at the run's size
+    ("tiny_klein", (64, 80), []),  # klein: at the image's own size (80x64, the default)
+])
+def test_staged_inpainting_png_equals_the_one_piece_pipeline(request, tmp_path, fixture, image_size, size_args):
+    """And the mask is part of the run: run.json, the run's hash, the PNG's text and --report."""
+    checkpoint = request.getfixturevalue(fixture)
+    image_path, mask_path = photo(tmp_path / "in.png", size=image_size), mask(tmp_path / "mask.png", image_size)
+    out = tmp_path / "out"
+    result = invoke(inpaint_args(checkpoint, image_path, mask_path, out, *size_args, "--report",
+                                 str(tmp_path / "r.json")))
+    assert result.exit_code == 0, result.output
+    staged = np.asarray(Image.open(written(out)[0]))
+    sizes = {"height": 32, "width": 32} if size_args else {}
+    assert_same_pixels(staged, one_piece_inpaint(checkpoint, image_path, mask_path, **sizes))
+    assert staged.shape[:2] == ((32, 32) if size_args else image_size[::-1]) and staged.std() > 10
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert [stage["name"] for stage in report["stages"]] == ["encode", "encode_image", "denoise", "decode"]
+    digest = hashlib.sha256(mask_path.read_bytes()).hexdigest()
+    recorded = f"{mask_path.absolute()} {image_size[0]}x{image_size[1]} sha256:{digest}"
+    assert report["mask"] == {"path": str(mask_path.absolute()), "width": image_size[0], "height": image_size[1],
+                              "sha256": digest}
+    assert Image.open(written(out)[0]).text["mask"] == recorded
+    (run_json,) = (out / ".flux-sharded").glob("run-*/run.json")
+    assert json.loads(run_json.read_text())["settings"]["mask"] == recorded
+    # the mask decides the pixels and the run's hash: the whole image redrawn differs
+    Image.new("L", image_size, 255).save(mask_path)
+    other = invoke(inpaint_args(checkpoint, image_path, mask_path, tmp_path / "other", *size_args))
+    assert other.exit_code == 0, other.output
+    assert np.abs(np.asarray(Image.open(written(tmp_path / "other")[0])).astype(int) - staged).max() > 0
+    (other_json,) = (tmp_path / "other" / ".flux-sharded").glob("run-*/run.json")
+    assert other_json.parent.name != run_json.parent.name
+
+
+def test_resume_of_an_inpainting_run_after_encode_image(tiny_checkpoint, tmp_path, monkeypatch):
+    """Stopped in denoise: a mask changed since is refused; once it is gone, the run continues from its
+    kept encode (the files are needed no more) to the one-piece pipeline's PNG."""
+    image_path, mask_path = photo(tmp_path / "in.png"), mask(tmp_path / "mask.png")
+    out = tmp_path / "out"
+    stage = next(stage for stage in STAGES if stage.NAME == "denoise")
+    with monkeypatch.context() as patch:
+        patch.setattr(stage, "run", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("stopped for the test")))
+        failed = invoke(inpaint_args(tiny_checkpoint, image_path, mask_path, out, "--height", "32", "--width", "32"))
+    assert failed.exit_code == 1 and "denoise failed" in error_line(failed)
+    (run_dir,) = (out / ".flux-sharded").glob("run-*")
+    original = mask_path.read_bytes()
+    Image.new("L", (40, 56), 255).save(mask_path)
+    changed = invoke(["--resume", str(run_dir)])
+    assert changed.exit_code == 2
+    assert error_line(changed).startswith(f"Error: --resume: the mask {mask_path.absolute()} changed since the run "
+                                          f"in {run_dir} began")
+    mask_path.write_bytes(original)
+    expected = one_piece_inpaint(tiny_checkpoint, image_path, mask_path, height=32, width=32)
+    mask_path.unlink()
+    image_path.unlink()
+    resumed = invoke(["--resume", str(run_dir)])
+    assert resumed.exit_code == 0, resumed.output
+    assert_same_pixels(np.asarray(Image.open(written(out)[0])), expected)
+
+
+def test_a_mask_without_inpainting_or_at_another_size_than_klein_paints_is_refused(tiny_klein, tiny_kontext,
+                                                                                   tmp_path):
+    image_path, mask_path = photo(tmp_path / "in.png", (64, 80)), mask(tmp_path / "mask.png", (64, 80))
+    out = tmp_path / "out"
+    base = ["--prompt", "a dog", "--max-memory", "cpu=2GB", "--out", str(out), "--image", str(image_path), "--mask",
+            str(mask_path)]
+    result = invoke(["--model", str(tiny_kontext), *base])
+    assert result.exit_code == 2
+    assert error_line(result) == ("Error: --mask: FLUX.1-Kontext (FluxKontextPipeline) does no inpainting here; leave "
+                                  "out --mask, or use a checkpoint that does (FLUX.1 (FluxInpaintPipeline), "
+                                  "FLUX.2-klein (Flux2KleinInpaintPipeline))")
+    result = invoke(["--model", str(tiny_klein), *base, "--height", "64", "--width", "64"])
+    assert result.exit_code == 2
+    assert error_line(result) == ("Error: --height 64 --width 64: Flux2KleinInpaintPipeline paints at its input "
+                                  "image's size, 64x80 for the 64x80 --image (at most 1024x1024 pixels, cut to "
+                                  "multiples of 2 x the VAE's factor); leave out --height and --width, or give "
+                                  "--height 80 --width 64")
+    assert not out.exists()
+
+
+def test_dry_run_of_an_inpainting_run_plans_its_vae_encodes(tmp_path):
+    """Offline, from the shipped configs: FLUX.1-dev encodes the image and the masked image at the
+    run's size one after the other (one encode's activations); klein-4B paints at the image's own
+    size (800x592 for 800x600), encodes it at that size, and its transformer sees the image's tokens
+    as a reference: the plan of the references run at that size."""
+    from flux_sharded.activations import vae_encode_activation_bytes
+    from flux_sharded.checkpoint import shipped_config_dir
+
+    image_path, mask_path = photo(tmp_path / "in.png", size=(800, 600)), mask(tmp_path / "mask.png", (800, 600))
+
+    def plan(model: str, *extra: str) -> tuple[dict, dict, str]:
+        report_path = tmp_path / "plan.json"
+        result = invoke(["--model", f"black-forest-labs/{model}", "--prompt", "a dog", "--image", str(image_path),
+                         "--max-memory", "0=24GiB,cpu=64GB", "--dry-run", "--report", str(report_path), *extra])
+        assert result.exit_code == 0, result.output
+        report = json.loads(report_path.read_text())
+        return {stage["name"]: stage for stage in report["stages"]}, report, result.output
+
+    for model, (height, width) in (("FLUX.1-dev", (1024, 1024)), ("FLUX.2-klein-4B", (592, 800))):
+        stages, report, output = plan(model, "--mask", str(mask_path))
+        assert f"plan for {width}x{height}," in output
+        vae = json.loads((shipped_config_dir(model) / "vae" / "config.json").read_text())
+        stage = stages["encode_image"]
+        assert stage["planned_bytes"] == {"0": stage["weight_bytes"]["0"] + vae_encode_activation_bytes(
+            vae, height, width, 2)}
+        assert report["mask"]["sha256"] == hashlib.sha256(mask_path.read_bytes()).hexdigest()
+    references, _, _ = plan("FLUX.2-klein-4B", "--height", "592", "--width", "800")
+    assert stages["denoise"]["planned_bytes"] == references["denoise"]["planned_bytes"]

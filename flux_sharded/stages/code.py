@@ -48,9 +48,10 @@ class FamilyCode(Protocol):
         """(height, width) at which the VAE encodes each input image of (width, height) `sizes`, as
         the image pipeline resizes it: what the plan counts encode_image's activations for."""
 
-    def encode_images(self, pipeline, images: list, settings, batch: range) -> dict[str, "torch.Tensor"]:
+    def encode_images(self, pipeline, images: list, settings, batch: range, mask=None) -> dict[str, "torch.Tensor"]:
         """{name (handoff.INPUT_PREFIX...): (len(batch), ...) rows}: the input images (PIL, RGB) as the
-        image pipeline (holding the VAE) encodes them for the images of `batch`."""
+        image pipeline (holding the VAE) encodes them for the images of `batch`; with a `mask` (PIL,
+        RGB; settings.mask), as the family's inpainting pipeline prepares the image and the mask."""
 
     def image_pipeline(self, pipeline, settings):
         """The pipeline denoise calls: `pipeline` (the family's, holding the transformer) for a run
@@ -73,6 +74,7 @@ def family_code(family: Family) -> FamilyCode:
 
 def pipeline_family(pipeline) -> Family:
     """The family (families.py) of a diffusers pipeline object, by its class: the family's own
-    pipeline, or the one that takes its input images (families.Family.image_pipeline)."""
+    pipeline, or one that takes its input images (families.Family.image_pipeline, inpaint_pipeline)."""
     name = type(pipeline).__name__
-    return FAMILIES.get(name) or next(family for family in FAMILIES.values() if family.image_pipeline == name)
+    return FAMILIES.get(name) or next(family for family in FAMILIES.values()
+                                      if name in (family.image_pipeline, family.inpaint_pipeline))

@@ -2,9 +2,10 @@
 
 Loads: the VAE alone, on the single device the plan chose (stages/vae.py), in the pipeline class
 that takes the family's input images (families.Family.image_pipeline: FLUX.1's FluxImg2ImgPipeline).
-Reads from the handoff: settings (size, seeds, batches); the input images come from the run
-(Share.input_images: decoded once, input_images.py). Writes: the tensors the family's code makes of
-them (stages/flux1.py `encode_images`, each named handoff.INPUT_PREFIX...), one row per image, a
+Reads from the handoff: settings (size, seeds, batches); the input images and the --mask come from
+the run (Share.input_images, input_mask: decoded once, input_images.py). Writes: the tensors the
+family's code makes of them (stages/flux1.py `encode_images`, each named handoff.INPUT_PREFIX...;
+for inpainting the mask as the inpainting pipeline prepares it), one row per image, a
 batch at a time as the pipeline's own prepare_latents would encode them, and keeps the handoff in
 the run folder, so that a resume needs the input files no more. Memory: the VAE's weights (168 MB
 in bf16 for FLUX.1) plus one encode's activations at the size the pipeline encodes the input
@@ -29,7 +30,7 @@ NAME = "encode_image"
 def todo(handoff: Handoff, share: Share) -> Work:
     """The share's images with the run's input images (the runner runs this stage only for a run
     that has some: settings.stages)."""
-    return Work(handoff, {"images": share.input_images()})
+    return Work(handoff, {"images": share.input_images(), "mask": share.input_mask()})
 
 
 def finish(output: Handoff, share: Share) -> Handoff:
@@ -43,15 +44,16 @@ def load(checkpoint, stage_plan, dtype: torch.dtype, offload_folder=None):
     return vae_pipeline(checkpoint, stage_plan, dtype, checkpoint.family.image_pipeline)
 
 
-def run(pipeline, handoff: Handoff, on_image_done=None, on_step=None, images=()) -> Handoff:
+def run(pipeline, handoff: Handoff, on_image_done=None, on_step=None, images=(), mask=None) -> Handoff:
     """The handoff with the encoded input images added, batch_size images at a time (the batches
-    denoise runs: the pipelines encode once per call); `images`: the run's input images (PIL, RGB)."""
+    denoise runs: the pipelines encode once per call); `images`: the run's input images (PIL, RGB);
+    `mask`: its --mask (PIL, RGB) or None."""
     settings = handoff.settings
     code = family_code(pipeline_family(pipeline))
     rows: dict[str, list[torch.Tensor]] = {}
     with torch.inference_mode():
         for batch in settings.batches():
-            for name, tensor in code.encode_images(pipeline, list(images), settings, batch).items():
+            for name, tensor in code.encode_images(pipeline, list(images), settings, batch, mask).items():
                 rows.setdefault(name, []).append(tensor.to("cpu"))
             if on_image_done:
                 on_image_done(len(batch))

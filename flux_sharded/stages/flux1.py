@@ -78,35 +78,66 @@ def load_lora(family, name: str, model, state_dict: dict, alphas: dict | None, a
 # strength and noise follow exactly as in one call (tests/test_images.py compares the PNGs).
 
 def input_sizes(settings, sizes: list[tuple[int, int]], vae_scale_factor: int) -> tuple[tuple[int, int], ...]:
-    """(height, width) the VAE encodes each input image at: FluxImg2ImgPipeline resizes it to the run's size."""
-    return tuple((settings.height, settings.width) for _ in sizes)
+    """(height, width) the VAE encodes each input image at: FluxImg2ImgPipeline resizes it to the run's
+    size; FluxInpaintPipeline also encodes the masked image, at the same size (one after the other)."""
+    return tuple((settings.height, settings.width) for _ in range(len(sizes) + bool(settings.mask)))
 
 
-def encode_images(pipeline, images: list, settings, batch: range) -> dict[str, torch.Tensor]:
+def encode_images(pipeline, images: list, settings, batch: range, mask=None) -> dict[str, torch.Tensor]:
     """{"input_latents": (len(batch), C, H/f, W/f), "input_generator_states": (len(batch), state
     bytes) uint8}: the one input image resized to the run's size by the pipeline's image processor and
-    encoded as FluxImg2ImgPipeline.prepare_latents encodes it for this batch."""
+    encoded as FluxImg2ImgPipeline.prepare_latents (and FluxInpaintPipeline's, the same) encodes it
+    for this batch; with a `mask`, also "input_mask" and "input_masked_latents", (len(batch), tokens,
+    4C) each: FluxInpaintPipeline.prepare_mask_latents' packed mask and masked image."""
     (image,) = images
     pixels = pipeline.image_processor.preprocess(image, height=settings.height, width=settings.width)
-    # __call__ makes it float32, prepare_latents the prompt embeddings' dtype (the run's) on the execution device
-    pixels = pixels.to(dtype=torch.float32).to(device=pipeline.vae.device, dtype=settings.torch_dtype)
+    pixels = pixels.to(dtype=torch.float32)  # __call__'s
+    # prepare_latents casts to the prompt embeddings' dtype (the run's) on the execution device
+    device_pixels = pixels.to(device=pipeline.vae.device, dtype=settings.torch_dtype)
     generators = [torch.Generator("cpu").manual_seed(settings.seeds[position]) for position in batch]
-    latents = pipeline._encode_vae_image(image=pixels, generator=generators)  # (1, C, H/f, W/f)
-    return {"input_latents": latents.expand(len(batch), *latents.shape[1:]).contiguous(),
-            "input_generator_states": torch.stack([generator.get_state() for generator in generators])}
+    latents = pipeline._encode_vae_image(image=device_pixels, generator=generators)  # (1, C, H/f, W/f)
+    encoded = {"input_latents": latents.expand(len(batch), *latents.shape[1:]).contiguous(),
+               "input_generator_states": torch.stack([generator.get_state() for generator in generators])}
+    if mask is not None:
+        encoded.update(_inpaint_mask(pipeline, pixels, mask, settings, batch, generators))
+    return encoded
+
+
+def _inpaint_mask(pipeline, pixels: torch.Tensor, mask, settings, batch: range,
+                  generators: list[torch.Generator]) -> dict[str, torch.Tensor]:
+    """FluxInpaintPipeline.__call__'s mask steps for the input image's `pixels` (1, 3, H, W) float32:
+    its mask processor (grey, resized, binary), the masked image, and prepare_mask_latents (the VAE
+    encodes the masked image there). The pipeline samples that encoding with the batch's first
+    generator after the noise; its loop reads only the mask (the masked image's latents serve a
+    transformer of more input channels), so it samples here with copies of the generators, leaving
+    the kept states (the noise's) as the image's encode left them."""
+    import diffusers
+
+    inpaint = diffusers.FluxInpaintPipeline(**pipeline.components)  # its processors, made for this VAE
+    condition = inpaint.mask_processor.preprocess(mask, height=settings.height, width=settings.width)
+    masked = pixels * (condition < 0.5)
+    copies = []
+    for generator in generators:
+        copies.append(torch.Generator("cpu"))
+        copies[-1].set_state(generator.get_state())
+    packed_mask, masked_latents = inpaint.prepare_mask_latents(
+        condition, masked, len(batch), pipeline.latent_channels, 1, settings.height, settings.width,
+        settings.torch_dtype, pipeline.vae.device, copies)
+    return {"input_mask": packed_mask, "input_masked_latents": masked_latents}
 
 
 def image_pipeline(pipeline, settings):
-    """FluxImg2ImgPipeline sharing `pipeline`'s transformer and scheduler when the run has an input
-    image; its latent channels and image processor set as a VAE would set them (it has none), so that
-    it takes the encoded latents as they are."""
+    """FluxImg2ImgPipeline (FluxInpaintPipeline with a --mask) sharing `pipeline`'s transformer and
+    scheduler when the run has an input image; its latent channels and image processor set as a VAE
+    would set them (it has none), so that it takes the encoded latents as they are."""
     if not settings.images:
         return pipeline
     import diffusers
     from diffusers.image_processor import VaeImageProcessor
 
     # Built from the same components, not by from_pipe, which casts them all to one dtype (float32 by default).
-    image_pipeline = diffusers.FluxImg2ImgPipeline(**pipeline.components)
+    pipeline_class = diffusers.FluxInpaintPipeline if settings.mask else diffusers.FluxImg2ImgPipeline
+    image_pipeline = pipeline_class(**pipeline.components)
     image_pipeline.set_progress_bar_config(disable=True)
     image_pipeline.vae_scale_factor = pipeline.vae_scale_factor
     image_pipeline.latent_channels = pipeline.transformer.config.in_channels // 4  # 2x2 packing
@@ -117,7 +148,9 @@ def image_pipeline(pipeline, settings):
 
 def call_arguments(pipeline, inputs: dict[str, torch.Tensor], settings, batch: range) -> dict:
     """FluxImg2ImgPipeline.__call__'s image, strength and generators for the encoded rows of `batch`
-    (nothing for a run without an input image), and true_cfg_scale (--true-cfg)."""
+    (nothing for a run without an input image), and true_cfg_scale (--true-cfg). With a --mask,
+    FluxInpaintPipeline's: its prepare_mask_latents gives the kept mask and masked image, and the
+    mask_image it is handed is a blank one of the run's size (what __call__'s preprocessing reads)."""
     guidance = {"true_cfg_scale": settings.true_cfg}
     if not inputs:
         return guidance
@@ -126,4 +159,12 @@ def call_arguments(pipeline, inputs: dict[str, torch.Tensor], settings, batch: r
         generator = torch.Generator("cpu")
         generator.set_state(state.to("cpu").clone())  # a tensor of its own: set_state reads a row's storage from its start
         generators.append(generator)
-    return {"image": inputs["input_latents"], "strength": settings.strength, "generator": generators, **guidance}
+    arguments = {"image": inputs["input_latents"], "strength": settings.strength, "generator": generators, **guidance}
+    if settings.mask:
+        from PIL import Image
+
+        kept = inputs["input_mask"], inputs["input_masked_latents"]
+        pipeline.prepare_mask_latents = lambda *args, **kwargs: kept
+        # masked_image_latents given: __call__ then masks no image of its own (it holds latents, not pixels)
+        arguments.update(mask_image=Image.new("L", (settings.width, settings.height)), masked_image_latents=kept[1])
+    return arguments

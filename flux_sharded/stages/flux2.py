@@ -113,12 +113,50 @@ def _condition_images(pipeline, images: list) -> list[torch.Tensor]:
     return conditions
 
 
-def encode_images(pipeline, images: list, settings, batch: range) -> dict[str, torch.Tensor]:
+def encode_images(pipeline, images: list, settings, batch: range, mask=None) -> dict[str, torch.Tensor]:
     """{"input_latents": (len(batch), reference tokens, in_channels), "input_latent_ids":
-    (len(batch), reference tokens, 4) int64}: every reference encoded as __call__ encodes them."""
+    (len(batch), reference tokens, 4) int64}: every reference encoded as __call__ encodes them; with a
+    `mask`, klein's inpainting (_inpaint_inputs)."""
+    if mask is not None:
+        return _inpaint_inputs(pipeline, images, settings, batch, mask)
     latents, ids = pipeline.prepare_image_latents(images=_condition_images(pipeline, images), batch_size=len(batch),
                                                   generator=None, device=pipeline.vae.device, dtype=pipeline.vae.dtype)
     return {"input_latents": latents, "input_latent_ids": ids}
+
+
+# ---------------------------------------------------------------- klein inpainting (Flux2KleinInpaintPipeline)
+# Flux2KleinInpaintPipeline.__call__ paints at its input image's size (shrunk to 1024^2 pixels when
+# larger, cut to multiples of 2 x the VAE's factor: its step 2), encodes it with the VAE's mode
+# (prepare_latents' _encode_vae_image: patchified and normalised by the VAE's batch-norm statistics),
+# takes those latents also as its first reference, and blends the kept image back outside the mask
+# each step (prepare_mask_latents: the mask at the packed size, bilinear). encode_image does step 2,
+# the encode and the mask; denoise hands __call__ the latents as its image (a tensor of 4 x
+# latent_channels channels, which it takes as encoded and normalises with _InpaintVae's identity
+# statistics) and the kept mask through prepare_mask_latents; noise and references are the pipeline's.
+
+def _inpaint_inputs(pipeline, images: list, settings, batch: range, mask) -> dict[str, torch.Tensor]:
+    """{"input_latents": (len(batch), 4C, H/2f, W/2f), "input_mask": (len(batch), tokens, 1)}: the one
+    input image and the mask as Flux2KleinInpaintPipeline.__call__ prepares them (its steps 2 and 6,
+    without padding_mask_crop); the run's size is the image's (runner.check_mask_settings)."""
+    import diffusers
+
+    from ..families import REFERENCE_MAX_AREA, reference_size
+
+    inpaint = diffusers.Flux2KleinInpaintPipeline(**pipeline.components)  # its processors, made for this VAE
+    (image,) = images
+    height, width = reference_size(image.size, pipeline.vae_scale_factor)  # step 2's size
+    raw_width, raw_height = image.size
+    if raw_width * raw_height > REFERENCE_MAX_AREA:  # step 2 shrinks it first
+        scale = (REFERENCE_MAX_AREA / (raw_width * raw_height)) ** 0.5
+        image = inpaint.image_processor.resize(image, int(raw_height * scale), int(raw_width * scale))
+    pixels = inpaint.image_processor.preprocess(image, height, width, crops_coords=None, resize_mode="default")
+    pixels = pixels.to(device=pipeline.vae.device, dtype=settings.torch_dtype)  # prepare_latents' cast
+    latents = inpaint._encode_vae_image(image=pixels, generator=None)  # (1, 4C, H/2f, W/2f), normalised
+    condition = inpaint.mask_processor.preprocess(mask, height=height, width=width, resize_mode="default",
+                                                  crops_coords=None)
+    packed_mask = inpaint.prepare_mask_latents(condition, len(batch), 1, height, width, settings.torch_dtype,
+                                               pipeline.vae.device)
+    return {"input_latents": latents.expand(len(batch), *latents.shape[1:]).contiguous(), "input_mask": packed_mask}
 
 
 class _EncodedReferencesVae(torch.nn.Module):
@@ -131,20 +169,52 @@ class _EncodedReferencesVae(torch.nn.Module):
         self.dtype, self.device = dtype, device
 
 
+class _InpaintVae(_EncodedReferencesVae):
+    """_EncodedReferencesVae with the batch-norm statistics Flux2KleinInpaintPipeline.prepare_latents
+    normalises an encoded image by: the identity (mean 0, variance 1, eps 0: (x - 0) / sqrt(1 + 0) is x
+    exactly), since encode_image kept the latents normalised by the VAE's own (_encode_vae_image)."""
+
+    def __init__(self, dtype: torch.dtype, device: torch.device, channels: int):
+        super().__init__(dtype, device)
+        self.bn = torch.nn.Module()
+        self.bn.running_mean, self.bn.running_var = torch.zeros(channels), torch.ones(channels)
+        self.config = type("Config", (), {"batch_norm_eps": 0.0})()
+
+
 def image_pipeline(pipeline, settings):
-    """`pipeline` itself; for a run with references, given _EncodedReferencesVae in place of its VAE."""
-    if settings.images:
-        device = pipeline._execution_device  # the transformer's, found before the stand-in comes first
+    """`pipeline` itself; for a run with references, given _EncodedReferencesVae in place of its VAE;
+    with a --mask, Flux2KleinInpaintPipeline sharing its transformer and scheduler, given _InpaintVae,
+    its VAE factor and latent channels set as a VAE would set them."""
+    if not settings.images:
+        return pipeline
+    device = pipeline._execution_device  # the transformer's, found before the stand-in comes first
+    if not settings.mask:
         pipeline.vae = _EncodedReferencesVae(settings.torch_dtype, device)
-    return pipeline
+        return pipeline
+    import diffusers
+
+    inpaint = diffusers.Flux2KleinInpaintPipeline(**pipeline.components, is_distilled=pipeline.config.is_distilled)
+    inpaint.set_progress_bar_config(disable=True)
+    channels = pipeline.transformer.config.in_channels  # 4 x the VAE's latent channels (2x2 patches)
+    inpaint.vae = _InpaintVae(settings.torch_dtype, device, channels)
+    inpaint.vae_scale_factor, inpaint.latent_channels = pipeline.vae_scale_factor, channels // 4
+    return inpaint
 
 
 def call_arguments(pipeline, inputs: dict[str, torch.Tensor], settings, batch: range) -> dict:
     """__call__'s image=[...] for the encoded rows of `batch`: blank images of the references' sizes
     (what step 4 reads of them), their encoding replaced by the kept tokens and positions; nothing for a
-    run without references."""
+    run without references. With a --mask, Flux2KleinInpaintPipeline's image (the kept latents),
+    strength, and a blank mask_image of the run's size, prepare_mask_latents giving the kept mask."""
     if not inputs:
         return {}
+    if settings.mask:
+        from PIL import Image
+
+        kept = inputs["input_mask"]
+        pipeline.prepare_mask_latents = lambda *args, **kwargs: kept
+        return {"image": inputs["input_latents"], "strength": settings.strength,
+                "mask_image": Image.new("L", (settings.width, settings.height))}
     from PIL import Image
 
     from ..families import reference_size

@@ -49,6 +49,9 @@ class Share(Protocol):
     def input_images(self) -> list:
         """The run's input images (PIL, RGB, in --image order), decoded once; for encode_image."""
 
+    def input_mask(self):
+        """The run's --mask (PIL, RGB), decoded once, or None; for encode_image."""
+
 
 @dataclass(frozen=True)
 class Work:

@@ -31,7 +31,7 @@ def input_sizes(settings, sizes: list[tuple[int, int]], vae_scale_factor: int) -
     return tuple(kontext_size(size, vae_scale_factor) for size in sizes)
 
 
-def encode_images(pipeline, images: list, settings, batch: range) -> dict[str, torch.Tensor]:
+def encode_images(pipeline, images: list, settings, batch: range, mask=None) -> dict[str, torch.Tensor]:
     """{"input_latents": (len(batch), C, h/f, w/f)}: the one input image resized as __call__'s step 3
     resizes it and encoded as prepare_latents encodes it (the VAE's mode: the same for every image)."""
     from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
