@@ -82,9 +82,9 @@ MAX_PROMPT_CHARACTERS = 32_000  # OpenAI's images API limit for a prompt
 IGNORED_FIELDS = ("model", "user", "quality", "style", "moderation", "background")
 # Our settings a request may give (the CLI options, underscores): every per-call setting of the
 # schema, less the batch size, which the server chooses (batch mates change the pixels' rounding),
-# and the input images with their strength: the command line reads images from paths, and no
+# and the input images with their mask and strength: the command line reads images from paths, and no
 # request names a path on the server.
-INPUT_IMAGE_SETTINGS = ("images", "strength")
+INPUT_IMAGE_SETTINGS = ("images", "mask", "strength")
 NATIVE_SETTINGS = tuple(each for each in image_options() if each.name not in ("batch_size", *INPUT_IMAGE_SETTINGS))
 # OpenAI's endpoint takes the size as its own `size` field, the rest as extensions.
 EXTENSION_SETTINGS = tuple(each for each in NATIVE_SETTINGS if each.name not in ("height", "width"))

@@ -627,6 +627,8 @@ def test_staged_inpainting_png_equals_the_one_piece_pipeline(request, tmp_path, 
     assert Image.open(written(out)[0]).text["mask"] == recorded
     (run_json,) = (out / ".flux-sharded").glob("run-*/run.json")
     assert json.loads(run_json.read_text())["settings"]["mask"] == recorded
+    if fixture == "tiny_klein":  # the rest is the families' common code: once is enough
+        return
     # the mask decides the pixels and the run's hash: the whole image redrawn differs
     Image.new("L", image_size, 255).save(mask_path)
     other = invoke(inpaint_args(checkpoint, image_path, mask_path, tmp_path / "other", *size_args))
