@@ -585,7 +585,7 @@ def inpaint_args(checkpoint: Path, image_path: Path, mask_path: Path, out: Path,
             "float32", "--max-memory", "cpu=4GB", "--out", str(out), *extra]
 
 
-def one_piece_inpaint(checkpoint: Path, image_path: Path, mask_path: Path, **size) -> np.ndarray:
+def one_piece_inpaint(checkpoint: Path, image_path: Path, mask_path: Path, seed: int = SEED, **size) -> np.ndarray:
     """The family's inpainting pipeline (FluxInpaintPipeline, Flux2KleinInpaintPipeline), whole, on the
     CPU, with the image and mask as diffusers' load_image reads them."""
     import diffusers
@@ -599,7 +599,7 @@ def one_piece_inpaint(checkpoint: Path, image_path: Path, mask_path: Path, **siz
     return np.asarray(pipeline(prompt="a photo of a dog", image=load_image(str(image_path)),
                                mask_image=load_image(str(mask_path)), strength=INPAINT_STRENGTH,
                                num_inference_steps=2, guidance_scale=guidance,
-                               generator=torch.Generator("cpu").manual_seed(SEED), **size).images[0])
+                               generator=torch.Generator("cpu").manual_seed(seed), **size).images[0])
 
 
 @pytest.mark.parametrize("fixture, image_size, size_args", [
@@ -636,6 +636,23 @@ def test_staged_inpainting_png_equals_the_one_piece_pipeline(request, tmp_path, 
     assert np.abs(np.asarray(Image.open(written(tmp_path / "other")[0])).astype(int) - staged).max() > 0
     (other_json,) = (tmp_path / "other" / ".flux-sharded").glob("run-*/run.json")
     assert other_json.parent.name != run_json.parent.name
+
+
+def test_an_encode_without_seeds_runs_once_for_every_batch(tiny_klein, tmp_path, monkeypatch):
+    """klein encodes its image with the VAE's mode: three images in batches of two are encoded once,
+    and the last image (the short batch's) is still the one-piece pipeline's of its seed."""
+    from diffusers import AutoencoderKLFlux2
+
+    image_path, mask_path = photo(tmp_path / "in.png", size=(64, 80)), mask(tmp_path / "mask.png", (64, 80))
+    encodes = []
+    real = AutoencoderKLFlux2.encode
+    monkeypatch.setattr(AutoencoderKLFlux2, "encode", lambda self, *a, **k: encodes.append(1) or real(self, *a, **k))
+    result = invoke(inpaint_args(tiny_klein, image_path, mask_path, tmp_path / "out", "--num-images-per-prompt", "3",
+                                 "--batch-size", "2"))
+    assert result.exit_code == 0, result.output
+    assert len(encodes) == 1
+    assert_same_pixels(np.asarray(Image.open(written(tmp_path / "out")[2])),
+                       one_piece_inpaint(tiny_klein, image_path, mask_path, seed=SEED + 2))
 
 
 def test_resume_of_an_inpainting_run_after_encode_image(tiny_checkpoint, tmp_path, monkeypatch):

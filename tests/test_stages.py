@@ -212,6 +212,7 @@ def test_every_family_has_code_that_provides_the_whole_family_protocol():
     """Each family's side of the stages (stages.code.CODE[family.code]) has every member of
     stages.code.FamilyCode, with its parameters, and is what family_code finds."""
     import inspect
+    import typing
 
     from flux_sharded.families import FAMILIES
     from flux_sharded.stages.code import CODE, FamilyCode, family_code
@@ -228,6 +229,8 @@ def test_every_family_has_code_that_provides_the_whole_family_protocol():
         for name in members:
             wanted = list(inspect.signature(getattr(FamilyCode, name)).parameters)[1:]  # without self
             assert list(inspect.signature(getattr(code, name)).parameters) == wanted, (family.name, name)
+        for name, kind in typing.get_type_hints(FamilyCode).items():  # its constants (SEEDED_ENCODE)
+            assert isinstance(getattr(code, name), kind), (family.name, name)
 
 
 def test_the_runner_calls_each_stage_through_the_interface_in_order(tiny_checkpoint, tmp_path, monkeypatch):

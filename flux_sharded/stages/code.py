@@ -22,6 +22,10 @@ if TYPE_CHECKING:
 
 
 class FamilyCode(Protocol):
+    # Whether encode_images depends on the batch's seeds (FLUX.1 samples the VAE's distribution with
+    # each batch's generators); False: its rows are the same for every image, so it runs once a run.
+    SEEDED_ENCODE: bool
+
     def encode_batch(self, pipeline, prompts: list[str],
                      settings) -> tuple[dict[str, "torch.Tensor"], dict[str, "torch.Tensor"]]:
         """({name: (len(prompts), ...) rows, one per prompt}, {name: tensor shared by every image}):

@@ -47,14 +47,23 @@ def load(checkpoint, stage_plan, dtype: torch.dtype, offload_folder=None):
 def run(pipeline, handoff: Handoff, on_image_done=None, on_step=None, images=(), mask=None) -> Handoff:
     """The handoff with the encoded input images added, batch_size images at a time (the batches
     denoise runs: the pipelines encode once per call); `images`: the run's input images (PIL, RGB);
-    `mask`: its --mask (PIL, RGB) or None."""
+    `mask`: its --mask (PIL, RGB) or None. A family whose encode does not depend on the batch's
+    seeds (FamilyCode.SEEDED_ENCODE false) encodes once: every image's rows are the first batch's,
+    the longest."""
     settings = handoff.settings
     code = family_code(pipeline_family(pipeline))
     rows: dict[str, list[torch.Tensor]] = {}
+    first = None
     with torch.inference_mode():
         for batch in settings.batches():
-            for name, tensor in code.encode_images(pipeline, list(images), settings, batch, mask).items():
-                rows.setdefault(name, []).append(tensor.to("cpu"))
+            if first is None or code.SEEDED_ENCODE:
+                encoded = {name: tensor.to("cpu") for name, tensor
+                           in code.encode_images(pipeline, list(images), settings, batch, mask).items()}
+                first = first or encoded
+            else:
+                encoded = {name: tensor[:len(batch)] for name, tensor in first.items()}
+            for name, tensor in encoded.items():
+                rows.setdefault(name, []).append(tensor)
             if on_image_done:
                 on_image_done(len(batch))
     encoded = {name: torch.cat(tensors) for name, tensors in rows.items()}

@@ -77,6 +77,9 @@ def load_lora(family, name: str, model, state_dict: dict, alphas: dict | None, a
 # pipeline takes as encoded) with generators set to those states, so the pipeline's own timesteps,
 # strength and noise follow exactly as in one call (tests/test_images.py compares the PNGs).
 
+SEEDED_ENCODE = True  # _encode_vae_image samples with the batch's first generator
+
+
 def input_sizes(settings, sizes: list[tuple[int, int]], vae_scale_factor: int) -> tuple[tuple[int, int], ...]:
     """(height, width) the VAE encodes each input image at: FluxImg2ImgPipeline resizes it to the run's
     size; FluxInpaintPipeline also encodes the masked image, at the same size (one after the other)."""

@@ -88,6 +88,9 @@ def load_lora(family, name: str, model, state_dict: dict, alphas: None, adapter_
 # it passes on, and the device: _EncodedReferencesVae), so the loop, noise and positions are the
 # pipeline's own (tests/test_images.py compares the PNGs).
 
+SEEDED_ENCODE = False  # the VAE's mode (argmax), no generator: references and klein's inpainted image alike
+
+
 def input_sizes(settings, sizes: list[tuple[int, int]], vae_scale_factor: int) -> tuple[tuple[int, int], ...]:
     """(height, width) the VAE encodes each reference of (width, height) `sizes` at (families.reference_size)."""
     from ..families import reference_size

@@ -24,6 +24,9 @@ from .flux1 import (  # noqa: F401 (the family protocol: FLUX.1's own)
 )
 
 
+SEEDED_ENCODE = False  # the VAE's mode, no generator
+
+
 def input_sizes(settings, sizes: list[tuple[int, int]], vae_scale_factor: int) -> tuple[tuple[int, int], ...]:
     """(height, width) the VAE encodes the input image at (families.kontext_size)."""
     from ..families import kontext_size
