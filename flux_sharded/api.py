@@ -277,20 +277,23 @@ class Model:
         masks = (read_image(str(mask), "--mask"),) if mask else ()
         generation = GenerationSettings(model=self.model, prompts=prompts, seeds=seeds, dtype=self.dtype,
                                         quantize=self.quantize, lora=self.lora,
-                                        **{**self.defaults(), **self.inpaint_size(inputs, masks), **settings,
+                                        **{**self.defaults(), **self.inpaint_defaults(inputs, masks), **settings,
                                            "images": tuple(each.saved_text for each in inputs),
                                            "mask": "".join(each.saved_text for each in masks)})
         return runner.RunRequest(self.checkpoint, generation, self.budget, out_dir, self.offload_folder,
                                  run_dir=run_dir, overwrite=overwrite, input_images=inputs + masks)
 
-    def inpaint_size(self, inputs: tuple[InputImage, ...], masks: tuple[InputImage, ...]) -> dict[str, int]:
-        """{"height", "width"} of an inpainting run whose pipeline paints at its input image's size
-        (families.Family.inpaint_at_image_size: klein), the defaults where none are given; else {}."""
+    def inpaint_defaults(self, inputs: tuple[InputImage, ...], masks: tuple[InputImage, ...]) -> dict[str, Any]:
+        """An inpainting run's defaults where none are given: its pipeline's strength
+        (families.Family.inpaint_strength) and, where it paints at its input image's size
+        (Family.inpaint_at_image_size: klein), that "height" and "width"; {} for another run."""
         family = self.checkpoint.family
-        if not (masks and len(inputs) == 1 and family.inpaint_at_image_size):
+        if not (masks and family.inpaint_pipeline):
             return {}
-        height, width = reference_size(inputs[0].size, self.checkpoint.vae_scale_factor)
-        return {"height": height, "width": width}
+        defaults = {"strength": family.inpaint_strength}
+        if len(inputs) == 1 and family.inpaint_at_image_size:
+            defaults["height"], defaults["width"] = reference_size(inputs[0].size, self.checkpoint.vae_scale_factor)
+        return defaults
 
     def plan(self, prompt: str | Sequence[str] | None = None, *, seed: int = 0, num_images_per_prompt: int = 1,
              **settings) -> Plan:

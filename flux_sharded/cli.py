@@ -156,7 +156,8 @@ class _PathParam(click.Path):
 )
 @click.option(
     "--strength", type=float, default=setting("strength").default, show_default=True,
-    help="Image-to-image and inpainting: how much of the --image is redrawn, above 0 and at most 1.",
+    help="Image-to-image and inpainting: how much of the --image is redrawn, above 0 and at most 1 "
+    "(klein's inpainting: 0.8, its pipeline's default).",
 )
 @click.option(
     "--negative-prompt", default=setting("negative_prompt").default, metavar="TEXT",

@@ -477,6 +477,9 @@ class Family:
     # and cut as its references are: reference_size) rather than at --height/--width.
     inpaint_pipeline: str | None = None
     inpaint_at_image_size: bool = False
+    # Its __call__'s default strength, an inpainting run's where --strength is not given
+    # (tests/test_images.py reads them from the installed diffusers).
+    inpaint_strength: float | None = None
     # Whether the pipeline takes a negative prompt with true classifier-free guidance (true_cfg_scale).
     true_cfg: bool = False
     # The smallest side and the most elongated aspect ratio of an input image the image pipeline takes
@@ -543,6 +546,7 @@ FLUX_1 = Family(
     max_images=1,
     strength=True,
     inpaint_pipeline="FluxInpaintPipeline",
+    inpaint_strength=0.6,
     true_cfg=True,
     inputs_encoded=_flux1_inputs,
 )
@@ -615,6 +619,7 @@ FLUX_2_KLEIN = Family(
     image_pipeline="Flux2KleinPipeline",  # reference images (image=[...])
     inpaint_pipeline="Flux2KleinInpaintPipeline",
     inpaint_at_image_size=True,  # __call__'s step 2 takes the input image's size
+    inpaint_strength=0.8,
     max_images=4,  # klein's multi-reference editing (BFL's model card); diffusers sets no limit
     min_image_side=64,
     max_image_aspect=8,

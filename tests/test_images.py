@@ -681,6 +681,28 @@ def test_resume_of_an_inpainting_run_after_encode_image(tiny_checkpoint, tmp_pat
     assert_same_pixels(np.asarray(Image.open(written(out)[0])), expected)
 
 
+def test_an_inpainting_runs_defaults_are_its_pipelines(tiny_klein, tmp_path):
+    """klein's inpainting paints at its image's size and strength 0.8 where none are given (FLUX.1's
+    strength is its image-to-image one); each pipeline's own default, read from the installed diffusers."""
+    import diffusers
+
+    from flux_sharded.api import Model
+    from flux_sharded.families import FLUX_1, FLUX_2_KLEIN
+    from flux_sharded.prompts import PromptLine
+
+    for family in (FLUX_1, FLUX_2_KLEIN):
+        call = inspect.signature(getattr(diffusers, family.inpaint_pipeline).__call__).parameters
+        assert call["strength"].default == family.inpaint_strength
+    image_path, mask_path = photo(tmp_path / "in.png", (96, 72)), mask(tmp_path / "mask.png", (96, 72))
+    model = Model(str(tiny_klein), max_memory="cpu=2GB")
+    settings = model.request([PromptLine("a dog")], 0, 1, tmp_path, images=(str(image_path),),
+                             mask=str(mask_path)).settings
+    assert (settings.strength, settings.height, settings.width) == (0.8, 64, 96)
+    given = model.request([PromptLine("a dog")], 0, 1, tmp_path, images=(str(image_path),), mask=str(mask_path),
+                          strength=0.5).settings
+    assert given.strength == 0.5
+
+
 def test_a_mask_without_inpainting_or_at_another_size_than_klein_paints_is_refused(tiny_klein, tiny_kontext,
                                                                                    tmp_path):
     image_path, mask_path = photo(tmp_path / "in.png", (64, 80)), mask(tmp_path / "mask.png", (64, 80))
