@@ -655,25 +655,30 @@ def test_an_encode_without_seeds_runs_once_for_every_batch(tiny_klein, tmp_path,
                        one_piece_inpaint(tiny_klein, image_path, mask_path, seed=SEED + 2))
 
 
-def test_resume_of_an_inpainting_run_after_encode_image(tiny_checkpoint, tmp_path, monkeypatch):
+@pytest.mark.parametrize("fixture, image_size, sizes", [("tiny_checkpoint", (40, 56), {"height": 32, "width": 32}),
+                                                        ("tiny_klein", (64, 80), {})])
+def test_resume_of_an_inpainting_run_after_encode_image(request, tmp_path, monkeypatch, fixture, image_size, sizes):
     """Stopped in denoise: a mask changed since is refused; once it is gone, the run continues from its
-    kept encode (the files are needed no more) to the one-piece pipeline's PNG."""
-    image_path, mask_path = photo(tmp_path / "in.png"), mask(tmp_path / "mask.png")
+    kept encode (its tensors' shapes checked: families.Family.inputs_encoded; the files are needed no
+    more) to the one-piece pipeline's PNG."""
+    checkpoint = request.getfixturevalue(fixture)
+    image_path, mask_path = photo(tmp_path / "in.png", size=image_size), mask(tmp_path / "mask.png", image_size)
     out = tmp_path / "out"
     stage = next(stage for stage in STAGES if stage.NAME == "denoise")
+    size_args = [part for name, value in sizes.items() for part in (f"--{name}", str(value))]
     with monkeypatch.context() as patch:
         patch.setattr(stage, "run", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("stopped for the test")))
-        failed = invoke(inpaint_args(tiny_checkpoint, image_path, mask_path, out, "--height", "32", "--width", "32"))
+        failed = invoke(inpaint_args(checkpoint, image_path, mask_path, out, *size_args))
     assert failed.exit_code == 1 and "denoise failed" in error_line(failed)
     (run_dir,) = (out / ".flux-sharded").glob("run-*")
     original = mask_path.read_bytes()
-    Image.new("L", (40, 56), 255).save(mask_path)
+    Image.new("L", image_size, 255).save(mask_path)
     changed = invoke(["--resume", str(run_dir)])
     assert changed.exit_code == 2
     assert error_line(changed).startswith(f"Error: --resume: the mask {mask_path.absolute()} changed since the run "
                                           f"in {run_dir} began")
     mask_path.write_bytes(original)
-    expected = one_piece_inpaint(tiny_checkpoint, image_path, mask_path, height=32, width=32)
+    expected = one_piece_inpaint(checkpoint, image_path, mask_path, **sizes)
     mask_path.unlink()
     image_path.unlink()
     resumed = invoke(["--resume", str(run_dir)])
