@@ -221,10 +221,11 @@ class Model:
     """A FLUX checkpoint opened under a memory budget (see open_model); generate() runs the three
     stages for some prompts, plan() shows how they would be placed, close() frees what it holds.
 
-    Weights kept between calls: a stage the plan places wholly in RAM stays loaded after a call
-    while the budget's cpu entry leaves room for it beside every stage's own plan
-    (plan.kept_between_calls; each stage's kept_bytes in plan() and in the report), so that the
-    next call with the same placement reads none of its weights again."""
+    Weights kept between calls: a stage stays loaded in RAM after a call (one placed on GPUs moved
+    back to RAM, placed again at the next call) while the budget's cpu entry leaves room for all its
+    weights beside every stage's own plan (plan.kept_between_calls; each stage's kept_bytes in
+    plan() and in the report), so that the next call with the same placement reads none of its
+    weights again."""
 
     def __init__(self, model: str | Path | Checkpoint = DEFAULT_MODEL, *, max_memory: str | Budget | None = None,
                  offload_folder: str | Path | None = None, log: Callable[[str], None] | None = None, **settings):

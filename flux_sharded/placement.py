@@ -78,6 +78,28 @@ def placeable(device_map: dict[str, Device], streamed: bool) -> bool:
     return not ("disk" in devices or ("cpu" in devices and len(devices) > 1 and not streamed))
 
 
+def hostable(device_map: dict[str, Device], streamed: bool, quantization: str | None) -> bool:
+    """Whether a placed component can go back to RAM whole between the Python API's calls
+    (to_host) and be placed again by `place`: on the CPU, whole on a GPU or split over GPUs, in
+    --dtype, fp8 or int8; not streamed (its RAM part is pinned chunks group offloading owns), not
+    offloaded by accelerate's hooks, not nf4 (bitsandbytes places it as it loads)."""
+    devices = set(device_map.values())
+    on_gpus = "cpu" not in devices or devices == {"cpu"}
+    return not streamed and "disk" not in devices and on_gpus and quantization in (None, "fp8", "int8")
+
+
+def to_host(model: torch.nn.Module) -> None:
+    """Undo a placement `hostable` allows: accelerate's hooks removed (a split over GPUs), every
+    weight back in RAM (pageable memory); `place` puts it on its devices again."""
+    from accelerate.hooks import remove_hook_from_submodules
+
+    remove_hook_from_submodules(model)
+    for name in ("hf_device_map", "placed_device_map"):  # the maps of a placement that is gone
+        if name in model.__dict__:
+            delattr(model, name)
+    model.to("cpu")
+
+
 def place(model: torch.nn.Module, device_map: dict[str, Device], streamed: bool = False) -> None:
     """Place `model`, loaded whole on the CPU (fp8, int8, or any component the caller loaded so), as
     `device_map` says (see the module docstring); `streamed`: the plan's ComponentPlan.streamed.

@@ -55,6 +55,7 @@ from .components import empty_component, module_sizes, no_split_modules, special
 from .errors import PlanError
 from .families import IMAGE_STAGE, STAGES, Family, family_of
 from .lora import Adapter
+from .placement import hostable
 from .quantize import LORA_MERGE
 from .quantize_bytes import quantized_linears
 
@@ -216,13 +217,15 @@ class RunPlan:
 
 def kept_between_calls(plan: RunPlan) -> dict[str, int]:
     """The stages whose loaded components stay in host memory between the Python API's calls
-    (api.Model), with the RAM each keeps (its weights on "cpu"):
+    (api.Model), with the RAM each keeps (all its weights, whichever device the stage runs them on):
 
-    - only a stage placed wholly in RAM: every module of every component on "cpu" (none on a GPU,
-      streamed or on disk), so that keeping it holds no GPU memory and moves nothing;
+    - only a stage whose every component goes back to RAM whole and is placed again each call
+      (placement.hostable: on the CPU, whole on a GPU or split over GPUs; nothing streamed, on disk
+      or nf4), so that keeping it holds no GPU memory between calls and the next call moves its
+      weights to the GPUs at the bus's speed instead of reading them from disk;
     - taken in stage order while the budget still holds: for every stage, its planned CPU bytes
       plus the weights the other kept stages hold never exceed the budget's cpu entry (a stage that
-      is kept counts its own weights once, in its plan).
+      is kept counts its own weights once, in its plan: while it runs, they are on its devices).
 
     Empty for a plan that does not fit. The weights of a stage not kept are read again each call."""
     if not all(stage.fits for stage in plan.stages):
@@ -230,10 +233,10 @@ def kept_between_calls(plan: RunPlan) -> dict[str, int]:
     cpu = plan.budget.get("cpu", 0)
     kept: dict[str, int] = {}
     for stage in plan.stages:
-        if not all(set(component.device_map.values()) == {"cpu"} and not component.streamed
+        if not all(hostable(dict(component.device_map), component.streamed, component.quantization)
                    for component in stage.components):
             continue
-        trial = {**kept, stage.name: stage.weight_bytes.get("cpu", 0)}
+        trial = {**kept, stage.name: sum(stage.weight_bytes.values())}
         if all(other.planned_bytes.get("cpu", 0) + sum(size for name, size in trial.items() if name != other.name)
                <= cpu for other in plan.stages):
             kept = trial

@@ -161,8 +161,10 @@ class RunReport:
         lines = []
         for stage in self.stages:
             if stage.kept_bytes:
+                on_gpus = any(device not in ("cpu", "disk") for device in stage.weight_bytes)
                 lines.append(f"{stage.name}: its weights stay in RAM between calls ({format_bytes(stage.kept_bytes)}, "
-                             "counted against the cpu budget of every stage)"
+                             "counted against the cpu budget of every stage"
+                             + ("; moved to its GPUs at each call)" if on_gpus else ")")
                              + ("; this call read none" if stage.weights_kept else ""))
             if stage.tiled:
                 lines.append(f"{stage.name}: tiled VAE decoding (the whole image's activations do not fit)")

@@ -58,7 +58,7 @@ from .images import image_paths, save_png
 from .input_images import InputImage, find_saved as find_saved_image, parse_saved as parse_saved_image
 from .lora import Adapter, find_saved, parse_saved
 from .memory import PeakMemory, flush
-from .placement import placeable
+from .placement import place, placeable, to_host
 from .plan import PlanInputs, RunPlan, check_free_cpu_memory, check_free_gpu_memory, kept_between_calls, plan_run
 from .progress import Progress, stage_bar
 from .quantize import LORA_MERGE, check_prequantized_dtype, format_quantize, prequantized, stored_by_torchao
@@ -770,6 +770,23 @@ class _StageResult:
     output: Handoff  # the stage's run's
 
 
+def _on_gpus(stage_plan) -> list:
+    """The stage's components that its plan puts on a GPU (each a part of the loaded pipeline, by name)."""
+    return [component for component in stage_plan.components if set(component.device_map.values()) != {"cpu"}]
+
+
+def _place_kept(loaded, stage_plan) -> None:
+    """A kept stage's components, in RAM between calls, onto the devices of its plan again (placement.place)."""
+    for component in _on_gpus(stage_plan):
+        place(getattr(loaded, component.name), dict(component.device_map), streamed=component.streamed)
+
+
+def _to_host_kept(loaded, stage_plan) -> None:
+    """A kept stage's components off its GPUs, into RAM until the next call (placement.to_host)."""
+    for component in _on_gpus(stage_plan):
+        to_host(getattr(loaded, component.name))
+
+
 def _run_stage(stage: Stage, request: RunRequest, checkpoint: Checkpoint, stage_plan, work: Work, process: Process,
                saved: Path | None, on_progress: Callable[[Progress], None] | None = None,
                keeping: _Keeping | None = None, weights: str = "") -> _StageResult:
@@ -810,11 +827,14 @@ def _run_stage(stage: Stage, request: RunRequest, checkpoint: Checkpoint, stage_
             if loaded is None:
                 with MODULE_PATCH_LOCK:  # no plan builds on meta in another thread meanwhile
                     loaded = stage.load(checkpoint, stage_plan, settings.torch_dtype, offload_folder)
+            else:
+                _place_kept(loaded, stage_plan)
             loaded_at = time.perf_counter()
             stage_report.device_map = stage.device_map(loaded)
             output = stage.run(loaded, handoff, on_image_done, on_step=on_step, **work.options)
             finished = time.perf_counter()
             if keeps:  # only after a run that went through: a failed one may leave it half-used
+                _to_host_kept(loaded, stage_plan)
                 keeping.store.keep(stage.NAME, key, loaded)
                 stage_report.kept_bytes = keeping.stages[stage.NAME]
         except FluxShardedError:

@@ -14,6 +14,7 @@ import atexit
 import os
 import shutil
 import tempfile
+import weakref
 
 ISOLATED_VARIABLES = ("HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN",
                       "HF_ENDPOINT", "HUGGINGFACE_HUB_CACHE", "XDG_CACHE_HOME", "CUDA_VISIBLE_DEVICES", "PYTORCH_CUDA_ALLOC_CONF",
@@ -228,3 +229,24 @@ def bnb_4bit_transformer_copy(checkpoint: Path, copy: Path) -> Path:
                                      "bnb_4bit_quant_type": "nf4"}
     config_path.write_text(json.dumps(config))
     return copy
+
+
+@pytest.fixture
+def loads(monkeypatch) -> list[tuple[str, str, weakref.ref]]:
+    """Every model read from a checkpoint, counted where the libraries read weights: diffusers' and
+    transformers' from_pretrained, which every stage's load calls (class, subfolder, a weak
+    reference to the model it returned)."""
+    import diffusers
+    import transformers
+
+    found = []
+    for base in (diffusers.ModelMixin, transformers.PreTrainedModel):
+        original = base.__dict__["from_pretrained"].__func__
+
+        def counted(cls, *args, _original=original, **kwargs):
+            model = _original(cls, *args, **kwargs)
+            found.append((cls.__name__, kwargs.get("subfolder"), weakref.ref(model)))
+            return model
+
+        monkeypatch.setattr(base, "from_pretrained", classmethod(counted))
+    return found

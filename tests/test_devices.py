@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from flux_sharded import memory
+import flux_sharded
+from flux_sharded import api, memory
 from flux_sharded import plan as plan_module
 from flux_sharded import runner
 from flux_sharded.checkpoint import resolve_checkpoint
@@ -393,3 +394,43 @@ def test_a_transformer_with_a_lora_and_streamed_blocks_equals_the_one_piece_pipe
                                                                                               adapters=adapters),))
     assert planned.streamed and adapters
     assert_same_pixels(staged_pixels(tiny_checkpoint, settings, stages), _lora_expected(tiny_checkpoint, lora, method))
+
+
+def test_a_models_stages_on_gpus_go_back_to_ram_between_calls_and_are_placed_again(tiny_checkpoint, loads,
+                                                                                  monkeypatch):
+    """Issue 24: api.Model keeps a stage placed on GPUs (the encoders on GPUs 0 and 1, the
+    transformer split over both, the VAE on GPU 0) in RAM between calls, no hook left on it, and
+    the next call places it again by the same map without reading a weight: the pixels of a run on
+    the CPU. CUDA's runtime is faked at its boundary only: the GPU count and the memory statistics
+    the report reads."""
+    monkeypatch.setattr(api, "gpu_count", lambda: 2)
+    for name in ("synchronize", "reset_peak_memory_stats", "reset_peak_host_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda *args, **kwargs: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda index=None: 0)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda index=None: 0)
+    monkeypatch.setattr(torch.cuda, "host_memory_stats", lambda: {})
+    settings = {"steps": 2, "height": 32, "width": 32, "max_sequence_length": 64}
+    with flux_sharded.open_model(str(tiny_checkpoint), max_memory="cpu=2GB", dtype="float32") as on_cpu:
+        expected = np.asarray(on_cpu.generate("a dog", seed=3, **settings).images[0])
+    loads.clear()
+    with logical_gpus(), flux_sharded.open_model(str(tiny_checkpoint), max_memory="0=800KB,1=800KB,cpu=2GB",
+                                                 dtype="float32") as model:
+        plan = model.plan(**settings)
+        assert [stage.kept_bytes for stage in plan.stages] == [sum(stage.weight_bytes.values())
+                                                               for stage in plan.stages]
+        assert {"0", "1"} <= set(plan.stages[1].weight_bytes) and "cpu" not in plan.stages[1].weight_bytes
+        first = model.generate("a dog", seed=3, **settings)
+        read = len(loads)
+        for _, loaded in model.kept._loaded.values():  # between calls: in RAM, no placement left
+            for part in ("text_encoder", "text_encoder_2", "transformer", "vae"):
+                component = getattr(loaded, part, None)
+                if component is not None:
+                    assert {tensor.device.type for tensor in component.state_dict().values()} == {"cpu"}, part
+                    assert not any(hasattr(module, "_hf_hook") for module in component.modules()), part
+        second = model.generate("a dog", seed=3, **settings)
+        assert len(loads) == read == 4  # nothing read again
+    assert [stage.weights_kept for stage in second.report.stages] == [True, True, True]
+    for stage in (first, second):  # placed as planned both times
+        denoise = stage.report.stages[1].device_map["transformer"]
+        assert set(denoise.values()) == {"0", "1"}
+        assert_same_pixels(np.asarray(stage.images[0]), expected)
