@@ -5,7 +5,8 @@ FastAPI and uvicorn).
                                   b64_json; our settings as extensions named as the CLI options with
                                   underscores (seed, steps, guidance, max_sequence_length)
     POST /v1/images/edits         OpenAI's edits, a multipart form: image (one file or several:
-                                  Kontext's, FLUX.2's references, FLUX.1 image-to-image), prompt,
+                                  Kontext's, FLUX.2's references, FLUX.1 image-to-image), mask
+                                  (inpainting; transparent where edited, as OpenAI's), prompt,
                                   and the fields above; strength besides
     GET  /v1/models               the one model
 
@@ -92,7 +93,8 @@ EXTENSION_SETTINGS = tuple(each for each in NATIVE_SETTINGS if each.name not in 
 # server), and what they decide besides: image-to-image's strength.
 EDIT_SETTINGS = (*EXTENSION_SETTINGS, *(each for each in image_options() if each.name == "strength"))
 MAX_UPLOAD_BYTES = 64 * 2**20  # an edit's whole form: OpenAI takes images of up to 50 MB
-IMAGE_FIELDS = ("image", "image[]")  # OpenAI's client sends a list of images as image[]
+# The form's file fields, by the field they fill: OpenAI's client sends a list of images as image[].
+FILE_FIELDS = {"image": "image", "image[]": "image", "mask": "mask"}
 # The native endpoint's fields besides the settings; OpenAI's adds size and response_format.
 REQUEST_FIELDS = ("prompt", "n", "seed")
 WEB_PAGE = Path(__file__).with_name("web") / "index.html"
@@ -167,11 +169,12 @@ class Server:
 
     # ---- accepting
 
-    def job(self, body: dict, native: bool = False, inputs: tuple[str, ...] = ()) -> Job:
+    def job(self, body: dict, native: bool = False, inputs: tuple[str, ...] = (), mask: str = "") -> Job:
         """The request's job, every field checked and its plan within the budget (RequestError
         naming the first bad field): OpenAI's request with our extensions, or (`native`) the native
-        endpoint's, NATIVE_SETTINGS by name. `inputs`: an edit's images, files of the server's."""
-        job = self._parsed(body, native, inputs)
+        endpoint's, NATIVE_SETTINGS by name. `inputs`, `mask`: an edit's images and mask, files of
+        the server's."""
+        job = self._parsed(body, native, inputs, mask)
         try:  # the settings and the budget, before anything is accepted (no weight is read)
             self.model.check(self._request(job, [job]))
         except PlanError as error:
@@ -181,7 +184,7 @@ class Server:
             raise RequestError(str(error), _param(str(error), native)) from None
         return job
 
-    def _parsed(self, body: dict, native: bool, inputs: tuple[str, ...] = ()) -> Job:
+    def _parsed(self, body: dict, native: bool, inputs: tuple[str, ...] = (), mask: str = "") -> Job:
         """The request's job, each field checked alone (RequestError naming the first bad one)."""
         accepted = NATIVE_SETTINGS if native else EDIT_SETTINGS if inputs else EXTENSION_SETTINGS
         known = {*REQUEST_FIELDS, *(each.name for each in accepted),
@@ -216,6 +219,8 @@ class Server:
             settings["width"], settings["height"] = int(match.group(1)), int(match.group(2))
         if inputs:
             settings["images"] = inputs
+        if mask:
+            settings["mask"] = mask
         seed = body.get("seed")
         if seed is None:
             seed = secrets.randbits(32)  # recorded in the request's file and in each PNG
@@ -223,28 +228,34 @@ class Server:
             raise RequestError(f"'seed' is {json.dumps(seed)}, not a whole number", "seed")
         return Job(uuid.uuid4().hex, prompt, tuple(seed + k for k in range(n)), settings)
 
-    def edit_job(self, body: dict, uploads: list[bytes]) -> Job:
-        """An edit's job (OpenAI's images.edit): the uploaded images, each decoded whole before it
-        is kept in OUT/inputs/<folder>/ (in the request's order), and the fields as job() checks
-        them; a refused edit keeps no file."""
-        if not uploads:
+    def edit_job(self, body: dict, uploads: dict[str, list[bytes]]) -> Job:
+        """An edit's job (OpenAI's images.edit): the uploaded images (and mask), each decoded whole
+        before it is kept in OUT/inputs/<folder>/ (the images in the request's order; the mask in the
+        pipelines' convention: openai_mask), and the fields as job() checks them; a refused edit
+        keeps no file."""
+        images, masks = uploads.get("image", []), uploads.get("mask", [])
+        if not images:
             raise RequestError("'image' is missing: give the image(s) to edit as files of the form", "image")
-        if len(uploads) > MAX_INPUT_IMAGES:
-            raise RequestError(f"'image' has {len(uploads)} files; no pipeline here takes more than {MAX_INPUT_IMAGES}",
+        if len(images) > MAX_INPUT_IMAGES:
+            raise RequestError(f"'image' has {len(images)} files; no pipeline here takes more than {MAX_INPUT_IMAGES}",
                                "image")
-        for position, data in enumerate(uploads, 1):
-            try:
-                decode(data, f"'image' file {position}")
-            except FluxShardedError as error:
-                raise RequestError(str(error), "image") from None
+        if len(masks) > 1:
+            raise RequestError(f"'mask' has {len(masks)} files; give one", "mask")
+        for field, files in (("image", images), ("mask", masks)):
+            for position, data in enumerate(files, 1):
+                try:
+                    decode(data, f"'{field}' file {position}")
+                except FluxShardedError as error:
+                    raise RequestError(str(error), field) from None
         folder = self.out_dir / "inputs" / uuid.uuid4().hex
         folder.mkdir(parents=True)
         try:
-            paths = []
-            for position, data in enumerate(uploads):
-                paths.append(str(folder / f"image-{position}"))
-                atomic_write(Path(paths[-1]), lambda tmp, data=data: Path(tmp).write_bytes(data))
-            return self.job(body, inputs=tuple(paths))
+            files = [(folder / f"image-{position}", data) for position, data in enumerate(images)]
+            files += [(folder / "mask.png", openai_mask(data)) for data in masks]
+            for path, data in files:
+                atomic_write(path, lambda tmp, data=data: Path(tmp).write_bytes(data))
+            paths = [str(path) for path, _ in files]
+            return self.job(body, inputs=tuple(paths[: len(images)]), mask=paths[-1] if masks else "")
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
@@ -357,7 +368,8 @@ class Server:
 def _param(message: str, native: bool = False) -> str | None:
     """The request field a settings error is about (its message names the CLI option)."""
     size = () if native else (("--height", "size"), ("--width", "size"))
-    for option, field in (*size, ("--seed", "seed"), ("--prompt", "prompt"), ("--image", "image")):
+    for option, field in (*size, ("--seed", "seed"), ("--prompt", "prompt"), ("--mask", "mask"),
+                          ("--image", "image")):  # a mask's message may name the --image too
         if option in message:
             return field
     return next((each.name for each in (*NATIVE_SETTINGS, *EDIT_SETTINGS)
@@ -469,10 +481,10 @@ async def _json_body(request: Request) -> dict:
     return data
 
 
-async def _form_body(request: Request) -> tuple[dict, list[bytes]]:
+async def _form_body(request: Request) -> tuple[dict, dict[str, list[bytes]]]:
     """An edit's multipart form (OpenAI's images.edit): its fields, numbers parsed from their text
-    (a form's values are texts), and its image files' bytes in order. At most MAX_UPLOAD_BYTES,
-    said by Content-Length before anything is read."""
+    (a form's values are texts), and its files' bytes by field ("image", "mask"), in order. At most
+    MAX_UPLOAD_BYTES, said by Content-Length before anything is read."""
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise RequestError("an edit is a multipart/form-data form (OpenAI's images.edit): the image files and "
                            "the fields", None, 415)
@@ -482,19 +494,20 @@ async def _form_body(request: Request) -> tuple[dict, list[bytes]]:
     if int(length) > MAX_UPLOAD_BYTES:
         raise RequestError(f"the form has {length} bytes; at most {MAX_UPLOAD_BYTES}", None, 413)
     try:
-        form = await request.form(max_files=MAX_INPUT_IMAGES + 1, max_fields=64, max_part_size=MAX_BODY_BYTES)
+        form = await request.form(max_files=MAX_INPUT_IMAGES + 2, max_fields=64, max_part_size=MAX_BODY_BYTES)
     except (MultiPartException, HTTPException, ValueError) as error:
         raise RequestError(f"the form cannot be read ({getattr(error, 'detail', None) or error})", None) from None
-    body, uploads = {}, []
+    body, uploads = {}, {}
     try:
         numbers = {"n", "seed", *(each.name for each in EDIT_SETTINGS if each.type in (int, float))}
         for name, value in form.multi_items():
-            if name in IMAGE_FIELDS:
+            field = FILE_FIELDS.get(name)
+            if field is not None:
                 if isinstance(value, str):
-                    raise RequestError("'image' must be a file of the form, not a text", "image")
-                uploads.append(await value.read())
+                    raise RequestError(f"'{field}' must be a file of the form, not a text", field)
+                uploads.setdefault(field, []).append(await value.read())
             elif not isinstance(value, str):
-                raise RequestError(f"'{name}' is a file; only 'image' is", name)
+                raise RequestError(f"'{name}' is a file; only 'image' and 'mask' are", name)
             elif name in body:
                 raise RequestError(f"'{name}' is given twice", name)
             else:
@@ -502,6 +515,20 @@ async def _form_body(request: Request) -> tuple[dict, list[bytes]]:
     finally:
         await form.close()
     return body, uploads
+
+
+def openai_mask(data: bytes) -> bytes:
+    """An edit's mask in OpenAI's convention (a PNG whose fully transparent pixels, alpha 0, mark
+    where the image is edited) as the inpainting pipelines read one: a grey PNG, white where it is
+    redrawn, black where it is kept. A mask without transparency is taken as it is (already in the
+    pipelines' convention, as `--mask` takes it)."""
+    with Image.open(io.BytesIO(data)) as image:
+        if not (image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info):
+            return data
+        alpha = image.convert("RGBA").getchannel("A")
+    buffer = io.BytesIO()
+    alpha.point(lambda value: 255 if value == 0 else 0).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def _number(text: str):

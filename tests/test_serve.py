@@ -202,6 +202,31 @@ def test_an_edit_through_the_openai_client_gets_the_command_lines_image_to_image
     assert metadata["image"] == f"{kept} 48x32 sha256:{hashlib.sha256(data).hexdigest()}"
 
 
+def test_an_edit_with_openais_transparent_mask_inpaints_as_the_command_line_with_its_grey_mask(server, tiny_checkpoint,
+                                                                                                 tmp_path):
+    """OpenAI's mask marks the pixels to edit as transparent; the inpainting pipelines read white as
+    redrawn: the server's answer is the command line's with the grey mask that says the same."""
+    url, _ = server
+    image = photo_bytes()
+    drawn = np.zeros((32, 48), dtype=bool)
+    drawn[8:24, 12:36] = True  # the region to edit
+    alpha = Image.fromarray(np.where(drawn, 0, 255).astype(np.uint8))
+    openai_style = Image.merge("RGBA", (*Image.new("RGB", (48, 32), (90, 20, 200)).split(), alpha))
+    buffer = io.BytesIO()
+    openai_style.save(buffer, format="PNG")
+    answer = client(url).images.edit(image=("in.png", image, "image/png"), mask=("mask.png", buffer.getvalue(),
+                                     "image/png"), prompt="a dog", size=SIZE, response_format="b64_json",
+                                     extra_body={"seed": 4, **EXTENSIONS})
+    (tmp_path / "in.png").write_bytes(image)
+    Image.fromarray(np.where(drawn, 255, 0).astype(np.uint8)).save(tmp_path / "grey.png")
+    (expected,) = cli_images(tiny_checkpoint, tmp_path / "cli", "--prompt", "a dog", "--seed", "4", "--image",
+                             str(tmp_path / "in.png"), "--mask", str(tmp_path / "grey.png"))
+    served, metadata = pixels(answer.data[0].b64_json)
+    with Image.open(expected) as cli_image:
+        assert_same_pixels(served, np.asarray(cli_image))
+    assert metadata["mask"].split()[-1] == cli_image.text["mask"].split()[-1]  # the same mask, by its content
+
+
 def edit(url: str, files: list[tuple[str, bytes]], **fields) -> tuple[int, dict]:
     """POST /v1/images/edits as a multipart form, as OpenAI's client sends it."""
     boundary = "flux-sharded-test-boundary"
@@ -224,8 +249,10 @@ def edit(url: str, files: list[tuple[str, bytes]], **fields) -> tuple[int, dict]
     ([("image[]", photo_bytes()), ("image[]", photo_bytes(seed=1))], {}, "image", "--image"),
     ([("image", photo_bytes())], {"strength": "2"}, "strength", "field 'strength' is 2"),
     ([("image", photo_bytes())], {"steps": "many"}, "steps", "field 'steps' is \"many\""),
-    ([("image", photo_bytes()), ("mask", b"x")], {}, "mask", "'mask' is a file; only 'image' is"),
-], ids=["no-image", "not-an-image", "two-for-img2img", "strength", "steps", "file-field"])
+    ([("image", photo_bytes()), ("mask", b"x")], {}, "mask", "'mask' file 1"),
+    ([("image", photo_bytes()), ("mask", photo_bytes(size=(32, 32)))], {}, "mask", "--mask"),
+    ([("image", photo_bytes()), ("other", b"x")], {}, "other", "'other' is a file; only 'image' and 'mask' are"),
+], ids=["no-image", "not-an-image", "two-for-img2img", "strength", "steps", "bad-mask", "mask-size", "file-field"])
 def test_a_bad_edit_is_refused_naming_the_field_and_keeps_no_file(server, files, fields, param, message):
     url, queue = server
     before = {*(queue.out_dir / "requests").iterdir(), *(queue.out_dir / "inputs").glob("*/*")}
