@@ -292,7 +292,7 @@ class Model:
         if not (masks and family.inpaint_pipeline):
             return {}
         defaults = {"strength": family.inpaint_strength}
-        if len(inputs) == 1 and family.inpaint_at_image_size:
+        if inputs and family.inpaint_at_image_size:  # the first --image is the one painted
             defaults["height"], defaults["width"] = reference_size(inputs[0].size, self.checkpoint.vae_scale_factor)
         return defaults
 

@@ -226,13 +226,18 @@ def _flux2_inputs(config: dict, vae_scale_factor: int, settings) -> dict[str, tu
     if not settings.images:
         return {}
     if settings.mask:  # Flux2KleinInpaintPipeline: the run's size is its input image's (runner.check_image_settings)
-        factor = 2 * vae_scale_factor
+        from .input_images import parse_saved
+
+        factor, images = 2 * vae_scale_factor, len(settings.prompts)
+        references = [reference_size(parse_saved(text)[1], vae_scale_factor) for text in settings.images[1:]]
         return {
             # the input image encoded (the VAE's mode), patchified and normalised (_encode_vae_image)
-            "input_latents": (len(settings.prompts), config["in_channels"], settings.height // factor,
-                              settings.width // factor),
-            "input_mask": (len(settings.prompts),  # prepare_mask_latents' packed mask, one channel
+            "input_latents": (images, config["in_channels"], settings.height // factor, settings.width // factor),
+            "input_mask": (images,  # prepare_mask_latents' packed mask, one channel
                            activations.image_tokens(settings.height, settings.width, vae_scale_factor), 1),
+            # its image_reference (a second --image), encoded as the image is
+            **{"input_reference_latents": (images, config["in_channels"], height // factor, width // factor)
+               for height, width in references},
         }
     from .input_images import parse_saved
 
@@ -477,6 +482,8 @@ class Family:
     # and cut as its references are: reference_size) rather than at --height/--width.
     inpaint_pipeline: str | None = None
     inpaint_at_image_size: bool = False
+    # How many reference images it takes beside the one it paints (klein's image_reference: a second --image).
+    inpaint_references: int = 0
     # Its __call__'s default strength, an inpainting run's where --strength is not given
     # (tests/test_images.py reads them from the installed diffusers).
     inpaint_strength: float | None = None
@@ -619,6 +626,7 @@ FLUX_2_KLEIN = Family(
     image_pipeline="Flux2KleinPipeline",  # reference images (image=[...])
     inpaint_pipeline="Flux2KleinInpaintPipeline",
     inpaint_at_image_size=True,  # __call__'s step 2 takes the input image's size
+    inpaint_references=1,
     inpaint_strength=0.8,
     max_images=4,  # klein's multi-reference editing (BFL's model card); diffusers sets no limit
     min_image_side=64,

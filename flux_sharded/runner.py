@@ -220,9 +220,12 @@ def check_mask_settings(settings: GenerationSettings, family, vae_scale_factor: 
                             f"or use a checkpoint that does ({takers})")
     if not settings.images:
         raise SettingsError("--mask needs the image it paints into: give --image PATH, or leave out --mask")
-    if len(settings.images) > 1:
+    if len(settings.images) > 1 + family.inpaint_references:
+        references = (f" and takes {family.inpaint_references} reference image (a second --image)"
+                      if family.inpaint_references else "")
         raise SettingsError(f"--image given {len(settings.images)} times: {family.inpaint_pipeline} paints into one "
-                            "image under --mask; give --image once")
+                            f"image under --mask{references}; give --image at most {1 + family.inpaint_references} "
+                            "time(s)")
     (image_path, size, _), (mask_path, mask_size, _) = parse_saved_image(settings.images[0]), \
         parse_saved_image(settings.mask)
     if mask_size != size:

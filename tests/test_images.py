@@ -585,7 +585,8 @@ def inpaint_args(checkpoint: Path, image_path: Path, mask_path: Path, out: Path,
             "float32", "--max-memory", "cpu=4GB", "--out", str(out), *extra]
 
 
-def one_piece_inpaint(checkpoint: Path, image_path: Path, mask_path: Path, seed: int = SEED, **size) -> np.ndarray:
+def one_piece_inpaint(checkpoint: Path, image_path: Path, mask_path: Path, seed: int = SEED,
+                      reference: Path | None = None, **size) -> np.ndarray:
     """The family's inpainting pipeline (FluxInpaintPipeline, Flux2KleinInpaintPipeline), whole, on the
     CPU, with the image and mask as diffusers' load_image reads them."""
     import diffusers
@@ -596,27 +597,33 @@ def one_piece_inpaint(checkpoint: Path, image_path: Path, mask_path: Path, seed:
     pipeline = getattr(diffusers, name).from_pretrained(checkpoint, dtype=torch.float32)
     pipeline.set_progress_bar_config(disable=True)
     guidance = 3.5 if name == "FluxInpaintPipeline" else 1.0  # the families' defaults
+    if reference is not None:  # klein's image_reference
+        size["image_reference"] = load_image(str(reference))
     return np.asarray(pipeline(prompt="a photo of a dog", image=load_image(str(image_path)),
                                mask_image=load_image(str(mask_path)), strength=INPAINT_STRENGTH,
                                num_inference_steps=2, guidance_scale=guidance,
                                generator=torch.Generator("cpu").manual_seed(seed), **size).images[0])
 
 
-@pytest.mark.parametrize("fixture, image_size, size_args", [
-    ("tiny_checkpoint", (40, 56), ["--height", "32", "--width", "32"]),  # FLUX.1: painted at the run's size
-    ("tiny_klein", (64, 80), []),  # klein: at the image's own size (80x64, the default)
+@pytest.mark.parametrize("fixture, image_size, size_args, reference", [
+    ("tiny_checkpoint", (40, 56), ["--height", "32", "--width", "32"], False),  # FLUX.1: painted at the run's size
+    ("tiny_klein", (64, 80), [], False),  # klein: at the image's own size (80x64, the default)
+    ("tiny_klein", (64, 80), [], True),  # klein with an image_reference (a second --image)
 ])
-def test_staged_inpainting_png_equals_the_one_piece_pipeline(request, tmp_path, fixture, image_size, size_args):
+def test_staged_inpainting_png_equals_the_one_piece_pipeline(request, tmp_path, fixture, image_size, size_args,
+                                                             reference):
     """And the mask is part of the run: run.json, the run's hash, the PNG's text and --report."""
     checkpoint = request.getfixturevalue(fixture)
     image_path, mask_path = photo(tmp_path / "in.png", size=image_size), mask(tmp_path / "mask.png", image_size)
+    reference_path = photo(tmp_path / "ref.png", size=(96, 72), seed=4) if reference else None
     out = tmp_path / "out"
     result = invoke(inpaint_args(checkpoint, image_path, mask_path, out, *size_args, "--report",
-                                 str(tmp_path / "r.json")))
+                                 str(tmp_path / "r.json"), *(["--image", str(reference_path)] if reference else [])))
     assert result.exit_code == 0, result.output
     staged = np.asarray(Image.open(written(out)[0]))
     sizes = {"height": 32, "width": 32} if size_args else {}
-    assert_same_pixels(staged, one_piece_inpaint(checkpoint, image_path, mask_path, **sizes))
+    assert_same_pixels(staged, one_piece_inpaint(checkpoint, image_path, mask_path, reference=reference_path,
+                                                 **sizes))
     assert staged.shape[:2] == ((32, 32) if size_args else image_size[::-1]) and staged.std() > 10
     report = json.loads((tmp_path / "r.json").read_text())
     assert [stage["name"] for stage in report["stages"]] == ["encode", "encode_image", "denoise", "decode"]
@@ -628,6 +635,10 @@ def test_staged_inpainting_png_equals_the_one_piece_pipeline(request, tmp_path, 
     (run_json,) = (out / ".flux-sharded").glob("run-*/run.json")
     assert json.loads(run_json.read_text())["settings"]["mask"] == recorded
     if fixture == "tiny_klein":  # the rest is the families' common code: once is enough
+        if reference:  # the reference decides the pixels
+            plain = invoke(inpaint_args(checkpoint, image_path, mask_path, tmp_path / "plain"))
+            assert plain.exit_code == 0, plain.output
+            assert np.abs(np.asarray(Image.open(written(tmp_path / "plain")[0])).astype(int) - staged).max() > 0
         return
     # the mask decides the pixels and the run's hash: the whole image redrawn differs
     Image.new("L", image_size, 255).save(mask_path)
@@ -719,6 +730,11 @@ def test_a_mask_without_inpainting_or_at_another_size_than_klein_paints_is_refus
     assert error_line(result) == ("Error: --mask: FLUX.1-Kontext (FluxKontextPipeline) does no inpainting here; leave "
                                   "out --mask, or use a checkpoint that does (FLUX.1 (FluxInpaintPipeline), "
                                   "FLUX.2-klein (Flux2KleinInpaintPipeline))")
+    result = invoke(["--model", str(tiny_klein), *base, "--image", str(image_path), "--image", str(image_path)])
+    assert result.exit_code == 2
+    assert error_line(result) == ("Error: --image given 3 times: Flux2KleinInpaintPipeline paints into one image under "
+                                  "--mask and takes 1 reference image (a second --image); give --image at most 2 "
+                                  "time(s)")
     result = invoke(["--model", str(tiny_klein), *base, "--height", "64", "--width", "64"])
     assert result.exit_code == 2
     assert error_line(result) == ("Error: --height 64 --width 64: Flux2KleinInpaintPipeline paints at its input "

@@ -138,28 +138,49 @@ def encode_images(pipeline, images: list, settings, batch: range, mask=None) -> 
 # statistics) and the kept mask through prepare_mask_latents; noise and references are the pipeline's.
 
 def _inpaint_inputs(pipeline, images: list, settings, batch: range, mask) -> dict[str, torch.Tensor]:
-    """{"input_latents": (len(batch), 4C, H/2f, W/2f), "input_mask": (len(batch), tokens, 1)}: the one
+    """{"input_latents": (len(batch), 4C, H/2f, W/2f), "input_mask": (len(batch), tokens, 1)}: the
     input image and the mask as Flux2KleinInpaintPipeline.__call__ prepares them (its steps 2 and 6,
-    without padding_mask_crop); the run's size is the image's (runner.check_mask_settings)."""
+    without padding_mask_crop); the run's size is the image's (runner.check_mask_settings). With a
+    second image, its image_reference, also "input_reference_latents" (len(batch), 4C, h/2f, w/2f), as
+    its step 2.2 prepares it and prepare_image_latents encodes it."""
     import diffusers
 
-    from ..families import REFERENCE_MAX_AREA, reference_size
+    from ..families import reference_size
 
     inpaint = diffusers.Flux2KleinInpaintPipeline(**pipeline.components)  # its processors, made for this VAE
-    (image,) = images
+    image, *references = images
     height, width = reference_size(image.size, pipeline.vae_scale_factor)  # step 2's size
-    raw_width, raw_height = image.size
-    if raw_width * raw_height > REFERENCE_MAX_AREA:  # step 2 shrinks it first
-        scale = (REFERENCE_MAX_AREA / (raw_width * raw_height)) ** 0.5
-        image = inpaint.image_processor.resize(image, int(raw_height * scale), int(raw_width * scale))
-    pixels = inpaint.image_processor.preprocess(image, height, width, crops_coords=None, resize_mode="default")
-    pixels = pixels.to(device=pipeline.vae.device, dtype=settings.torch_dtype)  # prepare_latents' cast
-    latents = inpaint._encode_vae_image(image=pixels, generator=None)  # (1, 4C, H/2f, W/2f), normalised
+    pixels = inpaint.image_processor.preprocess(_capped(inpaint, image), height, width, crops_coords=None,
+                                                resize_mode="default")
+    encoded = {"input_latents": _encode(inpaint, pixels, settings, batch)}
     condition = inpaint.mask_processor.preprocess(mask, height=height, width=width, resize_mode="default",
                                                   crops_coords=None)
-    packed_mask = inpaint.prepare_mask_latents(condition, len(batch), 1, height, width, settings.torch_dtype,
-                                               pipeline.vae.device)
-    return {"input_latents": latents.expand(len(batch), *latents.shape[1:]).contiguous(), "input_mask": packed_mask}
+    encoded["input_mask"] = inpaint.prepare_mask_latents(condition, len(batch), 1, height, width,
+                                                         settings.torch_dtype, pipeline.vae.device)
+    for reference in references:  # step 2.2, then prepare_image_latents' encode
+        height, width = reference_size(reference.size, pipeline.vae_scale_factor)
+        pixels = inpaint.image_processor.preprocess(_capped(inpaint, reference), height, width, resize_mode="crop")
+        encoded["input_reference_latents"] = _encode(inpaint, pixels, settings, batch)
+    return encoded
+
+
+def _capped(inpaint, image):
+    """`image` shrunk to REFERENCE_MAX_AREA pixels when larger, as __call__'s steps 2 and 2.2 shrink it."""
+    from ..families import REFERENCE_MAX_AREA
+
+    width, height = image.size
+    if width * height <= REFERENCE_MAX_AREA:
+        return image
+    scale = (REFERENCE_MAX_AREA / (width * height)) ** 0.5
+    return inpaint.image_processor.resize(image, int(height * scale), int(width * scale))
+
+
+def _encode(inpaint, pixels: torch.Tensor, settings, batch: range) -> torch.Tensor:
+    """(len(batch), 4C, h/2f, w/2f): `pixels` cast as prepare_latents casts them and encoded with the
+    VAE's mode, patchified and normalised (_encode_vae_image), one row per image."""
+    pixels = pixels.to(device=inpaint.vae.device, dtype=settings.torch_dtype)
+    latents = inpaint._encode_vae_image(image=pixels, generator=None)
+    return latents.expand(len(batch), *latents.shape[1:]).contiguous()
 
 
 class _EncodedReferencesVae(torch.nn.Module):
@@ -216,8 +237,9 @@ def call_arguments(pipeline, inputs: dict[str, torch.Tensor], settings, batch: r
 
         kept = inputs["input_mask"]
         pipeline.prepare_mask_latents = lambda *args, **kwargs: kept
+        reference = {"image_reference": inputs["input_reference_latents"]} if len(settings.images) > 1 else {}
         return {"image": inputs["input_latents"], "strength": settings.strength,
-                "mask_image": Image.new("L", (settings.width, settings.height))}
+                "mask_image": Image.new("L", (settings.width, settings.height)), **reference}
     from PIL import Image
 
     from ..families import reference_size
