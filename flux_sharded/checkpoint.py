@@ -87,8 +87,9 @@ class Checkpoint:
 
     def second_pass_guidance(self, guidance: float) -> bool:
         """Whether the pipeline guides with a second pass on the empty prompt (families.Family.second_pass:
-        Flux2KleinPipeline's do_classifier_free_guidance, guidance above 1 and a checkpoint not step-distilled)."""
-        return self.family.second_pass and guidance > 1 and not self.is_distilled
+        Flux2KleinPipeline's do_classifier_free_guidance: guidance above 1 (families.Family.guides) and a
+        checkpoint not step-distilled)."""
+        return self.family.second_pass and self.family.guides(guidance) and not self.is_distilled
 
     def second_pass(self, settings) -> bool:
         """Whether denoise runs a second transformer pass per step on negative embeddings: klein's

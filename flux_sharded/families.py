@@ -38,7 +38,9 @@ IMAGE_STAGE = "encode_image"
 # values in the run's dtype (stages/flux1.py keeps them for image-to-image).
 GENERATOR_STATES = "input_generator_states"
 # Handoff tensors whose dtype is their own, not the run's: name -> torch dtype name.
-INPUT_DTYPES = {GENERATOR_STATES: "uint8", "input_latent_ids": "int64"}  # input_latent_ids: FLUX.2's positions
+# input_latent_ids: FLUX.2's positions; *_tokens: the length of each FLUX.3 prompt's window (_flux3_encoded)
+INPUT_DTYPES = {GENERATOR_STATES: "uint8", "input_latent_ids": "int64", "prompt_tokens": "int64",
+                "negative_prompt_tokens": "int64"}
 # Flux2Pipeline and Flux2KleinPipeline shrink a reference image above this many pixels to it
 # (Flux2ImageProcessor._resize_to_target_area), then crop it to multiples of 2 x the VAE's factor.
 REFERENCE_MAX_AREA = 1024 * 1024
@@ -186,6 +188,28 @@ def _flux2_encoded(config: dict, images: int, tokens: int, second_pass: bool) ->
     # joint_attention_dim = len(text_encoder_out_layers) x the text encoder's width (validate.py)
     shape = (images, tokens, config["joint_attention_dim"])
     return {"prompt_embeds": shape, **({"negative_prompt_embeds": shape} if second_pass else {})}
+
+
+def _flux3_encoded(config: dict, images: int, tokens: int, second_pass: bool) -> dict[str, tuple]:
+    # each prompt's window (its tokens rounded up to a multiple of 80) zero-padded to --max-sequence-length,
+    # and the window's length (stages/flux3.py)
+    shapes = {"prompt_embeds": (images, tokens, config["joint_attention_dim"]), "prompt_tokens": (images,)}
+    if second_pass:
+        shapes.update({"negative_prompt_embeds": shapes["prompt_embeds"], "negative_prompt_tokens": (images,)})
+    return shapes
+
+
+def _above_one(guidance: float) -> bool:
+    """Flux2KleinPipeline's do_classifier_free_guidance (and FLUX.1's true CFG): a scale above 1."""
+    return guidance > 1
+
+
+def _cfg_enabled(guidance: float) -> bool:
+    """diffusers' ClassifierFreeGuidance guides with a second pass at any scale but 1
+    (_is_cfg_enabled, use_original_formulation false; tests/test_flux3.py compares them)."""
+    import math
+
+    return not math.isclose(guidance, 1.0)
 
 
 # ---------------------------------------------------------------- the encoded input images encode_image hands on
@@ -464,8 +488,17 @@ class Family:
     # name -> shape of the encoded input images encode_image keeps (handoff.INPUT_PREFIX...)
     inputs_encoded: Callable[[dict, int, object], dict[str, tuple]] = _no_inputs
     # Guides with a second transformer pass on the empty prompt when the checkpoint is not
-    # step-distilled and guidance is above 1 (Flux2KleinPipeline's do_classifier_free_guidance).
+    # step-distilled and `guides` says so for --guidance (Flux2KleinPipeline's do_classifier_free_guidance:
+    # above 1; FLUX.3 base's ClassifierFreeGuidance: any scale but 1).
     second_pass: bool = False
+    guides: Callable[[float], bool] = _above_one
+    # Whether --guidance reaches the pipeline: False where it has no guidance at all (FLUX.3 klein's
+    # step-distilled flow map), and a --guidance other than the default is refused.
+    guided: bool = True
+    # A batch holds one prompt's images only: FLUX.3's encode pads each prompt to a window of its own
+    # length, and the transformer attends to the padding, so prompts cannot share a batch without
+    # changing pixels (the one-piece pipeline takes one prompt per call).
+    prompt_batches: bool = False
     # The module in flux_sharded/stages/ with the family's side of the stages (what encode keeps,
     # what decode gives the VAE, why guidance is ignored): the key of stages.code.CODE.
     code: str = "flux1"
@@ -634,7 +667,7 @@ FLUX_2_KLEIN = Family(
     inputs_encoded=_flux2_inputs,
 )
 # FLUX.3 klein (FLUX 3 Image Klein): diffusers 0.42.1 runs it only through its modular pipelines
-# (modular_pipelines/flux3), which flux-sharded plans but does not run yet (runs=False). Defaults
+# (modular_pipelines/flux3), whose blocks the stages run (stages/flux3.py). Defaults
 # are the blocks' own: the step-distilled "flow map" checkpoint 16 steps without guidance, the base
 # checkpoint 50 steps with classifier-free guidance on an empty negative prompt (scale 3.5). The
 # encode right-pads each prompt to a multiple of 80 tokens up to max_sequence_length (8192 in
@@ -655,12 +688,14 @@ FLUX_3_KLEIN = Family(
     guidance=0.0,  # no classifier-free guidance: the flow map jumps to target_timestep each step
     max_sequence_length=640,
     sample_size=128,  # 1024x1024, the blocks' default size
-    runs=False,
+    runs=True,
     text_token_limit=8192,
-    encoded=_flux2_encoded,
+    encoded=_flux3_encoded,
     shared_tensors=(),
     code="flux3",
     config_checks=_check_flux3_configs,
+    guided=False,
+    prompt_batches=True,
 )
 FLUX_3_KLEIN_BASE = dataclasses.replace(
     FLUX_3_KLEIN,
@@ -669,6 +704,8 @@ FLUX_3_KLEIN_BASE = dataclasses.replace(
     steps=50,  # Flux3AutoBlocks' denoise default
     guidance=3.5,  # the guider's default scale (BFL's README says 4)
     second_pass=True,
+    guides=_cfg_enabled,
+    guided=True,
 )
 FAMILIES = {family.pipeline: family for family in (FLUX_1, FLUX_1_KONTEXT, FLUX_2_DEV, FLUX_2_KLEIN, FLUX_3_KLEIN,
                                                    FLUX_3_KLEIN_BASE)}

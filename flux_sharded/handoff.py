@@ -54,10 +54,18 @@ class _Settings:
     def image_indices(self) -> tuple[int, ...]:
         return self.indices or tuple(range(len(self.prompts)))
 
-    def batches(self) -> list[range]:
-        """Positions of the images, batch_size at a time."""
+    def batches(self, by_prompt: bool = False) -> list[range]:
+        """Positions of the images, batch_size at a time; `by_prompt` (families.Family.prompt_batches):
+        a batch also ends where the prompt changes."""
         count = len(self.prompts)
-        return [range(start, min(start + self.batch_size, count)) for start in range(0, count, self.batch_size)]
+        if not by_prompt:
+            return [range(start, min(start + self.batch_size, count)) for start in range(0, count, self.batch_size)]
+        batches, start = [], 0
+        for position in range(1, count + 1):
+            if position == count or position - start == self.batch_size or self.prompts[position] != self.prompts[start]:
+                batches.append(range(start, position))
+                start = position
+        return batches
 
     def subset(self, positions: list[int]) -> "GenerationSettings":
         """The settings of some of the images (one process's share), keeping their global indices."""

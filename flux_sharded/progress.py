@@ -47,6 +47,21 @@ def quiet_libraries() -> None:
     diffusers.utils.logging.disable_progress_bar()
 
 
+@contextlib.contextmanager
+def quiet_logger(*names: str):
+    """The loggers `names` at level ERROR for a block (a library's warning about what flux-sharded
+    does, not the user: cut layers left unread, a guider it makes)."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 # FluxPipeline.encode_prompt warns, for every batch and each text encoder, with the whole text it
 # cut off (a 1 MB prompt: 2 MB of warnings). Said once per run, short.
 TRUNCATION_LOGGER = "diffusers.pipelines.flux.pipeline_flux"

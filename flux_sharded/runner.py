@@ -160,6 +160,9 @@ def check_settings(request: RunRequest) -> None:
         raise SettingsError(f"--batch-size {settings.batch_size}: at most {MAX_BATCH_SIZE}")
     if not settings.guidance >= 0 or math.isinf(settings.guidance):  # also refuses nan
         raise SettingsError(f"--guidance {settings.guidance}: give a finite guidance scale of 0 or more (default 3.5)")
+    if not family.guided and settings.guidance != family.guidance:
+        raise SettingsError(f"--guidance {settings.guidance:g}: {family.name} ({family.pipeline}) is step-distilled and "
+                            "takes no guidance scale; leave out --guidance")
     if not 1 <= settings.max_sequence_length <= family.text_token_limit:
         raise SettingsError(
             f"--max-sequence-length {settings.max_sequence_length}: use 1 to {family.text_token_limit} tokens"
@@ -694,7 +697,7 @@ class ShareRun:
     def remove_batch_latents(self) -> None:
         """Every batch's own latents file, once the stage's handoff holds them all."""
         settings = self.settings
-        for batch in settings.batches():
+        for batch in settings.batches(self.checkpoint.family.prompt_batches):
             batch_latents_path(self.request.run_folder, settings.image_indices[batch.start]).unlink(missing_ok=True)
 
     def write_image(self, position: int, image) -> None:

@@ -160,7 +160,8 @@ def one_piece_pixels(checkpoint: Path, prompt: str, seed: int, steps: int, heigh
 
     pipeline_name = json.loads((Path(checkpoint) / "model_index.json").read_text())["_class_name"]
     if pipeline_name in MODULAR_PIPELINES:
-        return modular_pixels(checkpoint, pipeline_name, prompt, seed, steps, height, width, dtype, guidance)
+        (pixels,) = modular_pixels(checkpoint, pipeline_name, prompt, [seed], steps, height, width, dtype, guidance)
+        return pixels
     pipeline_class = getattr(diffusers, pipeline_name)
     pipeline = pipeline_class.from_pretrained(checkpoint, dtype=dtype)
     for index, (path, _) in enumerate(loras):
@@ -180,13 +181,20 @@ def one_piece_pixels(checkpoint: Path, prompt: str, seed: int, steps: int, heigh
     return np.asarray(image)
 
 
-def modular_pixels(checkpoint: Path, pipeline_name: str, prompt: str, seed: int, steps: int, height: int,
-                   width: int, dtype: torch.dtype, guidance: float) -> np.ndarray:
-    """FLUX.3's reference: the modular pipeline's auto blocks (families.MODULAR_PIPELINES) without the
-    prompt upsampler, in one piece as diffusers' documentation runs them: init_pipeline on the
-    checkpoint, load_components, one prompt per call; for the base model a classifier-free guider
-    of scale `guidance`. Its tokenizer is what the encode takes where the Qwen3VLProcessor cannot
-    be built (checkpoint.pipeline_tokenizer; tests/test_flux3.py pins it to the processor's rendering)."""
+def modular_pixels(checkpoint: Path, pipeline_name: str, prompt: str, seeds: list[int], steps: int, height: int,
+                   width: int, dtype: torch.dtype = torch.float32, guidance: float = 3.5) -> list[np.ndarray]:
+    """FLUX.3's reference: modular_pipeline's images of `prompt`, one per seed (modular_images)."""
+    return modular_images(modular_pipeline(checkpoint, pipeline_name, dtype, guidance), prompt, seeds, steps, height,
+                          width)
+
+
+def modular_pipeline(checkpoint: Path, pipeline_name: str, dtype: torch.dtype = torch.float32,
+                     guidance: float = 3.5):
+    """FLUX.3's one-piece pipeline: the modular pipeline's auto blocks (families.MODULAR_PIPELINES)
+    without the prompt upsampler, as diffusers' documentation runs them: init_pipeline on the
+    checkpoint, load_components; for the base model a classifier-free guider of scale `guidance`.
+    Its tokenizer is what the encode takes where the Qwen3VLProcessor cannot be built
+    (checkpoint.pipeline_tokenizer; tests/test_flux3.py pins it to the processor's rendering)."""
     import diffusers
     from diffusers.guiders import ClassifierFreeGuidance
 
@@ -202,9 +210,16 @@ def modular_pixels(checkpoint: Path, pipeline_name: str, prompt: str, seed: int,
     if "guider" in pipeline.component_names:
         pipeline.update_components(guider=ClassifierFreeGuidance(guidance_scale=guidance))
     pipeline.set_progress_bar_config(disable=True)
-    (image,) = pipeline(prompt=prompt, height=height, width=width, num_inference_steps=steps,
-                        generator=torch.Generator("cpu").manual_seed(seed), output="images")
-    return np.asarray(image)
+    return pipeline
+
+
+def modular_images(pipeline, prompt: str, seeds: list[int], steps: int, height: int, width: int) -> list[np.ndarray]:
+    """One call of modular_pipeline's pipeline: one prompt, num_images_per_prompt = len(seeds) with
+    a generator per image."""
+    images = pipeline(prompt=prompt, height=height, width=width, num_inference_steps=steps,
+                      num_images_per_prompt=len(seeds), generator=[torch.Generator("cpu").manual_seed(seed)
+                                                                   for seed in seeds], output="images")
+    return [np.asarray(image) for image in images]
 
 
 def assert_same_pixels(actual: np.ndarray, expected: np.ndarray) -> None:

@@ -360,7 +360,7 @@ def test_each_family_lists_the_folders_of_its_pipeline(name):
     assert family_of(folder).folders == tuple(parts)
 
 
-# ---------------------------------------------------------------- FLUX.3 klein: planned, not run yet
+# ---------------------------------------------------------------- FLUX.3 klein (its runs: tests/test_flux3.py)
 
 # configs/README.md: parameters x 2 bytes (bf16); the text encoder as the encode cuts it (3.62 B).
 FLUX_3_PUBLISHED = {"transformer": {"FLUX.3-klein": 11_097_363_968, "FLUX.3-klein-base": 11_076_916_736},
@@ -388,12 +388,7 @@ def test_flux3_hub_ids_plan_offline_within_2_percent_of_the_published_sizes(fold
     assert bool(transformer.pinned_bytes) == transformer.streamed  # its blocks are prefetched (blocks.py)
 
 
-def test_flux3_runs_are_refused_in_one_line_and_dry_runs_name_the_familys_defaults():
-    run = invoke(["--model", FLUX_3_HUB["FLUX.3-klein"], "--prompt", "a dog"])
-    assert run.exit_code == 2 and error_lines(run.output) == [
-        "Error: --model 'black-forest-labs/flux-3-image-klein' is FLUX.3-klein (Flux3DistilledModularPipeline): "
-        "FLUX.3-klein runs are not implemented yet; --dry-run plans them (add --dry-run to see the plan under your "
-        "--max-memory)"]
+def test_flux3_dry_runs_name_the_familys_defaults():
     for folder, defaults in [("FLUX.3-klein", "16 steps, guidance 0, 640 prompt tokens"),
                              ("FLUX.3-klein-base", "50 steps, guidance 3.5, 640 prompt tokens")]:
         dry = invoke(["--model", FLUX_3_HUB[folder], "--prompt", "a dog", "--max-memory", "0=12GiB,cpu=32GB",

@@ -1,17 +1,23 @@
-"""FLUX.3 klein (diffusers' modular pipelines): the tiny checkpoints, and the processor stand-in."""
+"""FLUX.3 klein (diffusers' modular pipelines): the tiny checkpoints, the processor stand-in, and staged\nruns equal to the one-piece auto blocks."""
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
+import torch
 import transformers
+from PIL import Image
+from safetensors.torch import load_file
 
 from flux_sharded import tiny
 from flux_sharded.checkpoint import TextProcessor, pipeline_tokenizer, resolve_checkpoint
 from flux_sharded.families import encode_layers
+from flux_sharded.stages import flux3
 
-from .conftest import one_piece_pixels
+from .conftest import (assert_same_pixels, error_lines, invoke, modular_images, modular_pipeline, modular_pixels,
+                       one_piece_pixels)
 
 FAMILIES = {"FLUX.3-klein": "Flux3DistilledModularPipeline", "FLUX.3-klein-base": "Flux3ModularPipeline"}
 
@@ -62,3 +68,145 @@ def test_the_processor_stand_in_renders_and_tokenizes_as_the_qwen3vl_processor(t
     assert text == processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert prompt in text
     assert stand_in.tokenizer(text)["input_ids"] == processor.tokenizer(text)["input_ids"]
+
+
+# ---------------------------------------------------------------- staged runs equal the one-piece blocks
+
+SHORT = "a dog"
+# over 80 tokens once templated: a window of 160, where SHORT's is 80 (asserted below)
+LONG = ("a small red house on a green hill under a blue sky with white clouds and a yellow sun, a river runs past "
+        "the house and a dog sits by the door while birds fly over the trees and the mountains behind them are "
+        "covered in snow, in the style of an old painting with warm light")
+SIZE = ["--height", "32", "--width", "32", "--steps", "2", "--dtype", "float32", "--max-memory", "cpu=4GB"]
+
+
+def _images(out) -> list[np.ndarray]:
+    return [np.asarray(Image.open(path)) for path in sorted(out.glob("*.png"))]
+
+
+def test_the_base_model_guided_with_two_prompts_of_different_windows_equals_the_one_piece_blocks(tiny_flux3_base,
+                                                                                                  tmp_path):
+    """Flux3ModularPipeline with a ClassifierFreeGuidance of 4: two images of each of two prompts whose
+    windows differ (80 and 160 tokens), batched two at a time, equal the one-piece auto blocks' images
+    of each prompt with num_images_per_prompt 2 and the same seeds; the handoff keeps both prompts'
+    embeddings and the negative ones, padded to --max-sequence-length, with their windows."""
+    out = tmp_path / "out"
+    result = invoke(["--model", str(tiny_flux3_base), *SIZE, "--guidance", "4", "--seed", "5", "--prompt", SHORT,
+                     "--prompt", LONG, "--num-images-per-prompt", "2", "--batch-size", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    (run_dir,) = out.glob(".flux-sharded/run-*")
+    encoded = load_file(run_dir / "encode.safetensors")
+    assert encoded["prompt_tokens"].tolist() == [80, 80, 160, 160]
+    assert encoded["negative_prompt_tokens"].tolist() == [80] * 4
+    assert encoded["prompt_embeds"].shape == encoded["negative_prompt_embeds"].shape == (4, 640, 8 * 16)
+    expected = [*modular_pixels(tiny_flux3_base, "Flux3ModularPipeline", SHORT, [5, 6], 2, 32, 32, guidance=4.0),
+                *modular_pixels(tiny_flux3_base, "Flux3ModularPipeline", LONG, [7, 8], 2, 32, 32, guidance=4.0)]
+    for image, reference in zip(_images(out), expected, strict=True):
+        assert_same_pixels(image, reference)
+
+
+def test_the_distilled_model_resumed_after_an_interrupted_denoise_equals_the_one_piece_blocks(tiny_flux3, tmp_path,
+                                                                                              monkeypatch):
+    """Flux3DistilledModularPipeline, one image per batch: a run interrupted after its first batch keeps
+    that batch's latents; --resume reads the encode's padded embeddings and windows back from the run
+    folder, denoises the second prompt (the longer window) and decodes: both images equal the
+    one-piece auto blocks'."""
+    out = tmp_path / "out"
+    real, calls = flux3.denoise_batch, []
+
+    def stopped_after_one(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(flux3, "denoise_batch", stopped_after_one)
+    first = invoke(["--model", str(tiny_flux3), *SIZE, "--seed", "3", "--prompt", SHORT, "--prompt", LONG,
+                    "--out", str(out)])
+    assert first.exit_code == 130, first.output
+    (run_dir,) = out.glob(".flux-sharded/run-*")
+    assert (run_dir / "denoise-batch-from-image-0.safetensors").exists() and not list(out.glob("*.png"))
+    monkeypatch.setattr(flux3, "denoise_batch", real)
+    resumed = invoke(["--resume", str(run_dir)])
+    assert resumed.exit_code == 0, resumed.output
+    assert "denoise: 1 of 2 image(s) finished earlier" in resumed.output
+    expected = [*modular_pixels(tiny_flux3, "Flux3DistilledModularPipeline", SHORT, [3], 2, 32, 32),
+                *modular_pixels(tiny_flux3, "Flux3DistilledModularPipeline", LONG, [4], 2, 32, 32)]
+    for image, reference in zip(_images(out), expected, strict=True):
+        assert_same_pixels(image, reference)
+
+
+def test_a_guidance_scale_for_the_step_distilled_model_is_refused_in_one_line(tiny_flux3, tmp_path):
+    result = invoke(["--model", str(tiny_flux3), *SIZE, "--guidance", "4", "--prompt", SHORT,
+                     "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and error_lines(result.output) == [
+        "Error: --guidance 4: FLUX.3-klein (Flux3DistilledModularPipeline) is step-distilled and takes no guidance "
+        "scale; leave out --guidance"]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("guidance", [0.0, 0.5, 1.0, 1.0 + 1e-12, 1.5, 3.5])
+def test_the_base_model_guides_with_a_second_pass_exactly_where_diffusers_guider_does(guidance):
+    """FLUX.3 base's families.Family.guides is ClassifierFreeGuidance's own rule (any scale but 1),
+    not klein's (above 1): encode keeps negative embeddings exactly when the guider asks for them."""
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    from flux_sharded.families import FLUX_3_KLEIN_BASE
+
+    assert FLUX_3_KLEIN_BASE.guides(guidance) == (ClassifierFreeGuidance(guidance_scale=guidance).num_conditions > 1)
+
+
+@pytest.mark.parametrize("method", ["fp8", "int8"])
+def test_quantized_staged_flux3_equals_the_quantized_one_piece_blocks(tiny_flux3, tmp_path, method):
+    """--quantize fp8 / int8 (the transformer and the cut text encoder) equals the one-piece auto
+    blocks with the same components quantized the same way (layerwise casting; TorchAoConfig at
+    load), which is not the unquantized image."""
+    import diffusers
+    from diffusers.hooks import apply_layerwise_casting
+    from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
+
+    out = tmp_path / "out"
+    result = invoke(["--model", str(tiny_flux3), *SIZE, "--seed", "2", "--prompt", SHORT, "--quantize", method,
+                     "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    (image,) = _images(out)
+    pipeline = modular_pipeline(tiny_flux3, "Flux3DistilledModularPipeline")
+    (plain,) = modular_images(pipeline, SHORT, [2], 2, 32, 32)
+    if method == "int8":
+        from torchao.quantization import Int8WeightOnlyConfig
+
+        pipeline.update_components(
+            transformer=diffusers.Flux3Transformer2DModel.from_pretrained(
+                tiny_flux3, subfolder="transformer", dtype=torch.float32,
+                quantization_config=diffusers.TorchAoConfig(Int8WeightOnlyConfig())),
+            text_encoder=transformers.Qwen3VLForConditionalGeneration.from_pretrained(
+                tiny_flux3, subfolder="text_encoder", dtype=torch.float32,
+                quantization_config=transformers.TorchAoConfig(Int8WeightOnlyConfig())))
+    else:
+        pipeline.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+        # the parts the staged encode cuts (components.encode_only) stay as they are: the tied lm_head
+        # is the token embedding, and the vision tower never runs
+        apply_layerwise_casting(pipeline.text_encoder, storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32,
+                                skip_modules_pattern=DEFAULT_SKIP_MODULES_PATTERN + ("^lm_head$", "visual"),
+                                skip_modules_classes=(torch.nn.Embedding,))
+    (expected,) = modular_images(pipeline, SHORT, [2], 2, 32, 32)
+    assert_same_pixels(image, expected)
+    assert np.abs(plain.astype(int) - expected).max() > 0
+
+
+@pytest.mark.parametrize("removed, message", [
+    ("tokenizer.json", "tokenizer lacks vocab.json and merges.txt or tokenizer.json; the checkpoint is incomplete: "
+                       "fetch its tokenizer folder again"),
+    ("chat_template.jinja", "tokenizer has no chat template (chat_template.jinja), which Flux3DistilledModularPipeline "
+                            "applies to every prompt; the checkpoint is incomplete: fetch its tokenizer folder again"),
+])
+def test_a_flux3_processor_folder_missing_a_file_is_refused_in_one_line(tiny_flux3, tmp_path, removed, message):
+    """(A text encoder too shallow for the stacked layers: tests/test_families.py.)"""
+    import shutil
+
+    folder = tmp_path / "flux3"
+    shutil.copytree(tiny_flux3, folder)
+    (folder / "tokenizer" / removed).unlink()
+    result = invoke(["--model", str(folder), *SIZE, "--prompt", SHORT, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and error_lines(result.output) == [f"Error: --model: '{folder}': {message}"]
+    assert not (tmp_path / "out").exists()

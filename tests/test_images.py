@@ -284,7 +284,7 @@ def test_each_bad_input_is_one_error_line_and_nothing_is_written(tiny_checkpoint
 
 
 def test_an_image_for_a_family_that_takes_none_is_refused(tmp_path):
-    """FLUX.3 klein (planned only) takes no input image: a dry-run with one is refused, offline."""
+    """FLUX.3 klein takes no input image here yet: a dry-run with one is refused, offline."""
     image_path = photo(tmp_path / "in.png", size=(64, 64))
     result = invoke(["--model", "black-forest-labs/flux-3-image-klein", "--prompt", "a dog", "--image",
                      str(image_path), "--max-memory", "0=24GiB", "--dry-run", "--report", str(tmp_path / "plan.json")])

@@ -274,9 +274,9 @@ def test_a_hub_lora_is_found_offline_in_the_cache_and_refused_when_not_there(tin
 def test_every_familys_lora_components_are_its_pipelines():
     """families.Component.lora says what the pipeline's LoRA loader takes (its _lora_loadable_modules)."""
     for family in FAMILIES.values():
-        if family.runs:
+        if family.code != "flux3":
             assert set(family.lora_components) == set(getattr(diffusers, family.pipeline)._lora_loadable_modules)
-        else:  # planned only (FLUX.3): --lora is refused (test_a_lora_for_a_family_flux_sharded_only_plans_...)
+        else:  # Flux3LoraLoaderMixin not wired in yet: --lora is refused (test_a_lora_for_a_family_flux_sharded_...)
             assert family.lora_components == ()
 
 

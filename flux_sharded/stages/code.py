@@ -3,7 +3,8 @@
 What differs between the families' pipelines once their components are loaded: what encode keeps
 of encode_prompt, what decode gives vae.decode, and why a checkpoint ignores --guidance. One module
 per family implements it (flux1.py: FluxPipeline; kontext.py: FluxKontextPipeline; flux2.py:
-Flux2Pipeline and Flux2KleinPipeline),
+Flux2Pipeline and Flux2KleinPipeline, all three with pipelines.py's stage pipelines; flux3.py: FLUX.3's
+modular pipelines),
 and CODE maps each family's `code` (families.Family.code) to it; tests/test_stages.py checks that
 every family has one that provides the whole protocol.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 from ..families import FAMILIES, Family
-from . import flux1, flux2, kontext
+from . import flux1, flux2, flux3, kontext
 
 if TYPE_CHECKING:
     import torch
@@ -25,6 +26,22 @@ class FamilyCode(Protocol):
     # Whether encode_images depends on the batch's seeds (FLUX.1 samples the VAE's distribution with
     # each batch's generators); False: its rows are the same for every image, so it runs once a run.
     SEEDED_ENCODE: bool
+
+    def encode_pipeline(self, checkpoint: "Checkpoint", encoders: dict, dtype: "torch.dtype"):
+        """The pipeline encode runs: the family's, holding the loaded text encoders `encoders`, the
+        tokenizers and nothing else."""
+
+    def denoise_pipeline(self, checkpoint: "Checkpoint", transformer):
+        """The pipeline denoise runs: the family's, holding the loaded `transformer`, the scheduler
+        and nothing else."""
+
+    def vae_pipeline(self, checkpoint: "Checkpoint", vae, images: bool):
+        """The pipeline decode (and, `images`, encode_image) runs: holding the loaded `vae` alone."""
+
+    def denoise_batch(self, caller, rows, settings, arguments: dict, on_step=None) -> "torch.Tensor":
+        """One batch's packed latents (len(rows), tokens, channels) after the last step, from `caller`
+        (image_pipeline's), `rows` (the batch's handoff on the execution device), `arguments` (the
+        generators, one per image, and call_arguments'); on_step(step, steps) after each step."""
 
     def encode_batch(self, pipeline, prompts: list[str],
                      settings) -> tuple[dict[str, "torch.Tensor"], dict[str, "torch.Tensor"]]:
@@ -68,7 +85,7 @@ class FamilyCode(Protocol):
         every call (Kontext: max_area)."""
 
 
-CODE: dict[str, FamilyCode] = {"flux1": flux1, "flux2": flux2, "kontext": kontext}
+CODE: dict[str, FamilyCode] = {"flux1": flux1, "flux2": flux2, "flux3": flux3, "kontext": kontext}
 
 
 def family_code(family: Family) -> FamilyCode:

@@ -35,7 +35,8 @@ def _missing(share: Share) -> list[int]:
 def _decoded(share: Share, missing: list[int]) -> list[int]:
     """Whole batches as the run grouped them: a batch rounds differently from its images decoded
     alone (by a level), so an image is redone with its batch mates."""
-    return [position for batch in share.settings.batches() if set(batch) & set(missing) for position in batch]
+    batches = share.settings.batches(share.checkpoint.family.prompt_batches)
+    return [position for batch in batches if set(batch) & set(missing) for position in batch]
 
 
 def _hint(settings) -> str:
@@ -82,7 +83,7 @@ def finish(output: Handoff, share: Share) -> Handoff:
 def load(checkpoint, stage_plan, dtype: torch.dtype, offload_folder=None):
     """The family's pipeline holding only the VAE, on the plan's device (stages/vae.py): tiled
     decoding and one image at a time where the plan says so."""
-    return vae_pipeline(checkpoint, stage_plan, dtype, checkpoint.family.pipeline)
+    return vae_pipeline(checkpoint, stage_plan, dtype, images=False)
 
 
 # Set in the `info` of an image whose decoded values held NaN or infinity (a float16 overflow in
@@ -96,7 +97,7 @@ def run(pipeline, handoff: Handoff, on_image_done=None, on_step=None) -> Handoff
     code = family_code(pipeline_family(pipeline))
     images = []
     with torch.inference_mode():
-        for batch in settings.batches():  # the VAE decodes it image by image where the plan says (load)
+        for batch in settings.batches(pipeline_family(pipeline).prompt_batches):  # the VAE decodes it image by image where the plan says (load)
             # one batch on the VAE's device at a time
             packed = handoff.latents[batch.start : batch.stop].to(vae.device)
             latents = code.vae_latents(pipeline, vae, packed, settings.height, settings.width)

@@ -3,8 +3,9 @@
 Loads: the transformer alone, with the plan's device map (diffusers' "auto" strategy computed in
 plan.py: whole blocks spread over the GPUs, the rest offloaded to the CPU or disk if budgeted),
 and the scheduler. Runs the family's pipeline's own denoising loop (__call__ with no text encoders
-and no VAE) so that the numbers are exactly the one-piece pipeline's; the latents are taken, packed,
-after the last step (what decode unpacks: stages/flux1.py, flux2.py).
+and no VAE; FLUX.3: its denoise block, code.denoise_batch) so that the numbers are exactly the
+one-piece pipeline's; the latents are taken, packed, after the last step (what decode unpacks:
+stages/flux1.py, flux2.py, flux3.py).
 Reads from the handoff: the embeddings (prompt_embeds, ...), settings (seeds, steps, guidance,
 size), and for a run with input images their encoded tensors (encode_image's), which the family's
 image pipeline takes instead of the images (stages/flux1.py: FluxImg2ImgPipeline). Writes: latents; each batch's as it finishes, in the run folder (todo), so that an
@@ -36,7 +37,7 @@ def todo(handoff: Handoff, share: Share) -> Work:
     settings, checkpoint = share.settings, share.checkpoint
     config, factor = checkpoint.transformer_config, checkpoint.vae_scale_factor
     tokens = (settings.height // (2 * factor)) * (settings.width // (2 * factor))
-    batches = settings.batches()
+    batches = settings.batches(checkpoint.family.prompt_batches)
     finished = {}
     for number, batch in enumerate(batches):
         indices = [settings.image_indices[position] for position in batch]
@@ -62,7 +63,8 @@ def finish(output: Handoff, share: Share) -> Handoff:
 def load(checkpoint, stage_plan, dtype: torch.dtype, offload_folder=None):
     """The transformer placed by the plan's device map (placement.py): blocks on "cpu" streamed to
     the GPU by diffusers' group offloading when the plan says `streamed`, a split over GPUs by
-    accelerate's dispatch, blocks on "disk" by accelerate's offload hooks; checked against the map."""
+    accelerate's dispatch, blocks on "disk" by accelerate's offload hooks; checked against the map;
+    in the family's pipeline (code.denoise_pipeline)."""
     import diffusers
 
     plan = stage_plan.component("transformer")
@@ -73,8 +75,8 @@ def load(checkpoint, stage_plan, dtype: torch.dtype, offload_folder=None):
         def adapt(model, fuse: bool) -> None:
             load_adapters(family, "transformer", model, plan.adapters, fuse=fuse)
 
-        return _pipeline(checkpoint, load_quantized(transformer_class, checkpoint.path, "transformer", plan, dtype,
-                                                    adapt=adapt if plan.adapters else None))
+        return family_code(family).denoise_pipeline(checkpoint, load_quantized(
+            transformer_class, checkpoint.path, "transformer", plan, dtype, adapt=adapt if plan.adapters else None))
     # Loaded on the CPU first where placement.place puts it: streamed blocks, and any LoRA (adapters
     # go into a component before it is placed, stages/adapters.py).
     on_cpu = plan.streamed or bool(plan.adapters)
@@ -91,38 +93,7 @@ def load(checkpoint, stage_plan, dtype: torch.dtype, offload_folder=None):
         place(transformer, device_map, streamed=plan.streamed)
     else:
         check_placement(transformer, device_map, streamed=False)
-    return _pipeline(checkpoint, transformer)
-
-
-def _pipeline(checkpoint, transformer):
-    """The family's pipeline with this transformer, its scheduler and config (klein's is_distilled), no other model."""
-    import diffusers
-
-    family = checkpoint.family
-    others = {name: None for name in (*family.names, *_tokenizers(checkpoint)) if name != "transformer"}
-    pipeline = getattr(diffusers, family.pipeline).from_pretrained(checkpoint.path, transformer=transformer, **others)
-    # Without a VAE, the pipelines assume a scale factor of 8; take the checkpoint's own.
-    pipeline.vae_scale_factor = checkpoint.vae_scale_factor
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
-
-
-def _tokenizers(checkpoint) -> list[str]:
-    """The pipeline's parts in model_index.json that are not models of the family (tokenizers, the scheduler)."""
-    import json
-
-    index = json.loads((checkpoint.path / "model_index.json").read_text(encoding="utf-8"))
-    return [name for name, value in index.items() if isinstance(value, list) and name != "scheduler"
-            and name not in checkpoint.family.names]
-
-
-class _Denoised(Exception):
-    """Raised by the step callback after the last step, with the packed latents: what follows in
-    __call__ (unpacking; for klein, un-normalising with the VAE's statistics) is decode's work."""
-
-    def __init__(self, latents: torch.Tensor):
-        super().__init__("denoised")
-        self.latents = latents
+    return family_code(family).denoise_pipeline(checkpoint, transformer)
 
 
 def run(pipeline, handoff: Handoff, on_image_done=None, on_step=None, finished_batches=None,
@@ -139,15 +110,8 @@ def run(pipeline, handoff: Handoff, on_image_done=None, on_step=None, finished_b
     code = family_code(pipeline_family(pipeline))
     caller = code.image_pipeline(pipeline, settings)  # FluxImg2ImgPipeline, ... for a run with input images
 
-    def step_done(pipe, step, timestep, callback_kwargs):
-        if on_step:
-            on_step(step + 1, pipe.num_timesteps)  # image-to-image runs fewer than --steps (--strength)
-        if step + 1 == pipe.num_timesteps:
-            raise _Denoised(callback_kwargs["latents"])  # (B, tokens, 4*latent_channels), packed
-        return {}
-
     with torch.inference_mode():
-        for number, batch in enumerate(settings.batches()):
+        for number, batch in enumerate(settings.batches(pipeline_family(pipeline).prompt_batches)):
             if number in finished_batches:
                 latents.append(finished_batches[number])
             else:
@@ -156,22 +120,7 @@ def run(pipeline, handoff: Handoff, on_image_done=None, on_step=None, finished_b
                 arguments = {"generator": [torch.Generator("cpu").manual_seed(settings.seeds[p]) for p in batch]}
                 # the encoded input images (and the generators as their encode left them), what the family adds
                 arguments.update(code.call_arguments(caller, rows.inputs(), settings, batch))
-                try:
-                    caller(
-                        **rows.embeddings(),
-                        num_inference_steps=settings.steps,
-                        guidance_scale=settings.guidance,
-                        height=settings.height,
-                        width=settings.width,
-                        max_sequence_length=settings.max_sequence_length,
-                        output_type="latent",
-                        callback_on_step_end=step_done,
-                        **arguments,
-                    )
-                except _Denoised as denoised:
-                    latents.append(denoised.latents.to("cpu"))
-                else:
-                    raise RuntimeError(f"{type(pipeline).__name__} returned before its last step")
+                latents.append(code.denoise_batch(caller, rows, settings, arguments, on_step).to("cpu"))
                 if on_batch_done:
                     on_batch_done(number, latents[-1])
             if on_image_done:

@@ -3,8 +3,8 @@
 Loads: the family's text encoders (FLUX.1: CLIP-L and T5-XXL; FLUX.2: Mistral Small 3 or Qwen3,
 cut to the decoder layers the encode reads: components.encode_only), each with the device map the
 plan gave it (diffusers' "balanced" pipeline strategy, computed in plan.py), then the family's
-pipeline from_pretrained with those and no transformer or VAE, which adds the tokenizers and the
-scheduler config. Runs the pipeline's own encode_prompt.
+pipeline with those and no transformer or VAE, which adds the tokenizers and the scheduler config
+(code.encode_pipeline). Runs the pipeline's own encode_prompt (FLUX.3: its text_encoder block).
 Reads from the handoff: settings.prompts. Writes: the embeddings the family's pipeline takes
 (stages/flux1.py, flux2.py), a row per image of the share (todo/finish: the share's encode runs on
 whole groups of the run's distinct prompts, distributed.encode_positions). Memory: the encoders' weights (FLUX.1 in bf16: T5 9.52 GB, CLIP
@@ -13,19 +13,17 @@ whole groups of the run's distinct prompts, distributed.encode_positions). Memor
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import logging
 from collections import Counter
 
 import torch
 
 from ..budget import device_key
-from ..checkpoint import pipeline_tokenizer
 from ..components import encode_only
 from ..families import encode_layers
 from ..handoff import Handoff
 from ..placement import check_placement, place
+from ..progress import quiet_logger
 from ..quantize_load import load_quantized
 from .adapters import load_adapters
 from .code import family_code, pipeline_family
@@ -50,9 +48,7 @@ def finish(output: Handoff, share: Share) -> Handoff:
 
 
 def load(checkpoint, stage_plan, dtype: torch.dtype, offload_folder=None):
-    """The family's pipeline with its text encoders placed as the plan says."""
-    import diffusers
-
+    """The family's pipeline (code.encode_pipeline) with its text encoders placed as the plan says."""
     family = checkpoint.family
     encoders = {}
     for name in family.stage_components()["encode"]:
@@ -63,7 +59,7 @@ def load(checkpoint, stage_plan, dtype: torch.dtype, offload_folder=None):
             continue
         # transformers reports the weights of the cut layers as unexpected keys: they are meant to stay unread.
         # An encoder with LoRAs loads on the CPU, takes them, then is placed (stages/adapters.py).
-        with _quiet("transformers.modeling_utils"):
+        with quiet_logger("transformers.modeling_utils"):
             encoders[name] = model_class.from_pretrained(
                 checkpoint.path, subfolder=name, device_map={"": "cpu"} if plan.adapters else plan.device_map,
                 dtype=dtype, use_safetensors=True,
@@ -73,15 +69,7 @@ def load(checkpoint, stage_plan, dtype: torch.dtype, offload_folder=None):
             place(encoders[name], dict(plan.device_map), streamed=plan.streamed)
         else:
             check_placement(encoders[name], dict(plan.device_map), streamed=False)
-    others = {name: None for name in family.names if name not in encoders}
-    tokenizers = {folder: tokenizer for folder in family.tokenizers
-                  if (tokenizer := pipeline_tokenizer(checkpoint.model, checkpoint.path, folder)) is not None}
-    # Set after loading: from_pretrained checks a passed part against model_index.json's class.
-    pipeline = getattr(diffusers, family.pipeline).from_pretrained(
-        checkpoint.path, dtype=dtype, **others, **encoders, **dict.fromkeys(tokenizers))
-    for folder, tokenizer in tokenizers.items():
-        setattr(pipeline, folder, tokenizer)
-    return pipeline
+    return family_code(family).encode_pipeline(checkpoint, encoders, dtype)
 
 
 def _model_class(family, name: str):
@@ -103,18 +91,6 @@ def _model_class(family, name: str):
 
     # No weight ties: the tied lm_head is cut.
     return type(f"{component.class_name}EncodeOnly", (model_class,), {"__init__": __init__, "_tied_weights_keys": {}})
-
-
-@contextlib.contextmanager
-def _quiet(name: str):
-    """The logger `name` at level ERROR for a block."""
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def run(pipeline, handoff: Handoff, on_image_done=None, on_step=None) -> Handoff:

@@ -41,7 +41,7 @@ def finish(output: Handoff, share: Share) -> Handoff:
 
 def load(checkpoint, stage_plan, dtype: torch.dtype, offload_folder=None):
     """The family's image pipeline holding only the VAE, on the plan's device (stages/vae.py)."""
-    return vae_pipeline(checkpoint, stage_plan, dtype, checkpoint.family.image_pipeline)
+    return vae_pipeline(checkpoint, stage_plan, dtype, images=True)
 
 
 def run(pipeline, handoff: Handoff, on_image_done=None, on_step=None, images=(), mask=None) -> Handoff:
@@ -55,7 +55,7 @@ def run(pipeline, handoff: Handoff, on_image_done=None, on_step=None, images=(),
     rows: dict[str, list[torch.Tensor]] = {}
     first = None
     with torch.inference_mode():
-        for batch in settings.batches():
+        for batch in settings.batches(pipeline_family(pipeline).prompt_batches):
             if first is None or code.SEEDED_ENCODE:
                 encoded = {name: tensor.to("cpu") for name, tensor
                            in code.encode_images(pipeline, list(images), settings, batch, mask).items()}

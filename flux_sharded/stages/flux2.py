@@ -16,6 +16,13 @@ from __future__ import annotations
 
 import torch
 
+from .pipelines import (  # noqa: F401 (the family protocol: the one-piece pipelines')
+    denoise_batch,
+    denoise_pipeline,
+    encode_pipeline,
+    vae_pipeline,
+)
+
 
 def encode_batch(pipeline, prompts: list[str], settings) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """({name: (len(prompts), ...) rows, one per prompt}, {}): the prompt embeddings and, when the

@@ -22,6 +22,12 @@ from .flux1 import (  # noqa: F401 (the family protocol: FLUX.1's own)
     lora_state_dict,
     vae_latents,
 )
+from .pipelines import (  # noqa: F401 (the family protocol: the one-piece pipelines')
+    denoise_batch,
+    denoise_pipeline,
+    encode_pipeline,
+    vae_pipeline,
+)
 
 
 SEEDED_ENCODE = False  # the VAE's mode, no generator

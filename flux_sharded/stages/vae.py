@@ -3,16 +3,16 @@ family's that holds nothing else."""
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 
 from ..placement import check_placement
 from ..quantize_load import load_quantized
+from .code import family_code
 
 
-def vae_pipeline(checkpoint, stage_plan, dtype: torch.dtype, pipeline_name: str):
-    """The pipeline class `pipeline_name` holding only the checkpoint's VAE, on the plan's device;
+def vae_pipeline(checkpoint, stage_plan, dtype: torch.dtype, images: bool):
+    """The family's pipeline holding only the checkpoint's VAE (code.vae_pipeline; `images`: the one
+    that takes its input images), on the plan's device;
     tiled (diffusers' `enable_tiling`, which covers encode and decode) when the plan says so, and
     one image at a time (diffusers' `enable_slicing`) when the plan's batch is one image."""
     import diffusers
@@ -30,8 +30,4 @@ def vae_pipeline(checkpoint, stage_plan, dtype: torch.dtype, pipeline_name: str)
         vae.enable_tiling()
     if plan.batch_size == 1:  # a whole batch's activations do not fit (or the batch is one image)
         vae.enable_slicing()
-    pipeline_class = getattr(diffusers, pipeline_name)
-    # Built directly: from_pretrained would also load the tokenizers and scheduler, unused here.
-    parts = {name: None for name in inspect.signature(pipeline_class.__init__).parameters
-             if name in checkpoint.family.folders}
-    return pipeline_class(**{**parts, "vae": vae})
+    return family_code(checkpoint.family).vae_pipeline(checkpoint, vae, images)

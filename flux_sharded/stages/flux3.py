@@ -1,0 +1,237 @@
+"""FLUX.3 klein's side of the stages: diffusers' modular pipelines (Flux3DistilledModularPipeline for
+the step-distilled checkpoint, Flux3ModularPipeline for the base one), each stage running the
+family's own auto blocks' sub-block (families.MODULAR_PIPELINES) made a pipeline of its own:
+
+    encode   the `text_encoder` block: the chat template, the prompt right-padded to a multiple of
+             80 tokens, the stacked hidden states (and, for a guided base run, the empty negative
+             prompt's, which the one-piece pipeline encodes when its guider needs them)
+    denoise  the `denoise` block's text-to-image branch (noise, timesteps, positions, the loop;
+             the base one with a ClassifierFreeGuidance of --guidance's scale), with a step of ours
+             in its loop that reports progress
+    decode   what the `decode` blocks do before vae.decode (unpack the tokens, undo the VAE's
+             batch-norm and the 2x2 patches), then the generic decode
+
+The encode takes one prompt per call and each prompt's window has its own length: the handoff keeps
+every prompt's embeddings right-padded with zeros to --max-sequence-length (the most the window may
+be) beside their window's length (`prompt_tokens`), and denoise hands the transformer each batch's
+embeddings cut back to that length. A batch holds one prompt's images only
+(families.Family.prompt_batches), as the one-piece pipeline's call with num_images_per_prompt does.
+The packed latents denoise hands on are the loop's (B, tokens, channels), as the other families'.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..checkpoint import pipeline_tokenizer
+from ..families import FAMILIES, MODULAR_PIPELINES
+from ..progress import quiet_logger
+
+# diffusers warns that guiders are experimental each time one is made, and that a guider passed to
+# update_components was not made from its spec: both about the guider flux-sharded makes, not the user.
+GUIDER_LOGGERS = ("diffusers.guiders.guider_utils", "diffusers.modular_pipelines.modular_pipeline_utils")
+
+
+def _sub_blocks(checkpoint):
+    """A fresh instance of the family's auto blocks' sub-blocks (prompt_upsampler, text_encoder,
+    vae_encoder, denoise, decode)."""
+    import diffusers
+
+    return getattr(diffusers.modular_pipelines, MODULAR_PIPELINES[checkpoint.family.pipeline])().sub_blocks
+
+
+def _pipeline(checkpoint, blocks):
+    """The family's modular pipeline class (what init_pipeline makes for the whole auto blocks)
+    running `blocks`, its component specs read from the checkpoint's model_index.json, no model
+    loaded yet; it runs `blocks` itself, not a copy."""
+    import diffusers
+
+    with quiet_logger(*GUIDER_LOGGERS):  # the base model's guider, made from its spec
+        pipeline = getattr(diffusers, checkpoint.family.pipeline)(blocks=blocks,
+                                                                  pretrained_model_name_or_path=str(checkpoint.path))
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def encode_pipeline(checkpoint, encoders: dict, dtype: torch.dtype):
+    """The `text_encoder` block's pipeline with the loaded Qwen3-VL and the processor (or its
+    stand-in where it cannot be built here, checkpoint.pipeline_tokenizer)."""
+    pipeline = _pipeline(checkpoint, _sub_blocks(checkpoint)["text_encoder"])
+    (folder,) = checkpoint.family.tokenizers
+    tokenizer = pipeline_tokenizer(checkpoint.model, checkpoint.path, folder)
+    if tokenizer is None:
+        pipeline.load_components(names=[folder])
+    else:
+        encoders = {**encoders, folder: tokenizer}
+    pipeline.update_components(**encoders)
+    return pipeline
+
+
+def encode_batch(pipeline, prompts: list[str], settings) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """({name: (len(prompts), ...) rows}, {}): each prompt's embeddings (len(prompts),
+    max_sequence_length, joint_attention_dim), zero-padded after its window, and the window's length
+    `prompt_tokens` (len(prompts),); for a guided base run the empty negative prompt's too."""
+    family = FAMILIES[type(pipeline).__name__]
+    guided = family.second_pass and family.guides(settings.guidance)
+    rows: dict[str, list[torch.Tensor]] = {}
+    for prompt in prompts:  # one prompt per call (the block refuses a list)
+        state = pipeline(prompt=prompt, max_sequence_length=settings.max_sequence_length,
+                         **({"negative_prompt": ""} if guided else {}))
+        for name in ("prompt_embeds", "negative_prompt_embeds") if guided else ("prompt_embeds",):
+            embeds = state.get(name)  # (1, window, joint_attention_dim)
+            padded = embeds.new_zeros(1, settings.max_sequence_length, embeds.shape[2])
+            padded[:, : embeds.shape[1]] = embeds
+            rows.setdefault(name, []).append(padded)
+            rows.setdefault(_tokens(name), []).append(torch.tensor([embeds.shape[1]]))
+    return {name: torch.cat(tensors) for name, tensors in rows.items()}, {}
+
+
+def _tokens(name: str) -> str:
+    """The handoff tensor that holds the window length of the embeddings `name`."""
+    return name.replace("_embeds", "_tokens")
+
+
+def denoise_pipeline(checkpoint, transformer):
+    """The `denoise` block's text-to-image branch as a pipeline (reference images are not taken yet)
+    with the loaded transformer and the checkpoint's scheduler, and a _progress_block step at the end of
+    its loop; told the VAE's scale factor (it holds no VAE, and would assume 8)."""
+    text2image = _sub_blocks(checkpoint)["denoise"].sub_blocks["text2image"]
+    loop = text2image.sub_blocks["denoise"].sub_blocks
+    progress = _progress_block()
+    loop.insert("progress", progress, len(loop))
+    pipeline = _pipeline(checkpoint, text2image)
+    pipeline.load_components(names=["scheduler"])
+    pipeline.update_components(transformer=transformer)
+    pipeline.vae = _VaeConfig(checkpoint.vae_config)
+    pipeline.progress = progress  # the very block the pipeline runs (_pipeline)
+    return pipeline
+
+
+class _VaeConfig:
+    """What the denoise pipeline reads of its VAE: the config's block_out_channels, for
+    vae_scale_factor (Flux3ModularPipeline's property). Holds no weights."""
+
+    def __init__(self, config: dict):
+        from types import SimpleNamespace
+
+        self.config = SimpleNamespace(**config)
+
+
+def _progress_block():
+    """A step of ours at the end of the denoising loop: calls its `on_step(step, steps)` (set per
+    batch by denoise_batch) after each step; reads nothing, changes nothing. A block class is made
+    on first use: diffusers is imported only once a stage runs."""
+    from diffusers.modular_pipelines import ModularPipelineBlocks
+
+    class Progress(ModularPipelineBlocks):
+        model_name = "flux3"
+
+        def __init__(self):
+            super().__init__()
+            self.on_step = None
+
+        @property
+        def description(self) -> str:
+            return "Reports each finished step of the denoising loop (flux-sharded's progress)."
+
+        def __call__(self, components, block_state, i: int, t: torch.Tensor):
+            if self.on_step:
+                self.on_step(i + 1, len(block_state.timesteps))
+            return components, block_state
+
+    return Progress()
+
+
+def denoise_batch(caller, rows, settings, arguments: dict, on_step=None) -> torch.Tensor:
+    """One batch (one prompt's images) through the denoise pipeline: the embeddings cut back to
+    their window (`prompt_tokens`), the base model guided by a ClassifierFreeGuidance of
+    --guidance's scale, `arguments`' generators (one per image, as the one-piece pipeline takes a
+    list with num_images_per_prompt). Returns the loop's packed latents (B, (H/2f)*(W/2f), channels):
+    the block's output (B, channels, H/2f, W/2f) packed back as Flux3PrepareLatentsStep packs it."""
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    embeddings = {}
+    for name in ("prompt_embeds", "negative_prompt_embeds"):
+        embeds = getattr(rows, name)
+        if embeds is None:
+            continue
+        windows = set(getattr(rows, _tokens(name)).tolist())
+        if len(windows) != 1:  # families.Family.prompt_batches: a batch is one prompt's images
+            raise RuntimeError(f"a FLUX.3 batch holds {name} of windows {sorted(windows)}; it takes one prompt's")
+        embeddings[name] = embeds[:, : windows.pop()]
+    if "guider" in caller.component_names:
+        with quiet_logger(*GUIDER_LOGGERS):
+            caller.update_components(guider=ClassifierFreeGuidance(guidance_scale=settings.guidance))
+    caller.progress.on_step = on_step
+    latents = caller(**embeddings, **arguments, height=settings.height, width=settings.width,
+                     num_inference_steps=settings.steps, output="latents")
+    return latents.flatten(2).transpose(1, 2)
+
+
+def vae_pipeline(checkpoint, vae, images: bool):
+    """The `decode` block's pipeline (its Flux3ImageProcessor made from its config) with `vae`."""
+    pipeline = _pipeline(checkpoint, _sub_blocks(checkpoint)["decode"])
+    pipeline.update_components(vae=vae)
+    return pipeline
+
+
+def vae_latents(pipeline, vae, packed: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Packed latents (B, (H/2f)*(W/2f), 4*C) -> what vae.decode takes, (B, C, H/f, W/f): what
+    Flux3UnpackLatentsStep and Flux3DecodeStep do before vae.decode (unpack to the token grid, undo
+    the batch-norm with the VAE's running statistics and batch_norm_eps, undo the 2x2 patches)."""
+    from diffusers.modular_pipelines.flux3.decoders import Flux3DecodeStep
+
+    factor = pipeline.vae_scale_factor
+    rows, columns = height // (2 * factor), width // (2 * factor)
+    batch, _, channels = packed.shape
+    latents = packed.view(batch, rows, columns, channels).permute(0, 3, 1, 2)
+    mean = vae.bn.running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
+    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(latents.device,
+                                                                                           latents.dtype)
+    return Flux3DecodeStep._unpatchify_latents(latents * std + mean).to(vae.dtype)
+
+
+def guidance_ignored(checkpoint) -> str | None:
+    """Why --guidance cannot change the pixels: the step-distilled checkpoint has no guider."""
+    if checkpoint.family.second_pass:
+        return None
+    return "the checkpoint is step-distilled: its transformer's flow_map, no classifier-free guidance"
+
+
+def guidance_note(checkpoint, guidance: float) -> str | None:
+    """None: a --guidance the step-distilled checkpoint would ignore is refused before the run
+    (families.Family.guided), not noted."""
+    return None
+
+
+def lora_state_dict(family, path):
+    """Not wired in yet: the family has no lora_components, so --lora is refused before any stage."""
+    raise NotImplementedError("LoRA for FLUX.3 (Flux3LoraLoaderMixin) is not wired in yet")
+
+
+def load_lora(family, name: str, model, state_dict: dict, alphas: dict | None, adapter_name: str) -> None:
+    """Not wired in yet (lora_state_dict)."""
+    raise NotImplementedError("LoRA for FLUX.3 (Flux3LoraLoaderMixin) is not wired in yet")
+
+
+def input_sizes(settings, sizes: list[tuple[int, int]], vae_scale_factor: int) -> tuple[tuple[int, int], ...]:
+    """None taken yet: the family's max_images is 0, so --image is refused before any stage."""
+    return ()
+
+
+SEEDED_ENCODE = False  # nothing encoded yet (encode_images)
+
+
+def encode_images(pipeline, images: list, settings, batch: range, mask=None) -> dict[str, torch.Tensor]:
+    """Not wired in yet (input_sizes)."""
+    raise NotImplementedError("reference images for FLUX.3 (the vae_encoder block) are not wired in yet")
+
+
+def image_pipeline(pipeline, settings):
+    """The denoise pipeline itself: no input images yet."""
+    return pipeline
+
+
+def call_arguments(pipeline, inputs: dict[str, torch.Tensor], settings, batch: range) -> dict:
+    """Nothing: no input images yet, and guidance is the guider's (denoise_batch)."""
+    return {}
