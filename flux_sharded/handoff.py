@@ -2,7 +2,9 @@
 
 encode fills the embeddings its model family's pipeline takes (FLUX.1: `prompt_embeds`,
 `pooled_prompt_embeds` and `text_ids`; FLUX.2: `prompt_embeds`, and `negative_prompt_embeds` for a
-klein that guides with a second pass; families.Family.encoded names them with their shapes), held
+klein that guides with a second pass; FLUX.3: those zero-padded to --max-sequence-length, with
+each prompt's window length in `prompt_tokens` / `negative_prompt_tokens`, stages/flux3.py;
+families.Family.encoded names them with their shapes), held
 by name: a family that hands on other tensors declares them, not this module; encode_image (a run
 with input images) adds the encoded images, each tensor named INPUT_PREFIX... (stages/flux1.py
 says which); denoise fills `latents`; decode reads `latents` and fills `images` (PIL images, which are
