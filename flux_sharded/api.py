@@ -222,7 +222,7 @@ class Model:
     stages for some prompts, plan() shows how they would be placed, close() frees what it holds.
 
     Weights kept between calls: a stage stays loaded in RAM after a call (one placed on GPUs moved
-    back to RAM, placed again at the next call) while the budget's cpu entry leaves room for all its
+    back to RAM, placed again at the next call: placement.hostable) while the budget's cpu entry leaves room for all its
     weights beside every stage's own plan (plan.kept_between_calls; each stage's kept_bytes in
     plan() and in the report), so that the next call with the same placement reads none of its
     weights again."""

@@ -79,18 +79,25 @@ def placeable(device_map: dict[str, Device], streamed: bool) -> bool:
 
 
 def hostable(device_map: dict[str, Device], streamed: bool, quantization: str | None) -> bool:
-    """Whether a placed component can go back to RAM whole between the Python API's calls
-    (to_host) and be placed again by `place`: on the CPU, whole on a GPU or split over GPUs, in
-    --dtype, fp8 or int8; not streamed (its RAM part is pinned chunks group offloading owns), not
-    offloaded by accelerate's hooks, not nf4 (bitsandbytes places it as it loads)."""
+    """Whether a placed component can go back to RAM between the Python API's calls (to_host) and
+    onto its devices again (place_again): on the CPU, whole on a GPU, split over GPUs, or with
+    streamed blocks (which stay in their pinned RAM throughout), in --dtype, fp8 or int8; not
+    offloaded by accelerate's hooks ("disk", "cpu" not streamed), not nf4 (bitsandbytes places
+    it as it loads)."""
     devices = set(device_map.values())
-    on_gpus = "cpu" not in devices or devices == {"cpu"}
-    return not streamed and "disk" not in devices and on_gpus and quantization in (None, "fp8", "int8")
+    hooked = "disk" in devices or ("cpu" in devices and len(devices) > 1 and not streamed)
+    return not hooked and quantization in (None, "fp8", "int8")
 
 
-def to_host(model: torch.nn.Module) -> None:
-    """Undo a placement `hostable` allows: accelerate's hooks removed (a split over GPUs), every
-    weight back in RAM (pageable memory); `place` puts it on its devices again."""
+def to_host(model: torch.nn.Module, streamed: bool) -> None:
+    """Every weight of a component placed as `hostable` allows in RAM: a split over GPUs loses
+    accelerate's hooks and the model moves whole (pageable memory); a streamed placement keeps
+    group offloading's pinned blocks where they are and its hooks, and moves only its resident
+    modules, each kept with its hook. place_again undoes this."""
+    if streamed:
+        for module, _ in _resident(model):
+            module.to("cpu")
+        return
     from accelerate.hooks import remove_hook_from_submodules
 
     remove_hook_from_submodules(model)
@@ -98,6 +105,29 @@ def to_host(model: torch.nn.Module) -> None:
         if name in model.__dict__:
             delattr(model, name)
     model.to("cpu")
+
+
+def place_again(model: torch.nn.Module, device_map: dict[str, Device], streamed: bool) -> None:
+    """A component `to_host` moved to RAM back where `device_map` puts it; then check_placement."""
+    if not streamed:
+        place(model, device_map)
+        return
+    for module, device in _resident(model):
+        module.to(device)
+    check_placement(model, device_map, streamed=True)
+
+
+def _resident(model: torch.nn.Module) -> list[tuple[torch.nn.Module, torch.device]]:
+    """The modules a streamed placement keeps on a GPU (_place_streamed gives each an accelerate
+    hook with its weights on that GPU), with that GPU."""
+    from accelerate.hooks import AlignDevicesHook
+
+    found = []
+    for module in model.modules():
+        hook = getattr(module, "_hf_hook", None)
+        if isinstance(hook, AlignDevicesHook) and not hook.offload and hook.place_submodules:
+            found.append((module, torch.device(hook.execution_device)))
+    return found
 
 
 def place(model: torch.nn.Module, device_map: dict[str, Device], streamed: bool = False) -> None:

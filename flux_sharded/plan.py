@@ -220,9 +220,10 @@ def kept_between_calls(plan: RunPlan) -> dict[str, int]:
     (api.Model), with the RAM each keeps (all its weights, whichever device the stage runs them on):
 
     - only a stage whose every component goes back to RAM whole and is placed again each call
-      (placement.hostable: on the CPU, whole on a GPU or split over GPUs; nothing streamed, on disk
-      or nf4), so that keeping it holds no GPU memory between calls and the next call moves its
-      weights to the GPUs at the bus's speed instead of reading them from disk;
+      (placement.hostable: on the CPU, whole on a GPU, split over GPUs, or with blocks streamed
+      from RAM; nothing under accelerate's offload hooks or nf4), so that keeping it holds no GPU
+      memory between calls and the next call moves its weights to the GPUs at the bus's speed
+      instead of reading them from disk;
     - taken in stage order while the budget still holds: for every stage, its planned CPU bytes
       plus the weights the other kept stages hold never exceed the budget's cpu entry (a stage that
       is kept counts its own weights once, in its plan: while it runs, they are on its devices).

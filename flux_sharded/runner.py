@@ -58,7 +58,7 @@ from .images import image_paths, save_png
 from .input_images import InputImage, find_saved as find_saved_image, parse_saved as parse_saved_image
 from .lora import Adapter, find_saved, parse_saved
 from .memory import PeakMemory, flush
-from .placement import place, placeable, to_host
+from .placement import place_again, placeable, to_host
 from .plan import PlanInputs, RunPlan, check_free_cpu_memory, check_free_gpu_memory, kept_between_calls, plan_run
 from .progress import Progress, stage_bar
 from .quantize import LORA_MERGE, check_prequantized_dtype, format_quantize, prequantized, stored_by_torchao
@@ -782,15 +782,15 @@ def _on_gpus(stage_plan) -> list:
 
 
 def _place_kept(loaded, stage_plan) -> None:
-    """A kept stage's components, in RAM between calls, onto the devices of its plan again (placement.place)."""
+    """A kept stage's components, in RAM between calls, onto the devices of its plan again (placement.place_again)."""
     for component in _on_gpus(stage_plan):
-        place(getattr(loaded, component.name), dict(component.device_map), streamed=component.streamed)
+        place_again(getattr(loaded, component.name), dict(component.device_map), streamed=component.streamed)
 
 
 def _to_host_kept(loaded, stage_plan) -> None:
     """A kept stage's components off its GPUs, into RAM until the next call (placement.to_host)."""
     for component in _on_gpus(stage_plan):
-        to_host(getattr(loaded, component.name))
+        to_host(getattr(loaded, component.name), streamed=component.streamed)
 
 
 def _run_stage(stage: Stage, request: RunRequest, checkpoint: Checkpoint, stage_plan, work: Work, process: Process,

@@ -20,6 +20,7 @@ from PIL import Image
 import flux_sharded
 from flux_sharded import api
 from flux_sharded.errors import BudgetError, CheckpointError, FluxShardedError, SettingsError
+from flux_sharded.placement import hostable
 from flux_sharded.progress import Progress
 from flux_sharded.settings import image_options
 
@@ -258,18 +259,32 @@ def test_a_stage_kept_only_while_every_stage_still_fits_the_cpu_budget(tiny_chec
                                                                "transformer", "vae"]
 
 
-def test_a_stage_on_gpus_is_kept_in_ram_whole_and_a_streamed_one_is_not(tiny_checkpoint):
+def test_a_stage_on_gpus_is_kept_in_ram_all_its_weights_counted(tiny_checkpoint):
     """A stage placed on GPUs goes back to RAM between calls, all its weights counted there (the
-    devices tier runs it: tests/test_devices.py); one whose blocks stream from RAM is read again
-    (its RAM part is group offloading's pinned chunks), planned for GPUs this machine need not have."""
+    devices tier runs it: tests/test_devices.py), one with streamed blocks too (their pinned RAM
+    and its resident blocks); planned for GPUs this machine need not have."""
     with flux_sharded.open_model(str(tiny_checkpoint), max_memory="0=16GB,cpu=2GB", dtype="float32") as model:
         plan = model.plan(**SETTINGS)
     assert plan.fits and all(set(stage.planned_bytes) == {"0"} for stage in plan.stages)
     assert [stage.kept_bytes for stage in plan.stages] == [stage.weight_bytes["0"] for stage in plan.stages]
+    assert "moved to its GPUs at each call" in str(plan)
     with flux_sharded.open_model(str(tiny_checkpoint), max_memory="0=500KB,cpu=2GB", dtype="float32") as model:
         plan = model.plan(**SETTINGS)
     denoise = next(stage for stage in plan.stages if stage.name == "denoise")
-    assert denoise.offload == "streamed" and denoise.kept_bytes == 0
+    assert denoise.offload == "streamed" and denoise.kept_bytes == sum(denoise.weight_bytes.values())
+
+
+@pytest.mark.parametrize("device_map, streamed, quantization, kept", [
+    ({"": "cpu"}, False, None, True),
+    ({"": 0}, False, "fp8", True),
+    ({"a": 0, "b": 1}, False, "int8", True),
+    ({"a": 0, "b": "cpu"}, True, None, True),  # streamed: its pinned blocks stay, its resident ones move
+    ({"a": 0, "b": "cpu"}, False, None, False),  # accelerate's offload hooks
+    ({"a": 0, "b": "disk"}, False, None, False),
+    ({"": 0}, False, "nf4", False),  # bitsandbytes places it as it loads
+])
+def test_which_placements_go_back_to_ram_between_calls(device_map, streamed, quantization, kept):
+    assert hostable(device_map, streamed, quantization) is kept
 
 
 def test_close_frees_the_kept_weights(model, loads):

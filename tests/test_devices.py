@@ -396,13 +396,18 @@ def test_a_transformer_with_a_lora_and_streamed_blocks_equals_the_one_piece_pipe
     assert_same_pixels(staged_pixels(tiny_checkpoint, settings, stages), _lora_expected(tiny_checkpoint, lora, method))
 
 
+@pytest.mark.parametrize("budget, denoise_devices, offload", [
+    ("0=800KB,1=800KB,cpu=2GB", {"0", "1"}, "none"),  # the transformer split over both GPUs
+    ("0=600KB,cpu=2GB", {"cpu"}, "streamed"),  # its blocks streamed to GPU 0 from pinned RAM
+], ids=["split", "streamed"])
 def test_a_models_stages_on_gpus_go_back_to_ram_between_calls_and_are_placed_again(tiny_checkpoint, loads,
-                                                                                  monkeypatch):
-    """Issue 24: api.Model keeps a stage placed on GPUs (the encoders on GPUs 0 and 1, the
-    transformer split over both, the VAE on GPU 0) in RAM between calls, no hook left on it, and
-    the next call places it again by the same map without reading a weight: the pixels of a run on
-    the CPU. CUDA's runtime is faked at its boundary only: the GPU count and the memory statistics
-    the report reads."""
+                                                                                  monkeypatch, budget,
+                                                                                  denoise_devices, offload):
+    """Issue 24: api.Model keeps a stage placed on GPUs (encoders and VAE on a GPU, the transformer
+    split over two or streamed) in RAM between calls, with no GPU weight left, and the next call
+    places it again by the same map without reading a weight: the pixels of a run on the CPU.
+    CUDA's runtime is faked at its boundary only: the GPU count and the memory statistics the
+    report reads."""
     monkeypatch.setattr(api, "gpu_count", lambda: 2)
     for name in ("synchronize", "reset_peak_memory_stats", "reset_peak_host_memory_stats"):
         monkeypatch.setattr(torch.cuda, name, lambda *args, **kwargs: None)
@@ -413,24 +418,47 @@ def test_a_models_stages_on_gpus_go_back_to_ram_between_calls_and_are_placed_aga
     with flux_sharded.open_model(str(tiny_checkpoint), max_memory="cpu=2GB", dtype="float32") as on_cpu:
         expected = np.asarray(on_cpu.generate("a dog", seed=3, **settings).images[0])
     loads.clear()
-    with logical_gpus(), flux_sharded.open_model(str(tiny_checkpoint), max_memory="0=800KB,1=800KB,cpu=2GB",
-                                                 dtype="float32") as model:
+    with logical_gpus(), flux_sharded.open_model(str(tiny_checkpoint), max_memory=budget, dtype="float32") as model:
         plan = model.plan(**settings)
         assert [stage.kept_bytes for stage in plan.stages] == [sum(stage.weight_bytes.values())
                                                                for stage in plan.stages]
-        assert {"0", "1"} <= set(plan.stages[1].weight_bytes) and "cpu" not in plan.stages[1].weight_bytes
+        assert set(plan.stages[1].weight_bytes) == denoise_devices and plan.stages[1].offload == offload
+        assert all(set(stage.weight_bytes) - {"cpu"} for stage in (plan.stages[0], plan.stages[2]))  # on a GPU
         first = model.generate("a dog", seed=3, **settings)
         read = len(loads)
-        for _, loaded in model.kept._loaded.values():  # between calls: in RAM, no placement left
+        for _, loaded in model.kept._loaded.values():  # between calls: every weight in RAM
             for part in ("text_encoder", "text_encoder_2", "transformer", "vae"):
                 component = getattr(loaded, part, None)
                 if component is not None:
                     assert {tensor.device.type for tensor in component.state_dict().values()} == {"cpu"}, part
-                    assert not any(hasattr(module, "_hf_hook") for module in component.modules()), part
         second = model.generate("a dog", seed=3, **settings)
         assert len(loads) == read == 4  # nothing read again
     assert [stage.weights_kept for stage in second.report.stages] == [True, True, True]
-    for stage in (first, second):  # placed as planned both times
-        denoise = stage.report.stages[1].device_map["transformer"]
-        assert set(denoise.values()) == {"0", "1"}
-        assert_same_pixels(np.asarray(stage.images[0]), expected)
+    for generation in (first, second):  # placed as planned both times
+        assert set(generation.report.stages[1].device_map["transformer"].values()) == denoise_devices
+        assert_same_pixels(np.asarray(generation.images[0]), expected)
+
+
+def test_a_streamed_placement_goes_to_ram_and_back_keeping_group_offloading(tiny_checkpoint):
+    """placement.to_host and place_again on a streamed map with a resident block on GPU 1: the
+    resident block's weights go to RAM and come back under the same hooks, the streamed blocks
+    keep group offloading's, and the output is the CPU's."""
+    from flux_sharded.placement import place_again, to_host
+
+    model = _transformer_with_adapter(tiny_checkpoint)
+    expected = model(**_inputs(model))[0]
+    device_map = plan_module._placed(components(tiny_checkpoint, settings_for(tiny_checkpoint, "none")),
+                                     "transformer", "denoise", {**TOP_LEVEL, **ORDERS["streamed-then-gpu-1"]}, [0, 1],
+                                     streamed=True).device_map
+    with logical_gpus(), torch.inference_mode():
+        place(model, device_map, streamed=True)
+        resident = model.single_transformer_blocks[1]
+        to_host(model, streamed=True)
+        assert {parameter.device for parameter in model.parameters()} == {torch.device("cpu")}
+        assert hasattr(resident, "_hf_hook") and model.transformer_blocks[0]._diffusers_hook is not None
+        place_again(model, device_map, streamed=True)
+        assert {parameter.device for parameter in resident.parameters()} == {torch.device("cuda", 1)}
+        inputs = {name: value.to(0) if isinstance(value, torch.Tensor) else value
+                  for name, value in _inputs(model).items()}
+        output = model(**inputs)[0]
+    assert_close_to_the_cpu(output, expected)
