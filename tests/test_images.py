@@ -586,7 +586,7 @@ def inpaint_args(checkpoint: Path, image_path: Path, mask_path: Path, out: Path,
 
 
 def one_piece_inpaint(checkpoint: Path, image_path: Path, mask_path: Path, seed: int = SEED,
-                      reference: Path | None = None, **size) -> np.ndarray:
+                      reference: Path | None = None, **arguments) -> np.ndarray:
     """The family's inpainting pipeline (FluxInpaintPipeline, Flux2KleinInpaintPipeline), whole, on the
     CPU, with the image and mask as diffusers' load_image reads them."""
     import diffusers
@@ -598,15 +598,17 @@ def one_piece_inpaint(checkpoint: Path, image_path: Path, mask_path: Path, seed:
     pipeline.set_progress_bar_config(disable=True)
     guidance = 3.5 if name == "FluxInpaintPipeline" else 1.0  # the families' defaults
     if reference is not None:  # klein's image_reference
-        size["image_reference"] = load_image(str(reference))
+        arguments["image_reference"] = load_image(str(reference))
     return np.asarray(pipeline(prompt="a photo of a dog", image=load_image(str(image_path)),
                                mask_image=load_image(str(mask_path)), strength=INPAINT_STRENGTH,
                                num_inference_steps=2, guidance_scale=guidance,
-                               generator=torch.Generator("cpu").manual_seed(seed), **size).images[0])
+                               generator=torch.Generator("cpu").manual_seed(seed), **arguments).images[0])
 
 
 @pytest.mark.parametrize("fixture, image_size, size_args, reference", [
-    ("tiny_checkpoint", (40, 56), ["--height", "32", "--width", "32"], False),  # FLUX.1: painted at the run's size
+    # FLUX.1: painted at the run's size; with true classifier-free guidance on a negative prompt
+    ("tiny_checkpoint", (40, 56), ["--height", "32", "--width", "32", "--true-cfg", "3", "--negative-prompt", "blurry"],
+     False),
     ("tiny_klein", (64, 80), [], False),  # klein: at the image's own size (80x64, the default)
     ("tiny_klein", (64, 80), [], True),  # klein with an image_reference (a second --image)
 ])
@@ -621,7 +623,7 @@ def test_staged_inpainting_png_equals_the_one_piece_pipeline(request, tmp_path, 
                                  str(tmp_path / "r.json"), *(["--image", str(reference_path)] if reference else [])))
     assert result.exit_code == 0, result.output
     staged = np.asarray(Image.open(written(out)[0]))
-    sizes = {"height": 32, "width": 32} if size_args else {}
+    sizes = {"height": 32, "width": 32, "true_cfg_scale": 3.0, "negative_prompt": "blurry"} if size_args else {}
     assert_same_pixels(staged, one_piece_inpaint(checkpoint, image_path, mask_path, reference=reference_path,
                                                  **sizes))
     assert staged.shape[:2] == ((32, 32) if size_args else image_size[::-1]) and staged.std() > 10
