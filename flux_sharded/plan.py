@@ -440,14 +440,25 @@ def plan_encode(components: _Components, budget: Budget) -> StagePlan:
             room[best] -= whole[name]
             planned[name] = _whole(components, name, "encode", best)
         elif gpu_indices(split_budget) and "cpu" in split_budget:
-            # Blocks in the GPUs' room, the rest run on the first GPU from RAM. fp8 / int8 weights load
-            # on the CPU and stream by group offloading (placement.py), as the transformer's do; the
-            # others are offloaded by the hooks from_pretrained sets with the map (accelerate's).
-            if method:
+            # Blocks in the GPUs' room, the rest run on the first GPU from RAM. fp8 / int8 weights, and
+            # an encoder with LoRAs (whose adapters go in before it is placed: stages/adapters.py),
+            # load on the CPU and stream by group offloading (placement.py), as the transformer's do;
+            # the others are offloaded by the hooks from_pretrained sets with the map (accelerate's).
+            streamed = bool(method) or any(name in adapter.components for adapter in components.inputs.adapters)
+            if streamed:
                 split_budget = {key: value for key, value in split_budget.items() if key != "disk"}
-            plan = _split(components, name, "encode", split_budget, streamed=bool(method))
-            for device in gpu_indices(split_budget):
-                room[device] -= plan.weight_bytes.get(device, 0) + plan.activation_bytes.get(device, 0)
+            plan = _split(components, name, "encode", split_budget, streamed=streamed)
+            used = {device: plan.weight_bytes.get(device, 0) + plan.activation_bytes.get(device, 0)
+                    for device in gpu_indices(split_budget)}
+            if streamed and any(used[device] > room[device] for device in used):
+                # streaming holds two blocks in flight and the top-level modules on the GPU, more than
+                # the room a split by accelerate's hooks needed: the CPU computes it instead
+                planned[name] = _whole(components, name, "encode", "cpu")
+                notes.append(f"note: encode runs {name} whole on the CPU: streaming its blocks (its LoRAs or "
+                             f"quantization need them streamed) takes more GPU room than is left")
+                continue
+            for device in used:
+                room[device] -= used[device]
             planned[name] = plan
         else:
             planned[name] = _whole(components, name, "encode", "cpu")

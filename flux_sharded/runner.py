@@ -412,7 +412,8 @@ def check_prequantized_placed(plan: RunPlan, request: RunRequest) -> None:
 def check_adapters_placed(plan: RunPlan, request: RunRequest) -> None:
     """A LoRA goes into a component before it is placed (stages/adapters.py), which placement.place
     can do whole, over GPUs or with streamed blocks; refuse, before any weight is read, a component
-    with LoRAs that the plan offloads through accelerate's hooks (disk, or a split text encoder), or
+    with LoRAs that the plan offloads through accelerate's hooks (a transformer partly on disk: an
+    encoder with LoRAs streams its blocks instead, plan._plan_encode), or
     that is quantized otherwise than quantize.LORA_MERGE says (nf4, a text encoder, a checkpoint's
     own quantization)."""
     family, stored = request.checkpoint.family, prequantized(request.checkpoint.path)

@@ -360,6 +360,56 @@ def _lora_expected(checkpoint: Path, lora: Path, method: str) -> np.ndarray:
     return test_lora._one_piece_quantized(checkpoint, method, lora, 0.8)
 
 
+def test_clip_with_a_lora_split_over_a_gpu_and_ram_streams_its_blocks_with_their_adapters(tiny_checkpoint, tmp_path):
+    """A text encoder with LoRAs that fits no GPU whole is split by streaming (plan._plan_encode):
+    accelerate's offload hooks, which from_pretrained sets as it loads, leave no moment to put the
+    adapters in first. Its embeddings equal the all-CPU encode's with the LoRA, and each block sits
+    where the map put it. (The tiny CLIP's blocks are smaller than the blocks in flight, so the map
+    is written here, as for the quantized encoders above.)"""
+    from flux_sharded.tiny import build_tiny_lora
+
+    lora = build_tiny_lora(tiny_checkpoint, tmp_path / "kohya.safetensors", seed=2, kind="kohya", text_encoder=True)
+    settings = _lora_settings(tiny_checkpoint, lora)
+    stages = plans(tiny_checkpoint, settings, CPU_BUDGET)
+    parts = components(tiny_checkpoint, settings)
+    clip = stages["encode"].component("text_encoder")
+    assert clip.adapters
+    blocks = block_structure(parts.model("text_encoder")).blocks(parts.model("text_encoder"))
+    split = dataclasses.replace(
+        plan_module._placed(parts, "text_encoder", "encode", {"": "cpu", **{name: 0 for name in blocks[:1]}}, [0],
+                            streamed=True), adapters=clip.adapters)
+    resolved = resolve_checkpoint(str(tiny_checkpoint))
+    expected = encode.run(encode.load(resolved, stages["encode"], torch.float32), Handoff(settings))
+    stage_plan = dataclasses.replace(stages["encode"], components=tuple(
+        split if part.name == "text_encoder" else part for part in stages["encode"].components))
+    with logical_gpus():
+        pipeline = encode.load(resolved, stage_plan, torch.float32)
+        model = pipeline.text_encoder
+        assert any("lora_A" in name for name, _ in model.named_parameters())  # the adapters went in
+        assert {p.device for p in model.get_submodule(blocks[0]).parameters()} == {torch.device("cuda", 0)}
+        assert hasattr(model.get_submodule(blocks[1]), "_diffusers_hook")  # streamed from RAM
+        encoded = encode.run(pipeline, Handoff(settings))
+    for name, tensor in expected.named.items():
+        assert_close_to_the_cpu(encoded.named[name], tensor)
+
+
+def test_an_encoder_with_loras_is_never_planned_under_accelerates_offload_hooks(tiny_checkpoint, tmp_path):
+    """A budget that split CLIP with its LoRA under accelerate's hooks, which was refused: its
+    blocks would stream now, which takes more GPU room than is left here, so CLIP runs on the
+    CPU with its LoRA and the run is planned, not refused."""
+    from flux_sharded.tiny import build_tiny_lora
+
+    lora = build_tiny_lora(tiny_checkpoint, tmp_path / "kohya.safetensors", seed=2, kind="kohya", text_encoder=True)
+    budget = {0: 700_000, "cpu": 2 * GB}
+    settings = _lora_settings(tiny_checkpoint, lora)
+    request = runner.RunRequest(resolve_checkpoint(str(tiny_checkpoint)), settings, budget, Path("unused"))
+    plan = plan_run(runner.plan_inputs(request), budget)
+    runner.check_adapters_placed(plan, request)  # not refused
+    clip = plan.stage("encode").component("text_encoder")
+    assert clip.device_map == {"": "cpu"} and clip.adapters
+    assert any("streaming its blocks" in note for note in plan.stage("encode").notes)
+
+
 @pytest.mark.parametrize("method", ["none", "int8"])
 def test_a_transformer_with_a_lora_split_over_two_gpus_equals_the_one_piece_pipeline(tiny_checkpoint, tmp_path,
                                                                                      method):
