@@ -106,6 +106,8 @@ def test_the_builder_may_replace_its_own_build(tiny_checkpoint, tmp_path):
     pytest.param(lambda out: tiny.build_tiny_checkpoint(out, seed=3), id="FLUX.1"),
     # The byte-level BPE is learnt here too, and the random batch-norm statistics are seeded.
     pytest.param(lambda out: tiny.build_tiny_flux2_checkpoint(out, "FLUX.2-klein", seed=3), id="FLUX.2-klein"),
+    # written folder by folder (not by a pipeline's save_pretrained), the processor's configs included
+    pytest.param(lambda out: tiny.build_tiny_flux3_checkpoint(out, "FLUX.3-klein-base", seed=3), id="FLUX.3-klein"),
 ])
 def test_the_same_seed_builds_byte_identical_files(tmp_path, build):
     first, second = build(tmp_path / "first"), build(tmp_path / "second")
