@@ -677,7 +677,9 @@ _FLUX_3_COMPONENTS = (
     Component("text_encoder", "transformers", "Qwen3VLForConditionalGeneration",
               {"encode": _decoder_text_encoder("Flux3ModularPipeline")}, truncated=True, tokenizer="tokenizer",
               tokenizer_files=BPE_FILES, chat_template=True, large=True),  # add_generation_prompt=True
-    Component("transformer", "diffusers", "Flux3Transformer2DModel", {"denoise": _flux3_transformer}, large=True),
+    # a LoRA's layers see text + image (+ reference) tokens in the single blocks, as FLUX.2's do
+    Component("transformer", "diffusers", "Flux3Transformer2DModel", {"denoise": _flux3_transformer}, large=True,
+              lora_tokens=_flux2_transformer_tokens),
     Component("vae", "diffusers", "AutoencoderKLFlux2", {"decode": _vae}),
 )
 FLUX_3_KLEIN = Family(

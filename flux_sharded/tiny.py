@@ -620,11 +620,13 @@ def _build_real_klein(configs: Path, seed: int, device: str, dtype: str):
 
 # Written into every checkpoint this module builds: only a folder holding it may be replaced.
 # The layers build_tiny_lora adapts, by their diffusers names in FLUX.1's transformer (kohya's
-# sd-scripts names them after BFL's original modules, BFL_FLUX1 says how), FLUX.2's, and CLIP's.
+# sd-scripts names them after BFL's original modules, BFL_FLUX1 says how), FLUX.2's, FLUX.3's (in
+# every per-mode block and single block), and CLIP's.
 LORA_TARGETS = {
     "FluxPipeline": ("attn.to_q", "attn.to_v", "attn.to_out.0", "ff.net.0.proj", "norm1.linear", "proj_out",
                      "proj_mlp"),
     "Flux2Pipeline": ("attn.to_q", "attn.to_v", "attn.to_out.0", "ff.linear_in", "attn.to_qkv_mlp_proj"),
+    "Flux3ModularPipeline": ("attn.to_q", "attn.to_v", "attn.to_out.0", "ff.linear_in", "ff.linear_out"),
     # kohya trains CLIP's attention whole (q, k, v, out): diffusers converts its attention keys only then
     "text_encoder": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1"),
 }
@@ -684,7 +686,8 @@ def build_tiny_lora(checkpoint: str | Path, out_file: str | Path, seed: int = 0,
 
     if kind not in LORA_KINDS or (kind != "diffusers" and family.pipeline != "FluxPipeline"):
         raise ValueError(f"kind {kind!r}: one of {LORA_KINDS}; all but diffusers for FLUX.1 only")
-    family_targets = LORA_TARGETS["FluxPipeline" if family.pipeline == "FluxPipeline" else "Flux2Pipeline"]
+    family_targets = LORA_TARGETS["FluxPipeline" if family.pipeline == "FluxPipeline" else
+                                  "Flux3ModularPipeline" if family.code == "flux3" else "Flux2Pipeline"]
     transformer = layers("transformer", family_targets)
     clip = layers("text_encoder", LORA_TARGETS["text_encoder"]) if text_encoder and kind != "xlabs" else {}
     out_file.parent.mkdir(parents=True, exist_ok=True)

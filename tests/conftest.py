@@ -160,7 +160,8 @@ def one_piece_pixels(checkpoint: Path, prompt: str, seed: int, steps: int, heigh
 
     pipeline_name = json.loads((Path(checkpoint) / "model_index.json").read_text())["_class_name"]
     if pipeline_name in MODULAR_PIPELINES:
-        (pixels,) = modular_pixels(checkpoint, pipeline_name, prompt, [seed], steps, height, width, dtype, guidance)
+        (pixels,) = modular_pixels(checkpoint, pipeline_name, prompt, [seed], steps, height, width, dtype, guidance,
+                                   loras)
         return pixels
     pipeline_class = getattr(diffusers, pipeline_name)
     pipeline = pipeline_class.from_pretrained(checkpoint, dtype=dtype)
@@ -182,17 +183,20 @@ def one_piece_pixels(checkpoint: Path, prompt: str, seed: int, steps: int, heigh
 
 
 def modular_pixels(checkpoint: Path, pipeline_name: str, prompt: str, seeds: list[int], steps: int, height: int,
-                   width: int, dtype: torch.dtype = torch.float32, guidance: float = 3.5) -> list[np.ndarray]:
+                   width: int, dtype: torch.dtype = torch.float32, guidance: float = 3.5,
+                   loras: tuple = ()) -> list[np.ndarray]:
     """FLUX.3's reference: modular_pipeline's images of `prompt`, one per seed (modular_images)."""
-    return modular_images(modular_pipeline(checkpoint, pipeline_name, dtype, guidance), prompt, seeds, steps, height,
-                          width)
+    return modular_images(modular_pipeline(checkpoint, pipeline_name, dtype, guidance, loras), prompt, seeds, steps,
+                          height, width)
 
 
 def modular_pipeline(checkpoint: Path, pipeline_name: str, dtype: torch.dtype = torch.float32,
-                     guidance: float = 3.5):
+                     guidance: float = 3.5, loras: tuple = ()):
     """FLUX.3's one-piece pipeline: the modular pipeline's auto blocks (families.MODULAR_PIPELINES)
     without the prompt upsampler, as diffusers' documentation runs them: init_pipeline on the
-    checkpoint, load_components; for the base model a classifier-free guider of scale `guidance`.
+    checkpoint, load_components; for the base model a classifier-free guider of scale `guidance`;
+    loras: (file, scale) pairs, loaded as for the other families (one_piece_pixels) through the
+    pipeline's own Flux3LoraLoaderMixin: load_lora_weights for each, then set_adapters.
     Its tokenizer is what the encode takes where the Qwen3VLProcessor cannot be built
     (checkpoint.pipeline_tokenizer; tests/test_flux3.py pins it to the processor's rendering)."""
     import diffusers
@@ -209,6 +213,10 @@ def modular_pipeline(checkpoint: Path, pipeline_name: str, dtype: torch.dtype = 
         pipeline.load_components(names=["tokenizer"])
     if "guider" in pipeline.component_names:
         pipeline.update_components(guider=ClassifierFreeGuidance(guidance_scale=guidance))
+    for index, (path, _) in enumerate(loras):
+        pipeline.load_lora_weights(str(path), adapter_name=f"lora_{index}")
+    if loras:
+        pipeline.set_adapters([f"lora_{index}" for index in range(len(loras))], [scale for _, scale in loras])
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 

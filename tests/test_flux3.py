@@ -15,6 +15,7 @@ from flux_sharded import tiny
 from flux_sharded.checkpoint import TextProcessor, pipeline_tokenizer, resolve_checkpoint
 from flux_sharded.families import encode_layers
 from flux_sharded.stages import flux3
+from flux_sharded.tiny import build_tiny_lora
 
 from .conftest import (assert_same_pixels, error_lines, invoke, modular_images, modular_pipeline, modular_pixels,
                        one_piece_pixels)
@@ -192,6 +193,23 @@ def test_quantized_staged_flux3_equals_the_quantized_one_piece_blocks(tiny_flux3
     (expected,) = modular_images(pipeline, SHORT, [2], 2, 32, 32)
     assert_same_pixels(image, expected)
     assert np.abs(plain.astype(int) - expected).max() > 0
+
+
+def test_a_lora_on_flux3_equals_the_one_piece_blocks_with_it(tiny_flux3, tmp_path):
+    """--lora FILE:0.7 (diffusers' format, every per-mode and single block's attention and MLP)
+    equals the one-piece auto blocks with the same LoRA loaded through the pipeline's
+    Flux3LoraLoaderMixin (load_lora_weights, set_adapters with 0.7), and changes the pixels."""
+    lora = build_tiny_lora(tiny_flux3, tmp_path / "style.safetensors", seed=12)
+    out = tmp_path / "out"
+    result = invoke(["--model", str(tiny_flux3), *SIZE, "--seed", "4", "--prompt", SHORT, "--lora", f"{lora}:0.7",
+                     "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    (image,) = _images(out)
+    (expected,) = modular_pixels(tiny_flux3, "Flux3DistilledModularPipeline", SHORT, [4], 2, 32, 32,
+                                 loras=((lora, 0.7),))
+    assert_same_pixels(image, expected)
+    (plain,) = modular_pixels(tiny_flux3, "Flux3DistilledModularPipeline", SHORT, [4], 2, 32, 32)
+    assert np.abs(image.astype(int) - plain).max() > 5
 
 
 @pytest.mark.parametrize("removed, message", [

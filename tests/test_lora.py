@@ -272,22 +272,10 @@ def test_a_hub_lora_is_found_offline_in_the_cache_and_refused_when_not_there(tin
 
 
 def test_every_familys_lora_components_are_its_pipelines():
-    """families.Component.lora says what the pipeline's LoRA loader takes (its _lora_loadable_modules)."""
+    """families.Component.lora says what the pipeline's LoRA loader takes (its _lora_loadable_modules;
+    FLUX.3's modular pipelines: Flux3LoraLoaderMixin's)."""
     for family in FAMILIES.values():
-        if family.code != "flux3":
-            assert set(family.lora_components) == set(getattr(diffusers, family.pipeline)._lora_loadable_modules)
-        else:  # Flux3LoraLoaderMixin not wired in yet: --lora is refused (test_a_lora_for_a_family_flux_sharded_...)
-            assert family.lora_components == ()
-
-
-def test_a_lora_for_a_family_flux_sharded_only_plans_is_refused_in_one_line(tmp_path):
-    lora = tmp_path / "style.safetensors"
-    save_file({"transformer.x_embedder.lora_A.weight": torch.zeros(4, 128),
-               "transformer.x_embedder.lora_B.weight": torch.zeros(3072, 4)}, str(lora))
-    result = invoke(["--model", "black-forest-labs/flux-3-image-klein", "--prompt", "a dog", "--lora", str(lora),
-                     "--max-memory", "0=12GiB,cpu=32GB", "--dry-run"])
-    assert result.exit_code == 2 and error_lines(result.output) == [
-        f"Error: --lora '{lora}': flux-sharded takes no LoRA for FLUX.3-klein yet; leave out --lora"]
+        assert set(family.lora_components) == set(getattr(diffusers, family.pipeline)._lora_loadable_modules)
 
 
 def _one_piece_quantized(checkpoint: Path, method: str, lora: Path, scale: float) -> np.ndarray:

@@ -49,8 +49,6 @@ def check_lora(family: Family, config_root: Path, path: Path, source: str) -> di
     from safetensors import safe_open
 
     what = f"--lora '{source}'"
-    if not family.lora_components:  # FLUX.3 klein: its LoRA loader (Flux3LoraLoaderMixin) not wired in yet
-        raise SettingsError(f"{what}: flux-sharded takes no LoRA for {family.name} yet; leave out --lora")
     try:
         with safe_open(str(path), framework="pt") as handle:
             keys = list(handle.keys())

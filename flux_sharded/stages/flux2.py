@@ -71,15 +71,17 @@ def guidance_note(checkpoint, guidance: float) -> str | None:
 
 def lora_state_dict(family, path) -> tuple[dict[str, torch.Tensor], None]:
     """(state dict with COMPONENT.-prefixed keys, None: no network alphas) of a LoRA file, converted
-    from any format Flux2Pipeline and Flux2KleinPipeline read (kohya, ai-toolkit, LoKr, ...)."""
+    from any format the family's pipeline reads: Flux2Pipeline's and Flux2KleinPipeline's (kohya,
+    ai-toolkit, LoKr, ...), FLUX.3's modular pipelines' Flux3LoraLoaderMixin (BFL's diffusion_model. keys)."""
     import diffusers
 
     return getattr(diffusers, family.pipeline).lora_state_dict(str(path)), None
 
 
 def load_lora(family, name: str, model, state_dict: dict, alphas: None, adapter_name: str) -> None:
-    """Inject one LoRA's layers into the transformer (the only component FLUX.2's loader takes), as
-    Flux2LoraLoaderMixin.load_lora_weights does (its default low_cpu_mem_usage with PEFT)."""
+    """Inject one LoRA's layers into the transformer (the only component FLUX.2's and FLUX.3's loaders
+    take), as Flux2LoraLoaderMixin.load_lora_weights and Flux3LoraLoaderMixin's do (their default
+    low_cpu_mem_usage with PEFT)."""
     import diffusers
 
     getattr(diffusers, family.pipeline).load_lora_into_transformer(state_dict, transformer=model,

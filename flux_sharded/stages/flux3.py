@@ -17,6 +17,10 @@ be) beside their window's length (`prompt_tokens`), and denoise hands the transf
 embeddings cut back to that length. A batch holds one prompt's images only
 (families.Family.prompt_batches), as the one-piece pipeline's call with num_images_per_prompt does.
 The packed latents denoise hands on are the loop's (B, tokens, channels), as the other families'.
+
+A LoRA goes into the transformer as Flux3LoraLoaderMixin (both pipelines' loader) loads it, through
+FLUX.2's loaders (stages/flux2.py), which call the family's pipeline class's own lora_state_dict
+and load_lora_into_transformer.
 """
 
 from __future__ import annotations
@@ -26,6 +30,10 @@ import torch
 from ..checkpoint import pipeline_tokenizer
 from ..families import FAMILIES, MODULAR_PIPELINES
 from ..progress import quiet_logger
+from .flux2 import (  # noqa: F401 (the family protocol: FLUX.2's loaders read the pipeline's own mixin)
+    load_lora,
+    lora_state_dict,
+)
 
 # diffusers warns that guiders are experimental each time one is made, and that a guider passed to
 # update_components was not made from its spec: both about the guider flux-sharded makes, not the user.
@@ -202,16 +210,6 @@ def guidance_note(checkpoint, guidance: float) -> str | None:
     """None: a --guidance the step-distilled checkpoint would ignore is refused before the run
     (families.Family.guided), not noted."""
     return None
-
-
-def lora_state_dict(family, path):
-    """Not wired in yet: the family has no lora_components, so --lora is refused before any stage."""
-    raise NotImplementedError("LoRA for FLUX.3 (Flux3LoraLoaderMixin) is not wired in yet")
-
-
-def load_lora(family, name: str, model, state_dict: dict, alphas: dict | None, adapter_name: str) -> None:
-    """Not wired in yet (lora_state_dict)."""
-    raise NotImplementedError("LoRA for FLUX.3 (Flux3LoraLoaderMixin) is not wired in yet")
 
 
 def input_sizes(settings, sizes: list[tuple[int, int]], vae_scale_factor: int) -> tuple[tuple[int, int], ...]:
