@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
-LIBRARY_LOGGERS = ("diffusers", "transformers", "accelerate")
+# flux_sharded.stages: a stage's note on what the libraries do silently (stages/flux3.py's cut prompt)
+LIBRARY_LOGGERS = ("diffusers", "transformers", "accelerate", "flux_sharded.stages")
 # torchao (the optional int8 backend), imported by diffusers whenever it is installed, reports the
 # CUDA kernels a CPU build lacks, and torch warns about its enums: noise on every command, set
 # before diffusers is first imported. bitsandbytes (the optional nf4 backend, imported by
@@ -63,8 +64,9 @@ def quiet_logger(*names: str):
 
 
 # FluxPipeline.encode_prompt warns, for every batch and each text encoder, with the whole text it
-# cut off (a 1 MB prompt: 2 MB of warnings). Said once per run, short.
-TRUNCATION_LOGGER = "diffusers.pipelines.flux.pipeline_flux"
+# cut off (a 1 MB prompt: 2 MB of warnings); FLUX.3's encode block cuts silently, and stages/flux3.py
+# warns as FluxPipeline does. Said once per run, short.
+TRUNCATION_LOGGERS = ("diffusers.pipelines.flux.pipeline_flux", "flux_sharded.stages.flux3")
 TRUNCATION_PREFIX = "The following part of your input was truncated because "
 PREVIEW_CHARACTERS = 60
 
@@ -104,15 +106,17 @@ def library_logs_above_bars() -> Iterator[None]:
     loggers = [logging.getLogger(name) for name in LIBRARY_LOGGERS]
     saved = [(logger, logger.handlers[:], logger.propagate) for logger in loggers]
     handler = _AboveTheBars()
-    truncation, once = logging.getLogger(TRUNCATION_LOGGER), _TruncationSaidOnce()
-    truncation.addFilter(once)
+    truncations, once = [logging.getLogger(name) for name in TRUNCATION_LOGGERS], _TruncationSaidOnce()
+    for truncation in truncations:
+        truncation.addFilter(once)
     try:
         for logger in loggers:
             logger.handlers = [handler]
             logger.propagate = False  # printed once, here, not again by the root logger
         yield
     finally:
-        truncation.removeFilter(once)
+        for truncation in truncations:
+            truncation.removeFilter(once)
         for logger, handlers, propagate in saved:
             logger.handlers, logger.propagate = handlers, propagate
 

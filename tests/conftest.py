@@ -221,12 +221,13 @@ def modular_pipeline(checkpoint: Path, pipeline_name: str, dtype: torch.dtype = 
     return pipeline
 
 
-def modular_images(pipeline, prompt: str, seeds: list[int], steps: int, height: int, width: int) -> list[np.ndarray]:
+def modular_images(pipeline, prompt: str, seeds: list[int], steps: int, height: int, width: int,
+                   **inputs) -> list[np.ndarray]:
     """One call of modular_pipeline's pipeline: one prompt, num_images_per_prompt = len(seeds) with
-    a generator per image."""
+    a generator per image, and the blocks' other `inputs` (max_sequence_length, ...)."""
     images = pipeline(prompt=prompt, height=height, width=width, num_inference_steps=steps,
                       num_images_per_prompt=len(seeds), generator=[torch.Generator("cpu").manual_seed(seed)
-                                                                   for seed in seeds], output="images")
+                                                                   for seed in seeds], output="images", **inputs)
     return [np.asarray(image) for image in images]
 
 

@@ -212,6 +212,44 @@ def test_a_lora_on_flux3_equals_the_one_piece_blocks_with_it(tiny_flux3, tmp_pat
     assert np.abs(image.astype(int) - plain).max() > 5
 
 
+def test_a_prompt_over_max_sequence_length_is_cut_as_the_blocks_cut_it_and_noted_once(tiny_flux3, tmp_path):
+    """LONG is 142 tokens once templated; with --max-sequence-length 100 the text_encoder block cuts it
+    to a window of 100 (not a multiple of 80) without a word: the staged image equals the one-piece
+    blocks' with max_sequence_length 100, not their uncut one, and the run says so in one note."""
+    out = tmp_path / "out"
+    result = invoke(["--model", str(tiny_flux3), *SIZE, "--seed", "6", "--prompt", LONG, "--max-sequence-length",
+                     "100", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    (run_dir,) = out.glob(".flux-sharded/run-*")
+    assert load_file(run_dir / "encode.safetensors")["prompt_tokens"].tolist() == [100]
+    notes = [line for line in result.output.splitlines() if "longer than a text encoder reads" in line]
+    assert notes == ["note: a prompt is longer than a text encoder reads (--max-sequence-length is 100; "
+                     "--max-sequence-length up to 8192 reads more of its 142 tokens); the text after that, starting "
+                     "'overed in snow, in the style of an old painting with warm li...', does not shape the image "
+                     "(said once per run)"]  # the tiny tokenizer cuts inside 'covered'
+    (image,) = _images(out)
+    pipeline = modular_pipeline(tiny_flux3, "Flux3DistilledModularPipeline")
+    (expected,) = modular_images(pipeline, LONG, [6], 2, 32, 32, max_sequence_length=100)
+    assert_same_pixels(image, expected)
+    (uncut,) = modular_images(pipeline, LONG, [6], 2, 32, 32)
+    assert np.abs(image.astype(int) - uncut).max() > 0
+
+
+def test_max_sequence_length_over_flux3s_limit_is_refused_in_one_line(tiny_flux3, tmp_path):
+    """The limit is the installed text_encoder block's own max_sequence_length default (8192)."""
+    from diffusers.modular_pipelines.flux3.encoders import Flux3TextEncoderStep
+
+    from flux_sharded.families import FLUX_3_KLEIN
+
+    limit = next(param.default for param in Flux3TextEncoderStep().inputs if param.name == "max_sequence_length")
+    assert FLUX_3_KLEIN.text_token_limit == limit == 8192
+    result = invoke(["--model", str(tiny_flux3), *SIZE, "--prompt", SHORT, "--max-sequence-length", "8193",
+                     "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and error_lines(result.output) == [
+        "Error: --max-sequence-length 8193: use 1 to 8192 tokens"]
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("removed, message", [
     ("tokenizer.json", "tokenizer lacks vocab.json and merges.txt or tokenizer.json; the checkpoint is incomplete: "
                        "fetch its tokenizer folder again"),

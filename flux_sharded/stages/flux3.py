@@ -25,16 +25,19 @@ and load_lora_into_transformer.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from ..checkpoint import pipeline_tokenizer
 from ..families import FAMILIES, MODULAR_PIPELINES
-from ..progress import quiet_logger
+from ..progress import TRUNCATION_PREFIX, quiet_logger
 from .flux2 import (  # noqa: F401 (the family protocol: FLUX.2's loaders read the pipeline's own mixin)
     load_lora,
     lora_state_dict,
 )
 
+LOGGER = logging.getLogger(__name__)  # a prompt cut to --max-sequence-length (progress.TRUNCATION_LOGGERS)
 # diffusers warns that guiders are experimental each time one is made, and that a guider passed to
 # update_components was not made from its spec: both about the guider flux-sharded makes, not the user.
 GUIDER_LOGGERS = ("diffusers.guiders.guider_utils", "diffusers.modular_pipelines.modular_pipeline_utils")
@@ -83,6 +86,7 @@ def encode_batch(pipeline, prompts: list[str], settings) -> tuple[dict[str, torc
     guided = family.second_pass and family.guides(settings.guidance)
     rows: dict[str, list[torch.Tensor]] = {}
     for prompt in prompts:  # one prompt per call (the block refuses a list)
+        _warn_if_cut(pipeline, prompt, settings.max_sequence_length, family.text_token_limit)
         state = pipeline(prompt=prompt, max_sequence_length=settings.max_sequence_length,
                          **({"negative_prompt": ""} if guided else {}))
         for name in ("prompt_embeds", "negative_prompt_embeds") if guided else ("prompt_embeds",):
@@ -92,6 +96,21 @@ def encode_batch(pipeline, prompts: list[str], settings) -> tuple[dict[str, torc
             rows.setdefault(name, []).append(padded)
             rows.setdefault(_tokens(name), []).append(torch.tensor([embeds.shape[1]]))
     return {name: torch.cat(tensors) for name, tensors in rows.items()}, {}
+
+
+def _warn_if_cut(pipeline, prompt: str, max_sequence_length: int, limit: int) -> None:
+    """Warn, as FluxPipeline.encode_prompt warns of a cut prompt, where the text_encoder block will cut
+    `prompt`: its tokens once templated (the block's chat template and tokenizer, as
+    Flux3TextEncoderStep._get_qwen3_vl_prompt_embeds counts them) beyond --max-sequence-length, which
+    it truncates to without a word."""
+    text = pipeline.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                  add_generation_prompt=True)
+    tokens = pipeline.tokenizer.tokenizer(text)["input_ids"]
+    if len(tokens) > max_sequence_length:
+        removed = pipeline.tokenizer.tokenizer.decode(tokens[max_sequence_length:], skip_special_tokens=True)
+        more = (f"; --max-sequence-length up to {limit} reads more of its {len(tokens)}"
+                if max_sequence_length < limit else f", FLUX.3's most, of its {len(tokens)}")
+        LOGGER.warning(f"{TRUNCATION_PREFIX}--max-sequence-length is {max_sequence_length}{more} tokens: {removed}")
 
 
 def _tokens(name: str) -> str:
