@@ -568,6 +568,10 @@ def main(**options) -> None:
         click.echo(f"Error: {error}", err=True)
         sys.exit(error.exit_code)
     listening = socket.socket(socket.AF_INET6 if ":" in options["host"] else socket.AF_INET)
+    # as uvicorn binds its own: a server restarted after a kill (its requests resumed) may take its
+    # port again while the killed one's connections wait out TIME_WAIT (a minute on Linux); a port
+    # another process listens on is still refused
+    listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         listening.bind((options["host"], options["port"]))
         listening.listen(BACKLOG)  # now: a client that connects before uvicorn starts waits, not refused

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import http.client
 import io
 import json
 import signal
@@ -391,31 +392,36 @@ def test_the_web_page_submits_a_prompt_and_shows_the_image_and_the_memory_chart(
     assert browser.find_element(By.CSS_SELECTOR, "#gallery dd[data-field='seed']").text == metadata["seed"] == "9"
 
 
+def start_server(checkpoint: Path, out: Path, log: Path, port: int = 0) -> tuple[subprocess.Popen, str, str]:
+    """`flux-sharded serve` in a process of its own, once it has said its first line: (the process,
+    its URL, the line). A start that fails or says something else is killed and fails the test."""
+    with log.open("w") as stderr:  # a file, not a pipe nobody reads on: the bars would fill it
+        process = subprocess.Popen(
+            [sys.executable, "-m", "flux_sharded", "serve", "--model", str(checkpoint), "--max-memory",
+             "cpu=2GB", "--dtype", "float32", "--port", str(port), "--out", str(out)],
+            stderr=stderr, cwd=log.parent)
+
+    def first_line():
+        assert process.poll() is None, log.read_text()
+        return log.read_text().partition("\n")[0] if "\n" in log.read_text() else None
+
+    try:
+        line = until(first_line, STARTUP_SECONDS, "the server's first line")
+        assert line.startswith("serving "), line
+    except BaseException:
+        process.kill()  # no server left behind by a failed start
+        process.wait(timeout=60)
+        raise
+    return process, line.split(" on ")[1].split()[0], line
+
+
 def test_a_killed_server_runs_its_accepted_requests_again_on_restart(tiny_checkpoint, tmp_path):
     """SIGKILL once the request is accepted (its file written): the restarted server runs it, and
     its images are the command line's; the client is gone, so they stay in the output folder."""
     out = tmp_path / "served"
 
     def start(name: str) -> tuple[subprocess.Popen, str, str]:
-        log = tmp_path / f"{name}.log"  # a file, not a pipe nobody reads on: the bars would fill it
-        with log.open("w") as stderr:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "flux_sharded", "serve", "--model", str(tiny_checkpoint), "--max-memory",
-                 "cpu=2GB", "--dtype", "float32", "--port", "0", "--out", str(out)],
-                stderr=stderr, cwd=tmp_path)
-
-        def first_line():
-            assert process.poll() is None, log.read_text()
-            return log.read_text().partition("\n")[0] if "\n" in log.read_text() else None
-
-        try:
-            line = until(first_line, STARTUP_SECONDS, "the server's first line")
-            assert line.startswith("serving "), line
-        except BaseException:
-            process.kill()  # no server left behind by a failed start
-            process.wait(timeout=60)
-            raise
-        return process, line.split(" on ")[1].split()[0], line
+        return start_server(tiny_checkpoint, out, tmp_path / f"{name}.log")
 
     process, url, _ = start("first")
     try:
@@ -469,6 +475,30 @@ def test_a_port_in_use_is_one_error_line(tiny_checkpoint, tmp_path):
     assert result.returncode == 2
     assert result.stderr.splitlines()[-1] == (f"Error: --host 127.0.0.1 --port {port}: cannot listen there (Address "
                                               "already in use); give another --port (0 picks a free one)")
+
+
+def test_a_killed_server_restarts_on_its_port_while_its_connections_wait_out_time_wait(tiny_checkpoint, tmp_path):
+    """A killed server's connections (closed by its end) hold its port in TIME_WAIT for a minute; a
+    restart on that port, to resume its requests, listens at once, as uvicorn's own sockets do."""
+    killed, url, _ = start_server(tiny_checkpoint, tmp_path / "out", tmp_path / "killed.log")
+    port = int(url.rpartition(":")[2])
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        connection.request("GET", "/v1/models")  # kept alive, so that the killed end closes it
+        assert connection.getresponse().read()
+    finally:
+        killed.send_signal(signal.SIGKILL)
+        killed.wait(timeout=60)
+    connection.sock.recv(1)  # the killed end's close arrives; this end closes after it
+    connection.close()
+    plain = socket.socket()
+    with pytest.raises(OSError, match="Address already in use"):  # the state this test is about
+        plain.bind(("127.0.0.1", port))
+    plain.close()
+    restarted, again, _ = start_server(tiny_checkpoint, tmp_path / "out", tmp_path / "restarted.log", port)
+    restarted.send_signal(signal.SIGTERM)
+    restarted.wait(timeout=60)
+    assert again == url
 
 
 def test_a_damaged_request_file_stops_the_start_with_one_line(tiny_checkpoint, tmp_path):
