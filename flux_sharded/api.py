@@ -302,6 +302,7 @@ class Model:
         read. The plan depends on the number of images, not on their text (PLAN_PROMPT when none)."""
         lines = _prompt_lines(PLAN_PROMPT if prompt is None else prompt)
         checked = checked_settings("plan()", settings, image_options())
+        _check_images("plan()", seed, num_images_per_prompt)
         return dry_run(self.request(lines, seed, num_images_per_prompt, Path("."), **checked), keeps_weights=True)
 
     def generate(self, prompt: str | Sequence[str], *, seed: int = 0, num_images_per_prompt: int = 1,
@@ -323,11 +324,7 @@ class Model:
                                 "not implemented yet; plan() plans them")
         lines = _prompt_lines(prompt)
         checked = checked_settings("generate()", settings, image_options())
-        for name, value in (("seed", seed), ("num_images_per_prompt", num_images_per_prompt)):
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise SettingsError(f"generate(): {name}={value!r}: give a whole number")
-        if num_images_per_prompt < 1:
-            raise SettingsError(f"generate(): num_images_per_prompt={num_images_per_prompt}: give at least 1")
+        _check_images("generate()", seed, num_images_per_prompt)
         temporary = None if out_dir is not None else Path(tempfile.mkdtemp(prefix="flux-sharded-"))
         try:
             folder = Path(out_dir).expanduser() if out_dir is not None else temporary
@@ -426,6 +423,16 @@ def _prompt_lines(prompt) -> list[PromptLine]:
     if not isinstance(prompts, Sequence) or not prompts or not all(isinstance(each, str) for each in prompts):
         raise SettingsError(f"prompt={prompt!r}: give a text, or a non-empty list of texts (one image each)")
     return [PromptLine(each) for each in prompts]
+
+
+def _check_images(function: str, seed, num_images_per_prompt) -> None:
+    """`seed` and `num_images_per_prompt` as generate() and plan() take them: whole numbers, at
+    least one image (SettingsError naming the argument)."""
+    for name, value in (("seed", seed), ("num_images_per_prompt", num_images_per_prompt)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise SettingsError(f"{function}: {name}={value!r}: give a whole number")
+    if num_images_per_prompt < 1:
+        raise SettingsError(f"{function}: num_images_per_prompt={num_images_per_prompt}: give at least 1")
 
 
 def _read_image(path: Path) -> Image.Image:

@@ -151,6 +151,9 @@ MISTAKES = [
     ("generate", {"seed": "zero"}, SettingsError, "seed='zero': give a whole number"),
     ("generate", {"dtype": "float32"}, SettingsError, "unknown keyword argument 'dtype'"),  # given when opening
     ("plan", {"batch_size": 0}, SettingsError, "plan(): field 'batch_size' is 0, outside 1..1048576"),
+    ("plan", {"seed": "zero"}, SettingsError, "plan(): seed='zero': give a whole number"),
+    ("plan", {"num_images_per_prompt": "2"}, SettingsError, "plan(): num_images_per_prompt='2': give a whole number"),
+    ("plan", {"num_images_per_prompt": 0}, SettingsError, "plan(): num_images_per_prompt=0: give at least 1"),
     ("open", {"max_memory": "cpu=16XB"}, BudgetError, "'XB' is an unknown unit"),
     ("open", {"max_memory": 16}, SettingsError, "max_memory=16: give a text such as '0=16GB,cpu=64GB'"),
     ("open", {"dtype": "int8"}, SettingsError, "field 'dtype' is \"int8\", not one of"),
