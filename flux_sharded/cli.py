@@ -147,8 +147,8 @@ class _PathParam(click.Path):
 )
 @click.option(
     "--image", "images", multiple=True, metavar="PATH",
-    help="Input image (PNG, JPEG, ...): FLUX.1 redraws it (image-to-image, --strength); FLUX.2 takes it as a "
-    "reference (repeat for several).",
+    help="Input image (PNG, JPEG, ...): FLUX.1 redraws it (image-to-image, --strength); FLUX.2 and FLUX.3 take "
+    "it as a reference (repeat for several).",
 )
 @click.option(
     "--mask", default=setting("mask").default, metavar="PATH",

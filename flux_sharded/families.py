@@ -118,6 +118,20 @@ def reference_size(size: tuple[int, int], vae_scale_factor: int) -> tuple[int, i
     return (height // multiple) * multiple, (width // multiple) * multiple
 
 
+def flux3_reference_sizes(sizes: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    """(height, width) at which FLUX.3's vae_encoder block encodes references of (width, height)
+    `sizes`: the shapes its image processor (made from its spec, as the block's pipeline makes it)
+    gives blank images of those sizes, one reference kept whole on its padded canvas ("fill"),
+    several each cropped ("crop"), as Flux3ProcessImagesInputStep chooses."""
+    from diffusers.modular_pipelines.flux3.encoders import Flux3ProcessImagesInputStep
+    from PIL import Image
+
+    (spec,) = Flux3ProcessImagesInputStep().expected_components
+    processor, mode = spec.create(), "fill" if len(sizes) == 1 else "crop"
+    return tuple(tuple(processor.preprocess(Image.new("RGB", size), resize_mode=mode)[0].shape[-2:])
+                 for size in sizes)
+
+
 def _t5(config: dict, inputs: Geometry, tiled: bool) -> int:
     return activations.text_encoder_activation_bytes(config, inputs.max_sequence_length, _dtype_bytes(inputs))
 
@@ -155,8 +169,10 @@ def _flux2_transformer(config: dict, inputs: Geometry, tiled: bool) -> int:
 
 
 def _flux3_transformer(config: dict, inputs: Geometry, tiled: bool) -> int:
+    # the reference images' tokens join the single blocks' sequence (Flux3PrepareImageCondLatentsStep)
     return activations.flux3_transformer_activation_bytes(config, inputs.height, inputs.width, inputs.vae_scale_factor,
-                                                          inputs.max_sequence_length, _dtype_bytes(inputs))
+                                                          inputs.max_sequence_length, _dtype_bytes(inputs),
+                                                          _reference_tokens(inputs))
 
 
 def _decoder_text_encoder(pipeline: str) -> Estimate:
@@ -273,6 +289,18 @@ def _flux2_inputs(config: dict, vae_scale_factor: int, settings) -> dict[str, tu
         "input_latents": (images, tokens, config["in_channels"]),
         "input_latent_ids": (images, tokens, 4),  # their (T, H, W, L) positions
     }
+
+
+def _flux3_inputs(config: dict, vae_scale_factor: int, settings) -> dict[str, tuple]:
+    if not settings.images:
+        return {}
+    from .input_images import parse_saved
+
+    factor, images = 2 * vae_scale_factor, len(settings.prompts)
+    sizes = flux3_reference_sizes([parse_saved(text)[1] for text in settings.images])
+    # each reference encoded (the VAE's mode), patchified and normalised (Flux3VaeEncoderStep), at its own size
+    return {f"input_latents_{index}": (images, config["in_channels"], height // factor, width // factor)
+            for index, (height, width) in enumerate(sizes)}
 
 
 def _no_inputs(config: dict, vae_scale_factor: int, settings) -> dict[str, tuple]:
@@ -680,7 +708,7 @@ _FLUX_3_COMPONENTS = (
     # a LoRA's layers see text + image (+ reference) tokens in the single blocks, as FLUX.2's do
     Component("transformer", "diffusers", "Flux3Transformer2DModel", {"denoise": _flux3_transformer}, large=True,
               lora_tokens=_flux2_transformer_tokens),
-    Component("vae", "diffusers", "AutoencoderKLFlux2", {"decode": _vae}),
+    Component("vae", "diffusers", "AutoencoderKLFlux2", {"encode_image": _vae_encode, "decode": _vae}),
 )
 FLUX_3_KLEIN = Family(
     name="FLUX.3-klein",
@@ -698,11 +726,15 @@ FLUX_3_KLEIN = Family(
     config_checks=_check_flux3_configs,
     guided=False,
     prompt_batches=True,
+    image_pipeline="Flux3DistilledModularPipeline",  # reference images: the auto blocks' vae_encoder block
+    max_images=10,  # Flux3AutoBlocks' own limit (its docstring: "at most 10")
+    inputs_encoded=_flux3_inputs,
 )
 FLUX_3_KLEIN_BASE = dataclasses.replace(
     FLUX_3_KLEIN,
     name="FLUX.3-klein-base",
     pipeline="Flux3ModularPipeline",
+    image_pipeline="Flux3ModularPipeline",
     steps=50,  # Flux3AutoBlocks' denoise default
     guidance=3.5,  # the guider's default scale (BFL's README says 4)
     second_pass=True,

@@ -250,6 +250,41 @@ def test_max_sequence_length_over_flux3s_limit_is_refused_in_one_line(tiny_flux3
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("sizes, encoded", [([(40, 56)], [(64, 64)]), ([(40, 56), (72, 40)], [(48, 32), (32, 64)])])
+def test_reference_images_equal_the_one_piece_blocks_with_them(tiny_flux3, tmp_path, monkeypatch, sizes, encoded):
+    """--image (repeatable) is encoded by the vae_encoder block in encode_image and denoised by the
+    image_conditioned branch: equal to the one-piece auto blocks called with the same images, and not
+    their image without. One reference is kept whole on its canvas (sides rounded up to 16, at least
+    64: 40x56 -> 64x64); several are each cropped to the 16-pixel grid; the plan's sizes
+    (input_sizes, whose tokens it counts) are the encoded ones. The run stops in denoise and resumes
+    from the kept encoded references (their shapes checked against families' on the resume)."""
+    paths = []
+    for index, size in enumerate(sizes):
+        paths.append(tmp_path / f"ref-{index}.png")
+        pixels = np.random.default_rng(index).integers(0, 255, (size[1] // 4, size[0] // 4, 3), dtype=np.uint8)
+        Image.fromarray(pixels).resize(size, Image.BILINEAR).save(paths[-1])
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        patch.setattr(flux3, "denoise_batch", lambda *args, **kwargs: (_ for _ in ()).throw(RuntimeError("stop")))
+        failed = invoke(["--model", str(tiny_flux3), *SIZE, "--seed", "8", "--prompt", SHORT,
+                         *[arg for path in paths for arg in ("--image", str(path))], "--out", str(out)])
+    assert failed.exit_code == 1, failed.output
+    (run_dir,) = out.glob(".flux-sharded/run-*")
+    result = invoke(["--resume", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    kept = load_file(run_dir / "encode_image.safetensors")
+    assert [tuple(kept[f"input_latents_{index}"].shape) for index in range(len(sizes))] == [
+        (1, 16, height // 16, width // 16) for height, width in encoded]
+    assert flux3.input_sizes(None, sizes, 8) == tuple(encoded)
+    (image,) = _images(out)
+    pipeline = modular_pipeline(tiny_flux3, "Flux3DistilledModularPipeline")
+    (expected,) = modular_images(pipeline, SHORT, [8], 2, 32, 32,
+                                 image=[Image.open(path).convert("RGB") for path in paths])
+    assert_same_pixels(image, expected)
+    (plain,) = modular_images(pipeline, SHORT, [8], 2, 32, 32)
+    assert np.abs(image.astype(int) - plain).max() > 0
+
+
 @pytest.mark.parametrize("removed, message", [
     ("tokenizer.json", "tokenizer lacks vocab.json and merges.txt or tokenizer.json; the checkpoint is incomplete: "
                        "fetch its tokenizer folder again"),

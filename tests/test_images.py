@@ -283,18 +283,6 @@ def test_each_bad_input_is_one_error_line_and_nothing_is_written(tiny_checkpoint
     assert not out.exists()
 
 
-def test_an_image_for_a_family_that_takes_none_is_refused(tmp_path):
-    """FLUX.3 klein takes no input image here yet: a dry-run with one is refused, offline."""
-    image_path = photo(tmp_path / "in.png", size=(64, 64))
-    result = invoke(["--model", "black-forest-labs/flux-3-image-klein", "--prompt", "a dog", "--image",
-                     str(image_path), "--max-memory", "0=24GiB", "--dry-run", "--report", str(tmp_path / "plan.json")])
-    assert result.exit_code == 2
-    assert error_line(result) == ("Error: --image: FLUX.3-klein (Flux3DistilledModularPipeline) takes no input image "
-                                  "here; leave out --image, or use a checkpoint that takes one (FLUX.1, FLUX.1-Kontext, "
-                                  "FLUX.2-dev, FLUX.2-klein)")
-    assert not (tmp_path / "plan.json").exists()
-
-
 @pytest.mark.parametrize("masked", [False, True])
 def test_the_plan_counts_the_vae_encode_at_the_run_size(tiny_checkpoint, tmp_path, masked):
     """encode_image's estimate (activations.vae_encode_activation_bytes) bounds the measured peak of

@@ -5,9 +5,11 @@ family's own auto blocks' sub-block (families.MODULAR_PIPELINES) made a pipeline
     encode   the `text_encoder` block: the chat template, the prompt right-padded to a multiple of
              80 tokens, the stacked hidden states (and, for a guided base run, the empty negative
              prompt's, which the one-piece pipeline encodes when its guider needs them)
-    denoise  the `denoise` block's text-to-image branch (noise, timesteps, positions, the loop;
-             the base one with a ClassifierFreeGuidance of --guidance's scale), with a step of ours
-             in its loop that reports progress
+    encode_image  the `vae_encoder` block (a run with reference images: --image)
+    denoise  the `denoise` block's text-to-image branch, or its image_conditioned one for a run with
+             references (noise, timesteps, positions, the loop; the base one with a
+             ClassifierFreeGuidance of --guidance's scale), with a step of ours in its loop that
+             reports progress
     decode   what the `decode` blocks do before vae.decode (unpack the tokens, undo the VAE's
              batch-norm and the 2x2 patches), then the generic decode
 
@@ -30,7 +32,7 @@ import logging
 import torch
 
 from ..checkpoint import pipeline_tokenizer
-from ..families import FAMILIES, MODULAR_PIPELINES
+from ..families import FAMILIES, MODULAR_PIPELINES, flux3_reference_sizes
 from ..progress import TRUNCATION_PREFIX, quiet_logger
 from .flux2 import (  # noqa: F401 (the family protocol: FLUX.2's loaders read the pipeline's own mixin)
     load_lora,
@@ -119,14 +121,22 @@ def _tokens(name: str) -> str:
 
 
 def denoise_pipeline(checkpoint, transformer):
-    """The `denoise` block's text-to-image branch as a pipeline (reference images are not taken yet)
-    with the loaded transformer and the checkpoint's scheduler, and a _progress_block step at the end of
-    its loop; told the VAE's scale factor (it holds no VAE, and would assume 8)."""
-    text2image = _sub_blocks(checkpoint)["denoise"].sub_blocks["text2image"]
-    loop = text2image.sub_blocks["denoise"].sub_blocks
+    """The `denoise` block's text-to-image branch as a pipeline with the loaded transformer and the
+    checkpoint's scheduler, and a _progress_block step at the end of its loop; told the VAE's scale
+    factor (it holds no VAE, and would assume 8). Its `image_conditioned`: the branch that takes
+    reference images, made the same way with the same transformer (image_pipeline)."""
+    pipeline = _denoise_branch(checkpoint, transformer, "text2image")
+    pipeline.image_conditioned = _denoise_branch(checkpoint, transformer, "image_conditioned")
+    return pipeline
+
+
+def _denoise_branch(checkpoint, transformer, branch: str):
+    """The `denoise` block's sub-block `branch` as a pipeline (denoise_pipeline)."""
+    blocks = _sub_blocks(checkpoint)["denoise"].sub_blocks[branch]
+    loop = blocks.sub_blocks["denoise"].sub_blocks
     progress = _progress_block()
     loop.insert("progress", progress, len(loop))
-    pipeline = _pipeline(checkpoint, text2image)
+    pipeline = _pipeline(checkpoint, blocks)
     pipeline.load_components(names=["scheduler"])
     pipeline.update_components(transformer=transformer)
     pipeline.vae = _VaeConfig(checkpoint.vae_config)
@@ -196,8 +206,9 @@ def denoise_batch(caller, rows, settings, arguments: dict, on_step=None) -> torc
 
 
 def vae_pipeline(checkpoint, vae, images: bool):
-    """The `decode` block's pipeline (its Flux3ImageProcessor made from its config) with `vae`."""
-    pipeline = _pipeline(checkpoint, _sub_blocks(checkpoint)["decode"])
+    """The `decode` block's pipeline, or with `images` the `vae_encoder` block's (each with its
+    Flux3ImageProcessor made from its spec), holding `vae`."""
+    pipeline = _pipeline(checkpoint, _sub_blocks(checkpoint)["vae_encoder" if images else "decode"])
     pipeline.update_components(vae=vae)
     return pipeline
 
@@ -231,24 +242,38 @@ def guidance_note(checkpoint, guidance: float) -> str | None:
     return None
 
 
+# ---------------------------------------------------------------- reference images (image=[...])
+# The auto blocks' vae_encoder block preprocesses the references (one kept whole on a reflect-padded
+# canvas, several each cropped) and encodes each with the VAE's mode, patchified and normalised, to
+# its own (1, C, h, w); the denoise block's image_conditioned branch packs them into tokens with their
+# positions. encode_image runs the vae_encoder block; denoise hands its latents to that branch, so
+# packing, positions and noise are the blocks' own. The run's size is --height/--width, given to the
+# blocks, which then crop nothing back (Flux3ImageCondInputStep).
+
+SEEDED_ENCODE = False  # the VAE's mode (argmax), no generator
+
+
 def input_sizes(settings, sizes: list[tuple[int, int]], vae_scale_factor: int) -> tuple[tuple[int, int], ...]:
-    """None taken yet: the family's max_images is 0, so --image is refused before any stage."""
-    return ()
-
-
-SEEDED_ENCODE = False  # nothing encoded yet (encode_images)
+    """(height, width) the VAE encodes each reference of (width, height) `sizes` at (families.flux3_reference_sizes)."""
+    return flux3_reference_sizes(sizes)
 
 
 def encode_images(pipeline, images: list, settings, batch: range, mask=None) -> dict[str, torch.Tensor]:
-    """Not wired in yet (input_sizes)."""
-    raise NotImplementedError("reference images for FLUX.3 (the vae_encoder block) are not wired in yet")
+    """{"input_latents_I": (len(batch), C, h_I, w_I)} for each reference I: the vae_encoder block's
+    image_cond_latents, one row per image (the same for every image)."""
+    latents = pipeline(image=list(images), output="image_cond_latents")
+    return {f"input_latents_{index}": tensor.expand(len(batch), *tensor.shape[1:]).contiguous()
+            for index, tensor in enumerate(latents)}
 
 
 def image_pipeline(pipeline, settings):
-    """The denoise pipeline itself: no input images yet."""
-    return pipeline
+    """The denoise pipeline itself, or for a run with references its image_conditioned branch."""
+    return pipeline.image_conditioned if settings.images else pipeline
 
 
 def call_arguments(pipeline, inputs: dict[str, torch.Tensor], settings, batch: range) -> dict:
-    """Nothing: no input images yet, and guidance is the guider's (denoise_batch)."""
-    return {}
+    """The batch's encoded references as the image_conditioned branch's image_cond_latents, in
+    --image order; nothing for a run without (guidance is the guider's: denoise_batch)."""
+    if not inputs:
+        return {}
+    return {"image_cond_latents": [inputs[f"input_latents_{index}"] for index in range(len(settings.images))]}
