@@ -655,7 +655,8 @@ LORA_KINDS = ("diffusers", "kohya", "comfyui", "xlabs")
 
 
 def build_tiny_lora(checkpoint: str | Path, out_file: str | Path, seed: int = 0, kind: str = "diffusers",
-                    rank: int = 4, text_encoder: bool = False, strength: float = 1.0) -> Path:
+                    rank: int = 4, text_encoder: bool = False, strength: float = 1.0,
+                    alpha: float | None = None) -> Path:
     """A random LoRA for a checkpoint built here, in one of LORA_KINDS: diffusers' format (the
     pipeline's save_lora_weights), or for FLUX.1 kohya's (`lora_unet_..._lora_down.weight`,
     `lora_up.weight`, `alpha`, and `lora_te1_...` for CLIP), ComfyUI's (the same keyed
@@ -663,7 +664,9 @@ def build_tiny_lora(checkpoint: str | Path, out_file: str | Path, seed: int = 0,
     for CLIP) or XLabs' (XLABS_FLUX1, XLABS_QKV_FLUX1; no CLIP), over the LORA_TARGETS layers of
     every block (BFL_FLUX1's for kohya and ComfyUI). lora_B (up) is random too, not PEFT's zeros, so
     that the LoRA changes the pixels; `strength` scales it. text_encoder: also CLIP's layers
-    (FLUX.1). Returns the file."""
+    (FLUX.1). alpha (diffusers' format): the transformer's lora_alpha, saved in the file's adapter
+    metadata as diffusers' training scripts save their LoraConfig (the loaders then scale by
+    alpha / rank instead of 1). Returns the file."""
     import torch
     from safetensors.torch import save_file
 
@@ -733,6 +736,9 @@ def build_tiny_lora(checkpoint: str | Path, out_file: str | Path, seed: int = 0,
                 for part, tensor in (("A", down), ("B", up))}
 
     layers_of = {"transformer_lora_layers": named(transformer)}
+    if alpha is not None:
+        layers_of["transformer_lora_adapter_metadata"] = {"r": rank, "lora_alpha": alpha,
+                                                          "target_modules": sorted(transformer)}
     if clip:
         layers_of["text_encoder_lora_layers"] = named(clip)
     getattr(diffusers, family.pipeline).save_lora_weights(out_file.parent, weight_name=out_file.name, **layers_of)

@@ -195,11 +195,13 @@ def test_quantized_staged_flux3_equals_the_quantized_one_piece_blocks(tiny_flux3
     assert np.abs(plain.astype(int) - expected).max() > 0
 
 
-def test_a_lora_on_flux3_equals_the_one_piece_blocks_with_it(tiny_flux3, tmp_path):
+@pytest.mark.parametrize("alpha", [None, 12.0])
+def test_a_lora_on_flux3_equals_the_one_piece_blocks_with_it(tiny_flux3, tmp_path, alpha):
     """--lora FILE:0.7 (diffusers' format, every per-mode and single block's attention and MLP)
     equals the one-piece auto blocks with the same LoRA loaded through the pipeline's
-    Flux3LoraLoaderMixin (load_lora_weights, set_adapters with 0.7), and changes the pixels."""
-    lora = build_tiny_lora(tiny_flux3, tmp_path / "style.safetensors", seed=12)
+    Flux3LoraLoaderMixin (load_lora_weights, set_adapters with 0.7), and changes the pixels; also
+    with a lora_alpha (12, rank 4) in the file's adapter metadata, which the loader scales by."""
+    lora = build_tiny_lora(tiny_flux3, tmp_path / "style.safetensors", seed=12, alpha=alpha)
     out = tmp_path / "out"
     result = invoke(["--model", str(tiny_flux3), *SIZE, "--seed", "4", "--prompt", SHORT, "--lora", f"{lora}:0.7",
                      "--out", str(out)])

@@ -77,6 +77,22 @@ def test_staged_png_with_loras_equals_one_piece_pipeline_with_them(request, tmp_
     assert np.abs(staged.astype(int) - _reference(checkpoint)).max() > 5
 
 
+@pytest.mark.parametrize("fixture", ["tiny_checkpoint", "tiny_klein"])
+def test_a_loras_alpha_in_its_adapter_metadata_scales_it_as_diffusers_does(request, tmp_path, fixture):
+    """A diffusers-format LoRA whose file keeps its LoraConfig (lora_alpha 12 at rank 4, as diffusers'
+    training scripts save it): load_lora_weights hands that metadata to the loaders, which scale by
+    alpha / rank; the staged PNG equals the one-piece pipeline's with it (FLUX.3: tests/test_flux3.py),
+    which is not the image of the same weights without it."""
+    checkpoint = request.getfixturevalue(fixture)
+    lora = build_tiny_lora(checkpoint, tmp_path / "alpha.safetensors", seed=13, alpha=12.0)
+    result = _run(checkpoint, tmp_path / "out", "--lora", f"{lora}:0.9")
+    assert result.exit_code == 0, result.output
+    staged = np.asarray(Image.open(_image(tmp_path / "out")))
+    assert_same_pixels(staged, _reference(checkpoint, [(lora, 0.9)]))
+    plain = build_tiny_lora(checkpoint, tmp_path / "plain.safetensors", seed=13)  # the same weights, alpha = rank
+    assert np.abs(staged.astype(int) - _reference(checkpoint, [(plain, 0.9)])).max() > 0
+
+
 def test_a_kohya_loras_clip_weights_apply_in_encode(tiny_checkpoint, tmp_path):
     """FLUX.1 kohya LoRAs carry CLIP weights (lora_te1_...): the encode applies them, so CLIP's pooled
     embedding changes while T5's embeddings (no LoRA) stay as they were."""

@@ -4,8 +4,9 @@ before it is placed.
 Both go through diffusers' own loaders, so every format diffusers converts (diffusers/PEFT, kohya,
 ai-toolkit, XLabs, ...) reads the same here as in a one-piece pipeline: the family's pipeline
 class's `lora_state_dict` converts the file (stages/flux1.py, flux2.py), and its
-`load_lora_into_transformer` / `load_lora_into_text_encoder` inject the layers through PEFT, as
-`load_lora_weights` does; each component's adapter weights are then set as the pipeline's
+`load_lora_into_transformer` / `load_lora_into_text_encoder` inject the layers through PEFT, given
+the file's network alphas and adapter metadata (its saved LoraConfig) as `load_lora_weights` gives
+them; each component's adapter weights are then set as the pipeline's
 `set_adapters(names, weights)` sets them.
 
 Why before placement: diffusers re-applies group offloading over the whole block lists when an
@@ -150,12 +151,12 @@ def load_adapters(family: Family, name: str, model: torch.nn.Module, adapters: t
         return
     code = family_code(family)
     for adapter in adapters:
-        state_dict, alphas = code.lora_state_dict(family, adapter.path)
+        state_dict, options = code.lora_state_dict(family, adapter.path)
         with warnings.catch_warnings():
             # peft warns on every adapter after the first ("Already found a `peft_config` attribute ...
             # multiple adapters"): several adapters are what --lora asked for, so it is not the user's news.
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-            code.load_lora(family, name, model, state_dict, alphas, adapter.name)
+            code.load_lora(family, name, model, state_dict, options, adapter.name)
         del state_dict  # the adapter's layers hold their own copies now
     names, weights = [adapter.name for adapter in adapters], [adapter.scale for adapter in adapters]
     if hasattr(model, "set_adapters"):  # a diffusers model (ModelMixin's PEFT support)

@@ -57,13 +57,15 @@ class FamilyCode(Protocol):
     def guidance_note(self, checkpoint: "Checkpoint", guidance: float) -> str | None:
         """The note for a --guidance the checkpoint ignores, or None."""
 
-    def lora_state_dict(self, family: Family, path) -> tuple[dict[str, "torch.Tensor"], dict | None]:
-        """(the LoRA file's weights converted by the family's pipeline, COMPONENT.-prefixed; its network
-        alphas or None), as the pipeline's load_lora_weights reads them."""
+    def lora_state_dict(self, family: Family, path) -> tuple[dict[str, "torch.Tensor"], dict]:
+        """(the LoRA file's weights converted by the family's pipeline, COMPONENT.-prefixed; the keyword
+        arguments its load_lora_weights hands the loaders beside them: network alphas, the file's
+        adapter metadata), as the pipeline's load_lora_weights reads them."""
 
-    def load_lora(self, family: Family, name: str, model, state_dict: dict, alphas: dict | None,
+    def load_lora(self, family: Family, name: str, model, state_dict: dict, options: dict,
                   adapter_name: str) -> None:
-        """Inject one LoRA into component `name` (families.Family.lora_components) as load_lora_weights does."""
+        """Inject one LoRA into component `name` (families.Family.lora_components) as load_lora_weights
+        does; `options`: lora_state_dict's."""
 
     def input_sizes(self, settings, sizes: list[tuple[int, int]], vae_scale_factor: int) -> tuple[tuple[int, int], ...]:
         """(height, width) at which the VAE encodes each input image of (width, height) `sizes`, as

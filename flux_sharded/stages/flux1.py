@@ -53,26 +53,31 @@ def guidance_note(checkpoint, guidance: float) -> str | None:
             f"FLUX.1-schnell): --guidance {guidance:g} has no effect")
 
 
-def lora_state_dict(family, path) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """(state dict with COMPONENT.-prefixed keys, network alphas) of a LoRA file, converted from any
-    format FluxPipeline reads (kohya, XLabs, ai-toolkit, ...), as its load_lora_weights reads it."""
+def lora_state_dict(family, path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state dict with COMPONENT.-prefixed keys, {"network_alphas": ..., "metadata": ...}) of a LoRA
+    file, converted from any format FluxPipeline reads (kohya, XLabs, ai-toolkit, ...), as its
+    load_lora_weights reads it: the alphas and the adapter metadata (a saved LoraConfig) it hands its
+    loaders."""
     import diffusers
 
-    return getattr(diffusers, family.pipeline).lora_state_dict(str(path), return_alphas=True)
+    state_dict, alphas, metadata = getattr(diffusers, family.pipeline).lora_state_dict(
+        str(path), return_alphas=True, return_lora_metadata=True)
+    return state_dict, {"network_alphas": alphas, "metadata": metadata}
 
 
-def load_lora(family, name: str, model, state_dict: dict, alphas: dict | None, adapter_name: str) -> None:
+def load_lora(family, name: str, model, state_dict: dict, options: dict, adapter_name: str) -> None:
     """Inject one LoRA's layers into component `name` (the transformer, or CLIP), as
-    FluxPipeline.load_lora_weights does (its default low_cpu_mem_usage with PEFT, tests pin it)."""
+    FluxPipeline.load_lora_weights does (its default low_cpu_mem_usage with PEFT, tests pin it);
+    `options`: lora_state_dict's."""
     import diffusers
 
     pipeline_class = getattr(diffusers, family.pipeline)
     if name == "transformer":
-        pipeline_class.load_lora_into_transformer(state_dict, network_alphas=alphas, transformer=model,
-                                                  adapter_name=adapter_name, low_cpu_mem_usage=True)
+        pipeline_class.load_lora_into_transformer(state_dict, transformer=model, adapter_name=adapter_name,
+                                                  low_cpu_mem_usage=True, **options)
     else:
-        pipeline_class.load_lora_into_text_encoder(state_dict, network_alphas=alphas, text_encoder=model, prefix=name,
-                                                   adapter_name=adapter_name, low_cpu_mem_usage=True)
+        pipeline_class.load_lora_into_text_encoder(state_dict, text_encoder=model, prefix=name,
+                                                   adapter_name=adapter_name, low_cpu_mem_usage=True, **options)
 
 
 # ---------------------------------------------------------------- image-to-image (FluxImg2ImgPipeline)

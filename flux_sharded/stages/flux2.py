@@ -69,23 +69,26 @@ def guidance_note(checkpoint, guidance: float) -> str | None:
     return f"note: {checkpoint.model}: {reason}, so --guidance {guidance:g} has no effect" if reason else None
 
 
-def lora_state_dict(family, path) -> tuple[dict[str, torch.Tensor], None]:
-    """(state dict with COMPONENT.-prefixed keys, None: no network alphas) of a LoRA file, converted
-    from any format the family's pipeline reads: Flux2Pipeline's and Flux2KleinPipeline's (kohya,
-    ai-toolkit, LoKr, ...), FLUX.3's modular pipelines' Flux3LoraLoaderMixin (BFL's diffusion_model. keys)."""
+def lora_state_dict(family, path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state dict with COMPONENT.-prefixed keys, {"metadata": ...}: no network alphas) of a LoRA file,
+    converted from any format the family's pipeline reads: Flux2Pipeline's and Flux2KleinPipeline's
+    (kohya, ai-toolkit, LoKr, ...), FLUX.3's modular pipelines' Flux3LoraLoaderMixin (BFL's
+    diffusion_model. keys); with the adapter metadata (a saved LoraConfig) load_lora_weights hands on."""
     import diffusers
 
-    return getattr(diffusers, family.pipeline).lora_state_dict(str(path)), None
+    state_dict, metadata = getattr(diffusers, family.pipeline).lora_state_dict(str(path), return_lora_metadata=True)
+    return state_dict, {"metadata": metadata}
 
 
-def load_lora(family, name: str, model, state_dict: dict, alphas: None, adapter_name: str) -> None:
+def load_lora(family, name: str, model, state_dict: dict, options: dict, adapter_name: str) -> None:
     """Inject one LoRA's layers into the transformer (the only component FLUX.2's and FLUX.3's loaders
     take), as Flux2LoraLoaderMixin.load_lora_weights and Flux3LoraLoaderMixin's do (their default
-    low_cpu_mem_usage with PEFT)."""
+    low_cpu_mem_usage with PEFT); `options`: lora_state_dict's."""
     import diffusers
 
     getattr(diffusers, family.pipeline).load_lora_into_transformer(state_dict, transformer=model,
-                                                                   adapter_name=adapter_name, low_cpu_mem_usage=True)
+                                                                   adapter_name=adapter_name, low_cpu_mem_usage=True,
+                                                                   **options)
 
 
 # ---------------------------------------------------------------- reference images (image=[...])
