@@ -287,6 +287,22 @@ def test_reference_images_equal_the_one_piece_blocks_with_them(tiny_flux3, tmp_p
     assert np.abs(image.astype(int) - plain).max() > 0
 
 
+def test_the_guided_base_model_with_a_reference_equals_the_one_piece_blocks(tiny_flux3_base, tmp_path):
+    """Flux3ModularPipeline's image_conditioned branch guided (ClassifierFreeGuidance of 4, the empty
+    negative prompt) with one reference equals the one-piece auto blocks with the same image."""
+    path = tmp_path / "ref.png"
+    pixels = np.random.default_rng(5).integers(0, 255, (12, 16, 3), dtype=np.uint8)
+    Image.fromarray(pixels).resize((64, 48), Image.BILINEAR).save(path)
+    out = tmp_path / "out"
+    result = invoke(["--model", str(tiny_flux3_base), *SIZE, "--guidance", "4", "--seed", "9", "--prompt", SHORT,
+                     "--image", str(path), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    (image,) = _images(out)
+    pipeline = modular_pipeline(tiny_flux3_base, "Flux3ModularPipeline", guidance=4.0)
+    (expected,) = modular_images(pipeline, SHORT, [9], 2, 32, 32, image=Image.open(path).convert("RGB"))
+    assert_same_pixels(image, expected)
+
+
 @pytest.mark.parametrize("removed, message", [
     ("tokenizer.json", "tokenizer lacks vocab.json and merges.txt or tokenizer.json; the checkpoint is incomplete: "
                        "fetch its tokenizer folder again"),
