@@ -26,7 +26,8 @@ Every accepted request is written to OUT/requests/<id>.json (its prompt, setting
 request without a seed gets a random one, recorded there and in its PNGs) before it is queued, and
 runs with its run folder under OUT/runs/, so that a server stopped at any moment (SIGKILL
 included) runs its unanswered requests again on restart, resuming their run folders, and keeps
-their images in OUT (its client is gone). A worker thread runs the queue in arrival order: the
+their images in OUT (its client is gone); a request whose run failed keeps its error there (and in
+the log), answered, not run again. A worker thread runs the queue in arrival order: the
 requests waiting when a run starts that share its settings join it, up to --max-batch images, so
 that each stage runs once for all of them (encode every prompt, then denoise, then decode), and
 the weights the plan keeps stay loaded between runs (api.Model).
@@ -163,7 +164,7 @@ class Server:
             except (OSError, ValueError, KeyError, TypeError, FluxShardedError) as error:
                 raise SettingsError(f"--out: {path} is not a request this server wrote ({error}); move it out of "
                                     f"{self.requests}") from None
-            if "images" not in record:  # accepted, not answered: run again (its run folder resumed)
+            if "images" not in record and "error" not in record:  # accepted, not answered: run again (resumed)
                 self.waiting.append(job)
         self.worker = threading.Thread(target=self._work, name="flux-sharded-queue", daemon=True)
 
@@ -343,14 +344,18 @@ class Server:
                 generation, failure = None, str(error)
             except Exception as error:  # a bug or a library's failure: said to the clients, the server goes on
                 generation, failure = None, f"{type(error).__name__}: {error}"
+            if failure is not None:  # in the log too: a client that has gone hears nothing
+                self.model.log(f"request(s) {', '.join(job.id for job in jobs)} failed: {failure}")
             position = 0
             for job in jobs:
                 paths = generation.paths[position: position + len(job.seeds)] if generation else []
                 position += len(job.seeds)
-                if generation is not None:
-                    record = {**job.to_json(), "images": [str(path) for path in paths]}
-                    atomic_write(self.requests / f"{job.id}.json",
-                                 lambda tmp, record=record: Path(tmp).write_text(json.dumps(record)))
+                # answered, with its images or its failure: a restart does not run it again (it would
+                # fail again: an input gone, a setting the model refuses)
+                record = {**job.to_json(), **({"images": [str(path) for path in paths]} if failure is None
+                                              else {"error": failure})}
+                atomic_write(self.requests / f"{job.id}.json",
+                             lambda tmp, record=record: Path(tmp).write_text(json.dumps(record)))
                 with self.lock:
                     loop, answer = self.answers.pop(job.id, (None, None))
                     self.listeners.pop(job.id, None)

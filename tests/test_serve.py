@@ -477,6 +477,29 @@ def test_a_port_in_use_is_one_error_line(tiny_checkpoint, tmp_path):
                                               "already in use); give another --port (0 picks a free one)")
 
 
+def test_a_request_whose_run_fails_keeps_its_error_and_is_not_run_again_on_restart(tiny_checkpoint, tmp_path):
+    """An accepted edit whose input is gone by the time it runs (its server was killed, the inputs
+    removed) fails: its failure is logged and kept in its request file, and the next server does not
+    queue it again."""
+    out, gone = tmp_path / "out", tmp_path / "removed" / "image-0"
+    (out / "requests").mkdir(parents=True)
+    record = {"id": "0123", "prompt": "a dog", "seeds": [0], "settings": {"steps": 2, "height": 32, "width": 48,
+                                                                         "images": [str(gone)]}}
+    (out / "requests" / "0123.json").write_text(json.dumps(record))
+    said = []
+    with flux_sharded.open_model(str(tiny_checkpoint), max_memory="cpu=2GB", dtype="float32",
+                                 log=said.append) as model:
+        queue = Server(model, out, max_images=4, max_batch=8)
+        assert [job.id for job in queue.waiting] == ["0123"]
+        queue.worker.start()
+        kept = until(lambda: json.loads((out / "requests" / "0123.json").read_text()).get("error"), 120,
+                     "the failure to be kept")
+        queue.stop()
+        assert str(gone) in kept and "no such file" in kept
+        assert f"request(s) 0123 failed: {kept}" in said
+        assert Server(model, out, max_images=4, max_batch=8).waiting == []
+
+
 def test_a_killed_server_restarts_on_its_port_while_its_connections_wait_out_time_wait(tiny_checkpoint, tmp_path):
     """A killed server's connections (closed by its end) hold its port in TIME_WAIT for a minute; a
     restart on that port, to resume its requests, listens at once, as uvicorn's own sockets do."""
