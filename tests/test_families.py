@@ -388,6 +388,24 @@ def test_flux3_hub_ids_plan_offline_within_2_percent_of_the_published_sizes(fold
     assert bool(transformer.pinned_bytes) == transformer.streamed  # its blocks are prefetched (blocks.py)
 
 
+@pytest.mark.parametrize("folder", list(FLUX_3))
+def test_flux3_plans_a_reference_images_tokens_in_every_transformer_pass(folder):
+    """A 1024x1024 reference, kept whole (its canvas: the vae_encoder block's processor), adds its
+    4,096 tokens to the denoise estimate (flux3_transformer_activation_bytes' reference_tokens), and
+    the plan gains encode_image; both hub ids still plan on 0=12GiB,cpu=32GB."""
+    from flux_sharded.stages import flux3
+
+    checkpoint = resolve_checkpoint(FLUX_3_HUB[folder], need_weights=False)
+    sizes = flux3.input_sizes(None, [(1024, 1024)], checkpoint.vae_scale_factor)
+    assert sizes == ((1024, 1024),) and checkpoint.vae_scale_factor == 8
+    inputs = PlanInputs(checkpoint.path, torch.bfloat16, 1024, 1024, 640, vae_scale_factor=8, input_sizes=sizes)
+    config = dict(checkpoint.transformer_config)
+    assert checkpoint.family.component("transformer").activation("denoise", config, inputs) == (
+        flux3_transformer_activation_bytes(config, 1024, 1024, 8, 640, 2, reference_tokens=4096))
+    plan = plan_run(inputs, _budget("0=12GiB,cpu=32GB"))
+    assert [stage.name for stage in plan.stages] == ["encode", "encode_image", "denoise", "decode"]
+
+
 def test_flux3_dry_runs_name_the_familys_defaults():
     for folder, defaults in [("FLUX.3-klein", "16 steps, guidance 0, 640 prompt tokens"),
                              ("FLUX.3-klein-base", "50 steps, guidance 3.5, 640 prompt tokens")]:
