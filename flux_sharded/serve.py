@@ -526,11 +526,12 @@ def openai_mask(data: bytes) -> bytes:
     """An edit's mask in OpenAI's convention (a PNG whose fully transparent pixels, alpha 0, mark
     where the image is edited) as the inpainting pipelines read one: a grey PNG, white where it is
     redrawn, black where it is kept. A mask without transparency is taken as it is (already in the
-    pipelines' convention, as `--mask` takes it)."""
+    pipelines' convention, as `--mask` takes it), an alpha channel opaque everywhere included (as
+    input_images.decode tells a transparent mask from an opaque one)."""
     with Image.open(io.BytesIO(data)) as image:
-        if not (image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info):
-            return data
-        alpha = image.convert("RGBA").getchannel("A")
+        alpha = image.convert("RGBA").getchannel("A")  # 255 everywhere for a mode without alpha
+    if alpha.getextrema()[0] == 255:
+        return data
     buffer = io.BytesIO()
     alpha.point(lambda value: 255 if value == 0 else 0).save(buffer, format="PNG")
     return buffer.getvalue()

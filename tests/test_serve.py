@@ -226,6 +226,14 @@ def test_an_edit_with_openais_transparent_mask_inpaints_as_the_command_line_with
     with Image.open(expected) as cli_image:
         assert_same_pixels(served, np.asarray(cli_image))
     assert metadata["mask"].split()[-1] == cli_image.text["mask"].split()[-1]  # the same mask, by its content
+    # the grey mask saved with an alpha channel that is opaque everywhere (as canvas exports save
+    # one) has no transparency: read as the command line reads it, white redrawn, not as all kept
+    opaque = io.BytesIO()
+    Image.open(tmp_path / "grey.png").convert("RGBA").save(opaque, format="PNG")
+    answer = client(url).images.edit(image=("in.png", image, "image/png"), mask=("mask.png", opaque.getvalue(),
+                                     "image/png"), prompt="a dog", size=SIZE, response_format="b64_json",
+                                     extra_body={"seed": 4, **EXTENSIONS})
+    assert_same_pixels(pixels(answer.data[0].b64_json)[0], served)
 
 
 def edit(url: str, files: list[tuple[str, bytes]], **fields) -> tuple[int, dict]:
