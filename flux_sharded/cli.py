@@ -198,8 +198,9 @@ class _PathParam(click.Path):
 def main(ctx: click.Context, **options):
     """Run FLUX.1 text-to-image in three stages (encode, denoise, decode), each loading only its
     own component under a per-device memory budget, and report every stage's peak memory.
-    FLUX.1 Kontext and FLUX.2 (dev, klein 4B/9B) checkpoints run the same way; with --image the
-    VAE encodes the input images in a stage of their own (encode_image) before denoise.
+    FLUX.1 Kontext, FLUX.2 (dev, klein 4B/9B) and FLUX.3 klein (base and step-distilled)
+    checkpoints run the same way; with --image (and --mask, to inpaint) the VAE encodes the input
+    images in a stage of their own (encode_image) before denoise.
 
     Example: flux-sharded --prompt "a photo of a dog" --max-memory 0=16GB,1=16GB
     """
