@@ -388,6 +388,10 @@ def create_app(server: Server) -> FastAPI:
     async def refused(request: Request, error: RequestError) -> JSONResponse:
         return error.response()
 
+    @app.exception_handler(HTTPException)
+    async def not_served(request: Request, error: HTTPException) -> JSONResponse:  # no such path, or method
+        return error_response(f"{request.method} {request.url.path}: {error.detail}", None, error.status_code)
+
     @app.exception_handler(Exception)
     async def failed(request: Request, error: Exception) -> JSONResponse:  # a bug: no traceback to the client
         return error_response(f"the server failed ({type(error).__name__}); its log says more", None, 500)

@@ -313,6 +313,20 @@ def native(url: str, path: str, body: bytes) -> tuple[int, dict]:
         return error.code, json.loads(error.read())
 
 
+@pytest.mark.parametrize("method, path, status, message", [
+    ("GET", "/v1/images/generations", 405, "GET /v1/images/generations: Method Not Allowed"),
+    ("POST", "/v1/images/variations", 404, "POST /v1/images/variations: Not Found"),
+])
+def test_a_path_or_method_not_served_is_openais_error_object(server, method, path, status, message):
+    url, _ = server
+    with pytest.raises(urllib.error.HTTPError) as raised:
+        urllib.request.urlopen(urllib.request.Request(f"{url}{path}", data=b"{}" if method == "POST" else None,
+                                                      method=method), timeout=60)
+    assert raised.value.code == status
+    assert json.loads(raised.value.read()) == {"error": {"message": message, "type": "invalid_request_error",
+                                                         "param": None, "code": None}}
+
+
 @pytest.mark.parametrize("path", ["/v1/flux/generations", "/v1/flux/plan"])
 @pytest.mark.parametrize("body, param, message", [
     ({"prompt": "a dog", "size": SIZE}, "size", "'size' is not a field this server takes"),
