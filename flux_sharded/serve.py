@@ -561,7 +561,7 @@ def _number(text: str):
 @click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False), default=Path("flux-sharded-server"),
               show_default=True, help="Folder for the requests, their run folders and images.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every network).")
-@click.option("--port", type=int, default=DEFAULT_PORT, show_default=True, help="Port; 0 picks a free one.")
+@click.option("--port", type=click.IntRange(0, 65535), default=DEFAULT_PORT, show_default=True, help="Port; 0 picks a free one.")
 @click.option("--max-images", type=click.IntRange(1, 64), default=4, show_default=True, help="Images per request (n).")
 @click.option("--max-batch", type=click.IntRange(1, 1024), default=8, show_default=True,
               help="Images of queued requests that one run makes together.")

@@ -546,6 +546,15 @@ def test_a_killed_server_restarts_on_its_port_while_its_connections_wait_out_tim
     assert again == url
 
 
+def test_a_port_outside_tcps_range_is_one_error_line(tiny_checkpoint, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "flux_sharded", "serve", "--model", str(tiny_checkpoint),
+                             "--port", "70000", "--out", str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=STARTUP_SECONDS)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == "Error: --port: 70000 is not in the range 0<=x<=65535."
+
+
 def test_a_damaged_request_file_stops_the_start_with_one_line(tiny_checkpoint, tmp_path):
     requests = tmp_path / "out" / "requests"
     requests.mkdir(parents=True)
