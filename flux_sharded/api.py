@@ -274,8 +274,8 @@ class Model:
             raise SettingsError("this model is closed; open another with flux_sharded.open_model(...)")
         prompts, seeds = expand(lines, seed, num_images_per_prompt)
         inputs = image_inputs(settings.pop("images", ()))  # read once, before anything is written
-        mask = settings.pop("mask", "")
-        masks = (read_image(str(mask), "--mask"),) if mask else ()
+        mask = settings.pop("mask", None)  # given empty (an unset shell variable): refused, not taken for none
+        masks = (read_image(str(mask), "--mask"),) if mask is not None else ()
         generation = GenerationSettings(model=self.model, prompts=prompts, seeds=seeds, dtype=self.dtype,
                                         quantize=self.quantize, lora=self.lora,
                                         **{**self.defaults(), **self.inpaint_defaults(inputs, masks), **settings,

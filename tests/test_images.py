@@ -263,6 +263,7 @@ def bad_inputs(tmp_path: Path) -> dict[str, Path]:
          "--strength 1e-20 with --steps 4 leaves no denoising step"),
         (["--image", "{good}", "--mask", "{text}"], "--mask '{text}' is not an image PIL can read"),
         (["--mask", "{good}"], "--mask needs the image it paints into: give --image PATH, or leave out --mask"),
+        (["--image", "{good}", "--mask", ""], "--mask: empty; give an image file"),
         (["--image", "{good}", "--mask", "{small}"], "--mask {small}: 40x56 pixels, but the --image {good} is 64x64; "
          "give a mask of the image's size"),
         (["--image", "{good}", "--mask", "{transparent}"], "--mask '{transparent}' has transparent pixels, which the "
