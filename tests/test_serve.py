@@ -121,14 +121,18 @@ def test_concurrent_clients_are_all_answered_with_their_seed(server):
     assert all("images" in record for record in records)  # every accepted request answered and recorded
 
 
-def post(url: str, body: bytes) -> tuple[int, dict]:
-    request = urllib.request.Request(f"{url}/v1/images/generations", data=body,
-                                     headers={"Content-Type": "application/json"})
+def send(url: str, path: str, body: bytes, content_type: str = "application/json") -> tuple[int, dict]:
+    """POST `body` to the server's `path`: (status, the JSON answer), a refusal's included."""
+    request = urllib.request.Request(f"{url}{path}", data=body, headers={"Content-Type": content_type})
     try:
         with urllib.request.urlopen(request, timeout=600) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as error:
         return error.code, json.loads(error.read())
+
+
+def post(url: str, body: bytes) -> tuple[int, dict]:
+    return send(url, "/v1/images/generations", body)
 
 
 def post_until_killed(url: str, body: bytes) -> None:
@@ -243,13 +247,8 @@ def edit(url: str, files: list[tuple[str, bytes]], **fields) -> tuple[int, dict]
              for name, value in {"prompt": "a dog", "size": SIZE, **fields}.items()]
     parts += [f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="in.png"\r\n'
               f'Content-Type: image/png\r\n\r\n'.encode() + data + b"\r\n" for name, data in files]
-    request = urllib.request.Request(f"{url}/v1/images/edits", data=b"".join(parts) + f"--{boundary}--\r\n".encode(),
-                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
-    try:
-        with urllib.request.urlopen(request, timeout=600) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
+    return send(url, "/v1/images/edits", b"".join(parts) + f"--{boundary}--\r\n".encode(),
+                f"multipart/form-data; boundary={boundary}")
 
 
 @pytest.mark.parametrize("files, fields, param, message", [
@@ -304,15 +303,6 @@ def test_the_native_endpoint_streams_each_stage_and_the_command_lines_pixels(ser
             assert metadata == data["metadata"] == dict(image.text)
 
 
-def native(url: str, path: str, body: bytes) -> tuple[int, dict]:
-    request = urllib.request.Request(f"{url}{path}", data=body, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=600) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
-
-
 @pytest.mark.parametrize("method, path, status, message", [
     ("GET", "/v1/images/generations", 405, "GET /v1/images/generations: Method Not Allowed"),
     ("POST", "/v1/images/variations", 404, "POST /v1/images/variations: Not Found"),
@@ -337,7 +327,7 @@ def test_a_path_or_method_not_served_is_openais_error_object(server, method, pat
 def test_the_native_endpoints_refuse_a_bad_field_naming_it(server, path, body, param, message):
     url, queue = server
     before = set((queue.out_dir / "requests").iterdir())
-    code, answer = native(url, path, json.dumps(body).encode())
+    code, answer = send(url, path, json.dumps(body).encode())
     assert (code, answer["error"]["param"]) == (400, param)
     assert message in answer["error"]["message"]
     assert set((queue.out_dir / "requests").iterdir()) == before
@@ -345,13 +335,13 @@ def test_the_native_endpoints_refuse_a_bad_field_naming_it(server, path, body, p
 
 def test_the_plan_endpoint_answers_a_plan_over_the_budget_with_its_refusal(server):
     url, _ = server
-    code, plan = native(url, "/v1/flux/plan", json.dumps({"height": 32, "width": 48, "steps": 2}).encode())
+    code, plan = send(url, "/v1/flux/plan", json.dumps({"height": 32, "width": 48, "steps": 2}).encode())
     assert code == 200 and plan["fits"] and plan["refusal"] is None
     assert [stage["name"] for stage in plan["report"]["stages"]] == ["encode", "denoise", "decode"]
     assert plan["report"]["budget"] == {"cpu": 2 * 10**9}
     for stage in plan["report"]["stages"]:
         assert 0 < stage["weight_bytes"]["cpu"] < stage["planned_bytes"]["cpu"] <= 2 * 10**9
-    code, plan = native(url, "/v1/flux/plan", json.dumps({"height": 65536, "width": 65536}).encode())
+    code, plan = send(url, "/v1/flux/plan", json.dumps({"height": 65536, "width": 65536}).encode())
     assert code == 200 and not plan["fits"]
     assert "--max-memory" in plan["refusal"]
 
