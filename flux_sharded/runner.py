@@ -576,6 +576,8 @@ def _execute(request: RunRequest, log: Callable[[str], None], process: Process,
         checkpoint = resolve_checkpoint(request.checkpoint.model, need_weights=True)
         check_weight_files(checkpoint)
         check_tokenizers(checkpoint.model, checkpoint.path)
+        if "encode" in to_run:
+            family_code(checkpoint.family).check_prompt_lengths(checkpoint, request.settings.prompts)
         fingerprint = weights_fingerprint(checkpoint.path, trust_blob_names=saved_run is None)
         if saved_run is not None:
             check_same_weights(saved_run.weights, fingerprint, checkpoint.model, request.run_folder)

@@ -252,6 +252,24 @@ def test_max_sequence_length_over_flux3s_limit_is_refused_in_one_line(tiny_flux3
     assert not (tmp_path / "out").exists()
 
 
+def test_a_prompt_over_flux3s_limit_is_refused_in_one_line_before_any_weight_is_read(tiny_flux3, tmp_path):
+    """A prompt of more templated tokens than the text_encoder block ever reads (8192) would be cut
+    without a word whatever --max-sequence-length says: refused, naming the image and the count,
+    before run.json (nothing in --out); one at the limit's edge runs (the 142-token LONG above)."""
+    words = "dog " * 8200  # over 8192 tokens with the tiny tokenizer too (one or more per word)
+    out = tmp_path / "out"
+    result = invoke(["--model", str(tiny_flux3), *SIZE, "--prompt", SHORT, "--prompt", words, "--max-sequence-length",
+                     "8192", "--out", str(out)])
+    (line,) = error_lines(result.output)
+    assert result.exit_code == 2, result.output
+    tokens = len(flux3._templated_tokens(pipeline_tokenizer(str(tiny_flux3), tiny_flux3, "tokenizer"), words))
+    assert tokens > 8192
+    assert line == (f"Error: the prompt of image 1 ('{words[:40]}...') is {tokens} tokens once FLUX.3-klein's chat "
+                    "template is applied; its text encoder reads at most 8192 (the rest would be cut without a "
+                    "word): shorten the prompt")
+    assert not list(out.rglob("run.json")) and not list(out.rglob("*.png"))
+
+
 @pytest.mark.parametrize("sizes, encoded", [([(40, 56)], [(64, 64)]), ([(40, 56), (72, 40)], [(48, 32), (32, 64)])])
 def test_reference_images_equal_the_one_piece_blocks_with_them(tiny_flux3, tmp_path, monkeypatch, sizes, encoded):
     """--image (repeatable) is encoded by the vae_encoder block in encode_image and denoised by the

@@ -43,6 +43,10 @@ class FamilyCode(Protocol):
         (image_pipeline's), `rows` (the batch's handoff on the execution device), `arguments` (the
         generators, one per image, and call_arguments'); on_step(step, steps) after each step."""
 
+    def check_prompt_lengths(self, checkpoint: "Checkpoint", prompts) -> None:
+        """Raises SettingsError for a prompt the family's encode would cut without a word beyond the most
+        it reads (families.Family.text_token_limit), before any weight is read; its tokenizers only."""
+
     def encode_batch(self, pipeline, prompts: list[str],
                      settings) -> tuple[dict[str, "torch.Tensor"], dict[str, "torch.Tensor"]]:
         """({name: (len(prompts), ...) rows, one per prompt}, {name: tensor shared by every image}):

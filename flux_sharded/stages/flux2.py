@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from .pipelines import (  # noqa: F401 (the family protocol: the one-piece pipelines')
+    check_prompt_lengths,
     denoise_batch,
     denoise_pipeline,
     encode_pipeline,

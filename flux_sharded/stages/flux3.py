@@ -32,6 +32,7 @@ import logging
 import torch
 
 from ..checkpoint import pipeline_tokenizer
+from ..errors import SettingsError
 from ..families import FAMILIES, MODULAR_PIPELINES, flux3_reference_sizes
 from ..progress import TRUNCATION_PREFIX, quiet_logger
 from .flux2 import (  # noqa: F401 (the family protocol: FLUX.2's loaders read the pipeline's own mixin)
@@ -102,17 +103,46 @@ def encode_batch(pipeline, prompts: list[str], settings) -> tuple[dict[str, torc
 
 def _warn_if_cut(pipeline, prompt: str, max_sequence_length: int, limit: int) -> None:
     """Warn, as FluxPipeline.encode_prompt warns of a cut prompt, where the text_encoder block will cut
-    `prompt`: its tokens once templated (the block's chat template and tokenizer, as
-    Flux3TextEncoderStep._get_qwen3_vl_prompt_embeds counts them) beyond --max-sequence-length, which
-    it truncates to without a word."""
-    text = pipeline.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                  add_generation_prompt=True)
-    tokens = pipeline.tokenizer.tokenizer(text)["input_ids"]
+    `prompt` beyond --max-sequence-length, which it truncates to without a word (a prompt beyond the
+    family's `limit` was refused before the run: check_prompt_lengths)."""
+    tokens = _templated_tokens(pipeline.tokenizer, prompt)
     if len(tokens) > max_sequence_length:
         removed = pipeline.tokenizer.tokenizer.decode(tokens[max_sequence_length:], skip_special_tokens=True)
         more = (f"; --max-sequence-length up to {limit} reads more of its {len(tokens)}"
                 if max_sequence_length < limit else f", FLUX.3's most, of its {len(tokens)}")
         LOGGER.warning(f"{TRUNCATION_PREFIX}--max-sequence-length is {max_sequence_length}{more} tokens: {removed}")
+
+
+def _templated_tokens(processor, prompt: str) -> list[int]:
+    """`prompt`'s token ids once templated, as Flux3TextEncoderStep._get_qwen3_vl_prompt_embeds counts
+    them: the processor's chat template (one user turn, add_generation_prompt) and its tokenizer."""
+    text = processor.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    return processor.tokenizer(text)["input_ids"]
+
+
+def check_prompt_lengths(checkpoint, prompts) -> None:
+    """Raises SettingsError for the first of `prompts` (one per image) longer once templated than the
+    most FLUX.3's text_encoder block reads (families.Family.text_token_limit: its max_sequence_length
+    is at most 8192): the block would cut it without a word. Loads the checkpoint's processor (or
+    its stand-in, checkpoint.pipeline_tokenizer) only."""
+    import transformers
+
+    (folder,) = checkpoint.family.tokenizers
+    processor = (pipeline_tokenizer(checkpoint.model, checkpoint.path, folder)
+                 or transformers.AutoProcessor.from_pretrained(checkpoint.path / folder))
+    limit, seen = checkpoint.family.text_token_limit, set()
+    for position, prompt in enumerate(prompts):
+        if prompt in seen:
+            continue
+        seen.add(prompt)
+        tokens = len(_templated_tokens(processor, prompt))
+        if tokens > limit:
+            shown = prompt if len(prompt) <= 40 else prompt[:40] + "..."
+            raise SettingsError(
+                f"the prompt of image {position} ('{shown}') is {tokens} tokens once {checkpoint.family.name}'s chat "
+                f"template is applied; its text encoder reads at most {limit} (the rest would be cut without a "
+                "word): shorten the prompt")
 
 
 def _tokens(name: str) -> str:

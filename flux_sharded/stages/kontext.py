@@ -23,6 +23,7 @@ from .flux1 import (  # noqa: F401 (the family protocol: FLUX.1's own)
     vae_latents,
 )
 from .pipelines import (  # noqa: F401 (the family protocol: the one-piece pipelines')
+    check_prompt_lengths,
     denoise_batch,
     denoise_pipeline,
     encode_pipeline,

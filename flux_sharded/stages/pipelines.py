@@ -37,6 +37,11 @@ def encode_pipeline(checkpoint, encoders: dict, dtype: torch.dtype):
     return pipeline
 
 
+def check_prompt_lengths(checkpoint, prompts) -> None:
+    """Nothing: a one-piece pipeline cuts a prompt longer than it reads itself, and warns (FluxPipeline
+    of T5's 512 tokens), which the run passes on as a note (progress.TRUNCATION_LOGGERS)."""
+
+
 def denoise_pipeline(checkpoint, transformer):
     """The family's pipeline with this transformer, its scheduler and config (klein's is_distilled), no other model."""
     import diffusers
