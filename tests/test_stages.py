@@ -220,7 +220,7 @@ def test_every_family_has_code_that_provides_the_whole_family_protocol():
     members = [name for name, value in vars(FamilyCode).items() if inspect.isfunction(value) and not name.startswith("_")]
     assert set(members) == {"encode_pipeline", "denoise_pipeline", "vae_pipeline", "denoise_batch", "encode_batch",
                             "vae_latents", "guidance_ignored", "guidance_note", "lora_state_dict", "load_lora",
-                            "input_sizes", "encode_images", "image_pipeline", "call_arguments"}
+                            "input_sizes", "encode_images", "image_pipeline", "call_arguments", "check_prompt_lengths"}
     for family in FAMILIES.values():
         if not family.runs:  # planned only (FLUX.3): no stage calls its code, and a run is refused before
             assert family.code not in CODE
