@@ -106,6 +106,32 @@ def test_the_base_model_guided_with_two_prompts_of_different_windows_equals_the_
         assert_same_pixels(image, reference)
 
 
+def test_two_processes_under_torchrun_equal_the_one_piece_blocks(tiny_flux3_base, tmp_path):
+    """FLUX.3 under torchrun: three prompts of two windows (80, 160, 80 tokens) shared by two
+    processes, contiguous and in order (2 + 1 images), each process encoding only its share's
+    prompts; every image equals the one-piece guided blocks' with its seed (the index over the run)."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"{SHORT}\n{LONG}\na cat\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "flux_sharded",
+         "--model", str(tiny_flux3_base), *SIZE, "--guidance", "4", "--seed", "5", "--prompts-file", str(prompts),
+         "--out", str(out), "--report", str(tmp_path / "report.json")],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [(stage["process"], stage["name"], stage["images"]) for stage in report["stages"]] == [
+        (0, "encode", 2), (0, "denoise", 2), (0, "decode", 2), (1, "encode", 1), (1, "denoise", 1), (1, "decode", 1)]
+    expected = [modular_pixels(tiny_flux3_base, "Flux3ModularPipeline", prompt, [seed], 2, 32, 32, guidance=4.0)[0]
+                for prompt, seed in ((SHORT, 5), (LONG, 6), ("a cat", 7))]
+    for image, reference in zip(_images(out), expected, strict=True):
+        assert_same_pixels(image, reference)
+
+
 def test_the_distilled_model_resumed_after_an_interrupted_denoise_equals_the_one_piece_blocks(tiny_flux3, tmp_path,
                                                                                               monkeypatch):
     """Flux3DistilledModularPipeline, one image per batch: a run interrupted after its first batch keeps
