@@ -90,9 +90,13 @@ def _built_on_meta(config_root: Path, name: str) -> torch.nn.Module:
 
 
 def special_dtypes(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.dtype]:
-    """Parameters that loading keeps in float32 whatever the requested dtype (transformers' rules)."""
+    """Parameters that loading keeps in float32 whatever the requested dtype: a diffusers model's
+    `_keep_in_fp32_modules` at any dtype (ModelMixin.from_pretrained, unquantized or through the
+    torchao and bitsandbytes quantizers, whose use_keep_in_fp32_modules is set; layerwise casting
+    skips them too: FLUX.3's norm_q and norm_k), a transformers model's at float16 only, and its
+    `_keep_in_fp32_modules_strict` at float16 and bfloat16 (transformers' rules)."""
     keep = set()
-    if dtype == torch.float16:
+    if hasattr(model, "enable_layerwise_casting") or dtype == torch.float16:
         keep |= set(getattr(model, "_keep_in_fp32_modules", None) or ())
     if dtype in (torch.float16, torch.bfloat16):
         keep |= set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())

@@ -148,6 +148,13 @@ def nf4_dev(tmp_path_factory) -> Path:
                                        seed=2, text_width=NF4_CPU_TEXT_WIDTH)
 
 
+@pytest.fixture(scope="session")
+def nf4_flux3(tmp_path_factory) -> Path:
+    """tiny_flux3 with a Qwen3-VL that bitsandbytes' 4-bit CPU kernels run on every CPU."""
+    return build_tiny_flux3_checkpoint(tmp_path_factory.mktemp("ckpt") / "nf4-flux3", "FLUX.3-klein", seed=0,
+                                       text_width=NF4_CPU_TEXT_WIDTH)
+
+
 def one_piece_pixels(checkpoint: Path, prompt: str, seed: int, steps: int, height: int, width: int,
                      dtype: torch.dtype = torch.float32, guidance: float = 3.5,
                      max_sequence_length: int = 512, loras: tuple = ()) -> np.ndarray:

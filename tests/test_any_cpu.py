@@ -35,6 +35,7 @@ def _nf4_text_encoder(checkpoint: Path, folder: str, class_name: str) -> torch.n
     ("nf4_checkpoint", "text_encoder_2", "T5EncoderModel"),
     ("nf4_klein", "text_encoder", "Qwen3ForCausalLM"),
     ("nf4_dev", "text_encoder", "Mistral3ForConditionalGeneration"),
+    ("nf4_flux3", "text_encoder", "Qwen3VLForConditionalGeneration"),
 ])
 def test_every_nf4_layer_the_cpu_tests_run_is_one_bitsandbytes_takes_on_avx512_bf16(request, fixture, folder,
                                                                                      class_name):

@@ -240,6 +240,29 @@ def test_a_lora_on_flux3_equals_the_one_piece_blocks_with_it(tiny_flux3, tmp_pat
     assert np.abs(image.astype(int) - plain).max() > 5
 
 
+def test_an_nf4_text_encoder_runs_cut_on_the_cpu_and_equals_the_one_piece_blocks(nf4_flux3, tmp_path):
+    """--quantize text_encoder=nf4: bitsandbytes 0.50 quantizes and multiplies on the CPU; the encode
+    loads Qwen3-VL cut to the layers it stacks, in 4-bit, and equals the one-piece auto blocks with the
+    whole encoder loaded in 4-bit by transformers (BitsAndBytesConfig), which differ from the
+    unquantized blocks' image (so the quantization was applied on both sides)."""
+    pytest.importorskip("bitsandbytes", reason="nf4 needs bitsandbytes: `make test` installs it (the test extra)")
+    out = tmp_path / "out"
+    result = invoke(["--model", str(nf4_flux3), *SIZE, "--seed", "2", "--prompt", SHORT, "--quantize",
+                     "text_encoder=nf4", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    (path,) = out.glob("*.png")
+    assert Image.open(path).text["quantize"] == "text_encoder=nf4"
+    pipeline = modular_pipeline(nf4_flux3, "Flux3DistilledModularPipeline")
+    (plain,) = modular_images(pipeline, SHORT, [2], 2, 32, 32)
+    config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                             bnb_4bit_compute_dtype=torch.float32)
+    pipeline.update_components(text_encoder=transformers.Qwen3VLForConditionalGeneration.from_pretrained(
+        nf4_flux3, subfolder="text_encoder", quantization_config=config, dtype=torch.float32, device_map="cpu"))
+    (expected,) = modular_images(pipeline, SHORT, [2], 2, 32, 32)
+    assert_same_pixels(np.asarray(Image.open(path)), expected)
+    assert np.abs(plain.astype(int) - expected).max() > 0
+
+
 def test_a_prompt_over_max_sequence_length_is_cut_as_the_blocks_cut_it_and_noted_once(tiny_flux3, tmp_path):
     """LONG is 142 tokens once templated; with --max-sequence-length 100 the text_encoder block cuts it
     to a window of 100 (not a multiple of 80) without a word: the staged image equals the one-piece

@@ -130,7 +130,7 @@ def test_an_nf4_flux2_text_encoder_runs_cut_on_the_cpu_and_equals_the_one_piece_
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("method", ["fp8", "int8", "nf4"])
-@pytest.mark.parametrize("fixture", ["tiny_klein", "tiny_dev"])
+@pytest.mark.parametrize("fixture", ["tiny_klein", "tiny_dev", "tiny_flux3"])
 def test_the_planner_counts_a_quantized_cut_text_encoder_exactly(request, fixture, method, dtype):
     """The encode loads the cut encoder (stages/encode.py), quantized as it loads; its stored bytes
     (rotary inverse frequencies kept in float32 included) are the plan's."""
@@ -145,7 +145,7 @@ def test_the_planner_counts_a_quantized_cut_text_encoder_exactly(request, fixtur
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("fixture", ["tiny_klein", "tiny_dev"])
+@pytest.mark.parametrize("fixture", ["tiny_klein", "tiny_dev", "tiny_flux3"])
 def test_the_planner_counts_an_unquantized_cut_text_encoder_exactly(request, fixture, dtype):
     checkpoint = request.getfixturevalue(fixture)
     loaded = _model_class(family_of(checkpoint), "text_encoder").from_pretrained(
@@ -155,17 +155,31 @@ def test_the_planner_counts_an_unquantized_cut_text_encoder_exactly(request, fix
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("method", ["fp8", "int8"])
-@pytest.mark.parametrize("fixture", ["tiny_klein", "tiny_dev"])
+@pytest.mark.parametrize("fixture", ["tiny_klein", "tiny_dev", "tiny_flux3"])
 def test_the_planner_counts_a_quantized_flux2_transformer_exactly(request, fixture, method, dtype):
     import diffusers
 
     checkpoint = request.getfixturevalue(fixture)
-    loaded = from_pretrained(diffusers.Flux2Transformer2DModel, checkpoint, "transformer", method, dtype)
+    model_class = getattr(diffusers, family_of(checkpoint).component("transformer").class_name)
+    loaded = from_pretrained(model_class, checkpoint, "transformer", method, dtype)
     planned = module_sizes(empty_component(checkpoint, "transformer", method, dtype), dtype)[""]
     assert stored_bytes(loaded) == planned < module_sizes(empty_component(checkpoint, "transformer"), dtype)[""]
 
 
-@pytest.mark.parametrize("fixture", ["tiny_klein", "tiny_dev"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fixture", ["tiny_klein", "tiny_dev", "tiny_flux3"])
+def test_the_planner_counts_an_unquantized_transformer_exactly(request, fixture, dtype):
+    """FLUX.3's transformer keeps norm_q and norm_k in float32 at any dtype (diffusers'
+    _keep_in_fp32_modules, unlike transformers' float16-only rule): the plan counts them so."""
+    import diffusers
+
+    checkpoint = request.getfixturevalue(fixture)
+    model_class = getattr(diffusers, family_of(checkpoint).component("transformer").class_name)
+    loaded = model_class.from_pretrained(checkpoint, subfolder="transformer", dtype=dtype)
+    assert stored_bytes(loaded) == module_sizes(empty_component(checkpoint, "transformer"), dtype)[""]
+
+
+@pytest.mark.parametrize("fixture", ["tiny_klein", "tiny_dev", "tiny_flux3"])
 def test_an_nf4_flux2_transformer_is_refused_before_anything_loads_without_a_gpu(request, tmp_path, fixture):
     assert not torch.cuda.is_available()
     checkpoint = request.getfixturevalue(fixture)
