@@ -59,5 +59,10 @@ step "real-shape FLUX.2-klein-4B" python3 -m flux_sharded.tiny /tmp/klein-4b --p
   --dtype bfloat16
 step "klein-4B at 1024 under 0=12GB" python3 -m flux_sharded --model /tmp/klein-4b --prompt "a photo of a dog" \
   --max-memory 0=12GB --out "$OUT/klein-4b" --report "$OUT/klein-4b-0-12GB.json"
+step "real-shape FLUX.3-klein" python3 -m flux_sharded.tiny /tmp/flux3-klein --preset flux3-klein --device cuda \
+  --dtype bfloat16
+step "FLUX.3-klein at 1024 under 0=12GB (1.8 GB of blocks streamed)" python3 -m flux_sharded --model /tmp/flux3-klein \
+  --prompt "a photo of a dog" --max-memory 0=12GB,cpu=32GB --out "$OUT/flux3-klein" \
+  --report "$OUT/flux3-klein-0-12GB.json"
 step "table" bash -c "python3 benchmarks/report_table.py $OUT/*.json | tee $OUT/table.md"
 finish

@@ -13,7 +13,8 @@ trained deterministically, so the same seed writes byte-identical files. Presets
 proportions at about 1.2 GB, for benchmarks),
 and "flux-dev" / "flux-schnell": the real architectures from the configs shipped in this package,
 with random weights (33 GB in bf16: build them on a GPU machine, `--device cuda --dtype bfloat16`);
-"klein-4b" / "klein-9b" likewise build FLUX.2-klein's real shapes (16 GB / 35 GB in bf16). A real
+"klein-4b" / "klein-9b" likewise build FLUX.2-klein's real shapes (16 GB / 35 GB in bf16), and
+"flux3-klein" / "flux3-klein-base" FLUX.3 klein's as the shipped configs reconstruct them (20 GB). A real
 shape is counted on meta first (`real_shape_bytes`) and refused when its device has less free memory.
 
 `--family FLUX.2-klein` / `FLUX.2-dev` (preset tiny only) builds what Flux2KleinPipeline /
@@ -241,7 +242,7 @@ def _t5_tokenizer(corpus: list[str]):
 # FLUX.2-dev (64 GB transformer + 48 GB text encoder in bf16) is left out: no single GPU we borrow
 # builds and saves it in one piece.
 REAL_SHAPES = {"flux-dev": "FLUX.1-dev", "flux-schnell": "FLUX.1-schnell", "klein-4b": "FLUX.2-klein-4B",
-               "klein-9b": "FLUX.2-klein-9B"}
+               "klein-9b": "FLUX.2-klein-9B", "flux3-klein": "FLUX.3-klein", "flux3-klein-base": "FLUX.3-klein-base"}
 
 
 # The narrowest text encoder whose every 4-bit layer bitsandbytes' CPU kernels take on any x86-64
@@ -476,8 +477,7 @@ def build_tiny_flux3_checkpoint(out_dir: str | Path, family: str = "FLUX.3-klein
     block per mode and one single block; the VAE of build_tiny_flux2_checkpoint."""
     import torch
     import transformers
-    from diffusers import FlowMatchEulerDiscreteScheduler, Flux3Transformer2DModel
-    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+    from diffusers import Flux3Transformer2DModel
 
     from .checkpoint import shipped_config_dir
     from .families import FAMILIES, encode_layers, encode_out_layers
@@ -520,17 +520,32 @@ def build_tiny_flux3_checkpoint(out_dir: str | Path, family: str = "FLUX.3-klein
     vae = _tiny_flux2_vae(vae_scale_factor, latent_channels)
     configs = shipped_config_dir(family)
 
-    def write(folder: Path) -> None:
-        text_encoder.save_pretrained(folder / "text_encoder")
-        tokenizer.save_pretrained(folder / "tokenizer")  # with chat_template.jinja, which the processor reads too
-        transformers.Qwen2VLImageProcessorPil(patch_size=4, merge_size=2).save_pretrained(folder / "tokenizer")
-        Qwen3VLVideoProcessor(patch_size=4, merge_size=2).save_pretrained(folder / "tokenizer")
-        transformer.save_pretrained(folder / "transformer")
-        vae.save_pretrained(folder / "vae")
-        FlowMatchEulerDiscreteScheduler.from_pretrained(configs / "scheduler").save_pretrained(folder / "scheduler")
-        shutil.copyfile(configs / "model_index.json", folder / "model_index.json")
+    components = {"text_encoder": text_encoder, "transformer": transformer, "vae": vae}
+    return _save(_Flux3Folder(components, tokenizer, 4, configs), Path(out_dir))
 
-    return _save(write, Path(out_dir))
+
+class _Flux3Folder:
+    """A FLUX.3 checkpoint to write (there is no one-piece pipeline class to save_pretrained): its
+    models (`components`, as a pipeline's), the tokenizer folder of a Qwen3VLProcessor (the
+    tokenizer with its chat template, and image and video preprocessor configs of `patch_size`),
+    and the scheduler and model_index.json of the shipped `configs`. Called with a folder: writes it."""
+
+    def __init__(self, components: dict, tokenizer, patch_size: int, configs: Path):
+        self.components, self.tokenizer, self.patch_size, self.configs = components, tokenizer, patch_size, configs
+
+    def __call__(self, folder: Path) -> None:
+        import transformers
+        from diffusers import FlowMatchEulerDiscreteScheduler
+        from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+        for name, model in self.components.items():
+            model.save_pretrained(folder / name)
+        self.tokenizer.save_pretrained(folder / "tokenizer")  # with chat_template.jinja, which the processor reads too
+        transformers.Qwen2VLImageProcessorPil(patch_size=self.patch_size, merge_size=2).save_pretrained(
+            folder / "tokenizer")
+        Qwen3VLVideoProcessor(patch_size=self.patch_size, merge_size=2).save_pretrained(folder / "tokenizer")
+        FlowMatchEulerDiscreteScheduler.from_pretrained(self.configs / "scheduler").save_pretrained(folder / "scheduler")
+        shutil.copyfile(self.configs / "model_index.json", folder / "model_index.json")
 
 
 def build_real_shape(out_dir: Path, configs: Path, seed: int, device: str, dtype: str) -> Path:
@@ -558,8 +573,10 @@ def real_shape_pipeline(configs: Path, seed: int, device: str, dtype: str):
     family = family_of(configs)
     if family.name == "FLUX.2-klein":
         return _build_real_klein(configs, seed, device, dtype)
+    if family.name in FLUX3_FAMILIES:
+        return _build_real_flux3(configs, seed, device, dtype)
     if family.name != "FLUX.1":
-        raise ValueError(f"{configs}: real shapes are built for FLUX.1 and FLUX.2-klein, not {family.name}")
+        raise ValueError(f"{configs}: real shapes are built for FLUX.1, FLUX.2-klein and FLUX.3, not {family.name}")
     import torch
     import transformers
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
@@ -616,6 +633,33 @@ def _build_real_klein(configs: Path, seed: int, device: str, dtype: str):
         vae=vae, text_encoder=text_encoder, tokenizer=_qwen2_tokenizer(corpus), transformer=transformer,
         is_distilled=distilled,
     )
+
+
+def _build_real_flux3(configs: Path, seed: int, device: str, dtype: str) -> _Flux3Folder:
+    """FLUX.3 klein's architecture as the shipped configs reconstruct it (Qwen3-VL-4B whole, vision
+    tower included, as the hub's text_encoder folder would hold it; the transformer, flow_map as the
+    config says; FLUX.2's VAE), random weights, our small Qwen2 tokenizer (its ids fit Qwen3-VL's
+    vocabulary) with the processor's preprocessor configs at the vision tower's patch size."""
+    import torch
+    import transformers
+    from diffusers import AutoencoderKLFlux2, Flux3Transformer2DModel
+
+    tokenizer = _qwen2_tokenizer(_corpus(seed), QWEN3_VL_TOKENS)
+    config = transformers.AutoConfig.from_pretrained(configs / "text_encoder")
+    torch.manual_seed(seed)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))  # created in the target dtype, on the target device
+    try:
+        with torch.device(device):
+            components = {
+                "text_encoder": transformers.Qwen3VLForConditionalGeneration(config),
+                "transformer": Flux3Transformer2DModel.from_config(
+                    Flux3Transformer2DModel.load_config(configs / "transformer")),
+                "vae": AutoencoderKLFlux2.from_config(AutoencoderKLFlux2.load_config(configs / "vae")),
+            }
+    finally:
+        torch.set_default_dtype(default_dtype)
+    return _Flux3Folder(components, tokenizer, config.vision_config.patch_size, configs)
 
 
 # Written into every checkpoint this module builds: only a folder holding it may be replaced.
@@ -885,8 +929,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.family != "FLUX.1" and args.preset not in REAL_SHAPES:
         if args.preset != "tiny" or args.dtype != "float32" or args.device != "cpu":
             print(f"Error: --family {args.family} builds the tiny preset in float32 on the cpu only (or --preset "
-                  "klein-4b / klein-9b, the real FLUX.2-klein shapes); drop --preset, --dtype and --device",
-                  file=sys.stderr)
+                  "klein-4b / klein-9b / flux3-klein / flux3-klein-base, the real shapes); drop --preset, --dtype "
+                  "and --device", file=sys.stderr)
             return 2
         build = build_tiny_flux3_checkpoint if args.family in FLUX3_FAMILIES else build_tiny_flux2_checkpoint
         path = build(args.out_dir, args.family, args.vae_scale_factor, args.seed)

@@ -81,6 +81,61 @@ def test_a_real_klein_shape_shrunk_saves_what_flux_sharded_loads_and_runs(tmp_pa
     assert len(list((tmp_path / "out").glob("*.png"))) == 1
 
 
+# Parameter counts (tied weights once) from ../shared/flux-configs/README.md's FLUX.3 table.
+@pytest.mark.parametrize("preset, transformer, flow_map", [("flux3-klein", 5_548_681_984, True),
+                                                            ("flux3-klein-base", 5_538_458_368, False)])
+def test_real_flux3_shapes_have_the_counted_parameters(monkeypatch, tmp_path, preset, transformer, flow_map):
+    built = {}
+    monkeypatch.setattr(tiny, "_save", lambda folder, out: built.update(folder.components))
+    tiny.build_tiny_checkpoint(tmp_path / preset, preset=preset, device="meta", dtype="bfloat16")
+    count = lambda name: sum(p.numel() for p in built[name].parameters())  # noqa: E731 (tied: once)
+    assert (count("transformer"), count("text_encoder"), count("vae")) == (transformer, 4_437_815_808, 84_046_115)
+    assert built["transformer"].config.flow_map is flow_map
+    assert all(next(built[name].parameters()).dtype == torch.bfloat16 for name in ("transformer", "text_encoder", "vae"))
+    assert tiny.real_shape_bytes(preset, "bfloat16") > 2 * (transformer + 4_437_815_808)
+    assert torch.get_default_dtype() == torch.float32  # restored
+
+
+def test_a_real_flux3_shape_shrunk_saves_what_flux_sharded_loads_and_runs(tmp_path):
+    """The GPU scripts build FLUX.3 klein's real shape (20 GB); the same code, on a copy of its configs
+    cut down in width and depth (the encode still stacks layer 32), writes a checkpoint with those
+    very configs that runs."""
+    import json
+    import shutil
+
+    from click.testing import CliRunner
+
+    from flux_sharded.checkpoint import shipped_config_dir
+    from flux_sharded.cli import main
+
+    configs = tmp_path / "configs"
+    shutil.copytree(shipped_config_dir("FLUX.3-klein"), configs)
+    path = configs / "text_encoder" / "config.json"
+    config = json.loads(path.read_text())
+    config["text_config"].update(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
+                                 head_dim=16, num_hidden_layers=33, vocab_size=4096,
+                                 rope_parameters={**config["text_config"]["rope_parameters"], "mrope_section": [4, 2, 2]})
+    config["vision_config"].update(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
+                                   deepstack_visual_indexes=[0])
+    path.write_text(json.dumps(config))
+    path = configs / "transformer" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **dict(
+        attention_head_dim=16, axes_dims_rope=[4, 4, 4, 4], num_attention_heads=2, num_layers=1, num_single_layers=1,
+        joint_attention_dim=8 * 32, timestep_channels=32)}))
+    path = configs / "vae" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **dict(block_out_channels=[8, 8, 8, 8],
+                                                                         norm_num_groups=4)}))
+    checkpoint = tiny.build_real_shape(tmp_path / "flux3", configs, seed=0, device="cpu", dtype="float32")
+    saved = json.loads((checkpoint / "transformer" / "config.json").read_text())
+    assert (saved["num_layers"], saved["joint_attention_dim"], saved["flow_map"]) == (1, 256, True)
+    assert resolve_checkpoint(str(checkpoint)).family.name == "FLUX.3-klein"
+    result = CliRunner().invoke(main, ["--model", str(checkpoint), "--prompt", "a dog", "--max-memory", "cpu=2GB",
+                                       "--steps", "1", "--height", "32", "--width", "32", "--dtype", "float32",
+                                       "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "out").glob("*.png"))) == 1
+
+
 def test_tiny_checkpoint_reads_back_as_flux(tiny_checkpoint, tiny_checkpoint_f2):
     assert resolve_checkpoint(str(tiny_checkpoint)).vae_scale_factor == 8
     assert resolve_checkpoint(str(tiny_checkpoint_f2)).size_multiple == 4
