@@ -21,7 +21,8 @@ from pathlib import Path
 
 from .digests import file_digests
 from .errors import CheckpointError, SettingsError
-from .families import FLUX_1, IMAGE_STAGE, PIPELINE_FOLDERS, SCHEDULER, Family, family_of
+from .families import (FLUX_1, IMAGE_STAGE, PIPELINE_FOLDERS, SCHEDULER, Family, family_of,
+                       packed_latent_channels)
 from .safe_read import MAX_CONFIG_BYTES, parse_json, read_regular_file
 from .validate import check_checkpoint_configs, checkpoint_family, pipeline_option, read_config
 
@@ -443,7 +444,7 @@ def expected_tensors(stage: str, settings, checkpoint: Checkpoint) -> dict[str, 
     if stage == "denoise":
         factor = checkpoint.vae_scale_factor
         patches = (settings.height // (2 * factor)) * (settings.width // (2 * factor))
-        shapes["latents"] = (len(settings.prompts), patches, config["in_channels"])
+        shapes["latents"] = (len(settings.prompts), patches, packed_latent_channels(config))
     return shapes
 
 

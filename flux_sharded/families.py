@@ -234,6 +234,13 @@ def _cfg_enabled(guidance: float) -> bool:
 # (stages/flux1.py computes them; a resume checks saved ones); {} for a run without input images.
 
 
+def packed_latent_channels(config: dict) -> int:
+    """The packed latents' width, 4 x the VAE's latent channels (2x2 patches), from the transformer's
+    config as a dict: its out_channels where it sets one (FLUX.1 Fill: 64, whose in_channels, 384,
+    add the packed masked image and mask), else in_channels."""
+    return config.get("out_channels") or config["in_channels"]
+
+
 def _flux1_inputs(config: dict, vae_scale_factor: int, settings) -> dict[str, tuple]:
     if not settings.images:
         return {}
@@ -247,6 +254,23 @@ def _flux1_inputs(config: dict, vae_scale_factor: int, settings) -> dict[str, tu
         GENERATOR_STATES: (images, torch.Generator().get_state().numel()),  # each image's, after sampling
         # inpainting: FluxInpaintPipeline.prepare_mask_latents' packed mask and masked image
         **({"input_mask": packed, "input_masked_latents": packed} if settings.mask else {}),
+    }
+
+
+def _fill_inputs(config: dict, vae_scale_factor: int, settings) -> dict[str, tuple]:
+    if not settings.images:
+        return {}
+    import torch
+
+    images, factor, width = len(settings.prompts), vae_scale_factor, packed_latent_channels(config)
+    tokens = activations.image_tokens(settings.height, settings.width, factor)
+    return {
+        # the input image encoded at the run's size, sampled (FluxFillPipeline.prepare_latents)
+        "input_latents": (images, width // 4, settings.height // factor, settings.width // factor),
+        GENERATOR_STATES: (images, torch.Generator().get_state().numel()),  # each image's, after sampling
+        # prepare_mask_latents' packed mask (each latent pixel's f x f mask pixels) and masked image
+        "input_mask": (images, tokens, 4 * factor * factor),
+        "input_masked_latents": (images, tokens, width),
     }
 
 
@@ -329,13 +353,24 @@ def _check_flux1_configs(fields: Fields, family: Family, transformer_name: str, 
     clip_name, t5_name = encoders
     transformer = fields(transformer_name)
     in_channels, joint = _check_transformer(transformer, rope_axes=3)
-    if in_channels % 4:
-        transformer.fail(f"is {in_channels}, not a multiple of 4 (2x2 latent packing)", "in_channels")
+    latents = transformer.integer("out_channels", 4, MAX_WIDTH, optional=True) or in_channels
+    if latents % 4:
+        transformer.fail(f"is {latents}, not a multiple of 4 (2x2 latent packing)",
+                         "out_channels" if latents != in_channels else "in_channels")
     transformer.integer("patch_size", 1, 1, optional=True)
     pooled = transformer.integer("pooled_projection_dim", 1, MAX_WIDTH)
 
     vae = fields(vae_name)
-    _check_vae(vae, in_channels)
+    _check_vae(vae, latents)
+    # FluxFillPipeline concatenates the latents, the masked image (as wide) and the mask (4 x f^2, each
+    # latent pixel's f x f mask pixels, f the VAE's scale factor); the other pipelines the latents alone.
+    factor = 2 ** (len(vae.data["block_out_channels"]) - 1)
+    taken = 2 * latents + 4 * factor * factor if family.needs_mask else latents
+    if in_channels != taken:
+        what = (f"{family.pipeline} hands it {taken} channels (the latents and the masked image, {latents} each, and "
+                f"the mask, 4 x {factor}^2 for the VAE's scale factor {factor})" if family.needs_mask
+                else f"{family.pipeline} hands it the latents alone ({latents} channels, out_channels)")
+        transformer.fail(f"is {in_channels}, but {what}", "in_channels")
     if not vae.number("scaling_factor") > 0:  # decode divides the latents by it: 0 gave black images
         vae.fail(f"is {vae.data['scaling_factor']}, not a positive number (decode divides the latents by it)",
                  "scaling_factor")
@@ -548,6 +583,8 @@ class Family:
     # Its __call__'s default strength, an inpainting run's where --strength is not given
     # (tests/test_images.py reads them from the installed diffusers).
     inpaint_strength: float | None = None
+    # Whether every run inpaints (an --image and a --mask): FLUX.1 Fill's transformer takes a mask at every step.
+    needs_mask: bool = False
     # Whether the pipeline takes a negative prompt with true classifier-free guidance (true_cfg_scale).
     true_cfg: bool = False
     # The smallest side and the most elongated aspect ratio of an input image the image pipeline takes
@@ -634,6 +671,25 @@ FLUX_1_KONTEXT = dataclasses.replace(
     strength=False,
     inpaint_pipeline=None,
     inputs_encoded=_kontext_inputs,
+)
+# FLUX.1 Fill (FluxFillPipeline, black-forest-labs/FLUX.1-Fill-dev): FLUX.1 with a transformer that
+# also takes the masked image and the mask; it only inpaints (every run an --image and a --mask).
+# Defaults are FluxFillPipeline.__call__'s: 50 steps, guidance 30, strength 1.
+FLUX_1_FILL = dataclasses.replace(
+    FLUX_1,
+    name="FLUX.1-Fill",
+    pipeline="FluxFillPipeline",
+    steps=50,
+    guidance=30.0,
+    code="fill",
+    image_pipeline="FluxFillPipeline",
+    max_images=1,
+    strength=False,  # a strength with the mask only: inpainting
+    inpaint_pipeline="FluxFillPipeline",
+    inpaint_strength=1.0,
+    needs_mask=True,
+    true_cfg=False,  # FluxFillPipeline has no negative prompt
+    inputs_encoded=_fill_inputs,
 )
 FLUX_2_DEV = Family(
     name="FLUX.2-dev",
@@ -741,8 +797,8 @@ FLUX_3_KLEIN_BASE = dataclasses.replace(
     guides=_cfg_enabled,
     guided=True,
 )
-FAMILIES = {family.pipeline: family for family in (FLUX_1, FLUX_1_KONTEXT, FLUX_2_DEV, FLUX_2_KLEIN, FLUX_3_KLEIN,
-                                                   FLUX_3_KLEIN_BASE)}
+FAMILIES = {family.pipeline: family for family in (FLUX_1, FLUX_1_KONTEXT, FLUX_1_FILL, FLUX_2_DEV, FLUX_2_KLEIN,
+                                                   FLUX_3_KLEIN, FLUX_3_KLEIN_BASE)}
 # Every folder any family's pipeline reads (what a hub download fetches, what the weights' fingerprint covers).
 PIPELINE_FOLDERS = tuple(sorted({folder for family in FAMILIES.values() for folder in family.folders}))
 

@@ -182,6 +182,9 @@ def check_image_settings(settings: GenerationSettings, family, vae_scale_factor:
     """--image, --mask and --strength against the family's image and inpainting pipelines
     (families.Family.image_pipeline, inpaint_pipeline)."""
     takers = ", ".join(sorted({f.name for f in FAMILIES.values() if f.max_images and f.runs}))
+    if family.needs_mask and not (settings.images and settings.mask):
+        raise SettingsError(f"{family.name} ({family.pipeline}) only inpaints: it redraws the white part of a --mask "
+                            "over an --image; give --image PATH and --mask PATH (of the image's size)")
     if settings.images and not family.max_images:
         raise SettingsError(f"--image: {family.name} ({family.pipeline}) takes no input image here; leave out "
                             f"--image, or use a checkpoint that takes one ({takers})")

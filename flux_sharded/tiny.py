@@ -1,6 +1,6 @@
 """Build a complete small random FLUX checkpoint offline, in the diffusers folder layout.
 
-    python -m flux_sharded.tiny DIR [--family FLUX.1|FLUX.2-klein|FLUX.2-dev|FLUX.3-klein|FLUX.3-klein-base]
+    python -m flux_sharded.tiny DIR [--family FLUX.1|FLUX.1-Fill|FLUX.2-klein|FLUX.2-dev|FLUX.3-klein|FLUX.3-klein-base]
                                 [--preset tiny|small|mini]
                                 [--vae-scale-factor 8] [--seed 0]
 
@@ -255,18 +255,22 @@ NF4_CPU_TEXT_WIDTH = 64
 
 
 def build_tiny_checkpoint(out_dir: str | Path, vae_scale_factor: int = 8, seed: int = 0, preset: str = "tiny",
-                          device: str = "cpu", dtype: str = "float32", text_width: int | None = None) -> Path:
+                          device: str = "cpu", dtype: str = "float32", text_width: int | None = None,
+                          fill: bool = False) -> Path:
     """Write the checkpoint to `out_dir` (atomically: built beside it, then renamed) and return it.
 
     text_width: T5's d_model instead of the preset's (the transformer's joint_attention_dim with it;
     heads of 32, a feed-forward twice as wide), e.g. NF4_CPU_TEXT_WIDTH for a T5 that bitsandbytes'
-    4-bit CPU kernels run on every CPU."""
+    4-bit CPU kernels run on every CPU. fill: a FLUX.1 Fill checkpoint (FluxFillPipeline), whose
+    transformer also takes the packed masked image and mask (in_channels 2 x 4C + 4 f^2, out_channels
+    4C, as FLUX.1-Fill-dev's 384 and 64)."""
     if preset in REAL_SHAPES:
         from .checkpoint import shipped_config_dir
 
         return build_real_shape(Path(out_dir), shipped_config_dir(REAL_SHAPES[preset]), seed, device, dtype)
     import torch
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxFillPipeline, FluxPipeline,
+                           FluxTransformer2DModel)
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     from .checkpoint import shipped_config_dir
@@ -319,9 +323,11 @@ def build_tiny_checkpoint(out_dir: str | Path, vae_scale_factor: int = 8, seed: 
     # FLUX.1 splits the rotary dimensions of a 128-wide head as 16 + 56 + 56.
     rope_first = shape.head_dim // 8 if shape.head_dim >= 64 else shape.head_dim // 4
     rope_rest = (shape.head_dim - rope_first) // 2
+    packed = 4 * shape.latent_channels
     transformer = FluxTransformer2DModel(
         patch_size=1,
-        in_channels=4 * shape.latent_channels,
+        in_channels=2 * packed + 4 * vae_scale_factor**2 if fill else packed,
+        out_channels=packed if fill else None,
         num_layers=shape.double_blocks,
         num_single_layers=shape.single_blocks,
         attention_head_dim=shape.head_dim,
@@ -347,7 +353,7 @@ def build_tiny_checkpoint(out_dir: str | Path, vae_scale_factor: int = 8, seed: 
         shift_factor=0.1159,
     )
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(shipped_config_dir("FLUX.1-dev") / "scheduler")
-    pipeline = FluxPipeline(
+    pipeline = (FluxFillPipeline if fill else FluxPipeline)(
         scheduler=scheduler,
         vae=vae,
         text_encoder=text_encoder,
@@ -885,8 +891,9 @@ def _memory_shortage(preset: str, device: str, dtype: str) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flux_sharded.tiny", description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", help="folder to write (a new or empty one, or a checkpoint built here earlier)")
-    parser.add_argument("--family", choices=["FLUX.1", *FLUX2_FAMILIES, *FLUX3_FAMILIES], default="FLUX.1",
-                        help="pipeline to build (default: FLUX.1); FLUX.2 and FLUX.3 families take preset tiny only")
+    parser.add_argument("--family", choices=["FLUX.1", "FLUX.1-Fill", *FLUX2_FAMILIES, *FLUX3_FAMILIES],
+                        default="FLUX.1", help="pipeline to build (default: FLUX.1; FLUX.1-Fill: FluxFillPipeline's "
+                        "inpainting checkpoint); FLUX.2 and FLUX.3 families take preset tiny only")
     parser.add_argument("--vae-scale-factor", type=int, default=8, help="VAE downsampling: 1, 2, 4, 8, ...")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and tokenizer corpus")
     parser.add_argument("--preset", choices=sorted([*PRESETS, *REAL_SHAPES]), default="tiny",
@@ -926,7 +933,7 @@ def main(argv: list[str] | None = None) -> int:
         if short:
             print(f"Error: {short}", file=sys.stderr)
             return 2
-    if args.family != "FLUX.1" and args.preset not in REAL_SHAPES:
+    if args.family not in ("FLUX.1", "FLUX.1-Fill") and args.preset not in REAL_SHAPES:
         if args.preset != "tiny" or args.dtype != "float32" or args.device != "cpu":
             print(f"Error: --family {args.family} builds the tiny preset in float32 on the cpu only (or --preset "
                   "klein-4b / klein-9b / flux3-klein / flux3-klein-base, the real shapes); drop --preset, --dtype "
@@ -936,7 +943,7 @@ def main(argv: list[str] | None = None) -> int:
         path = build(args.out_dir, args.family, args.vae_scale_factor, args.seed)
     else:
         path = build_tiny_checkpoint(args.out_dir, args.vae_scale_factor, args.seed, args.preset, args.device,
-                                     args.dtype)
+                                     args.dtype, fill=args.family == "FLUX.1-Fill")
     print(f"{'real-shape' if args.preset in REAL_SHAPES else 'tiny'} {args.family} checkpoint written to {path}")
     return 0
 

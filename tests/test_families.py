@@ -78,7 +78,7 @@ def test_a_misspelt_flux2_hub_id_names_the_near_match(tmp_path, monkeypatch, typ
     assert f"did you mean {meant}?" in line
 
 
-@pytest.mark.parametrize("class_name", ['"StableDiffusionPipeline"', '"FluxFillPipeline"', "null"])
+@pytest.mark.parametrize("class_name", ['"StableDiffusionPipeline"', '"FluxControlPipeline"', "null"])
 def test_an_unsupported_pipeline_is_refused_naming_the_supported_ones(tiny_checkpoint, tmp_path, class_name):
     other = tmp_path / "other"
     shutil.copytree(tiny_checkpoint, other)

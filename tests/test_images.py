@@ -719,7 +719,7 @@ def test_a_mask_without_inpainting_or_at_another_size_than_klein_paints_is_refus
     result = invoke(["--model", str(tiny_kontext), *base])
     assert result.exit_code == 2
     assert error_line(result) == ("Error: --mask: FLUX.1-Kontext (FluxKontextPipeline) does no inpainting here; leave "
-                                  "out --mask, or use a checkpoint that does (FLUX.1 (FluxInpaintPipeline), "
+                                  "out --mask, or use a checkpoint that does (FLUX.1 (FluxInpaintPipeline), FLUX.1-Fill (FluxFillPipeline), "
                                   "FLUX.2-klein (Flux2KleinInpaintPipeline))")
     result = invoke(["--model", str(tiny_klein), *base, "--image", str(image_path), "--image", str(image_path)])
     assert result.exit_code == 2
@@ -763,3 +763,124 @@ def test_dry_run_of_an_inpainting_run_plans_its_vae_encodes(tmp_path):
         assert report["mask"]["sha256"] == hashlib.sha256(mask_path.read_bytes()).hexdigest()
     references, _, _ = plan("FLUX.2-klein-4B", "--height", "592", "--width", "800")
     assert stages["denoise"]["planned_bytes"] == references["denoise"]["planned_bytes"]
+
+
+# ---------------------------------------------------------------- FLUX.1 Fill (FluxFillPipeline)
+
+@pytest.fixture(scope="module")
+def tiny_fill(tmp_path_factory) -> Path:
+    """A tiny FLUX.1 Fill checkpoint: FluxFillPipeline's model_index.json, a transformer of in_channels
+    2 x 16 + 4 x 8^2 = 288 (the latents, the masked image, the mask) and out_channels 16."""
+    from flux_sharded.tiny import build_tiny_checkpoint
+
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "fill", fill=True)
+
+
+def one_piece_fill(checkpoint: Path, image_path: Path, mask_path: Path, seeds: list[int], **arguments) -> list:
+    """diffusers' FluxFillPipeline, whole, on the CPU, at its own defaults but the steps and size."""
+    import diffusers
+    from diffusers.utils import load_image
+
+    pipeline = diffusers.FluxFillPipeline.from_pretrained(checkpoint, dtype=torch.float32)
+    pipeline.set_progress_bar_config(disable=True)
+    images = pipeline(prompt="a photo of a dog", image=load_image(str(image_path)),
+                      mask_image=load_image(str(mask_path)), height=32, width=48, num_inference_steps=3,
+                      num_images_per_prompt=len(seeds),
+                      generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds], **arguments).images
+    return [np.asarray(image) for image in images]
+
+
+def fill_args(checkpoint: Path, image_path: Path, mask_path: Path, out: Path, *extra) -> list[str]:
+    return ["--model", str(checkpoint), "--prompt", "a photo of a dog", "--image", str(image_path), "--mask",
+            str(mask_path), "--steps", "3", "--seed", str(SEED), "--height", "32", "--width", "48", "--dtype",
+            "float32", "--max-memory", "cpu=4GB", "--out", str(out), *extra]
+
+
+@pytest.mark.parametrize("extra, arguments", [
+    (["--num-images-per-prompt", "2", "--batch-size", "2"], {}),  # its defaults: guidance 30, strength 1
+    (["--strength", "0.7", "--guidance", "12"], {"strength": 0.7, "guidance_scale": 12.0}),
+])
+def test_staged_fill_png_equals_the_one_piece_pipeline(tiny_fill, tmp_path, extra, arguments):
+    """FluxFillPipeline samples the image, then draws the noise, then samples the masked image, all
+    from the batch's first generator: a batch of two, and one image at another strength and guidance,
+    equal the one-piece pipeline's, which differ from the image without the mask's help (a mask
+    covering everything)."""
+    image_path, mask_path = photo(tmp_path / "in.png", (40, 56)), mask(tmp_path / "mask.png", (40, 56))
+    result = invoke(fill_args(tiny_fill, image_path, mask_path, tmp_path / "out", *extra, "--report",
+                              str(tmp_path / "r.json")))
+    assert result.exit_code == 0, result.output
+    seeds = [SEED, SEED + 1] if "--batch-size" in extra else [SEED]
+    expected = one_piece_fill(tiny_fill, image_path, mask_path, seeds, **arguments)
+    staged = [np.asarray(Image.open(path)) for path in written(tmp_path / "out")]
+    assert len(staged) == len(expected)
+    for image, reference in zip(staged, expected):
+        assert_same_pixels(image, reference)
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert [stage["name"] for stage in report["stages"]] == ["encode", "encode_image", "denoise", "decode"]
+    Image.new("L", (40, 56), 255).save(mask_path)
+    (everything,) = one_piece_fill(tiny_fill, image_path, mask_path, seeds[:1], **arguments)
+    assert np.abs(everything.astype(int) - staged[0]).max() > 0
+
+
+def test_fills_defaults_are_its_pipelines(tiny_fill, tmp_path):
+    import diffusers
+
+    from flux_sharded.api import Model
+    from flux_sharded.families import FLUX_1_FILL
+    from flux_sharded.prompts import PromptLine
+
+    call = inspect.signature(diffusers.FluxFillPipeline.__call__).parameters
+    assert (FLUX_1_FILL.steps, FLUX_1_FILL.guidance, FLUX_1_FILL.inpaint_strength) == (
+        call["num_inference_steps"].default, call["guidance_scale"].default, call["strength"].default)
+    image_path, mask_path = photo(tmp_path / "in.png", (40, 56)), mask(tmp_path / "mask.png", (40, 56))
+    settings = Model(str(tiny_fill), max_memory="cpu=2GB").request(
+        [PromptLine("a dog")], 0, 1, tmp_path, images=(str(image_path),), mask=str(mask_path)).settings
+    assert (settings.steps, settings.guidance, settings.strength) == (50, 30.0, 1.0)
+
+
+def test_resume_of_a_fill_run_after_encode_image_needs_neither_file(tiny_fill, tmp_path, monkeypatch):
+    """Stopped in denoise: the kept encode (the image latents, the generators' states after the image's
+    sample, the packed mask and masked image) gives the one-piece pipeline's PNG without the files."""
+    image_path, mask_path = photo(tmp_path / "in.png", (40, 56)), mask(tmp_path / "mask.png", (40, 56))
+    out = tmp_path / "out"
+    stage = next(stage for stage in STAGES if stage.NAME == "denoise")
+    with monkeypatch.context() as patch:
+        patch.setattr(stage, "run", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("stopped for the test")))
+        failed = invoke(fill_args(tiny_fill, image_path, mask_path, out))
+    assert failed.exit_code == 1 and "denoise failed" in error_line(failed)
+    (expected,) = one_piece_fill(tiny_fill, image_path, mask_path, [SEED])
+    image_path.unlink()
+    mask_path.unlink()
+    (run_dir,) = (out / ".flux-sharded").glob("run-*")
+    resumed = invoke(["--resume", str(run_dir)])
+    assert resumed.exit_code == 0, resumed.output
+    assert_same_pixels(np.asarray(Image.open(written(out)[0])), expected)
+
+
+def test_fill_without_a_mask_or_with_true_cfg_is_refused_in_one_line(tiny_fill, tmp_path):
+    image_path, mask_path = photo(tmp_path / "in.png", (40, 56)), mask(tmp_path / "mask.png", (40, 56))
+    out = tmp_path / "out"
+    needs = ("Error: FLUX.1-Fill (FluxFillPipeline) only inpaints: it redraws the white part of a --mask over an "
+             "--image; give --image PATH and --mask PATH (of the image's size)")
+    for args in (["--prompt", "a dog"], ["--prompt", "a dog", "--image", str(image_path)]):
+        result = invoke(["--model", str(tiny_fill), *args, "--max-memory", "cpu=2GB", "--out", str(out)])
+        assert result.exit_code == 2 and error_line(result) == needs
+    result = invoke(fill_args(tiny_fill, image_path, mask_path, out, "--true-cfg", "3", "--negative-prompt", "x"))
+    assert result.exit_code == 2
+    assert error_line(result).startswith("Error: --true-cfg 3: FLUX.1-Fill's FluxFillPipeline takes no negative prompt")
+    assert not out.exists()
+
+
+def test_a_fill_transformer_that_does_not_take_the_mask_is_refused_before_any_weight(tiny_fill, tmp_path):
+    import shutil
+
+    folder = tmp_path / "fill"
+    shutil.copytree(tiny_fill, folder)
+    config_file = folder / "transformer" / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "in_channels": 32}))
+    result = invoke(["--model", str(folder), "--prompt", "a dog", "--max-memory", "cpu=2GB", "--dry-run"])
+    assert result.exit_code == 2
+    assert error_line(result) == (
+        f"Error: --model: '{folder}': transformer/config.json field 'in_channels' is 32, but FluxFillPipeline hands it "
+        "288 channels (the latents and the masked image, 16 each, and the mask, 4 x 8^2 for the VAE's scale factor "
+        "8); the checkpoint is damaged or not FLUX.1-Fill: fetch that file again or give another --model")

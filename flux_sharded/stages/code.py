@@ -2,7 +2,8 @@
 
 What differs between the families' pipelines once their components are loaded: what encode keeps
 of encode_prompt, what decode gives vae.decode, and why a checkpoint ignores --guidance. One module
-per family implements it (flux1.py: FluxPipeline; kontext.py: FluxKontextPipeline; flux2.py:
+per family implements it (flux1.py: FluxPipeline; kontext.py: FluxKontextPipeline; fill.py:
+FluxFillPipeline; flux2.py:
 Flux2Pipeline and Flux2KleinPipeline, all three with pipelines.py's stage pipelines; flux3.py: FLUX.3's
 modular pipelines),
 and CODE maps each family's `code` (families.Family.code) to it; tests/test_stages.py checks that
@@ -14,7 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 from ..families import FAMILIES, Family
-from . import flux1, flux2, flux3, kontext
+from . import fill, flux1, flux2, flux3, kontext
 
 if TYPE_CHECKING:
     import torch
@@ -91,7 +92,7 @@ class FamilyCode(Protocol):
         every call (Kontext: max_area)."""
 
 
-CODE: dict[str, FamilyCode] = {"flux1": flux1, "flux2": flux2, "flux3": flux3, "kontext": kontext}
+CODE: dict[str, FamilyCode] = {"fill": fill, "flux1": flux1, "flux2": flux2, "flux3": flux3, "kontext": kontext}
 
 
 def family_code(family: Family) -> FamilyCode:
