@@ -34,6 +34,8 @@ class Geometry(Protocol):
     max_sequence_length: int
     vae_scale_factor: int
     input_sizes: tuple[tuple[int, int], ...]  # (height, width) of each input image as the VAE encodes it
+    upsample_prompt_tokens: int  # the most tokens the prompt upsampler's request takes (families.upsample_prompt_tokens)
+    upsample_max_tokens: int  # the most tokens it generates (--upsample-max-tokens)
 
 
 def _with_margin(nbytes: float) -> int:
@@ -254,3 +256,52 @@ def adapter_activation_bytes(shapes: list[tuple[str, list[tuple[int, ...]]]], to
             out, rank = max(shape[0] for shape in matrices), max(min(shape) for shape in matrices)
             largest = max(largest, (rank + 2 * out) * tokens)
     return _with_margin(largest * dtype_bytes) if largest else 0
+
+
+# The chunk of transformers' gated-delta-rule kernels (torch_chunk_gated_delta_rule's and
+# flash-linear-attention's default): the linear-attention layers' prefill holds chunk x chunk scores.
+LINEAR_ATTENTION_CHUNK = 64
+
+
+def upsampler_generation_bytes(text_config: dict, prompt_tokens: int, new_tokens: int, dtype_bytes: int) -> int:
+    """FLUX.3's prompt upsampler (a Qwen3.5 decoder: gated-delta-net linear-attention layers and, every
+    few layers, full-attention ones; its config's layer_types) generating up to `new_tokens` tokens
+    greedily after a prompt of `prompt_tokens` (generate with its cache, one request at a time). An
+    estimate, with the margin.
+
+    - The cache at its fullest (prompt + new tokens): each full-attention layer's keys and values
+      (2 x num_key_value_heads x head_dim per token, in the dtype); each linear-attention layer's
+      recurrent state (value heads x key head dim x value head dim) in float32 and its convolution
+      state (the conv width x kernel), whatever the length.
+    - On top, the largest phase of the prefill over the prompt's P tokens: the gated MLP (3 x P x
+      intermediate_size + 4 P x D, as decoder_text_encoder_activation_bytes counts it), a
+      full-attention layer's scores (2 x heads x P^2, as an eager kernel holds them), or a
+      linear-attention layer: its projections (P x (conv width + value width) in the dtype, twice:
+      before and after the convolution), the kernel's float32 copies of queries, keys and values
+      (5: cast, repeated over the value heads, padded, scaled, beta-weighted) and its chunk x chunk
+      matrices per value head (4: scores, mask, decay, solve).
+    - The last position's logits in float32 (vocab_size), twice (the logits and the greedy choice's).
+    The hidden states are not kept (no output_hidden_states). Checked with memory.TensorBytesTracker
+    on random small Qwen3.5 models on the CPU (tests/test_upsample.py); the real model's kernels
+    (flash-linear-attention, flash attention) hold less than the reference ones counted here.
+    """
+    width, layers = text_config["hidden_size"], text_config["num_hidden_layers"]
+    types = text_config.get("layer_types") or ["full_attention"] * layers
+    full, linear = types.count("full_attention"), types.count("linear_attention")
+    heads, kv_heads = text_config["num_attention_heads"], text_config["num_key_value_heads"]
+    head_dim = text_config.get("head_dim") or width // heads
+    key_heads, value_heads = text_config.get("linear_num_key_heads", 0), text_config.get("linear_num_value_heads", 0)
+    key_dim, value_dim = text_config.get("linear_key_head_dim", 0), text_config.get("linear_value_head_dim", 0)
+    kernel = text_config.get("linear_conv_kernel_dim", 0)
+    conv_width = 2 * key_heads * key_dim + value_heads * value_dim
+    tokens = prompt_tokens + new_tokens
+    cache = (full * 2 * kv_heads * head_dim * tokens * dtype_bytes
+             + linear * (value_heads * key_dim * value_dim * 4 + conv_width * kernel * dtype_bytes))
+    prompt = prompt_tokens
+    mlp = prompt * (3 * text_config["intermediate_size"] + 4 * width) * dtype_bytes
+    attention = (2 * heads * prompt**2 + 4 * prompt * width) * dtype_bytes if full else 0
+    linear_phase = (prompt * 2 * (conv_width + value_heads * value_dim) * dtype_bytes
+                    + prompt * value_heads * (5 * (2 * key_dim + value_dim) + 4 * LINEAR_ATTENTION_CHUNK) * 4
+                    if linear else 0)
+    logits = 2 * text_config["vocab_size"] * 4
+    return _with_margin(cache + max(mlp, attention, linear_phase) + logits)

@@ -276,6 +276,8 @@ class Model:
         inputs = image_inputs(settings.pop("images", ()))  # read once, before anything is written
         mask = settings.pop("mask", None)  # given empty (an unset shell variable): refused, not taken for none
         masks = (read_image(str(mask), "--mask"),) if mask is not None else ()
+        if settings.get("upsample_prompt"):  # recorded as --model is: a local folder by its absolute path
+            settings["upsample_prompt"] = model_reference(settings["upsample_prompt"])
         generation = GenerationSettings(model=self.model, prompts=prompts, seeds=seeds, dtype=self.dtype,
                                         quantize=self.quantize, lora=self.lora,
                                         **{**self.defaults(), **self.inpaint_defaults(inputs, masks), **settings,

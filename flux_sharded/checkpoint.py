@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .digests import file_digests
 from .errors import CheckpointError, SettingsError
-from .families import (FLUX_1, IMAGE_STAGE, PIPELINE_FOLDERS, SCHEDULER, Family, family_of,
+from .families import (FLUX_1, IMAGE_STAGE, PIPELINE_FOLDERS, SCHEDULER, UPSAMPLE_STAGE, Family, family_of,
                        packed_latent_channels)
 from .safe_read import MAX_CONFIG_BYTES, parse_json, read_regular_file
 from .validate import check_checkpoint_configs, checkpoint_family, pipeline_option, read_config
@@ -154,7 +154,7 @@ def _cached_configs(repo_id: str) -> Path | None:
     return folder if all((folder / file).is_file() for file in required_files(family).values()) else None
 
 
-def _download(repo_id: str, patterns: list[str]) -> Path:
+def _download(repo_id: str, patterns: list[str], option: str = "--model") -> Path:
     """Fetch `patterns` of `repo_id`; the hub's errors become one message each: a gated repository,
     one that does not exist, and a hub that cannot be reached are three different fixes."""
     from huggingface_hub import snapshot_download
@@ -164,13 +164,13 @@ def _download(repo_id: str, patterns: list[str]) -> Path:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except GatedRepoError:
         raise CheckpointError(
-            f"--model: '{repo_id}' is gated on the Hugging Face hub: accept its license at "
+            f"{option}: '{repo_id}' is gated on the Hugging Face hub: accept its license at "
             f"https://huggingface.co/{repo_id} and log in with `hf auth login` (flux-sharded then fetches only "
             "the pipeline's folders itself)"
         ) from None
     except RepositoryNotFoundError:
         raise CheckpointError(
-            f"--model: '{repo_id}' is not a model on the Hugging Face hub (or is private and you are not logged "
+            f"{option}: '{repo_id}' is not a model on the Hugging Face hub (or is private and you are not logged "
             f"in); {_known_models(repo_id)}"
         ) from None
     except Exception as error:  # no connection, HF_HUB_OFFLINE, a proxy, a server error: the hub is not reachable
@@ -183,7 +183,7 @@ def _download(repo_id: str, patterns: list[str]) -> Path:
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             fix = "check the connection and try again"
         raise CheckpointError(
-            f"--model: '{repo_id}' is not a local folder and the Hugging Face hub could not be reached ({reason}); "
+            f"{option}: '{repo_id}' is not a local folder and the Hugging Face hub could not be reached ({reason}); "
             f"{fix}, or give a local diffusers folder; {_known_models(repo_id)}"
         ) from None
 
@@ -436,6 +436,8 @@ def expected_tensors(stage: str, settings, checkpoint: Checkpoint) -> dict[str, 
     """Name -> shape of every tensor a stage checkpoint holds, from the settings and the checkpoint's
     configs: the embeddings its family's encode keeps (families.Family.encoded), the encoded input
     images (families.Family.inputs_encoded, from encode_image on), then the packed latents."""
+    if stage == UPSAMPLE_STAGE:  # its rewritten prompts are texts (the handoff's JSON), no tensor
+        return {}
     config = checkpoint.transformer_config
     shapes = checkpoint.family.encoded(config, len(settings.prompts), settings.max_sequence_length,
                                        checkpoint.second_pass(settings))
@@ -539,12 +541,19 @@ def pipeline_tokenizer(model: str, path: Path, folder: str):
     try:
         getattr(transformers, class_name).from_pretrained(path / folder)
     except (ImportError, AttributeError):
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path / folder)
-        # chat_template.jinja (or the older chat_template.json), as every processor reads it (the
-        # base class's: PixtralProcessor's own raises for want of torchvision)
-        template = transformers.ProcessorMixin.get_processor_dict(str(path / folder))[0].get("chat_template")
-        return TextProcessor(tokenizer, template or tokenizer.chat_template)
+        return text_processor(path / folder)
     return None
+
+
+def text_processor(folder: Path) -> "TextProcessor":
+    """The TextProcessor of the processor folder `folder`: the tokenizer inside it and the processor's
+    chat template (chat_template.jinja, or the older chat_template.json, as every processor reads it:
+    the base class's, since PixtralProcessor's and Qwen3VLProcessor's own raise for want of torchvision)."""
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    template = transformers.ProcessorMixin.get_processor_dict(str(folder))[0].get("chat_template")
+    return TextProcessor(tokenizer, template or tokenizer.chat_template)
 
 
 class TextProcessor:
@@ -567,6 +576,110 @@ class TextProcessor:
         if name in ("tokenizer", "chat_template"):  # not set yet (copy, pickle): no recursion
             raise AttributeError(name)
         return getattr(self.tokenizer, name)
+
+
+# ---------------------------------------------------------------- FLUX.3's prompt upsampler (--upsample-prompt)
+
+# The published upsampler, and the folder of this package's configs with its config.json (reconstructed:
+# configs/README.md; a dry-run plans it offline from there).
+UPSAMPLER_HUB_ID = "black-forest-labs/flux-3-image-klein-pup"
+UPSAMPLER_CONFIGS = "FLUX.3-upsampler"
+# What a run reads of an upsampler's folder (its root: the model's config and weights, the processor's files).
+UPSAMPLER_PATTERNS = [f"*{suffix}" for suffix in PIPELINE_FILE_SUFFIXES]
+
+
+def resolve_upsampler(source: str, family: Family, need_weights: bool = True) -> Path:
+    """The local folder of the prompt upsampler `source` (--upsample-prompt: a folder, or a hub id
+    fetched through the Hugging Face cache: with need_weights=False, its JSON files alone), checked
+    (check_upsampler); raises CheckpointError with one line naming the fix."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        folder = path
+    elif looks_like_path(source) or not re.fullmatch(r"[\w.-]+/[\w.-]+", source):
+        what = "is a file, not a folder" if path.exists() else "does not exist"
+        raise CheckpointError(f"--upsample-prompt: '{source}' {what}; give the prompt upsampler's folder or hub id "
+                              f"(e.g. {UPSAMPLER_HUB_ID})")
+    elif need_weights:
+        folder = _download(source, UPSAMPLER_PATTERNS, "--upsample-prompt")
+    else:  # planning: the cache, the shipped config (the published upsampler's), else its JSON files alone
+        folder = _cached_upsampler(source)
+        if folder is None and source == UPSAMPLER_HUB_ID:
+            folder = shipped_config_dir(UPSAMPLER_CONFIGS)
+        folder = folder or _download(source, ["*.json"], "--upsample-prompt")
+    check_upsampler(source, folder, family, need_weights)
+    return folder
+
+
+def _cached_upsampler(repo_id: str) -> Path | None:
+    """The upsampler's folder in the Hugging Face cache when its config.json is there, else None."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(repo_id, allow_patterns=["*.json"], local_files_only=True))
+    except Exception:  # not cached (the exception types vary across huggingface_hub versions)
+        return None
+    return folder if (folder / "config.json").is_file() else None
+
+
+def check_upsampler(source: str, folder: Path, family: Family, need_weights: bool) -> None:
+    """`folder` holds a prompt upsampler of `family` (families.Family.upsampler): a config.json of its
+    class (model_type or architectures) and, with `need_weights` (a run; a plan reads the config
+    alone), a tokenizer's vocabulary files, a chat template and its safetensors weights. Raises
+    CheckpointError."""
+    component = family.upsampler
+    where = f"--upsample-prompt: '{source}'"
+    fix = f"give the prompt upsampler's folder or hub id (e.g. {UPSAMPLER_HUB_ID})"
+    try:
+        config = parse_json(read_regular_file(folder / "config.json", MAX_CONFIG_BYTES).decode("utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{where} has no config.json, so it is not a prompt upsampler; {fix}") from None
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{where}: config.json cannot be read ({error}); {fix}") from None
+    architectures = config.get("architectures") if isinstance(config, dict) else None
+    if not (isinstance(config, dict) and (config.get("model_type") == UPSAMPLER_MODEL_TYPE
+                                          or isinstance(architectures, list) and component.class_name in architectures)):
+        found = config.get("model_type") if isinstance(config, dict) else None
+        raise CheckpointError(f"{where}: config.json describes a {found or 'model of no model_type'}, not a "
+                              f"{component.class_name} ({UPSAMPLER_MODEL_TYPE}), so it is not FLUX.3's prompt "
+                              f"upsampler; {fix}")
+    if not need_weights:
+        return
+    if not any(all((folder / file).is_file() for file in files) for files in component.tokenizer_files):
+        wanted = " or ".join(" + ".join(files) for files in component.tokenizer_files)
+        raise CheckpointError(f"{where} has no tokenizer ({wanted}) beside its config.json; fetch the upsampler's "
+                              f"folder again, or {fix}")
+    if not ((folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file()
+            or "chat_template" in _json_or_empty(folder / "tokenizer_config.json")):
+        raise CheckpointError(f"{where} has no chat template (chat_template.jinja), which the upsampler's requests "
+                              f"are written with; fetch the upsampler's folder again, or {fix}")
+    if not any(folder.glob("*.safetensors")):
+        raise CheckpointError(f"{where} has no weights (*.safetensors) beside its config.json; fetch the upsampler's "
+                              f"folder again, or {fix}")
+
+
+# The config's model_type of FLUX.3's upsampler class (transformers' Qwen3_5Config.model_type).
+UPSAMPLER_MODEL_TYPE = "qwen3_5"
+
+
+def _json_or_empty(path: Path) -> dict:
+    """A small JSON object file, or {} where it is missing or not one."""
+    try:
+        data = parse_json(read_regular_file(path, MAX_CONFIG_BYTES).decode("utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def upsampler_processor(folder: Path):
+    """The upsampler's processor (prompt_upsampler_processor): AutoProcessor on its folder, or where it
+    cannot be built here (Qwen3.5's Qwen3VLProcessor needs torchvision) its TextProcessor, which
+    renders and tokenizes text-only requests as the processor does (tests/test_flux3.py)."""
+    import transformers
+
+    try:
+        return transformers.AutoProcessor.from_pretrained(folder)
+    except (ImportError, AttributeError):
+        return text_processor(folder)
 
 
 # ---------------------------------------------------------------- the weights a run used

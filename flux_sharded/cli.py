@@ -168,6 +168,15 @@ class _PathParam(click.Path):
     help="True classifier-free guidance scale: above 1, a second transformer pass per step on --negative-prompt.",
 )
 @click.option(
+    "--upsample-prompt", default=setting("upsample_prompt").default, metavar="MODEL",
+    help="FLUX.3: rewrite each prompt with this prompt upsampler (hub id or folder, e.g. "
+    "black-forest-labs/flux-3-image-klein-pup) in a stage before encode. Default: none, prompts as typed.",
+)
+@click.option(
+    "--upsample-max-tokens", type=int, default=setting("upsample_max_tokens").default, show_default=True,
+    help="The most tokens the prompt upsampler writes per prompt.",
+)
+@click.option(
     "--report", "report_path", type=_PathParam(path_type=Path, dir_okay=False), default=None,
     help="Also write the per-stage report as JSON to this file.",
 )
@@ -375,7 +384,7 @@ def _check_agrees(given: list[str], options: dict, saved, checkpoint) -> None:
     for name, value in saved_values.items():
         if name in given:
             mine = options[name].absolute() if isinstance(options[name], Path) else options[name]
-            if name == "model":  # as the run saved it: a local folder by its absolute path
+            if name in ("model", "upsample_prompt") and mine:  # as the run saved it: a local folder absolute
                 mine = model_reference(mine)
             if mine != value:
                 option = _option_of(name)

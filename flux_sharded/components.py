@@ -50,13 +50,38 @@ def _empty_component(config_root: Path, name: str) -> torch.nn.Module:
     to meta once its layer made it, so every layer's weight was first allocated on the CPU (a config
     of width 65536 asked for 16 GiB per layer, and 103 GB in all); the device context makes none. A
     component of more than MAX_PARAMETERS parameters is refused (CheckpointError)."""
-    model = _built_on_meta(config_root, name)
+    return _bounded(_built_on_meta(config_root, name), f"--model: '{config_root}': {name}/config.json", name,
+                    "--model")
+
+
+def empty_upsampler(folder: Path, component) -> torch.nn.Module:
+    """The prompt upsampler (families.Family.upsampler) with every parameter on the meta device, from
+    `folder/config.json` (its own folder, not the checkpoint's); refused over MAX_PARAMETERS as a
+    component is."""
+    return _bounded(_transformers_on_meta(Path(folder), component.class_name),
+                    f"--upsample-prompt: '{folder}': config.json", "prompt upsampler", "--upsample-prompt")
+
+
+def _bounded(model: torch.nn.Module, where: str, what: str, option: str) -> torch.nn.Module:
+    """`model` (`what`, described by `where`), unless it has more than MAX_PARAMETERS parameters
+    (CheckpointError naming `where` and `option`)."""
     count = sum(parameter.numel() for parameter in model.parameters())
     if count > MAX_PARAMETERS:
         raise CheckpointError(
-            f"--model: '{config_root}': {name}/config.json describes a {name} of {count / 1e9:,.0f} billion "
-            f"parameters, over {MAX_PARAMETERS / 1e9:.0f} billion (six times FLUX.2-dev's transformer): the config is "
-            "damaged: fetch that file again or give another --model")
+            f"{where} describes a {what} of {count / 1e9:,.0f} billion parameters, over {MAX_PARAMETERS / 1e9:.0f} "
+            f"billion (six times FLUX.2-dev's transformer): the config is damaged: fetch that file again or give "
+            f"another {option}")
+    return model
+
+
+def _transformers_on_meta(folder: Path, class_name: str) -> torch.nn.Module:
+    """transformers' `class_name` from the config in `folder`, on meta, its weights tied as from_pretrained ties them."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(folder)
+    with MODULE_PATCH_LOCK, torch.device("meta"), init_empty_weights():
+        model = getattr(transformers, class_name)(config)
+    model.tie_weights()  # as from_pretrained does: T5's encoder.embed_tokens is `shared`
     return model
 
 
@@ -65,12 +90,7 @@ def _built_on_meta(config_root: Path, name: str) -> torch.nn.Module:
     component = family.component(name)
     folder = config_root / name
     if component.library == "transformers":
-        import transformers
-
-        config = transformers.AutoConfig.from_pretrained(folder)
-        with MODULE_PATCH_LOCK, torch.device("meta"), init_empty_weights():
-            model = getattr(transformers, component.class_name)(config)
-        model.tie_weights()  # as from_pretrained does: T5's encoder.embed_tokens is `shared`
+        model = _transformers_on_meta(folder, component.class_name)
         if component.truncated:
             model = encode_only(model, encode_layers(family.pipeline))
         return model

@@ -31,8 +31,10 @@ from .errors import CheckpointError
 from .json_fields import JsonFields, is_int
 from .safe_read import MAX_CONFIG_BYTES, parse_json, read_regular_file
 
-# encode_image runs only for a run with input images (--image): the VAE encodes them before denoise.
-STAGES = ("encode", "encode_image", "denoise", "decode")
+# upsample runs only for a run with --upsample-prompt (FLUX.3's prompt upsampler rewrites each prompt
+# before encode); encode_image only for a run with input images (--image): the VAE encodes them before denoise.
+STAGES = ("upsample", "encode", "encode_image", "denoise", "decode")
+UPSAMPLE_STAGE = "upsample"
 IMAGE_STAGE = "encode_image"
 # The handoff tensor that holds random generators' states (torch.Generator.get_state(), bytes), not
 # values in the run's dtype (stages/flux1.py keeps them for image-to-image).
@@ -181,6 +183,28 @@ def _decoder_text_encoder(pipeline: str) -> Estimate:
         return activations.decoder_text_encoder_activation_bytes(
             text_config, inputs.max_sequence_length, _dtype_bytes(inputs), encode_layers(pipeline))
     return estimate
+
+
+def _upsampler(config: dict, inputs: Geometry, tiled: bool) -> int:
+    # one greedy generation: the prompt's prefill, then a token at a time over the cache (activations.py)
+    return activations.upsampler_generation_bytes(config.get("text_config") or config, inputs.upsample_prompt_tokens,
+                                                  inputs.upsample_max_tokens, _dtype_bytes(inputs))
+
+
+# What the upsampler's chat template adds to the system prompt and the request: two turns' markup and
+# the generation prompt with an empty thinking block (Qwen3.5's template renders about 60 bytes of it).
+UPSAMPLE_CHAT_MARKUP_BYTES = 128
+
+
+def upsample_prompt_tokens(prompts) -> int:
+    """The most tokens one request of the prompt upsampler takes, for the longest of `prompts`: at most
+    its templated text's UTF-8 bytes (a byte-level BPE, Qwen3.5's, gives every token at least one
+    byte): the text-to-image system prompt shipped with the blocks (diffusers' flux3
+    prompt_upsampler.SYSTEM_PROMPTS["t2i"]), the prompt and the chat markup."""
+    from diffusers.modular_pipelines.flux3.prompt_upsampler import SYSTEM_PROMPTS
+
+    longest = max((len(prompt.encode("utf-8")) for prompt in prompts), default=0)
+    return len(SYSTEM_PROMPTS["t2i"].encode("utf-8")) + longest + UPSAMPLE_CHAT_MARKUP_BYTES
 
 
 # ---------------------------------------------------------------- the embeddings encode hands on
@@ -565,6 +589,9 @@ class Family:
     # The module in flux_sharded/stages/ with the family's side of the stages (what encode keeps,
     # what decode gives the VAE, why guidance is ignored): the key of stages.code.CODE.
     code: str = "flux1"
+    # Its optional prompt upsampler (--upsample-prompt): a model of its own folder, not of the checkpoint
+    # (never in `components`, `names` or `folders`), loaded by the upsample stage alone; None: it has none.
+    upsampler: Component | None = None
     # Its components' config.json checks: bounds and the widths they share (the section above).
     config_checks: Callable[[Fields, Family, str, str, tuple[str, ...]], None] = _check_flux1_configs
     # The diffusers pipeline class that takes input images (--image) for this family's checkpoints,
@@ -599,7 +626,9 @@ class Family:
         self.config_checks(fields, self, transformer, vae, stages["encode"])
 
     def component(self, name: str) -> Component:
-        return next(component for component in self.components if component.name == name)
+        """One of its components, or its upsampler."""
+        return next(component for component in (*self.components, *filter(None, [self.upsampler]))
+                    if component.name == name)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -626,8 +655,9 @@ class Family:
         return tuple(component.name for component in self.components if component.large)
 
     def stage_components(self) -> dict[str, tuple[str, ...]]:
-        """Stage -> the components it loads, in stage order."""
-        return {stage: tuple(c.name for c in self.components if stage in c.stages) for stage in STAGES}
+        """Stage -> the components it loads, in stage order (upsample: the upsampler, if the family has one)."""
+        every = (*self.components, *filter(None, [self.upsampler]))
+        return {stage: tuple(c.name for c in every if stage in c.stages) for stage in STAGES}
 
 
 FLUX_1 = Family(
@@ -766,6 +796,12 @@ _FLUX_3_COMPONENTS = (
               lora_tokens=_flux2_transformer_tokens),
     Component("vae", "diffusers", "AutoencoderKLFlux2", {"encode_image": _vae_encode, "decode": _vae}),
 )
+# The prompt upsampler (black-forest-labs/flux-3-image-klein-pup, a Qwen3.5-9B fine-tune): its folder holds
+# the model's config.json and weights and its processor (tokenizer, chat template); diffusers' blocks name
+# the two components prompt_upsampler and prompt_upsampler_processor (modular_pipelines/flux3/prompt_upsampler.py).
+FLUX_3_UPSAMPLER = Component("prompt_upsampler", "transformers", "Qwen3_5ForConditionalGeneration",
+                             {"upsample": _upsampler}, tokenizer="prompt_upsampler_processor",
+                             tokenizer_files=BPE_FILES, chat_template=True)
 FLUX_3_KLEIN = Family(
     name="FLUX.3-klein",
     pipeline="Flux3DistilledModularPipeline",
@@ -785,6 +821,7 @@ FLUX_3_KLEIN = Family(
     image_pipeline="Flux3DistilledModularPipeline",  # reference images: the auto blocks' vae_encoder block
     max_images=10,  # Flux3AutoBlocks' own limit (its docstring: "at most 10")
     inputs_encoded=_flux3_inputs,
+    upsampler=FLUX_3_UPSAMPLER,
 )
 FLUX_3_KLEIN_BASE = dataclasses.replace(
     FLUX_3_KLEIN,

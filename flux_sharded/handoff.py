@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from . import settings as schema
-from .families import IMAGE_STAGE, STAGES
+from .families import IMAGE_STAGE, STAGES, UPSAMPLE_STAGE
 from .quantize import parse_quantize
 from .seal import PLACEHOLDER, SealError, check_seal, sealed_write
 
@@ -49,8 +49,10 @@ class _Settings:
 
     @property
     def stages(self) -> tuple[str, ...]:
-        """The stages this run goes through (families.STAGES): encode_image only with input images."""
-        return tuple(stage for stage in STAGES if stage != IMAGE_STAGE or self.images)
+        """The stages this run goes through (families.STAGES): upsample only with --upsample-prompt,
+        encode_image only with input images."""
+        return tuple(stage for stage in STAGES if (stage != IMAGE_STAGE or self.images)
+                     and (stage != UPSAMPLE_STAGE or self.upsample_prompt))
 
     @property
     def image_indices(self) -> tuple[int, ...]:
@@ -110,6 +112,9 @@ class Handoff:
     settings: GenerationSettings
     images: list | None  # decode's: B PIL images (H x W), in prompt order; not saved by save()
     finished_stages: tuple[str, ...]
+    # upsample's: each image's prompt as the prompt upsampler rewrote it (B texts, in prompt order), what
+    # encode encodes instead of settings.prompts; () for a run without it (or before it ran)
+    upsampled: tuple[str, ...]
     # Tensors shared by every image, without a batch dimension (families.Family.shared: FLUX.1's
     # text_ids): select() keeps them whole.
     shared: tuple[str, ...]
@@ -117,14 +122,16 @@ class Handoff:
 
     def __init__(self, settings: GenerationSettings, images: list | None = None,
                  finished_stages: tuple[str, ...] = (), shared: tuple[str, ...] = (),
-                 named: dict[str, torch.Tensor] | None = None, **tensors: torch.Tensor | None):
+                 named: dict[str, torch.Tensor] | None = None, upsampled: tuple[str, ...] = (),
+                 **tensors: torch.Tensor | None):
         self.settings, self.images, self.finished_stages, self.shared = settings, images, tuple(finished_stages), \
             tuple(shared)
+        self.upsampled = tuple(upsampled)
         # keyword tensors win over `named` (dataclasses.replace(handoff, latents=...) passes both)
         self.named = {name: tensor for name, tensor in {**(named or {}), **tensors}.items() if tensor is not None}
 
     def __getattr__(self, name: str):
-        if name.startswith("_") or name in ("settings", "images", "finished_stages", "shared", "named"):
+        if name.startswith("_") or name in ("settings", "images", "finished_stages", "shared", "named", "upsampled"):
             raise AttributeError(name)
         return self.named.get(name)
 
@@ -138,7 +145,13 @@ class Handoff:
         """The handoff of some of the images (batch rows); the `shared` tensors are shared by all."""
         rows = {name: tensor[positions] for name, tensor in self.tensors().items() if name not in self.shared}
         images = None if self.images is None else [self.images[position] for position in positions]
-        return dataclasses.replace(self, settings=self.settings.subset(positions), images=images, **rows)
+        upsampled = tuple(self.upsampled[position] for position in positions) if self.upsampled else ()
+        return dataclasses.replace(self, settings=self.settings.subset(positions), images=images, upsampled=upsampled,
+                                   **rows)
+
+    def prompt_texts(self) -> tuple[str, ...]:
+        """Each image's prompt as encode encodes it: the upsampler's rewriting, else as typed."""
+        return self.upsampled or self.settings.prompts
 
     def embeddings(self) -> dict[str, torch.Tensor]:
         """The per-image tensors the pipeline's __call__ takes by these names (prompt_embeds, ...)."""
@@ -165,7 +178,8 @@ class Handoff:
                                     lambda tmp: save_file(tensors, tmp, metadata={"seal": PLACEHOLDER}))
         meta = {"seal": PLACEHOLDER,  # first: seal.SEAL_WITHIN_BYTES
                 "settings": self.settings.to_json(), "finished_stages": list(self.finished_stages),
-                "weights": weights, "tensors": tensors_seal}
+                "weights": weights, "tensors": tensors_seal,
+                **({"upsampled": list(self.upsampled)} if self.upsampled else {})}
         sealed_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
 
     @classmethod
@@ -186,4 +200,5 @@ class Handoff:
             finished_stages=tuple(meta["finished_stages"]),
             shared=shared,
             named=tensors,
+            upsampled=tuple(meta.get("upsampled", ())),
         )

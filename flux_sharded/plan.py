@@ -51,9 +51,9 @@ from .blocks import BlockStructure, block_structure
 from .budget import (BINARY_TWIN, DEFAULT_CPU_FRACTION, DEFAULT_GPU_RESERVE_BYTES, UNITS, Budget, as_typed,
                      format_budget, format_bytes, gpu_indices, is_gpu, spec_size, written_binary, written_size)
 from .activations import adapter_activation_bytes
-from .components import empty_component, module_sizes, no_split_modules, special_dtypes
+from .components import empty_component, empty_upsampler, module_sizes, no_split_modules, special_dtypes
 from .errors import PlanError
-from .families import IMAGE_STAGE, STAGES, Family, family_of
+from .families import IMAGE_STAGE, STAGES, UPSAMPLE_STAGE, Family, family_of
 from .lora import Adapter
 from .placement import hostable
 from .quantize import LORA_MERGE
@@ -91,11 +91,18 @@ class PlanInputs:
     # (height, width) of each input image as the VAE encodes it (stages/flux1.py: the run's size);
     # () for a run without input images, which has no encode_image stage
     input_sizes: tuple[tuple[int, int], ...] = ()
+    # The prompt upsampler's folder (its config at least: checkpoint.resolve_upsampler), None without
+    # --upsample-prompt; the most tokens of its request (families.upsample_prompt_tokens) and of its answer.
+    upsampler: Path | None = None
+    upsample_prompt_tokens: int = 0
+    upsample_max_tokens: int = 0
 
     @property
     def stages(self) -> tuple[str, ...]:
-        """The stages planned (families.STAGES): encode_image only with input images."""
-        return tuple(stage for stage in STAGES if stage != IMAGE_STAGE or self.input_sizes)
+        """The stages planned (families.STAGES): upsample only with an upsampler, encode_image only
+        with input images."""
+        return tuple(stage for stage in STAGES if (stage != IMAGE_STAGE or self.input_sizes)
+                     and (stage != UPSAMPLE_STAGE or self.upsampler is not None))
 
     @property
     def family(self) -> Family:
@@ -134,6 +141,7 @@ class ComponentPlan:
     pinned_bytes: int = 0  # streamed: host bytes pinned for the streamed modules, as allocated (in weight_bytes["cpu"])
     adapters: tuple[Adapter, ...] = ()  # the LoRAs loaded into it before it is placed, in --lora order
     adapter_bytes: int = 0  # their unfused tensors' bytes, counted in weight_bytes on the devices of their layers
+    folder: Path | None = None  # where its weights are when not in the checkpoint (the prompt upsampler's own folder)
 
     @property
     def loaded_as(self) -> tuple:
@@ -141,7 +149,7 @@ class ComponentPlan:
         LoRAs, tiled and one-image decoding): two plans equal here load the same component placed
         the same way, whatever their byte counts (another image size)."""
         return (self.name, tuple(self.device_map.items()), self.streamed, self.quantization, self.adapters,
-                self.tiled, self.batch_size == 1)
+                self.tiled, self.batch_size == 1, self.folder)
 
 
 @dataclass(frozen=True)
@@ -272,7 +280,8 @@ class _Components:
         self.inputs = inputs
         self.to_run = to_run  # the stages a refusal's ways out must fit (a resume's: those left)
         self.family = inputs.family
-        self.names = self.family.names
+        upsampler = self.family.upsampler if UPSAMPLE_STAGE in inputs.stages else None
+        self.names = (*self.family.names, *([upsampler.name] if upsampler else []))
         self._models: dict[str, torch.nn.Module] = {}
         self._sizes: dict[str, dict[str, int]] = {}
         self._load_transients: dict[str, int] = {}
@@ -280,6 +289,9 @@ class _Components:
 
     def model(self, name: str) -> torch.nn.Module:
         if name not in self._models:
+            if self.family.upsampler is not None and name == self.family.upsampler.name:  # a folder of its own
+                self._models[name] = empty_upsampler(self.inputs.upsampler, self.family.upsampler)
+                return self._models[name]
             model = empty_component(self.inputs.config_root, name, self.inputs.method(name), self.inputs.dtype)
             for module, shapes in self.adapter_shapes(name):
                 for index, shape in enumerate(shapes):  # counted where the layer it wraps is placed
@@ -416,10 +428,24 @@ def _left_out(budget: Budget, needs: dict[str, int], stage: str) -> tuple[Budget
 
 
 def plan_encode(components: _Components, budget: Budget) -> StagePlan:
-    names = components.family.stage_components()["encode"]
-    whole = {name: components.sizes(name)[""] + components.activation_bytes(name, "encode") for name in names}
-    least = {name: components.activation_bytes(name, "encode") + components.largest_block(name) for name in names}
-    usable, notes = _left_out(budget, least, "encode")
+    """The text encoders (the module docstring's promises)."""
+    return _plan_text_models(components, budget, "encode")
+
+
+def plan_upsample(components: _Components, budget: Budget) -> StagePlan:
+    """The prompt upsampler (--upsample-prompt), placed as encode places a text encoder: whole on the
+    roomiest GPU, else split GPU + CPU, else on the CPU; its activations those of one generation
+    (families._upsampler); loaded from its own folder (ComponentPlan.folder)."""
+    stage = _plan_text_models(components, budget, UPSAMPLE_STAGE)
+    return dataclasses.replace(stage, components=tuple(dataclasses.replace(plan, folder=components.inputs.upsampler)
+                                                       for plan in stage.components))
+
+
+def _plan_text_models(components: _Components, budget: Budget, stage: str) -> StagePlan:
+    names = components.family.stage_components()[stage]
+    whole = {name: components.sizes(name)[""] + components.activation_bytes(name, stage) for name in names}
+    least = {name: components.activation_bytes(name, stage) + components.largest_block(name) for name in names}
+    usable, notes = _left_out(budget, least, stage)
     room = {index: usable[index] for index in gpu_indices(usable)}
     planned = {}
     # diffusers' "balanced" pipeline strategy: largest component first, on the GPU with the most
@@ -428,7 +454,7 @@ def plan_encode(components: _Components, budget: Budget) -> StagePlan:
         best = max(room, key=lambda index: (room[index], -index), default=None)
         if best is not None and whole[name] <= room[best]:
             room[best] -= whole[name]
-            planned[name] = _whole(components, name, "encode", best)
+            planned[name] = _whole(components, name, stage, best)
             continue
         # Fits no GPU whole: split it over the GPUs' remaining room and the CPU (see the module
         # docstring for why this beats running it on the CPU), else run it whole on the CPU.
@@ -438,7 +464,7 @@ def plan_encode(components: _Components, budget: Budget) -> StagePlan:
         if method == "nf4" and best is not None:
             # bitsandbytes' 4-bit layers run on a GPU only: the roomiest one, or a refusal.
             room[best] -= whole[name]
-            planned[name] = _whole(components, name, "encode", best)
+            planned[name] = _whole(components, name, stage, best)
         elif gpu_indices(split_budget) and "cpu" in split_budget:
             # Blocks in the GPUs' room, the rest run on the first GPU from RAM. fp8 / int8 weights, and
             # an encoder with LoRAs (whose adapters go in before it is placed: stages/adapters.py),
@@ -447,29 +473,29 @@ def plan_encode(components: _Components, budget: Budget) -> StagePlan:
             streamed = bool(method) or any(name in adapter.components for adapter in components.inputs.adapters)
             if streamed:
                 split_budget = {key: value for key, value in split_budget.items() if key != "disk"}
-            plan = _split(components, name, "encode", split_budget, streamed=streamed)
+            plan = _split(components, name, stage, split_budget, streamed=streamed)
             used = {device: plan.weight_bytes.get(device, 0) + plan.activation_bytes.get(device, 0)
                     for device in gpu_indices(split_budget)}
             if streamed and any(used[device] > room[device] for device in used):
                 # streaming holds two blocks in flight and the top-level modules on the GPU, more than
                 # the room a split by accelerate's hooks needed: the CPU computes it instead
-                planned[name] = _whole(components, name, "encode", "cpu")
-                notes.append(f"note: encode runs {name} whole on the CPU: streaming its blocks (its LoRAs or "
+                planned[name] = _whole(components, name, stage, "cpu")
+                notes.append(f"note: {stage} runs {name} whole on the CPU: streaming its blocks (its LoRAs or "
                              f"quantization need them streamed) takes more GPU room than is left")
                 continue
             for device in used:
                 room[device] -= used[device]
             planned[name] = plan
         else:
-            planned[name] = _whole(components, name, "encode", "cpu")
+            planned[name] = _whole(components, name, stage, "cpu")
             if room:  # GPUs are budgeted, yet the CPU computes it: say why
                 why = (f"no GPU has the {format_bytes(least[name])} left that running any of it there takes (its "
                        "activations and its largest block); a larger GPU budget moves it there"
                        if not gpu_indices(split_budget) else
                        "the blocks that miss the GPUs stream from RAM, and no cpu budget is given; add one")
-                notes.append(f"note: encode runs {name} ({format_bytes(components.sizes(name)[''])}) whole on the "
+                notes.append(f"note: {stage} runs {name} ({format_bytes(components.sizes(name)[''])}) whole on the "
                              f"CPU, the slowest place: {why}")
-    return StagePlan("encode", tuple(planned[name] for name in names), dict(budget), tuple(notes))
+    return StagePlan(stage, tuple(planned[name] for name in names), dict(budget), tuple(notes))
 
 
 def _whole(components: _Components, name: str, stage: str, device: Device) -> ComponentPlan:
@@ -739,7 +765,8 @@ def _plan_vae(components: _Components, budget: Budget, stage: str, batch: int) -
     return StagePlan(stage, (plan,), dict(budget), tuple(notes))
 
 
-PLANNERS = {"encode": plan_encode, IMAGE_STAGE: plan_encode_image, "denoise": plan_denoise, "decode": plan_decode}
+PLANNERS = {UPSAMPLE_STAGE: plan_upsample, "encode": plan_encode, IMAGE_STAGE: plan_encode_image,
+            "denoise": plan_denoise, "decode": plan_decode}
 
 
 def _refusal(stages: tuple[StagePlan, ...], components: _Components, budget: Budget) -> str:

@@ -24,7 +24,8 @@ JSON schema (device keys as strings: "0", "1", "cpu", "disk"):
      "inputs": [{"path": str, "width": int, "height": int, "sha256": str}],  # --image, in order (input_images.py)
      "mask": {"path": str, "width": int, "height": int, "sha256": str} | null,  # --mask
      "images": [paths, in prompt order],
-     "written": [the paths of "images" written by this call: a resumed run's missing ones]}
+     "written": [the paths of "images" written by this call: a resumed run's missing ones],
+     "upsampled_prompts": [each image's prompt as --upsample-prompt's upsampler rewrote it, as "images"; [] without]}
 """
 
 from __future__ import annotations
@@ -104,6 +105,8 @@ class RunReport:
     mask: dict | None = None  # the same of --mask
     images: list[str] = field(default_factory=list)
     written: list[str] = field(default_factory=list)
+    # each image's prompt as the prompt upsampler rewrote it, in the order of `images` ([] without --upsample-prompt)
+    upsampled_prompts: list[str] = field(default_factory=list)
 
     def notes(self) -> list[str]:
         """The planner's notes of every stage, each once."""

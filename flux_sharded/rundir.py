@@ -1,6 +1,7 @@
 """The run folder: everything a run needs to continue after a crash, written as it goes.
 
     RUN_DIR/run.json                      settings, budget, output folder (written before any stage)
+    RUN_DIR/upsample.safetensors + .json  after upsample (the rewritten prompts, in the JSON; --upsample-prompt only)
     RUN_DIR/encode.safetensors + .json    the handoff after encode (prompt embeddings)
     RUN_DIR/encode_image.safetensors + .json   after encode_image (+ the encoded input images; --image only)
     RUN_DIR/denoise.safetensors + .json   the handoff after denoise (latents)
@@ -42,6 +43,7 @@ from .errors import OutputError, SettingsError
 from .handoff import GenerationSettings, Handoff
 from .safe_read import parse_json, read_regular_file
 from .checkpoint import expected_tensors
+from .families import IMAGE_STAGE, UPSAMPLE_STAGE
 from .seal import PLACEHOLDER, SealError, check_seal, sealed_write
 from .validate import JsonFields, check_handoff_tensors, check_share_settings, saved_run_fields, settings_fields
 
@@ -50,7 +52,7 @@ RUN_FILE = "run.json"
 # its seeds fit several times over.
 MAX_RUN_FILE_BYTES = 256 * 2**20
 FORMAT = 1
-SAVED_STAGES = ("encode", "encode_image", "denoise")  # decode's output is the images themselves
+SAVED_STAGES = ("upsample", "encode", "encode_image", "denoise")  # decode's output is the images themselves
 
 
 def saved_stages(settings: GenerationSettings) -> tuple[str, ...]:
@@ -139,6 +141,9 @@ class SavedRun:
     # untiled decoding (of an image larger than one tile): a resume must decode the same way. None: a
     # run of an earlier version, which did not record it.
     decode_tiled: bool | None = None
+    # Each image's prompt as the prompt upsampler rewrote it (--upsample-prompt), recorded once the run has
+    # them all (the handoffs from upsample on hold them before: a resume reads those); () without.
+    upsampled_prompts: tuple[str, ...] = ()
 
     @property
     def process_counts(self) -> tuple[int, ...]:
@@ -158,6 +163,7 @@ def write_run(run_dir: Path, saved: SavedRun) -> None:
         "weights": saved.weights,
         "resumed_processes": list(saved.resumed_processes),
         "decode_tiled": saved.decode_tiled,
+        **({"upsampled_prompts": list(saved.upsampled_prompts)} if saved.upsampled_prompts else {}),
     }
     path = run_dir / RUN_FILE
     try:
@@ -390,6 +396,7 @@ def read_run(run_dir: Path) -> SavedRun:
         weights=fields["weights"],
         resumed_processes=fields["resumed_processes"],
         decode_tiled=fields["decode_tiled"],
+        upsampled_prompts=fields["upsampled_prompts"],
     )
 
 
@@ -463,10 +470,14 @@ def _latest_handoff(run_dir: Path, process_index: int, process_count: int, run_s
             raise SettingsError(f"--resume: {tensors_file} cannot be read ({reason}); {fix}") from None
         expected = expected_tensors(stage, saved_settings, checkpoint)
         check_handoff_tensors(tensors, expected, saved_settings.torch_dtype, f"--resume: {tensors_file}", fix)
+        # the rewritten prompts: one text per image, from upsample on, in a run with the upsampler
+        images = len(saved_settings.prompts)
+        upsampled = meta_fields.list_of("upsampled", lambda text: isinstance(text, str), "texts", images, images,
+                                        optional=UPSAMPLE_STAGE not in run_settings.stages)
         # Only the rows of the images wanted are kept: a resume with more processes than the run had
         # would otherwise hold a whole share's tensors in every process.
         handoff = Handoff(settings=saved_settings, finished_stages=tuple(finished),
-                          shared=checkpoint.family.shared_tensors, named=tensors)
+                          shared=checkpoint.family.shared_tensors, named=tensors, upsampled=tuple(upsampled or ()))
         rows = [row for row, index in enumerate(saved_settings.image_indices) if index in wanted]
         return handoff if len(rows) == len(saved_settings.prompts) else handoff.select(rows)
     return None
@@ -475,10 +486,12 @@ def _latest_handoff(run_dir: Path, process_index: int, process_count: int, run_s
 def resumed_handoff(settings: GenerationSettings, saved: list[Handoff]) -> tuple[Handoff | None, dict]:
     """This share's handoff (`settings`: the share's), taken row by row from the handoffs earlier
     launches saved (saved_handoffs), whichever share each was: the denoised latents when every image
-    of the share has them, else the prompt embeddings when every image has them, else None (encode
-    runs again); between the two, for a run with input images, the embeddings and the encoded images
-    when every image has both. Also returns {image index: latents row} of every image of the share
-    found denoised, for denoise to take whole batches of."""
+    of the share has them, else the prompt embeddings when every image has them, else (a run with the
+    prompt upsampler) the rewritten prompts, else None (the first stage runs again); carried along,
+    the rewritten prompts when every image has them; between the latents and the embeddings, for a
+    run with input images, the embeddings and the encoded images when every image has both. Also
+    returns {image index: latents row} of every image of the share found denoised, for denoise to
+    take whole batches of."""
     wanted = settings.image_indices
     rows, latents = {}, {}  # image index -> (handoff, row); -> latents row
     for handoff in saved:
@@ -495,13 +508,20 @@ def resumed_handoff(settings: GenerationSettings, saved: list[Handoff]) -> tuple
 
     denoised = all(index in latents for index in wanted)
     first = rows[wanted[0]][0]
-    stages = saved_stages(settings)
     images_encoded = all(rows[index][0].inputs() for index in wanted)
-    finished = stages if denoised else stages[:2] if images_encoded else stages[:1]
+    embedded = all(rows[index][0].embeddings() for index in wanted)
+    upsampled = all(rows[index][0].upsampled for index in wanted)
+    # the saved stages every image of the share went through, in order (an image's handoff is its latest)
+    done = {UPSAMPLE_STAGE: upsampled, "encode": embedded, IMAGE_STAGE: images_encoded, "denoise": denoised}
+    finished = ()
+    for stage in saved_stages(settings):
+        if not done[stage]:
+            break
+        finished += (stage,)
     handoff = Handoff(
         settings=settings,
         # the embeddings the family's pipeline takes (FLUX.1: T5 and CLIP pooled; FLUX.2: one or two)
-        **{name: stack(name) for name in first.embeddings()},
+        **({name: stack(name) for name in first.embeddings()} if embedded else {}),
         # the encoded input images (encode_image's), when every image has them
         **({name: stack(name) for name in first.inputs()} if images_encoded else {}),
         # the same for every image (FLUX.1's text positions)
@@ -509,5 +529,6 @@ def resumed_handoff(settings: GenerationSettings, saved: list[Handoff]) -> tuple
         latents=torch.stack([latents[index] for index in wanted]) if denoised else None,
         shared=first.shared,
         finished_stages=finished,
+        upsampled=tuple(rows[index][0].upsampled[rows[index][1]] for index in wanted) if upsampled else (),
     )
     return handoff, latents

@@ -37,6 +37,7 @@ from .checkpoint import (
     check_weight_files,
     fingerprint_digest,
     resolve_checkpoint,
+    resolve_upsampler,
     weights_fingerprint,
 )
 from .components import MODULE_PATCH_LOCK
@@ -51,7 +52,7 @@ from .distributed import (
     wait_for_everyone,
 )
 from .errors import FluxShardedError, OutputError, PlanError, SettingsError, StageError, StageOutOfMemory
-from .families import FAMILIES, IMAGE_STAGE, generation_defaults, reference_size
+from .families import FAMILIES, IMAGE_STAGE, UPSAMPLE_STAGE, generation_defaults, reference_size, upsample_prompt_tokens
 from .files import check_writable_folder
 from .handoff import GenerationSettings, Handoff
 from .images import image_paths, save_png
@@ -88,7 +89,8 @@ from .rundir import (
 from .seal import check_key
 from .stages import STAGES, Stage, Work, family_code
 from .stages.adapters import check_lora
-from .settings import DEFAULT_STRENGTH, MAX_BATCH_SIZE, MAX_SIDE, MAX_STEPS, SEED_MAX, SEED_MIN, png_fields
+from .settings import (DEFAULT_STRENGTH, MAX_BATCH_SIZE, MAX_SIDE, MAX_STEPS, MAX_UPSAMPLE_TOKENS, SEED_MAX, SEED_MIN,
+                       UPSAMPLE_MAX_TOKENS, png_fields)
 from .validate import check_prompts, check_run_image
 
 SINGLE_PROCESS = Process(index=0, count=1)
@@ -176,6 +178,27 @@ def check_settings(request: RunRequest) -> None:
     if settings.negative_prompt and settings.true_cfg <= 1:
         raise SettingsError("--negative-prompt has no effect without true classifier-free guidance: add --true-cfg "
                             "SCALE above 1 (e.g. 4; a second transformer pass per step), or leave it out")
+    check_upsample_settings(settings, family)
+
+
+def check_upsample_settings(settings: GenerationSettings, family) -> None:
+    """--upsample-prompt and --upsample-max-tokens against the family (families.Family.upsampler)."""
+    if not 1 <= settings.upsample_max_tokens <= MAX_UPSAMPLE_TOKENS:
+        raise SettingsError(f"--upsample-max-tokens {settings.upsample_max_tokens}: use 1 to {MAX_UPSAMPLE_TOKENS} "
+                            f"tokens (default {UPSAMPLE_MAX_TOKENS}, the upsampler blocks' own)")
+    if not settings.upsample_prompt:
+        if settings.upsample_max_tokens != UPSAMPLE_MAX_TOKENS:
+            raise SettingsError(f"--upsample-max-tokens {settings.upsample_max_tokens} has no effect without "
+                                "--upsample-prompt MODEL; add it, or leave out --upsample-max-tokens")
+        return
+    takers = ", ".join(f.name for f in FAMILIES.values() if f.upsampler)
+    if family.upsampler is None:
+        raise SettingsError(f"--upsample-prompt: {family.name} ({family.pipeline}) has no prompt upsampler (only "
+                            f"{takers} do); leave out --upsample-prompt")
+    if settings.images:
+        raise SettingsError("--upsample-prompt with --image: the upsampler's image-conditioned requests need its "
+                            "processor's image part (Qwen3VLProcessor, which needs torchvision), which flux-sharded "
+                            "does not run yet; leave out --upsample-prompt (or --image)")
 
 
 def check_image_settings(settings: GenerationSettings, family, vae_scale_factor: int) -> None:
@@ -343,6 +366,9 @@ def plan_inputs(request: RunRequest) -> PlanInputs:
         input_sizes=family_code(request.checkpoint.family).input_sizes(
             settings, [parse_saved_image(text)[1] for text in settings.images], request.checkpoint.vae_scale_factor)
         if settings.images else (),
+        **(dict(upsampler=resolve_upsampler(settings.upsample_prompt, request.checkpoint.family, need_weights=False),
+                upsample_prompt_tokens=upsample_prompt_tokens(settings.prompts),
+                upsample_max_tokens=settings.upsample_max_tokens) if UPSAMPLE_STAGE in settings.stages else {}),
     )
 
 
@@ -465,10 +491,11 @@ def check_same_decode(request: RunRequest, plan: RunPlan, saved: SavedRun, paths
 
 def plan_report(stage_plan, settings: GenerationSettings) -> StageReport:
     """The plan's side of a stage's report; denoise runs one transformer forward per step, two with
-    true classifier-free guidance (--true-cfg: the negative prompt's pass)."""
-    passes = settings.steps * (2 if settings.true_cfg > 1 else 1)
-    return StageReport.from_plan(stage_plan, steps=passes if stage_plan.name == "denoise" else 1,
-                                 images=len(settings.prompts))
+    true classifier-free guidance (--true-cfg: the negative prompt's pass); the prompt upsampler one
+    forward per token it writes, at most --upsample-max-tokens."""
+    passes = {"denoise": settings.steps * (2 if settings.true_cfg > 1 else 1),
+              UPSAMPLE_STAGE: settings.upsample_max_tokens}.get(stage_plan.name, 1)
+    return StageReport.from_plan(stage_plan, steps=passes, images=len(settings.prompts))
 
 
 def dry_run(request: RunRequest, keeps_weights: bool = False) -> tuple[RunReport, PlanError | None]:
@@ -577,6 +604,8 @@ def _execute(request: RunRequest, log: Callable[[str], None], process: Process,
     # checkable is checked before run.json is written.
     if process.is_local_main:
         checkpoint = resolve_checkpoint(request.checkpoint.model, need_weights=True)
+        if UPSAMPLE_STAGE in to_run and UPSAMPLE_STAGE in request.settings.stages:  # its weights too (a hub id's)
+            resolve_upsampler(request.settings.upsample_prompt, checkpoint.family, need_weights=True)
         check_weight_files(checkpoint)
         check_tokenizers(checkpoint.model, checkpoint.path)
         if "encode" in to_run:
@@ -632,6 +661,13 @@ def _execute(request: RunRequest, log: Callable[[str], None], process: Process,
     report.stages = [stage for each in reports for stage in each.stages]
     report.images = [image for each in reports for image in each.images]  # shares are contiguous, in order
     report.written = [image for each in reports for image in each.written]
+    report.upsampled_prompts = [text for each in reports for text in each.upsampled_prompts]
+    if len(report.upsampled_prompts) != len(report.images):  # a share without them: none is said
+        report.upsampled_prompts = []
+    elif report.upsampled_prompts:  # run.json records them beside the prompts as typed
+        saved = read_run(request.run_folder)
+        if saved.upsampled_prompts != tuple(report.upsampled_prompts):
+            write_run(request.run_folder, dataclasses.replace(saved, upsampled_prompts=tuple(report.upsampled_prompts)))
     return report
 
 
@@ -706,12 +742,13 @@ class ShareRun:
         for batch in settings.batches(self.checkpoint.family.prompt_batches):
             batch_latents_path(self.request.run_folder, settings.image_indices[batch.start]).unlink(missing_ok=True)
 
-    def write_image(self, position: int, image) -> None:
-        """The share's image `position` as a PNG with the settings that made it."""
+    def write_image(self, position: int, image, upsampled: str | None = None) -> None:
+        """The share's image `position` as a PNG with the settings that made it (and its prompt as the
+        upsampler rewrote it: `upsampled`)."""
         settings, path = self.settings, self.paths[position]
         with _writing(path, self.request, self.saved):
-            save_png(image, path, _png_metadata(settings, position,
-                                                self.request.budget, self.weights, self.checkpoint))
+            save_png(image, path, _png_metadata(settings, position, self.request.budget, self.weights,
+                                                self.checkpoint, upsampled))
         self.written.append(str(path.absolute()))
 
 
@@ -737,6 +774,7 @@ def _execute_plan(request: RunRequest, checkpoint: Checkpoint, plan: RunPlan, pa
         # share's name, so that this share's checkpoint is one file again.
         with _writing(share.saved.with_suffix(".safetensors"), request, None):
             handoff.save(share.saved, weights)
+    upsampled = handoff.upsampled  # each image's rewritten prompt, once upsample ran (or a resume read them)
     for stage in STAGES:
         interrupt.check()
         if stage.NAME not in settings.stages:  # encode_image in a run without input images
@@ -756,7 +794,10 @@ def _execute_plan(request: RunRequest, checkpoint: Checkpoint, plan: RunPlan, pa
         if stage.NAME in SAVED_STAGES:  # the handoff waits in RAM for the next stage; decode's images are written
             result.report.handoff_bytes = handoff.nbytes()
         report.stages.append(result.report)
+        if len(handoff.upsampled) == len(paths):  # decode hands on the rows it decoded alone
+            upsampled = handoff.upsampled
     report.written = share.written
+    report.upsampled_prompts = list(upsampled)
     # Absolute, as on a resumed run (run.json keeps the absolute --out): the same image is named the
     # same way however the run was started, and the report still finds it read from elsewhere.
     report.images = [str(path.absolute()) for path in paths]  # written now or, on a resumed run, earlier
@@ -963,12 +1004,19 @@ def _out_of_memory_message(stage: str, error: Exception, request: RunRequest, st
     )
 
 
+# The PNG text field of an image's prompt as the prompt upsampler rewrote it (`prompt` keeps it as typed).
+UPSAMPLED_PROMPT_FIELD = "upsampled_prompt"
+
+
 def _png_metadata(settings: GenerationSettings, position: int, budget: Budget, weights: str,
-                  checkpoint: Checkpoint) -> dict[str, str]:
+                  checkpoint: Checkpoint, upsampled: str | None = None) -> dict[str, str]:
     """Every setting the schema records in the PNGs (settings.png_fields: those that decide the
-    pixels, and the budget), and the weights (checkpoint.fingerprint_digest)."""
+    pixels, and the budget), the weights (checkpoint.fingerprint_digest) and, for a run with the
+    prompt upsampler, the prompt it wrote (`upsampled`, UPSAMPLED_PROMPT_FIELD)."""
     fields = png_fields(settings, position, {"max_memory": format_budget(budget)})
     ignored = family_code(checkpoint.family).guidance_ignored(checkpoint)
     if ignored:
         fields["guidance"] = f"none ({ignored})"
+    if upsampled is not None:
+        fields[UPSAMPLED_PROMPT_FIELD] = upsampled
     return {**fields, "weights": weights, "software": "flux-sharded"}

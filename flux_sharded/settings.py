@@ -47,6 +47,11 @@ DEFAULT_STRENGTH = 0.6
 # The most text tokens any family's pipeline takes (families.Family.text_token_limit); a run of a
 # family is held to its own.
 MAX_TEXT_TOKENS = max(family.text_token_limit for family in FAMILIES.values())
+# --upsample-max-tokens' default: the prompt upsampler blocks' own (diffusers' flux3
+# prompt_upsampler.MAX_NEW_TOKENS; tests/test_upsample.py pins it), and its bound: far beyond a caption
+# (BFL's system prompt asks for 100 to 350 words), it bounds the cache a damaged run.json can make the tool plan.
+UPSAMPLE_MAX_TOKENS = 3584
+MAX_UPSAMPLE_TOKENS = 32768
 
 
 class _Marker:
@@ -153,6 +158,14 @@ SETTINGS: tuple[Setting, ...] = (
             png="true_cfg", may_be_missing=True, omitted_at_default=True),
     Setting("negative_prompt", str, "what true CFG guides away from", "", option=True, png="negative_prompt",
             may_be_missing=True, applies=lambda settings: settings.true_cfg > 1),
+    # FLUX.3's prompt upsampler (--upsample-prompt: a hub id, or a local folder kept absolute), which rewrites
+    # each prompt in a stage before encode; "" for none: each prompt is encoded as typed. What it wrote is the
+    # run's output, not a setting (handoff.Handoff.upsampled; run.json's "upsampled_prompts", the PNGs').
+    Setting("upsample_prompt", str, "prompt upsampler (FLUX.3) rewriting each prompt before encode; '' for none",
+            "", option=True, png="upsample_prompt", may_be_missing=True, omitted_at_default=True),
+    Setting("upsample_max_tokens", int, "the most tokens the prompt upsampler writes per prompt", UPSAMPLE_MAX_TOKENS,
+            low=1, high=MAX_UPSAMPLE_TOKENS, option=True, png="upsample_max_tokens", may_be_missing=True,
+            applies=lambda settings: bool(settings.upsample_prompt)),
     # Not GenerationSettings': the run's, recorded in the PNGs (runner._png_metadata) but free to change.
     Setting("max_memory", str, "the budget, budget.format_budget", saved=False, decides_pixels=False,
             png="max_memory"),

@@ -3,6 +3,7 @@
     python -m flux_sharded.tiny DIR [--family FLUX.1|FLUX.1-Fill|FLUX.2-klein|FLUX.2-dev|FLUX.3-klein|FLUX.3-klein-base]
                                 [--preset tiny|small|mini]
                                 [--vae-scale-factor 8] [--seed 0]
+    python -m flux_sharded.tiny DIR --family FLUX.3-upsampler [--seed 0]   (FLUX.3's prompt upsampler)
 
 Every component has the real classes of FLUX.1-dev, with its configs scaled down: transformer,
 CLIP and T5 text encoders, a VAE whose downsampling factor is 2 ** (number of blocks - 1), the
@@ -554,6 +555,62 @@ class _Flux3Folder:
         shutil.copyfile(self.configs / "model_index.json", folder / "model_index.json")
 
 
+UPSAMPLER_FAMILY = "FLUX.3-upsampler"
+# Qwen3.5's chat template cut to what the prompt upsampler block sends (prompt_upsampler.upsample_prompt):
+# a system and a user turn, each a list of text parts, and the generation prompt with an empty thinking
+# block (enable_thinking=False), in Qwen's <|im_start|> markup.
+QWEN3_5_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+
+
+def build_tiny_upsampler(out_dir: str | Path, seed: int = 0, width: int = 16) -> Path:
+    """A tiny random FLUX.3 prompt upsampler at `out_dir` (atomically, as build_tiny_checkpoint), laid
+    out as --upsample-prompt reads one: a Qwen3_5ForConditionalGeneration `width` wide, four layers
+    (three linear-attention, one full-attention: Qwen3.5's pattern) and a one-block vision tower, its
+    config.json and weights at the folder's root, beside a Qwen3VLProcessor's files (the byte-level BPE
+    Qwen2 tokenizer of the FLUX.3 builder, QWEN3_5_CHAT_TEMPLATE, the image and video preprocessor
+    configs). Its generation stops at <|im_end|>; greedy generation of random weights writes some text."""
+    import torch
+    import transformers
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    tokenizer = _qwen2_tokenizer(_corpus(seed), QWEN3_VL_TOKENS)
+    tokenizer.chat_template = QWEN3_5_CHAT_TEMPLATE
+    # its requests hold the system prompt (thousands of this small vocabulary's tokens): no length warning
+    tokenizer.model_max_length = 32768
+    token = dict(zip(("vision_start_token_id", "vision_end_token_id", "image_token_id", "video_token_id"),
+                     tokenizer.convert_tokens_to_ids(list(QWEN3_VL_TOKENS))))
+    head_dim = width // 2
+    torch.manual_seed(seed)
+    model = transformers.Qwen3_5ForConditionalGeneration(transformers.Qwen3_5Config(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=4,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=head_dim,
+                         linear_key_head_dim=head_dim, linear_value_head_dim=head_dim, linear_num_key_heads=2,
+                         linear_num_value_heads=2, max_position_embeddings=32768,
+                         # a quarter of each head rotates (Qwen3.5's partial_rotary_factor), in 3 sections
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000, "partial_rotary_factor": 0.25,
+                                          "mrope_section": [1, 1, 0], "mrope_interleaved": True},
+                         pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>")),
+        vision_config=dict(depth=1, hidden_size=width, intermediate_size=2 * width, num_heads=2, patch_size=4,
+                           out_hidden_size=width, num_position_embeddings=16),
+        **token)).eval()
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)  # with chat_template.jinja, which the processor reads too
+        transformers.Qwen2VLImageProcessorPil(patch_size=4, merge_size=2).save_pretrained(folder)
+        Qwen3VLVideoProcessor(patch_size=4, merge_size=2).save_pretrained(folder)
+
+    return _save(write, Path(out_dir))
+
+
 def build_real_shape(out_dir: Path, configs: Path, seed: int, device: str, dtype: str) -> Path:
     """The architecture of the configs in `configs` (a FLUX.1 or FLUX.2-klein folder as shipped in
     this package), random weights created on `device` in `dtype`, our small tokenizers (their ids fit
@@ -891,9 +948,11 @@ def _memory_shortage(preset: str, device: str, dtype: str) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flux_sharded.tiny", description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", help="folder to write (a new or empty one, or a checkpoint built here earlier)")
-    parser.add_argument("--family", choices=["FLUX.1", "FLUX.1-Fill", *FLUX2_FAMILIES, *FLUX3_FAMILIES],
+    parser.add_argument("--family", choices=["FLUX.1", "FLUX.1-Fill", *FLUX2_FAMILIES, *FLUX3_FAMILIES,
+                                             UPSAMPLER_FAMILY],
                         default="FLUX.1", help="pipeline to build (default: FLUX.1; FLUX.1-Fill: FluxFillPipeline's "
-                        "inpainting checkpoint); FLUX.2 and FLUX.3 families take preset tiny only")
+                        "inpainting checkpoint); FLUX.2 and FLUX.3 families take preset tiny only; "
+                        f"{UPSAMPLER_FAMILY}: FLUX.3's prompt upsampler (--upsample-prompt)")
     parser.add_argument("--vae-scale-factor", type=int, default=8, help="VAE downsampling: 1, 2, 4, 8, ...")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and tokenizer corpus")
     parser.add_argument("--preset", choices=sorted([*PRESETS, *REAL_SHAPES]), default="tiny",
@@ -939,12 +998,16 @@ def main(argv: list[str] | None = None) -> int:
                   "klein-4b / klein-9b / flux3-klein / flux3-klein-base, the real shapes); drop --preset, --dtype "
                   "and --device", file=sys.stderr)
             return 2
-        build = build_tiny_flux3_checkpoint if args.family in FLUX3_FAMILIES else build_tiny_flux2_checkpoint
-        path = build(args.out_dir, args.family, args.vae_scale_factor, args.seed)
+        if args.family == UPSAMPLER_FAMILY:
+            path = build_tiny_upsampler(args.out_dir, args.seed)
+        else:
+            build = build_tiny_flux3_checkpoint if args.family in FLUX3_FAMILIES else build_tiny_flux2_checkpoint
+            path = build(args.out_dir, args.family, args.vae_scale_factor, args.seed)
     else:
         path = build_tiny_checkpoint(args.out_dir, args.vae_scale_factor, args.seed, args.preset, args.device,
                                      args.dtype, fill=args.family == "FLUX.1-Fill")
-    print(f"{'real-shape' if args.preset in REAL_SHAPES else 'tiny'} {args.family} checkpoint written to {path}")
+    what = "prompt upsampler" if args.family == UPSAMPLER_FAMILY else "checkpoint"
+    print(f"{'real-shape' if args.preset in REAL_SHAPES else 'tiny'} {args.family} {what} written to {path}")
     return 0
 
 

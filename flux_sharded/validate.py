@@ -258,6 +258,9 @@ def saved_run_fields(data, where: str, fix: str, format_version: int) -> dict:
         run.fail(f"and 'resumed_processes' name {launched} processes in all, more than {MAX_PROCESSES} (a resume "
                  "looks for the handoffs of each)", "processes")
     decode_tiled = run.boolean("decode_tiled", optional=True) if run.data.get("decode_tiled") is not None else None
+    images = len(settings["prompts"])  # the prompt upsampler's text of each image (rundir.SavedRun.upsampled_prompts)
+    upsampled = run.list_of("upsampled_prompts", lambda text: isinstance(text, str), "texts", images, images,
+                            optional=True) or []
     return dict(
         settings=settings,
         budget=budget,
@@ -267,6 +270,7 @@ def saved_run_fields(data, where: str, fix: str, format_version: int) -> dict:
         weights=weights,
         resumed_processes=tuple(resumed),
         decode_tiled=decode_tiled,
+        upsampled_prompts=tuple(upsampled),
     )
 
 

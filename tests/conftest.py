@@ -45,11 +45,11 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 
-from flux_sharded.checkpoint import pipeline_tokenizer  # noqa: E402
+from flux_sharded.checkpoint import pipeline_tokenizer, upsampler_processor  # noqa: E402
 from flux_sharded.cli import main  # noqa: E402
 from flux_sharded.families import MODULAR_PIPELINES  # noqa: E402
 from flux_sharded.tiny import (NF4_CPU_TEXT_WIDTH, build_tiny_checkpoint, build_tiny_flux2_checkpoint,  # noqa: E402
-                               build_tiny_flux3_checkpoint)
+                               build_tiny_flux3_checkpoint, build_tiny_upsampler)
 
 
 @pytest.fixture(autouse=True)
@@ -129,6 +129,12 @@ def tiny_flux3_base(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_upsampler(tmp_path_factory) -> Path:
+    """FLUX.3's prompt upsampler (--upsample-prompt): a tiny random Qwen3.5 and its processor's files."""
+    return build_tiny_upsampler(tmp_path_factory.mktemp("ckpt") / "upsampler", seed=0)
+
+
+@pytest.fixture(scope="session")
 def nf4_checkpoint(tmp_path_factory) -> Path:
     """The tiny FLUX.1 with a T5 that bitsandbytes' 4-bit CPU kernels run on every CPU (NF4_CPU_TEXT_WIDTH)."""
     return build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "nf4", seed=0, text_width=NF4_CPU_TEXT_WIDTH)
@@ -198,9 +204,11 @@ def modular_pixels(checkpoint: Path, pipeline_name: str, prompt: str, seeds: lis
 
 
 def modular_pipeline(checkpoint: Path, pipeline_name: str, dtype: torch.dtype = torch.float32,
-                     guidance: float = 3.5, loras: tuple = ()):
+                     guidance: float = 3.5, loras: tuple = (), upsampler: Path | None = None):
     """FLUX.3's one-piece pipeline: the modular pipeline's auto blocks (families.MODULAR_PIPELINES)
-    without the prompt upsampler, as diffusers' documentation runs them: init_pipeline on the
+    without the prompt upsampler (with `upsampler`: with it, its Qwen3.5 model and its processor,
+    or where that cannot be built here its text stand-in, checkpoint.upsampler_processor), as
+    diffusers' documentation runs them: init_pipeline on the
     checkpoint, load_components; for the base model a classifier-free guider of scale `guidance`;
     loras: (file, scale) pairs, loaded as for the other families (one_piece_pixels) through the
     pipeline's own Flux3LoraLoaderMixin: load_lora_weights for each, then set_adapters.
@@ -210,8 +218,15 @@ def modular_pipeline(checkpoint: Path, pipeline_name: str, dtype: torch.dtype = 
     from diffusers.guiders import ClassifierFreeGuidance
 
     blocks = getattr(diffusers.modular_pipelines, MODULAR_PIPELINES[pipeline_name])()
-    blocks.sub_blocks.pop("prompt_upsampler")
+    if upsampler is None:
+        blocks.sub_blocks.pop("prompt_upsampler")
     pipeline = blocks.init_pipeline(str(checkpoint))
+    if upsampler is not None:
+        import transformers
+
+        pipeline.update_components(
+            prompt_upsampler=transformers.Qwen3_5ForConditionalGeneration.from_pretrained(upsampler, dtype=dtype),
+            prompt_upsampler_processor=upsampler_processor(upsampler))
     pipeline.load_components(names=["text_encoder", "transformer", "vae", "scheduler"], dtype=dtype)
     tokenizer = pipeline_tokenizer(str(checkpoint), Path(checkpoint), "tokenizer")
     if tokenizer is not None:

@@ -35,8 +35,8 @@ FLUX_3 = {"FLUX.3-klein": "Flux3DistilledModularPipeline", "FLUX.3-klein-base": 
 
 
 def test_flux1_stages_and_classes_come_from_the_family():
-    assert FLUX_1.stage_components() == {"encode": ("text_encoder", "text_encoder_2"), "encode_image": ("vae",),
-                                         "denoise": ("transformer",), "decode": ("vae",)}
+    assert FLUX_1.stage_components() == {"upsample": (), "encode": ("text_encoder", "text_encoder_2"),
+                                         "encode_image": ("vae",), "denoise": ("transformer",), "decode": ("vae",)}
     index = json.loads((shipped_config_dir("FLUX.1-dev") / "model_index.json").read_text())
     for component in FLUX_1.components:
         assert index[component.name] == [component.library, component.class_name]

@@ -119,11 +119,12 @@ def test_the_schema_derives_todays_lists():
     """What the schema derives is what the modules listed by hand before it."""
     assert [field for field in GenerationSettings.__dataclass_fields__] == [
         "model", "prompts", "seeds", "steps", "guidance", "height", "width", "max_sequence_length", "dtype",
-        "indices", "batch_size", "quantize", "lora", "images", "mask", "strength", "true_cfg", "negative_prompt"]
+        "indices", "batch_size", "quantize", "lora", "images", "mask", "strength", "true_cfg", "negative_prompt",
+        "upsample_prompt", "upsample_max_tokens"]
     assert set(cli.SAVED_OPTIONS) == {"prompts", "prompts_file", "num_images_per_prompt", "seed", "model", "steps",
                                       "guidance", "height", "width", "max_sequence_length", "dtype", "batch_size",
                                       "out_dir", "run_dir", "quantize", "lora", "images", "mask", "strength", "true_cfg",
-                                      "negative_prompt"}
+                                      "negative_prompt", "upsample_prompt", "upsample_max_tokens"}
     assert schema.fields_not_deciding() == ("max_memory",)
     settings = GenerationSettings(model="m", prompts=("a", "b"), seeds=(5, 6), steps=2, guidance=3.5, height=32,
                                   width=48, max_sequence_length=16, dtype="float32")

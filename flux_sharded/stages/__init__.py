@@ -1,4 +1,4 @@
-"""The three stages, each a module with one interface (`Stage`); the runner sequences them and frees memory.
+"""The stages, each a module with one interface (`Stage`); the runner sequences them and frees memory.
 
 A stage's computing side (`load`, `run`, `device_map`) loads only its own components (the family's
 `stage_components()[NAME]`, families.py) and returns the next handoff, decode included (its
@@ -18,8 +18,8 @@ them as part of the component.
 
 from __future__ import annotations
 
-from . import decode, denoise, encode, encode_image
+from . import decode, denoise, encode, encode_image, upsample
 from .code import family_code
 from .interface import Share, Stage, Work
 
-STAGES: tuple[Stage, ...] = (encode, encode_image, denoise, decode)
+STAGES: tuple[Stage, ...] = (upsample, encode, encode_image, denoise, decode)

@@ -76,7 +76,7 @@ def finish(output: Handoff, share: Share) -> Handoff:
         if image.info.get(NON_FINITE) and not _black(output, [row]):
             share.log(f"note: {share.paths[position].name} held NaN or infinite values after decode, so some "
                       f"pixels are black or saturated; {_hint(share.settings)}")
-        share.write_image(position, image)
+        share.write_image(position, image, output.upsampled[row] if output.upsampled else None)
     return output
 
 

@@ -33,8 +33,15 @@ NAME = "encode"
 
 
 def todo(handoff: Handoff, share: Share) -> Work:
-    """The prompts this share's encode runs on (Share.encoded), not the share's images."""
-    return Work(Handoff(settings=share.encoded))
+    """The prompts this share's encode runs on (Share.encoded), not the share's images, with what the
+    prompt upsampler wrote for them (upsample's handoff: the share's images). A prompt of encode's
+    groups that no image of the share has was not rewritten here; its rows are dropped (finish), and
+    FLUX.3, the one family with an upsampler, encodes one prompt per call, so it is encoded as typed."""
+    if not handoff.upsampled:
+        return Work(Handoff(settings=share.encoded))
+    written = dict(zip(handoff.settings.prompts, handoff.upsampled))
+    return Work(Handoff(settings=share.encoded,
+                        upsampled=tuple(written.get(prompt, prompt) for prompt in share.encoded.prompts)))
 
 
 def finish(output: Handoff, share: Share) -> Handoff:
@@ -94,16 +101,18 @@ def _model_class(family, name: str):
 
 
 def run(pipeline, handoff: Handoff, on_image_done=None, on_step=None) -> Handoff:
-    """Encode each distinct prompt once, batch_size prompts per forward pass; rows per image."""
+    """Encode each distinct prompt once (as the upsampler rewrote it, where it ran), batch_size prompts
+    per forward pass; rows per image."""
     settings = handoff.settings
     code = family_code(pipeline_family(pipeline))
     images_of = Counter(settings.prompts)
     distinct = list(images_of)  # first-seen order
+    text_of = dict(zip(settings.prompts, handoff.prompt_texts()))  # the upsampler's rewriting, if any
     rows_of, shared = {}, {}
     with torch.inference_mode():
         for start in range(0, len(distinct), settings.batch_size):
             batch = distinct[start : start + settings.batch_size]
-            rows, shared = code.encode_batch(pipeline, batch, settings)
+            rows, shared = code.encode_batch(pipeline, [text_of[prompt] for prompt in batch], settings)
             for row, prompt in enumerate(batch):
                 rows_of[prompt] = {name: tensor[row].to("cpu") for name, tensor in rows.items()}
             if on_image_done:

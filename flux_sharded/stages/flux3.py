@@ -307,3 +307,24 @@ def call_arguments(pipeline, inputs: dict[str, torch.Tensor], settings, batch: r
     if not inputs:
         return {}
     return {"image_cond_latents": [inputs[f"input_latents_{index}"] for index in range(len(settings.images))]}
+
+
+# ---------------------------------------------------------------- the prompt upsampler (--upsample-prompt)
+# The auto blocks' prompt_upsampler block (Flux3AutoPromptUpsampleStep) runs before their text_encoder
+# block: the one-piece pipeline encodes what it wrote. The upsample stage runs that block, made a
+# pipeline of its own, holding the loaded upsampler and its processor; encode then encodes its text.
+
+
+def upsample_pipeline(checkpoint, upsampler, processor):
+    """The auto blocks' `prompt_upsampler` block as a pipeline holding `upsampler` (the loaded
+    Qwen3.5 model, placed) and `processor` (checkpoint.upsampler_processor)."""
+    pipeline = _pipeline(checkpoint, _sub_blocks(checkpoint)["prompt_upsampler"])
+    with quiet_logger(*GUIDER_LOGGERS):  # a TextProcessor stand-in is not made from the processor's spec
+        pipeline.update_components(prompt_upsampler=upsampler, prompt_upsampler_processor=processor)
+    return pipeline
+
+
+def upsample(pipeline, prompt: str, settings) -> str:
+    """`prompt` as the block rewrites it (its text-to-image branch: a run without --image): one greedy
+    generation of at most --upsample-max-tokens tokens."""
+    return pipeline(prompt=prompt, max_new_tokens=settings.upsample_max_tokens, output="prompt")

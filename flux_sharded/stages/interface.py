@@ -43,8 +43,9 @@ class Share(Protocol):
     def remove_batch_latents(self) -> None:
         """Remove every batch's own latents file: the stage's handoff holds them all now."""
 
-    def write_image(self, position: int, image) -> None:
-        """The share's image `position` as a PNG with the settings that made it."""
+    def write_image(self, position: int, image, upsampled: str | None = None) -> None:
+        """The share's image `position` as a PNG with the settings that made it, and `upsampled`: its
+        prompt as the prompt upsampler rewrote it (None: a run without one)."""
 
     def input_images(self) -> list:
         """The run's input images (PIL, RGB, in --image order), decoded once; for encode_image."""
