@@ -696,12 +696,28 @@ def weights_fingerprint(path: Path, trust_blob_names: bool = False) -> dict:
     resume is found; plus the hub revision when the folder is a hub snapshot. `trust_blob_names`:
     only a new run's first fingerprint takes a hub blob never seen before by its name (see
     file_digests). Raises OSError for a file that cannot be read."""
-    files = {folder: [file for file in sorted((path / folder).iterdir())
-                      if file.suffix in PIPELINE_FILE_SUFFIXES and file.is_file()] if (path / folder).is_dir() else []
-             for folder in PIPELINE_FOLDERS}
+    return _fingerprint(path, {folder: _pipeline_files(path / folder) for folder in PIPELINE_FOLDERS},
+                        trust_blob_names)
+
+
+def upsampler_fingerprint(folder: Path, name: str, trust_blob_names: bool = False) -> dict:
+    """The prompt upsampler's folder (`folder`) as weights_fingerprint records a component's, under
+    its component `name` (families.Family.upsampler): its files' names, sizes and SHA-256, and the hub
+    revision when it is a hub snapshot. Raises OSError for a file that cannot be read."""
+    return _fingerprint(folder, {name: _pipeline_files(folder)}, trust_blob_names)
+
+
+def _pipeline_files(folder: Path) -> list[Path]:
+    """The files of `folder` a run reads (PIPELINE_FILE_SUFFIXES), sorted; [] for a folder that is not there."""
+    return ([file for file in sorted(folder.iterdir()) if file.suffix in PIPELINE_FILE_SUFFIXES and file.is_file()]
+            if folder.is_dir() else [])
+
+
+def _fingerprint(path: Path, files: dict[str, list[Path]], trust_blob_names: bool) -> dict:
+    """{key: {file name: {"bytes", "sha256"}}} of `files`, plus "revision" when `path` is a hub snapshot."""
     digests = file_digests([file for each in files.values() for file in each], trust_blob_names)
-    fingerprint = {folder: {file.name: {"bytes": file.stat().st_size, "sha256": digests[file]} for file in each}
-                   for folder, each in files.items()}
+    fingerprint = {key: {file.name: {"bytes": file.stat().st_size, "sha256": digests[file]} for file in each}
+                   for key, each in files.items()}
     resolved = path.resolve()
     if resolved.parent.name == "snapshots":  # the Hugging Face cache: snapshots/<commit hash>
         fingerprint["revision"] = resolved.name

@@ -12,6 +12,8 @@ plan.py's stages, the stages, the checkpoint checks, the hub download's folders)
     FluxKontextPipeline FLUX.1 Kontext: FLUX.1's components, editing one input image
     Flux2Pipeline       FLUX.2-dev: Mistral Small 3 -> Flux2Transformer2DModel -> AutoencoderKLFlux2
     Flux2KleinPipeline  FLUX.2-klein (4B, 9B): Qwen3 -> Flux2Transformer2DModel -> AutoencoderKLFlux2
+    Flux3(Distilled)ModularPipeline  FLUX.3 klein: [Qwen3.5 prompt upsampler ->] Qwen3-VL ->
+                        Flux3Transformer2DModel -> AutoencoderKLFlux2 (the upsampler a folder of its own)
 
 This module imports no torch, diffusers or transformers (the command line reads it before them);
 the hidden-state layers FLUX.2's encode uses are read from the installed diffusers on first use.

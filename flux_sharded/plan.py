@@ -344,7 +344,9 @@ class _Components:
 
     def batch_size(self, name: str) -> int:
         """How many rows share one forward pass of `name`: distinct prompts for a text encoder (a
-        component with a tokenizer), images otherwise."""
+        component with a tokenizer), images otherwise; one for the prompt upsampler."""
+        if self.family.upsampler is not None and name == self.family.upsampler.name:
+            return 1  # the upsampler block takes one prompt per call (prompt_upsampler.upsample_prompt)
         encodes_text = self.family.component(name).tokenizer is not None
         return self.inputs.batch_prompts() if encodes_text else self.inputs.batch_images()
 

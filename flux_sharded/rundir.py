@@ -144,6 +144,8 @@ class SavedRun:
     # Each image's prompt as the prompt upsampler rewrote it (--upsample-prompt), recorded once the run has
     # them all (the handoffs from upsample on hold them before: a resume reads those); () without.
     upsampled_prompts: tuple[str, ...] = ()
+    # checkpoint.upsampler_fingerprint of the prompt upsampler the run uses (--upsample-prompt); None without
+    upsampler_weights: dict | None = None
 
     @property
     def process_counts(self) -> tuple[int, ...]:
@@ -164,6 +166,7 @@ def write_run(run_dir: Path, saved: SavedRun) -> None:
         "resumed_processes": list(saved.resumed_processes),
         "decode_tiled": saved.decode_tiled,
         **({"upsampled_prompts": list(saved.upsampled_prompts)} if saved.upsampled_prompts else {}),
+        **({"upsampler_weights": saved.upsampler_weights} if saved.upsampler_weights is not None else {}),
     }
     path = run_dir / RUN_FILE
     try:
@@ -397,6 +400,7 @@ def read_run(run_dir: Path) -> SavedRun:
         resumed_processes=fields["resumed_processes"],
         decode_tiled=fields["decode_tiled"],
         upsampled_prompts=fields["upsampled_prompts"],
+        upsampler_weights=fields["upsampler_weights"],
     )
 
 

@@ -38,6 +38,7 @@ from .checkpoint import (
     fingerprint_digest,
     resolve_checkpoint,
     resolve_upsampler,
+    upsampler_fingerprint,
     weights_fingerprint,
 )
 from .components import MODULE_PATCH_LOCK
@@ -604,8 +605,7 @@ def _execute(request: RunRequest, log: Callable[[str], None], process: Process,
     # checkable is checked before run.json is written.
     if process.is_local_main:
         checkpoint = resolve_checkpoint(request.checkpoint.model, need_weights=True)
-        if UPSAMPLE_STAGE in to_run and UPSAMPLE_STAGE in request.settings.stages:  # its weights too (a hub id's)
-            resolve_upsampler(request.settings.upsample_prompt, checkpoint.family, need_weights=True)
+        upsampler = upsampler_weights(request, checkpoint, saved_run, UPSAMPLE_STAGE in to_run)
         check_weight_files(checkpoint)
         check_tokenizers(checkpoint.model, checkpoint.path)
         if "encode" in to_run:
@@ -617,9 +617,9 @@ def _execute(request: RunRequest, log: Callable[[str], None], process: Process,
             settings = request.settings
             for position, path in enumerate(paths):
                 if path.exists():
-                    check_run_image(path, _png_metadata(settings, position,
-                                                        request.budget, fingerprint_digest(fingerprint),
-                                                        checkpoint))
+                    check_run_image(path, _png_metadata(settings, position, request.budget,
+                                                        fingerprint_digest(fingerprint), checkpoint,
+                                                        upsampler_digest=_digest(upsampler)))
         images = len(request.settings.prompts)
         counts = {process.count, *(saved_run.process_counts if saved_run else ())}
         remove_stale_temporaries(request.run_folder, [path.name for path in our_files(request.run_folder, counts, images)])
@@ -632,7 +632,7 @@ def _execute(request: RunRequest, log: Callable[[str], None], process: Process,
             bind_out_dir(request.run_folder, request.out_dir, request.settings)
             write_run(request.run_folder, SavedRun(request.settings, request.budget, request.out_dir,
                                                    request.offload_folder, process.count, fingerprint,
-                                                   decode_tiled=decode_tiled(plan)))
+                                                   decode_tiled=decode_tiled(plan), upsampler_weights=upsampler))
         elif process.count not in saved_run.process_counts:  # before any process saves under the new names
             write_run(request.run_folder, dataclasses.replace(
                 saved_run, resumed_processes=(*saved_run.resumed_processes, process.count)))
@@ -644,6 +644,8 @@ def _execute(request: RunRequest, log: Callable[[str], None], process: Process,
     if not process.is_local_main:
         checkpoint = resolve_checkpoint(request.checkpoint.model, need_weights=True)
         fingerprint = weights_fingerprint(checkpoint.path)
+        # what this machine's first process recorded
+        upsampler = read_run(request.run_folder).upsampler_weights if UPSAMPLE_STAGE in request.settings.stages else None
     # This process's share; the run folder stays the whole run's (its default hashes the settings).
     mine = dataclasses.replace(request, settings=request.settings.subset(positions), run_dir=request.run_folder)
     report = new_report(request)
@@ -651,7 +653,7 @@ def _execute(request: RunRequest, log: Callable[[str], None], process: Process,
         encoded = request.settings.subset(encode_positions(request.settings, positions))
         report = _execute_plan(mine, checkpoint, plan, [paths[p] for p in positions], log, process, resumed,
                                denoised, encoded, fingerprint_digest(fingerprint), on_progress,
-                               _Keeping(kept, keeps) if kept is not None else None, inputs)
+                               _Keeping(kept, keeps) if kept is not None else None, inputs, _digest(upsampler))
     reports = gather(process, report)
     finish(process)  # every share is finished now
     if process.is_local_main and saved_run is not None:
@@ -688,6 +690,7 @@ class ShareRun:
     saved: Path | None = None  # the latest stage checkpoint on disk, named when a later step fails
     written: list[str] = dataclasses.field(default_factory=list)  # the images written, absolute
     inputs: tuple[InputImage, ...] = ()  # the run's input images and mask, while encode_image has not run
+    upsampler_digest: str | None = None  # the prompt upsampler's weights (fingerprint_digest), in every PNG
 
     def input_images(self) -> list:
         """The run's input images (PIL, RGB, settings.images' order) for encode_image."""
@@ -748,15 +751,17 @@ class ShareRun:
         settings, path = self.settings, self.paths[position]
         with _writing(path, self.request, self.saved):
             save_png(image, path, _png_metadata(settings, position, self.request.budget, self.weights,
-                                                self.checkpoint, upsampled))
+                                                self.checkpoint, upsampled, self.upsampler_digest))
         self.written.append(str(path.absolute()))
 
 
 def _execute_plan(request: RunRequest, checkpoint: Checkpoint, plan: RunPlan, paths: list[Path], log,
                   process: Process, resumed: Handoff | None, denoised: dict, encoded: GenerationSettings,
                   weights: str, on_progress: Callable[[Progress], None] | None = None,
-                  keeping: "_Keeping | None" = None, inputs: tuple[InputImage, ...] = ()) -> RunReport:
-    """This share's stages; `encoded`: the prompts its encode runs on (distributed.encode_positions)."""
+                  keeping: "_Keeping | None" = None, inputs: tuple[InputImage, ...] = (),
+                  upsampler_digest: str | None = None) -> RunReport:
+    """This share's stages; `encoded`: the prompts its encode runs on (distributed.encode_positions);
+    `upsampler_digest`: the prompt upsampler's (fingerprint_digest), for the PNGs."""
     if not process.is_main:  # each process says what it did with its own share, named as its errors are
         say = log
 
@@ -766,7 +771,8 @@ def _execute_plan(request: RunRequest, checkpoint: Checkpoint, plan: RunPlan, pa
     settings = request.settings
     report = new_report(request)
     handoff = resumed if resumed is not None else Handoff(settings=settings)
-    share = ShareRun(request, checkpoint, paths, encoded, denoised, weights, log, process=process, inputs=inputs)
+    share = ShareRun(request, checkpoint, paths, encoded, denoised, weights, log, process=process, inputs=inputs,
+                     upsampler_digest=upsampler_digest)
     if handoff.finished_stages:
         share.saved = handoff_path(request.run_folder, handoff.finished_stages[-1], process.index, process.count)
     if share.saved is not None and not share.saved.with_suffix(".json").exists():
@@ -802,6 +808,31 @@ def _execute_plan(request: RunRequest, checkpoint: Checkpoint, plan: RunPlan, pa
     # same way however the run was started, and the report still finds it read from elsewhere.
     report.images = [str(path.absolute()) for path in paths]  # written now or, on a resumed run, earlier
     return report
+
+
+def upsampler_weights(request: RunRequest, checkpoint: Checkpoint, saved_run: SavedRun | None,
+                      to_run: bool) -> dict | None:
+    """The fingerprint of the run's prompt upsampler (checkpoint.upsampler_fingerprint; None for a run
+    without one): a new run's, fetched (a hub id's weights) and fingerprinted; a resume's as run.json
+    recorded it, refused (SettingsError) where the upsample stage still has to run and its files
+    differ now. A resume past the upsample stage needs no upsampler: its rewritten prompts are kept."""
+    settings = request.settings
+    if UPSAMPLE_STAGE not in settings.stages:
+        return None
+    if saved_run is not None and not to_run:
+        return saved_run.upsampler_weights
+    folder = resolve_upsampler(settings.upsample_prompt, checkpoint.family, need_weights=True)
+    current = upsampler_fingerprint(folder, checkpoint.family.upsampler.name, trust_blob_names=saved_run is None)
+    if saved_run is not None and saved_run.upsampler_weights != current:
+        raise SettingsError(
+            f"--resume: the files of the prompt upsampler '{settings.upsample_prompt}' differ from those the run in "
+            f"{request.run_folder} began with (run.json 'upsampler_weights'), and its upsample stage has not finished; "
+            "restore those files, or start a new run with these")
+    return current
+
+
+def _digest(fingerprint: dict | None) -> str | None:
+    return fingerprint_digest(fingerprint) if fingerprint is not None else None
 
 
 def free_gpu_bytes(budget: Budget) -> dict[int, int]:
@@ -1004,19 +1035,25 @@ def _out_of_memory_message(stage: str, error: Exception, request: RunRequest, st
     )
 
 
-# The PNG text field of an image's prompt as the prompt upsampler rewrote it (`prompt` keeps it as typed).
+# The PNG text fields of an image's prompt as the prompt upsampler rewrote it (`prompt` keeps it as
+# typed) and of the upsampler's weights (as `weights` names the checkpoint's).
 UPSAMPLED_PROMPT_FIELD = "upsampled_prompt"
+UPSAMPLER_WEIGHTS_FIELD = "upsampler_weights"
 
 
 def _png_metadata(settings: GenerationSettings, position: int, budget: Budget, weights: str,
-                  checkpoint: Checkpoint, upsampled: str | None = None) -> dict[str, str]:
+                  checkpoint: Checkpoint, upsampled: str | None = None,
+                  upsampler_digest: str | None = None) -> dict[str, str]:
     """Every setting the schema records in the PNGs (settings.png_fields: those that decide the
     pixels, and the budget), the weights (checkpoint.fingerprint_digest) and, for a run with the
-    prompt upsampler, the prompt it wrote (`upsampled`, UPSAMPLED_PROMPT_FIELD)."""
+    prompt upsampler, the prompt it wrote (`upsampled`, UPSAMPLED_PROMPT_FIELD) and its weights'
+    digest (`upsampler_digest`, UPSAMPLER_WEIGHTS_FIELD)."""
     fields = png_fields(settings, position, {"max_memory": format_budget(budget)})
     ignored = family_code(checkpoint.family).guidance_ignored(checkpoint)
     if ignored:
         fields["guidance"] = f"none ({ignored})"
     if upsampled is not None:
         fields[UPSAMPLED_PROMPT_FIELD] = upsampled
+    if upsampler_digest is not None:
+        fields[UPSAMPLER_WEIGHTS_FIELD] = upsampler_digest
     return {**fields, "weights": weights, "software": "flux-sharded"}

@@ -271,6 +271,7 @@ def saved_run_fields(data, where: str, fix: str, format_version: int) -> dict:
         resumed_processes=tuple(resumed),
         decode_tiled=decode_tiled,
         upsampled_prompts=tuple(upsampled),
+        upsampler_weights=run.object("upsampler_weights", optional=True),
     )
 
 

@@ -138,7 +138,8 @@ def _parameters(folder) -> int:
 def test_the_dry_run_plans_the_upsample_stage_from_the_upsamplers_config(tiny_flux3, tiny_upsampler, tmp_path):
     """--dry-run shows the upsample stage before encode; its planned weights are the tiny upsampler's
     parameters in float32 (within 2%), and its activations those of one generation
-    (activations.upsampler_generation_bytes) for --upsample-max-tokens; nothing is written but the report."""
+    (activations.upsampler_generation_bytes) for --upsample-max-tokens, whatever the batch size (the
+    block takes one prompt per call); nothing is written but the report."""
     report_path = tmp_path / "plan.json"
     result = invoke(["--dry-run", "--model", str(tiny_flux3), *SIZE, "--prompt", "a dog", "--upsample-prompt",
                      str(tiny_upsampler), "--upsample-max-tokens", "100", "--out", str(tmp_path / "out"),
@@ -153,6 +154,12 @@ def test_the_dry_run_plans_the_upsample_stage_from_the_upsamplers_config(tiny_fl
     assert abs(weights / (4 * _parameters(tiny_upsampler)) - 1) < 0.02
     assert stage["planned_bytes"]["cpu"] > weights
     assert not (tmp_path / "out").exists()
+    # one request per call: a batch of two prompts (of as many bytes) plans the same generation
+    batched = invoke(["--dry-run", "--model", str(tiny_flux3), *SIZE, "--prompt", "a dog", "--prompt", "a cat",
+                      "--batch-size", "2", "--upsample-prompt", str(tiny_upsampler), "--upsample-max-tokens", "100",
+                      "--report", str(tmp_path / "batched.json")])
+    assert batched.exit_code == 0, batched.output
+    assert json.loads((tmp_path / "batched.json").read_text())["stages"][0]["planned_bytes"] == stage["planned_bytes"]
 
 
 def test_the_published_upsampler_plans_offline_at_its_published_size(tmp_path):
@@ -248,3 +255,62 @@ def test_an_upsampler_that_cannot_run_is_refused_in_one_line_before_anything_is_
     (line,) = error_lines(result.output)
     assert message in line and "Traceback" not in result.output
     assert not out.exists()
+
+
+def test_the_python_api_upsamples_and_keeps_the_upsampler_between_calls(tiny_flux3, tiny_upsampler, loads):
+    """Model.generate takes upsample_prompt and upsample_max_tokens as the command line takes its options:
+    the image's metadata holds the prompt as typed and as rewritten, which the one-piece blocks wrote;
+    a second call with the same upsampler reads no Qwen3.5 weights (the stage kept in RAM)."""
+    import flux_sharded
+
+    with flux_sharded.open_model(str(tiny_flux3), max_memory="cpu=4GB", dtype="float32") as model:
+        arguments = dict(seed=3, steps=2, height=32, width=32, upsample_prompt=str(tiny_upsampler),
+                         upsample_max_tokens=TOKENS)
+        first = model.generate("a dog", **arguments)
+        assert [name for name, _, _ in loads].count("Qwen3_5ForConditionalGeneration") == 1
+        second = model.generate("a dog", **arguments)
+    assert [name for name, _, _ in loads].count("Qwen3_5ForConditionalGeneration") == 1
+    assert second.report.stages[0].name == "upsample" and second.report.stages[0].weights_kept
+    images, written = _one_piece(tiny_flux3, "Flux3DistilledModularPipeline", tiny_upsampler, "a dog", [3])
+    for generation in (first, second):
+        assert generation.metadata[0]["prompt"] == "a dog" and generation.metadata[0]["upsampled_prompt"] == written
+        assert generation.report.upsampled_prompts == [written]
+        assert_same_pixels(np.asarray(generation.images[0]), images[0])
+
+
+def test_the_upsamplers_weights_are_recorded_and_a_changed_upsampler_is_refused_before_it_runs(
+        tiny_flux3, tiny_upsampler, tmp_path, monkeypatch):
+    """run.json records the upsampler's files (checkpoint.upsampler_fingerprint) and each PNG their
+    digest; a run stopped in its upsample stage is not resumed with other upsampler files (one
+    Error line), and is with the files it began with."""
+    import shutil
+
+    from flux_sharded.checkpoint import fingerprint_digest, upsampler_fingerprint
+    from flux_sharded.stages import flux3
+
+    upsampler = shutil.copytree(tiny_upsampler, tmp_path / "upsampler")
+    out = tmp_path / "out"
+    real = flux3.upsample
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(flux3, "upsample", stopped)
+    first = invoke(["--model", str(tiny_flux3), *SIZE, "--prompt", "a dog", "--upsample-prompt", str(upsampler),
+                    "--upsample-max-tokens", str(TOKENS), "--out", str(out)])
+    assert first.exit_code == 130, first.output
+    monkeypatch.setattr(flux3, "upsample", real)
+    (run_dir,) = out.glob(".flux-sharded/run-*")
+    recorded = json.loads((run_dir / "run.json").read_text())["upsampler_weights"]
+    assert recorded == upsampler_fingerprint(upsampler, "prompt_upsampler")
+    config = (upsampler / "generation_config.json").read_text()
+    (upsampler / "generation_config.json").write_text(config.replace("{", '{\n  "temperature": 0.5,', 1))
+    refused = invoke(["--resume", str(run_dir)])
+    assert refused.exit_code == 2, refused.output
+    (line,) = error_lines(refused.output)
+    assert "the files of the prompt upsampler" in line and "differ from those the run" in line
+    (upsampler / "generation_config.json").write_text(config)
+    resumed = invoke(["--resume", str(run_dir)])
+    assert resumed.exit_code == 0, resumed.output
+    (image,) = out.glob("*.png")
+    assert Image.open(image).text["upsampler_weights"] == fingerprint_digest(recorded)
