@@ -124,13 +124,16 @@ def library_logs_above_bars() -> Iterator[None]:
 @dataclass(frozen=True)
 class Progress:
     """Where a run stands, as a progress callback sees it (runner.execute's on_progress): sent when
-    a stage starts, after each denoising step, and as each image of a stage is done."""
+    a stage starts, after each denoising step (upsample: each token written), and as each image of a
+    stage is done."""
 
-    stage: str  # "encode", "denoise" or "decode"
+    stage: str  # "upsample", "encode", "encode_image", "denoise" or "decode"
     images_done: int  # of the stage's images
     images: int  # the stage's images (encode: the distinct prompts it encodes)
-    step: int | None = None  # denoise: the step just finished of the current batch, 1-based
-    steps: int | None = None  # denoise: the steps of each batch
+    # denoise: the step just finished of the current batch, 1-based; upsample: the tokens written for the
+    # current prompt (its generation may end before `steps`)
+    step: int | None = None
+    steps: int | None = None  # denoise: the steps of each batch; upsample: --upsample-max-tokens
 
 
 def stage_bar(name: str, images: int, shown: bool) -> tqdm:

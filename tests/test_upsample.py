@@ -260,17 +260,23 @@ def test_an_upsampler_that_cannot_run_is_refused_in_one_line_before_anything_is_
 def test_the_python_api_upsamples_and_keeps_the_upsampler_between_calls(tiny_flux3, tiny_upsampler, loads):
     """Model.generate takes upsample_prompt and upsample_max_tokens as the command line takes its options:
     the image's metadata holds the prompt as typed and as rewritten, which the one-piece blocks wrote;
-    a second call with the same upsampler reads no Qwen3.5 weights (the stage kept in RAM)."""
+    the progress callback hears each token written; a second call with the same upsampler reads no
+    Qwen3.5 weights (the stage kept in RAM)."""
     import flux_sharded
 
     with flux_sharded.open_model(str(tiny_flux3), max_memory="cpu=4GB", dtype="float32") as model:
         arguments = dict(seed=3, steps=2, height=32, width=32, upsample_prompt=str(tiny_upsampler),
                          upsample_max_tokens=TOKENS)
-        first = model.generate("a dog", **arguments)
+        events = []
+        first = model.generate("a dog", progress=events.append, **arguments)
         assert [name for name, _, _ in loads].count("Qwen3_5ForConditionalGeneration") == 1
         second = model.generate("a dog", **arguments)
     assert [name for name, _, _ in loads].count("Qwen3_5ForConditionalGeneration") == 1
     assert second.report.stages[0].name == "upsample" and second.report.stages[0].weights_kept
+    # a step per token written: the prefill's, then one per generated token, up to upsample_max_tokens
+    steps = [event.step for event in events if event.stage == "upsample" and event.step is not None]
+    assert steps == list(range(1, len(steps) + 1)) and 1 < len(steps) <= TOKENS
+    assert {event.steps for event in events if event.stage == "upsample" and event.step} == {TOKENS}
     images, written = _one_piece(tiny_flux3, "Flux3DistilledModularPipeline", tiny_upsampler, "a dog", [3])
     for generation in (first, second):
         assert generation.metadata[0]["prompt"] == "a dog" and generation.metadata[0]["upsampled_prompt"] == written

@@ -53,15 +53,32 @@ def load(checkpoint, stage_plan, dtype: torch.dtype, offload_folder=None):
 
 
 def run(pipeline, handoff: Handoff, on_image_done=None, on_step=None) -> Handoff:
-    """Each distinct prompt rewritten once (first-seen order); a text per image."""
+    """Each distinct prompt rewritten once (first-seen order); a text per image. on_step(token,
+    --upsample-max-tokens) after each forward pass of the upsampler (each writes one token: the
+    prompt's prefill the first; generation may stop sooner, at its end-of-turn token), so that a
+    long generation shows its progress and stops at a Ctrl-C between two tokens."""
     settings = handoff.settings
     images_of = Counter(settings.prompts)
     written = {}
-    with torch.inference_mode():
-        for prompt in images_of:
-            written[prompt] = flux3.upsample(pipeline, prompt, settings)
-            if on_image_done:
-                on_image_done(images_of[prompt])
+    tokens = 0
+
+    def token_done(module, args, output) -> None:
+        nonlocal tokens
+        tokens += 1
+        if on_step:
+            on_step(tokens, settings.upsample_max_tokens)
+
+    # a forward hook of the upsampler itself: the block's generate() takes no callback
+    hook = pipeline.prompt_upsampler.register_forward_hook(token_done)
+    try:
+        with torch.inference_mode():
+            for prompt in images_of:
+                tokens = 0
+                written[prompt] = flux3.upsample(pipeline, prompt, settings)
+                if on_image_done:
+                    on_image_done(images_of[prompt])
+    finally:
+        hook.remove()  # the upsampler may be kept between calls (the Python API)
     return dataclasses.replace(handoff, upsampled=tuple(written[prompt] for prompt in settings.prompts),
                                finished_stages=handoff.finished_stages + (NAME,))
 
