@@ -320,3 +320,33 @@ def test_the_upsamplers_weights_are_recorded_and_a_changed_upsampler_is_refused_
     assert resumed.exit_code == 0, resumed.output
     (image,) = out.glob("*.png")
     assert Image.open(image).text["upsampler_weights"] == fingerprint_digest(recorded)
+
+
+def test_two_processes_under_torchrun_each_upsample_their_share(tiny_flux3, tiny_upsampler, tmp_path):
+    """Under torchrun each process rewrites its own share's prompts (2 + 1 images) in its own upsample
+    stage; run.json and the report list every image's rewritten prompt in order, each the one-piece
+    blocks' with their upsampler, and every image equals theirs."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    prompts = ["a dog", "a red car", "a cat"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "flux_sharded",
+         "--model", str(tiny_flux3), *SIZE, "--seed", "5", "--prompts-file", str(tmp_path / "prompts.txt"),
+         "--upsample-prompt", str(tiny_upsampler), "--upsample-max-tokens", str(TOKENS), "--out", str(out),
+         "--report", str(tmp_path / "report.json")],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [(stage["process"], stage["name"], stage["images"]) for stage in report["stages"]][::4] == [
+        (0, "upsample", 2), (1, "upsample", 1)]
+    expected = [_one_piece(tiny_flux3, "Flux3DistilledModularPipeline", tiny_upsampler, prompt, [seed])
+                for prompt, seed in zip(prompts, (5, 6, 7))]
+    written = [text for _, text in expected]
+    (run_dir,) = out.glob(".flux-sharded/run-*")
+    assert report["upsampled_prompts"] == written == json.loads((run_dir / "run.json").read_text())["upsampled_prompts"]
+    for image, (images, _) in zip(_images(out), expected, strict=True):
+        assert_same_pixels(image, images[0])
