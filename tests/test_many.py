@@ -50,7 +50,7 @@ def test_each_component_loads_once_for_many_prompts_and_seeds_follow_the_index(t
     prompts_file.write_text('{"prompt": "a red car under the sky"}\n{"prompt": "night city street", "seed": 99}\n')
     report = run(tiny_checkpoint, tmp_path / "out", "--prompt", PROMPTS[0], "--prompts-file", str(prompts_file),
                  "--num-images-per-prompt", "2", "--seed", "5")
-    assert loads == {"encode": 1, "encode_image": 0, "denoise": 1, "decode": 1}  # encode_image: no --image
+    assert loads == {"upsample": 0, "encode": 1, "encode_image": 0, "denoise": 1, "decode": 1}  # no --image, no upsampler
     names = [Path(path).name for path in report["images"]]
     assert names == [
         "0000-5-a-photo-of-a-dog.png", "0001-6-a-photo-of-a-dog.png",
