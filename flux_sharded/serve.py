@@ -87,7 +87,11 @@ IGNORED_FIELDS = ("model", "user", "quality", "style", "moderation", "background
 # and the input images with their mask and strength: the command line reads images from paths, and no
 # request names a path on the server.
 INPUT_IMAGE_SETTINGS = ("images", "mask", "strength")
-NATIVE_SETTINGS = tuple(each for each in image_options() if each.name not in ("batch_size", *INPUT_IMAGE_SETTINGS))
+# Nor the prompt upsampler: --upsample-prompt names a folder or a hub id, so a request would have the
+# server read, or fetch, a model of the client's choosing (18.8 GB for the published one).
+UPSAMPLER_SETTINGS = ("upsample_prompt", "upsample_max_tokens")
+NATIVE_SETTINGS = tuple(each for each in image_options()
+                        if each.name not in ("batch_size", *INPUT_IMAGE_SETTINGS, *UPSAMPLER_SETTINGS))
 # OpenAI's endpoint takes the size as its own `size` field, the rest as extensions.
 EXTENSION_SETTINGS = tuple(each for each in NATIVE_SETTINGS if each.name not in ("height", "width"))
 # OpenAI's edits endpoint takes the input images as uploaded files (kept in OUT/inputs, named by the

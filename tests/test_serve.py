@@ -163,6 +163,8 @@ REFUSALS = [
     (request_body(out_dir="/etc"), 400, "out_dir", "'out_dir' is not a field this server takes"),
     # input images are read from paths: no request names a path on the server
     (request_body(images=["/etc/hostname"]), 400, "images", "'images' is not a field this server takes"),
+    # nor does one name a model for it to read or fetch: the prompt upsampler
+    (request_body(upsample_prompt="/etc"), 400, "upsample_prompt", "'upsample_prompt' is not a field this server takes"),
     (request_body(size="65536x65536"), 400, "size", "cannot hold this request"),
 ]
 
