@@ -56,7 +56,8 @@ from .prompts import PromptLine, expand
 from .quantize import check_available, check_prequantized, format_quantize, parse_quantize, prequantized
 from .report import RunReport
 from .rundir import holds_our_run
-from .settings import FAMILY, MAX_INPUT_IMAGES, MAX_LORAS, Setting, image_options, open_options
+from .settings import (FAMILY, MAX_INPUT_IMAGES, MAX_LORAS, UPSAMPLE_MAX_TOKENS, Setting, image_options,
+                       open_options)
 from .validate import setting_field
 
 LOGGER = logging.getLogger("flux_sharded")  # the runner's lines (budget, notes), silent unless configured
@@ -280,11 +281,27 @@ class Model:
             settings["upsample_prompt"] = model_reference(settings["upsample_prompt"])
         generation = GenerationSettings(model=self.model, prompts=prompts, seeds=seeds, dtype=self.dtype,
                                         quantize=self.quantize, lora=self.lora,
-                                        **{**self.defaults(), **self.inpaint_defaults(inputs, masks), **settings,
+                                        **{**self.defaults(), **self.inpaint_defaults(inputs, masks),
+                                           **self.upsample_defaults(settings), **settings,
                                            "images": tuple(each.saved_text for each in inputs),
                                            "mask": "".join(each.saved_text for each in masks)})
         return runner.RunRequest(self.checkpoint, generation, self.budget, out_dir, self.offload_folder,
                                  run_dir=run_dir, overwrite=overwrite, input_images=inputs + masks)
+
+    def upsample_defaults(self, settings: dict[str, Any]) -> dict[str, Any]:
+        """A run with the prompt upsampler (`settings`' upsample_prompt), where --max-sequence-length is
+        not given: a window that holds the caption it writes, as diffusers' blocks read it whole (their
+        max_sequence_length is 8192): --upsample-max-tokens plus one window (families.Family.text_window,
+        80 tokens) for the chat template's markup, rounded up to whole windows, at most the family's
+        limit (3680 tokens for the default 3584; the family's own 640 would cut most captions). The plan
+        counts that window; a caption the encode still cuts (the encode's tokenizer is not the
+        upsampler's) is noted as any prompt is. {} for another run."""
+        if not settings.get("upsample_prompt"):
+            return {}
+        family = self.checkpoint.family
+        tokens = settings.get("upsample_max_tokens", UPSAMPLE_MAX_TOKENS) + family.text_window
+        windows = -(-tokens // family.text_window)
+        return {"max_sequence_length": min(family.text_token_limit, windows * family.text_window)}
 
     def inpaint_defaults(self, inputs: tuple[InputImage, ...], masks: tuple[InputImage, ...]) -> dict[str, Any]:
         """An inpainting run's defaults where none are given: its pipeline's strength

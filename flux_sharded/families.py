@@ -570,6 +570,10 @@ class Family:
     # The most text tokens the pipeline takes: FluxPipeline refuses more than 512 (T5 was trained
     # on 512 tokens); Flux2Pipeline's default and the length its chat template pads to is 512.
     text_token_limit: int = 512
+    # The multiple of tokens each prompt is padded to (FLUX.3: Flux3TextEncoderStep's pad_multiple, 80;
+    # tests/test_flux3.py reads it from the installed diffusers); 1: the pipeline pads to
+    # --max-sequence-length itself.
+    text_window: int = 1
     # name -> shape of the embeddings its encode keeps (the handoff's tensors before denoise)
     encoded: Callable[[dict, int, int, bool], dict[str, tuple]] = _flux1_encoded
     # Those of `encoded` shared by every image, without a batch dimension (FLUX.1's text_ids).
@@ -814,6 +818,7 @@ FLUX_3_KLEIN = Family(
     sample_size=128,  # 1024x1024, the blocks' default size
     runs=True,
     text_token_limit=8192,
+    text_window=80,
     encoded=_flux3_encoded,
     shared_tensors=(),
     code="flux3",

@@ -4,6 +4,7 @@ line where it cannot run."""
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import numpy as np
@@ -350,3 +351,28 @@ def test_two_processes_under_torchrun_each_upsample_their_share(tiny_flux3, tiny
     assert report["upsampled_prompts"] == written == json.loads((run_dir / "run.json").read_text())["upsampled_prompts"]
     for image, (images, _) in zip(_images(out), expected, strict=True):
         assert_same_pixels(image, images[0])
+
+
+def test_an_upsampled_run_reads_the_whole_caption_by_default(tiny_flux3, tiny_upsampler, tmp_path):
+    """diffusers' blocks read up to 8192 tokens; FLUX.3's own default window (640) would cut most
+    captions: with the upsampler and no --max-sequence-length, the window holds --upsample-max-tokens
+    and one window of chat markup, in whole windows of the family's pad multiple (the installed
+    encode block's); given, it is kept."""
+    from diffusers.modular_pipelines.flux3.encoders import Flux3TextEncoderStep
+
+    from flux_sharded.api import Model
+    from flux_sharded.families import FLUX_3_KLEIN
+    from flux_sharded.prompts import PromptLine
+
+    pad = inspect.signature(Flux3TextEncoderStep.__init__).parameters["pad_multiple"].default
+    assert FLUX_3_KLEIN.text_window == pad == 80
+    model = Model(str(tiny_flux3), max_memory="cpu=2GB")
+
+    def window(**settings) -> int:
+        return model.request([PromptLine("a dog")], 0, 1, tmp_path, **settings).settings.max_sequence_length
+
+    assert window() == 640
+    assert window(upsample_prompt=str(tiny_upsampler)) == 3680  # 3584 + 80, in windows of 80
+    assert window(upsample_prompt=str(tiny_upsampler), upsample_max_tokens=100) == 240
+    assert window(upsample_prompt=str(tiny_upsampler), upsample_max_tokens=9000) == 8192
+    assert window(upsample_prompt=str(tiny_upsampler), max_sequence_length=400) == 400
