@@ -126,6 +126,38 @@ def test_a_resume_after_the_upsample_stage_does_not_load_the_upsampler_again(tin
     assert_same_pixels(_images(out)[0], images[0])
 
 
+
+def test_a_resume_after_the_encode_stage_of_an_upsampled_run_continues_it(tiny_flux3, tiny_upsampler, tmp_path,
+                                                                           monkeypatch):
+    """A run stopped in denoise keeps encode's handoff, which follows upsample's (its finished_stages
+    upsample then encode, as the resume checks them): the resume runs denoise and decode only, records
+    the rewritten prompt and gives the one-piece blocks' image. Encode's handoff once forgot upsample's
+    stage, and every such resume was refused."""
+    from flux_sharded.stages import flux3
+
+    out = tmp_path / "out"
+    real = flux3.denoise_batch
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(flux3, "denoise_batch", stopped)
+    first = invoke(["--model", str(tiny_flux3), *SIZE, "--seed", "3", "--prompt", "a dog", "--upsample-prompt",
+                    str(tiny_upsampler), "--upsample-max-tokens", str(TOKENS), "--out", str(out)])
+    assert first.exit_code == 130, first.output
+    (run_dir,) = out.glob(".flux-sharded/run-*")
+    assert json.loads((run_dir / "encode.json").read_text())["finished_stages"] == ["upsample", "encode"]
+    monkeypatch.setattr(flux3, "denoise_batch", real)
+    resumed = invoke(["--resume", str(run_dir), "--report", str(tmp_path / "report.json")])
+    assert resumed.exit_code == 0, resumed.output
+    assert "encode: finished earlier" in resumed.output
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [stage["name"] for stage in report["stages"]] == ["denoise", "decode"]
+    images, written = _one_piece(tiny_flux3, "Flux3DistilledModularPipeline", tiny_upsampler, "a dog", [3])
+    assert report["upsampled_prompts"] == [written]
+    assert_same_pixels(_images(out)[0], images[0])
+
+
 # ---------------------------------------------------------------- the plan
 
 

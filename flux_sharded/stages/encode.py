@@ -37,10 +37,11 @@ def todo(handoff: Handoff, share: Share) -> Work:
     prompt upsampler wrote for them (upsample's handoff: the share's images). A prompt of encode's
     groups that no image of the share has was not rewritten here; its rows are dropped (finish), and
     FLUX.3, the one family with an upsampler, encodes one prompt per call, so it is encoded as typed."""
+    # the stages finished before (upsample's), which a resume checks encode's handoff names
     if not handoff.upsampled:
-        return Work(Handoff(settings=share.encoded))
+        return Work(Handoff(settings=share.encoded, finished_stages=handoff.finished_stages))
     written = dict(zip(handoff.settings.prompts, handoff.upsampled))
-    return Work(Handoff(settings=share.encoded,
+    return Work(Handoff(settings=share.encoded, finished_stages=handoff.finished_stages,
                         upsampled=tuple(written.get(prompt, prompt) for prompt in share.encoded.prompts)))
 
 
