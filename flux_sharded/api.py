@@ -45,7 +45,7 @@ from . import runner  # noqa: E402 (and below)
 from .activations import ACTIVATION_MARGIN
 from .budget import DEFAULT_CPU_FRACTION, DEFAULT_GPU_RESERVE_BYTES, Budget, check_gpus, default_budget, \
     format_budget, parse_budget
-from .checkpoint import DEFAULT_MODEL, Checkpoint, model_reference, resolve_checkpoint
+from .checkpoint import DEFAULT_MODEL, UPSAMPLER_HUB_ID, Checkpoint, model_reference, resolve_checkpoint
 from .errors import PlanError, SettingsError
 from .families import generation_defaults, reference_size
 from .handoff import GenerationSettings
@@ -277,6 +277,9 @@ class Model:
         inputs = image_inputs(settings.pop("images", ()))  # read once, before anything is written
         mask = settings.pop("mask", None)  # given empty (an unset shell variable): refused, not taken for none
         masks = (read_image(str(mask), "--mask"),) if mask is not None else ()
+        if settings.get("upsample_prompt") == "":  # given empty (an unset shell variable): refused, not taken for none
+            raise SettingsError(f"--upsample-prompt: empty; give the prompt upsampler's folder or hub id (e.g. "
+                                f"{UPSAMPLER_HUB_ID}), or leave out --upsample-prompt")
         if settings.get("upsample_prompt"):  # recorded as --model is: a local folder by its absolute path
             settings["upsample_prompt"] = model_reference(settings["upsample_prompt"])
         generation = GenerationSettings(model=self.model, prompts=prompts, seeds=seeds, dtype=self.dtype,

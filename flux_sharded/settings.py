@@ -159,9 +159,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("negative_prompt", str, "what true CFG guides away from", "", option=True, png="negative_prompt",
             may_be_missing=True, applies=lambda settings: settings.true_cfg > 1),
     # FLUX.3's prompt upsampler (--upsample-prompt: a hub id, or a local folder kept absolute), which rewrites
-    # each prompt in a stage before encode; "" for none: each prompt is encoded as typed. What it wrote is the
-    # run's output, not a setting (handoff.Handoff.upsampled; run.json's "upsampled_prompts", the PNGs').
-    Setting("upsample_prompt", str, "prompt upsampler (FLUX.3) rewriting each prompt before encode; '' for none",
+    # each prompt in a stage before encode; "" for none (given empty, refused: api.Model.request): each prompt
+    # is encoded as typed. What it wrote is the run's output, not a setting (handoff.Handoff.upsampled;
+    # run.json's "upsampled_prompts", the PNGs').
+    Setting("upsample_prompt", str, "prompt upsampler (FLUX.3) rewriting each prompt before encode; none by default",
             "", option=True, png="upsample_prompt", may_be_missing=True, omitted_at_default=True),
     Setting("upsample_max_tokens", int, "the most tokens the prompt upsampler writes per prompt", UPSAMPLE_MAX_TOKENS,
             low=1, high=MAX_UPSAMPLE_TOKENS, option=True, png="upsample_max_tokens", may_be_missing=True,

@@ -246,6 +246,7 @@ def test_the_generation_estimate_covers_a_measured_greedy_generation(width, prom
     ("flux1", "--upsample-prompt: FLUX.1 (FluxPipeline) has no prompt upsampler"),
     ("flux2", "--upsample-prompt: FLUX.2-klein (Flux2KleinPipeline) has no prompt upsampler"),
     ("missing", "does not exist; give the prompt upsampler's folder or hub id"),
+    ("empty", "--upsample-prompt: empty; give the prompt upsampler's folder or hub id"),  # an unset shell variable
     ("checkpoint", "has no config.json, so it is not a prompt upsampler"),
     ("text_encoder", "config.json describes a qwen3_vl, not a Qwen3_5ForConditionalGeneration"),
     ("no weights", "has no weights (*.safetensors)"),
@@ -265,6 +266,8 @@ def test_an_upsampler_that_cannot_run_is_refused_in_one_line_before_anything_is_
         model = tiny_klein
     elif case == "missing":
         upsampler = str(tmp_path / "nowhere")
+    elif case == "empty":
+        upsampler = ""
     elif case == "checkpoint":
         upsampler = str(tiny_flux3)
     elif case == "text_encoder":
