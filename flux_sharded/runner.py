@@ -228,8 +228,9 @@ def check_image_settings(settings: GenerationSettings, family, vae_scale_factor:
     takes_strength = family.strength or bool(settings.mask)  # every inpainting pipeline takes one
     strength = settings.strength
     if not 0 < strength <= 1:  # also refuses nan
+        default = family.inpaint_strength if settings.mask and family.inpaint_pipeline else DEFAULT_STRENGTH
         raise SettingsError(f"--strength {strength}: give a number above 0 and at most 1 (the share of the "
-                            f"schedule redrawn from the input image; default {DEFAULT_STRENGTH:g})")
+                            f"schedule redrawn from the input image; default {default:g})")
     if strength != DEFAULT_STRENGTH and not takes_strength:
         raise SettingsError(f"--strength {strength:g}: {family.name}'s {pipeline or family.pipeline} "
                             "takes no strength; leave out --strength")

@@ -868,6 +868,10 @@ def test_fill_without_a_mask_or_with_true_cfg_is_refused_in_one_line(tiny_fill, 
     result = invoke(fill_args(tiny_fill, image_path, mask_path, out, "--true-cfg", "3", "--negative-prompt", "x"))
     assert result.exit_code == 2
     assert error_line(result).startswith("Error: --true-cfg 3: FLUX.1-Fill's FluxFillPipeline takes no negative prompt")
+    result = invoke(fill_args(tiny_fill, image_path, mask_path, out, "--strength", "0"))
+    assert result.exit_code == 2  # the default it names is this run's pipeline's (FluxFillPipeline's 1), not img2img's
+    assert error_line(result) == ("Error: --strength 0.0: give a number above 0 and at most 1 (the share of the "
+                                  "schedule redrawn from the input image; default 1)")
     assert not out.exists()
 
 
