@@ -391,21 +391,22 @@ def _check_shards_present(index: Path, model: str) -> None:
         )
 
 
-def _check_safetensors(file: Path, model: str) -> None:
+def _check_safetensors(file: Path, model: str, option: str = "--model") -> None:
+    """`file` (of `option`'s `model`) is a regular file whose safetensors header covers it exactly."""
     from safetensors import safe_open
 
     try:
         if not stat.S_ISREG(os.stat(file).st_mode):
-            raise CheckpointError(f"--model: '{model}': {file} is not a regular file; download that file again")
+            raise CheckpointError(f"{option}: '{model}': {file} is not a regular file; download that file again")
     except OSError as error:  # a link to nowhere (a Hugging Face cache without its blob), a link loop
-        raise CheckpointError(f"--model: '{model}': {file} cannot be opened ({error.strerror or error}: a link to a "
+        raise CheckpointError(f"{option}: '{model}': {file} cannot be opened ({error.strerror or error}: a link to a "
                               "file that is not there, or a link loop); download that file again") from None
     try:
         with safe_open(file, "pt"):
             return
     except Exception as error:  # safetensors' SafetensorError (its header), OSError
         problem = _safetensors_problem(file, error)
-    raise CheckpointError(f"--model: '{model}': {file} is truncated or corrupt ({problem}); download that file again")
+    raise CheckpointError(f"{option}: '{model}': {file} is truncated or corrupt ({problem}); download that file again")
 
 
 def _safetensors_problem(file: Path, error: Exception) -> str:
@@ -655,6 +656,16 @@ def check_upsampler(source: str, folder: Path, family: Family, need_weights: boo
     if not any(folder.glob("*.safetensors")):
         raise CheckpointError(f"{where} has no weights (*.safetensors) beside its config.json; fetch the upsampler's "
                               f"folder again, or {fix}")
+    # a damaged file failed only inside the upsample stage, after run.json (as check_weight_files and
+    # check_tokenizers find the checkpoint's)
+    for file in sorted(folder.glob("*.safetensors")):
+        _check_safetensors(file, source, "--upsample-prompt")
+    try:
+        upsampler_processor(folder)
+    except Exception as error:  # tokenizers and transformers raise many types; each means "damaged"
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{where}: its tokenizer cannot be loaded ({reason}); fetch the upsampler's folder "
+                              f"again, or {fix}") from None
 
 
 # The config's model_type of FLUX.3's upsampler class (transformers' Qwen3_5Config.model_type).

@@ -251,6 +251,9 @@ def test_the_generation_estimate_covers_a_measured_greedy_generation(width, prom
     ("text_encoder", "config.json describes a qwen3_vl, not a Qwen3_5ForConditionalGeneration"),
     ("no weights", "has no weights (*.safetensors)"),
     ("no tokenizer", "has no tokenizer"),
+    # damaged files: once found only in the upsample stage, after run.json, with exit code 1
+    ("truncated weights", "model.safetensors is truncated or corrupt"),
+    ("damaged tokenizer", "its tokenizer cannot be loaded"),
     ("image", "--upsample-prompt with --image"),
     ("tokens", "--upsample-max-tokens 0: use 1 to 32768 tokens"),
     ("tokens alone", "--upsample-max-tokens 5 has no effect without --upsample-prompt"),
@@ -275,6 +278,10 @@ def test_an_upsampler_that_cannot_run_is_refused_in_one_line_before_anything_is_
     elif case in ("no weights", "no tokenizer"):
         upsampler = str(shutil.copytree(tiny_upsampler, tmp_path / "copy"))
         (tmp_path / "copy" / ("model.safetensors" if case == "no weights" else "tokenizer.json")).unlink()
+    elif case in ("truncated weights", "damaged tokenizer"):
+        upsampler = str(shutil.copytree(tiny_upsampler, tmp_path / "copy"))
+        damaged = tmp_path / "copy" / ("model.safetensors" if case == "truncated weights" else "tokenizer.json")
+        damaged.write_bytes(damaged.read_bytes()[:100])
     elif case == "image":
         Image.new("RGB", (32, 32), "red").save(tmp_path / "in.png")
         extra = ["--image", str(tmp_path / "in.png")]
