@@ -126,12 +126,13 @@ def _quantize(spec: str, checkpoint: Checkpoint) -> str:
     return format_quantize(chosen)
 
 
-def image_inputs(values: tuple[str, ...]) -> tuple[InputImage, ...]:
-    """--image's values, each read, checked whole and hashed (input_images.read_image), in order."""
+def image_inputs(values: tuple[str | InputImage, ...]) -> tuple[InputImage, ...]:
+    """--image's values, each read, checked whole and hashed (input_images.read_image), in order;
+    one read already (an InputImage) as it is."""
     if len(values) > MAX_INPUT_IMAGES:
         raise SettingsError(f"--image given {len(values)} times: no pipeline here takes more than "
                             f"{MAX_INPUT_IMAGES} input image(s); give at most {MAX_INPUT_IMAGES}")
-    return tuple(read_image(str(value)) for value in values)
+    return tuple(value if isinstance(value, InputImage) else read_image(str(value)) for value in values)
 
 
 def lora_texts(values: tuple[str, ...]) -> tuple[str, ...]:
@@ -271,18 +272,27 @@ class Model:
                 run_dir: Path | None = None, overwrite: bool = False, **settings) -> runner.RunRequest:
         """The runner's request for these prompts (seed k + image k, as prompts.expand gives them) and
         per-call settings, checked already (the rest: the model's defaults)."""
+        prompts, seeds = expand(lines, seed, num_images_per_prompt)
+        return self.request_images(prompts, seeds, (), out_dir, run_dir, overwrite, **settings)
+
+    def request_images(self, prompts: tuple[str, ...], seeds: tuple[int, ...], indices: tuple[int, ...],
+                       out_dir: Path, run_dir: Path | None = None, overwrite: bool = False,
+                       **settings) -> runner.RunRequest:
+        """request() for images given one by one: their prompts, seeds and indices over the whole job
+        (GenerationSettings.indices; () for 0, 1, ...). `images` and `mask` may be given read already
+        (input_images.InputImage)."""
         if self.closed:
             raise SettingsError("this model is closed; open another with flux_sharded.open_model(...)")
-        prompts, seeds = expand(lines, seed, num_images_per_prompt)
         inputs = image_inputs(settings.pop("images", ()))  # read once, before anything is written
         mask = settings.pop("mask", None)  # given empty (an unset shell variable): refused, not taken for none
-        masks = (read_image(str(mask), "--mask"),) if mask is not None else ()
+        masks = () if mask is None else (mask,) if isinstance(mask, InputImage) else (read_image(str(mask), "--mask"),)
         if settings.get("upsample_prompt") == "":  # given empty (an unset shell variable): refused, not taken for none
             raise SettingsError(f"--upsample-prompt: empty; give the prompt upsampler's folder or hub id (e.g. "
                                 f"{UPSAMPLER_HUB_ID}), or leave out --upsample-prompt")
         if settings.get("upsample_prompt"):  # recorded as --model is: a local folder by its absolute path
             settings["upsample_prompt"] = model_reference(settings["upsample_prompt"])
-        generation = GenerationSettings(model=self.model, prompts=prompts, seeds=seeds, dtype=self.dtype,
+        generation = GenerationSettings(model=self.model, prompts=prompts, seeds=seeds, indices=indices,
+                                        dtype=self.dtype,
                                         quantize=self.quantize, lora=self.lora,
                                         **{**self.defaults(), **self.inpaint_defaults(inputs, masks),
                                            **self.upsample_defaults(settings), **settings,

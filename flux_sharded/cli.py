@@ -35,6 +35,7 @@ CUDA_ALLOC_CONF = "expandable_segments:True"
 # setting of the schema set by an option of its own (settings.resume_options), and the folders.
 PROMPT_OPTIONS = ("prompts", "prompts_file", "num_images_per_prompt", "seed")
 SAVED_OPTIONS = (*PROMPT_OPTIONS, *resume_options(), "out_dir", "run_dir")
+ARGUMENTS = "flux_sharded.arguments"  # click's context.meta key of the command line's arguments, as given
 
 
 class BudgetType(click.ParamType):
@@ -55,6 +56,13 @@ class BudgetType(click.ParamType):
 class OneLineErrors(click.Command):
     """click answers a bad option value with its usage and a hint before the error; a user mistake
     here is one `Error: ...` line (exit 2) like every other, naming the option and the fix."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        # The arguments as given, before click takes them apart: a job's continue command repeats them (jobs.py).
+        given = list(args)
+        context = super().make_context(info_name, args, parent, **extra)
+        context.meta[ARGUMENTS] = given
+        return context
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:  # a caller that handles click's exceptions itself
@@ -337,7 +345,7 @@ def _request(ctx: click.Context, options: dict):
             "--dry-run plans them (add --dry-run to see the plan under your --max-memory)"
         )
     from . import api
-    from .distributed import local_processes
+    from .distributed import launched_processes, local_processes
 
     def note(message: str) -> None:
         click.echo(message, err=True)
@@ -348,6 +356,18 @@ def _request(ctx: click.Context, options: dict):
     # The model's defaults (api.Model.defaults) for the settings not given
     given = {each.name: options[each.name] for each in image_options()
              if ctx.get_parameter_source(each.name) != ParameterSource.DEFAULT}
+    from .jobs import continue_command, has_inputs, make_job
+
+    if has_inputs(lines):  # lines with their own image, mask or negative prompt: a run per set of inputs
+        if launched_processes() > 1:
+            raise SettingsError(f"--prompts-file '{options['prompts_file']}': lines that give their own \"image\", "
+                                "\"mask\" or \"negative_prompt\" run in one process; start it without torchrun or "
+                                "accelerate launch, or give each set of inputs a command of its own")
+        values = {option for param in main.params if isinstance(param, click.Option) and not param.is_flag
+                  for option in param.opts}
+        return make_job(model, lines, options["seed"], options["num_images_per_prompt"], options["out_dir"],
+                        options["run_dir"], options["overwrite"], given,
+                        continue_command(ctx.meta[ARGUMENTS], values), options["report_path"], options["dry_run"])
     return model.request(lines, options["seed"], options["num_images_per_prompt"], options["out_dir"],
                          options["run_dir"], options["overwrite"], **given)
 
@@ -360,6 +380,11 @@ def _check_agrees(given: list[str], options: dict, saved, checkpoint) -> None:
     settings = saved.settings
     if set(PROMPT_OPTIONS) & set(given):
         lines = _prompt_lines(options["prompts"], options["prompts_file"])
+        if any(line.has_inputs for line in lines):
+            raise SettingsError(f"--resume with --prompts-file '{options['prompts_file']}', whose lines give their own "
+                                "\"image\", \"mask\" or \"negative_prompt\" (a run per set of inputs): run the "
+                                "same command again, without --resume, to continue them all, or give --resume "
+                                f"{options['resume_dir']} alone to continue that one run")
         if expand(lines, options["seed"], options["num_images_per_prompt"]) != (settings.prompts, settings.seeds):
             raise SettingsError("--resume: the prompts or seeds given differ from the saved run's; drop them to "
                                 "continue it, or start a new run")
@@ -413,8 +438,51 @@ def _prompt_lines(prompts, prompts_file):
 
 
 def _run(request, options: dict, process) -> None:
+    """Run (or dry-run) the request, or each run of a job (jobs.Job) in turn through one
+    runner.KeptStages, which keeps a component loaded from one run to the next where their plans
+    allow (plan.kept_between_calls); the table of each, then the report and the images written."""
+    from . import api, runner
+    from .jobs import Job
+
+    runs = request.runs if isinstance(request, Job) else None
+    requests = [each.request for each in runs] if runs else [request]
+    kept = runner.KeptStages() if runs else None
+    refusal = None
+    try:
+        for number, each in enumerate(requests):
+            if runs:
+                click.echo(runs[number].title, err=True)
+            report, refused = _run_one(each, options, process, kept)
+            if report is None:  # not the main process: the main one reports for everyone
+                return
+            refusal = refusal or refused
+            if number < len(requests) - 1:  # the last run's, once its report is written
+                _echo_written(report)
+    finally:
+        if kept is not None:
+            kept.clear()
+    if refusal is not None:
+        raise refusal  # a refused budget writes nothing, not even the report
+    if options["report_path"] is not None:
+        try:
+            report.write(options["report_path"])
+        except OSError as error:
+            raise OutputError(f"--report: could not write {options['report_path']} ({error.strerror or error}); "
+                              "the images are written (the table above is the report)") from None
+    _echo_written(report)
+
+
+def _echo_written(report) -> None:
+    for path in report.written:
+        click.echo(f"wrote {path}")
+
+
+def _run_one(request, options: dict, process, kept) -> tuple:
+    """One run's plan (--dry-run) or run, its table and the images it wrote shown; its report (None
+    on a process other than the main one) and a dry-run's refusal."""
     from . import api
 
+    refusal = None
     if options["dry_run"]:
         plan = api.dry_run(request)
         for note in plan.notes:
@@ -426,22 +494,12 @@ def _run(request, options: dict, process) -> None:
             from .runner import check_report_path
 
             check_report_path(request, options["report_path"])
-        report = api.run(request, log=lambda message: click.echo(message, err=True), process=process)
-        refusal = None
-        if report is None:  # not the main process: the main one reports for everyone
-            return
+        report = api.run(request, log=lambda message: click.echo(message, err=True), process=process, kept=kept)
+        if report is None:
+            return None, None
     if report.stages:  # a resume with nothing left to do ran no stage: no table to show
         click.echo(report.table())
-    if refusal is not None:
-        raise refusal  # a refused budget writes nothing, not even the report
-    if options["report_path"] is not None:
-        try:
-            report.write(options["report_path"])
-        except OSError as error:
-            raise OutputError(f"--report: could not write {options['report_path']} ({error.strerror or error}); "
-                              "the images are written (the table above is the report)") from None
-    for path in report.written:
-        click.echo(f"wrote {path}")
+    return report, refusal
 
 
 def _check_report_path(path: Path) -> None:

@@ -64,9 +64,10 @@ def saved_text(path: Path, size: tuple[int, int], sha256: str) -> str:
     return f"{path} {size[0]}x{size[1]}{SAVED_HASH}{sha256}"
 
 
-def read_image(text: str, option: str = "--image") -> InputImage:
+def read_image(text: str, option: str = "--image", mask: bool | None = None) -> InputImage:
     """An --image (or --mask) value, read once, hashed and decoded whole. Raises SettingsError naming
-    the value and the fix."""
+    the value (as `option` names it) and the fix. `mask`: read as a mask (decode's check); default:
+    when `option` is --mask."""
     path = Path(text).expanduser().absolute()
     what = f"{option} '{text}'"
     if not text.strip():
@@ -84,7 +85,7 @@ def read_image(text: str, option: str = "--image") -> InputImage:
                             "image") from None
     except OSError as error:
         raise SettingsError(f"{what} cannot be read ({error.strerror or error}); check the file") from None
-    return InputImage(path, hashlib.sha256(data).hexdigest(), decode(data, what, mask=option == "--mask"))
+    return InputImage(path, hashlib.sha256(data).hexdigest(), decode(data, what, mask=option == "--mask" if mask is None else mask))
 
 
 def decode(data: bytes, what: str, mask: bool = False):

@@ -176,16 +176,16 @@ def write_run(run_dir: Path, saved: SavedRun) -> None:
                           "space or fix the folder, then run the same command again") from None
 
 
-def our_files(run_dir: Path, process_counts, images: int) -> list[Path]:
-    """Every file a run of `images` images, started or resumed with each of `process_counts`
-    processes, may write in its run folder, by exact name."""
+def our_files(run_dir: Path, process_counts, indices) -> list[Path]:
+    """Every file a run of the images `indices` (GenerationSettings.image_indices), started or
+    resumed with each of `process_counts` processes, may write in its run folder, by exact name."""
     names = [RUN_FILE]
     for stage in SAVED_STAGES:
         for processes in sorted(set(process_counts)):
             for index in range(processes):
                 stem = handoff_path(run_dir, stage, index, processes).name
                 names += [f"{stem}.safetensors", f"{stem}.json"]
-    return [run_dir / name for name in names] + [batch_latents_path(run_dir, index) for index in range(images)]
+    return [run_dir / name for name in names] + [batch_latents_path(run_dir, index) for index in indices]
 
 
 # Every name a run writes in its run folder besides run.json (our_files lists them exactly once the
@@ -229,17 +229,18 @@ def remove_superseded(run_dir: Path, process_counts, finished_with: int) -> None
                 path.with_suffix(".safetensors").unlink(missing_ok=True)
 
 
-def clear_run(run_dir: Path, processes: int, images: int) -> None:
+def clear_run(run_dir: Path, processes: int, indices: tuple[int, ...]) -> None:
     """Remove the files of an earlier run, ours only and by exact name (the earlier run may have had
-    another number of processes or images: its run.json says how many)."""
-    sizes = {((processes,), images)}
+    another number of processes or other images: its run.json says which); `indices`: this run's
+    images (GenerationSettings.image_indices)."""
+    sizes = {((processes,), tuple(indices))}
     try:
         earlier = read_run(run_dir)
-        sizes.add((earlier.process_counts, len(earlier.settings.prompts)))
-    except SettingsError:  # no run.json, or a damaged one: the names of this run's sizes
+        sizes.add((earlier.process_counts, earlier.settings.image_indices))
+    except SettingsError:  # no run.json, or a damaged one: the names of this run's images
         pass
-    for counts, image_count in sizes:
-        for path in our_files(run_dir, counts, image_count):
+    for counts, image_indices in sizes:
+        for path in our_files(run_dir, counts, image_indices):
             path.unlink(missing_ok=True)  # machines sharing the folder clear it at the same time
 
 

@@ -110,6 +110,9 @@ class RunRequest:
     # settings.images, then settings.mask (if any), read and decoded once (input_images.read_image), in
     # order; () : the runner reads them itself where it needs them (input_images.find_saved)
     input_images: tuple[InputImage, ...] = ()
+    # What continues the work this run is part of, when that is more than the run (one run of a
+    # prompts file's, jobs.py: the same command again); None: resume_command's --resume
+    continue_command: str | None = None
 
     @property
     def run_folder(self) -> Path:
@@ -119,6 +122,8 @@ class RunRequest:
     def resume_command(self) -> str:
         """What continues this run, under the same launcher (on each machine, for several); the run
         folder absolute, so that the command works from any folder."""
+        if self.continue_command is not None:
+            return self.continue_command
         return f"{launcher_command() or 'flux-sharded '}--resume {shlex.quote(str(self.run_folder.absolute()))}"
 
 
@@ -576,8 +581,10 @@ def _execute(request: RunRequest, log: Callable[[str], None], process: Process,
     saved_run = read_run(request.run_folder) if request.resume else None
     resumed, denoised = None, {}
     if saved_run is not None:  # whatever shares saved this share's images, under any number of processes
-        saved = saved_handoffs(request.run_folder, saved_run.process_counts, request.settings, positions,
-                               request.checkpoint, fingerprint_digest(saved_run.weights))
+        indices = request.settings.image_indices  # the handoffs name images by these
+        saved = saved_handoffs(request.run_folder, saved_run.process_counts, request.settings,
+                               [indices[position] for position in positions], request.checkpoint,
+                               fingerprint_digest(saved_run.weights))
         resumed, denoised = resumed_handoff(request.settings.subset(positions), saved)
         del saved  # the rows this share needs are copied out
     to_run = [stage.NAME for stage in STAGES if resumed is None or stage.NAME not in resumed.finished_stages]
@@ -621,7 +628,7 @@ def _execute(request: RunRequest, log: Callable[[str], None], process: Process,
                     check_run_image(path, _png_metadata(settings, position, request.budget,
                                                         fingerprint_digest(fingerprint), checkpoint,
                                                         upsampler_digest=_digest(upsampler)))
-        images = len(request.settings.prompts)
+        images = request.settings.image_indices
         counts = {process.count, *(saved_run.process_counts if saved_run else ())}
         remove_stale_temporaries(request.run_folder, [path.name for path in our_files(request.run_folder, counts, images)])
         remove_stale_temporaries(request.out_dir, [path.name for path in paths])

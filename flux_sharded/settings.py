@@ -128,7 +128,9 @@ SETTINGS: tuple[Setting, ...] = (
             png="max_sequence_length"),
     Setting("dtype", str, "weights and compute dtype", "bfloat16", choices=DTYPE_NAMES, option=True, opens=True,
             png="dtype"),
-    Setting("indices", tuple, "each image's index over the whole run (several processes); () = 0, 1, ...", (),
+    # A share's (several processes), or a run's of a prompts file's lines (jobs.py: over the whole file,
+    # which names its PNGs); () = 0, 1, ...
+    Setting("indices", tuple, "each image's index over the whole run or job; () = 0, 1, ...", (),
             item=int, low=0, per_image=True, may_be_missing=True),
     Setting("batch_size", int, "images per forward pass", 1, low=1, high=MAX_BATCH_SIZE, option=True,
             png="batch_size", may_be_missing=True),

@@ -281,12 +281,14 @@ def check_share_settings(saved, run_settings, meta_file: Path, fix: str):
     import dataclasses
 
     indices = saved.image_indices
-    count = len(run_settings.prompts)
-    if len(set(indices)) != len(indices) or any(index >= count for index in indices):
-        raise SettingsError(f"--resume: {meta_file} field 'settings.indices' names images outside 0..{count - 1} or "
-                            f"one twice; {fix}")
+    positions = {index: position for position, index in enumerate(run_settings.image_indices)}
+    if len(set(indices)) != len(indices) or any(index not in positions for index in indices):
+        run = (f"0..{len(positions) - 1}" if not run_settings.indices
+               else ", ".join(map(str, run_settings.indices)))  # a prompts file's run: its images' (jobs.py)
+        raise SettingsError(f"--resume: {meta_file} field 'settings.indices' names images outside {run} or one "
+                            f"twice; {fix}")
     saved = dataclasses.replace(saved, indices=tuple(indices))
-    if saved != run_settings.subset(list(indices)):
+    if saved != run_settings.subset([positions[index] for index in indices]):
         raise SettingsError(f"--resume: {meta_file} belongs to other settings than the run's (run.json); {fix}")
     return saved
 

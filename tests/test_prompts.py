@@ -63,6 +63,21 @@ def test_bad_files(tmp_path, text, message):
     assert message in str(raised.value) and str(path) in str(raised.value)
 
 
+def test_a_lines_inputs_are_its_own_and_its_relative_paths_the_files_folders(tmp_path):
+    """A relative path is taken from the prompts file's folder, not the current one; null is as if left out."""
+    path = tmp_path / "jobs" / "prompts.jsonl"
+    path.parent.mkdir()
+    path.write_text('{"prompt": "a", "image": "in/a.png", "mask": "/abs/m.png"}\n'
+                    '{"prompt": "b", "image": ["x.png", "~/y.png"], "negative_prompt": ""}\n'
+                    '{"prompt": "c", "image": null, "mask": null, "negative_prompt": null}\n')
+    first, second, third = read_prompts_file(path)
+    assert first == PromptLine("a", images=(tmp_path / "jobs" / "in" / "a.png",), mask=Path("/abs/m.png"))
+    assert second == PromptLine("b", images=(tmp_path / "jobs" / "x.png", Path("~/y.png").expanduser()),
+                                negative_prompt="")
+    assert second.has_inputs and third == PromptLine("c") and not third.has_inputs
+    assert first.where == f"--prompts-file '{path}', line 1" and first.number == 1
+
+
 def test_missing_and_folder_and_binary(tmp_path):
     with pytest.raises(SettingsError, match="does not exist"):
         read_prompts_file(tmp_path / "nope.txt")
