@@ -894,7 +894,9 @@ def _save(pipeline, out_dir: Path) -> Path:
 
 def _option_mistake(args) -> str | None:
     """What is wrong with the builder's options, before anything is imported or built; None if nothing."""
-    factor = args.vae_scale_factor
+    if args.family == UPSAMPLER_FAMILY and args.vae_scale_factor is not None:
+        return f"--vae-scale-factor: {UPSAMPLER_FAMILY} builds a prompt upsampler, which has no VAE; drop it"
+    factor = args.vae_scale_factor = 8 if args.vae_scale_factor is None else args.vae_scale_factor
     if factor < 1 or 2 ** round(math.log2(factor)) != factor:
         return f"--vae-scale-factor: {factor} is not a power of two; use 1, 2, 4, 8 or 16 (FLUX's VAEs: 8)"
     if args.preset in REAL_SHAPES:
@@ -953,7 +955,8 @@ def main(argv: list[str] | None = None) -> int:
                         default="FLUX.1", help="pipeline to build (default: FLUX.1; FLUX.1-Fill: FluxFillPipeline's "
                         "inpainting checkpoint); FLUX.2 and FLUX.3 families take preset tiny only; "
                         f"{UPSAMPLER_FAMILY}: FLUX.3's prompt upsampler (--upsample-prompt)")
-    parser.add_argument("--vae-scale-factor", type=int, default=8, help="VAE downsampling: 1, 2, 4, 8, ...")
+    parser.add_argument("--vae-scale-factor", type=int, default=None,
+                        help="VAE downsampling: 1, 2, 4, 8, ... (default: 8)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and tokenizer corpus")
     parser.add_argument("--preset", choices=sorted([*PRESETS, *REAL_SHAPES]), default="tiny",
                         help="dimensions (default: tiny)")
@@ -1007,7 +1010,7 @@ def main(argv: list[str] | None = None) -> int:
         path = build_tiny_checkpoint(args.out_dir, args.vae_scale_factor, args.seed, args.preset, args.device,
                                      args.dtype, fill=args.family == "FLUX.1-Fill")
     what = "prompt upsampler" if args.family == UPSAMPLER_FAMILY else "checkpoint"
-    print(f"{'real-shape' if args.preset in REAL_SHAPES else 'tiny'} {args.family} {what} written to {path}")
+    print(f"{'real-shape' if args.preset in REAL_SHAPES else args.preset} {args.family} {what} written to {path}")
     return 0
 
 

@@ -232,3 +232,15 @@ def test_a_real_shape_larger_than_the_free_ram_is_refused_before_it_is_built(tmp
     # the counted parameters (above) at 2 bytes each, plus a few small buffers (rotary frequencies, ...)
     parameters = 3_875_544_576 + 4_022_468_096 + 84_046_115
     assert 0 <= tiny.real_shape_bytes("klein-4b", "bfloat16") - 2 * parameters < 10**6
+
+
+def test_the_builder_says_which_preset_it_built_and_refuses_a_vae_factor_for_the_upsampler(tmp_path, capsys):
+    """Found by the fresh-clone tester: --preset small said "tiny", and the upsampler, which has no
+    VAE, took --vae-scale-factor without a word."""
+    assert tiny.main([str(tmp_path / "fill"), "--family", "FLUX.1-Fill", "--preset", "small"]) == 0
+    assert f"small FLUX.1-Fill checkpoint written to {tmp_path / 'fill'}" in capsys.readouterr().out
+    assert resolve_checkpoint(str(tmp_path / "fill")).family.name == "FLUX.1-Fill"
+    assert tiny.main([str(tmp_path / "up"), "--family", "FLUX.3-upsampler", "--vae-scale-factor", "4"]) == 2
+    assert capsys.readouterr().err == ("Error: --vae-scale-factor: FLUX.3-upsampler builds a prompt upsampler, which "
+                                       "has no VAE; drop it\n")
+    assert not (tmp_path / "up").exists()
