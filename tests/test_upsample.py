@@ -96,23 +96,11 @@ def test_a_resume_after_the_upsample_stage_does_not_load_the_upsampler_again(tin
     """A run stopped in encode keeps the rewritten prompts in the run folder (upsample's handoff); its
     resume says upsample finished earlier, reads no Qwen3.5 weights (the loads counted where
     transformers reads them), runs encode, denoise and decode only, and gives the one-piece blocks' image."""
-    from flux_sharded.stages import flux3
-
     out = tmp_path / "out"
-    real = flux3.encode_batch
-
-    def stopped(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(flux3, "encode_batch", stopped)
-    first = invoke(["--model", str(tiny_flux3), *SIZE, "--seed", "3", "--prompt", "a dog", "--upsample-prompt",
-                    str(tiny_upsampler), "--upsample-max-tokens", str(TOKENS), "--out", str(out)])
-    assert first.exit_code == 130, first.output
+    run_dir = _stopped_in("encode_batch", tiny_flux3, tiny_upsampler, out, monkeypatch)
     assert [name for name, _, _ in loads].count("Qwen3_5ForConditionalGeneration") == 1
-    (run_dir,) = out.glob(".flux-sharded/run-*")
     saved = json.loads((run_dir / "upsample.json").read_text())
     assert saved["finished_stages"] == ["upsample"] and len(saved["upsampled"]) == 1
-    monkeypatch.setattr(flux3, "encode_batch", real)
     before = len(loads)
     resumed = invoke(["--resume", str(run_dir), "--report", str(tmp_path / "report.json")])
     assert resumed.exit_code == 0, resumed.output
@@ -126,6 +114,22 @@ def test_a_resume_after_the_upsample_stage_does_not_load_the_upsampler_again(tin
     assert_same_pixels(_images(out)[0], images[0])
 
 
+def _stopped_in(function: str, checkpoint, upsampler, out, monkeypatch):
+    """The run folder of an upsampled run of "a dog" (seed 3) stopped by Ctrl-C in stages/flux3.py's
+    `function` (exit 130); the function is restored for the resume."""
+    from flux_sharded.stages import flux3
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(flux3, function, stopped)
+        first = invoke(["--model", str(checkpoint), *SIZE, "--seed", "3", "--prompt", "a dog", "--upsample-prompt",
+                        str(upsampler), "--upsample-max-tokens", str(TOKENS), "--out", str(out)])
+    assert first.exit_code == 130, first.output
+    (run_dir,) = out.glob(".flux-sharded/run-*")
+    return run_dir
+
 
 def test_a_resume_after_the_encode_stage_of_an_upsampled_run_continues_it(tiny_flux3, tiny_upsampler, tmp_path,
                                                                            monkeypatch):
@@ -133,21 +137,9 @@ def test_a_resume_after_the_encode_stage_of_an_upsampled_run_continues_it(tiny_f
     upsample then encode, as the resume checks them): the resume runs denoise and decode only, records
     the rewritten prompt and gives the one-piece blocks' image. Encode's handoff once forgot upsample's
     stage, and every such resume was refused."""
-    from flux_sharded.stages import flux3
-
     out = tmp_path / "out"
-    real = flux3.denoise_batch
-
-    def stopped(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(flux3, "denoise_batch", stopped)
-    first = invoke(["--model", str(tiny_flux3), *SIZE, "--seed", "3", "--prompt", "a dog", "--upsample-prompt",
-                    str(tiny_upsampler), "--upsample-max-tokens", str(TOKENS), "--out", str(out)])
-    assert first.exit_code == 130, first.output
-    (run_dir,) = out.glob(".flux-sharded/run-*")
+    run_dir = _stopped_in("denoise_batch", tiny_flux3, tiny_upsampler, out, monkeypatch)
     assert json.loads((run_dir / "encode.json").read_text())["finished_stages"] == ["upsample", "encode"]
-    monkeypatch.setattr(flux3, "denoise_batch", real)
     resumed = invoke(["--resume", str(run_dir), "--report", str(tmp_path / "report.json")])
     assert resumed.exit_code == 0, resumed.output
     assert "encode: finished earlier" in resumed.output

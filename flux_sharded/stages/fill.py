@@ -21,6 +21,7 @@ from types import SimpleNamespace
 import torch
 
 from ..families import packed_latent_channels
+from .flux1 import generator_copies, restored_generators
 from .flux1 import (  # noqa: F401 (the family protocol: FLUX.1's own)
     encode_batch,
     guidance_ignored,
@@ -41,14 +42,6 @@ from .pipelines import (  # noqa: F401 (the family protocol: the one-piece pipel
 SEEDED_ENCODE = True  # the image and the masked image are sampled with the batch's first generator
 
 
-def _copies(generators: list[torch.Generator]) -> list[torch.Generator]:
-    copies = []
-    for generator in generators:
-        copies.append(torch.Generator("cpu"))
-        copies[-1].set_state(generator.get_state())
-    return copies
-
-
 def encode_images(pipeline, images: list, settings, batch: range, mask=None) -> dict[str, torch.Tensor]:
     """{"input_latents": (len(batch), C, H/f, W/f), "input_generator_states": (len(batch), state
     bytes) uint8, "input_mask": (len(batch), tokens, 4 f^2), "input_masked_latents": (len(batch),
@@ -64,7 +57,7 @@ def encode_images(pipeline, images: list, settings, batch: range, mask=None) -> 
     generators = [torch.Generator("cpu").manual_seed(settings.seeds[position]) for position in batch]
     latents = pipeline._encode_vae_image(image=pixels.to(device=device, dtype=dtype), generator=generators)
     states = torch.stack([generator.get_state() for generator in generators])
-    drawn = _copies(generators)  # prepare_latents' noise, drawn as it draws it, to reach the masked image's draw
+    drawn = generator_copies(generators)  # prepare_latents' noise, drawn as it draws it, to reach the masked image's draw
     factor = pipeline.vae_scale_factor
     shape = (len(batch), latents.shape[1], 2 * (settings.height // (2 * factor)), 2 * (settings.width // (2 * factor)))
     randn_tensor(shape, generator=drawn, device=device, dtype=dtype)
@@ -104,11 +97,7 @@ def call_arguments(pipeline, inputs: dict[str, torch.Tensor], settings, batch: r
     the kept mask and masked image, and the mask_image __call__ multiplies its image by is a zero
     tensor of the latents' shape (taken as it is by the mask processor): __call__ refuses a
     masked_image_latents beside an image."""
-    generators = []
-    for state in inputs["input_generator_states"]:
-        generator = torch.Generator("cpu")
-        generator.set_state(state.to("cpu").clone())  # a tensor of its own: set_state reads a row's storage from its start
-        generators.append(generator)
+    generators = restored_generators(inputs["input_generator_states"])
     kept = inputs["input_mask"], inputs["input_masked_latents"]
     pipeline.prepare_mask_latents = lambda *args, **kwargs: kept
     latents = inputs["input_latents"]

@@ -132,14 +132,30 @@ def _inpaint_mask(pipeline, pixels: torch.Tensor, mask, settings, batch: range,
     inpaint = diffusers.FluxInpaintPipeline(**pipeline.components)  # its processors, made for this VAE
     condition = inpaint.mask_processor.preprocess(mask, height=settings.height, width=settings.width)
     masked = pixels * (condition < 0.5)
-    copies = []
-    for generator in generators:
-        copies.append(torch.Generator("cpu"))
-        copies[-1].set_state(generator.get_state())
+    copies = generator_copies(generators)
     packed_mask, masked_latents = inpaint.prepare_mask_latents(
         condition, masked, len(batch), pipeline.latent_channels, 1, settings.height, settings.width,
         settings.torch_dtype, pipeline.vae.device, copies)
     return {"input_mask": packed_mask, "input_masked_latents": masked_latents}
+
+
+def generator_copies(generators: list[torch.Generator]) -> list[torch.Generator]:
+    """CPU generators at the states of `generators`, to draw from without moving them."""
+    copies = []
+    for generator in generators:
+        copies.append(torch.Generator("cpu"))
+        copies[-1].set_state(generator.get_state())
+    return copies
+
+
+def restored_generators(states: torch.Tensor) -> list[torch.Generator]:
+    """CPU generators at the kept states (encode_images' "input_generator_states" rows, uint8)."""
+    generators = []
+    for state in states:
+        generator = torch.Generator("cpu")
+        generator.set_state(state.to("cpu").clone())  # a tensor of its own: set_state reads a row's storage from its start
+        generators.append(generator)
+    return generators
 
 
 def image_pipeline(pipeline, settings):
@@ -170,11 +186,7 @@ def call_arguments(pipeline, inputs: dict[str, torch.Tensor], settings, batch: r
     guidance = {"true_cfg_scale": settings.true_cfg}
     if not inputs:
         return guidance
-    generators = []
-    for state in inputs["input_generator_states"]:
-        generator = torch.Generator("cpu")
-        generator.set_state(state.to("cpu").clone())  # a tensor of its own: set_state reads a row's storage from its start
-        generators.append(generator)
+    generators = restored_generators(inputs["input_generator_states"])
     arguments = {"image": inputs["input_latents"], "strength": settings.strength, "generator": generators, **guidance}
     if settings.mask:
         from PIL import Image
